@@ -1,0 +1,45 @@
+"""Image encoding and decoding (RGB uint8 arrays <-> JPEG/PNG bytes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import simplejpeg
+
+from robustface.errors import DataFormatError
+
+_JPEG_MAGIC = b"\xff\xd8"
+
+
+def decode_image(data: bytes, source: str | Path = "<bytes>", key: int | str | None = None) -> np.ndarray:
+    """Decode JPEG/PNG/BMP bytes to an ``HxWx3`` uint8 RGB array.
+
+    ``source`` and ``key`` only serve the error message when the bytes cannot be decoded.
+    """
+    try:
+        if data[:2] == _JPEG_MAGIC:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except (ValueError, cv2.error) as exc:
+        raise DataFormatError(source, f"cannot decode image ({len(data)} bytes): {exc}", key) from exc
+    if img is None:
+        raise DataFormatError(source, f"cannot decode image ({len(data)} bytes)", key)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def encode_image(image: np.ndarray, fmt: str = "jpg", quality: int = 95) -> bytes:
+    """Encode an ``HxWx3`` uint8 RGB array as JPEG (``fmt='jpg'``) or PNG (``fmt='png'``)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
+    if fmt in ("jpg", "jpeg"):
+        if not 1 <= quality <= 100:
+            raise ValueError(f"quality must be in [1, 100], got {quality}")
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB")
+    if fmt == "png":
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise ValueError("PNG encoding failed")
+        return buf.tobytes()
+    raise ValueError(f"fmt must be 'jpg' or 'png', got {fmt!r}")

@@ -13,7 +13,9 @@ from robustface.errors import DataFormatError
 _JPEG_MAGIC = b"\xff\xd8"
 
 
-def decode_image(data: bytes, source: str | Path = "<bytes>", key: int | str | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes, source: str | Path = "<bytes>", key: int | str | None = None
+) -> np.ndarray:
     """Decode JPEG/PNG/BMP bytes to an ``HxWx3`` uint8 RGB array.
 
     ``source`` and ``key`` only serve the error message when the bytes cannot be decoded.
@@ -23,7 +25,8 @@ def decode_image(data: bytes, source: str | Path = "<bytes>", key: int | str | N
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
         img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except (ValueError, cv2.error) as exc:
-        raise DataFormatError(source, f"cannot decode image ({len(data)} bytes): {exc}", key) from exc
+        msg = f"cannot decode image ({len(data)} bytes): {exc}"
+        raise DataFormatError(source, msg, key) from exc
     if img is None:
         raise DataFormatError(source, f"cannot decode image ({len(data)} bytes)", key)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -36,7 +39,8 @@ def encode_image(image: np.ndarray, fmt: str = "jpg", quality: int = 95) -> byte
     if fmt in ("jpg", "jpeg"):
         if not 1 <= quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {quality}")
-        return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB")
+        image = np.ascontiguousarray(image)
+        return simplejpeg.encode_jpeg(image, quality=quality, colorspace="RGB")
     if fmt == "png":
         ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         if not ok:

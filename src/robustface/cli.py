@@ -1,0 +1,231 @@
+"""The ``robustface`` command line: a thin layer over functions usable from Python.
+
+Commands: ``demo``, ``train``, ``eval verification``, ``synth``, ``convert``, ``inspect``. Every
+command that takes a config accepts ``--config FILE.yaml`` (``train``: a positional CONFIG) and
+repeated ``--set key.sub=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from robustface import __version__
+from robustface.config import Config, SynthConfig, load_config
+from robustface.errors import RobustfaceError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set synth.identities=200 (repeatable)",
+    )
+
+
+def _add_synth_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per SynthConfig field (``--images-per-identity 20``); each is a synth.* override."""
+    group = parser.add_argument_group("SynthFace parameters (override --config and --set)")
+    hints = typing.get_type_hints(SynthConfig)
+    for field in dataclasses.fields(SynthConfig):
+        flag = "--" + field.name.replace("_", "-")
+        tp = hints[field.name]
+        if tp is bool:
+            group.add_argument(flag, dest=f"synth_{field.name}", action="store_true", default=None)
+        else:
+            group.add_argument(
+                flag, dest=f"synth_{field.name}", type=tp, default=None, metavar=tp.__name__.upper()
+            )
+
+
+def _synth_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for field in dataclasses.fields(SynthConfig):
+        value = getattr(args, f"synth_{field.name}", None)
+        if value is not None:
+            out.append(
+                f"synth.{field.name}={str(value).lower() if isinstance(value, bool) else value}"
+            )
+    return out
+
+
+def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    return load_config(args.config, [*args.overrides, *extra])
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from robustface.data.synth.builder import build_synthface
+
+    cfg = _load(args, _synth_overrides(args))
+    info = build_synthface(
+        args.out, cfg.synth, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet
+    )
+    print(
+        f"SynthFace: {info.summary['images']} images in {info.seconds:.1f} s "
+        f"({info.images_per_second:.0f} images/s, {info.workers} workers) -> {info.path}"
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from robustface.demo import run_demo
+
+    overrides = [f"output_dir={args.out}"] if args.out else []
+    cfg = _load(args, [*overrides, *_synth_overrides(args)])
+    run_demo(cfg, workers=args.workers, progress=not args.quiet)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from robustface.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if result.verification:
+        from robustface.evaluate.verification import format_results
+
+        print(format_results(result.verification))
+    print(f"{result.steps} steps, final loss {result.loss:.4f}; backbone: {result.backbone_path}")
+    return 0
+
+
+def _cmd_eval_verification(args: argparse.Namespace) -> int:
+    import json
+
+    from robustface.evaluate.loading import load_backbone
+    from robustface.evaluate.verification import format_results, verify_bin
+    from robustface.utils.io import write_text_atomic
+
+    model, input_size = load_backbone(
+        args.checkpoint, backbone=args.backbone, input_size=args.input_size, device=args.device
+    )
+    files = [Path(b) for b in args.bins]
+    files += [Path(args.data_dir) / f"{name}.bin" for name in args.targets]
+    if not files:
+        raise FileNotFoundError(
+            "no verification set given: use --bins FILE... or --targets NAME..."
+        )
+    results = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: verification set not found")
+        results[file.stem] = verify_bin(
+            file, model, batch_size=args.batch_size, device=args.device, input_size=input_size
+        )
+    print(format_results(results))
+    if args.out:
+        keep = ("accuracy_mean", "accuracy_std", "threshold", "val", "val_std", "far", "xnorm")
+        slim = {k: {m: float(v[m]) for m in keep if m in v} for k, v in results.items()}
+        write_text_atomic(args.out, json.dumps(slim, indent=2) + "\n")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from robustface.data.folder import folder_to_rec
+
+    size = (args.image_size, args.image_size) if args.image_size else None
+    out = folder_to_rec(
+        args.src, args.out, image_size=size, quality=args.quality, show_progress=not args.quiet
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from robustface.data.inspect import describe
+
+    print(describe(args.path))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``robustface`` command."""
+    parser = argparse.ArgumentParser(
+        prog="robustface",
+        description="Face recognition on noisy data: train, clean, evaluate, fuse, cluster.",
+    )
+    parser.add_argument("--version", action="version", version=f"robustface {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole pipeline on SynthFace, on a CPU, in minutes")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default: output_dir of the config, runs/demo)")
+    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_synth_flags(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("synth", help="generate a SynthFace benchmark directory")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_synth_flags(p)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("train", help="train a backbone + classifier + margin head")
+    p.add_argument("config", type=Path, help="YAML config (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
+    )
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="PROTOCOL")
+    q = eval_sub.add_parser("verification", help="1:1 verification on .bin pair sets (10-fold)")
+    q.add_argument("checkpoint", type=Path, help="run directory, or a backbone state_dict .pth")
+    q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")
+    q.add_argument("--input-size", type=int, default=None, help="model input size (default: run's)")
+    q.add_argument("--bins", nargs="*", default=[], help=".bin files")
+    q.add_argument("--data-dir", default=".", help="directory of the --targets .bin files")
+    q.add_argument("--targets", nargs="*", default=[], help="set names, e.g. lfw cfp_fp agedb_30")
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--out", type=Path, help="write the results as JSON")
+    q.set_defaults(func=_cmd_eval_verification)
+
+    p = sub.add_parser(
+        "convert", help="convert an image folder (one sub-folder per identity) to .rec"
+    )
+    p.add_argument(
+        "src", type=Path, help="folder with one sub-folder of aligned images per identity"
+    )
+    p.add_argument("out", type=Path, help="output directory for train.rec/.idx/property")
+    p.add_argument("--image-size", type=int, default=None, help="require this square size")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality for non-JPEG inputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("inspect", help="summarise a .rec directory, a .bin set or an IJB directory")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``robustface`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RobustfaceError, ValueError, KeyError, FileExistsError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"robustface {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

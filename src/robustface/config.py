@@ -1,0 +1,462 @@
+"""Typed configs: dataclasses loaded from YAML, with dotted ``a.b=c`` overrides.
+
+Every problem in a config (unknown key, wrong type, value out of range) is collected and reported
+at once in a :class:`~robustface.errors.ConfigError` that names the key and where it came from (the
+YAML file or the ``--set`` override). The resolved config is saved in each run directory with
+:func:`save_config`.
+
+A config section is a dataclass; a section may define ``check(self) -> list[str]`` returning
+problems with its values (messages start with the field name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from robustface.errors import ConfigError
+from robustface.utils.io import write_text_atomic
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class SynthConfig:
+    """SynthFace benchmark generation (see docs/synthface.md)."""
+
+    seed: int = 0
+    identities: int = 1000
+    images_per_identity: int = 20
+    open_set_identities: int = 200
+    open_set_images_per_identity: int = 10
+    test_identities: int = 600
+    sibling_rate: float = 0.1
+    image_size: int = 112
+    difficulty: float = 1.0
+    sketch_fraction: float = 0.0
+    nonface_fraction: float = 0.0
+    lfw_pairs: int = 6000
+    cfp_fp_pairs: int = 7000
+    lowq_pairs: int = 6000
+    ijb_identities: int = 200
+    ijb_templates_per_identity: int = 4
+    ijb_max_media_per_template: int = 3
+    ijb_max_images_per_media: int = 3
+    ijb_impostor_ratio: int = 10
+    image_folder: bool = False
+
+    def check(self) -> list[str]:
+        """Return the problems with these values (empty when valid)."""
+        problems = []
+        for name in (
+            "identities",
+            "images_per_identity",
+            "test_identities",
+            "ijb_templates_per_identity",
+            "ijb_max_media_per_template",
+            "ijb_max_images_per_media",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "open_set_identities",
+            "open_set_images_per_identity",
+            "lfw_pairs",
+            "cfp_fp_pairs",
+            "lowq_pairs",
+            "ijb_identities",
+            "ijb_impostor_ratio",
+        ):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("lfw_pairs", "cfp_fp_pairs", "lowq_pairs"):
+            if getattr(self, name) % 20:
+                problems.append(
+                    f"{name}: must be a multiple of 20 (10 folds, half positive), "
+                    f"got {getattr(self, name)}"
+                )
+        if self.identities >= 1 and self.ijb_identities == 1:
+            problems.append("ijb_identities: needs 0 or >= 2 identities for impostor pairs, got 1")
+        if self.test_identities < 20:
+            problems.append(
+                f"test_identities: need >= 20 (2 per verification fold), got {self.test_identities}"
+            )
+        for name in ("sibling_rate", "sketch_fraction", "nonface_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.sketch_fraction + self.nonface_fraction > 1.0:
+            problems.append("sketch_fraction + nonface_fraction: must be <= 1")
+        if not 32 <= self.image_size <= 512:
+            problems.append(f"image_size: must be in [32, 512], got {self.image_size}")
+        if not 0.0 <= self.difficulty <= 3.0:
+            problems.append(f"difficulty: must be in [0, 3], got {self.difficulty}")
+        return problems
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Training data and verification targets."""
+
+    source: Literal["synthface", "rec", "folder"] = "synthface"
+    path: str | None = None
+    batch_size: int = 128
+    num_workers: int = 2
+    flip: bool = True
+    resize_down_up: float = 0.0
+    blur: float = 0.0
+    color_jitter: float = 0.0
+    grayscale: float = 0.0
+    val_targets: list[str] = dataclasses.field(default_factory=lambda: ["lfw", "cfp_fp"])
+    val_dir: str | None = None
+
+    def check(self) -> list[str]:
+        """Return the problems with these values (empty when valid)."""
+        problems = []
+        if self.source != "synthface" and not self.path:
+            problems.append(f"path: required when source is '{self.source}'")
+        if self.batch_size < 1:
+            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
+        for name in ("resize_down_up", "blur", "color_jitter", "grayscale"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name}: probability must be in [0, 1], got {getattr(self, name)}")
+        return problems
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Backbone (see ``robustface.models.list_backbones()``)."""
+
+    backbone: str = "r50"
+    embedding_size: int = 512
+    input_size: int | None = None  # None: the backbone's own (112, or a preset's)
+    width: float | None = None  # None: the backbone's own (1.0, or a preset's)
+    dropout: float | None = None  # None: the backbone's own (0 for IResNet, 0.4 for IR)
+
+    def kwargs(self) -> dict[str, object]:
+        """Keyword arguments for ``build_backbone`` (unset options keep the backbone's default)."""
+        out: dict[str, object] = {"embedding_size": self.embedding_size}
+        for name in ("input_size", "width", "dropout"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    def check(self) -> list[str]:
+        """Return the problems with these values (empty when valid)."""
+        problems = []
+        if self.embedding_size < 1:
+            problems.append(f"embedding_size: must be >= 1, got {self.embedding_size}")
+        if self.input_size is not None and not 16 <= self.input_size <= 512:
+            problems.append(f"input_size: must be in [16, 512], got {self.input_size}")
+        if self.width is not None and not 0.0 < self.width <= 4.0:
+            problems.append(f"width: must be in (0, 4], got {self.width}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        return problems
+
+
+@dataclasses.dataclass
+class ClassifierConfig:
+    """Classifier layer: ``full``, ``subcenter`` or ``partial_fc`` (class-sharded over ranks)."""
+
+    name: str = "partial_fc"
+    sample_rate: float = 1.0
+    k: int = 3
+
+    def check(self) -> list[str]:
+        """Return the problems with these values (empty when valid)."""
+        problems = []
+        if not 0.0 < self.sample_rate <= 1.0:
+            problems.append(f"sample_rate: must be in (0, 1], got {self.sample_rate}")
+        if self.k < 1:
+            problems.append(f"k: must be >= 1, got {self.k}")
+        return problems
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    """Margin head (see ``robustface.heads.list_heads()``); ``params`` go to its constructor."""
+
+    name: str = "arcface"
+    params: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (linear warmup, then polynomial decay per step)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    no_decay_bn_bias: bool = False
+    warmup_epochs: float = 0.0
+    power: float = 1.0
+
+    def check(self) -> list[str]:
+        """Return the problems with these values (empty when valid)."""
+        problems = []
+        if self.lr <= 0:
+            problems.append(f"lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs < 0:
+            problems.append(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
+        if not 0.0 <= self.momentum < 1.0:
+            problems.append(f"momentum: must be in [0, 1), got {self.momentum}")
+        return problems
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 20
+    max_steps: int | None = None
+    grad_accum: int = 1
+    grad_clip: float = 5.0
+    amp: bool = False
+    device: str = "auto"
+    log_every: int = 50
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    tensorboard: bool = True
+    progress: bool = True
+
+    def check(self) -> list[str]:
+        """Return the problems with these values (empty when valid)."""
+        problems = []
+        for name in ("epochs", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                problems.append(
+                    f"{name}: must be >= 0 (0 = only at epoch ends), got {getattr(self, name)}"
+                )
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps: must be >= 1 or null, got {self.max_steps}")
+        if self.grad_clip < 0:
+            problems.append(f"grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        return problems
+
+
+@dataclasses.dataclass
+class Config:
+    """Root config of a robustface run."""
+
+    seed: int = 0
+    output_dir: str = "runs/demo"
+    synth: SynthConfig = dataclasses.field(default_factory=SynthConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    fc: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def check(self) -> list[str]:
+        """Return the problems with these values (empty when valid)."""
+        return [] if self.output_dir else ["output_dir: must not be empty"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic loading
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, errors: list[str], source: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return the converted value or append errors."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = f"{source}: {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            errors.append(bad)
+            return None
+        return _build(tp, value, key + ".", errors, source)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for candidate in inner:
+            trial: list[str] = []
+            out = _convert(value, candidate, key, trial, source)
+            if not trial:
+                return out
+        errors.append(bad)
+        return None
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{source}: {key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            errors.append(bad)
+            return None
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                errors.append(f"{source}: {key}: expected {len(args)} items, got {len(value)}")
+                return None
+            items = [
+                _convert(v, a, f"{key}[{i}]", errors, source)
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            ]
+            return tuple(items)
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{key}[{i}]", errors, source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            errors.append(bad)
+            return None
+        val_tp = args[1] if args else Any
+        return {k: _convert(v, val_tp, f"{key}.{k}", errors, source) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(bad)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(bad)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(bad)
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(bad)
+        return value
+    raise TypeError(f"config field {key}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type[T], data: Mapping[str, Any], prefix: str, errors: list[str], source: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            errors.append(f"{source}: unknown key '{prefix}{key}'{hint}")
+            continue
+        n_errors = len(errors)
+        converted = _convert(value, hints[key], prefix + key, errors, source)
+        # A mistyped value keeps its default, so checks stay safe; a nested section is kept (its own
+        # bad fields were already dropped) so that its other values are still checked.
+        if len(errors) == n_errors or dataclasses.is_dataclass(converted):
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _check_tree(obj: Any, prefix: str, errors: list[str]) -> None:
+    """Run every section's ``check()``, prefixing messages with the section path."""
+    if hasattr(obj, "check"):
+        errors.extend(f"{prefix}{msg}" for msg in obj.check())
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_tree(value, f"{prefix}{f.name}.", errors)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b=c"`` into ``(["a", "b"], value)``; the value is parsed as YAML (``[1, 2]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. synth.identities=100")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    cls: type[T] = Config,  # type: ignore[assignment]
+) -> T:
+    """Load ``cls`` from a YAML file (or its defaults when ``path`` is None) and apply overrides.
+
+    Raises :class:`ConfigError` listing every problem: unreadable YAML, unknown keys (with the
+    closest valid name), wrong types and out-of-range values, each naming the key and its source.
+    """
+    errors: list[str] = []
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        data = dict(loaded)
+    cfg = _build(cls, data, "", errors, source)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(cfg, parts, value, f"--set {text}", errors)
+    _check_tree(cfg, "", errors)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _apply_override(cfg: Any, parts: list[str], value: Any, source: str, errors: list[str]) -> None:
+    target = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(target)]
+        prefix = ".".join(parts[:i])
+        prefix = prefix + "." if prefix else ""
+        if part not in names:
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            errors.append(f"{source}: unknown key '{prefix}{part}'{hint}")
+            return
+        if i < len(parts) - 1:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                errors.append(f"{source}: '{prefix}{part}' is not a section")
+                return
+    tp = typing.get_type_hints(type(target))[parts[-1]]
+    n_errors = len(errors)
+    new = _convert(value, tp, ".".join(parts), errors, source)
+    if len(errors) == n_errors:
+        setattr(target, parts[-1], new)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

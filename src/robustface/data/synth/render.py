@@ -1,0 +1,1322 @@
+"""SynthFace renderer: a procedural 3D face drawn under pose, expression, light and degradation.
+
+Coordinates. A face is built in "model units" (pixels of a frontal 112 px crop) with the origin at
+the head centre, ``x`` to image right, ``y`` down and ``z`` towards the camera. The head is a stack
+of horizontal elliptic rings (cranium, cheeks, jaw, chin); eyes, brows, mouth, moles and wrinkles
+lie on that surface, the nose and ears stick out of it. A pose rotates the model about a pivot
+behind the face (yaw > 0 turns the nose towards image right, pitch > 0 tilts the face up, roll > 0
+turns it clockwise), a weak-perspective camera projects it, and an identity-specific similarity
+puts the 5 landmarks of the neutral frontal face onto the ArcFace 112x112 template. Polygons are
+drawn back to front with back-face culling, a Lambert map of the head ellipsoid (with soft eye
+sockets and cheeks) lights the image, and blur, low resolution and sensor noise degrade it. JPEG
+compression is left to the caller (``nuisance.jpeg_quality``).
+
+Every image is a pure function of (identity, nuisance, size): no global random state is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from robustface.data.synth.identity import PARAM_INDEX, Identity
+
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float32,
+)
+"""The 5 insightface landmarks of a 112x112 aligned crop: eyes, nose tip, mouth corners."""
+
+PROFILES = ("train", "frontal", "profile", "low_quality", "clean")
+OCCLUSIONS = ("none", "glasses", "sunglasses", "mask", "bar", "hand")
+SKETCH_STYLES = ("pencil", "cartoon", "lines")
+HAIR_STYLES = ("bald", "buzz", "short", "fringe", "side_part", "long", "curly")
+FACIAL_HAIR = ("none", "stubble", "moustache", "goatee", "beard")
+
+_SHIFT = 4  # sub-pixel bits of every cv2 drawing call
+_ONE = 1 << _SHIFT
+_AA = cv2.LINE_AA
+_L8 = cv2.LINE_8  # for small or low-contrast polygons, where anti-aliasing does not show
+_CENTRE = ARCFACE_TEMPLATE.astype(np.float64).mean(axis=0)  # scale centre of the aligned crop
+_PIVOT_DEPTH = 0.75  # pose pivot depth, as a fraction of the mean landmark depth
+_SHADE_CELLS = 16  # resolution of the lighting map before it is resized to the image
+
+# Ring heights (fraction of the head half-height) of the head surface, top to chin.
+_RING_T = np.array([-1.0, -0.85, -0.6, -0.3, 0.0, 0.2, 0.45, 0.58, 0.7, 0.8, 0.88, 0.95, 1.0])
+_CROWN = np.sqrt(1.0 - _RING_T[:5] ** 2)
+_RING_PHI = np.linspace(-np.pi, np.pi, 16, endpoint=False)
+_RING_STEPS = 200  # ring lookup table: 200 steps per head half-height
+_RING_TABLE_T = np.arange(-_RING_STEPS, int(1.3 * _RING_STEPS) + 1) / _RING_STEPS
+
+_SKIN = np.array(
+    [[246, 218, 200], [234, 194, 166], [214, 168, 134], [188, 136, 100], [150, 100, 70],
+     [112, 74, 52], [78, 52, 40]],
+    dtype=np.float64,
+)  # fmt: skip
+# black, dark brown, brown, light brown, blond, auburn, grey, white
+_HAIR = np.array(
+    [[28, 24, 24], [58, 40, 30], [98, 66, 42], [140, 104, 68], [196, 164, 112], [150, 72, 38],
+     [135, 132, 128], [212, 210, 204]],
+    dtype=np.float64,
+)  # fmt: skip
+_HAIR_P = np.cumsum([0.3, 0.25, 0.14, 0.08, 0.08, 0.05, 0.07, 0.03])
+_IRIS = np.array(
+    [[70, 44, 28], [40, 28, 22], [110, 82, 44], [78, 108, 64], [74, 112, 158], [112, 122, 132]],
+    dtype=np.float64,
+)  # brown, dark, hazel, green, blue, grey
+_IRIS_P = np.cumsum([0.38, 0.2, 0.12, 0.1, 0.13, 0.07])
+_STYLE_P = np.cumsum([0.07, 0.11, 0.22, 0.13, 0.16, 0.19, 0.12])
+_BEARD_P = np.cumsum([0.58, 0.14, 0.08, 0.08, 0.12])
+
+# Normalised ear outline (w: back from the attachment, h: up) and its inner helix line.
+_EAR = np.array(
+    [[0.0, 0.5], [0.35, 0.62], [0.75, 0.52], [0.97, 0.2], [0.92, -0.15], [0.72, -0.42],
+     [0.45, -0.62], [0.22, -0.55], [0.08, -0.3], [0.0, 0.0]]
+)  # fmt: skip
+_EAR_INNER = np.array([[0.22, 0.3], [0.55, 0.4], [0.74, 0.12], [0.62, -0.2], [0.4, -0.32]])
+
+_LID_X = np.linspace(-1.0, 1.0, 7)  # inner to outer eye corner
+_MOUTH_X = np.linspace(-1.0, 1.0, 9)  # left to right mouth corner
+_BROW_T = np.linspace(0.0, 1.0, 7)  # inner to outer end of a brow
+_C10 = np.linspace(0.0, 2.0 * np.pi, 10, endpoint=False)
+_C8 = np.linspace(0.0, 2.0 * np.pi, 8, endpoint=False)
+_HEX = np.stack([np.cos(np.arange(6) * np.pi / 3), np.sin(np.arange(6) * np.pi / 3)], axis=1)
+_SCLERA = (226.0, 220.0, 212.0)
+_PUPIL = (14.0, 12.0, 12.0)
+_LASH = (30.0, 22.0, 20.0)
+_MOUTH_IN = (60.0, 20.0, 24.0)
+_TEETH = (226.0, 220.0, 205.0)
+_NOSE_ALBEDO = (0.93, 0.93, 1.0, 0.85)  # left side, right side, bridge and tip, underside
+_NOSE_FACES = tuple(
+    np.array(f) for f in ((8, 0, 2, 4, 5), (1, 9, 6, 4, 3), (0, 1, 3, 4, 2), (5, 4, 6, 7))
+)
+# Rows of _Model.normals: eyes (2), head sides -x/+x (2), nose faces (4), face below the nose,
+# shading blobs (6), moles.
+_N_SIDES, _N_NOSE, _N_FACE, _N_BLOBS, _N_MOLES = 2, 4, 8, 9, 15
+# Soft shading blobs: eye sockets, under the nose, under the lower lip, cheekbones.
+_BLOB_GAIN = np.array([-0.16, -0.16, -0.14, -0.1, 0.07, 0.07])
+_BLOB_SIGMA = np.array([6.5, 6.5, 4.0, 4.5, 8.0, 8.0])
+_RAMP = np.arange(256) / 255.0
+_CURL_THETA = np.linspace(-np.pi, np.pi, 72, endpoint=False)
+
+
+def _lerp(lo: float, hi: float, u: float) -> float:
+    return lo + (hi - lo) * u
+
+
+def _pick(cump: np.ndarray, u: float) -> int:
+    return min(int(np.searchsorted(cump, u * cump[-1], side="right")), len(cump) - 1)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _homogeneous(p: np.ndarray) -> np.ndarray:
+    """``p`` (..., 3) with a fourth coordinate 1, so that one matrix product also translates."""
+    return np.concatenate([p, np.ones((*p.shape[:-1], 1))], axis=-1)
+
+
+def _tup(c: np.ndarray) -> tuple[float, float, float]:
+    """An RGB colour as the tuple of floats in [0, 255] that cv2 drawing calls take."""
+    r, g, b = c.tolist()
+    return (min(255.0, max(0.0, r)), min(255.0, max(0.0, g)), min(255.0, max(0.0, b)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Nuisance
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Nuisance:
+    """Everything about one sample that is not identity. Angles in radians, pixels at 112 px.
+
+    ``light_azimuth`` > 0 lights from image right, ``light_elevation`` > 0 from above; the light
+    adds ``light_strength * max(0, n . l)`` to ``ambient``. ``color_gains`` multiply R, G, B;
+    ``brightness`` (fraction of 255), ``contrast`` and ``gamma`` act after lighting. ``blur_sigma``
+    and ``noise_sigma`` are in pixels and grey levels; ``lowres_factor`` > 1 keeps only the detail
+    of a ``size / lowres_factor`` image. ``occlusion`` is one of ``OCCLUSIONS`` and
+    ``occlusion_params`` four numbers in [0, 1] (placement, size, angle/style, colour).
+    ``seed`` drives the per-sample sensor noise and background clutter.
+    """
+
+    yaw: float = 0.0
+    pitch: float = 0.0
+    roll: float = 0.0
+    scale: float = 1.0
+    shift: tuple[float, float] = (0.0, 0.0)
+    smile: float = 0.0
+    mouth_open: float = 0.0
+    eye_closure: float = 0.0
+    brow_raise: float = 0.0
+    light_azimuth: float = 0.0
+    light_elevation: float = 0.3
+    light_strength: float = 0.35
+    ambient: float = 0.75
+    color_gains: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    brightness: float = 0.0
+    contrast: float = 1.0
+    gamma: float = 1.0
+    blur_sigma: float = 0.0
+    noise_sigma: float = 0.0
+    lowres_factor: float = 1.0
+    occlusion: str = "none"
+    occlusion_params: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.5)
+    jpeg_quality: int = 95
+    seed: int = 0
+
+
+_OCC_PROBS = {  # occlusion kind probabilities per profile (before difficulty)
+    "train": (0.07, 0.04, 0.05, 0.03, 0.03),
+    "frontal": (0.06, 0.0, 0.0, 0.0, 0.0),
+    "profile": (0.06, 0.0, 0.0, 0.0, 0.0),
+    "low_quality": (0.1, 0.12, 0.15, 0.1, 0.1),
+}
+
+
+def sample_nuisance(
+    rng: np.random.Generator, profile: str = "train", difficulty: float = 1.0
+) -> Nuisance:
+    """Draw the nuisance of one sample from ``profile`` (one of ``PROFILES``).
+
+    ``train`` is a broad mixture (mostly moderate; some large poses, blur, low resolution and
+    occlusion), ``frontal`` is mild and LFW-like (|yaw| < 20 deg), ``profile`` has |yaw| in
+    45..80 deg on either side, ``low_quality`` has heavy blur, noise, low resolution, occlusion and
+    strong light, ``clean`` is frontal, neutral and undegraded. ``difficulty`` (>= 0) scales every
+    magnitude (pose, expression, light, colour cast, blur, noise, resolution loss, JPEG loss and
+    occlusion rate); ``profile``'s own yaw range and the ``clean`` profile are not scaled.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}")
+    if not difficulty >= 0.0:
+        raise ValueError(f"difficulty must be >= 0, got {difficulty}")
+    u = rng.random(26).tolist()
+    z = rng.standard_normal(12).tolist()
+    occ = tuple(rng.random(4).tolist())
+    seed = int(rng.integers(1 << 31))
+    if profile == "clean":
+        return Nuisance(occlusion_params=occ, seed=seed)
+    d = difficulty
+    deg = math.pi / 180.0
+    if profile == "train":
+        if u[0] < 0.68:
+            yaw = max(-40.0, min(40.0, 15.0 * z[0]))
+        elif u[0] < 0.9:
+            yaw = math.copysign(20.0 + 40.0 * u[1], z[0])
+        else:
+            yaw = math.copysign(55.0 + 30.0 * u[1], z[0])
+        pitch, roll = 9.0 * z[1], 5.0 * z[2]
+    elif profile == "profile":
+        yaw = math.copysign(45.0 + 35.0 * u[1], z[0])
+        pitch, roll = 5.0 * z[1], 3.0 * z[2]
+    elif profile == "frontal":
+        yaw, pitch, roll = 7.0 * z[0], 5.0 * z[1], 3.0 * z[2]
+        yaw = max(-18.0, min(18.0, yaw))
+    else:  # low_quality
+        yaw, pitch, roll = 22.0 * z[0], 12.0 * z[1], 7.0 * z[2]
+    yaw = max(-85.0, min(85.0, yaw if profile == "profile" else yaw * d))
+    pitch = max(-40.0, min(40.0, pitch * d))
+    roll = max(-30.0, min(30.0, roll * d))
+    scale = math.exp(0.05 * d * z[3])
+    shift = (1.5 * d * z[4], 1.5 * d * z[5])
+    smile = u[2] * d if u[3] < 0.45 else 0.0
+    mouth_open = u[4] * d if u[5] < 0.2 else 0.0
+    eye_closure = (0.5 + 0.5 * u[6] if u[7] < 0.08 else 0.15 * u[6]) * d
+    brow_raise = u[8] * d if u[9] < 0.2 else 0.0
+    hard_light = profile == "low_quality" or (profile == "train" and u[10] < 0.15)
+    azimuth = (u[11] * 2.0 - 1.0) * (1.4 if hard_light else 0.9)
+    elevation = 0.1 + 0.6 * u[12]
+    if hard_light:
+        strength, ambient = 0.7 + 0.3 * u[13], 0.15 + 0.25 * u[14]
+    else:
+        strength, ambient = 0.2 + 0.35 * u[13], 0.55 + 0.3 * u[14]
+    strength, ambient = 0.35 + (strength - 0.35) * d, 0.75 + (ambient - 0.75) * d
+    cast = (0.15 if hard_light else (0.08 if profile == "train" else 0.05)) * d
+    gains = (math.exp(cast * z[6]), math.exp(cast * z[7]), math.exp(cast * z[8]))
+    exposed = u[25] < 0.5  # brightness and contrast change in half the samples
+    brightness = 0.07 * d * z[9] if exposed else 0.0
+    contrast = math.exp(0.15 * d * z[10]) if exposed else 1.0
+    gamma = math.exp(0.25 * d * z[11]) if u[24] < 0.3 else 1.0
+    lq = profile == "low_quality"
+    if lq:
+        blur = 1.2 + 2.0 * u[15]
+        noise = 6.0 + 12.0 * u[16]
+        lowres = 2.5 + 3.0 * u[17]
+        jpeg = 15.0 + 30.0 * u[18]
+    elif profile == "train":
+        blur = 0.4 + 1.1 * u[15] if u[19] < 0.3 else (1.5 + 1.5 * u[15] if u[19] < 0.4 else 0.0)
+        noise = 1.0 + 6.0 * u[16] if u[20] < 0.4 else (7.0 + 10.0 * u[16] if u[20] < 0.5 else 0.0)
+        lowres = 1.5 + 1.5 * u[17] if u[21] < 0.12 else (3.0 + 2.5 * u[17] if u[21] < 0.17 else 1.0)
+        jpeg = 40.0 + 55.0 * u[18] if u[22] < 0.9 else 15.0 + 25.0 * u[18]
+    else:
+        blur = 0.3 + 0.7 * u[15] if u[19] < 0.25 else 0.0
+        noise = 1.0 + 3.0 * u[16] if u[20] < 0.3 else 0.0
+        lowres = 1.0
+        jpeg = 70.0 + 25.0 * u[18]
+    probs = np.array(_OCC_PROBS[profile]) * d
+    cum = np.cumsum(probs).tolist()
+    occlusion = "none"
+    for kind, c in zip(OCCLUSIONS[1:], cum, strict=True):
+        if u[23] < c:
+            occlusion = kind
+            break
+    return Nuisance(
+        yaw=yaw * deg,
+        pitch=pitch * deg,
+        roll=roll * deg,
+        scale=scale,
+        shift=shift,
+        smile=min(smile, 1.0),
+        mouth_open=min(mouth_open, 1.0),
+        eye_closure=min(eye_closure, 1.0),
+        brow_raise=min(brow_raise, 1.0),
+        light_azimuth=azimuth,
+        light_elevation=elevation,
+        light_strength=max(0.0, strength),
+        ambient=min(1.0, max(0.05, ambient)),
+        color_gains=gains,
+        brightness=brightness,
+        contrast=contrast,
+        gamma=gamma,
+        blur_sigma=blur * d,
+        noise_sigma=noise * d,
+        lowres_factor=1.0 + (lowres - 1.0) * d,
+        occlusion=occlusion,
+        occlusion_params=occ,
+        jpeg_quality=round(min(100.0, max(5.0, 100.0 - (100.0 - jpeg) * d))),
+        seed=seed,
+    )
+
+
+_OCC_QUALITY = {
+    "none": 1.0,
+    "glasses": 0.92,
+    "sunglasses": 0.6,
+    "mask": 0.55,
+    "bar": 0.7,
+    "hand": 0.7,
+}
+
+
+def quality_score(n: Nuisance) -> float:
+    """Ground-truth quality in [0, 1] (1 = clean): a product of per-nuisance factors.
+
+    ``exp(-(yaw/1.0)^2 - (pitch/0.6)^2 - (roll/1.2)^2)`` (radians) for pose,
+    ``1/(1 + (blur/1.5)^2)``, ``1/(1 + (noise/12)^2)``, ``1/(1 + ((lowres - 1)/2)^2)``,
+    an occlusion factor (glasses 0.92, sunglasses 0.6, mask 0.55, bar 0.7, hand 0.7),
+    ``exp(-(side/0.6)^2 - (exposure/0.8)^2)`` for light (``side = |sin az| * strength /
+    (ambient + strength)``, ``exposure`` = summed |log| of contrast, gamma and the colour gains
+    plus 2 |brightness|), ``clip((jpeg - 10)/50, 0.2, 1)`` for compression and
+    ``1 - 0.15 eye_closure - 0.1 mouth_open`` for expression.
+    """
+    pose = math.exp(-((n.yaw / 1.0) ** 2) - (n.pitch / 0.6) ** 2 - (n.roll / 1.2) ** 2)
+    blur = 1.0 / (1.0 + (n.blur_sigma / 1.5) ** 2)
+    noise = 1.0 / (1.0 + (n.noise_sigma / 12.0) ** 2)
+    lowres = 1.0 / (1.0 + ((max(n.lowres_factor, 1.0) - 1.0) / 2.0) ** 2)
+    side = abs(math.sin(n.light_azimuth)) * n.light_strength / (n.ambient + n.light_strength)
+    gr, gg, gb = n.color_gains
+    exposure = abs(math.log(n.contrast)) + abs(math.log(n.gamma)) + 2.0 * abs(n.brightness)
+    exposure += abs(math.log(gr)) + abs(math.log(gg)) + abs(math.log(gb))
+    light = math.exp(-((side / 0.6) ** 2) - (exposure / 0.8) ** 2)
+    jpeg = min(1.0, max(0.2, (n.jpeg_quality - 10.0) / 50.0))
+    expression = 1.0 - 0.15 * n.eye_closure - 0.1 * n.mouth_open
+    q = pose * blur * noise * lowres * _OCC_QUALITY[n.occlusion] * light * jpeg * expression
+    return float(min(1.0, max(0.0, q)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity -> 3D model
+# --------------------------------------------------------------------------------------------------
+
+
+class _Model:
+    """One identity's geometry and colours, built once and cached.
+
+    ``static`` holds every expression-independent 3D point; attributes named ``s_*`` are slices
+    into it. Brows and mouth are ``dyn0`` plus smile / open / raise bases, eyes are rebuilt per
+    sample from lid heights; all points are homogeneous (a fourth coordinate 1, 0 in the bases).
+    ``normals`` feed back-face culling and the nose shading; their rows are laid out as the
+    ``_N_*`` constants say.
+    """
+
+
+def _build_model(params: np.ndarray) -> _Model:
+    """The 3D model of the identity with genes ``params`` (see ``identity.PARAM_NAMES``)."""
+    g = {name: float(params[i]) for name, i in PARAM_INDEX.items()}
+    m = _Model()
+    a = _lerp(37.0, 47.0, g["head_width"])
+    c = _lerp(46.0, 55.0, g["head_depth"])
+    ey = _lerp(-3.0, 4.0, g["eye_height"])
+    nl = _lerp(16.0, 24.0, g["nose_length"])
+    mouth_y = ey + nl + _lerp(14.0, 21.0, g["mouth_height"])
+    b = max(_lerp(54.0, 66.0, g["head_height"]), mouth_y + 13.0)
+    kc = _lerp(0.86, 1.02, g["cheek_width"])
+    kj = _lerp(0.6, 0.93, g["jaw_width"])
+    kch = _lerp(0.15, 0.48, g["chin_width"])
+    cp = _lerp(-0.06, 0.08, g["chin_protrusion"])
+    # width, front depth and back depth of the rings at _RING_T, as fractions of a, c and c
+    jaw_mid = 0.5 * (kc + kj) + 0.03
+    low = [kc, jaw_mid, 0.5 * (jaw_mid + kj), kj, 0.5 * (kj + kch) + 0.04, 0.45 * kj + 0.55 * kch]
+    wk = np.concatenate([_CROWN, low, [0.2 * kj + 0.8 * kch, kch]])
+    fk = np.concatenate(
+        [_CROWN * 0.93, [0.93, 0.9, 0.88, 0.86, 0.83], np.array([0.8, 0.76, 0.7]) + cp]
+    )
+    bk = np.concatenate([_CROWN * 1.05, [0.9, 0.55, 0.4, 0.25, 0.0, -0.25, -0.38, -0.45]])
+
+    # half-width, depth centre and half-depth of the ring at each height of _RING_TABLE_T
+    f, k = c * np.interp(_RING_TABLE_T, _RING_T, fk), c * np.interp(_RING_TABLE_T, _RING_T, bk)
+    table = np.stack([a * np.interp(_RING_TABLE_T, _RING_T, wk), 0.5 * (f - k), 0.5 * (f + k)], 1)
+
+    def ring(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Half-width, depth centre and half-depth of the head's horizontal ring at height ``y``."""
+        i = np.rint((np.asarray(y) * (1.0 / b) + 1.0) * _RING_STEPS).astype(np.intp)
+        v = table[np.minimum(np.maximum(i, 0), len(table) - 1)]
+        return v[..., 0], v[..., 1], v[..., 2]
+
+    def surf(x: np.ndarray, y: np.ndarray, out: float | np.ndarray = 0.0) -> np.ndarray:
+        """Points on the front of the head at (x, y), pushed ``out`` towards the camera."""
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if x.shape != y.shape:
+            x, y = np.broadcast_arrays(x, y)
+        w, zc, dz = ring(y)
+        q = np.minimum(np.abs(x) / np.maximum(w, 1e-3), 1.0)
+        p = np.empty((*x.shape, 3))
+        p[..., 0], p[..., 1], p[..., 2] = x, y, zc + dz * np.sqrt(1.0 - q * q) + out
+        return p
+
+    def at_phi(phi: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Points of the rings at heights ``y`` and angles ``phi`` (0 = front), scaled."""
+        phi, y = np.asarray(phi, np.float64), np.asarray(y, np.float64)
+        if phi.shape != y.shape:
+            phi, y = np.broadcast_arrays(phi, y)
+        w, zc, dz = ring(y)
+        p = np.empty((*phi.shape, 3))
+        p[..., 0], p[..., 1], p[..., 2] = (
+            w * np.sin(phi) * scale,
+            y,
+            (zc + dz * np.cos(phi)) * scale,
+        )
+        return p
+
+    def normal(p: np.ndarray) -> np.ndarray:
+        """Approximate outward unit normals of the head surface at points ``p``."""
+        w, zc, dz = ring(p[..., 1])
+        n = [p[..., 0] / np.maximum(w, 1e-3) ** 2, 0.6 * p[..., 1] / b**2, (p[..., 2] - zc) / dz**2]
+        return _unit(np.stack(n, axis=-1))
+
+    m.a, m.b = a, b
+    static: list[np.ndarray] = []
+    count = 0
+
+    def add(p: np.ndarray) -> slice:
+        nonlocal count
+        p = np.asarray(p, np.float64).reshape(-1, 3)
+        static.append(p)
+        count += len(p)
+        return slice(count - len(p), count)
+
+    # ---- colours -------------------------------------------------------------------------------
+    tone = g["skin_tone"] * (len(_SKIN) - 1)
+    i0 = min(int(tone), len(_SKIN) - 2)
+    skin = _SKIN[i0] + (_SKIN[i0 + 1] - _SKIN[i0]) * (tone - i0)
+    skin = skin + (g["skin_hue"] - 0.5) * np.array([14.0, 0.0, -14.0])
+    hair = np.clip(
+        _HAIR[_pick(_HAIR_P, g["hair_colour"])] * _lerp(0.8, 1.2, g["hair_shade"]), 10, 235
+    )
+    brow = hair + (np.array([35.0, 28.0, 24.0]) - hair) * _lerp(0.2, 0.85, g["brow_darkness"])
+    iris_kind = _pick(_IRIS_P, g["iris_colour"])
+    if iris_kind >= 3 and g["skin_tone"] > 0.45 and (g["iris_colour"] * 7.0) % 1.0 > 0.25:
+        iris_kind = 0  # light irises are rare with dark skin
+    lip = skin * np.array([0.93, 0.66, 0.66]) * _lerp(0.82, 1.0, g["lip_colour"]) + [18.0, 4.0, 8.0]
+    m.c_skin, m.c_hair, m.c_lip = _tup(skin), _tup(hair), _tup(lip * 0.93)
+    m.c_brow = _tup(skin + (brow - skin) * _lerp(0.7, 0.95, g["brow_thickness"]))
+    m.c_iris = _tup(_IRIS[iris_kind] * _lerp(0.75, 1.2, g["iris_shade"]))
+    m.c_crease, m.c_mouth_line = _tup(skin * 0.72), _tup(lip * 0.55)
+    m.c_ear, m.c_ear_in = _tup(skin * [0.96, 0.88, 0.86]), _tup(skin * [0.72, 0.66, 0.64])
+    m.c_nostril, m.c_alae, m.c_neck = _tup(skin * 0.35), _tup(skin * 0.72), _tup(skin * 0.8)
+    m.c_back = _tup(hair * 0.85)
+    m.c_strand = _tup(hair + 30.0 if hair.mean() < 70 else hair * 0.72)
+    m.s_origin = add(np.zeros(3))
+
+    # ---- head silhouette, skin region and hair -------------------------------------------------
+    style = HAIR_STYLES[_pick(_STYLE_P, g["hair_style"])]
+    m.style = style
+    head = at_phi(_RING_PHI[None, :], b * _RING_T[1:, None])  # (rings, 16, 3)
+    volume = 1.0 if style in ("bald", "buzz") else _lerp(1.03, 1.1, g["hair_volume"])
+    volume += 0.08 if style == "curly" else 0.0
+    if style != "bald":
+        head[:5] *= volume
+        head[:5, :, 1] -= (volume - 1.0) * 6.0
+        nape = at_phi(_RING_PHI[[0, 1, 2, 14, 15]], np.full(5, 0.45 * b), volume)
+        head = np.concatenate([head.reshape(-1, 3), nape])
+    m.s_head = add(head)
+    cap = skin if style == "bald" else (0.45 * skin + 0.55 * hair if style == "buzz" else hair)
+    m.c_cap = _tup(cap)
+
+    hl = ey - _lerp(30.0, 42.0, g["hairline"])
+    m.s_skin = None
+    if style != "bald":
+        phi_h = np.linspace(-1.35, 1.35, 11)
+        hairline = at_phi(phi_h, hl + (ey - 12.0 - hl) * (np.abs(phi_h) / 1.35) ** 2.5)
+        side_phi = 1.2 if style == "long" else 1.75
+        side = at_phi(
+            np.repeat([-side_phi, side_phi], 3), np.tile(ey + np.array([-10.0, 6.0, 20.0]), 2)
+        )
+        phi = _RING_PHI[::2] if style != "long" else _RING_PHI[np.abs(_RING_PHI) <= 1.3]
+        lower = at_phi(phi[None, :], b * _RING_T[6:, None])
+        m.s_skin = add(np.concatenate([hairline, side, lower.reshape(-1, 3)]))
+
+    # ---- ears ----------------------------------------------------------------------------------
+    eh = 27.0 * _lerp(0.85, 1.2, g["ear_size"])
+    flare = _lerp(0.35, 0.85, g["ear_flare"])
+    ear_y = ey + _lerp(5.0, 10.0, g["ear_height"])
+    w_e, zc_e, _ = ring(ear_y)
+    m.s_ears, m.s_ears_in = [], []
+    for s in (-1.0, 1.0):
+        base = np.array([s * float(w_e) * 0.95, ear_y, float(zc_e) - 0.06 * c])
+        e_out = np.array([s * math.sin(flare), 0.0, -math.cos(flare)]) * (0.55 * eh)
+        e_up = np.array([0.0, -eh, 0.0])
+        m.s_ears.append(add(base + _EAR[:, :1] * e_out + _EAR[:, 1:] * e_up))
+        m.s_ears_in.append(add(base + _EAR_INNER[:, :1] * e_out + _EAR_INNER[:, 1:] * e_up))
+    m.show_ears = style != "long"
+
+    # ---- nose ----------------------------------------------------------------------------------
+    nw = _lerp(14.0, 22.0, g["nose_width"])
+    prot = _lerp(8.0, 16.0, g["nose_protrusion"])
+    tip = _lerp(-1.5, 2.5, g["nose_tip"])
+    bw = _lerp(3.0, 6.5, g["nose_bridge"])
+    yt = ey + nl
+
+    # root l/r, mid l/r, tip, ala l/r, subnasale, junction with the cheek l/r
+    nose = surf(
+        np.array(
+            [-bw / 2, bw / 2, -bw * 0.4, bw * 0.4, 0.0, -nw / 2, nw / 2, 0.0, -nw * 0.3, nw * 0.3]
+        ),
+        np.array(
+            [ey + 1, ey + 1, ey + nl * 0.6, ey + nl * 0.6, yt, yt, yt, yt + 3, ey + 8, ey + 8]
+        ),
+        np.array(
+            [1.0, 1.0, 0.55 * prot, 0.55 * prot, prot, 0.2 * prot, 0.2 * prot, 0.35 * prot, 0, 0]
+        ),
+    )
+    nose[4, 1] -= tip * 0.3
+    nose[[5, 6], 1] += 1.5
+    nose[7, 1] -= tip * 0.4
+    m.s_nose = add(nose)
+    centroid = nose[[0, 1, 4, 5, 6, 7]].sum(axis=0) / 6.0 - np.array([0.0, 0.0, 3.0])
+    nose_n = []
+    for f in _NOSE_FACES:
+        p = nose[f]
+        (ux, uy, uz), (vx, vy, vz) = (p[1] - p[0]).tolist(), (p[-1] - p[0]).tolist()
+        nn = np.array([uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx])
+        nn /= math.sqrt(float(nn @ nn))
+        nose_n.append(nn if np.dot(nn, p.sum(axis=0) / len(p) - centroid) > 0 else -nn)
+    down = _unit(nose[7] - nose[4])
+    m.s_nostrils, m.s_alae = [], []
+    ala_t = np.linspace(-1.2, 1.4, 5)
+    for s in (-1.0, 1.0):
+        ctr = np.array([s * nw * 0.2, yt + 2.2, 0.5 * (nose[4, 2] + nose[5, 2]) - 1.0])
+        ell = (
+            ctr
+            + np.outer(np.cos(_C8) * nw * 0.11, [1.0, 0.0, 0.0])
+            + np.outer(np.sin(_C8) * 1.3, down)
+        )
+        m.s_nostrils.append(add(ell))
+        ax = s * (nw / 2 - 2.8 + 1.6 * np.cos(ala_t))
+        ay = yt + 1.0 + 2.6 * np.sin(ala_t)
+        m.s_alae.append(add(np.stack([ax, ay, np.full(5, nose[5, 2] + 0.8)], axis=-1)))
+
+    # ---- eyes ----------------------------------------------------------------------------------
+    es = _lerp(30.0, 40.0, g["eye_spacing"])
+    ew = _lerp(12.5, 18.0, g["eye_width"])
+    opening = _lerp(0.28, 0.46, g["eye_opening"])
+    m.h_up, m.h_lo = ew * opening * 0.62, ew * opening * 0.38
+    shape = _lerp(0.45, 0.95, g["eye_shape"])
+    tilt = math.tan(_lerp(-0.12, 0.18, g["eye_tilt"]))
+    ri = ew * _lerp(0.25, 0.31, g["iris_size"])
+    centres = surf(np.array([-es / 2, es / 2]), np.array([ey, ey]), -1.5)
+    eye_n = normal(centres)
+    tx = _unit(np.stack([np.ones(2), np.zeros(2), -eye_n[:, 0] / eye_n[:, 2]], axis=-1))
+    ty = _unit(np.stack([np.zeros(2), -np.ones(2), eye_n[:, 1] / eye_n[:, 2]], axis=-1))
+    m.s_eyes = add(centres)
+
+    def lid_up(x: np.ndarray) -> np.ndarray:
+        return (1.0 - x * x) ** shape * (1.0 - 0.12 * x)
+
+    def lid_lo(x: np.ndarray) -> np.ndarray:
+        return (1.0 - x * x) ** (0.8 * shape + 0.15) * (1.0 + 0.12 * x)
+
+    lower_x = _LID_X[-2:0:-1]
+    m.pu, m.pl = lid_up(_LID_X), -lid_lo(lower_x)
+    v0 = 0.12 * ew * opening
+    iris_u, pupil_u = ri * np.cos(_C10), 0.42 * ri * np.cos(_C8)
+    # iris then pupil: v of a circle, clamped per sample between the lids at the same u
+    m.disc_v = v0 + ri * np.concatenate([np.sin(_C10), 0.42 * np.sin(_C8)])
+    disc_x = np.clip(np.concatenate([iris_u, pupil_u]) / (ew / 2), -0.98, 0.98)
+    m.disc_pu, m.disc_pl = lid_up(disc_x), -lid_lo(disc_x)
+    crease_x = _LID_X[1:-1] * 0.92
+    m.crease_v = (m.h_up + 1.6 + 0.25 * ew * opening) * lid_up(crease_x)
+    # eye-local u (outer corner positive) of: sclera (7 upper, 5 lower), iris, pupil, crease
+    u_local = np.concatenate(
+        [_LID_X * ew / 2, lower_x * ew / 2, iris_u, pupil_u, crease_x * ew / 2]
+    )
+    u_img = np.array([[-1.0], [1.0]]) * u_local  # the image-left eye's outer corner is on the left
+    base = centres[:, None, :] + u_img[..., None] * tx[:, None, :]
+    base += (tilt * u_local)[None, :, None] * ty[:, None, :]
+    m.eye_base = _homogeneous(base)
+    m.eye_ty = np.concatenate([ty, np.zeros((2, 1))], axis=1)[:, None, :]
+    # glasses: lens outlines in front of the eyes, as base + size_u * lens_u + size_v * lens_v
+    cu, su = np.cos(_C10), np.sin(_C10)
+    cu, su = np.sign(cu) * np.abs(cu) ** 0.6 * ew, np.sign(su) * np.abs(su) ** 0.6 * ew
+    m.lens = _homogeneous(np.repeat(centres[:, None, :] + 5.0 * eye_n[:, None, :], 10, axis=1))
+    m.lens_u = np.concatenate([cu[None, :, None] * tx[:, None, :], np.zeros((2, 10, 1))], axis=2)
+    m.lens_v = np.concatenate([su[None, :, None] * ty[:, None, :], np.zeros((2, 10, 1))], axis=2)
+
+    # ---- brows ---------------------------------------------------------------------------------
+    bl = ew * _lerp(1.05, 1.45, g["brow_length"])
+    bh = _lerp(7.5, 11.5, g["brow_height"])
+    t = _BROW_T
+    mid = ey - bh - _lerp(0.3, 3.8, g["brow_arch"]) * np.sin(np.pi * t**0.8)
+    mid -= _lerp(-0.12, 0.16, g["brow_angle"]) * bl * (t - 0.3)
+    half = (
+        0.5
+        * _lerp(1.6, 4.4, g["brow_thickness"])
+        * (1.0 - 0.55 * t)
+        * (0.85 + 0.3 * np.sin(np.pi * t))
+    )
+    bx = es / 2 - ew * 0.55 + bl * t
+    brow_y = np.concatenate([mid - half, (mid + half)[::-1]])
+    brow_x = np.concatenate([bx, bx[::-1]])
+    brows = np.concatenate([surf(s * brow_x, brow_y, 0.4) for s in (-1.0, 1.0)])
+    brows_raise = np.zeros_like(brows)
+    brows_raise[:, 1] = -3.0 * (1.0 - 0.4 * np.tile(np.concatenate([t, t[::-1]]), 2))
+
+    # ---- mouth ---------------------------------------------------------------------------------
+    mw = _lerp(24.0, 35.0, g["mouth_width"])
+    tu = _lerp(2.0, 4.2, g["upper_lip"])
+    tl = _lerp(2.8, 5.5, g["lower_lip"])
+    curv = _lerp(-1.8, 1.8, g["mouth_curvature"])
+
+    def mouth(smile: float, opened: float) -> np.ndarray:
+        x = _MOUTH_X * mw / 2 * (1.0 + 0.12 * smile)
+        xs2 = _MOUTH_X**2
+        line = mouth_y - smile * 1.0 - (curv + 3.5 * smile) * xs2
+        bow = np.sqrt(1.0 - xs2) * (1.0 - 0.3 * np.exp(-((_MOUTH_X / 0.2) ** 2)))
+        top = line - tu * (1.0 - 0.3 * smile) * bow
+        gap = opened * 9.0 * (1.0 - xs2) ** 0.8
+        bottom = line + gap + tl * (1.0 - 0.2 * smile) * (1.0 - xs2) ** 0.6
+        teeth = line[1:-1] + np.minimum(gap[1:-1], 2.5 + 0.5 * tu)
+        out = 1.8 * (1.0 - xs2)
+        xx = np.concatenate([x, x, x, x, x[1:-1]])
+        yy = np.concatenate([top, line, line + gap, bottom, teeth])
+        return surf(xx, yy, np.concatenate([out, out, out, out, out[1:-1] - 0.5]))
+
+    mouth0 = mouth(0.0, 0.0)
+    nb = len(brows)
+    m.dyn0 = _homogeneous(np.concatenate([brows, mouth0]))
+    zero_b, zero_m = np.zeros((nb, 4)), np.zeros((len(mouth0), 4))
+    m.dyn_smile = np.concatenate([zero_b, _homogeneous(mouth(1.0, 0.0)) - _homogeneous(mouth0)])
+    m.dyn_open = np.concatenate([zero_b, _homogeneous(mouth(0.0, 1.0)) - _homogeneous(mouth0)])
+    m.dyn_raise = np.concatenate([_homogeneous(brows_raise) - np.eye(4)[3], zero_m])
+
+    # ---- facial hair ---------------------------------------------------------------------------
+    beard = FACIAL_HAIR[_pick(_BEARD_P, g["facial_hair"])]
+    density = _lerp(0.45, 0.95, g["beard_density"])
+    m.s_beard = []
+    if beard != "none":
+        moustache = surf(
+            np.array([-mw / 2 - 1.0, -nw * 0.32, 0.0, nw * 0.32, mw / 2 + 1.0, 0.0]),
+            np.array([mouth_y, yt + 4.5, yt + 5.0, yt + 4.5, mouth_y, mouth_y]),
+            1.5,
+        )
+        if beard in ("stubble", "beard"):
+            for s in (-1.0, 1.0):
+                top = surf(
+                    s * np.array([0.74 * a, mw / 2 + 3.0, -1.0]),
+                    np.array([mouth_y - 9.0, mouth_y - 2.0, mouth_y + 4.0]),
+                    1.5,
+                )
+                jaw = at_phi(
+                    s * np.array([1.65, 1.3, 0.9, 0.45, -0.05]),
+                    b * np.array([0.25, 0.55, 0.8, 0.96, 1.0]),
+                    1.02 + 0.03 * density,
+                )
+                m.s_beard.append((add(np.concatenate([top, jaw])), int(s > 0)))
+        elif beard == "goatee":
+            chin = surf(
+                np.array([mw * 0.42, mw * 0.3, 0.0, -mw * 0.3, -mw * 0.42]),
+                np.array([mouth_y + 1.0, b - 5.0, b + 1.0, b - 5.0, mouth_y + 1.0]),
+                2.0,
+            )
+            m.s_beard.append((add(chin), None))
+        m.s_beard.append((add(moustache), None))
+        stubble = skin * 0.84 + (hair - skin) * 0.12  # a shadow, darker than the skin
+        m.c_beard = _tup(stubble if beard == "stubble" else skin + (hair * 0.95 - skin) * density)
+
+    # ---- hair in front of the face -------------------------------------------------------------
+    part = g["hair_part"]
+    m.s_fringe = m.s_back = None
+    if style in ("fringe", "curly"):
+        fx = np.linspace(-1.0, 1.0, 11)
+        length = _lerp(12.0, 22.0, part) if style == "fringe" else _lerp(6.0, 12.0, part)
+        jag = np.where(np.arange(11) % 2 == 0, 0.0, 2.5 if style == "fringe" else 4.0)
+        edge = np.minimum(hl + length * (1.0 - 0.6 * fx**4) + jag, ey - bh - 1.5)
+        top = at_phi(fx * 1.3, np.full(11, hl - 4.0), volume)
+        m.s_fringe = add(np.concatenate([top, at_phi(fx[::-1] * 1.3, edge[::-1], 1.02)]))
+    elif style == "side_part":
+        sgn = 1.0 if part > 0.5 else -1.0
+        k = np.linspace(0.0, 1.0, 8)
+        phi_top = sgn * (0.35 - 1.7 * k)
+        top = at_phi(phi_top, np.full(8, hl - 3.0), volume)
+        drop = hl + _lerp(4.0, 14.0, abs(part - 0.5) * 2) + (ey - 14.0 - hl) * k[::-1] ** 1.5
+        bottom = at_phi(phi_top[::-1], np.minimum(drop, ey - bh - 2.0), 1.02)
+        m.s_fringe = add(np.concatenate([top, bottom]))
+    elif style == "long":
+        length = b * _lerp(1.05, 1.7, part)
+        wide = a * volume + 4.0
+        half = np.array(  # right half of the outline, top to bottom
+            [[0.0, -b * volume - 2.0], [wide * 0.7, -b * 0.8], [wide, -b * 0.3],
+             [wide + 2.0, b * 0.4], [wide + 7.0, length], [wide * 0.4, length + 4.0]]
+        )  # fmt: skip
+        outline = np.concatenate([half, half[:0:-1] * [-1.0, 1.0]])
+        m.s_back = add(np.concatenate([outline, np.full((len(outline), 1), -0.3 * c)], axis=1))
+
+    # ---- texture: hair strands, moles, freckles, wrinkles --------------------------------------
+    trng = np.random.default_rng(int(g["texture_seed"] * (1 << 24)))
+    m.s_strands = []
+    if style not in ("bald", "buzz"):
+        flow = trng.normal(0.0, 0.08) + (0.12 if part > 0.5 else -0.12) * (style == "side_part")
+        phi0 = (np.linspace(-1.1, 1.1, 6) + trng.normal(0.0, 0.08, 6))[:, None]
+        ys = hl - 3.0 - np.array([0.0, 5.0, 10.0]) - 3.0 * trng.random((6, 1))
+        strands = at_phi(phi0 * 1.05 + flow * np.arange(3), ys, volume * 1.005)
+        m.s_strands = [add(strand) for strand in strands]
+    zones = np.array(
+        [[-22.0, 22.0, -28.0, -16.0], [-36.0, -16.0, 8.0, 30.0], [16.0, 36.0, 8.0, 30.0],
+         [-12.0, 12.0, 50.0, 56.0], [-30.0, -18.0, 34.0, 46.0], [18.0, 30.0, 34.0, 46.0]]
+    )  # fmt: skip
+    n_moles = int(g["moles"] * 4.0)
+    zi = trng.integers(0, len(zones), size=n_moles)
+    zu = trng.random((n_moles, 2))
+    mole_c = surf(
+        zones[zi, 0] + (zones[zi, 1] - zones[zi, 0]) * zu[:, 0],
+        ey + zones[zi, 2] + (zones[zi, 3] - zones[zi, 2]) * zu[:, 1],
+        0.3,
+    )
+    mole_r = 0.7 + 0.8 * trng.random(n_moles)
+    hexagon = np.concatenate([_HEX, np.zeros((6, 1))], axis=1)
+    m.s_moles = [add(poly) for poly in mole_c[:, None, :] + mole_r[:, None, None] * hexagon]
+    m.c_mole = _tup(skin * 0.55)
+    n_freckles = int(max(0.0, g["freckles"] - 0.82) / 0.18 * 45.0)
+    fxy = trng.normal(size=(n_freckles, 2)) * np.array([9.0, 4.5])
+    fxy[:, 0] += np.where(trng.random(n_freckles) < 0.5, -14.0, 14.0)
+    m.s_freckles = add(surf(fxy[:, 0], ey + 13.0 + fxy[:, 1], 0.3)) if n_freckles else None
+    age = g["age"]
+    m.s_wrinkles = []
+    if age > 0.6:
+        for k in range(1 + int((age - 0.6) / 0.15)):
+            yy = ey - bh - 9.0 - 5.0 * k
+            if yy < hl + 4.0:
+                break
+            half_w = a * (0.3 + 0.15 * trng.random())
+            xx = np.linspace(-half_w, half_w, 5)
+            wy = yy - 1.5 * np.cos(xx / half_w * 1.4) + trng.normal(0, 0.4, 5)
+            m.s_wrinkles.append(add(surf(xx, wy, 0.2)))
+        for s in (-1.0, 1.0):
+            xx = s * np.array([nw / 2 + 0.5, nw / 2 + 3.0, mw / 2 + 3.5, mw / 2 + 3.0])
+            yy = np.array([yt - 1.0, yt + 6.0, mouth_y - 3.0, mouth_y + 3.0])
+            m.s_wrinkles.append(add(surf(xx, yy, 0.2)))
+    m.c_wrinkle = _tup(skin * (1.0 - 0.25 * age))
+
+    # ---- neck and shading blobs ----------------------------------------------------------------
+    m.s_chin = add(at_phi(0.0, b))
+    neck_phi = np.linspace(0.0, 2.0 * np.pi, 6, endpoint=False)
+    neck_x, neck_z = 0.55 * a * kj * np.sin(neck_phi), -0.15 * c + 0.4 * c * np.cos(neck_phi)
+    m.s_neck = add(
+        np.concatenate(
+            [np.stack([neck_x, np.full(6, y), neck_z], axis=1) for y in (0.5 * b, 1.9 * b)]
+        )
+    )
+    blobs = np.concatenate(
+        [
+            centres + np.array([0.0, -1.5, 0.0]),
+            nose[7:8] + np.array([0.0, 2.5, -2.0]),
+            surf(0.0, mouth_y + tl + 4.0)[None],
+            surf(np.array([-0.55, 0.55]) * a, np.full(2, ey + 15.0)),
+        ]
+    )
+    m.s_blobs = add(blobs)
+    m.blob_inv = np.repeat(-0.5 / _BLOB_SIGMA**2, 2)[:, None]
+    m.blob_gain = _BLOB_GAIN.tolist()
+
+    # ---- face mask occluder: its top edge rises by mask_d as occlusion_params[1] goes 0 -> 1 ----
+    xs = np.linspace(-0.96, 0.96, 9) * a * 0.93
+    jaw = at_phi(
+        np.array([1.5, 1.1, 0.6, 0.0, -0.6, -1.1, -1.5]),
+        b * np.array([0.45, 0.75, 0.95, 1.03, 0.95, 0.75, 0.45]),
+        1.04,
+    )
+    masks = []
+    for lift in (0.0, 4.0):
+        top = surf(xs, np.full(9, ey + 8.0 + lift), 1.0)
+        top[:, 2] += np.maximum(0.0, 10.0 - np.abs(xs) * 0.9)
+        masks.append(_homogeneous(np.concatenate([top, jaw])))
+    m.mask, m.mask_d = masks[0], masks[1] - masks[0]
+
+    # ---- per-sample normals, landmarks, alignment ---------------------------------------------
+    sides = np.array([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    on_face = normal(np.concatenate([surf(0.0, mouth_y)[None], blobs, mole_c.reshape(-1, 3)]))
+    m.normals = np.concatenate([eye_n, sides, np.array(nose_n), on_face])
+    m.static = _homogeneous(np.concatenate(static))
+    ns = len(m.static)
+    m.d_brows = [slice(ns, ns + nb // 2), slice(ns + nb // 2, ns + nb)]
+    mb = ns + nb  # mouth rows: top, line, low line, bottom (9 each), teeth (7)
+    r = np.arange(9)
+    m.i_lips = mb + np.concatenate([r, 27 + r[-2:0:-1]])
+    m.i_inner = mb + np.concatenate([9 + r, 18 + r[-2:0:-1]])
+    m.i_teeth = mb + np.concatenate([9 + r[1:-1], 36 + r[-3::-1]])
+    m.d_line = slice(mb + 9, mb + 18)
+    m.e0 = ns + len(m.dyn0)
+    m.n_eye = m.eye_base.shape[1]
+    m.i_landmarks = np.array(
+        [m.s_eyes.start, m.s_eyes.start + 1, m.s_nose.start + 4, mb + 9, mb + 17]
+    )
+
+    lms = np.stack([centres[0], centres[1], nose[4], mouth0[9], mouth0[17]])
+    mean = lms.sum(axis=0) / 5.0
+    p = lms[:, :2] - mean[:2]
+    s_id = float((p * (ARCFACE_TEMPLATE - _CENTRE)).sum() / (p * p).sum())
+    m.s_id = s_id
+    m.pivot = np.array([0.0, mean[1], _PIVOT_DEPTH * mean[2]])
+    # the similarity x -> s_id x + t_id puts the neutral frontal landmarks on the template;
+    # align_pivot is where it takes the pivot, relative to the template centre C
+    m.align_pivot = s_id * (m.pivot[:2] - mean[:2])
+    return m
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_model(key: bytes) -> _Model:
+    return _build_model(np.frombuffer(key, dtype=np.float32))
+
+
+def _model(identity: Identity) -> _Model:
+    return _cached_model(identity.params.tobytes())
+
+
+# --------------------------------------------------------------------------------------------------
+# Drawing
+# --------------------------------------------------------------------------------------------------
+
+
+def _light_dir(n: Nuisance) -> tuple[float, float, float]:
+    """Unit vector towards the light, in camera axes (x right, y down, z to the camera)."""
+    ce = math.cos(n.light_elevation)
+    az = n.light_azimuth
+    return (math.sin(az) * ce, -math.sin(n.light_elevation), math.cos(az) * ce)
+
+
+_GRADIENTS, _CLUTTERS = 256, 4096  # a sample's seed picks one of each
+
+
+def _muted(r: random.Random) -> list[float]:
+    """A random muted colour: value 40..220, saturation below 0.35."""
+    v, sat, hue = 40.0 + 180.0 * r.random(), 0.35 * r.random() ** 2, 6.0 * r.random()
+    return [
+        v * (1.0 - sat * min(1.0, max(0.0, abs((hue + o) % 6.0 - 3.0) - 1.0))) for o in (0, 4, 2)
+    ]
+
+
+@functools.lru_cache(maxsize=2)
+def _gradients(size: int) -> np.ndarray:
+    """Fixed background gradients (``_GRADIENTS`` x size x size x 3): stretched 2x2 colour grids."""
+    r = random.Random(0xB6)
+    out = np.empty((_GRADIENTS, size, size, 3), np.uint8)
+    for img in out:
+        base, tint = _muted(r), [35.0 * (r.random() - 0.5) for _ in range(3)]
+        corners = []
+        for _ in range(4):
+            dv = 80.0 * (r.random() - 0.5)
+            corners += [base[0] + dv + tint[0], base[1] + dv, base[2] + dv - tint[2]]
+            tint = tint[1:] + tint[:1]
+        grid = np.array([min(255.0, max(0.0, x)) for x in corners], np.uint8).reshape(2, 2, 3)
+        cv2.resize(grid, (size, size), dst=img, interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _clutters(size: int) -> list[list[tuple]]:
+    """Fixed background clutter: each entry 0-2 bars, discs or lines, as cv2 drawing arguments."""
+    r = random.Random(0xC1)
+    one = size * _ONE
+    table = []
+    for _ in range(_CLUTTERS):
+        clutter = []
+        for _ in range(int(r.random() * 3.0)):
+            col = tuple(_muted(r))
+            x, y, s = r.random() * one, r.random() * one, (0.1 + 0.4 * r.random()) * one
+            kind = r.random()
+            if kind < 0.45:  # a bar at a random angle
+                ang, w = r.random() * math.pi, 0.3 + 0.7 * r.random()
+                dx, dy = s * math.cos(ang), s * math.sin(ang)
+                ex, ey = dy * w, dx * w
+                pts = [[x - dx - ex, y - dy + ey], [x + dx - ex, y + dy + ey],
+                       [x + dx + ex, y + dy - ey], [x - dx + ex, y - dy - ey]]  # fmt: skip
+                clutter.append(("poly", [np.array(pts, np.int32)], col))
+            elif kind < 0.75:
+                clutter.append(("disc", (int(x), int(y)), int(s * 0.5), col))
+            else:  # a line from top to bottom
+                ends = (int(x), 0), (int(x + s * (r.random() - 0.5)), one)
+                clutter.append(("line", *ends, col, 1 + int(r.random() * 4)))
+        table.append(clutter)
+    return table
+
+
+def _background(img: np.ndarray, index: int, plain: bool) -> None:
+    """Fill ``img`` with gradient ``index % _GRADIENTS`` and, unless ``plain``, clutter
+    ``index // _GRADIENTS % _CLUTTERS``."""
+    size = img.shape[0]
+    np.copyto(img, _gradients(size)[index % _GRADIENTS])
+    if plain:
+        return
+    for op in _clutters(size)[index // _GRADIENTS % _CLUTTERS]:
+        if op[0] == "poly":
+            cv2.fillPoly(img, op[1], op[2], _AA, _SHIFT)
+        elif op[0] == "disc":
+            cv2.circle(img, op[1], op[2], op[3], -1, _AA, _SHIFT)
+        else:
+            cv2.line(img, op[1], op[2], op[3], op[4], _AA, _SHIFT)
+
+
+class _Frame:
+    """One posed face: projected points (in 1/16 pixel), visibility and lighting of normals."""
+
+    __slots__ = ("f", "ld", "m16", "nz", "pts", "px")
+
+    def fix(self, p: np.ndarray) -> np.ndarray:
+        """Fixed-point pixel coordinates of homogeneous model points ``p`` (..., 4)."""
+        return np.rint(p @ self.m16).astype(np.int32)
+
+
+def _project(m: _Model, n: Nuisance, size: int) -> _Frame:
+    """Pose, expression and camera: every point of ``m`` in 1/16 pixels.
+
+    The rotation is ``Rz(roll) Rx(pitch) Ry(yaw)`` about ``m.pivot``; a point ``P`` lands at
+    ``k * (C + scale * align_pivot + shift) + f * (R (P - pivot))_xy`` with
+    ``k = size / 112`` and ``f = scale * s_id * k``.
+    """
+    cy, sy = math.cos(n.yaw), math.sin(n.yaw)
+    cp, sp = math.cos(n.pitch), math.sin(n.pitch)
+    cr, sr = math.cos(n.roll), math.sin(n.roll)
+    r00, r01, r02 = cr * cy - sr * sp * sy, -sr * cp, cr * sy + sr * sp * cy
+    r10, r11, r12 = sr * cy + cr * sp * sy, cr * cp, sr * sy - cr * sp * cy
+    r20, r21, r22 = -cp * sy, sp, cp * cy
+    k = size / 112.0
+    fr = _Frame()
+    fr.f = f = n.scale * m.s_id * k
+    f16, k16 = f * _ONE, k * _ONE
+    _, py, pz = m.pivot
+    ax, ay = m.align_pivot
+    ox = k16 * (_CENTRE[0] + n.scale * ax + n.shift[0]) - f16 * (r01 * py + r02 * pz)
+    oy = k16 * (_CENTRE[1] + n.scale * ay + n.shift[1]) - f16 * (r11 * py + r12 * pz)
+    fr.m16 = m16 = np.array(
+        [[r00 * f16, r10 * f16], [r01 * f16, r11 * f16], [r02 * f16, r12 * f16], [ox, oy]]
+    )
+    dyn = m.dyn0
+    if n.smile:
+        dyn = dyn + n.smile * m.dyn_smile
+    if n.mouth_open:
+        dyn = dyn + n.mouth_open * m.dyn_open
+    if n.brow_raise:
+        dyn = dyn + n.brow_raise * m.dyn_raise
+    closure = n.eye_closure
+    hu = m.h_up * (1.0 - closure) - 0.6 * m.h_lo * closure
+    hl = m.h_lo * (1.0 - 0.35 * n.smile)
+    disc = np.minimum(np.maximum(m.disc_v, m.disc_pl * hl), m.disc_pu * hu)
+    v = np.concatenate([m.pu * hu, m.pl * hl, disc, m.crease_v - closure])
+    eyes = m.eye_base + v[:, None] * m.eye_ty
+    fr.px = px = np.concatenate([m.static, dyn, eyes[0], eyes[1]]) @ m16
+    fr.pts = np.rint(px).astype(np.int32)
+    # normals: z after rotation (visibility) and dot with the light (nose shading)
+    lx, ly, lz = _light_dir(n)
+    zl = np.array(
+        [
+            [r20, r00 * lx + r10 * ly + r20 * lz],
+            [r21, r01 * lx + r11 * ly + r21 * lz],
+            [r22, r02 * lx + r12 * ly + r22 * lz],
+        ]
+    )
+    fr.nz, fr.ld = (m.normals @ zl).T.tolist()
+    return fr
+
+
+def _curls(outline: np.ndarray, f: float) -> np.ndarray:
+    """A convex head outline (K, 1, 2) made bumpy above its middle: curly hair."""
+    p = outline.reshape(-1, 2).astype(np.float64)
+    c = p.sum(axis=0) / len(p)
+    ang = np.arctan2(p[:, 1] - c[1], p[:, 0] - c[0])
+    rad = np.hypot(p[:, 0] - c[0], p[:, 1] - c[1])
+    theta = _CURL_THETA
+    r = np.interp(theta, ang, rad, period=2.0 * np.pi)
+    r += (3.5 * _ONE * f) * np.abs(np.sin(9.0 * theta)) * (np.sin(theta) < 0.25)
+    return np.stack([c[0] + r * np.cos(theta), c[1] + r * np.sin(theta)], axis=1).astype(np.int32)
+
+
+def _draw(m: _Model, n: Nuisance, size: int, plain: bool) -> tuple[np.ndarray, _Frame]:
+    """Draw the unlit face of ``m`` under the pose, expression and occlusion of ``n``."""
+    fr = _project(m, n, size)
+    pts, nz = fr.pts, fr.nz
+    img = np.empty((size, size, 3), np.uint8)
+    _background(img, (n.seed * 2654435761) >> 12, plain)
+    fill, lines, hull = cv2.fillPoly, cv2.polylines, cv2.convexHull
+    lw = max(1, round(fr.f))
+
+    if m.s_back is not None:
+        fill(img, [pts[m.s_back]], m.c_back, _AA, _SHIFT)
+    if pts[m.s_chin.start, 1] < (size + 2) * _ONE:  # else the neck is below the image
+        fill(img, [hull(pts[m.s_neck])], m.c_neck, _AA, _SHIFT)
+    # an ear on a side turned away is drawn behind the head, the others in front of it
+    ears = (0, 1) if m.show_ears else ()
+    far = [i for i in ears if nz[_N_SIDES + i] <= -0.15]
+    near = [i for i in ears if nz[_N_SIDES + i] > -0.15]
+    if far:
+        fill(img, [pts[m.s_ears[i]] for i in far], m.c_ear, _AA, _SHIFT)
+    head = hull(pts[m.s_head])
+    fill(img, [_curls(head, fr.f) if m.style == "curly" else head], m.c_cap, _AA, _SHIFT)
+    if m.s_skin is not None:
+        fill(img, [hull(pts[m.s_skin])], m.c_skin, _AA, _SHIFT)
+    if near:
+        fill(img, [pts[m.s_ears[i]] for i in near], m.c_ear, _AA, _SHIFT)
+        lines(img, [pts[m.s_ears_in[i]] for i in near], False, m.c_ear_in, lw, _AA, _SHIFT)
+
+    # skin texture and facial hair
+    if m.s_freckles is not None:
+        fp = (pts[m.s_freckles] >> _SHIFT).clip(0, size - 1)
+        img[fp[:, 1], fp[:, 0]] = (img[fp[:, 1], fp[:, 0]] * 0.82).astype(np.uint8)
+    if m.s_wrinkles:
+        lines(img, [pts[s] for s in m.s_wrinkles], False, m.c_wrinkle, 1, _AA, _SHIFT)
+    if m.s_moles:
+        moles = [pts[s] for i, s in enumerate(m.s_moles) if nz[_N_MOLES + i] > 0.25]
+        if moles:
+            fill(img, moles, m.c_mole, _AA, _SHIFT)
+    for s, side in m.s_beard:  # a side half of a beard hides once that side turns away
+        if side is None or nz[_N_SIDES + side] > -0.55:
+            fill(img, [hull(pts[s])], m.c_beard, _AA, _SHIFT)
+
+    # eyes and brows
+    if nz[0] > 0.12 or nz[1] > 0.12:
+        e = [m.e0 + i * m.n_eye for i in (0, 1) if nz[i] > 0.12]
+        fill(img, [pts[j : j + 12] for j in e], _SCLERA, _AA, _SHIFT)
+        fill(img, [pts[j + 12 : j + 22] for j in e], m.c_iris, _AA, _SHIFT)
+        fill(img, [pts[j + 22 : j + 30] for j in e], _PUPIL, _L8, _SHIFT)
+        lines(img, [pts[j + 30 : j + 35] for j in e], False, m.c_crease, 1, _AA, _SHIFT)
+        lines(img, [pts[j : j + 7] for j in e], False, _LASH, lw, _AA, _SHIFT)
+    if nz[0] > 0.05 or nz[1] > 0.05:
+        fill(img, [pts[m.d_brows[i]] for i in (0, 1) if nz[i] > 0.05], m.c_brow, _AA, _SHIFT)
+
+    # mouth
+    fill(img, [pts[m.i_lips]], m.c_lip, _AA, _SHIFT)
+    if n.mouth_open > 0.05:
+        fill(img, [pts[m.i_inner]], _MOUTH_IN, _AA, _SHIFT)
+        fill(img, [pts[m.i_teeth]], _TEETH, _AA, _SHIFT)
+    else:
+        lines(img, [pts[m.d_line]], False, m.c_mouth_line, 1, _AA, _SHIFT)
+
+    # nose: visible faces, shaded relative to the face around them
+    nose = pts[m.s_nose]
+    ld = fr.ld
+    amb, lit = n.ambient, n.light_strength
+    base = 1.0 / (amb + lit * max(0.0, ld[_N_FACE]))
+    r, g, b = m.c_skin
+    for i in range(4):
+        if nz[_N_NOSE + i] > 0.02:
+            shade = _NOSE_ALBEDO[i] * ((amb + lit * max(0.0, ld[_N_NOSE + i])) * base) ** 1.5
+            shade = min(1.12, max(0.5, shade))
+            fill(img, [nose[_NOSE_FACES[i]]], (r * shade, g * shade, b * shade), _L8, _SHIFT)
+    if nz[_N_NOSE + 3] > 0.15:  # underside
+        fill(img, [pts[s] for s in m.s_nostrils], m.c_nostril, _AA, _SHIFT)
+    if nz[_N_FACE] > 0.6:
+        lines(img, [pts[s] for s in m.s_alae], False, m.c_alae, 1, _AA, _SHIFT)
+
+    # hair in front of the face
+    if m.s_fringe is not None:  # turned far, its outline folds over itself: fill its hull
+        fringe = pts[m.s_fringe] if abs(n.yaw) < 0.5 else hull(pts[m.s_fringe])
+        fill(img, [fringe], m.c_hair, _AA, _SHIFT)
+    if m.s_strands:
+        lines(img, [pts[s] for s in m.s_strands], False, m.c_strand, 1, _AA, _SHIFT)
+    if n.occlusion != "none":
+        _occlude(img, m, n, fr)
+    return img, fr
+
+
+_FRAMES = ((20.0, 18.0, 18.0), (90.0, 60.0, 35.0), (170.0, 170.0, 175.0), (140.0, 30.0, 40.0))
+_MASKS = ((150.0, 190.0, 215.0), (235.0, 235.0, 235.0), (30.0, 30.0, 34.0), (120.0, 124.0, 130.0))
+
+
+def _occlude(img: np.ndarray, m: _Model, n: Nuisance, fr: _Frame) -> None:
+    """Draw the occluder ``n.occlusion`` (parameters in ``n.occlusion_params``) over the face."""
+    p0, p1, p2, p3 = n.occlusion_params
+    size = img.shape[0]
+    kind = n.occlusion
+    if kind in ("glasses", "sunglasses"):
+        lens = m.lens + (0.62 + 0.2 * p0) * m.lens_u + (0.45 + 0.15 * p1) * m.lens_v
+        px = fr.fix(lens)
+        frame = _FRAMES[int(p2 * 4) % 4]
+        if kind == "sunglasses":
+            tint = 22.0 + 30.0 * p3
+            cv2.fillPoly(img, list(px), (tint, tint + 2.0, tint + 6.0), _AA, _SHIFT)
+        width = max(1, round(fr.f * (1.0 + p3)))
+        cv2.polylines(img, list(px), True, frame, width, _AA, _SHIFT)
+        bridge = np.stack([px[0, 0], px[1, 5]])
+        cv2.polylines(img, [bridge], False, frame, max(1, round(fr.f)), _AA, _SHIFT)
+    elif kind == "mask":
+        poly = fr.fix(m.mask + p1 * m.mask_d)
+        cv2.fillPoly(img, [poly], _MASKS[int(p0 * 4) % 4], _AA, _SHIFT)
+    elif kind == "bar":
+        c = np.array([0.2 + 0.6 * p0, 0.25 + 0.6 * p1]) * size
+        d = np.array([math.cos(p2 * math.pi), math.sin(p2 * math.pi)]) * size
+        o = np.array([-d[1], d[0]]) * (0.06 + 0.1 * p3)
+        pts = np.array([c - d - o, c + d - o, c + d + o, c - d + o]) * _ONE
+        colour = (10.0, 10.0, 10.0) if p3 < 0.6 else (200.0 * p3, 40.0 * p3, 40.0 * p3)
+        cv2.fillPoly(img, [pts.astype(np.int32)], colour, _AA, _SHIFT)
+    else:  # hand: a palm and four fingers
+        tone = _tup(_SKIN[int(p3 * (len(_SKIN) - 1))])
+        c = np.array([0.25 + 0.5 * p0, 0.55 + 0.35 * p1]) * size
+        ang = (p2 - 0.5) * 1.6 - math.pi / 2
+        d = np.array([math.cos(ang), math.sin(ang)])
+        o = np.array([-d[1], d[0]])
+        pr = 0.16 * size
+        axes = (int(pr * _ONE), int(pr * 1.2 * _ONE))
+        centre = (int(c[0] * _ONE), int(c[1] * _ONE))
+        cv2.ellipse(img, centre, axes, math.degrees(ang) + 90.0, 0, 360, tone, -1, _AA, _SHIFT)
+        fingers = []
+        for k in range(4):
+            s0 = c + d * pr * 0.9 + o * pr * (k - 1.5) * 0.5
+            s1 = s0 + d * pr * (1.1 - 0.2 * abs(k - 1.5))
+            fingers.append((np.stack([s0, s1]) * _ONE).astype(np.int32))
+        cv2.polylines(img, fingers, False, tone, max(2, int(pr * 0.42)), _AA, _SHIFT)
+
+
+@functools.lru_cache(maxsize=1)
+def _gaussian_field(size: int) -> np.ndarray:
+    """A fixed unit Gaussian noise field, a little larger than the image (crops vary by seed)."""
+    return np.random.default_rng(0x5F).standard_normal((size + 61, size + 67, 3))
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_bank(size: int, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and negative parts of the noise field at sigma ``2 ** (level / 8)``, as uint8."""
+    g = _gaussian_field(size) * 2.0 ** (level / 8.0)
+    return np.clip(g, 0, 255).astype(np.uint8), np.clip(-g, 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _grid16(size: int) -> np.ndarray:
+    """Centres of the lighting-map cells, in 1/16 pixels."""
+    return (np.arange(_SHADE_CELLS) + 0.5) * (size * _ONE / _SHADE_CELLS)
+
+
+def _light(img: np.ndarray, m: _Model, n: Nuisance, fr: _Frame) -> np.ndarray:
+    """Light ``img``: Lambert shading of the head ellipsoid plus soft blobs (eye sockets, shadows
+    under nose and lip, cheekbones), colour gains, then a brightness / contrast / gamma curve."""
+    size = img.shape[0]
+    g = _grid16(size)
+    px = fr.px
+    ox, oy = px[m.s_origin.start].tolist()
+    scale = fr.f * _ONE
+    xn = (g - ox) * (1.0 / (m.a * 1.05 * scale))  # head-normalised; roll is ignored here
+    yn = (g - oy) * (1.0 / (m.b * scale))
+    r2 = np.add.outer(yn * yn, xn * xn)
+    lx, ly, lz = _light_dir(n)
+    total = n.ambient + n.light_strength
+    ks = n.light_strength / total * 128.0
+    # Lambert term of the ellipsoid normal (xn, yn, sqrt(1 - r2)); beyond the rim it keeps
+    # growing with (xn, yn), which lights the background on the light's side
+    shade = np.add.outer(yn * (ly * ks), xn * (lx * ks))
+    shade += np.sqrt(np.maximum(1.0 - r2, 0.04)) * (lz * ks)
+    shade = np.minimum(np.maximum(shade, 0.0), 1.2 * ks)
+    d = g - px[m.s_blobs].reshape(-1, 1)  # rows: x0, y0, x1, y1, ...
+    e = np.exp(d * d * (m.blob_inv / (scale * scale)))
+    k = (0.5 + 1.5 * n.light_strength / total) * 128.0
+    w = [
+        gain * k * max(0.0, z)
+        for gain, z in zip(m.blob_gain, fr.nz[_N_BLOBS:_N_MOLES], strict=True)
+    ]
+    shade += (e[1::2].T * w) @ e[0::2]
+    shade += n.ambient / total * 128.0
+    gains = [gain * n.contrast for gain in n.color_gains]
+    small = np.minimum(np.maximum(np.multiply.outer(shade, gains), 0.0), 255.0).astype(np.uint8)
+    img = cv2.multiply(img, cv2.resize(small, (size, size)), scale=1.0 / 128.0)
+    offset = 0.5 - 0.5 * n.contrast + n.brightness  # contrast itself is in the gains
+    if n.gamma != 1.0:
+        x = np.minimum(np.maximum(_RAMP + offset, 0.0), 1.0)
+        img = cv2.LUT(img, (x**n.gamma * 255.0 + 0.5).astype(np.uint8))
+    elif offset:
+        v = abs(offset) * 255.0
+        img = (cv2.add if offset > 0 else cv2.subtract)(img, (v, v, v, 0.0))
+    return img
+
+
+@functools.lru_cache(maxsize=64)
+def _blur_kernel(sigma: float) -> np.ndarray:
+    return cv2.getGaussianKernel(2 * math.ceil(2.0 * sigma) + 1, sigma, cv2.CV_32F)
+
+
+def _degrade(img: np.ndarray, n: Nuisance) -> np.ndarray:
+    """Blur, lose resolution and add sensor noise, in that order."""
+    size = img.shape[0]
+    if n.blur_sigma > 0.05:
+        k = _blur_kernel(round(n.blur_sigma * size / 112.0, 2))
+        img = cv2.sepFilter2D(img, -1, k, k, borderType=cv2.BORDER_REFLECT)
+    if n.lowres_factor > 1.01:
+        small = max(4, round(size / n.lowres_factor))
+        img = cv2.resize(img, (2 * small, 2 * small), interpolation=cv2.INTER_LINEAR)
+        img = cv2.resize(img, (small, small), interpolation=cv2.INTER_AREA)  # exact 2x box
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    if n.noise_sigma > 0.05:
+        pos, neg = _noise_bank(size, round(8.0 * math.log2(n.noise_sigma)))  # 1/8 octave steps
+        oy, ox = (n.seed * 2654435761 >> 7) % 61, (n.seed * 40503 >> 3) % 67
+        img = cv2.add(img, pos[oy : oy + size, ox : ox + size])
+        img = cv2.subtract(img, neg[oy : oy + size, ox : ox + size])
+    return img
+
+
+# --------------------------------------------------------------------------------------------------
+# Public renderers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rendered:
+    """A rendered sample.
+
+    ``image``: ``size x size x 3`` uint8 RGB, before JPEG compression. ``landmarks``: 5x2 float32
+    pixel coordinates of the left eye, right eye, nose tip, left and right mouth corner ("left" =
+    image left, as in the ArcFace template). ``quality``: ground-truth quality in [0, 1].
+    """
+
+    image: np.ndarray
+    landmarks: np.ndarray
+    quality: float
+
+
+def _check_size(size: int) -> None:
+    if not 16 <= size <= 1024:
+        raise ValueError(f"size must be in [16, 1024], got {size}")
+
+
+def _landmarks(m: _Model, fr: _Frame) -> np.ndarray:
+    return (fr.px[m.i_landmarks] / _ONE).astype(np.float32)
+
+
+def render_face(identity: Identity, nuisance: Nuisance, size: int = 112) -> Rendered:
+    """Render ``identity`` under ``nuisance`` as an aligned ``size x size`` face crop."""
+    _check_size(size)
+    m = _model(identity)
+    img, fr = _draw(m, nuisance, size, plain=False)
+    img = _degrade(_light(img, m, nuisance, fr), nuisance)
+    return Rendered(img, _landmarks(m, fr), quality_score(nuisance))
+
+
+def render_sketch(identity: Identity, nuisance: Nuisance, size: int = 112) -> Rendered:
+    """A non-photorealistic render of ``identity``: pencil sketch, cartoon or line drawing.
+
+    The style is ``SKETCH_STYLES[nuisance.seed % 3]``. Pose, expression and occlusion follow
+    ``nuisance``; lighting and degradations do not. ``quality`` is half that of the nuisance.
+    """
+    _check_size(size)
+    m = _model(identity)
+    img, fr = _draw(m, nuisance, size, plain=True)
+    style = SKETCH_STYLES[nuisance.seed % 3]
+    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    if style == "pencil":
+        blur = cv2.GaussianBlur(255 - gray, (0, 0), 2.0 * size / 112.0)
+        dodge = cv2.divide(gray, 255 - blur, scale=256.0)
+        sketch = cv2.subtract(dodge, cv2.Canny(gray, 30, 90) // 3)
+        img = (cv2.cvtColor(sketch, cv2.COLOR_GRAY2RGB) * np.array([1.0, 0.97, 0.9])).astype(
+            np.uint8
+        )
+    elif style == "cartoon":
+        hsv = cv2.cvtColor((img // 48) * 48 + 24, cv2.COLOR_RGB2HSV)
+        hsv[..., 1] = np.minimum(hsv[..., 1].astype(np.int32) * 2, 255).astype(np.uint8)
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        img[cv2.dilate(cv2.Canny(gray, 40, 120), np.ones((2, 2), np.uint8)) > 0] = 20
+    else:
+        edges = cv2.Canny(cv2.GaussianBlur(gray, (3, 3), 0), 20, 60)
+        img = cv2.cvtColor(255 - edges, cv2.COLOR_GRAY2RGB)
+    return Rendered(np.ascontiguousarray(img), _landmarks(m, fr), 0.5 * quality_score(nuisance))
+
+
+def render_nonface(rng: np.random.Generator, size: int = 112) -> np.ndarray:
+    """A non-face image: a texture, random shapes, a simple scene, a blank wall or an object."""
+    _check_size(size)
+    kind = int(rng.integers(5))
+    img = np.empty((size, size, 3), np.uint8)
+    _background(img, int(rng.integers(_GRADIENTS * _CLUTTERS)), plain=kind == 3)
+    if kind == 0:  # texture
+        cells = int(rng.integers(3, 24))
+        tex = rng.integers(0, 256, size=(cells, cells, 3)).astype(np.uint8)
+        interp = cv2.INTER_NEAREST if rng.random() < 0.5 else cv2.INTER_CUBIC
+        img = cv2.addWeighted(
+            img, 0.4, cv2.resize(tex, (size, size), interpolation=interp), 0.6, 0.0
+        )
+    elif kind == 1:  # shapes
+        for _ in range(int(rng.integers(4, 12))):
+            pts = rng.random((int(rng.integers(3, 7)), 2)) * size * _ONE
+            col = tuple(float(v) for v in rng.integers(0, 256, 3))
+            cv2.fillPoly(img, [pts.astype(np.int32)], col, _AA, _SHIFT)
+    elif kind == 2:  # scene: sky, ground, buildings
+        horizon = int(size * rng.uniform(0.4, 0.75))
+        img[:horizon] = np.array([rng.uniform(120, 220), rng.uniform(160, 230), 235], np.uint8)
+        img[horizon:] = rng.integers(40, 140, 3).astype(np.uint8)
+        x = 0.0
+        while x < size:
+            w, h = rng.uniform(0.1, 0.3) * size, rng.uniform(0.1, 0.5) * size
+            col = tuple(float(v) for v in rng.integers(60, 200, 3))
+            cv2.rectangle(img, (int(x), int(horizon - h)), (int(x + w), horizon), col, -1)
+            x += w + rng.uniform(0, 0.1) * size
+    elif kind == 3:  # blank wall with a little grain
+        img = np.clip(img + rng.normal(0.0, 4.0, (size, size, 1)), 0, 255).astype(np.uint8)
+    else:  # an object: ball, box or bottle
+        col = tuple(float(v) for v in rng.integers(0, 256, 3))
+        c, s = size // 2, int(size * rng.uniform(0.2, 0.4))
+        which = int(rng.integers(3))
+        if which == 0:
+            cv2.circle(img, (c, c), s, col, -1, _AA)
+            cv2.circle(img, (c - s // 3, c - s // 3), max(1, s // 5), (250, 250, 250), -1, _AA)
+        elif which == 1:
+            cv2.rectangle(img, (c - s, c - s // 2), (c + s, c + s), col, -1)
+            cv2.rectangle(img, (c - s, c - s // 2), (c + s, c + s), (20, 20, 20), 1)
+        else:
+            cv2.rectangle(img, (c - s // 3, c - s // 2), (c + s // 3, c + s), col, -1)
+            cv2.rectangle(img, (c - s // 8, c - s), (c + s // 8, c - s // 2), col, -1)
+    return img
+
+
+def make_grid(images: Sequence[np.ndarray], ncols: int = 8, pad: int = 2) -> np.ndarray:
+    """Tile equally sized images (HxW or HxWx3 uint8) row-major into one RGB image."""
+    if len(images) == 0:
+        raise ValueError("images must not be empty")
+    if ncols < 1 or pad < 0:
+        raise ValueError(f"need ncols >= 1 and pad >= 0, got ncols={ncols}, pad={pad}")
+    tiles = [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im for im in images]
+    h, w = tiles[0].shape[:2]
+    if any(t.shape != (h, w, 3) for t in tiles):
+        raise ValueError("all images must have the same height and width")
+    nrows = -(-len(tiles) // ncols)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, t in enumerate(tiles):
+        y, x = pad + (i // ncols) * (h + pad), pad + (i % ncols) * (w + pad)
+        grid[y : y + h, x : x + w] = t
+    return grid

@@ -1,0 +1,217 @@
+"""Image -> tensor transforms for face recognition training and evaluation.
+
+Inputs are ``HxWx3`` uint8 RGB arrays (what the datasets return); outputs are ``3xHxW`` float32
+tensors normalised as ``(x / 255 - 0.5) / 0.5``, i.e. to ``[-1, 1]`` as in arcface_torch.
+
+Randomness: each :class:`TrainTransform` draws from its own ``numpy.random.Generator``, created
+on first use in every process. Inside a DataLoader worker it is seeded from
+``torch.initial_seed()`` (PyTorch sets it to ``base_seed + worker_id``, with ``base_seed`` drawn
+from the DataLoader's ``generator`` or the global torch RNG), mixed with ``seed`` when given, so
+``torch.manual_seed(s)`` or ``DataLoader(generator=torch.Generator().manual_seed(s))`` makes the
+augmentations reproducible and different across workers. In the main process it is seeded from
+``seed``, or from ``torch.initial_seed()`` when ``seed`` is None.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.utils.data
+
+__all__ = ["EvalTransform", "TrainTransform", "to_tensor_normalized"]
+
+_SCALE = np.float32(2.0 / 255.0)
+_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_DOWN_INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_AREA, cv2.INTER_CUBIC)
+
+
+def _check_rgb(image: np.ndarray, batch: bool) -> None:
+    ndim = 4 if batch else 3
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != ndim:
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image)
+        raise ValueError(f"expected a {'NxHxWx3' if batch else 'HxWx3'} uint8 array, got {got}")
+    if image.shape[-1] != 3:
+        raise ValueError(f"expected 3 RGB channels last, got shape {image.shape}")
+
+
+def to_tensor_normalized(images: np.ndarray) -> torch.Tensor:
+    """Convert ``HxWx3`` (or ``NxHxWx3``) uint8 RGB to ``3xHxW`` (``Nx3xHxW``) float32 in [-1, 1].
+
+    Computes ``(x / 255 - 0.5) / 0.5`` as ``x * (2 / 255) - 1`` in float32.
+    """
+    batch = isinstance(images, np.ndarray) and images.ndim == 4
+    _check_rgb(images, batch=batch)
+    if batch:
+        return _normalize_planes(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return _to_tensor(images)
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """:func:`to_tensor_normalized` for one image already checked to be ``HxWx3`` uint8."""
+    height, width = image.shape[:2]
+    planes = np.empty((3, height, width), dtype=np.uint8)
+    # cv2.split de-interleaves with SIMD straight into the three planes, several times faster
+    # than a strided numpy transpose; the planes have the right shape, so none is reallocated.
+    cv2.split(np.ascontiguousarray(image), [planes[0], planes[1], planes[2]])
+    return _normalize_planes(planes)
+
+
+def _normalize_planes(planes: np.ndarray) -> torch.Tensor:
+    out = planes.astype(np.float32)
+    out *= _SCALE
+    out -= 1.0
+    return torch.from_numpy(out)
+
+
+def _resize_to(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize to ``size x size`` if needed (area when shrinking, bilinear when enlarging)."""
+    height, width = image.shape[:2]
+    if height == size and width == size:
+        return image
+    shrink = size < height or size < width
+    return cv2.resize(
+        image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    )
+
+
+def _check_input_size(input_size: int | None) -> int | None:
+    if input_size is None:
+        return None
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+        raise ValueError(f"input_size must be a positive int or None, got {input_size!r}")
+    return input_size
+
+
+class TrainTransform:
+    """Training augmentation: random horizontal flip plus optional degradations, then normalise.
+
+    Each probability is in [0, 1]; 0 turns the augmentation off (only the flip is on by default):
+
+    - ``resize_down_up``: downscale by a factor in U(0.2, 1) with a random interpolation and scale
+      back up with the same one (low-resolution faces, as in AdaFace).
+    - ``blur``: Gaussian blur with sigma in U(0.1, 2).
+    - ``color_jitter``: brightness, contrast and saturation factors each in U(0.5, 1.5).
+    - ``grayscale``: replace the colours by their luma.
+
+    ``input_size`` resizes every image to ``input_size x input_size`` when it differs (for small
+    models). See the module docstring for how the random generator is seeded.
+    """
+
+    def __init__(
+        self,
+        flip_p: float = 0.5,
+        resize_down_up: float = 0.0,
+        blur: float = 0.0,
+        color_jitter: float = 0.0,
+        grayscale: float = 0.0,
+        input_size: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        probabilities = {
+            "flip_p": flip_p,
+            "resize_down_up": resize_down_up,
+            "blur": blur,
+            "color_jitter": color_jitter,
+            "grayscale": grayscale,
+        }
+        for name, value in probabilities.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        self.flip_p = float(flip_p)
+        self.resize_down_up = float(resize_down_up)
+        self.blur = float(blur)
+        self.color_jitter = float(color_jitter)
+        self.grayscale = float(grayscale)
+        self.input_size = _check_input_size(input_size)
+        self.seed = seed
+        self._rng: np.random.Generator | None = None
+        self._rng_pid: int | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainTransform(flip_p={self.flip_p}, resize_down_up={self.resize_down_up}, "
+            f"blur={self.blur}, color_jitter={self.color_jitter}, grayscale={self.grayscale}, "
+            f"input_size={self.input_size}, seed={self.seed})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_rng"] = None
+        state["_rng_pid"] = None
+        return state
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """This process's generator (created, and seeded, on first use in each process)."""
+        pid = os.getpid()
+        if self._rng is None or self._rng_pid != pid:
+            if torch.utils.data.get_worker_info() is not None:
+                entropy = [torch.initial_seed()] + ([] if self.seed is None else [self.seed])
+            else:
+                entropy = [torch.initial_seed() if self.seed is None else self.seed]
+            self._rng = np.random.default_rng(entropy)
+            self._rng_pid = pid
+        return self._rng
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Augment one ``HxWx3`` uint8 RGB image and return a normalised ``3xHxW`` tensor.
+
+        ``rng`` overrides the transform's own generator for this call (the trainer passes one
+        seeded per sample and epoch, so augmentation does not depend on loader workers).
+        """
+        _check_rgb(image, batch=False)
+        rng = self.rng if rng is None else rng
+        # A number is drawn only for the augmentations that are on (the default draws one).
+        if self.resize_down_up and rng.random() < self.resize_down_up:
+            height, width = image.shape[:2]
+            ratio = rng.uniform(0.2, 1.0)
+            small = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+            interp = int(rng.choice(_DOWN_INTERPOLATIONS))
+            image = cv2.resize(image, small, interpolation=interp)
+            image = cv2.resize(image, (width, height), interpolation=interp)
+        if self.blur and rng.random() < self.blur:
+            image = cv2.GaussianBlur(image, (0, 0), sigmaX=rng.uniform(0.1, 2.0))
+        if self.color_jitter and rng.random() < self.color_jitter:
+            image = _color_jitter(image, rng.uniform(0.5, 1.5, size=3))
+        if self.grayscale and rng.random() < self.grayscale:
+            image = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        if self.input_size is not None:
+            image = _resize_to(image, self.input_size)
+        if self.flip_p and rng.random() < self.flip_p:
+            image = cv2.flip(image, 1)
+        return _to_tensor(image)
+
+
+def _color_jitter(image: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Scale brightness, then contrast (around the mean luma), then saturation (around luma)."""
+    brightness, contrast, saturation = factors.astype(np.float32)
+    x = image.astype(np.float32) * brightness
+    luma = x @ _GRAY_WEIGHTS
+    mean = luma.mean()
+    x = (x - mean) * contrast + mean
+    luma = (luma[..., None] - mean) * contrast + mean  # luma is linear: weights sum to 1
+    x = (x - luma) * saturation + luma
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+class EvalTransform:
+    """Deterministic transform for evaluation: optional resize to ``input_size``, normalise."""
+
+    def __init__(self, input_size: int | None = None) -> None:
+        self.input_size = _check_input_size(input_size)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(input_size={self.input_size})"
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """Return the normalised ``3xHxW`` tensor of one ``HxWx3`` uint8 RGB image."""
+        _check_rgb(image, batch=False)
+        if self.input_size is not None:
+            image = _resize_to(image, self.input_size)
+        return _to_tensor(image)

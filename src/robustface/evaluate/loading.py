@@ -1,0 +1,59 @@
+"""Load a backbone to evaluate: from a run directory or from a bare state_dict file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from robustface.models import build_backbone
+
+
+def load_backbone(
+    source: str | Path,
+    *,
+    backbone: str | None = None,
+    embedding_size: int | None = None,
+    input_size: int | None = None,
+    width: float | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, int]:
+    """Return ``(model in eval mode, input size)``.
+
+    ``source`` is a run directory (its ``config.yaml`` names the architecture; ``best_backbone.pth``
+    is used if present, else ``backbone.pth``) or a ``.pth``/``.pt`` state_dict (arcface_torch's
+    ``backbone.pth`` included), in which case ``backbone`` must name the architecture. Explicit
+    arguments override the run's config.
+    """
+    source = Path(source)
+    kwargs: dict[str, object] = {}
+    if source.is_dir():
+        config_file = source / "config.yaml"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{source}: not a run directory (no config.yaml)")
+        model_cfg = yaml.safe_load(config_file.read_text(encoding="utf-8"))["model"]
+        backbone = backbone or model_cfg["backbone"]
+        kwargs = {
+            k: model_cfg[k]
+            for k in ("embedding_size", "input_size", "width")
+            if model_cfg.get(k) is not None
+        }
+        weights = source / "best_backbone.pth"
+        if not weights.is_file():
+            weights = source / "backbone.pth"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{source}: no best_backbone.pth or backbone.pth")
+    else:
+        if not source.is_file():
+            raise FileNotFoundError(f"{source}: no such checkpoint")
+        if backbone is None:
+            raise ValueError(f"{source}: a bare state_dict needs --backbone (e.g. r50)")
+        weights = source
+    overrides = {"embedding_size": embedding_size, "input_size": input_size, "width": width}
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    model = build_backbone(backbone, **kwargs)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), int(model.meta.input_size)

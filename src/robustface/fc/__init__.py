@@ -1,0 +1,48 @@
+"""Classifiers: class-centre weights, their sharding, and the cosine matrix heads consume."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from robustface.fc.full import CLASSIFIERS, FCOutput, FullFC, SubCenterFC
+from robustface.fc.loss import distributed_cross_entropy
+from robustface.fc.partial_fc import PartialFC, gather_rows, reshard_rows, shard_bounds
+
+__all__ = [
+    "CLASSIFIERS",
+    "FCOutput",
+    "FullFC",
+    "PartialFC",
+    "SubCenterFC",
+    "build_classifier",
+    "distributed_cross_entropy",
+    "gather_rows",
+    "list_classifiers",
+    "reshard_rows",
+    "shard_bounds",
+]
+
+
+def build_classifier(name: str, embedding_size: int, num_classes: int, **kw: Any) -> nn.Module:
+    """The classifier registered as ``name`` (``full``, ``subcenter``, ``partial_fc``).
+
+    Unknown names raise ``KeyError`` listing close matches; unknown keyword arguments raise
+    ``TypeError`` listing the classifier's parameters.
+    """
+    cls = CLASSIFIERS.get(name)
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(embedding_size, num_classes, **kw)
+    except TypeError as err:
+        raise TypeError(
+            f"classifier {name!r}: {err}; its parameters are {', '.join(signature.parameters)}"
+        ) from None
+    return cls(embedding_size, num_classes, **kw)
+
+
+def list_classifiers(pattern: str = "*") -> list[str]:
+    """Registered classifier names matching the shell-style ``pattern``, sorted."""
+    return CLASSIFIERS.names(pattern)

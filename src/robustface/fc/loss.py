@@ -1,0 +1,78 @@
+"""Per-sample softmax cross-entropy over logits split by class across ranks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from robustface.heads.base import LOCAL, ShardContext, check_head_inputs
+
+__all__ = ["distributed_cross_entropy"]
+
+
+class _ShardedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy whose softmax denominator and target logit are all-reduced over shards.
+
+    Forward: ``loss_i = log(sum_r sum_j exp(z_ij - M_i)) + M_i - z_iy`` with ``M_i`` the global
+    row maximum. Backward on each rank: ``(softmax_ij - [j == y_i]) * g_i`` for its own columns,
+    which is the exact partial derivative of the (replicated) loss with respect to its logits.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, labels: Tensor, shard: ShardContext) -> Tensor:
+        has_target = labels != -1
+        if logits.size(1):
+            local_max = logits.amax(dim=1)
+        else:
+            local_max = logits.new_full((logits.size(0),), float("-inf"))
+        row_max = shard.all_reduce(local_max, "max")
+        shifted_exp = torch.exp(logits - row_max[:, None])
+        sum_exp = shard.all_reduce(shifted_exp.sum(dim=1), "sum")
+        local_target = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+        local_target = torch.where(has_target, local_target, torch.zeros_like(local_target))
+        target_and_count = shard.all_reduce(
+            torch.stack([local_target, has_target.to(logits.dtype)], dim=1), "sum"
+        )
+        count = target_and_count[:, 1]
+        if logits.size(0) and not bool((count == 1).all()):
+            row = int(torch.nonzero(count != 1)[0])
+            raise ValueError(
+                f"labels: every row's class must be on exactly one shard (label -1 on the "
+                f"others), but row {row} has its label on {int(count[row])} of "
+                f"{shard.world_size} shard(s)"
+            )
+        ctx.save_for_backward(shifted_exp, sum_exp, labels)
+        return torch.log(sum_exp) + (row_max - target_and_count[:, 0])
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:
+        shifted_exp, sum_exp, labels = ctx.saved_tensors
+        grad_logits = shifted_exp * (grad_loss / sum_exp)[:, None]
+        rows = torch.nonzero(labels != -1).squeeze(1)
+        cols = labels[rows]
+        grad_logits = torch.index_put(
+            grad_logits, (rows, cols), grad_logits[rows, cols] - grad_loss[rows]
+        )
+        return grad_logits, None, None
+
+
+def distributed_cross_entropy(
+    logits: Tensor, labels: Tensor, shard: ShardContext = LOCAL
+) -> Tensor:
+    """Per-sample cross-entropy (B,), no reduction, for logits split over ranks by class.
+
+    ``logits`` (B x C_local) are this rank's columns; ``labels`` (B,) the local column of each
+    row's class or -1 where it lives on another rank; exactly one rank must own each row's class
+    (a ``ValueError`` on every rank otherwise). Every rank gets the same loss values; reduce them
+    the same way on every rank (e.g. ``.mean()``) and call ``backward`` on each, and every rank
+    gets the gradient of its own logits. In one process it equals
+    ``F.cross_entropy(logits, labels, reduction="none")``. Numerically stable (global row maximum
+    subtracted, log-sum-exp rather than the log of a clamped probability); half-precision logits
+    are computed in float32.
+    """
+    check_head_inputs(logits, labels, name="logits")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return _ShardedCrossEntropy.apply(logits, labels.long(), shard)

@@ -1,0 +1,62 @@
+"""Margin heads: policies that turn a classifier's cosines into logits (see :mod:`.base`)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from robustface.heads.base import (
+    HEADS,
+    LOCAL,
+    HeadOutput,
+    MarginHead,
+    ShardContext,
+    check_head_inputs,
+)
+from robustface.heads.margin import (
+    CombinedMarginHead,
+    SoftmaxHead,
+    arcface,
+    combined_margin_target,
+    cosface,
+    sphereface,
+)
+
+__all__ = [
+    "HEADS",
+    "LOCAL",
+    "CombinedMarginHead",
+    "HeadOutput",
+    "MarginHead",
+    "ShardContext",
+    "SoftmaxHead",
+    "arcface",
+    "build_head",
+    "check_head_inputs",
+    "combined_margin_target",
+    "cosface",
+    "list_heads",
+    "sphereface",
+]
+
+
+def build_head(name: str, **params: Any) -> MarginHead:
+    """The head registered as ``name``, built with keyword ``params`` (e.g. ``scale=32``).
+
+    Unknown names raise ``KeyError`` listing close matches; unknown parameters raise
+    ``TypeError`` listing the head's parameters.
+    """
+    factory = HEADS.get(name)
+    signature = inspect.signature(factory)
+    try:
+        signature.bind(**params)
+    except TypeError as err:
+        raise TypeError(
+            f"head {name!r}: {err}; its parameters are {', '.join(signature.parameters)}"
+        ) from None
+    return factory(**params)
+
+
+def list_heads(pattern: str = "*") -> list[str]:
+    """Registered head names matching the shell-style ``pattern``, sorted."""
+    return HEADS.names(pattern)

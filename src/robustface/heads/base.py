@@ -1,0 +1,204 @@
+"""The margin-head contract: what a head receives, what it returns, how it talks across shards.
+
+A head is a *margin policy*: it turns the cosine matrix computed by a classifier
+(:mod:`robustface.fc`) into scaled logits and the labels the cross-entropy must use. It owns no
+class weights; the classifier owns those and their sharding. One training step is::
+
+    out = classifier(embeddings, labels)                       # FCOutput
+    head_out = head(out.cosine, out.labels, norms=out.norms, embeddings=out.embeddings,
+                    shard=out.shard, step=step, epoch=epoch)
+    loss = distributed_cross_entropy(head_out.logits, head_out.labels, out.shard)
+    if head_out.extra_loss is not None:
+        loss = loss + head_out.extra_loss
+    loss.mean().backward()                                     # the same reduction on every rank
+
+Inputs of :meth:`MarginHead.forward`
+    ``cosine`` (B x C_local) in [-1, 1]: cosine between each sample and each class *column* on
+    this rank. Under Partial FC, B is the batch gathered from every rank and the columns are this
+    rank's classes, possibly a sampled subset (``shard.class_ids`` names the global class of
+    each column; :meth:`ShardContext.column_classes` gives it in every case).
+    ``labels`` (B,) int64: the column of the sample's labelled class, or -1 when that class is
+    not among this rank's columns. Every sample's label is on exactly one rank.
+    ``norms`` (B,): raw embedding norms ``|x|`` (AdaFace); not detached, detach what must not
+    receive gradient. ``embeddings`` (B x d): the raw embeddings the cosines came from
+    (CenterBiasFace class centres); same rows as ``cosine``.
+    ``shard``: a :class:`ShardContext`. ``**context``: training progress, by name: ``step``
+    (optimizer steps done) and ``epoch`` (0-based); a head that needs one raises if it is missing.
+    Anything else a head needs (e.g. class-centre weights) it documents and receives by name here.
+
+Output (:class:`HeadOutput`)
+    ``logits`` (B x C_local) already multiplied by the scale; ``labels`` those the cross-entropy
+    uses (a label-correcting head, e.g. BoundaryFace, returns its corrected labels with the same
+    -1 convention); ``extra_loss`` an optional per-sample (B,) term added to the cross-entropy.
+    Heads never modify their input tensors in place; margins are in radians.
+
+Statistics across shards
+    A head that keeps statistics over samples (CurricularFace's ``t``, AdaFace's norm mean/std,
+    RobustFace's easy fraction) computes a local sum over rows with ``labels != -1`` and the local
+    count, ``all_reduce``\\s both with op ``"sum"`` and divides: each sample's target lives on
+    exactly one rank (Partial FC) or each sample on one rank (data-parallel full FC), so every
+    rank gets the same global value and the buffers stay identical. Maxima over classes that span
+    shards (BoundaryFace's ``argmax_{j != y}``) use op ``"max"``: reduce the local maximum, then
+    the rank whose local maximum equals the global one owns it (break ties by the lowest global
+    class id, itself found with a second ``"max"`` reduction of ``-id``). ``all_reduce`` returns a
+    detached copy: statistics carry no gradient. Values that the loss depends on differentiably
+    (an ``extra_loss``) must hold the same value on every rank, with the gradient path only on the
+    rank that owns the cosine it came from (mask the other ranks' contribution with a detached
+    global value), so that every rank's ``backward`` of the same reduced loss yields the gradient
+    of its own shard.
+
+State
+    Stateful heads keep state in registered buffers (saved with ``state_dict``, moved by ``.to``)
+    and update it only in training mode, under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from robustface.utils.registry import Registry
+
+__all__ = [
+    "HEADS",
+    "LOCAL",
+    "HeadOutput",
+    "MarginHead",
+    "ShardContext",
+    "check_head_inputs",
+    "check_scale",
+]
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardContext:
+    """How a head (and the distributed cross-entropy) reaches the ranks sharing its classes.
+
+    ``rank``/``world_size`` are positions in ``group`` (``None``: the default group).
+    ``class_offset`` is the global index of this shard's first class, ``num_classes`` the global
+    number of classes (``None`` when not known: then every class is local, ``cosine.size(1)``).
+    ``class_ids`` is the global class of each cosine column when the columns are not the
+    contiguous range starting at ``class_offset`` (Partial FC negative sampling), else ``None``.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    class_offset: int = 0
+    num_classes: int | None = None
+    class_ids: Tensor | None = None
+    group: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        """True when the classes are split over more than one process."""
+        return self.world_size > 1
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """``tensor`` reduced element-wise over the ranks of the shard group (``"sum"``/``"max"``).
+
+        Returns a new, detached tensor; ``tensor`` itself is untouched. In one process it is a
+        copy. Every rank must call it with a tensor of the same shape, in the same order.
+        """
+        if op not in _REDUCE_OPS:
+            raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
+        out = tensor.detach().clone()
+        if self.distributed:
+            dist.all_reduce(out, op=_REDUCE_OPS[op], group=self.group)
+        return out
+
+    def column_classes(self, num_columns: int, device: torch.device | str | None = None) -> Tensor:
+        """Global class index (int64) of each of the ``num_columns`` cosine columns."""
+        if self.class_ids is not None:
+            if self.class_ids.numel() != num_columns:
+                raise ValueError(
+                    f"num_columns must equal len(class_ids) = {self.class_ids.numel()}, "
+                    f"got {num_columns}"
+                )
+            return self.class_ids.to(device) if device is not None else self.class_ids
+        return torch.arange(
+            self.class_offset, self.class_offset + num_columns, dtype=torch.long, device=device
+        )
+
+
+LOCAL = ShardContext()
+"""The single-process context: every class is on this rank, all-reduce is a copy."""
+
+
+@dataclasses.dataclass
+class HeadOutput:
+    """What a head returns: scaled logits, the labels to train on, an optional per-sample term."""
+
+    logits: Tensor
+    labels: Tensor
+    extra_loss: Tensor | None = None
+
+
+class MarginHead(nn.Module, abc.ABC):
+    """Base class of margin heads; see the module docstring for the full contract."""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        cosine: Tensor,
+        labels: Tensor,
+        *,
+        norms: Tensor | None = None,
+        embeddings: Tensor | None = None,
+        shard: ShardContext = LOCAL,
+        **context: Any,
+    ) -> HeadOutput:
+        """Scaled logits (B x C_local) and training labels from cosines and local labels."""
+
+
+HEADS: Registry[Callable[..., MarginHead]] = Registry("head")
+"""Registered heads: classes and preset factories, each called with keyword parameters."""
+
+
+def check_scale(scale: float) -> float:
+    """``scale`` as a float, or ``ValueError`` unless it is finite and > 0."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    return float(scale)
+
+
+def check_head_inputs(cosine: Tensor, labels: Tensor, *, name: str = "cosine") -> None:
+    """Raise unless ``cosine`` is (B x C) floating and ``labels`` (B,) integers in [-1, C).
+
+    ``name`` is the first argument's name in the messages (``"logits"`` for the loss).
+    """
+    if not isinstance(cosine, Tensor) or cosine.dim() != 2 or not cosine.is_floating_point():
+        got = _describe(cosine)
+        raise ValueError(f"{name} must be a floating-point (B x C) tensor, got {got}")
+    if not isinstance(labels, Tensor) or labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-D tensor, got {_describe(labels)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.size(0) != cosine.size(0):
+        raise ValueError(
+            f"labels must have one entry per {name} row ({cosine.size(0)}), got {labels.size(0)}"
+        )
+    if labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < -1 or high >= cosine.size(1):
+            bad = low if low < -1 else high
+            raise ValueError(
+                f"labels must be local class columns in [0, {cosine.size(1)}) or -1 "
+                f"(not on this shard), got {bad}"
+            )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"shape {tuple(value.shape)} dtype {value.dtype}"
+    return type(value).__name__

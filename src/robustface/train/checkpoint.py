@@ -1,0 +1,123 @@
+"""Atomic, sharded training checkpoints.
+
+A checkpoint is a directory ``checkpoints/step_00001234/`` holding ``main.pt`` (backbone, head,
+backbone optimizer, schedulers, scaler, progress; written by rank 0) and one ``rank{r}.pt`` per
+rank (its RNG states and its class shard of the classifier with the shard's optimizer state). The
+directory is written as ``step_XXXXXXXX.tmp`` and renamed when every rank has finished, so a crash
+never leaves a checkpoint that looks complete but is not. Class shards are saved per rank, so no
+rank ever holds the whole 10M-class weight. Resuming on another world size re-cuts the rows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustface.train.distributed import DistInfo, barrier
+from robustface.utils.io import atomic_path
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_dir(root: str | Path, step: int) -> Path:
+    """The directory of the checkpoint taken after optimizer step ``step``."""
+    return Path(root) / f"step_{step:08d}"
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    main_state: dict[str, Any] | None,
+    rank_state: dict[str, Any],
+    info: DistInfo,
+) -> Path:
+    """Write this rank's part of checkpoint ``step``; rank 0 adds ``main_state`` and publishes."""
+    final = checkpoint_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if info.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    with atomic_path(tmp / f"rank{info.rank}.pt") as path:
+        torch.save(rank_state, path)
+    if info.is_main:
+        with atomic_path(tmp / "main.pt") as path:
+            torch.save({**(main_state or {}), "world_size": info.world_size}, path)
+    barrier()
+    if info.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier()
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "main.pt").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
+
+
+def load_main(path: str | Path) -> dict[str, Any]:
+    """Load ``main.pt`` of a checkpoint directory (on the CPU)."""
+    path = Path(path)
+    file = path / "main.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no main.pt)")
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def load_rank_states(path: str | Path, world_size: int) -> list[dict[str, Any]]:
+    """Load every ``rank{r}.pt`` of a checkpoint written by ``world_size`` ranks (memory-mapped)."""
+    states = []
+    for r in range(world_size):
+        file = Path(path) / f"rank{r}.pt"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{path}: missing {file.name} (checkpoint of {world_size} ranks)"
+            )
+        states.append(torch.load(file, map_location="cpu", mmap=True, weights_only=False))
+    return states
+
+
+def gather_rows(shards: list[tuple[int, Any]], start: int, count: int, rows_of: list[int]) -> Any:
+    """Rows ``[start, start + count)`` of a row-sharded nested structure.
+
+    ``shards`` are ``(shard_start, payload)`` pairs; ``rows_of[i]`` is shard ``i``'s row count.
+    Tensors whose first dimension equals their shard's row count are cut and concatenated.
+    Everything else (scalars, hyper-parameters, Adam's step counter) comes from the first shard.
+    """
+    first = shards[0][1]
+    if isinstance(first, dict):
+        return {
+            k: gather_rows([(s, p[k]) for s, p in shards], start, count, rows_of) for k in first
+        }
+    if isinstance(first, (list, tuple)):
+        items = [
+            gather_rows([(s, p[i]) for s, p in shards], start, count, rows_of)
+            for i in range(len(first))
+        ]
+        return type(first)(items)
+    if isinstance(first, torch.Tensor) and first.ndim >= 1 and first.shape[0] == rows_of[0]:
+        pieces = []
+        for (s, tensor), n in zip(shards, rows_of, strict=True):
+            lo, hi = max(start, s), min(start + count, s + n)
+            if lo < hi:
+                pieces.append(tensor[lo - s : hi - s])
+        return torch.cat(pieces).clone()
+    return first

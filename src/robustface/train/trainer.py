@@ -1,0 +1,559 @@
+"""The training loop: one process or ``torchrun`` DDP, AMP, exact resume, logging, evaluation.
+
+One optimizer step consumes ``grad_accum`` batches of ``data.batch_size`` per rank::
+
+    embeddings = backbone(images)                       # DDP over ranks
+    fc_out = classifier(embeddings, labels)             # cosines of this rank's class shard
+    head_out = head(fc_out.cosine, fc_out.labels, ...)  # margin policy -> logits
+    loss = mean(distributed_cross_entropy(...) + head_out.extra_loss)
+
+With Partial FC every rank sees the whole (all-gathered) batch, and its loss is the global-batch
+mean. Backbone gradients are therefore *summed* over ranks (a DDP communication hook) instead of
+averaged: arcface_torch multiplies the gathered gradient by the world size for the same reason.
+
+Exactness: augmentation draws from ``rng([seed, epoch, sample index])``. The sampler's position is
+the number of global samples consumed. The checkpoint holds every RNG, optimizer, scheduler and
+scaler state. A run stopped after any step and resumed therefore ends with the same weights as a
+run that never stopped (same world size; on CPU, bit for bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from robustface.config import Config, to_dict
+from robustface.data import ImageFolderDataset, RecordIODataset, TrainTransform, load_bin_images
+from robustface.errors import RobustfaceError
+from robustface.evaluate.verification import embed_pairs, evaluate, format_results
+from robustface.fc import PartialFC, build_classifier, distributed_cross_entropy
+from robustface.heads import build_head
+from robustface.models import build_backbone
+from robustface.train import checkpoint as ckpt
+from robustface.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from robustface.train.sampler import ResumableSampler
+from robustface.train.schedule import warmup_poly
+from robustface.utils.io import atomic_path, write_text_atomic
+from robustface.utils.run import prepare_run_dir
+
+
+class NonFiniteLossError(RobustfaceError, FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainSet(Dataset):
+    """A dataset with per-sample, per-epoch deterministic augmentation.
+
+    Sample ``i`` of epoch ``e`` is augmented with ``np.random.default_rng([seed, e, i])``. The
+    result therefore depends neither on the worker that loads it nor on when the loader was started.
+    """
+
+    def __init__(self, base: Dataset, transform: TrainTransform, seed: int) -> None:
+        self.base = base
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.transform(image, rng=rng), label
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    output_dir: Path
+    steps: int
+    loss: float
+    verification: dict[str, dict[str, Any]]
+    best: dict[str, Any]
+    backbone_path: Path
+
+
+def _sum_gradients_hook(_state, bucket):  # DDP checks the annotation objects: none here
+    """DDP communication hook: all-reduce SUM (Partial FC's loss is the global-batch mean).
+
+    ``bucket`` is a ``dist.GradBucket``; returns a future of the summed gradient buffer.
+    """
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains a backbone + classifier + margin head from a :class:`~robustface.config.Config`."""
+
+    def __init__(self, cfg: Config, info: DistInfo | None = None) -> None:
+        self.cfg = cfg
+        self.info = info or init_distributed(cfg.train.device)
+        self.device = self.info.device
+        self.out = Path(cfg.output_dir)
+        if self.info.is_main:
+            prepare_run_dir(self.out, cfg, cfg.seed)
+        barrier()
+        _seed_everything(cfg.seed + self.info.rank)
+        self._build_data()
+        self._build_model()
+        self._build_optim()
+        self.global_step = 0
+        self.epoch = 0
+        self.consumed = 0  # global samples consumed in the current epoch
+        self.best: dict[str, Any] = {}
+        self.last_loss = float("nan")
+        if cfg.train.resume:
+            self._resume(cfg.train.resume)
+
+    # ------------------------------------------------------------------------------------ set-up
+    def _build_data(self) -> None:
+        cfg, data = self.cfg, self.cfg.data
+        val_dir: Path | None = Path(data.val_dir) if data.val_dir else None
+        if data.source == "synthface":
+            from robustface.data.synth.builder import ensure_synthface
+
+            path = Path(data.path) if data.path else self.out / "synthface"
+            if self.info.is_main:
+                ensure_synthface(path, cfg.synth, progress=cfg.train.progress)
+            barrier()
+            base: Dataset = RecordIODataset(path)
+            val_dir = val_dir or path
+        elif data.source == "rec":
+            base = RecordIODataset(data.path)
+            val_dir = val_dir or Path(data.path)
+        else:
+            base = ImageFolderDataset(data.path)
+        self.num_classes = int(base.num_classes)
+        transform = TrainTransform(
+            flip_p=0.5 if data.flip else 0.0,
+            resize_down_up=data.resize_down_up,
+            blur=data.blur,
+            color_jitter=data.color_jitter,
+            grayscale=data.grayscale,
+        )
+        self.trainset = TrainSet(base, transform, cfg.seed)
+        self.sampler = ResumableSampler(
+            len(base),
+            data.batch_size,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            seed=cfg.seed,
+        )
+        self.loader = DataLoader(
+            self.trainset,
+            batch_size=data.batch_size,
+            sampler=self.sampler,
+            num_workers=data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+        )
+        self.val_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if self.info.is_main and data.val_targets:
+            for name in data.val_targets:
+                file = (
+                    Path(name) if name.endswith(".bin") else (val_dir or Path(".")) / f"{name}.bin"
+                )
+                if not file.is_file():
+                    raise FileNotFoundError(f"data.val_targets: verification set {file} not found")
+                self.val_sets[file.stem] = load_bin_images(file)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        m = cfg.model
+        self.backbone = build_backbone(m.backbone, **m.kwargs()).to(self.device)
+        self.input_size = int(self.backbone.meta.input_size)
+        self.trainset.transform.input_size = self.input_size
+        fc_kwargs: dict[str, Any] = {}
+        if cfg.fc.name == "partial_fc":
+            fc_kwargs["sample_rate"] = cfg.fc.sample_rate
+        elif cfg.fc.name == "subcenter":
+            fc_kwargs["k"] = cfg.fc.k
+        self.fc = build_classifier(cfg.fc.name, m.embedding_size, self.num_classes, **fc_kwargs).to(
+            self.device
+        )
+        self.head = build_head(cfg.head.name, **cfg.head.params).to(self.device)
+        self.sharded = isinstance(self.fc, PartialFC)
+        self.model: nn.Module = self.backbone
+        self.fc_model: nn.Module = self.fc
+        if self.info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.backbone, device_ids=ids)
+            if self.sharded:
+                self.model.register_comm_hook(None, _sum_gradients_hook)
+            else:
+                self.fc_model = DistributedDataParallel(self.fc, device_ids=ids)
+
+    def _param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not self.cfg.optim.no_decay_bn_bias:
+            return [{"params": params}]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        if o.name == "sgd":
+            return torch.optim.SGD(
+                groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+            )
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+    def _build_optim(self) -> None:
+        cfg = self.cfg
+        self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.train.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"train.grad_accum={cfg.train.grad_accum} exceeds the "
+                f"{self.sampler.batches_per_epoch} "
+                "batches of one epoch"
+            )
+        total = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+        warmup = min(round(cfg.optim.warmup_epochs * self.steps_per_epoch), self.total_steps)
+        factor = warmup_poly(self.total_steps, warmup, cfg.optim.power)
+        body = nn.ModuleList([self.backbone, self.head])
+        self.opt_body = self._make_optimizer(self._param_groups(body))
+        self.opt_fc = self._make_optimizer(self._param_groups(self.fc))
+        self.sched_body = torch.optim.lr_scheduler.LambdaLR(self.opt_body, factor)
+        self.sched_fc = torch.optim.lr_scheduler.LambdaLR(self.opt_fc, factor)
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(
+            self.device.type,
+            enabled=cfg.train.amp and self.amp_dtype == torch.float16,
+            growth_interval=100,
+        )
+
+    # ------------------------------------------------------------------------------------- state
+    def _main_state(self) -> dict[str, Any]:
+        state = {
+            "backbone": self.backbone.state_dict(),
+            "head": self.head.state_dict(),
+            "opt_body": self.opt_body.state_dict(),
+            "sched_body": self.sched_body.state_dict(),
+            "sched_fc": self.sched_fc.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": {
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "consumed": self.consumed,
+                "best": self.best,
+            },
+            "config": to_dict(self.cfg),
+            "num_classes": self.num_classes,
+        }
+        if not self.sharded:
+            state["fc"] = {"module": self.fc.state_dict(), "optim": self.opt_fc.state_dict()}
+        return state
+
+    def _rank_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"rng": _rng_state(self.device)}
+        if self.sharded:
+            start, count = PartialFC.shard_bounds(
+                self.num_classes, self.info.rank, self.info.world_size
+            )
+            state["fc"] = {
+                "start": start,
+                "count": count,
+                "module": self.fc.state_dict(),
+                "optim": self.opt_fc.state_dict(),
+            }
+        return state
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (all ranks must call this)."""
+        root = self.out / "checkpoints"
+        main = self._main_state() if self.info.is_main else None
+        path = ckpt.save_checkpoint(root, self.global_step, main, self._rank_state(), self.info)
+        if self.info.is_main:
+            ckpt.prune_checkpoints(root, self.cfg.train.keep_checkpoints)
+        return path
+
+    def _resume(self, where: str) -> None:
+        if where == "auto":
+            found = ckpt.list_checkpoints(self.out / "checkpoints")
+            if not found:
+                return
+            path = found[-1]
+        else:
+            path = Path(where)
+        main = ckpt.load_main(path)
+        if main["num_classes"] != self.num_classes:
+            raise ValueError(
+                f"{path}: checkpoint has {main['num_classes']} classes, "
+                f"the data has {self.num_classes}"
+            )
+        old_world = int(main["world_size"])
+        ranks = ckpt.load_rank_states(path, old_world)
+        self.backbone.load_state_dict(main["backbone"])
+        self.head.load_state_dict(main["head"])
+        self.opt_body.load_state_dict(main["opt_body"])
+        self.sched_body.load_state_dict(main["sched_body"])
+        self.sched_fc.load_state_dict(main["sched_fc"])
+        self.scaler.load_state_dict(main["scaler"])
+        if self.sharded:
+            start, count = PartialFC.shard_bounds(
+                self.num_classes, self.info.rank, self.info.world_size
+            )
+            shards = [(r["fc"]["start"], r["fc"]) for r in ranks]
+            rows = [r["fc"]["count"] for r in ranks]
+            mine = ckpt.gather_rows(shards, start, count, rows)
+            self.fc.load_state_dict(mine["module"])
+            self.opt_fc.load_state_dict(mine["optim"])
+        else:
+            self.fc.load_state_dict(main["fc"]["module"])
+            self.opt_fc.load_state_dict(main["fc"]["optim"])
+        progress = main["progress"]
+        self.global_step = progress["global_step"]
+        self.epoch = progress["epoch"]
+        self.consumed = progress["consumed"]
+        self.best = progress["best"]
+        if old_world == self.info.world_size:
+            _set_rng_state(ranks[self.info.rank]["rng"], self.device)
+        elif self.info.is_main:
+            print(
+                f"resumed a {old_world}-rank checkpoint on {self.info.world_size} ranks: "
+                "classifier re-sharded; RNG streams restart from the seed"
+            )
+        if self.info.is_main:
+            print(f"resumed from {path} at step {self.global_step}", flush=True)
+
+    # -------------------------------------------------------------------------------------- loop
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.train.amp):
+            embeddings = self.model(images)
+        fc_out = self.fc_model(embeddings.float(), labels)
+        head_out = self.head(
+            fc_out.cosine,
+            fc_out.labels,
+            norms=fc_out.norms,
+            embeddings=fc_out.embeddings,
+            shard=fc_out.shard,
+            step=self.global_step,
+            epoch=self.epoch,
+        )
+        per_sample = distributed_cross_entropy(head_out.logits, head_out.labels, fc_out.shard)
+        if head_out.extra_loss is not None:
+            per_sample = per_sample + head_out.extra_loss
+        return per_sample.mean()
+
+    def _train_step(self, batches: Any) -> float:
+        accum = self.cfg.train.grad_accum
+        total = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            images, labels = next(batches)
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            loss = self._forward_loss(images, labels)
+            self.scaler.scale(loss / accum).backward()
+            total += loss.detach() / accum
+        mean_loss = all_reduce_mean(total)
+        if not torch.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"loss is {mean_loss.item()} at step {self.global_step + 1} (epoch {self.epoch}); "
+                f"stopped. The last good checkpoint is in {self.out / 'checkpoints'}"
+            )
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.opt_body)
+            nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.opt_body)
+        self.scaler.step(self.opt_fc)
+        self.scaler.update()
+        self.opt_body.zero_grad(set_to_none=True)
+        self.opt_fc.zero_grad(set_to_none=True)
+        self.sched_body.step()
+        self.sched_fc.step()
+        return float(mean_loss)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, dict[str, Any]]:
+        """Verification accuracy on every configured set (rank 0; others return an empty dict)."""
+        results: dict[str, dict[str, Any]] = {}
+        if not self.info.is_main or not self.val_sets:
+            return results
+        was_training = self.backbone.training
+        self.backbone.eval()
+        for name, (images, issame) in self.val_sets.items():
+            embeddings, xnorm = embed_pairs(
+                images,
+                self.backbone,
+                batch_size=max(self.cfg.data.batch_size, 64),
+                device=self.device,
+                input_size=self.input_size,
+            )
+            results[name] = {**evaluate(embeddings, issame), "xnorm": xnorm}
+        self.backbone.train(was_training)
+        return results
+
+    def _after_eval(self, results: dict[str, dict[str, Any]], log: Any) -> None:
+        if not results:
+            return
+        mean_acc = float(np.mean([r["accuracy_mean"] for r in results.values()]))
+        row = {"step": self.global_step, "epoch": self.epoch, "val_mean_accuracy": mean_acc}
+        row.update({f"val_{k}_accuracy": v["accuracy_mean"] for k, v in results.items()})
+        log(row)
+        if mean_acc > self.best.get("val_mean_accuracy", -1.0):
+            self.best = {"step": self.global_step, "val_mean_accuracy": mean_acc}
+            self._save_backbone(self.out / "best_backbone.pth")
+
+    def _save_backbone(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(self.backbone.state_dict(), tmp)
+
+    def fit(self) -> TrainResult:
+        """Train until ``train.epochs`` (or ``train.max_steps``); return the results."""
+        cfg, info = self.cfg, self.info
+        writer = None
+        metrics_file = None
+        if info.is_main:
+            # a resumed run appends to its metrics; a fresh run starts them anew
+            mode = "a" if self.global_step > 0 else "w"
+            metrics_file = (self.out / "metrics.jsonl").open(mode, encoding="utf-8")
+            if cfg.train.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.out / "tb"))
+
+        def log(row: dict[str, Any]) -> None:
+            if metrics_file is None:
+                return
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            if writer is not None:
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                        writer.add_scalar(key, value, row["step"])
+
+        per_step = self.sampler.global_batch * cfg.train.grad_accum
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            disable=not (info.is_main and cfg.train.progress),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        self.backbone.train()
+        self.fc.train()
+        self.head.train()
+        t_log, n_log = time.perf_counter(), 0
+        try:
+            while self.global_step < self.total_steps and self.epoch < cfg.train.epochs:
+                self.sampler.set_epoch(self.epoch, self.consumed)
+                self.trainset.epoch = self.epoch
+                batches = iter(self.loader)
+                while self.consumed + per_step <= self.steps_per_epoch * per_step:
+                    if self.global_step >= self.total_steps:
+                        break
+                    self.last_loss = self._train_step(batches)
+                    self.global_step += 1
+                    self.consumed += per_step
+                    n_log += 1
+                    bar.update(1)
+                    if self.global_step % cfg.train.log_every == 0 or self.global_step == 1:
+                        rate = n_log * per_step / max(time.perf_counter() - t_log, 1e-9)
+                        lr = self.sched_body.get_last_lr()[0]
+                        bar.set_postfix(
+                            loss=f"{self.last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}"
+                        )
+                        log({"step": self.global_step, "epoch": self.epoch, "loss": self.last_loss,
+                             "lr": lr, "samples_per_s": rate})  # fmt: skip
+                        t_log, n_log = time.perf_counter(), 0
+                    if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0:
+                        self._after_eval(self.evaluate(), log)
+                    if (
+                        cfg.train.checkpoint_every
+                        and self.global_step % cfg.train.checkpoint_every == 0
+                    ):
+                        self.save()
+                else:
+                    self.epoch += 1
+                    self.consumed = 0
+                    self.save()
+                del batches
+            if not ckpt.checkpoint_dir(self.out / "checkpoints", self.global_step).is_dir():
+                self.save()
+            final = self.evaluate()
+            self._after_eval(final, log)
+        finally:
+            bar.close()
+            if metrics_file is not None:
+                metrics_file.close()
+            if writer is not None:
+                writer.close()
+        backbone_path = self.out / "backbone.pth"
+        if info.is_main:
+            self._save_backbone(backbone_path)
+            if final:
+                write_text_atomic(self.out / "verification.md", format_results(final) + "\n")
+            summary = {
+                "steps": self.global_step,
+                "loss": self.last_loss,
+                "best": self.best,
+                "verification": {k: _jsonable(v) for k, v in final.items()},
+            }
+            write_text_atomic(self.out / "train_results.json", json.dumps(summary, indent=2) + "\n")
+        barrier()
+        return TrainResult(
+            self.out, self.global_step, self.last_loss, final, self.best, backbone_path
+        )
+
+
+def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
+    """The scalar and list entries of a verification result (arrays become lists)."""
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, np.ndarray):
+            if value.size > 1000:
+                continue
+            value = value.tolist()
+        if isinstance(value, (np.floating, np.integer)):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train from ``cfg`` (one process, or one rank of a ``torchrun`` job)."""
+    return Trainer(cfg).fit()

@@ -1,0 +1,104 @@
+"""Config loading: YAML, dotted overrides, every error reported at once with key and source."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from robustface.config import Config, SynthConfig, load_config, parse_override, save_config
+from robustface.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["synth.identities=7", "seed=3", "synth.difficulty=0.5"])
+    assert cfg.seed == 3
+    assert cfg.synth.identities == 7
+    assert cfg.synth.difficulty == 0.5
+    assert cfg.synth.images_per_identity == SynthConfig().images_per_identity
+
+
+def test_yaml_then_override_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 5\nsynth:\n  identities: 50\n  difficulty: 2\n")
+    cfg = load_config(path, ["synth.identities=60"])
+    assert (cfg.seed, cfg.synth.identities) == (5, 60)
+    assert isinstance(cfg.synth.difficulty, float) and cfg.synth.difficulty == 2.0
+
+
+def test_unknown_key_in_file_names_key_file_and_suggestion(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("synth:\n  identites: 50\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "synth.identites" in msg
+    assert "did you mean 'synth.identities'" in msg
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("seed: abc\nsynth:\n  sibling_rate: 2.0\n  image_folder: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["synth.nope=1", "synth.lfw_pairs=[1]"])
+    lines = str(err.value).splitlines()[1:]
+    joined = "\n".join(lines)
+    assert len(lines) == 5, joined
+    assert "seed: expected int, got 'abc'" in joined
+    assert "synth.image_folder: expected bool, got 1" in joined
+    assert "--set synth.nope=1: unknown key 'synth.nope'" in joined
+    assert "synth.lfw_pairs: expected int" in joined
+    assert "synth.sibling_rate: must be in [0, 1], got 2.0" in joined
+
+
+def test_bool_is_not_an_int_and_int_is_a_float():
+    with pytest.raises(ConfigError, match=r"synth\.identities: expected int, got True"):
+        load_config(None, ["synth.identities=true"])
+    assert load_config(None, ["synth.sibling_rate=0"]).synth.sibling_rate == 0.0
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("synth.identities")
+    with pytest.raises(ConfigError, match="empty key segment"):
+        parse_override("synth..identities=3")
+    with pytest.raises(ConfigError, match="'seed' is not a section"):
+        load_config(None, ["seed.x=1"])
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("synth: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(top)
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(None, ["synth.identities=11", "output_dir=x/y", "synth.image_folder=true"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["synth"]["identities"] == 11
+    again = load_config(tmp_path / "config.yaml")
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{path.name}: first line must be a comment with its command"
+    assert "robustface" in path.read_text().split("\n\n")[0], (
+        f"{path.name}: header names no command"
+    )

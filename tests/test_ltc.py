@@ -1,0 +1,117 @@
+"""learn-to-cluster feature, label and kNN files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from robustface.data.ltc import (
+    read_features,
+    read_knn,
+    read_meta,
+    write_features,
+    write_knn,
+    write_meta,
+)
+from robustface.errors import DataFormatError
+
+
+def test_features_hand_written_and_normalised(tmp_path):
+    feats = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    feats.tofile(tmp_path / "f.bin")  # raw float32, written without our writer
+    raw = read_features(tmp_path / "f.bin", dim=8, normalize=False)
+    np.testing.assert_array_equal(raw, feats)
+    unit = read_features(tmp_path / "f.bin", dim=8)
+    assert unit.dtype == np.float32 and unit.shape == (5, 8)
+    expected = feats / np.sqrt((feats.astype(np.float64) ** 2).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(unit, expected, rtol=1e-6)
+
+
+def test_features_round_trip_and_zero_rows(tmp_path):
+    feats = np.zeros((3, 256), np.float64)
+    feats[1, 0] = 3.0
+    write_features(tmp_path / "g.bin", feats)
+    assert (tmp_path / "g.bin").stat().st_size == 3 * 256 * 4
+    out = read_features(tmp_path / "g.bin")
+    assert out[1, 0] == 1.0 and np.all(out[0] == 0) and np.isfinite(out).all()
+
+
+def test_features_bad_size(tmp_path):
+    np.zeros(10, np.float32).tofile(tmp_path / "odd.bin")
+    with pytest.raises(
+        DataFormatError, match=r"odd\.bin: size 40 bytes is not a multiple of .* 32"
+    ):
+        read_features(tmp_path / "odd.bin", dim=8)
+
+
+def test_write_features_needs_matrix(tmp_path):
+    with pytest.raises(ValueError, match=r"2-D"):
+        write_features(tmp_path / "x.bin", np.zeros(4))
+    assert not (tmp_path / "x.bin").exists()
+
+
+def test_meta_round_trip_and_hand_written(tmp_path):
+    (tmp_path / "a.meta").write_text("3\n0\n-1\n12\n")
+    np.testing.assert_array_equal(read_meta(tmp_path / "a.meta"), [3, 0, -1, 12])
+    labels = np.array([5, 5, 0, 7])
+    write_meta(tmp_path / "b.meta", labels)
+    assert (tmp_path / "b.meta").read_text() == "5\n5\n0\n7\n"
+    out = read_meta(tmp_path / "b.meta")
+    assert out.dtype == np.int64
+    np.testing.assert_array_equal(out, labels)
+
+
+def test_meta_bad_value(tmp_path):
+    (tmp_path / "c.meta").write_text("1\n2\nthree\n")
+    with pytest.raises(DataFormatError, match=r"c\.meta: label 2 is 'three'"):
+        read_meta(tmp_path / "c.meta")
+    with pytest.raises(ValueError, match="integer"):
+        write_meta(tmp_path / "d.meta", np.array([0.5]))
+
+
+def test_knn_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    nbrs = rng.integers(0, 1000, (6, 4))
+    dists = rng.uniform(0, 2, (6, 4)).astype(np.float32)
+    write_knn(tmp_path / "knn.npz", nbrs, dists)
+    with np.load(tmp_path / "knn.npz") as npz:
+        assert npz.files == ["data"] and npz["data"].shape == (6, 2, 4)
+    got_nbrs, got_dists = read_knn(tmp_path / "knn.npz")
+    assert got_nbrs.dtype == np.int64 and got_dists.dtype == np.float32
+    np.testing.assert_array_equal(got_nbrs, nbrs)
+    np.testing.assert_array_equal(got_dists, dists)
+
+
+def test_knn_hand_written_float_ids(tmp_path):
+    data = np.array([[[0, 2], [0.0, 0.3]], [[1, 0], [0.0, 0.3]], [[2, 0], [0.0, 0.5]]])
+    np.savez_compressed(tmp_path / "h.npz", data=data)
+    nbrs, dists = read_knn(tmp_path / "h.npz")
+    np.testing.assert_array_equal(nbrs, [[0, 2], [1, 0], [2, 0]])
+    np.testing.assert_allclose(dists, [[0, 0.3], [0, 0.3], [0, 0.5]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"data": np.zeros((3, 4))}, r"shape \[N, 2, k\], got \[3, 4\]"),
+        ({"data": np.zeros((3, 3, 4))}, r"got \[3, 3, 4\]"),
+        ({"knn": np.zeros((3, 2, 4))}, r"no key 'data'"),
+        ({"data": np.full((1, 2, 2), 0.5)}, r"not integers"),
+    ],
+)
+def test_knn_bad_files(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataFormatError, match=r"bad\.npz: .*" + message):
+        read_knn(tmp_path / "bad.npz")
+
+
+def test_knn_not_an_npz(tmp_path):
+    (tmp_path / "x.npz").write_bytes(b"nope")
+    with pytest.raises(DataFormatError, match=r"x\.npz"):
+        read_knn(tmp_path / "x.npz")
+
+
+def test_write_knn_shape_mismatch_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="one shape"):
+        write_knn(tmp_path / "k.npz", np.zeros((2, 3), int), np.zeros((2, 4)))
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,246 @@
+"""The training loop: schedule, sampler, exact resume, gradient accumulation, NaN stop, DDP."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from robustface.config import load_config
+from robustface.train import NonFiniteLossError, Trainer
+from robustface.train import checkpoint as ckpt
+from robustface.train.sampler import ResumableSampler
+from robustface.train.schedule import warmup_poly
+
+
+def _cfg(out: Path, data: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            f"output_dir={out}",
+            "data.source=rec",
+            f"data.path={data}",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "data.val_targets=[lfw]",
+            "model.backbone=r18_tiny",
+            "model.input_size=32",
+            "model.width=0.125",
+            "model.embedding_size=32",
+            "head.name=arcface",
+            "head.params={scale: 16.0}",
+            "optim.lr=0.05",
+            "train.epochs=2",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.log_every=1",
+            *extra,
+        ],
+    )
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    out = {f"backbone.{k}": v.clone() for k, v in trainer.backbone.state_dict().items()}
+    out.update({f"fc.{k}": v.clone() for k, v in trainer.fc.state_dict().items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------- schedule
+def test_warmup_poly_matches_formula():
+    f = warmup_poly(total_steps=10, warmup_steps=4, power=2.0)
+    expected = [0.0, 0.25, 0.5, 0.75] + [(1 - (s - 4) / 6) ** 2 for s in range(4, 11)]
+    np.testing.assert_allclose([f(s) for s in range(11)], expected)
+    assert warmup_poly(5)(0) == 1.0 and warmup_poly(5)(5) == 0.0
+    with pytest.raises(ValueError, match="warmup_steps"):
+        warmup_poly(5, 6)
+
+
+# ------------------------------------------------------------------------------------ sampler
+def test_sampler_partitions_whole_global_batches():
+    samplers = [ResumableSampler(103, 5, rank=r, world_size=3, seed=1) for r in range(3)]
+    for s in samplers:
+        s.set_epoch(2)
+    seqs = [list(s) for s in samplers]
+    assert all(len(q) == 30 for q in seqs)  # 6 global batches of 15
+    flat = sorted(i for q in seqs for i in q)
+    assert len(set(flat)) == 90 and flat[-1] < 103
+    perm = torch.randperm(103, generator=torch.Generator().manual_seed(3)).tolist()
+    assert seqs[1] == perm[1:90:3]
+
+
+def test_sampler_resumes_mid_epoch_on_any_world_size():
+    full = ResumableSampler(64, 4, rank=0, world_size=1, seed=7)
+    full.set_epoch(1)
+    order = list(full)
+    two = [ResumableSampler(64, 2, rank=r, world_size=2, seed=7) for r in range(2)]
+    for s in two:
+        s.set_epoch(1, start=8)
+    assert sorted(i for s in two for i in s) == sorted(order[8:])
+    assert list(two[0]) == order[8::2] and list(two[1]) == order[9::2]
+    with pytest.raises(ValueError, match="multiple of the global batch"):
+        two[0].set_epoch(0, start=3)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ResumableSampler(3, 2, world_size=2)
+
+
+# ------------------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize("classifier", ["full", "partial_fc"])
+def test_resume_from_any_step_gives_identical_weights(synth_train_dir, tmp_path, classifier):
+    extra = [f"fc.name={classifier}", "train.checkpoint_every=1", "train.keep_checkpoints=20"]
+    extra += ["optim.warmup_epochs=0.5", "data.flip=true", "data.blur=0.5"]
+    straight = Trainer(_cfg(tmp_path / "a", synth_train_dir, *extra))
+    result = straight.fit()
+    assert result.steps == 16  # 2 epochs x 64 / 8
+    expected = _weights(straight)
+    # stop after step 5 (mid-epoch) and after step 8 (epoch end), resume each
+    for step in (5, 8):
+        source = ckpt.checkpoint_dir(tmp_path / "a" / "checkpoints", step)
+        resumed = Trainer(
+            _cfg(tmp_path / f"b{step}", synth_train_dir, *extra, f"train.resume={source}")
+        )
+        assert resumed.global_step == step
+        resumed.fit()
+        got = _weights(resumed)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), f"resumed at {step}: {key} differs"
+
+
+def test_resume_auto_continues_an_interrupted_run(synth_train_dir, tmp_path):
+    cfg = _cfg(tmp_path / "r", synth_train_dir, "train.max_steps=3", "data.val_targets=[]")
+    Trainer(cfg).fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "r" / "checkpoints")] == [
+        "step_00000003"
+    ]
+    cfg = _cfg(tmp_path / "r", synth_train_dir, "train.resume=auto", "data.val_targets=[]")
+    trainer = Trainer(cfg)
+    assert trainer.global_step == 3
+    assert trainer.fit().steps == 16
+
+
+# ---------------------------------------------------------------------- gradient accumulation
+def test_gradient_accumulation_averages_micro_batches(synth_train_dir, tmp_path):
+    cfg = _cfg(
+        tmp_path / "g",
+        synth_train_dir,
+        "train.grad_accum=2",
+        "train.grad_clip=0",
+        "optim.momentum=0",
+        "optim.weight_decay=0",
+        "optim.power=0",
+        "data.flip=false",
+        "fc.name=full",
+    )
+    trainer = Trainer(cfg)
+    reference = copy.deepcopy(trainer)
+    before = _weights(trainer)
+    batches = [trainer.trainset[i] for i in trainer.sampler]
+    trainer._train_step(iter(trainer.loader))
+    # by hand: mean of the two micro-batch losses, one SGD step of lr 0.05
+    params = [*reference.backbone.parameters(), *reference.fc.parameters()]
+    total = 0
+    for m in range(2):
+        images = torch.stack([b[0] for b in batches[8 * m : 8 * m + 8]])
+        labels = torch.tensor([b[1] for b in batches[8 * m : 8 * m + 8]])
+        total = total + reference._forward_loss(images, labels) / 2
+    grads = torch.autograd.grad(total, [p for p in params if p.requires_grad], allow_unused=True)
+    named = [
+        *(f"backbone.{n}" for n, p in reference.backbone.named_parameters() if p.requires_grad),
+        *(f"fc.{n}" for n, p in reference.fc.named_parameters() if p.requires_grad),
+    ]
+    after = _weights(trainer)
+    for name, grad in zip(named, grads, strict=True):
+        expected = before[name] - 0.05 * (grad if grad is not None else 0)
+        torch.testing.assert_close(after[name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -------------------------------------------------------------------------------- NaN handling
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(synth_train_dir, tmp_path):
+    cfg = _cfg(
+        tmp_path / "n", synth_train_dir, "train.checkpoint_every=1", "train.keep_checkpoints=5"
+    )
+    trainer = Trainer(cfg)
+    original = trainer._forward_loss
+    calls = {"n": 0}
+
+    def poisoned(images, labels):
+        calls["n"] += 1
+        loss = original(images, labels)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    trainer._forward_loss = poisoned
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        trainer.fit()
+    kept = ckpt.list_checkpoints(tmp_path / "n" / "checkpoints")
+    assert [p.name for p in kept] == ["step_00000001", "step_00000002"]
+    resumed = Trainer(_cfg(tmp_path / "n2", synth_train_dir, f"train.resume={kept[-1]}"))
+    assert resumed.global_step == 2
+
+
+# ------------------------------------------------------------------------ evaluation and outputs
+def test_outputs_and_verification_callback(synth_train_dir, tmp_path):
+    cfg = _cfg(
+        tmp_path / "o", synth_train_dir, "train.eval_every=8", "data.val_targets=[lfw, cfp_fp]"
+    )
+    result = Trainer(cfg).fit()
+    out = tmp_path / "o"
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "backbone.pth", "best_backbone.pth"):
+        assert (out / name).is_file(), name
+    assert set(result.verification) == {"lfw", "cfp_fp"}
+    assert 0.0 <= result.verification["lfw"]["accuracy_mean"] <= 1.0
+    rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if "val_mean" in line]
+    assert len(rows) == 3  # steps 8, 16 and the final evaluation
+    assert result.best["step"] in (8, 16)
+    state = torch.load(out / "backbone.pth", weights_only=True)
+    assert "fc.weight" in state and "features.running_mean" in state  # bare backbone state_dict
+
+
+def test_bad_config_errors(synth_train_dir, tmp_path):
+    with pytest.raises(KeyError, match="r18_tiny"):
+        Trainer(_cfg(tmp_path / "x", synth_train_dir, "model.backbone=r18_tinny"))
+    with pytest.raises(FileNotFoundError, match=r"agedb_30\.bin"):
+        Trainer(_cfg(tmp_path / "y", synth_train_dir, "data.val_targets=[agedb_30]"))
+
+
+# ----------------------------------------------------------------------------- DDP on gloo
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, data: str) -> None:
+    os.environ.update(
+        {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = _cfg(Path(out), Path(data), "fc.name=partial_fc", "train.max_steps=3",
+               "data.val_targets=[]", "data.batch_size=4")  # fmt: skip
+    try:
+        Trainer(cfg).fit()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_partial_fc_two_ranks_then_resume_on_one(synth_train_dir, tmp_path):
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), str(synth_train_dir)), nprocs=2)
+    path = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    main = ckpt.load_main(path)
+    assert main["world_size"] == 2 and main["progress"]["global_step"] == 3
+    shards = ckpt.load_rank_states(path, 2)
+    full = torch.cat([s["fc"]["module"]["weight"] for s in shards])
+    assert full.shape == (8, 32)
+    one = Trainer(_cfg(tmp_path / "one", synth_train_dir, "fc.name=partial_fc",
+                       f"train.resume={path}", "data.val_targets=[]"))  # fmt: skip
+    assert torch.equal(one.fc.weight.detach(), full)
+    momentum = torch.cat([s["fc"]["optim"]["state"][0]["momentum_buffer"] for s in shards])
+    assert torch.equal(one.opt_fc.state_dict()["state"][0]["momentum_buffer"], momentum)
+    assert one.global_step == 3

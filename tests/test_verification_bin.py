@@ -1,0 +1,112 @@
+"""Verification .bin pair files (insightface layout), including Python 2 pickles."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import struct
+
+import cv2
+import numpy as np
+import pytest
+
+from robustface.data.image import encode_image
+from robustface.data.verification import load_bin, load_bin_images, write_bin
+from robustface.errors import DataFormatError
+
+
+def images(n: int, size: int = 12) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def py2_pickle(bins: list[bytes], issame: list[bool]) -> bytes:
+    """What Python 2's ``pickle.dump((bins, issame), f, protocol=2)`` writes: ``str`` objects."""
+    out = b"\x80\x02]q\x00("  # PROTO 2, EMPTY_LIST, BINPUT, MARK
+    for b in bins:
+        out += b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
+    out += b"e]q\x01("  # APPENDS, EMPTY_LIST, BINPUT, MARK
+    out += b"".join(b"\x88" if s else b"\x89" for s in issame)
+    return out + b"e\x86q\x02."  # APPENDS, TUPLE2, BINPUT, STOP
+
+
+def test_write_and_load_round_trip(tmp_path):
+    bins = [encode_image(im, "png") for im in images(4)]
+    write_bin(tmp_path / "lfw.bin", bins, np.array([True, False]))
+    raw = (tmp_path / "lfw.bin").read_bytes()
+    assert raw[:2] == b"\x80\x04"  # protocol 4
+    stored_bins, stored_issame = pickle.loads(raw)
+    assert stored_bins == bins
+    assert stored_issame == [True, False] and all(type(s) is bool for s in stored_issame)
+
+    loaded, issame = load_bin(tmp_path / "lfw.bin")
+    assert loaded == bins
+    assert issame.dtype == bool and issame.tolist() == [True, False]
+
+
+def test_python2_pickle_needs_bytes_encoding(tmp_path):
+    bins = [encode_image(im, "png") for im in images(2)]  # non-ASCII bytes: ASCII decoding fails
+    data = py2_pickle(bins, [True])
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(data)
+    (tmp_path / "old.bin").write_bytes(data)
+    loaded, issame = load_bin(tmp_path / "old.bin")
+    assert loaded == bins and issame.tolist() == [True]
+
+
+def test_protocol2_pickle_and_numpy_bins(tmp_path):
+    bins = [encode_image(im, "png") for im in images(2)]
+    (tmp_path / "p2.bin").write_bytes(pickle.dumps((bins, [False]), protocol=2))
+    assert load_bin(tmp_path / "p2.bin")[0] == bins
+    arrays = [np.frombuffer(b, dtype=np.uint8) for b in bins]
+    (tmp_path / "np.bin").write_bytes(pickle.dumps((arrays, [0]), protocol=2))
+    loaded, issame = load_bin(tmp_path / "np.bin")
+    assert loaded == bins and issame.tolist() == [False]
+
+
+def test_count_mismatch(tmp_path):
+    bins = [encode_image(im, "png") for im in images(3)]
+    (tmp_path / "bad.bin").write_bytes(pickle.dumps((bins, [True, False])))
+    with pytest.raises(DataFormatError, match=r"bad\.bin: 3 images for 2 pairs"):
+        load_bin(tmp_path / "bad.bin")
+    with pytest.raises(ValueError, match="3 images for 1 pairs"):
+        write_bin(tmp_path / "w.bin", bins, [True])
+    assert not (tmp_path / "w.bin").exists()
+
+
+def test_not_a_pickle(tmp_path):
+    (tmp_path / "junk.bin").write_bytes(b"\x00\x01 not a pickle")
+    with pytest.raises(DataFormatError, match=r"junk\.bin: cannot unpickle"):
+        load_bin(tmp_path / "junk.bin")
+
+
+def test_load_images_decodes_and_resizes(tmp_path):
+    originals = images(4, size=12)
+    write_bin(tmp_path / "v.bin", [encode_image(im, "png") for im in originals], [True, False])
+    decoded, issame = load_bin_images(tmp_path / "v.bin")
+    assert decoded.shape == (4, 12, 12, 3) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, np.stack(originals))
+    assert issame.tolist() == [True, False]
+
+    resized, _ = load_bin_images(tmp_path / "v.bin", image_size=(8, 8))
+    expected = [cv2.resize(im, (8, 8), interpolation=cv2.INTER_CUBIC) for im in originals]
+    np.testing.assert_array_equal(resized, np.stack(expected))
+    same, _ = load_bin_images(tmp_path / "v.bin", image_size=(12, 12))
+    np.testing.assert_array_equal(same, decoded)
+
+
+def test_undecodable_image_names_pair(tmp_path):
+    bins = [encode_image(im, "png") for im in images(4)]
+    bins[3] = b"garbage"
+    write_bin(tmp_path / "v.bin", bins, [True, True])
+    pattern = re.escape(f"{tmp_path / 'v.bin'} [record image 3 of pair 1]") + ".*cannot decode"
+    with pytest.raises(DataFormatError, match=pattern):
+        load_bin_images(tmp_path / "v.bin")
+
+
+def test_mixed_sizes_need_image_size(tmp_path):
+    bins = [encode_image(im, "png") for im in images(1, 12) + images(1, 10)]
+    write_bin(tmp_path / "m.bin", bins, [False])
+    with pytest.raises(DataFormatError, match=r"pair 0.*pass image_size"):
+        load_bin_images(tmp_path / "m.bin")
+    assert load_bin_images(tmp_path / "m.bin", image_size=(12, 12))[0].shape == (2, 12, 12, 3)

@@ -93,7 +93,10 @@ def test_save_and_reload_round_trip(tmp_path):
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED = [*sorted((REPO / "configs").glob("*.yaml")), REPO / "src/robustface/recipes/demo.yaml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
@@ -102,3 +105,25 @@ def test_shipped_configs_load(path):
     assert "robustface" in path.read_text().split("\n\n")[0], (
         f"{path.name}: header names no command"
     )
+
+
+def test_mapping_entries_and_more_checks():
+    cfg = load_config(None, ["head.params={scale: 32.0}", "head.params.margin=0.3"])
+    assert cfg.head.params == {"scale": 32.0, "margin": 0.3}
+    assert load_config(None, ["head.params.easy_margin=true"]).head.params == {"easy_margin": True}
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.power=-1", "seed=-2", "data.source=folder", "data.path=x"])
+    msg = str(err.value)
+    assert "optim.power: must be >= 0" in msg and "seed: must be >= 0" in msg
+    assert "data.val_dir: needed" in msg
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from robustface.utils.io import write_text_atomic
+
+    write_text_atomic(tmp_path / "x.txt", "hi")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~mask

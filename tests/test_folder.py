@@ -13,6 +13,15 @@ from robustface.data.image import decode_image, encode_image
 from robustface.data.recordio import IndexedRecordReader, RecordIODataset, unpack_record
 from robustface.errors import DataFormatError
 
+# make_tree() leaves a notes.txt among the images: the warning is checked once, below
+pytestmark = pytest.mark.filterwarnings("ignore:.*without an image extension")
+
+
+def test_skipped_files_are_reported(tmp_path):
+    make_tree(tmp_path)
+    with pytest.warns(UserWarning, match=r"skipped 1 files .*notes\.txt"):
+        ImageFolderDataset(tmp_path)
+
 
 def smooth_image(seed: int, size: int = 16) -> np.ndarray:
     rng = np.random.default_rng(seed)

@@ -130,6 +130,8 @@ def test_ijb_set_reads_back(tiny):
     np.testing.assert_array_equal((genuine[:, 0] - 1) // 2, (genuine[:, 1] - 1) // 2)
     impostor = meta.pairs[meta.pair_labels == 0]
     assert np.all((impostor[:, 0] - 1) // 2 != (impostor[:, 1] - 1) // 2)
+    # a random subset of the impostor pairs, not the lowest template ids (identity 0's)
+    assert impostor[:, 0].max() > 2
     for name, pts in zip(meta.images, meta.landmarks, strict=True):
         image = decode_image((tiny / "IJBS" / "loose_crop" / name).read_bytes())
         h, w = image.shape[:2]

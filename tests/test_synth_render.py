@@ -98,7 +98,7 @@ def test_profiles_have_their_pose_ranges() -> None:
     frontal = np.degrees([abs(n.yaw) for n in _nuisances("frontal", 300)])
     profile = np.degrees([abs(n.yaw) for n in _nuisances("profile", 300)])
     assert frontal.max() <= 20.0
-    assert profile.min() >= 45.0 and profile.max() <= 80.0
+    assert profile.min() >= 60.0 and profile.max() <= 85.0
     signs = np.sign([n.yaw for n in _nuisances("profile", 300)])
     assert 0.3 < np.mean(signs > 0) < 0.7
     clean = _nuisances("clean", 3)[0]

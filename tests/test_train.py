@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -90,10 +92,13 @@ def test_sampler_resumes_mid_epoch_on_any_world_size():
 
 
 # ------------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("classifier", ["full", "partial_fc"])
+@pytest.mark.parametrize(
+    "classifier", ["fc.name=full", "fc.name=partial_fc", "fc.name=partial_fc,fc.sample_rate=0.5"]
+)
 def test_resume_from_any_step_gives_identical_weights(synth_train_dir, tmp_path, classifier):
-    extra = [f"fc.name={classifier}", "train.checkpoint_every=1", "train.keep_checkpoints=20"]
-    extra += ["optim.warmup_epochs=0.5", "data.flip=true", "data.blur=0.5"]
+    # dropout and negative sampling draw from the torch RNG: resuming must restore those streams
+    extra = [*classifier.split(","), "train.checkpoint_every=1", "train.keep_checkpoints=20"]
+    extra += ["optim.warmup_epochs=0.5", "data.flip=true", "data.blur=0.5", "model.dropout=0.2"]
     straight = Trainer(_cfg(tmp_path / "a", synth_train_dir, *extra))
     result = straight.fit()
     assert result.steps == 16  # 2 epochs x 64 / 8
@@ -201,11 +206,39 @@ def test_outputs_and_verification_callback(synth_train_dir, tmp_path):
     assert "fc.weight" in state and "features.running_mean" in state  # bare backbone state_dict
 
 
+def test_refuses_to_mix_runs_in_one_output_dir(synth_train_dir, tmp_path):
+    cfg = _cfg(tmp_path / "m", synth_train_dir, "train.max_steps=2", "data.val_targets=[]")
+    Trainer(cfg).fit()
+    with pytest.raises(FileExistsError, match=r"train\.resume=auto"):
+        Trainer(cfg)
+
+
+def test_metrics_after_the_checkpoint_are_dropped_on_resume(synth_train_dir, tmp_path):
+    extra = ["train.checkpoint_every=2", "train.keep_checkpoints=20", "data.val_targets=[]"]
+    Trainer(_cfg(tmp_path / "k", synth_train_dir, *extra)).fit()
+    source = ckpt.checkpoint_dir(tmp_path / "k" / "checkpoints", 4)
+    for later in ckpt.list_checkpoints(tmp_path / "k" / "checkpoints"):
+        if later.name > source.name:
+            shutil.rmtree(later)
+    Trainer(_cfg(tmp_path / "k", synth_train_dir, *extra, f"train.resume={source}")).fit()
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 17))
+
+
 def test_bad_config_errors(synth_train_dir, tmp_path):
     with pytest.raises(KeyError, match="r18_tiny"):
         Trainer(_cfg(tmp_path / "x", synth_train_dir, "model.backbone=r18_tinny"))
     with pytest.raises(FileNotFoundError, match=r"agedb_30\.bin"):
         Trainer(_cfg(tmp_path / "y", synth_train_dir, "data.val_targets=[agedb_30]"))
+    with pytest.raises(TypeError, match="margn"):
+        Trainer(_cfg(tmp_path / "z", synth_train_dir, "head.params.margn=0.3"))
+    # a SynthFace directory built from other values is never silently regenerated
+    bad = ["data.source=synthface", f"data.path={synth_train_dir}", "synth.identities=9"]
+    with pytest.raises(ValueError, match=r"synth\.identities"):
+        Trainer(_cfg(tmp_path / "w", synth_train_dir, *bad))
+    assert (synth_train_dir / "train.rec").is_file()
 
 
 # ----------------------------------------------------------------------------- DDP on gloo

@@ -19,8 +19,11 @@ from robustface.config import Config, SynthConfig, load_config
 from robustface.errors import RobustfaceError
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config file (see configs/)")
+def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        parser.add_argument("config", type=Path, help="YAML config (see configs/)")
+    else:
+        parser.add_argument("--config", type=Path, help="YAML config file (see configs/)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -76,9 +79,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from robustface.demo import run_demo
+    from robustface.demo import DEMO_RECIPE, run_demo
 
     overrides = [f"output_dir={args.out}"] if args.out else []
+    if args.config is None:
+        args.config = DEMO_RECIPE
     cfg = _load(args, [*overrides, *_synth_overrides(args)])
     run_demo(cfg, workers=args.workers, progress=not args.quiet)
     return 0
@@ -105,7 +110,11 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
     from robustface.utils.io import write_text_atomic
 
     model, input_size = load_backbone(
-        args.checkpoint, backbone=args.backbone, input_size=args.input_size, device=args.device
+        args.checkpoint,
+        backbone=args.backbone,
+        input_size=args.input_size,
+        color_order=args.color_order,
+        device=args.device,
     )
     files = [Path(b) for b in args.bins]
     files += [Path(args.data_dir) / f"{name}.bin" for name in args.targets]
@@ -155,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"robustface {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the whole pipeline on SynthFace, on a CPU, in minutes")
+    p = sub.add_parser(
+        "demo",
+        help="the pipeline on SynthFace on a CPU in minutes (recipe: robustface/recipes/demo.yaml)",
+    )
     _add_config_args(p)
     p.add_argument("--out", help="run directory (default: output_dir of the config, runs/demo)")
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all)")
@@ -173,15 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="train a backbone + classifier + margin head")
-    p.add_argument("config", type=Path, help="YAML config (see configs/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
-    )
+    _add_config_args(p, positional=True)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model")
@@ -190,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("checkpoint", type=Path, help="run directory, or a backbone state_dict .pth")
     q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")
     q.add_argument("--input-size", type=int, default=None, help="model input size (default: run's)")
+    q.add_argument(
+        "--color-order",
+        choices=["RGB", "BGR"],
+        help="channel order the weights expect (default: RGB for runs, the family's for files)",
+    )
     q.add_argument("--bins", nargs="*", default=[], help=".bin files")
     q.add_argument("--data-dir", default=".", help="directory of the --targets .bin files")
     q.add_argument("--targets", nargs="*", default=[], help="set names, e.g. lfw cfp_fp agedb_30")
@@ -221,7 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RobustfaceError, ValueError, KeyError, FileExistsError, FileNotFoundError) as exc:
+    except (
+        RobustfaceError,
+        ValueError,
+        TypeError,
+        KeyError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"robustface {args.command}: error: {message}", file=sys.stderr)
         return 2

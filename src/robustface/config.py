@@ -121,6 +121,12 @@ class DataConfig:
         problems = []
         if self.source != "synthface" and not self.path:
             problems.append(f"path: required when source is '{self.source}'")
+        named = [t for t in self.val_targets if not t.endswith(".bin")]
+        if self.source == "folder" and named and not self.val_dir:
+            problems.append(
+                f"val_dir: needed to find val_targets {named} next to a folder dataset "
+                "(or give .bin paths, or val_targets: [])"
+            )
         if self.batch_size < 1:
             problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
@@ -186,7 +192,7 @@ class HeadConfig:
     """Margin head (see ``robustface.heads.list_heads()``); ``params`` go to its constructor."""
 
     name: str = "arcface"
-    params: dict[str, float] = dataclasses.field(default_factory=dict)
+    params: dict[str, float | bool] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -208,6 +214,8 @@ class OptimConfig:
             problems.append(f"lr: must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             problems.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.power < 0:
+            problems.append(f"power: must be >= 0, got {self.power}")
         if self.warmup_epochs < 0:
             problems.append(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
         if not 0.0 <= self.momentum < 1.0:
@@ -241,9 +249,7 @@ class TrainConfig:
                 problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
-                problems.append(
-                    f"{name}: must be >= 0 (0 = only at epoch ends), got {getattr(self, name)}"
-                )
+                problems.append(f"{name}: must be >= 0 (0 = never), got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps: must be >= 1 or null, got {self.max_steps}")
         if self.grad_clip < 0:
@@ -267,7 +273,10 @@ class Config:
 
     def check(self) -> list[str]:
         """Return the problems with these values (empty when valid)."""
-        return [] if self.output_dir else ["output_dir: must not be empty"]
+        problems = [] if self.output_dir else ["output_dir: must not be empty"]
+        if self.seed < 0:
+            problems.append(f"seed: must be >= 0, got {self.seed}")
+        return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,6 +455,15 @@ def _apply_override(cfg: Any, parts: list[str], value: Any, source: str, errors:
             errors.append(f"{source}: unknown key '{prefix}{part}'{hint}")
             return
         if i < len(parts) - 1:
+            tp = typing.get_type_hints(type(target))[part]
+            if typing.get_origin(tp) is dict and i == len(parts) - 2:
+                # one entry of a mapping field, e.g. head.params.margin=0.3
+                n_errors = len(errors)
+                key = ".".join(parts)
+                new = _convert(value, typing.get_args(tp)[1], key, errors, source)
+                if len(errors) == n_errors:
+                    getattr(target, part)[parts[-1]] = new
+                return
             target = getattr(target, part)
             if not dataclasses.is_dataclass(target):
                 errors.append(f"{source}: '{prefix}{part}' is not a section")

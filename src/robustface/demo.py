@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from robustface.train import Trainer
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.run import prepare_run_dir
 from robustface.utils.table import markdown_table
+
+DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 
 
 def _synthface_table(summary: dict[str, Any]) -> str:
@@ -38,7 +41,9 @@ def _synthface_table(summary: dict[str, Any]) -> str:
     return markdown_table(["part", "size", "classes", "file"], rows)
 
 
-def plot_training(run_dir: Path, verification: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_training(
+    run_dir: Path, verification: dict[str, dict[str, Any]], path: Path, head: str = "arcface"
+) -> None:
     """Save the loss curve (from ``metrics.jsonl``) and one ROC curve per verification set."""
     import matplotlib
 
@@ -50,7 +55,7 @@ def plot_training(run_dir: Path, verification: dict[str, dict[str, Any]], path: 
     losses = [r["loss"] for r in rows if "loss" in r]
     fig, (ax_loss, ax_roc) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax_loss.plot(steps, losses, color="tab:blue")
-    ax_loss.set(xlabel="step", ylabel="training loss", title="ArcFace training loss")
+    ax_loss.set(xlabel="step", ylabel="training loss", title=f"{head} training loss")
     ax_loss.grid(alpha=0.3)
     for name, result in verification.items():
         fpr, tpr = np.asarray(result["fpr"]), np.asarray(result["tpr"])
@@ -63,9 +68,11 @@ def plot_training(run_dir: Path, verification: dict[str, dict[str, Any]], path: 
     ax_roc.grid(alpha=0.3)
     ax_roc.legend(loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def run_demo(cfg: Config, *, workers: int | None = None, progress: bool = True) -> dict[str, Any]:
@@ -82,7 +89,9 @@ def run_demo(cfg: Config, *, workers: int | None = None, progress: bool = True) 
             f"({info.images_per_second:.0f} images/s on {info.workers} workers)",
             flush=True,
         )
-    train_dir = out / "arcface"
+    train_dir = out / cfg.head.name
+    if train_dir.exists():  # the demo's own training run: start it afresh each time
+        shutil.rmtree(train_dir)
     train_cfg = dataclasses.replace(
         cfg,
         output_dir=str(train_dir),
@@ -98,12 +107,11 @@ def run_demo(cfg: Config, *, workers: int | None = None, progress: bool = True) 
     result = trainer.fit()
     print("[3/3] verification (10-fold, flip test)", flush=True)
     plot_path = out / "demo.png"
+    tables = ["## SynthFace\n\n" + _synthface_table(summary)]
     if result.verification:
-        plot_training(train_dir, result.verification, plot_path)
-    tables = [
-        "## SynthFace\n\n" + _synthface_table(summary),
-        "## ArcFace, tiny IResNet, verification\n\n" + format_results(result.verification),
-    ]
+        plot_training(train_dir, result.verification, plot_path, cfg.head.name)
+        title = f"## {cfg.head.name}, {cfg.model.backbone}, verification\n\n"
+        tables.append(title + format_results(result.verification))
     report = "\n\n".join(tables) + "\n"
     results = {
         "synthface": summary,
@@ -120,5 +128,9 @@ def run_demo(cfg: Config, *, workers: int | None = None, progress: bool = True) 
     print(f"sample grid (rows = identities): {data_dir / 'preview.png'}")
     if result.verification:
         print(f"loss curve and ROC curves:       {plot_path}")
+    print(
+        "\nNext stages of the demo (label noise, robust heads, cleaning) are listed in "
+        "docs/features.md."
+    )
     print(f"run directory:                   {out}")
     return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,18 +49,23 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.classes: list[str] = [p.name for p in folders]
         self.samples: list[Path] = []
         counts = []
+        skipped: list[Path] = []
         for folder in folders:
-            files = sorted(
-                p
-                for p in folder.iterdir()
-                if p.suffix.lower() in exts and p.is_file() and not p.name.startswith(".")
-            )
+            entries = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+            files = sorted(p for p in entries if p.suffix.lower() in exts)
+            skipped.extend(p for p in entries if p.suffix.lower() not in exts)
             if not files:
                 raise DataFormatError(
                     folder, f"identity folder has no images with extensions {sorted(exts)}"
                 )
             self.samples.extend(files)
             counts.append(len(files))
+        if skipped:  # never silently: say what was left out
+            warnings.warn(
+                f"{self.root}: skipped {len(skipped)} files without an image extension "
+                f"{sorted(exts)}, e.g. {skipped[0]}",
+                stacklevel=2,
+            )
         self._labels = np.repeat(np.arange(len(folders), dtype=np.int64), counts)
 
     @property

@@ -50,7 +50,12 @@ def load_bin(path: str | Path) -> tuple[list[bytes], np.ndarray]:
         if not isinstance(b, bytes):
             raise DataFormatError(path, f"image {i} is a {type(b).__name__}, not bytes", i)
         bins.append(b)
-    issame = np.asarray(raw_issame).astype(bool).ravel()
+    flags = np.asarray(raw_issame).ravel()
+    if flags.dtype != bool and not (
+        np.issubdtype(flags.dtype, np.integer) and np.isin(flags, (0, 1)).all()
+    ):
+        raise DataFormatError(path, f"issame_list must hold booleans, got dtype {flags.dtype}")
+    issame = flags.astype(bool)
     if len(bins) != 2 * issame.size:
         raise DataFormatError(
             path, f"{len(bins)} images for {issame.size} pairs; expected 2 images per pair"

@@ -9,6 +9,19 @@ import yaml
 from torch import nn
 
 from robustface.models import build_backbone
+from robustface.models.ir import load_adaface_checkpoint
+
+
+class _BGRInput(nn.Module):
+    """Feed a BGR-trained backbone from RGB input (channel flip; mean/std are channel-symmetric)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed RGB images ``x`` (N x 3 x H x W) with the wrapped BGR backbone."""
+        return self.backbone(x.flip(1))
 
 
 def load_backbone(
@@ -18,14 +31,18 @@ def load_backbone(
     embedding_size: int | None = None,
     input_size: int | None = None,
     width: float | None = None,
+    color_order: str | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, int]:
-    """Return ``(model in eval mode, input size)``.
+    """Return ``(model in eval mode taking RGB input, input size)``.
 
     ``source`` is a run directory (its ``config.yaml`` names the architecture; ``best_backbone.pth``
-    is used if present, else ``backbone.pth``) or a ``.pth``/``.pt`` state_dict (arcface_torch's
-    ``backbone.pth`` included), in which case ``backbone`` must name the architecture. Explicit
-    arguments override the run's config.
+    is used if present, else ``backbone.pth``) or a checkpoint file: a bare state_dict
+    (arcface_torch's ``backbone.pth``) or an AdaFace checkpoint (``model.``-prefixed keys), in which
+    case ``backbone`` must name the architecture. Explicit arguments override the run's config.
+    ``color_order`` is the channel order the weights expect: robustface runs are RGB; a bare file
+    defaults to its family's published convention (BGR for IR / AdaFace, RGB for IResNet). BGR
+    models are wrapped so that callers always pass RGB.
     """
     source = Path(source)
     kwargs: dict[str, object] = {}
@@ -40,6 +57,7 @@ def load_backbone(
             for k in ("embedding_size", "input_size", "width")
             if model_cfg.get(k) is not None
         }
+        color_order = color_order or "RGB"
         weights = source / "best_backbone.pth"
         if not weights.is_file():
             weights = source / "backbone.pth"
@@ -54,6 +72,14 @@ def load_backbone(
     overrides = {"embedding_size": embedding_size, "input_size": input_size, "width": width}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     model = build_backbone(backbone, **kwargs)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), int(model.meta.input_size)
+    state = torch.load(weights, map_location="cpu", weights_only=False)
+    keys = state.get("state_dict", state).keys() if isinstance(state, dict) else []
+    if any(str(k).startswith("model.") for k in keys):
+        load_adaface_checkpoint(model, state)
+    else:
+        model.load_state_dict(state, strict=True)
+    color_order = color_order or model.meta.color_order
+    if color_order not in ("RGB", "BGR"):
+        raise ValueError(f"color_order must be 'RGB' or 'BGR', got {color_order!r}")
+    wrapped: nn.Module = _BGRInput(model) if color_order == "BGR" else model
+    return wrapped.to(device).eval(), int(model.meta.input_size)

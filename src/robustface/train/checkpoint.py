@@ -6,6 +6,7 @@ rank (its RNG states and its class shard of the classifier with the shard's opti
 directory is written as ``step_XXXXXXXX.tmp`` and renamed when every rank has finished, so a crash
 never leaves a checkpoint that looks complete but is not. Class shards are saved per rank, so no
 rank ever holds the whole 10M-class weight. Resuming on another world size re-cuts the rows.
+All ranks must see the same file system (the usual shared run directory of multi-node training).
 """
 
 from __future__ import annotations
@@ -51,9 +52,13 @@ def save_checkpoint(
             torch.save({**(main_state or {}), "world_size": info.world_size}, path)
     barrier()
     if info.is_main:
+        # replace an older checkpoint of this step without a moment where none is complete
+        old = final.with_name(final.name + ".old")
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
     barrier()
     return final
 
@@ -95,7 +100,9 @@ def load_rank_states(path: str | Path, world_size: int) -> list[dict[str, Any]]:
     return states
 
 
-def gather_rows(shards: list[tuple[int, Any]], start: int, count: int, rows_of: list[int]) -> Any:
+def rows_from_shards(
+    shards: list[tuple[int, Any]], start: int, count: int, rows_of: list[int]
+) -> Any:
     """Rows ``[start, start + count)`` of a row-sharded nested structure.
 
     ``shards`` are ``(shard_start, payload)`` pairs; ``rows_of[i]`` is shard ``i``'s row count.
@@ -105,11 +112,12 @@ def gather_rows(shards: list[tuple[int, Any]], start: int, count: int, rows_of: 
     first = shards[0][1]
     if isinstance(first, dict):
         return {
-            k: gather_rows([(s, p[k]) for s, p in shards], start, count, rows_of) for k in first
+            k: rows_from_shards([(s, p[k]) for s, p in shards], start, count, rows_of)
+            for k in first
         }
     if isinstance(first, (list, tuple)):
         items = [
-            gather_rows([(s, p[i]) for s, p in shards], start, count, rows_of)
+            rows_from_shards([(s, p[i]) for s, p in shards], start, count, rows_of)
             for i in range(len(first))
         ]
         return type(first)(items)

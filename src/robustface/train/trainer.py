@@ -24,6 +24,7 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,9 @@ from robustface.config import Config, to_dict
 from robustface.data import ImageFolderDataset, RecordIODataset, TrainTransform, load_bin_images
 from robustface.errors import RobustfaceError
 from robustface.evaluate.verification import embed_pairs, evaluate, format_results
-from robustface.fc import PartialFC, build_classifier, distributed_cross_entropy
+from robustface.fc import CLASSIFIERS, PartialFC, build_classifier, distributed_cross_entropy
 from robustface.heads import build_head
-from robustface.models import build_backbone
+from robustface.models import BACKBONES, build_backbone
 from robustface.train import checkpoint as ckpt
 from robustface.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from robustface.train.sampler import ResumableSampler
@@ -134,6 +135,14 @@ class Trainer:
             prepare_run_dir(self.out, cfg, cfg.seed)
         barrier()
         _seed_everything(cfg.seed + self.info.rank)
+        self._check_names()
+        root = self.out / "checkpoints"
+        if not cfg.train.resume and ckpt.list_checkpoints(root):
+            raise FileExistsError(
+                f"{root} already holds checkpoints of another run; set train.resume=auto to "
+                "continue it, or choose another output_dir"
+            )
+        self._last_saved = -1
         self._build_data()
         self._build_model()
         self._build_optim()
@@ -146,21 +155,32 @@ class Trainer:
             self._resume(cfg.train.resume)
 
     # ------------------------------------------------------------------------------------ set-up
+    def _check_names(self) -> None:
+        """Fail on an unknown backbone / classifier / head (or bad head params) before any work."""
+        cfg = self.cfg
+        BACKBONES.get(cfg.model.backbone)
+        CLASSIFIERS.get(cfg.fc.name)
+        build_head(cfg.head.name, **cfg.head.params)
+
     def _build_data(self) -> None:
         cfg, data = self.cfg, self.cfg.data
         val_dir: Path | None = Path(data.val_dir) if data.val_dir else None
         if data.source == "synthface":
-            from robustface.data.synth.builder import ensure_synthface
+            from robustface.data.synth.builder import check_synthface, ensure_synthface
 
             path = Path(data.path) if data.path else self.out / "synthface"
             if self.info.is_main:
-                ensure_synthface(path, cfg.synth, progress=cfg.train.progress)
+                if data.path and (path / "synthface.json").is_file():
+                    check_synthface(path, cfg.synth)  # never regenerate a directory we were given
+                else:
+                    ensure_synthface(path, cfg.synth, progress=cfg.train.progress)
             barrier()
             base: Dataset = RecordIODataset(path)
             val_dir = val_dir or path
         elif data.source == "rec":
             base = RecordIODataset(data.path)
-            val_dir = val_dir or Path(data.path)
+            rec_path = Path(data.path)
+            val_dir = val_dir or (rec_path.parent if rec_path.suffix == ".rec" else rec_path)
         else:
             base = ImageFolderDataset(data.path)
         self.num_classes = int(base.num_classes)
@@ -186,6 +206,10 @@ class Trainer:
             num_workers=data.num_workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
+            # Iterators draw their worker base seed from this generator, not from the global RNG,
+            # so starting an epoch leaves dropout / negative sampling streams untouched (exact
+            # resume). Augmentation itself is seeded per sample (TrainSet).
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         self.val_sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if self.info.is_main and data.val_targets:
@@ -201,6 +225,8 @@ class Trainer:
         cfg = self.cfg
         m = cfg.model
         self.backbone = build_backbone(m.backbone, **m.kwargs()).to(self.device)
+        # robustface trains on RGB input whatever the published weights of this family expect
+        self.backbone.meta = dataclasses.replace(self.backbone.meta, color_order="RGB")
         self.input_size = int(self.backbone.meta.input_size)
         self.trainset.transform.input_size = self.input_size
         fc_kwargs: dict[str, Any] = {}
@@ -301,8 +327,11 @@ class Trainer:
         return state
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (all ranks must call this)."""
+        """Write a checkpoint of the current step (all ranks must call this; once per step)."""
         root = self.out / "checkpoints"
+        if self._last_saved == self.global_step:
+            return ckpt.checkpoint_dir(root, self.global_step)
+        self._last_saved = self.global_step
         main = self._main_state() if self.info.is_main else None
         path = ckpt.save_checkpoint(root, self.global_step, main, self._rank_state(), self.info)
         if self.info.is_main:
@@ -311,10 +340,13 @@ class Trainer:
 
     def _resume(self, where: str) -> None:
         if where == "auto":
-            found = ckpt.list_checkpoints(self.out / "checkpoints")
-            if not found:
+            found = ckpt.list_checkpoints(self.out / "checkpoints") if self.info.is_main else []
+            choice = [str(found[-1]) if found else None]
+            if self.info.distributed:  # every rank resumes from rank 0's choice
+                dist.broadcast_object_list(choice, src=0)
+            if choice[0] is None:
                 return
-            path = found[-1]
+            path = Path(choice[0])
         else:
             path = Path(where)
         main = ckpt.load_main(path)
@@ -337,7 +369,7 @@ class Trainer:
             )
             shards = [(r["fc"]["start"], r["fc"]) for r in ranks]
             rows = [r["fc"]["count"] for r in ranks]
-            mine = ckpt.gather_rows(shards, start, count, rows)
+            mine = ckpt.rows_from_shards(shards, start, count, rows)
             self.fc.load_state_dict(mine["module"])
             self.opt_fc.load_state_dict(mine["optim"])
         else:
@@ -345,16 +377,22 @@ class Trainer:
             self.opt_fc.load_state_dict(main["fc"]["optim"])
         progress = main["progress"]
         self.global_step = progress["global_step"]
+        self._last_saved = self.global_step
         self.epoch = progress["epoch"]
         self.consumed = progress["consumed"]
         self.best = progress["best"]
         if old_world == self.info.world_size:
             _set_rng_state(ranks[self.info.rank]["rng"], self.device)
-        elif self.info.is_main:
-            print(
-                f"resumed a {old_world}-rank checkpoint on {self.info.world_size} ranks: "
-                "classifier re-sharded; RNG streams restart from the seed"
-            )
+        else:
+            # the new global batch may not divide the samples consumed: skip to the next whole one
+            per_step = self.sampler.global_batch * self.cfg.train.grad_accum
+            self.consumed = -(-self.consumed // per_step) * per_step
+            if self.info.is_main:
+                print(
+                    f"resumed a {old_world}-rank checkpoint on {self.info.world_size} ranks: "
+                    "classifier re-sharded, RNG streams restart from the seed, epoch position "
+                    f"rounded up to {self.consumed} samples"
+                )
         if self.info.is_main:
             print(f"resumed from {path} at step {self.global_step}", flush=True)
 
@@ -401,8 +439,12 @@ class Trainer:
         self.scaler.update()
         self.opt_body.zero_grad(set_to_none=True)
         self.opt_fc.zero_grad(set_to_none=True)
-        self.sched_body.step()
-        self.sched_fc.step()
+        with warnings.catch_warnings():
+            # GradScaler skips steps whose fp16 gradients overflow; the schedule still advances
+            # per iteration (as arcface_torch's), which PyTorch would warn about.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.sched_body.step()
+            self.sched_fc.step()
         return float(mean_loss)
 
     @torch.no_grad()
@@ -436,6 +478,16 @@ class Trainer:
             self.best = {"step": self.global_step, "val_mean_accuracy": mean_acc}
             self._save_backbone(self.out / "best_backbone.pth")
 
+    def _open_metrics(self) -> Any:
+        """metrics.jsonl for appending; a resumed run first drops rows logged after its step."""
+        path = self.out / "metrics.jsonl"
+        kept = []
+        if self.global_step > 0 and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= self.global_step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        return path.open("a", encoding="utf-8")
+
     def _save_backbone(self, path: Path) -> None:
         with atomic_path(path) as tmp:
             torch.save(self.backbone.state_dict(), tmp)
@@ -446,9 +498,7 @@ class Trainer:
         writer = None
         metrics_file = None
         if info.is_main:
-            # a resumed run appends to its metrics; a fresh run starts them anew
-            mode = "a" if self.global_step > 0 else "w"
-            metrics_file = (self.out / "metrics.jsonl").open(mode, encoding="utf-8")
+            metrics_file = self._open_metrics()
             if cfg.train.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -510,8 +560,7 @@ class Trainer:
                     self.consumed = 0
                     self.save()
                 del batches
-            if not ckpt.checkpoint_dir(self.out / "checkpoints", self.global_step).is_dir():
-                self.save()
+            self.save()  # no-op if this step is already saved
             final = self.evaluate()
             self._after_eval(final, log)
         finally:
@@ -556,4 +605,9 @@ def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
 
 def train(cfg: Config) -> TrainResult:
     """Train from ``cfg`` (one process, or one rank of a ``torchrun`` job)."""
-    return Trainer(cfg).fit()
+    started_group = not dist.is_initialized()
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        if started_group and dist.is_initialized():
+            dist.destroy_process_group()

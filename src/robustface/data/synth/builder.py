@@ -274,7 +274,8 @@ def _pair_plan(
 ) -> list[tuple[Identity, Identity, bool]]:
     """LFW-style pairs: 10 identity-disjoint folds, each ``P/20`` same then ``P/20`` different.
 
-    A quarter of the different pairs use a sibling pair when the fold has one (hard negatives).
+    Hard negatives: each sibling pair inside a fold gives two different pairs (at most a quarter of
+    the fold's negatives), so that one confusable pair cannot dominate a fold's accuracy.
     """
     rng = np.random.default_rng([cfg.seed, STREAM_PAIRS, stream])
     order = rng.permutation(len(test))
@@ -293,9 +294,10 @@ def _pair_plan(
                 else members[rng.integers(len(members))]
             )
             plan.append((ident, ident, True))
-        for _ in range(half):
-            if siblings and rng.random() < 0.25:
-                a, b = siblings[rng.integers(len(siblings))]
+        hard = [pair for pair in siblings for _ in range(2)][: half // 4]
+        for n in range(half):
+            if n < len(hard):
+                a, b = hard[n]
             else:
                 i, j = rng.choice(len(members), size=2, replace=False)
                 a, b = members[i], members[j]
@@ -394,9 +396,12 @@ def _write_ijb(renderer: _Renderer, identities: list[Identity], root: Path) -> d
     a = rng.integers(0, len(owner), size=n_imp * 2)
     b = rng.integers(0, len(owner), size=n_imp * 2)
     keep = owner[a] != owner[b]
-    impostor = np.unique(
+    candidates = np.unique(
         np.sort(np.stack([t_ids[a[keep]], t_ids[b[keep]]], axis=1), axis=1), axis=0
-    )[:n_imp]
+    )
+    # a random subset (np.unique sorts, so truncating it would favour low template ids)
+    chosen = np.sort(rng.permutation(len(candidates))[:n_imp])
+    impostor = candidates[chosen]
     pairs = np.concatenate([genuine, impostor]).astype(np.int64)
     labels = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))]).astype(np.int64)
     write_ijb_meta(
@@ -529,6 +534,23 @@ def _build_parts(renderer: _Renderer, ranges: IdentityRanges, partial: Path) -> 
     total = summary["train"]["samples"] + summary.get("open_set", {}).get("samples", 0)
     total += 2 * sum(summary["verification"].values()) + summary.get("ijb", {}).get("images", 0)
     summary["images"] = total
+    return summary
+
+
+def check_synthface(path: str | Path, cfg: SynthConfig) -> dict[str, Any]:
+    """The summary of the SynthFace set at ``path``; raises if it was built from another config."""
+    summary_file = Path(path) / "synthface.json"
+    if not summary_file.is_file():
+        raise FileNotFoundError(f"{path}: not a SynthFace directory (no synthface.json)")
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    wanted = to_dict(cfg)
+    differ = sorted(k for k in wanted if summary.get("config", {}).get(k) != wanted[k])
+    if differ:
+        raise ValueError(
+            f"{path}: SynthFace set was built with other values of "
+            f"synth.{', synth.'.join(differ)}; "
+            "point data.path elsewhere (or drop it to build one in the run directory)"
+        )
     return summary
 
 

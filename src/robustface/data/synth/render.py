@@ -194,7 +194,7 @@ def sample_nuisance(
 
     ``train`` is a broad mixture (mostly moderate; some large poses, blur, low resolution and
     occlusion), ``frontal`` is mild and LFW-like (|yaw| < 20 deg), ``profile`` has |yaw| in
-    45..80 deg on either side, ``low_quality`` has heavy blur, noise, low resolution, occlusion and
+    60..85 deg on either side, ``low_quality`` has heavy blur, noise, low resolution, occlusion and
     strong light, ``clean`` is frontal, neutral and undegraded. ``difficulty`` (>= 0) scales every
     magnitude (pose, expression, light, colour cast, blur, noise, resolution loss, JPEG loss and
     occlusion rate); ``profile``'s own yaw range and the ``clean`` profile are not scaled.
@@ -220,7 +220,7 @@ def sample_nuisance(
             yaw = math.copysign(55.0 + 30.0 * u[1], z[0])
         pitch, roll = 9.0 * z[1], 5.0 * z[2]
     elif profile == "profile":
-        yaw = math.copysign(45.0 + 35.0 * u[1], z[0])
+        yaw = math.copysign(60.0 + 25.0 * u[1], z[0])  # near-profile, as CFP-FP's profiles
         pitch, roll = 5.0 * z[1], 3.0 * z[2]
     elif profile == "frontal":
         yaw, pitch, roll = 7.0 * z[0], 5.0 * z[1], 3.0 * z[2]

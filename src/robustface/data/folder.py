@@ -12,12 +12,10 @@ import numpy as np
 import torch.utils.data
 from tqdm import tqdm
 
-from robustface.data.image import decode_image, encode_image
+from robustface.data.image import JPEG_MAGIC, decode_image, encode_image
 from robustface.data.recordio import write_insightface_rec
 from robustface.errors import DataFormatError
 from robustface.utils.io import write_text_atomic
-
-_JPEG_MAGIC = b"\xff\xd8"
 
 __all__ = ["ImageFolderDataset", "folder_to_rec"]
 
@@ -130,7 +128,7 @@ def folder_to_rec(
                     f"image is {height}x{width} (HxW), expected {expected[0]}x{expected[1]}; "
                     + hint,
                 )
-            yield (data if data[:2] == _JPEG_MAGIC else encode_image(image, "jpg", quality)), label
+            yield (data if data[:2] == JPEG_MAGIC else encode_image(image, "jpg", quality)), label
 
     rec = write_insightface_rec(out_dir, items(), image_size=expected)
     write_text_atomic(Path(out_dir) / "classes.txt", "".join(f"{c}\n" for c in dataset.classes))

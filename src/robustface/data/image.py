@@ -10,7 +10,7 @@ import simplejpeg
 
 from robustface.errors import DataFormatError
 
-_JPEG_MAGIC = b"\xff\xd8"
+JPEG_MAGIC = b"\xff\xd8"  # SOI marker: the first two bytes of every JPEG
 
 
 def decode_image(
@@ -21,7 +21,7 @@ def decode_image(
     ``source`` and ``key`` only serve the error message when the bytes cannot be decoded.
     """
     try:
-        if data[:2] == _JPEG_MAGIC:
+        if data[:2] == JPEG_MAGIC:
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
         img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except (ValueError, cv2.error) as exc:

@@ -67,7 +67,7 @@ def _normalize_planes(planes: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _resize_to(image: np.ndarray, size: int) -> np.ndarray:
+def resize_to(image: np.ndarray, size: int) -> np.ndarray:
     """Resize to ``size x size`` if needed (area when shrinking, bilinear when enlarging)."""
     height, width = image.shape[:2]
     if height == size and width == size:
@@ -182,7 +182,7 @@ class TrainTransform:
         if self.grayscale and rng.random() < self.grayscale:
             image = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
         if self.input_size is not None:
-            image = _resize_to(image, self.input_size)
+            image = resize_to(image, self.input_size)
         if self.flip_p and rng.random() < self.flip_p:
             image = cv2.flip(image, 1)
         return _to_tensor(image)
@@ -213,5 +213,5 @@ class EvalTransform:
         """Return the normalised ``3xHxW`` tensor of one ``HxWx3`` uint8 RGB image."""
         _check_rgb(image, batch=False)
         if self.input_size is not None:
-            image = _resize_to(image, self.input_size)
+            image = resize_to(image, self.input_size)
         return _to_tensor(image)

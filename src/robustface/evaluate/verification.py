@@ -31,11 +31,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from robustface.data.transforms import resize_to
 from robustface.data.verification import load_bin_images
 from robustface.utils.table import markdown_table
 
@@ -216,15 +216,10 @@ def _embed_batch(
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize ``N x H x W x 3`` uint8 images to ``size x size`` as the training transforms do
-    (``robustface.data.transforms``: area when shrinking, bilinear when enlarging)."""
-    height, width = images.shape[1:3]
-    if (height, width) == (size, size):
+    """Resize ``N x H x W x 3`` uint8 images to ``size x size`` exactly as training does."""
+    if images.shape[1:3] == (size, size):
         return images
-    interp = cv2.INTER_AREA if size < height or size < width else cv2.INTER_LINEAR
-    return np.stack(
-        [cv2.resize(np.ascontiguousarray(im), (size, size), interpolation=interp) for im in images]
-    )
+    return np.stack([resize_to(np.ascontiguousarray(im), size) for im in images])
 
 
 def embed_pairs(

@@ -211,13 +211,22 @@ def test_registry_lists_presets_and_rejects_unknown_names():
     assert (head.scale, head.m1, head.m2, head.m3) == (32.0, 1.35, 0.1, 0.05)
 
 
+# Heads that need constructor arguments or extra context beyond the common contract.
+HEAD_NEEDS = {
+    "centerbiasface": ({"num_classes": 5, "embedding_size": 8}, {"weight": torch.randn(5, 8)}),
+}
+
+
 @pytest.mark.parametrize("name", list_heads())
 def test_every_registered_head_follows_the_contract(name):
-    head = build_head(name)
+    params, context = HEAD_NEEDS.get(name, ({}, {}))
+    head = build_head(name, **params)
     assert isinstance(head, MarginHead)
     cos, labels = random_batch(6, rows=16, cols=5)
     cos = cos.float().requires_grad_()
-    out = head(cos, labels, norms=torch.ones(16), embeddings=torch.randn(16, 8), step=0, epoch=0)
+    out = head(
+        cos, labels, norms=torch.ones(16), embeddings=torch.randn(16, 8), step=0, epoch=0, **context
+    )
     assert isinstance(out, HeadOutput)
     assert out.logits.shape == cos.shape and out.labels.shape == labels.shape
     out.logits.sum().backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from robustface.heads.adaface import AdaFaceHead  # noqa: F401  (registers "adaface")
 from robustface.heads.base import (
     HEADS,
     LOCAL,
@@ -13,6 +14,9 @@ from robustface.heads.base import (
     ShardContext,
     check_head_inputs,
 )
+from robustface.heads.boundaryface import BoundaryFaceHead  # noqa: F401  (registers it)
+from robustface.heads.centerbias import CenterBiasFaceHead  # noqa: F401  (registers it)
+from robustface.heads.curricular import CurricularFaceHead  # noqa: F401  (registers it)
 from robustface.heads.margin import (
     CombinedMarginHead,
     SoftmaxHead,
@@ -21,6 +25,8 @@ from robustface.heads.margin import (
     cosface,
     sphereface,
 )
+from robustface.heads.mv_softmax import MVSoftmaxHead  # noqa: F401  (registers mv_*)
+from robustface.heads.robustface import RobustFaceHead  # noqa: F401  (registers "robustface")
 
 __all__ = [
     "HEADS",

@@ -1,0 +1,178 @@
+"""BoundaryFace (Wu and Wu, ECCV 2022): ArcFace with label self-correction and a boundary term.
+
+Until ``epoch_start`` (0-based ``epoch`` from the forward context; < epoch_start) the head is
+plain ArcFace. From then on, for each sample with label y::
+
+    j* = argmax_{j != y} cos(theta_j + m)        (over all classes, on every shard)
+    y' = j*  if cos(theta_j* + m) > cos(theta_y)  else y          (this step only)
+    extra_loss = lam * max(0, max_{j != y'} cos_j - cos(theta_y' + m))
+
+and the logits are ArcFace logits for ``y'``. ``cos(theta + m)`` (with the continuous fallback
+of :func:`~robustface.heads.margin.combined_margin_target`) is increasing in ``cos``, so ``j*``
+is the largest non-target cosine. The official code switches at ``epoch > epoch_start``; here
+"before ``epoch_start``" means ``epoch < epoch_start`` (the paper: 7 on WebFace, 10 on MS1M).
+The number of corrected labels of the last forward is ``last_corrected``.
+
+Shards. Maxima over classes are taken locally, then with a ``"max"`` all-reduce; the owner of
+a maximum is the rank whose local maximum equals the global one, ties going to the lowest global
+class id (a second ``"max"`` reduction of ``-id``). Target cosines are shared with a ``"sum"``
+all-reduce. The corrected label is the owner's local column and -1 elsewhere (also on the rank
+of the original label). ``extra_loss`` has the same value on every rank; its gradient flows only
+through the cosines the owning ranks hold. Sharing happens only when the classes are split
+(``shard.distributed`` with ``cosine.size(1) < shard.num_classes``); otherwise every rank works
+on its own rows (data-parallel full FC).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from robustface.heads.base import (
+    HEADS,
+    LOCAL,
+    HeadOutput,
+    MarginHead,
+    ShardContext,
+    check_head_inputs,
+    check_scale,
+)
+from robustface.heads.margin import combined_margin_target
+
+__all__ = ["BoundaryFaceHead", "global_row_max"]
+
+_BELOW = -3.0
+"""Stands in for excluded columns: below every cosine."""
+
+
+def classes_split(cosine: Tensor, shard: ShardContext) -> bool:
+    """True when this rank holds only part of the classes of a distributed shard group."""
+    return (
+        shard.distributed and shard.num_classes is not None and cosine.size(1) < shard.num_classes
+    )
+
+
+def global_row_max(
+    values: Tensor, shard: ShardContext, split: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Row maxima of ``values`` (B x C_local) over every shard's columns.
+
+    Returns the detached global maximum (B,), whether this rank owns it (B,) bool, the local
+    column of this rank's maximum (B,) and the differentiable local maximum (B,).
+    """
+    local_max, local_col = values.max(dim=1)
+    if not split:
+        return (
+            local_max.detach(),
+            torch.ones_like(local_col, dtype=torch.bool),
+            local_col,
+            local_max,
+        )
+    global_max = shard.all_reduce(local_max, "max")
+    ids = shard.column_classes(values.size(1), device=values.device)
+    hit = values.detach() == global_max.unsqueeze(1)
+    neg_ids = torch.where(hit, -ids.unsqueeze(0), torch.full_like(hit, -(2**62), dtype=torch.long))
+    local_best = neg_ids.max(dim=1).values
+    global_best = shard.all_reduce(local_best, "max")
+    owner = (local_best == global_best) & hit.any(dim=1)
+    local_col = torch.where(
+        owner, (ids.unsqueeze(0) == -global_best.unsqueeze(1)).long().argmax(1), local_col
+    )
+    return global_max, owner, local_col, values.gather(1, local_col.unsqueeze(1)).squeeze(1)
+
+
+@HEADS.register("boundaryface")
+class BoundaryFaceHead(MarginHead):
+    """BoundaryFace: ArcFace, then label self-correction and ``lam`` * the boundary term.
+
+    Needs ``epoch`` (0-based int) in the forward context. ``lam = 0`` is "BoundaryF1".
+    """
+
+    def __init__(
+        self,
+        scale: float = 32.0,
+        margin: float = 0.5,
+        epoch_start: int = 10,
+        lam: float = math.pi,
+    ) -> None:
+        super().__init__()
+        self.scale = check_scale(scale)
+        for name, value in (("margin", margin), ("lam", lam)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        if not 0 <= margin < math.pi:
+            raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
+        if lam < 0:
+            raise ValueError(f"lam (boundary weight) must be >= 0, got {lam}")
+        if isinstance(epoch_start, bool) or not isinstance(epoch_start, int) or epoch_start < 0:
+            raise ValueError(f"epoch_start must be an integer >= 0, got {epoch_start!r}")
+        self.margin, self.lam, self.epoch_start = float(margin), float(lam), epoch_start
+        self.last_corrected = 0
+
+    def forward(
+        self,
+        cosine: Tensor,
+        labels: Tensor,
+        *,
+        norms: Tensor | None = None,
+        embeddings: Tensor | None = None,
+        shard: ShardContext = LOCAL,
+        **context: Any,
+    ) -> HeadOutput:
+        """ArcFace logits for the (corrected) labels; ``extra_loss`` from ``epoch_start`` on."""
+        check_head_inputs(cosine, labels)
+        epoch = context.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch (0-based int) is required in the context, got {epoch!r}")
+        labels = labels.long()
+        if epoch < self.epoch_start:
+            self.last_corrected = 0
+            return HeadOutput(logits=self._arcface(cosine, labels), labels=labels)
+        split = classes_split(cosine, shard)
+        own = labels.unsqueeze(1) == torch.arange(cosine.size(1), device=cosine.device)
+        rows = torch.nonzero(labels != -1).squeeze(1)
+        with torch.no_grad():
+            cos_y = torch.zeros(cosine.size(0), dtype=cosine.dtype, device=cosine.device)
+            cos_y[rows] = cosine[rows, labels[rows]]
+            if split:
+                cos_y = shard.all_reduce(cos_y, "sum")
+            others = torch.where(own, torch.full_like(cosine, _BELOW), cosine.detach())
+            best, owner, col, _ = global_row_max(others, shard, split)
+            corrected = combined_margin_target(best, m2=self.margin) > cos_y
+            new_labels = torch.where(corrected, torch.where(owner, col, -1), labels)
+            self.last_corrected = int(corrected.sum())
+        new_own = new_labels.unsqueeze(1) == torch.arange(cosine.size(1), device=cosine.device)
+        # max_{j != y'} cos_j, same value everywhere, gradient only on the owning rank
+        rest = torch.where(new_own, torch.full_like(cosine, _BELOW), cosine)
+        neg_max, neg_owner, _, neg_local = global_row_max(rest, shard, split)
+        neg = neg_max + torch.where(neg_owner, neg_local - neg_local.detach(), 0.0)
+        new_rows = torch.nonzero(new_labels != -1).squeeze(1)
+        target_local = torch.zeros(cosine.size(0), dtype=cosine.dtype, device=cosine.device)
+        target_local = torch.index_put(
+            target_local,
+            (new_rows,),
+            combined_margin_target(cosine[new_rows, new_labels[new_rows]], m2=self.margin),
+        )
+        target_sum = shard.all_reduce(target_local, "sum") if split else target_local.detach()
+        target = target_sum + (target_local - target_local.detach())
+        extra = self.lam * (neg - target).clamp(min=0.0)
+        return HeadOutput(
+            logits=self._arcface(cosine, new_labels), labels=new_labels, extra_loss=extra
+        )
+
+    def _arcface(self, cosine: Tensor, labels: Tensor) -> Tensor:
+        rows = torch.nonzero(labels != -1).squeeze(1)
+        cols = labels[rows]
+        target = combined_margin_target(cosine[rows, cols], m2=self.margin)
+        return torch.index_put(cosine, (rows, cols), target) * self.scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"scale={self.scale}, margin={self.margin}, epoch_start={self.epoch_start}, "
+            f"lam={self.lam}"
+        )

@@ -1,0 +1,192 @@
+"""CenterBiasFace ("Hard class mining based on center bias estimation"): per-class ArcFace margins.
+
+State: class mean centres ``C`` (num_classes x d; zeros at the start) and the convergence
+parameter ``t`` (t0 = 0). Each training step, in the official code's order:
+
+1. ``C[y] <- a * f + (1 - a) * C[y]`` for every labelled sample (a = ``momentum`` = 0.01, raw
+   embeddings). Repeated labels apply the EMA once per occurrence in batch order, in closed form:
+   a class seen k times with features f_1..f_k gets
+   ``C <- (1 - a)^k C + sum_i a (1 - a)^(k - i) f_i`` (the official code keeps only the last
+   write for a repeated label);
+2. ``t <- a * mean(cos_y) + (1 - a) * t`` over the labelled rows of every shard;
+3. hardness ``h_j = 1 - cos(W_j, C_j)`` (``cos(W_j, 0) = 0``: a class not seen yet has h = 1),
+   min-max normalised over all classes to ``n_j`` (``n = 0`` when max = min);
+4. ``m_j = clamp(m + n_j * t * m_m, m, m + m_m)``; the target becomes ``cos(theta_y + m_y)``
+   (continuous fallback of :func:`~robustface.heads.margin.combined_margin_target`).
+
+In eval mode nothing is updated and steps 3-4 use the stored state. Margins carry no gradient.
+
+Inputs. ``embeddings`` (B x d) and the class weights by name, ``weight=`` (num_classes x d: this
+rank's rows; the cosine column ``c`` is class ``shard.column_classes(C)[c]``, row
+``class - shard.class_offset``). Under Partial FC the centres are sharded like the weight: each
+rank keeps the rows of its own classes, ``num_classes`` is the local count, and only the rank
+that owns a label updates that class's centre. The global min/max of ``h`` and the mean of
+``cos_y`` use ``"max"``/``"sum"`` all-reduces, so ``t`` is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from robustface.heads.base import (
+    HEADS,
+    LOCAL,
+    HeadOutput,
+    MarginHead,
+    ShardContext,
+    check_head_inputs,
+    check_scale,
+)
+from robustface.heads.margin import combined_margin_target
+
+__all__ = ["CenterBiasFaceHead", "ema_rows"]
+
+
+def ema_rows(state: Tensor, rows: Tensor, values: Tensor, momentum: float) -> Tensor:
+    """``state`` after ``state[r] <- a * v + (1 - a) * state[r]`` for each (r, v) in order.
+
+    Closed form per row seen k times: ``(1 - a)^k state + sum_i a (1 - a)^(k - i) v_i``.
+    Returns a new tensor.
+    """
+    keep = 1.0 - momentum
+    if rows.numel() == 0:
+        return state.clone()
+    counts = torch.bincount(rows, minlength=state.size(0))
+    order = torch.sort(rows, stable=True).indices
+    sorted_rows = rows[order]
+    position = torch.arange(rows.numel(), device=rows.device)
+    first = torch.cumsum(counts, 0) - counts  # first sorted position of each row
+    occurrence = torch.empty_like(rows)
+    occurrence[order] = position - first[sorted_rows] + 1  # 1-based, in batch order
+    power = (counts[rows] - occurrence).to(state.dtype)
+    coef = momentum * torch.pow(torch.full_like(power, keep), power)
+    base = torch.full((state.size(0),), keep, dtype=state.dtype, device=state.device)
+    out = state * torch.pow(base, counts.to(state.dtype)).unsqueeze(1)
+    return out.index_add(0, rows, coef.unsqueeze(1) * values.to(state.dtype))
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@HEADS.register("centerbiasface")
+class CenterBiasFaceHead(MarginHead):
+    """CenterBiasFace: ArcFace with a per-class margin from the class-centre / weight bias.
+
+    Needs ``embeddings`` and ``weight=`` (see the module docstring). Buffers: ``centers``
+    (num_classes x embedding_size) and ``t``; the last margins are ``last_margins`` (for logging).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        scale: float = 64.0,
+        margin: float = 0.4,
+        margin_max: float = 0.2,
+        momentum: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.num_classes = _positive_int("num_classes", num_classes)
+        self.embedding_size = _positive_int("embedding_size", embedding_size)
+        self.scale = check_scale(scale)
+        for name, value in (("margin", margin), ("margin_max", margin_max), ("momentum", momentum)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        if margin < 0 or margin + margin_max >= math.pi:
+            raise ValueError(
+                f"margin must be >= 0 with margin + margin_max < pi radians, got {margin}"
+            )
+        if margin_max < 0:
+            raise ValueError(f"margin_max must be >= 0, got {margin_max}")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.margin, self.margin_max = float(margin), float(margin_max)
+        self.momentum = float(momentum)
+        self.register_buffer("centers", torch.zeros(num_classes, embedding_size))
+        self.register_buffer("t", torch.zeros(()))
+        self.last_margins: Tensor | None = None
+
+    def forward(
+        self,
+        cosine: Tensor,
+        labels: Tensor,
+        *,
+        norms: Tensor | None = None,
+        embeddings: Tensor | None = None,
+        shard: ShardContext = LOCAL,
+        **context: Any,
+    ) -> HeadOutput:
+        """ArcFace logits with margin ``m_y`` per target; in training updates centres, then t."""
+        check_head_inputs(cosine, labels)
+        weight = context.get("weight")
+        shape = (self.num_classes, self.embedding_size)
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != shape:
+            got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            raise ValueError(f"weight= (class weights {shape}) is required, got {got}")
+        if not isinstance(embeddings, Tensor) or tuple(embeddings.shape) != (
+            cosine.size(0),
+            self.embedding_size,
+        ):
+            got = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else embeddings
+            raise ValueError(
+                f"embeddings must be ({cosine.size(0)} x {self.embedding_size}), got {got}"
+            )
+        class_rows = shard.column_classes(cosine.size(1), device=cosine.device) - shard.class_offset
+        if class_rows.numel() and (
+            int(class_rows.min()) < 0 or int(class_rows.max()) >= self.num_classes
+        ):
+            raise ValueError(
+                f"cosine columns must map to weight rows in [0, {self.num_classes}), "
+                f"got classes {int(class_rows.min())}..{int(class_rows.max())} - offset"
+            )
+        rows = torch.nonzero(labels != -1).squeeze(1)
+        cols = labels[rows].long()
+        cos_y = cosine[rows, cols]
+        with torch.no_grad():
+            if self.training:
+                self.centers.copy_(
+                    ema_rows(self.centers, class_rows[cols], embeddings[rows], self.momentum)
+                )
+                stats = torch.stack(
+                    [
+                        cos_y.detach().double().sum(),
+                        torch.tensor(float(rows.numel()), dtype=torch.float64, device=cos_y.device),
+                    ]
+                )
+                stats = shard.all_reduce(stats, "sum")
+                if stats[1] > 0:
+                    mean = (stats[0] / stats[1]).to(self.t)
+                    self.t.mul_(1.0 - self.momentum).add_(self.momentum * mean)
+            w = weight.detach().to(self.centers.dtype)
+            c_norm = self.centers.norm(dim=1)
+            cos_wc = (w * self.centers).sum(1) / (w.norm(dim=1).clamp(min=1e-12) * c_norm)
+            hard = 1.0 - torch.where(c_norm > 0, cos_wc, torch.zeros_like(cos_wc))
+            extremes = torch.stack([hard.max(), -hard.min()])
+            extremes = shard.all_reduce(extremes, "max")
+            h_max, h_min = extremes[0], -extremes[1]
+            span = h_max - h_min
+            norm = (hard - h_min) / span if bool(span > 0) else torch.zeros_like(hard)
+            margins = (self.margin + norm * self.t * self.margin_max).clamp(
+                self.margin, self.margin + self.margin_max
+            )
+            self.last_margins = margins
+            m_y = margins[class_rows[cols]].to(cosine.dtype)
+        target = combined_margin_target(cos_y, m2=m_y)
+        logits = torch.index_put(cosine, (rows, cols), target) * self.scale
+        return HeadOutput(logits=logits, labels=labels)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+            f"scale={self.scale}, margin={self.margin}, margin_max={self.margin_max}, "
+            f"momentum={self.momentum}"
+        )

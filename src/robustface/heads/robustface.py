@@ -1,0 +1,181 @@
+"""RobustFace: adaptive mining of noise and hard samples (official ``losses.py``, published rule).
+
+Target ``T = cos(theta_y + m)`` (with the continuous fallback of
+:func:`~robustface.heads.margin.combined_margin_target`); noise boundary ``N = cos(theta_y + m1)``
+(m1 = -0.15 at the start). For every (sample, negative class j)::
+
+    hard  = cos_j > T          noise = cos_j > N          hard-only = hard and not noise
+    hard-only negatives:  (1 + t) * cos_j
+    noise negatives:      max((1 - phi / (1 - mu)) ** gamma * cos_j, 1e-30)
+
+``phi`` is an EMA (momentum 0.01, phi0 = 0) of the fraction of easy (not hard) pairs, ``mu`` the
+assumed noise rate. Each training step follows the official code's order:
+
+1. ``m1 <- (1 - phi / (1 - mu)) * m1`` with the ``phi`` of the previous step (so m1 is unchanged
+   at the first step, when phi = 0);
+2. ``N`` from the new m1, then the hard and noise masks;
+3. ``phi`` updated with this batch's easy fraction;
+4. the noise factor ``(1 - phi / (1 - mu)) ** gamma`` uses the *updated* phi.
+
+Known collapse (kept on purpose: this is the published rule). With many classes nearly every
+pair is easy, so ``phi -> ~1`` within a few hundred steps; with mu = 0 the factor ``1 - phi``
+then tends to 0, m1 shrinks geometrically to ~0 (the noise boundary becomes ``cos(theta_y)``)
+and noise negatives are scaled to ~0. With mu > 0, ``phi / (1 - mu)`` exceeds 1 and m1 flips
+sign. A better-behaved schedule belongs in a separately named variant.
+
+Boundary below angle 0. With m1 < 0 and ``theta_y < |m1|`` the angle ``theta_y + m1`` is
+negative; we clamp it at 0 (``N = 1``: no negative is noise), which is continuous. For m1 >= 0
+(after a sign flip) ``N`` uses the same fallback as the target.
+
+Shards. ``T`` and ``N`` of a row live on the rank that owns its label; when the classes are split
+over ranks (``shard.distributed`` with ``cosine.size(1) < shard.num_classes``) they are shared
+with a ``"sum"`` all-reduce (detached: they only select columns). The easy and pair counts are
+all-reduced, so phi and m1 are identical on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from robustface.heads.base import (
+    HEADS,
+    LOCAL,
+    HeadOutput,
+    MarginHead,
+    ShardContext,
+    check_head_inputs,
+    check_scale,
+)
+from robustface.heads.margin import ACOS_EPS, combined_margin_target
+
+__all__ = ["RobustFaceHead", "noise_boundary"]
+
+NOISE_FLOOR = 1e-30
+"""Lower bound of a scaled noise negative (the official ``clamp_min(1e-30)``)."""
+
+
+def noise_boundary(cos_target: Tensor, m1: float | Tensor) -> Tensor:
+    """``cos(theta_y + m1)``: angle clamped at 0 for m1 < 0, the target's fallback for m1 >= 0."""
+    m1 = torch.as_tensor(m1, dtype=cos_target.dtype, device=cos_target.device)
+    if bool(m1 >= 0):
+        return combined_margin_target(cos_target, m2=m1)
+    eps = max(ACOS_EPS, torch.finfo(cos_target.dtype).eps)
+    theta = torch.acos(cos_target.clamp(-1.0 + eps, 1.0 - eps))
+    return torch.cos((theta + m1).clamp(min=0.0))
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+@HEADS.register("robustface")
+class RobustFaceHead(MarginHead):
+    """RobustFace (official rule): ArcFace target, hard negatives boosted, noise negatives damped.
+
+    Buffers: ``phi`` (EMA of the easy-pair fraction) and ``m1`` (noise margin, radians). Counts
+    of the last training step are kept as ``last_easy``, ``last_hard``, ``last_noise`` (for
+    logging; hard counts hard-only pairs).
+    """
+
+    def __init__(
+        self,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        m1: float = -0.15,
+        t: float = 0.2,
+        gamma: float = 2.0,
+        noise_rate: float = 0.0,
+        momentum: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.scale = check_scale(scale)
+        margin, m1 = _number("margin", margin), _number("m1", m1)
+        t, gamma = _number("t", t), _number("gamma", gamma)
+        noise_rate, momentum = _number("noise_rate", noise_rate), _number("momentum", momentum)
+        if not 0 <= margin < math.pi:
+            raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
+        if not -math.pi < m1 < math.pi:
+            raise ValueError(f"m1 (noise margin) must be in (-pi, pi) radians, got {m1}")
+        if t < 0:
+            raise ValueError(f"t (hard-negative boost) must be >= 0, got {t}")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if not 0 <= noise_rate < 1:
+            raise ValueError(f"noise_rate (mu) must be in [0, 1), got {noise_rate}")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.margin, self.t, self.gamma = margin, t, gamma
+        self.noise_rate, self.momentum = noise_rate, momentum
+        self.register_buffer("phi", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("m1", torch.tensor(m1, dtype=torch.float64))
+        self.last_easy = self.last_hard = self.last_noise = 0
+
+    def forward(
+        self,
+        cosine: Tensor,
+        labels: Tensor,
+        *,
+        norms: Tensor | None = None,
+        embeddings: Tensor | None = None,
+        shard: ShardContext = LOCAL,
+        **context: Any,
+    ) -> HeadOutput:
+        """Scaled logits; in training mode updates m1, then phi (see the module docstring)."""
+        check_head_inputs(cosine, labels)
+        clear = 1.0 - self.noise_rate
+        if self.training:
+            with torch.no_grad():
+                self.m1.mul_(1.0 - self.phi / clear)
+        m1 = float(self.m1)
+        rows = torch.nonzero(labels != -1).squeeze(1)
+        cols = labels[rows].long()
+        cos_y = cosine[rows, cols]
+        target = combined_margin_target(cos_y, m2=self.margin)
+        with torch.no_grad():
+            bounds = torch.zeros(2, cosine.size(0), dtype=cosine.dtype, device=cosine.device)
+            bounds[0, rows] = target.detach()
+            bounds[1, rows] = noise_boundary(cos_y.detach(), m1)
+            split = shard.distributed and (
+                shard.num_classes is not None and cosine.size(1) < shard.num_classes
+            )
+            if split:
+                bounds = shard.all_reduce(bounds, "sum")
+            own = torch.zeros_like(cosine, dtype=torch.bool)
+            own[rows, cols] = True
+            hard = (cosine > bounds[0].unsqueeze(1)) & ~own
+            noise = (cosine > bounds[1].unsqueeze(1)) & ~own
+            hard_only = hard & ~noise
+            pairs = cosine.numel() - rows.numel()
+            easy = pairs - int(hard.sum())
+            counts = torch.tensor(
+                [easy, pairs, int(hard_only.sum()), int(noise.sum())],
+                dtype=torch.float64,
+                device=cosine.device,
+            )
+            counts = shard.all_reduce(counts, "sum")
+            if self.training:
+                fraction = counts[0] / counts[1].clamp(min=1.0)
+                self.phi.mul_(1.0 - self.momentum).add_(self.momentum * fraction)
+                easy_n, _, hard_n, noise_n = (int(c) for c in counts)
+                self.last_easy, self.last_hard, self.last_noise = easy_n, hard_n, noise_n
+        base = 1.0 - float(self.phi) / clear
+        # a negative base (mu > 0 collapse) with a non-integer gamma has no real power: use 0
+        factor = base**self.gamma if base >= 0 or self.gamma.is_integer() else 0.0
+        logits = torch.where(hard_only, cosine * (1.0 + self.t), cosine)
+        logits = torch.where(noise, (cosine * factor).clamp(min=NOISE_FLOOR), logits)
+        logits = torch.index_put(logits, (rows, cols), target) * self.scale
+        return HeadOutput(logits=logits, labels=labels)
+
+    def extra_repr(self) -> str:
+        return (
+            f"scale={self.scale}, margin={self.margin}, m1={float(self.m1):.4g}, t={self.t}, "
+            f"gamma={self.gamma}, noise_rate={self.noise_rate}, momentum={self.momentum}"
+        )

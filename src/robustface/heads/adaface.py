@@ -38,6 +38,7 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
+    check_number,
     check_scale,
 )
 from robustface.heads.margin import ACOS_EPS
@@ -46,14 +47,6 @@ __all__ = ["AdaFaceHead"]
 
 NORM_MIN, NORM_MAX = 0.001, 100.0
 """The feature norms are clipped to this range (official ``safe_norms``)."""
-
-
-def _check_number(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
 
 
 @HEADS.register("adaface")
@@ -78,8 +71,8 @@ class AdaFaceHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, h = _check_number("margin", margin), _check_number("h", h)
-        t_alpha, eps = _check_number("t_alpha", t_alpha), _check_number("eps", eps)
+        margin, h = check_number("margin", margin), check_number("h", h)
+        t_alpha, eps = check_number("t_alpha", t_alpha), check_number("eps", eps)
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         if h <= 0:

@@ -163,13 +163,35 @@ HEADS: Registry[Callable[..., MarginHead]] = Registry("head")
 """Registered heads: classes and preset factories, each called with keyword parameters."""
 
 
+def check_number(name: str, value: object) -> float:
+    """``value`` as a float; ``TypeError`` unless a real number, ``ValueError`` unless finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
 def check_scale(scale: float) -> float:
     """``scale`` as a float, or ``ValueError`` unless it is finite and > 0."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
+    scale = check_number("scale", scale)
+    if scale <= 0:
         raise ValueError(f"scale must be finite and > 0, got {scale}")
-    return float(scale)
+    return scale
+
+
+def row_thresholds(target: Tensor, rows: Tensor, cosine: Tensor, shard: ShardContext) -> Tensor:
+    """Each row's detached margined target, from whichever shard owns it; ``inf`` where none.
+
+    A row's hard-negative mask needs its target on every shard, not only the owner's. The owner
+    contributes the value and a one, the others zeros, and a ``"sum"`` reduction (exact: one
+    non-zero term) hands every shard the same (B,) thresholds. Every rank must call it.
+    """
+    local = torch.zeros(2, cosine.size(0), dtype=cosine.dtype, device=cosine.device)
+    local = local.index_put((torch.zeros_like(rows), rows), target.detach())
+    local = local.index_put((torch.ones_like(rows), rows), torch.ones_like(target))
+    value, owned = shard.all_reduce(local, "sum").unbind()
+    return torch.where(owned > 0, value, torch.full_like(value, math.inf))
 
 
 def check_head_inputs(cosine: Tensor, labels: Tensor, *, name: str = "cosine") -> None:

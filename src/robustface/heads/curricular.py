@@ -37,33 +37,13 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
+    check_number,
     check_scale,
+    row_thresholds,
 )
 from robustface.heads.margin import combined_margin_target
 
 __all__ = ["CurricularFaceHead"]
-
-
-def _check_number(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _row_thresholds(target: Tensor, rows: Tensor, cosine: Tensor, shard: ShardContext) -> Tensor:
-    """Each row's detached margined target, from whichever shard owns it; ``inf`` where none.
-
-    The hard-negative mask of a row needs its target on every shard, not only the owner's: the
-    owner contributes the value and a one, the others zeros, and a ``"sum"`` reduction (exact:
-    one non-zero term) hands every shard the same (B,) thresholds. Every rank calls it.
-    """
-    local = torch.zeros(2, cosine.size(0), dtype=cosine.dtype, device=cosine.device)
-    local = local.index_put((torch.zeros_like(rows), rows), target.detach())
-    local = local.index_put((torch.ones_like(rows), rows), torch.ones_like(target))
-    value, owned = shard.all_reduce(local, "sum").unbind()
-    return torch.where(owned > 0, value, torch.full_like(value, math.inf))
 
 
 @HEADS.register("curricularface")
@@ -79,8 +59,8 @@ class CurricularFaceHead(MarginHead):
     def __init__(self, scale: float = 64.0, margin: float = 0.5, momentum: float = 0.01) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin = _check_number("margin", margin)
-        momentum = _check_number("momentum", momentum)
+        margin = check_number("margin", margin)
+        momentum = check_number("momentum", momentum)
         if not 0 <= margin < math.pi:
             raise ValueError(
                 f"margin (additive angular margin) must be in [0, pi) radians, got {margin}"
@@ -111,7 +91,7 @@ class CurricularFaceHead(MarginHead):
         if self.training:
             self._update(cos_y, shard)
         t = self.t.to(cosine.dtype)
-        threshold = _row_thresholds(target, rows, cosine, shard)
+        threshold = row_thresholds(target, rows, cosine, shard)
         hard = cosine > threshold.unsqueeze(1)
         logits = torch.where(hard, cosine * (t + cosine), cosine)
         logits = torch.index_put(logits, (rows, cols), target) * self.scale

@@ -31,35 +31,15 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
+    check_number,
     check_scale,
+    row_thresholds,
 )
 from robustface.heads.margin import combined_margin_target
 
 __all__ = ["MVSoftmaxHead", "mv_arc"]
 
 VARIANTS = ("am", "arc")
-
-
-def _check_number(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _row_thresholds(target: Tensor, rows: Tensor, cosine: Tensor, shard: ShardContext) -> Tensor:
-    """Each row's detached margined target, from whichever shard owns it; ``inf`` where none.
-
-    The hard-negative mask of a row needs its target on every shard, not only the owner's: the
-    owner contributes the value and a one, the others zeros, and a ``"sum"`` reduction (exact:
-    one non-zero term) hands every shard the same (B,) thresholds. Every rank calls it.
-    """
-    local = torch.zeros(2, cosine.size(0), dtype=cosine.dtype, device=cosine.device)
-    local = local.index_put((torch.zeros_like(rows), rows), target.detach())
-    local = local.index_put((torch.ones_like(rows), rows), torch.ones_like(target))
-    value, owned = shard.all_reduce(local, "sum").unbind()
-    return torch.where(owned > 0, value, torch.full_like(value, math.inf))
 
 
 @HEADS.register("mv_softmax")
@@ -76,7 +56,7 @@ class MVSoftmaxHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, t = _check_number("margin", margin), _check_number("t", t)
+        margin, t = check_number("margin", margin), check_number("t", t)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if variant == "am" and margin < 0:
@@ -108,7 +88,7 @@ class MVSoftmaxHead(MarginHead):
             target = cos_y - self.margin
         else:
             target = combined_margin_target(cos_y, 1.0, self.margin)
-        threshold = _row_thresholds(target, rows, cosine, shard)
+        threshold = row_thresholds(target, rows, cosine, shard)
         hard = cosine > threshold.unsqueeze(1)
         logits = torch.where(hard, (self.t + 1.0) * cosine + self.t, cosine)
         logits = torch.index_put(logits, (rows, cols), target) * self.scale

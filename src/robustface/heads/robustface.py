@@ -48,6 +48,7 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
+    check_number,
     check_scale,
 )
 from robustface.heads.margin import ACOS_EPS, combined_margin_target
@@ -66,14 +67,6 @@ def noise_boundary(cos_target: Tensor, m1: float | Tensor) -> Tensor:
     eps = max(ACOS_EPS, torch.finfo(cos_target.dtype).eps)
     theta = torch.acos(cos_target.clamp(-1.0 + eps, 1.0 - eps))
     return torch.cos((theta + m1).clamp(min=0.0))
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
 
 
 @HEADS.register("robustface")
@@ -97,9 +90,12 @@ class RobustFaceHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, m1 = _number("margin", margin), _number("m1", m1)
-        t, gamma = _number("t", t), _number("gamma", gamma)
-        noise_rate, momentum = _number("noise_rate", noise_rate), _number("momentum", momentum)
+        margin, m1 = check_number("margin", margin), check_number("m1", m1)
+        t, gamma = check_number("t", t), check_number("gamma", gamma)
+        noise_rate, momentum = (
+            check_number("noise_rate", noise_rate),
+            check_number("momentum", momentum),
+        )
         if not 0 <= margin < math.pi:
             raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
         if not -math.pi < m1 < math.pi:

@@ -277,3 +277,16 @@ def test_ddp_partial_fc_two_ranks_then_resume_on_one(synth_train_dir, tmp_path):
     momentum = torch.cat([s["fc"]["optim"]["state"][0]["momentum_buffer"] for s in shards])
     assert torch.equal(one.opt_fc.state_dict()["state"][0]["momentum_buffer"], momentum)
     assert one.global_step == 3
+
+
+@pytest.mark.parametrize("fc", ["full", "partial_fc"])
+@pytest.mark.parametrize(
+    "head", [h for h in __import__("robustface.heads").heads.list_heads() if h != "centerbiasface"]
+)
+def test_every_config_usable_head_trains_through_the_trainer(synth_train_dir, tmp_path, head, fc):
+    extra = ["train.max_steps=2", "data.val_targets=[]", f"head.name={head}", f"fc.name={fc}"]
+    extra += ["head.params={}"]
+    if head == "boundaryface":
+        extra.append("head.params.epoch_start=0")  # label correction from the first step
+    result = Trainer(_cfg(tmp_path / "h", synth_train_dir, *extra)).fit()
+    assert result.steps == 2 and np.isfinite(result.loss)

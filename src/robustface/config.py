@@ -192,7 +192,7 @@ class HeadConfig:
     """Margin head (see ``robustface.heads.list_heads()``); ``params`` go to its constructor."""
 
     name: str = "arcface"
-    params: dict[str, float | bool] = dataclasses.field(default_factory=dict)
+    params: dict[str, int | float | bool] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -353,3 +353,8 @@ def test_intermediates_stop_after_deepest_requested_block():
     assert calls == []
     model.forward_intermediates(torch.randn(2, 3, 56, 56), ["layer2"])
     assert calls == ["layer4"]
+
+
+def test_unknown_factory_argument_lists_the_parameters():
+    with pytest.raises(TypeError, match=r"backbone 'r18'.*embedding_size"):
+        build_backbone("r18", embeding_size=128)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
@@ -32,15 +31,7 @@ def build_classifier(name: str, embedding_size: int, num_classes: int, **kw: Any
     Unknown names raise ``KeyError`` listing close matches; unknown keyword arguments raise
     ``TypeError`` listing the classifier's parameters.
     """
-    cls = CLASSIFIERS.get(name)
-    signature = inspect.signature(cls)
-    try:
-        signature.bind(embedding_size, num_classes, **kw)
-    except TypeError as err:
-        raise TypeError(
-            f"classifier {name!r}: {err}; its parameters are {', '.join(signature.parameters)}"
-        ) from None
-    return cls(embedding_size, num_classes, **kw)
+    return CLASSIFIERS.build(name, embedding_size, num_classes, **kw)
 
 
 def list_classifiers(pattern: str = "*") -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from robustface.heads.adaface import AdaFaceHead  # noqa: F401  (registers "adaface")
@@ -52,15 +51,7 @@ def build_head(name: str, **params: Any) -> MarginHead:
     Unknown names raise ``KeyError`` listing close matches; unknown parameters raise
     ``TypeError`` listing the head's parameters.
     """
-    factory = HEADS.get(name)
-    signature = inspect.signature(factory)
-    try:
-        signature.bind(**params)
-    except TypeError as err:
-        raise TypeError(
-            f"head {name!r}: {err}; its parameters are {', '.join(signature.parameters)}"
-        ) from None
-    return factory(**params)
+    return HEADS.build(name, **params)
 
 
 def list_heads(pattern: str = "*") -> list[str]:

@@ -24,8 +24,12 @@ from robustface.models.mobilefacenet import MobileFaceNet
 
 
 def build_backbone(name: str, **kwargs: Any) -> FaceBackbone:
-    """Build the backbone registered as ``name``; ``kwargs`` go to its factory."""
-    return BACKBONES.get(name)(**kwargs)
+    """Build the backbone registered as ``name``; ``kwargs`` go to its factory.
+
+    Unknown names raise ``KeyError`` listing close matches; unknown keyword arguments raise
+    ``TypeError`` listing the factory's parameters.
+    """
+    return BACKBONES.build(name, **kwargs)
 
 
 def list_backbones(pattern: str = "*") -> list[str]:

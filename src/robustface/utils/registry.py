@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -74,6 +75,22 @@ class Registry(Generic[T]):
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}{hint}; valid names: {', '.join(valid) or 'none'}"
             ) from None
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the factory registered as ``name`` with ``args`` and ``kwargs``.
+
+        Arguments the factory does not take raise ``TypeError`` naming the factory and listing its
+        parameters (before anything is built); unknown names raise as :meth:`get`.
+        """
+        factory = self.get(name)
+        signature = inspect.signature(factory)  # type: ignore[arg-type]
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(
+                f"{self.kind} {name!r}: {err}; its parameters are {', '.join(signature.parameters)}"
+            ) from None
+        return factory(*args, **kwargs)  # type: ignore[operator]
 
     def names(self, pattern: str = "*") -> list[str]:
         """Registered names matching the shell-style ``pattern`` (``fnmatch``), sorted."""

@@ -27,7 +27,7 @@ def build_backbone(name: str, **kwargs: Any) -> FaceBackbone:
     """Build the backbone registered as ``name``; ``kwargs`` go to its factory.
 
     Unknown names raise ``KeyError`` listing close matches; unknown keyword arguments raise
-    ``TypeError`` listing the factory's parameters.
+    ``TypeError`` naming them.
     """
     return BACKBONES.build(name, **kwargs)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from robustface.data.recordio import _is_int
 from robustface.errors import DataFormatError
 from robustface.utils.io import atomic_path, write_bytes_atomic, write_text_atomic
 
@@ -42,14 +43,6 @@ def write_features(path: str | Path, feats: np.ndarray) -> None:
     if feats.ndim != 2:
         raise ValueError(f"feats must be a 2-D (N, dim) array, got shape {feats.shape}")
     write_bytes_atomic(path, np.ascontiguousarray(feats, dtype="<f4").tobytes())
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
 
 
 def read_meta(path: str | Path) -> np.ndarray:

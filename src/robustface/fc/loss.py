@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robustface.heads.base import LOCAL, ShardContext, check_head_inputs
+from robustface.heads.base import LOCAL, ShardContext, check_head_inputs, target_positions
 
 __all__ = ["distributed_cross_entropy"]
 
@@ -50,8 +50,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:
         shifted_exp, sum_exp, labels = ctx.saved_tensors
         grad_logits = shifted_exp * (grad_loss / sum_exp)[:, None]
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows]
+        rows, cols = target_positions(labels)
         grad_logits = torch.index_put(
             grad_logits, (rows, cols), grad_logits[rows, cols] - grad_loss[rows]
         )

@@ -40,6 +40,7 @@ from robustface.heads.base import (
     check_head_inputs,
     check_number,
     check_scale,
+    target_positions,
 )
 from robustface.heads.margin import ACOS_EPS
 
@@ -116,8 +117,7 @@ class AdaFaceHead(MarginHead):
             raise ValueError(
                 f"norms must be a floating-point ({cosine.size(0)},) tensor, got {got}"
             )
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows].long()
+        rows, cols = target_positions(labels)
         n = norms.detach()[rows].clamp(NORM_MIN, NORM_MAX)
         if self.training:
             self._update(n, shard)

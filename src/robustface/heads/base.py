@@ -180,6 +180,12 @@ def check_scale(scale: float) -> float:
     return scale
 
 
+def target_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows, cols)``: the rows whose target class lives on this shard (label != -1) and it."""
+    rows = torch.nonzero(labels != -1).squeeze(1)
+    return rows, labels[rows].long()
+
+
 def row_thresholds(target: Tensor, rows: Tensor, cosine: Tensor, shard: ShardContext) -> Tensor:
     """Each row's detached margined target, from whichever shard owns it; ``inf`` where none.
 

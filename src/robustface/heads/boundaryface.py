@@ -39,6 +39,7 @@ from robustface.heads.base import (
     ShardContext,
     check_head_inputs,
     check_scale,
+    target_positions,
 )
 from robustface.heads.margin import combined_margin_target
 
@@ -166,8 +167,7 @@ class BoundaryFaceHead(MarginHead):
         )
 
     def _arcface(self, cosine: Tensor, labels: Tensor) -> Tensor:
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows]
+        rows, cols = target_positions(labels)
         target = combined_margin_target(cosine[rows, cols], m2=self.margin)
         return torch.index_put(cosine, (rows, cols), target) * self.scale
 

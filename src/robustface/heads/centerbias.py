@@ -40,6 +40,7 @@ from robustface.heads.base import (
     ShardContext,
     check_head_inputs,
     check_scale,
+    target_positions,
 )
 from robustface.heads.margin import combined_margin_target
 
@@ -148,8 +149,7 @@ class CenterBiasFaceHead(MarginHead):
                 f"cosine columns must map to weight rows in [0, {self.num_classes}), "
                 f"got classes {int(class_rows.min())}..{int(class_rows.max())} - offset"
             )
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows].long()
+        rows, cols = target_positions(labels)
         cos_y = cosine[rows, cols]
         with torch.no_grad():
             if self.training:

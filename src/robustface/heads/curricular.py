@@ -40,6 +40,7 @@ from robustface.heads.base import (
     check_number,
     check_scale,
     row_thresholds,
+    target_positions,
 )
 from robustface.heads.margin import combined_margin_target
 
@@ -84,8 +85,7 @@ class CurricularFaceHead(MarginHead):
     ) -> HeadOutput:
         """Scaled logits; in training mode ``t`` is updated from this batch first, then used."""
         check_head_inputs(cosine, labels)
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows].long()
+        rows, cols = target_positions(labels)
         cos_y = cosine[rows, cols]
         target = combined_margin_target(cos_y, 1.0, self.margin)
         if self.training:

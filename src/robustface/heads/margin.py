@@ -41,6 +41,7 @@ from robustface.heads.base import (
     ShardContext,
     check_head_inputs,
     check_scale,
+    target_positions,
 )
 
 __all__ = [
@@ -151,8 +152,7 @@ class CombinedMarginHead(MarginHead):
     ) -> HeadOutput:
         """Scaled logits with the margin on each row's target column (rows with label != -1)."""
         check_head_inputs(cosine, labels)
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows].long()
+        rows, cols = target_positions(labels)
         target = combined_margin_target(
             cosine[rows, cols], self.m1, self.m2, self.m3, easy_margin=self.easy_margin
         )

@@ -34,6 +34,7 @@ from robustface.heads.base import (
     check_number,
     check_scale,
     row_thresholds,
+    target_positions,
 )
 from robustface.heads.margin import combined_margin_target
 
@@ -81,8 +82,7 @@ class MVSoftmaxHead(MarginHead):
     ) -> HeadOutput:
         """Scaled logits with the margined target and the re-weighted mis-classified negatives."""
         check_head_inputs(cosine, labels)
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows].long()
+        rows, cols = target_positions(labels)
         cos_y = cosine[rows, cols]
         if self.variant == "am":
             target = cos_y - self.margin

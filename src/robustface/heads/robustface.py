@@ -50,6 +50,7 @@ from robustface.heads.base import (
     check_head_inputs,
     check_number,
     check_scale,
+    target_positions,
 )
 from robustface.heads.margin import ACOS_EPS, combined_margin_target
 
@@ -131,8 +132,7 @@ class RobustFaceHead(MarginHead):
             with torch.no_grad():
                 self.m1.mul_(1.0 - self.phi / clear)
         m1 = float(self.m1)
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows].long()
+        rows, cols = target_positions(labels)
         cos_y = cosine[rows, cols]
         target = combined_margin_target(cos_y, m2=self.margin)
         with torch.no_grad():

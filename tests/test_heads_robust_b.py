@@ -118,6 +118,8 @@ def train_loss_falls(head, steps=30, **context):
             kw["weight"] = fc.weight
         hout = head(out.cosine, out.labels, norms=out.norms, embeddings=out.embeddings, **kw)
         loss = distributed_cross_entropy(hout.logits, hout.labels, out.shard)
+        if hout.weight is not None:
+            loss = loss * hout.weight
         if hout.extra_loss is not None:
             loss = loss + hout.extra_loss
         loss = loss.mean()
@@ -134,9 +136,12 @@ def train_loss_falls(head, steps=30, **context):
 class RobustRef:
     """RobustFace written out in numpy, one pair at a time (official update order)."""
 
-    def __init__(self, s=64.0, m=0.5, m1=-0.15, t=0.2, gamma=2.0, mu=0.0, momentum=0.01):
+    def __init__(self, s=64.0, m=0.5, m1=-0.15, t=0.2, gamma=2.0, mu=0.0, momentum=0.01,
+                 stable=False):  # fmt: skip
         self.s, self.m, self.m1, self.t, self.gamma = s, m, m1, t, gamma
         self.mu, self.momentum, self.phi = mu, momentum, 0.0
+        self.stable = stable  # robustface_stable: sample-level phi, fixed m1, weighted rows
+        self.weight = None
 
     def noise(self, c):
         theta = math.acos(min(max(c, -1 + 1e-6), 1 - 1e-6))
@@ -147,7 +152,7 @@ class RobustRef:
     def step(self, cos, labels, train=True):
         cos = np.asarray(cos, dtype=np.float64)
         labels = np.asarray(labels)
-        if train:
+        if train and not self.stable:
             self.m1 = (1 - self.phi / (1 - self.mu)) * self.m1
         out = cos.copy()
         easy = pairs = 0
@@ -163,9 +168,16 @@ class RobustRef:
                 easy += not hard
                 noisy[i, j] = cos[i, j] > nb
                 hard_only[i, j] = hard and not noisy[i, j]
+        hard_rows = [
+            any(cos[i, j] > arc_target(cos[i, y], self.m) for j in range(cos.shape[1]) if j != y)
+            for i, y in enumerate(labels)
+        ]
         if train:
-            self.phi = self.momentum * easy / pairs + (1 - self.momentum) * self.phi
+            frac = (len(labels) - sum(hard_rows)) / len(labels) if self.stable else easy / pairs
+            self.phi = self.momentum * frac + (1 - self.momentum) * self.phi
         factor = (1 - self.phi / (1 - self.mu)) ** self.gamma
+        w = min(max(1 - self.phi / (1 - self.mu), 0.0), 1.0) ** self.gamma
+        self.weight = np.array([w if noisy[i].any() else 1.0 for i in range(len(labels))])
         for i, y in enumerate(labels):
             for j in range(cos.shape[1]):
                 if j == y:
@@ -198,6 +210,62 @@ def test_robustface_matches_reference_over_steps(mu):
     assert 0 < float(head.phi) < 1 and float(head.m1) != pytest.approx(-0.15)
     # all three kinds of pair occurred in the last batch
     assert head.last_easy > 0 and head.last_hard > 0 and head.last_noise > 0
+
+
+def test_robustface_stable_matches_reference_over_steps():
+    head = build_head("robustface_stable", momentum=0.3).train()
+    assert (head.sample_phi, head.adapt_m1, head.weight_noisy) == (True, False, True)
+    ref = RobustRef(momentum=0.3, stable=True)
+    for seed in range(4):
+        cos, labels = random_batch(seed)
+        out = head(cos, labels)
+        want = ref.step(cos.numpy(), labels.numpy())
+        np.testing.assert_allclose(out.logits.numpy(), want, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(out.weight.numpy(), ref.weight, rtol=1e-12)
+        assert float(head.phi) == pytest.approx(ref.phi, abs=1e-12)
+    assert float(head.m1) == pytest.approx(-0.15)  # fixed
+    assert 0 < float(head.phi) < 1 and 0 < head.last_noisy_rows < 24
+    assert ((out.weight < 1) == torch.from_numpy(ref.weight < 1)).all()
+    assert out.weight.min() < 1  # some rows were judged mislabelled and down-weighted
+
+
+def test_robustface_stable_sample_phi_does_not_saturate_with_many_classes():
+    # 2000 classes, targets far from every negative except a planted confusing class in half
+    # of the rows: the pair fraction is ~1, the sample fraction ~1/2.
+    rng = np.random.default_rng(0)
+    cos = rng.uniform(-0.1, 0.1, size=(64, 2000))
+    labels = rng.integers(0, 2000, size=64)
+    cos[np.arange(64), labels] = 0.8
+    cos[np.arange(32), (labels[:32] + 1) % 2000] = 0.9
+    faithful, stable = RobustFaceHead(momentum=1.0), build_head("robustface_stable", momentum=1.0)
+    faithful(torch.from_numpy(cos), torch.from_numpy(labels))
+    out = stable(torch.from_numpy(cos), torch.from_numpy(labels))
+    assert float(faithful.phi) > 0.999 and float(stable.phi) == pytest.approx(0.5)
+    torch.testing.assert_close(out.weight[:32], torch.full((32,), 0.25, dtype=torch.float64))
+    torch.testing.assert_close(out.weight[32:], torch.ones(32, dtype=torch.float64))
+
+
+def test_robustface_stable_shard_consistency():
+    cos, labels = random_batch(7, rows=20, cols=9)
+    single = build_head("robustface_stable", momentum=0.3)
+    outs = [single(cos, labels) for _ in range(2)]
+    heads, results = run_sharded(
+        lambda r: build_head("robustface_stable", momentum=0.3), cos, labels, steps=2
+    )
+    for step in range(2):
+        joined = torch.cat([results[0][step].logits, results[1][step].logits], dim=1)
+        torch.testing.assert_close(joined, outs[step].logits, rtol=1e-12, atol=1e-12)
+        for r in range(2):
+            torch.testing.assert_close(results[r][step].weight, outs[step].weight)
+    for h in heads:
+        torch.testing.assert_close(h.phi, single.phi)
+
+
+def test_robustface_stable_trains_and_flags_are_checked():
+    losses = train_loss_falls(build_head("robustface_stable", scale=16.0))
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(TypeError, match="sample_phi must be a bool"):
+        RobustFaceHead(sample_phi=1)
 
 
 def test_robustface_eval_does_not_update_and_uses_state():

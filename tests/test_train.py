@@ -248,14 +248,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str, data: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, data: str, *extra: str) -> None:
     os.environ.update(
         {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     )  # fmt: skip
     torch.set_num_threads(1)
     cfg = _cfg(Path(out), Path(data), "fc.name=partial_fc", "train.max_steps=3",
-               "data.val_targets=[]", "data.batch_size=4")  # fmt: skip
+               "data.val_targets=[]", "data.batch_size=4", *extra)  # fmt: skip
     try:
         Trainer(cfg).fit()
     finally:
@@ -279,10 +279,35 @@ def test_ddp_partial_fc_two_ranks_then_resume_on_one(synth_train_dir, tmp_path):
     assert one.global_step == 3
 
 
+def test_centerbias_centres_are_sharded_in_checkpoints_and_reshard(synth_train_dir, tmp_path):
+    out = tmp_path / "cb"
+    head = "head.name=centerbiasface"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), str(synth_train_dir), head), nprocs=2)
+    path = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    main = ckpt.load_main(path)
+    assert "centers" not in main["head"] and "t" in main["head"]
+    shards = ckpt.load_rank_states(path, 2)
+    centres = torch.cat([s["fc"]["head"]["centers"] for s in shards])
+    assert centres.shape == (8, 32) and bool((centres.norm(dim=1) > 0).any())
+    one = Trainer(_cfg(tmp_path / "one", synth_train_dir, "fc.name=partial_fc", head,
+                       f"train.resume={path}", "data.val_targets=[]"))  # fmt: skip
+    assert torch.equal(one.head.centers, centres)
+    assert torch.equal(one.head.t, main["head"]["t"])
+    result = one.fit()
+    assert result.steps == 16 and np.isfinite(result.loss)
+
+
+def test_trainer_supplied_head_params_are_not_settable(synth_train_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"head\.params\.num_classes: set by the trainer"):
+        Trainer(_cfg(tmp_path / "a", synth_train_dir, "head.name=centerbiasface",
+                     "head.params.num_classes=3"))  # fmt: skip
+    with pytest.raises(ValueError, match="not subcenter"):
+        Trainer(_cfg(tmp_path / "b", synth_train_dir, "head.name=centerbiasface",
+                     "fc.name=subcenter"))  # fmt: skip
+
+
 @pytest.mark.parametrize("fc", ["full", "partial_fc"])
-@pytest.mark.parametrize(
-    "head", [h for h in __import__("robustface.heads").heads.list_heads() if h != "centerbiasface"]
-)
+@pytest.mark.parametrize("head", __import__("robustface.heads").heads.list_heads())
 def test_every_config_usable_head_trains_through_the_trainer(synth_train_dir, tmp_path, head, fc):
     extra = ["train.max_steps=2", "data.val_targets=[]", f"head.name={head}", f"fc.name={fc}"]
     extra += ["head.params={}"]

@@ -1,7 +1,8 @@
 """The ``robustface`` command line: a thin layer over functions usable from Python.
 
-Commands: ``demo``, ``train``, ``eval verification``, ``synth``, ``convert``, ``inspect``. Every
-command that takes a config accepts ``--config FILE.yaml`` (``train``: a positional CONFIG) and
+Commands: ``demo``, ``train``, ``eval verification``, ``synth``, ``noise``,
+``clean subcenter-drop``, ``experiment``, ``convert``, ``inspect``. Every command that takes a
+config accepts ``--config FILE.yaml`` (``train``, ``experiment``: a positional CONFIG) and
 repeated ``--set key.sub=value`` overrides.
 """
 
@@ -78,6 +79,23 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_noise(args: argparse.Namespace) -> int:
+    from robustface.data.noise import inject_noise, noise_summary_table
+
+    info = inject_noise(
+        args.train,
+        args.out,
+        args.setting,
+        open_source=args.open_source,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(noise_summary_table(info.plan))
+    print(f"{info.setting} (seed {args.seed}) in {info.seconds:.1f} s -> {info.path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from robustface.demo import DEMO_RECIPE, run_demo
 
@@ -137,6 +155,34 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_clean_subcenter_drop(args: argparse.Namespace) -> int:
+    from robustface.clean import subcenter_drop
+
+    report = subcenter_drop(
+        args.run_dir,
+        args.out,
+        data=args.data,
+        threshold_deg=args.threshold,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(report.table())
+    print(f"kept {report.kept} of {report.total} ({report.rescued} rescued) -> {report.path}")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from robustface.train.experiment import ExperimentConfig, run_experiment
+
+    exp = load_config(args.config, args.overrides, cls=ExperimentConfig)
+    results = run_experiment(exp, progress=not args.quiet, retry_failed=args.retry_failed)
+    failed = [r for r in results if r.error is not None]
+    print(f"{len(results) - len(failed)} cells finished, {len(failed)} failed: {exp.output_dir}")
+    return 1 if failed else 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from robustface.data.folder import folder_to_rec
 
@@ -184,6 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_flags(p)
     p.set_defaults(func=_cmd_synth)
 
+    p = sub.add_parser("noise", help="copy a .rec training set with synthetic label noise")
+    p.add_argument("train", type=Path, help="training set: a .rec or a directory (e.g. SynthFace)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument(
+        "--setting",
+        required=True,
+        help="clean, C20, C20O20, C10O30, C30O10, MS1MCON-0.20, or C<pct>O<pct>",
+    )
+    p.add_argument(
+        "--open-source", type=Path, help="open-set images (default: TRAIN/open_set if present)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed of the noise plan")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing noise --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_noise)
+
     p = sub.add_parser("train", help="train a backbone + classifier + margin head")
     _add_config_args(p, positional=True)
     p.set_defaults(func=_cmd_train)
@@ -206,6 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu")
     q.add_argument("--out", type=Path, help="write the results as JSON")
     q.set_defaults(func=_cmd_eval_verification)
+
+    p = sub.add_parser("clean", help="clean a noisy training set")
+    clean_sub = p.add_subparsers(dest="clean_command", required=True, metavar="METHOD")
+    q = clean_sub.add_parser(
+        "subcenter-drop", help="drop samples far from their class's dominant sub-center"
+    )
+    q.add_argument("run_dir", type=Path, help="run trained with fc.name: subcenter")
+    q.add_argument("--out", required=True, type=Path, help="output directory (cleaned .rec)")
+    q.add_argument("--data", type=Path, help="training .rec to clean (default: the run's)")
+    q.add_argument("--threshold", type=float, default=75.0, help="max angle in degrees to keep")
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_clean_subcenter_drop)
+
+    p = sub.add_parser(
+        "experiment",
+        help="a grid of runs (methods x noise settings x seeds) on SynthFace, with the table",
+    )
+    _add_config_args(p, positional=True)
+    p.add_argument("--retry-failed", action="store_true", help="run the FAILED cells again")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser(
         "convert", help="convert an image folder (one sub-folder per identity) to .rec"

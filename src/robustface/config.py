@@ -11,6 +11,7 @@ problems with its values (messages start with the field name).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -115,6 +116,12 @@ class DataConfig:
     grayscale: float = 0.0
     val_targets: list[str] = dataclasses.field(default_factory=lambda: ["lfw", "cfp_fp"])
     val_dir: str | None = None
+    # RobustFace's on-the-fly protocol: per batch, the first floor(B * batch_noise_open) samples
+    # become outside images (from open_source) and the next floor(B * batch_noise_closed) get a
+    # random other label. Static noise is made with `robustface noise` instead.
+    batch_noise_closed: float = 0.0
+    batch_noise_open: float = 0.0
+    open_source: str | None = None
 
     def check(self) -> list[str]:
         """Return the problems with these values (empty when valid)."""
@@ -134,6 +141,15 @@ class DataConfig:
         for name in ("resize_down_up", "blur", "color_jitter", "grayscale"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}: probability must be in [0, 1], got {getattr(self, name)}")
+        for name in ("batch_noise_closed", "batch_noise_open"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name}: rate must be in [0, 1], got {getattr(self, name)}")
+        if self.batch_noise_closed + self.batch_noise_open > 1.0:
+            problems.append("batch_noise_closed + batch_noise_open: must be <= 1")
+        if self.batch_noise_open > 0 and not self.open_source and self.source != "synthface":
+            problems.append(
+                "open_source: needed for batch_noise_open > 0 (a .rec of outside identities)"
+            )
         return problems
 
 
@@ -240,6 +256,8 @@ class TrainConfig:
     resume: str | None = None
     tensorboard: bool = True
     progress: bool = True
+    probe_every: int = 0  # steps between angle probes (0 = off; also probes at the end when on)
+    probe_samples: int = 2000  # training samples probed, stratified by noise kind / quality
 
     def check(self) -> list[str]:
         """Return the problems with these values (empty when valid)."""
@@ -247,13 +265,15 @@ class TrainConfig:
         for name in ("epochs", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every"):
+        for name in ("eval_every", "checkpoint_every", "probe_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must be >= 0 (0 = never), got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps: must be >= 1 or null, got {self.max_steps}")
         if self.grad_clip < 0:
             problems.append(f"grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.probe_samples < 1:
+            problems.append(f"probe_samples: must be >= 1, got {self.probe_samples}")
         return problems
 
 
@@ -441,6 +461,26 @@ def load_config(
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def apply_overrides(cfg: T, values: Mapping[str, Any], source: str) -> T:
+    """A copy of ``cfg`` with dotted ``{"head.name": "cosface", ...}`` values applied and checked.
+
+    Values are Python objects (as loaded from YAML). Raises :class:`ConfigError` listing every
+    problem, each naming the key and ``source``.
+    """
+    out = copy.deepcopy(cfg)
+    errors: list[str] = []
+    for key, value in values.items():
+        parts = str(key).split(".")
+        if not all(parts):
+            errors.append(f"{source}: empty key segment in {key!r}")
+            continue
+        _apply_override(out, parts, value, source, errors)
+    _check_tree(out, "", errors)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return out
 
 
 def _apply_override(cfg: Any, parts: list[str], value: Any, source: str, errors: list[str]) -> None:

@@ -84,6 +84,8 @@ class CenterBiasFaceHead(MarginHead):
     (num_classes x embedding_size) and ``t``; the last margins are ``last_margins`` (for logging).
     """
 
+    class_buffers = ("centers",)
+
     def __init__(
         self,
         num_classes: int,

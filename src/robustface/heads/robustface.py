@@ -27,6 +27,20 @@ Boundary below angle 0. With m1 < 0 and ``theta_y < |m1|`` the angle ``theta_y +
 negative; we clamp it at 0 (``N = 1``: no negative is noise), which is continuous. For m1 >= 0
 (after a sign flip) ``N`` uses the same fallback as the target.
 
+The ``robustface_stable`` variant (ours, not published) changes three things, each a flag of
+:class:`RobustFaceHead` so that they can be ablated one at a time:
+
+- ``sample_phi``: ``phi`` is the EMA of the fraction of easy *samples* (rows with no hard
+  negative) instead of easy (sample, class) pairs. The pair fraction is ~1 as soon as there are
+  many classes, whatever the model has learnt; the sample fraction measures how much of the data
+  the model fits, and stays below ``1 - mu`` on noisy data.
+- ``adapt_m1=False``: m1 stays at its initial value instead of shrinking geometrically.
+- ``weight_noisy``: a row with at least one noise negative (its label is probably wrong) gets the
+  cross-entropy weight ``(1 - phi / (1 - mu)) ** gamma`` (clamped to [0, 1]) through
+  ``HeadOutput.weight``: close to 1 early (the model cannot yet tell), falling as the model fits
+  the clean data. Damping only the noise negative (the published rule) leaves the mislabelled
+  sample pulling its wrong class centre and the backbone towards the wrong label.
+
 Shards. ``T`` and ``N`` of a row live on the rank that owns its label; when the classes are split
 over ranks (``shard.distributed`` with ``cosine.size(1) < shard.num_classes``) they are shared
 with a ``"sum"`` all-reduce (detached: they only select columns). The easy and pair counts are
@@ -54,7 +68,7 @@ from robustface.heads.base import (
 )
 from robustface.heads.margin import ACOS_EPS, combined_margin_target
 
-__all__ = ["RobustFaceHead", "noise_boundary"]
+__all__ = ["RobustFaceHead", "noise_boundary", "robustface_stable"]
 
 NOISE_FLOOR = 1e-30
 """Lower bound of a scaled noise negative (the official ``clamp_min(1e-30)``)."""
@@ -74,9 +88,11 @@ def noise_boundary(cos_target: Tensor, m1: float | Tensor) -> Tensor:
 class RobustFaceHead(MarginHead):
     """RobustFace (official rule): ArcFace target, hard negatives boosted, noise negatives damped.
 
-    Buffers: ``phi`` (EMA of the easy-pair fraction) and ``m1`` (noise margin, radians). Counts
-    of the last training step are kept as ``last_easy``, ``last_hard``, ``last_noise`` (for
-    logging; hard counts hard-only pairs).
+    Buffers: ``phi`` (EMA of the easy-pair fraction, or of the easy-sample fraction with
+    ``sample_phi``) and ``m1`` (noise margin, radians). Counts of the last training step are kept
+    as ``last_easy``, ``last_hard``, ``last_noise`` (for logging; hard counts hard-only pairs) and
+    ``last_noisy_rows``. The three flags select the ``robustface_stable`` variant's rules (module
+    docstring); all False is the published rule.
     """
 
     def __init__(
@@ -88,8 +104,19 @@ class RobustFaceHead(MarginHead):
         gamma: float = 2.0,
         noise_rate: float = 0.0,
         momentum: float = 0.01,
+        sample_phi: bool = False,
+        adapt_m1: bool = True,
+        weight_noisy: bool = False,
     ) -> None:
         super().__init__()
+        for name, flag in (
+            ("sample_phi", sample_phi),
+            ("adapt_m1", adapt_m1),
+            ("weight_noisy", weight_noisy),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        self.sample_phi, self.adapt_m1, self.weight_noisy = sample_phi, adapt_m1, weight_noisy
         self.scale = check_scale(scale)
         margin, m1 = check_number("margin", margin), check_number("m1", m1)
         t, gamma = check_number("t", t), check_number("gamma", gamma)
@@ -113,7 +140,7 @@ class RobustFaceHead(MarginHead):
         self.noise_rate, self.momentum = noise_rate, momentum
         self.register_buffer("phi", torch.zeros((), dtype=torch.float64))
         self.register_buffer("m1", torch.tensor(m1, dtype=torch.float64))
-        self.last_easy = self.last_hard = self.last_noise = 0
+        self.last_easy = self.last_hard = self.last_noise = self.last_noisy_rows = 0
 
     def forward(
         self,
@@ -128,7 +155,7 @@ class RobustFaceHead(MarginHead):
         """Scaled logits; in training mode updates m1, then phi (see the module docstring)."""
         check_head_inputs(cosine, labels)
         clear = 1.0 - self.noise_rate
-        if self.training:
+        if self.training and self.adapt_m1:
             with torch.no_grad():
                 self.m1.mul_(1.0 - self.phi / clear)
         m1 = float(self.m1)
@@ -149,6 +176,11 @@ class RobustFaceHead(MarginHead):
             hard = (cosine > bounds[0].unsqueeze(1)) & ~own
             noise = (cosine > bounds[1].unsqueeze(1)) & ~own
             hard_only = hard & ~noise
+            # per row: hard and noise negatives over every shard
+            per_row = shard.all_reduce(
+                torch.stack([hard.sum(1), noise.sum(1)]).to(torch.float64), "sum"
+            )
+            noisy_rows = per_row[1] > 0
             pairs = cosine.numel() - rows.numel()
             easy = pairs - int(hard.sum())
             counts = torch.tensor(
@@ -158,20 +190,41 @@ class RobustFaceHead(MarginHead):
             )
             counts = shard.all_reduce(counts, "sum")
             if self.training:
-                fraction = counts[0] / counts[1].clamp(min=1.0)
+                if self.sample_phi:
+                    fraction = (per_row[0] == 0).to(torch.float64).mean()
+                else:
+                    fraction = counts[0] / counts[1].clamp(min=1.0)
                 self.phi.mul_(1.0 - self.momentum).add_(self.momentum * fraction)
                 easy_n, _, hard_n, noise_n = (int(c) for c in counts)
                 self.last_easy, self.last_hard, self.last_noise = easy_n, hard_n, noise_n
+                self.last_noisy_rows = int(noisy_rows.sum())
         base = 1.0 - float(self.phi) / clear
         # a negative base (mu > 0 collapse) with a non-integer gamma has no real power: use 0
         factor = base**self.gamma if base >= 0 or self.gamma.is_integer() else 0.0
         logits = torch.where(hard_only, cosine * (1.0 + self.t), cosine)
         logits = torch.where(noise, (cosine * factor).clamp(min=NOISE_FLOOR), logits)
         logits = torch.index_put(logits, (rows, cols), target) * self.scale
-        return HeadOutput(logits=logits, labels=labels)
+        weight = None
+        if self.weight_noisy:
+            row_weight = min(max(base, 0.0), 1.0) ** self.gamma
+            weight = torch.ones(cosine.size(0), dtype=cosine.dtype, device=cosine.device)
+            weight = weight.masked_fill(noisy_rows, row_weight)
+        return HeadOutput(logits=logits, labels=labels, weight=weight)
 
     def extra_repr(self) -> str:
         return (
             f"scale={self.scale}, margin={self.margin}, m1={float(self.m1):.4g}, t={self.t}, "
-            f"gamma={self.gamma}, noise_rate={self.noise_rate}, momentum={self.momentum}"
+            f"gamma={self.gamma}, noise_rate={self.noise_rate}, momentum={self.momentum}, "
+            f"sample_phi={self.sample_phi}, adapt_m1={self.adapt_m1}, "
+            f"weight_noisy={self.weight_noisy}"
         )
+
+
+@HEADS.register("robustface_stable")
+def robustface_stable(**params: Any) -> RobustFaceHead:
+    """RobustFace with a sample-level phi, a fixed m1 and down-weighted noisy samples (ours).
+
+    The three rules of the variant are on by default (module docstring); any of them, and every
+    RobustFace parameter, can be overridden by name.
+    """
+    return RobustFaceHead(**{"sample_phi": True, "adapt_m1": False, "weight_noisy": True, **params})

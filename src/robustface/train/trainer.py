@@ -20,6 +20,7 @@ run that never stopped (same world size; on CPU, bit for bit).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import random
@@ -31,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -40,10 +42,17 @@ from robustface.config import Config, to_dict
 from robustface.data import ImageFolderDataset, RecordIODataset, TrainTransform, load_bin_images
 from robustface.errors import RobustfaceError
 from robustface.evaluate.verification import embed_pairs, evaluate, format_results
-from robustface.fc import CLASSIFIERS, PartialFC, build_classifier, distributed_cross_entropy
-from robustface.heads import build_head
+from robustface.fc import (
+    CLASSIFIERS,
+    PartialFC,
+    SubCenterFC,
+    build_classifier,
+    distributed_cross_entropy,
+)
+from robustface.heads import HEADS, build_head
 from robustface.models import BACKBONES, build_backbone
 from robustface.train import checkpoint as ckpt
+from robustface.train.analysis import AngleProbe, probe_groups, select_probe
 from robustface.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from robustface.train.sampler import ResumableSampler
 from robustface.train.schedule import warmup_poly
@@ -60,21 +69,65 @@ class TrainSet(Dataset):
 
     Sample ``i`` of epoch ``e`` is augmented with ``np.random.default_rng([seed, e, i])``. The
     result therefore depends neither on the worker that loads it nor on when the loader was started.
+
+    With ``open_source`` and non-zero rates, each batch gets RobustFace's on-the-fly label noise
+    (:func:`robustface.data.noise.batch_noise`), drawn from ``rng([seed, epoch, *batch indices])``:
+    the same batch is corrupted the same way however it is loaded or resumed.
     """
 
-    def __init__(self, base: Dataset, transform: TrainTransform, seed: int) -> None:
+    def __init__(
+        self,
+        base: Dataset,
+        transform: TrainTransform,
+        seed: int,
+        *,
+        num_classes: int = 0,
+        batch_noise: tuple[float, float] = (0.0, 0.0),
+        open_source: Dataset | None = None,
+    ) -> None:
         self.base = base
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.num_classes = num_classes
+        self.closed, self.open = batch_noise
+        self.open_source = open_source
+        if self.open > 0 and open_source is None:
+            raise ValueError("batch noise with an open-set rate > 0 needs an open_source dataset")
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
+    def _augment(self, image: np.ndarray, index: int) -> torch.Tensor:
+        return self.transform(image, rng=np.random.default_rng([self.seed, self.epoch, index]))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.base[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.transform(image, rng=rng), label
+        return self._augment(image, index), label
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """One batch (the DataLoader's batched fetch), with per-batch label noise if configured."""
+        if self.closed == 0 and self.open == 0:
+            return [self[i] for i in indices]
+        from robustface.data.noise import OPEN, batch_noise
+
+        samples = [self.base[i] for i in indices]
+        labels = np.array([label for _, label in samples], dtype=np.int64)
+        rng = np.random.default_rng([self.seed, self.epoch, 0xB47C, *indices])
+        kind, new_labels, open_index = batch_noise(
+            labels,
+            self.closed,
+            self.open,
+            num_classes=self.num_classes,
+            open_pool=len(self.open_source) if self.open_source is not None else 0,  # type: ignore[arg-type]
+            rng=rng,
+        )
+        out = []
+        for pos, (index, (image, _)) in enumerate(zip(indices, samples, strict=True)):
+            if kind[pos] == OPEN:
+                image = self.open_source[int(open_index[pos])][0]  # type: ignore[index]
+            out.append((self._augment(image, index), int(new_labels[pos])))
+        return out
 
 
 @dataclasses.dataclass
@@ -146,6 +199,7 @@ class Trainer:
         self._build_data()
         self._build_model()
         self._build_optim()
+        self.probe = self._build_probe()
         self.global_step = 0
         self.epoch = 0
         self.consumed = 0  # global samples consumed in the current epoch
@@ -160,7 +214,27 @@ class Trainer:
         cfg = self.cfg
         BACKBONES.get(cfg.model.backbone)
         CLASSIFIERS.get(cfg.fc.name)
-        build_head(cfg.head.name, **cfg.head.params)
+        build_head(cfg.head.name, **self._head_params(1))
+
+    def _head_params(self, local_classes: int) -> dict[str, Any]:
+        """``head.params`` plus what the trainer supplies (class count, embedding size)."""
+        params: dict[str, Any] = dict(self.cfg.head.params)
+        factory = HEADS.get(self.cfg.head.name)
+        accepted = inspect.signature(factory).parameters
+        supplied = {"num_classes": local_classes, "embedding_size": self.cfg.model.embedding_size}
+        for name, value in supplied.items():
+            if name in accepted:
+                if name in params:
+                    raise ValueError(
+                        f"head.params.{name}: set by the trainer from the data and model; remove it"
+                    )
+                params[name] = value
+        if "num_classes" in accepted and self.cfg.fc.name == "subcenter":
+            raise ValueError(
+                f"head {self.cfg.head.name!r} keeps one statistic per class weight row: use "
+                "fc.name full or partial_fc, not subcenter"
+            )
+        return params
 
     def _build_data(self) -> None:
         cfg, data = self.cfg, self.cfg.data
@@ -183,6 +257,7 @@ class Trainer:
             val_dir = val_dir or (rec_path.parent if rec_path.suffix == ".rec" else rec_path)
         else:
             base = ImageFolderDataset(data.path)
+        self.base = base
         self.num_classes = int(base.num_classes)
         transform = TrainTransform(
             flip_p=0.5 if data.flip else 0.0,
@@ -191,7 +266,20 @@ class Trainer:
             color_jitter=data.color_jitter,
             grayscale=data.grayscale,
         )
-        self.trainset = TrainSet(base, transform, cfg.seed)
+        open_source: Dataset | None = None
+        if data.batch_noise_open > 0:
+            if data.open_source:
+                open_source = RecordIODataset(data.open_source)
+            elif data.source == "synthface":
+                open_source = RecordIODataset(path / "open_set")
+        self.trainset = TrainSet(
+            base,
+            transform,
+            cfg.seed,
+            num_classes=self.num_classes,
+            batch_noise=(data.batch_noise_closed, data.batch_noise_open),
+            open_source=open_source,
+        )
         self.sampler = ResumableSampler(
             len(base),
             data.batch_size,
@@ -237,8 +325,9 @@ class Trainer:
         self.fc = build_classifier(cfg.fc.name, m.embedding_size, self.num_classes, **fc_kwargs).to(
             self.device
         )
-        self.head = build_head(cfg.head.name, **cfg.head.params).to(self.device)
         self.sharded = isinstance(self.fc, PartialFC)
+        local = self.fc.weight.size(0) if self.sharded else self.num_classes
+        self.head = build_head(cfg.head.name, **self._head_params(local)).to(self.device)
         self.model: nn.Module = self.backbone
         self.fc_model: nn.Module = self.fc
         if self.info.distributed:
@@ -248,6 +337,75 @@ class Trainer:
                 self.model.register_comm_hook(None, _sum_gradients_hook)
             else:
                 self.fc_model = DistributedDataParallel(self.fc, device_ids=ids)
+
+    def _build_probe(self) -> AngleProbe | None:
+        """The angle probe (rank 0, ``train.probe_every > 0``): a stratified training subset.
+
+        Noise kinds and true labels come from the noise list beside the ``.rec`` (written by
+        ``robustface noise``), quality from it or from a SynthFace manifest; without them every
+        sample counts as clean.
+        """
+        cfg = self.cfg
+        if not (cfg.train.probe_every and self.info.is_main):
+            return None
+        from robustface.data.noise import manifest_quality, noise_list_for
+
+        n = len(self.base)  # type: ignore[arg-type]
+        labels = np.asarray(self.base.labels, dtype=np.int64)  # type: ignore[attr-defined]
+        kind, true, quality = np.zeros(n, np.int8), None, None
+        if isinstance(self.base, RecordIODataset):
+            plan = noise_list_for(self.base.rec_path)
+            if plan is not None:
+                kind, true, quality = plan.kind, plan.original_label, plan.quality
+            else:
+                quality = manifest_quality(self.base.rec_path.parent, n)
+        if quality is not None and not np.isfinite(quality[kind == 0]).all():
+            quality = None
+        groups = probe_groups(kind, quality)
+        index = select_probe(groups, cfg.train.probe_samples, cfg.seed)
+        images = np.stack([self.base[int(i)][0] for i in index])
+        return AngleProbe(
+            images,
+            labels[index],
+            groups[index],
+            true_labels=None if true is None else true[index],
+            indices=index,
+            input_size=self.input_size,
+        )
+
+    def _class_centres(self) -> Tensor | None:
+        """Every class's weight (C x d or, sub-center, C*K x d) on rank 0; a collective."""
+        if self.sharded:
+            return self.fc.gather_full_weight()
+        return self.fc.weight.detach() if self.info.is_main else None
+
+    @torch.no_grad()
+    def _run_probe(self, log: Any) -> None:
+        """Probe the model at the current step (every rank calls it: Partial FC gathers)."""
+        weight = self._class_centres()
+        if self.probe is None or weight is None:
+            return
+        weight = F.normalize(weight.float(), dim=1)
+        k = self.fc.k if isinstance(self.fc, SubCenterFC) else 1
+
+        def cosine_fn(embeddings: Tensor) -> Tensor:
+            cos = embeddings.to(weight) @ weight.T
+            return cos.view(cos.size(0), -1, k).amax(2)
+
+        # one centre per class for the drift statistics: the mean direction of its sub-centers
+        centres = F.normalize(weight.view(-1, k, weight.size(1)).mean(1), dim=1)
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            summary = self.probe.record(
+                self.global_step,
+                lambda x: self.backbone(x.to(self.device)).float(),
+                cosine_fn,
+                centres.cpu().numpy(),
+            )
+        finally:
+            self.backbone.train(was_training)
+        log({"step": self.global_step, "epoch": self.epoch, **summary})
 
     def _param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
         params = [p for p in module.parameters() if p.requires_grad]
@@ -294,7 +452,7 @@ class Trainer:
     def _main_state(self) -> dict[str, Any]:
         state = {
             "backbone": self.backbone.state_dict(),
-            "head": self.head.state_dict(),
+            "head": self._head_state(per_class=False),
             "opt_body": self.opt_body.state_dict(),
             "sched_body": self.sched_body.state_dict(),
             "sched_fc": self.sched_fc.state_dict(),
@@ -323,8 +481,14 @@ class Trainer:
                 "count": count,
                 "module": self.fc.state_dict(),
                 "optim": self.opt_fc.state_dict(),
+                "head": self._head_state(per_class=True),
             }
         return state
+
+    def _head_state(self, per_class: bool) -> dict[str, Any]:
+        """The head's buffers: per-class ones (``class_buffers``) go with the rank's class shard."""
+        rows = set(self.head.class_buffers) if self.sharded else set()
+        return {k: v for k, v in self.head.state_dict().items() if (k in rows) == per_class}
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (all ranks must call this; once per step)."""
@@ -358,7 +522,7 @@ class Trainer:
         old_world = int(main["world_size"])
         ranks = ckpt.load_rank_states(path, old_world)
         self.backbone.load_state_dict(main["backbone"])
-        self.head.load_state_dict(main["head"])
+        head_state = dict(main["head"])
         self.opt_body.load_state_dict(main["opt_body"])
         self.sched_body.load_state_dict(main["sched_body"])
         self.sched_fc.load_state_dict(main["sched_fc"])
@@ -372,9 +536,11 @@ class Trainer:
             mine = ckpt.rows_from_shards(shards, start, count, rows)
             self.fc.load_state_dict(mine["module"])
             self.opt_fc.load_state_dict(mine["optim"])
+            head_state.update(mine.get("head", {}))
         else:
             self.fc.load_state_dict(main["fc"]["module"])
             self.opt_fc.load_state_dict(main["fc"]["optim"])
+        self.head.load_state_dict(head_state)
         progress = main["progress"]
         self.global_step = progress["global_step"]
         self._last_saved = self.global_step
@@ -409,8 +575,11 @@ class Trainer:
             shard=fc_out.shard,
             step=self.global_step,
             epoch=self.epoch,
+            weight=self.fc.weight,
         )
         per_sample = distributed_cross_entropy(head_out.logits, head_out.labels, fc_out.shard)
+        if head_out.weight is not None:
+            per_sample = per_sample * head_out.weight
         if head_out.extra_loss is not None:
             per_sample = per_sample + head_out.extra_loss
         return per_sample.mean()
@@ -550,6 +719,8 @@ class Trainer:
                         t_log, n_log = time.perf_counter(), 0
                     if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0:
                         self._after_eval(self.evaluate(), log)
+                    if cfg.train.probe_every and self.global_step % cfg.train.probe_every == 0:
+                        self._run_probe(log)
                     if (
                         cfg.train.checkpoint_every
                         and self.global_step % cfg.train.checkpoint_every == 0
@@ -563,6 +734,11 @@ class Trainer:
             self.save()  # no-op if this step is already saved
             final = self.evaluate()
             self._after_eval(final, log)
+            probed = self.probe is not None and self.probe.records
+            if cfg.train.probe_every and not (
+                probed and self.probe.records[-1].step == self.global_step
+            ):
+                self._run_probe(log)
         finally:
             bar.close()
             if metrics_file is not None:
@@ -580,6 +756,8 @@ class Trainer:
                 "best": self.best,
                 "verification": {k: _jsonable(v) for k, v in final.items()},
             }
+            if self.probe is not None and self.probe.records:
+                summary["analysis"] = self.probe.save(self.out)
             write_text_atomic(self.out / "train_results.json", json.dumps(summary, indent=2) + "\n")
         barrier()
         return TrainResult(

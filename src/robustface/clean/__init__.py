@@ -1,0 +1,23 @@
+"""Cleaning noisy training sets (Sub-center ArcFace's drop step)."""
+
+from robustface.clean.subcenter import (
+    NOISE_KINDS,
+    DropReport,
+    DropResult,
+    dominant_subcenter,
+    drop_decisions,
+    embed_dataset,
+    subcenter_assignments,
+    subcenter_drop,
+)
+
+__all__ = [
+    "NOISE_KINDS",
+    "DropReport",
+    "DropResult",
+    "dominant_subcenter",
+    "drop_decisions",
+    "embed_dataset",
+    "subcenter_assignments",
+    "subcenter_drop",
+]

@@ -1,0 +1,495 @@
+"""Sub-center ArcFace cleaning, the "drop" step (Deng et al., ECCV 2020).
+
+A classifier trained with K sub-centers per class (:class:`~robustface.fc.full.SubCenterFC`) lets
+clean samples gather around one *dominant* sub-center per class while noisy samples drift to the
+others. Per class, the dominant sub-center is the one most of the class's samples are nearest to;
+a sample is kept iff its angle to the dominant sub-center of its labelled class is below a
+threshold (75 degrees in the paper, range 70-80). The kept samples are then written as a new
+training set to retrain on from scratch.
+
+Only the K sub-centers of a sample's own class are ever compared with it, so memory is
+``O(batch * K * d)`` whatever the number of classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from robustface.config import Config, load_config
+from robustface.data.recordio import RecordIODataset
+from robustface.data.subset import write_rec_subset
+from robustface.data.transforms import EvalTransform
+from robustface.evaluate.loading import load_backbone
+from robustface.train import checkpoint as ckpt
+from robustface.utils.io import atomic_path, write_text_atomic
+from robustface.utils.table import markdown_table
+
+__all__ = [
+    "NOISE_KINDS",
+    "DropReport",
+    "DropResult",
+    "dominant_subcenter",
+    "drop_decisions",
+    "embed_dataset",
+    "subcenter_assignments",
+    "subcenter_drop",
+]
+
+NOISE_KINDS = {0: "clean", 1: "closed", 2: "open"}
+"""Values of the ``kind`` column of a ground-truth ``noise.npz``."""
+_ROWS_PER_CHUNK = 65536
+
+
+def _numpy(x: np.ndarray | Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0, 1, norms)
+
+
+def _check_labels(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
+    if labels.shape != (n,) or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(f"labels must be ({n},) integers, got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise ValueError(f"labels must be class indices in [0, {num_classes}), got {bad}")
+    return labels.astype(np.int64, copy=False)
+
+
+def subcenter_assignments(
+    embeddings: np.ndarray | Tensor,
+    labels: np.ndarray | Tensor,
+    weight: np.ndarray | Tensor,
+    k: int,
+    *,
+    chunk: int = _ROWS_PER_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosines of each sample to the K sub-centers of its own class, and the nearest of them.
+
+    ``embeddings`` (N x d), ``labels`` (N,) in ``[0, C)``, ``weight`` (C*K x d) class-major as in
+    :class:`~robustface.fc.full.SubCenterFC`. Embeddings and weight rows are L2-normalised here.
+    Returns ``(nearest (N,) int64 in [0, K), cosine (N x K))``; ties go to the lowest index. The
+    cosines are float64 if either input is, else float32.
+    """
+    emb, w = _numpy(embeddings), _numpy(weight)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (sub-centers per class) must be a positive integer, got {k!r}")
+    if w.ndim != 2 or w.shape[0] % k:
+        raise ValueError(f"weight must be (C*K x d) with K={k}, got shape {w.shape}")
+    if emb.ndim != 2 or emb.shape[1] != w.shape[1]:
+        raise ValueError(f"embeddings must be (N x {w.shape[1]}), got shape {emb.shape}")
+    labels = _check_labels(_numpy(labels), emb.shape[0], w.shape[0] // k)
+    dtype = np.result_type(emb.dtype, w.dtype, np.float32)
+    centers = _unit_rows(w.astype(dtype, copy=False)).reshape(-1, k, w.shape[1])
+    cosine = np.empty((emb.shape[0], k), dtype=dtype)
+    for start in range(0, emb.shape[0], chunk):
+        x = _unit_rows(emb[start : start + chunk].astype(dtype, copy=False))
+        own = centers[labels[start : start + chunk]]  # (B x K x d)
+        cosine[start : start + chunk] = np.einsum("bkd,bd->bk", own, x)
+    np.clip(cosine, -1.0, 1.0, out=cosine)
+    return cosine.argmax(axis=1).astype(np.int64), cosine
+
+
+def dominant_subcenter(
+    nearest: np.ndarray, labels: np.ndarray, num_classes: int, k: int
+) -> np.ndarray:
+    """Per class, the sub-center most of its samples are nearest to (C,) int64.
+
+    Ties go to the lowest index; a class without samples gets 0.
+    """
+    nearest, labels = np.asarray(nearest, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    if nearest.shape != labels.shape or nearest.ndim != 1:
+        raise ValueError(f"nearest {nearest.shape} and labels {labels.shape} must be equal (N,)")
+    if nearest.size and (nearest.min() < 0 or nearest.max() >= k):
+        raise ValueError(f"nearest must hold sub-center indices in [0, {k})")
+    _check_labels(labels, labels.size, num_classes)
+    counts = np.bincount(labels * k + nearest, minlength=num_classes * k)
+    return counts.reshape(num_classes, k).argmax(axis=1)
+
+
+@dataclasses.dataclass
+class DropResult:
+    """Per-sample drop decisions: ``keep`` (N,) bool, ``angle_deg`` (N,) angle to the dominant
+    sub-center of the labelled class, ``dominant`` (C,) and ``nearest`` (N,) sub-center indices."""
+
+    keep: np.ndarray
+    angle_deg: np.ndarray
+    dominant: np.ndarray
+    nearest: np.ndarray
+
+
+def drop_decisions(
+    embeddings: np.ndarray | Tensor,
+    labels: np.ndarray | Tensor,
+    weight: np.ndarray | Tensor,
+    k: int,
+    threshold_deg: float = 75.0,
+) -> DropResult:
+    """Keep a sample iff its angle to its class's dominant sub-center is < ``threshold_deg``."""
+    if not 0.0 < threshold_deg <= 180.0:
+        raise ValueError(f"threshold_deg must be in (0, 180], got {threshold_deg}")
+    nearest, cosine = subcenter_assignments(embeddings, labels, weight, k)
+    labels = np.asarray(_numpy(labels), dtype=np.int64)
+    dominant = dominant_subcenter(nearest, labels, _numpy(weight).shape[0] // k, k)
+    cos_dominant = np.take_along_axis(cosine, dominant[labels][:, None], axis=1)[:, 0]
+    angle = np.degrees(np.arccos(cos_dominant))
+    return DropResult(angle < threshold_deg, angle, dominant, nearest)
+
+
+class _Evaluated(Dataset):
+    """``(EvalTransform(image), label)`` of a dataset of raw RGB images."""
+
+    def __init__(self, base: Dataset, input_size: int) -> None:
+        self.base = base
+        self.transform = EvalTransform(input_size)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.transform(self.base[index][0])
+
+
+def embed_dataset(
+    backbone: nn.Module,
+    dataset: Dataset,
+    *,
+    input_size: int,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
+    """L2-normalised float32 embeddings (N x d) of every image of ``dataset``, in index order.
+
+    ``dataset[i]`` is ``(HxWx3 uint8 RGB image, label)``, as a :class:`RecordIODataset` without
+    transform. Images are resized and normalised by :class:`EvalTransform` (no flip); the
+    backbone runs in eval mode (its previous mode is restored).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    loader = DataLoader(
+        _Evaluated(dataset, input_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for images in tqdm(loader, desc="embedding", unit="batch", disable=not progress):
+                emb = backbone(images.to(device, non_blocking=True)).float()
+                out.append(F.normalize(emb, dim=1).cpu().numpy())
+    finally:
+        backbone.train(was_training)
+    return np.concatenate(out)
+
+
+@dataclasses.dataclass
+class DropReport:
+    """What :func:`subcenter_drop` wrote to ``path``.
+
+    ``counts[kind]`` is ``{"total", "kept", "dropped"}`` per noise kind (``"all"`` always;
+    ``"clean"``, ``"closed"``, ``"open"`` with a noise list). ``scores`` is empty without a noise
+    list, else ``{"precision", "recall", "f1"}`` of "dropped" against "noisy" for ``"noisy"`` (all
+    noise kinds) and each noise kind (that kind against the clean samples).
+    """
+
+    path: Path
+    total: int
+    kept: int
+    dropped: int
+    rescued: int
+    threshold_deg: float
+    counts: dict[str, dict[str, int]]
+    scores: dict[str, dict[str, float]]
+
+    def table(self) -> str:
+        """The counts and scores as a Markdown table."""
+        rows = []
+        for name, c in self.counts.items():
+            s = self.scores.get("noisy" if name == "all" else name, {})
+            score = [f"{s[m]:.3f}" if m in s else "" for m in ("precision", "recall", "f1")]
+            rows.append([name, c["total"], c["kept"], c["dropped"], *score])
+        headers = ["samples", "total", "kept", "dropped", "precision", "recall", "F1"]
+        return markdown_table(headers, rows)
+
+
+def _prf(dropped: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
+    tp = int(np.sum(dropped & noisy))
+    precision = tp / max(int(dropped.sum()), 1)
+    recall = tp / max(int(noisy.sum()), 1)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def _noise_scores(
+    keep: np.ndarray, kind: np.ndarray
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]]]:
+    """Per-kind counts and precision/recall/F1 of the drops against the ground-truth kinds."""
+    dropped = ~keep
+    counts, scores = {}, {"noisy": _prf(dropped, kind != 0)}
+    for value, name in NOISE_KINDS.items():
+        mask = kind == value
+        kept = int(np.sum(keep & mask))
+        counts[name] = {"total": int(mask.sum()), "kept": kept, "dropped": int(mask.sum()) - kept}
+        if value:
+            scope = mask | (kind == 0)
+            scores[name] = _prf(dropped[scope], mask[scope])
+    return counts, scores
+
+
+def _plot_angles(path: Path, angle: np.ndarray, threshold: float, kind: np.ndarray | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = np.linspace(0.0, 180.0, 91)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if kind is None:
+        ax.hist(angle, bins=bins, color="tab:blue", label="all samples")
+    else:
+        groups = [(angle[kind == v], name) for v, name in NOISE_KINDS.items() if np.any(kind == v)]
+        ax.hist([g for g, _ in groups], bins=bins, stacked=True, label=[n for _, n in groups])
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g} deg")
+    ax.set(
+        xlabel="angle to the dominant sub-center of the labelled class (degrees)",
+        ylabel="samples",
+        title="Sub-center drop",
+    )
+    ax.legend()
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _load_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
+    """The run's config and the ``main.pt`` of its last checkpoint; checks the classifier."""
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.fc.name != "subcenter":
+        raise ValueError(
+            f"{run_dir}: the run used fc.name={cfg.fc.name!r}; the sub-center drop needs a run "
+            "trained with fc.name: subcenter (sub-center FC, not sharded by partial_fc)"
+        )
+    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no complete checkpoint")
+    return cfg, ckpt.load_main(found[-1])
+
+
+def _default_data(cfg: Config, run_dir: Path) -> Path:
+    data = cfg.data
+    if data.source == "rec":
+        return Path(data.path)  # type: ignore[arg-type]
+    if data.source == "synthface":
+        return Path(data.path) if data.path else run_dir / "synthface"
+    raise ValueError(
+        f"{run_dir}: trained on a {data.source!r} dataset; pass the same data as a .rec "
+        "(data=..., CLI --data; see 'robustface convert')"
+    )
+
+
+def _prepare_out(out: Path, source_dir: Path, overwrite: bool) -> Path:
+    """Check ``out`` may be written and return a fresh ``OUT.partial`` directory."""
+    if out.resolve() == source_dir.resolve():
+        raise ValueError(f"out_dir {out} is the source data directory; choose another")
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite)")
+        if any(out.iterdir()) and not (out / "drop.json").is_file():
+            raise FileExistsError(f"{out} is not empty and not a sub-center drop output")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def subcenter_drop(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    threshold_deg: float = 75.0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> DropReport:
+    """Clean a training set with a sub-center run and write the kept samples to ``out_dir``.
+
+    The backbone and the sub-center weights both come from the run's last checkpoint. ``data``
+    (default: the run's training data) must be the ``.rec`` the run was trained on. ``out_dir``
+    receives ``train.rec/.idx/property`` (the kept samples, records grouped by class, bytes
+    unchanged), ``kept.npy``, ``drop.npz``, ``drop.json``, ``drop_angles.png``, the source's
+    ``*.bin`` and ``verification.json``, and with a source ``noise.npz`` its kept rows in the new
+    record order. A class that would lose every sample keeps its closest one ("rescued").
+    """
+    run_dir, out = Path(run_dir), Path(out_dir)
+    cfg, main = _load_run(run_dir)
+    k = cfg.fc.k
+    weight = main["fc"]["module"]["weight"].float()
+    num_classes = int(main["num_classes"])
+    if weight.shape[0] != num_classes * k:
+        raise ValueError(
+            f"{run_dir}: checkpoint weight has {weight.shape[0]} rows, expected "
+            f"{num_classes} classes x k={k}"
+        )
+    data_path = Path(data) if data is not None else _default_data(cfg, run_dir)
+    dataset = RecordIODataset(data_path)
+    source_dir = dataset.rec_path.parent
+    if dataset.num_classes != num_classes:
+        raise ValueError(
+            f"{data_path}: {dataset.num_classes} classes, but the run {run_dir} was trained "
+            f"on {num_classes}"
+        )
+    labels = dataset.labels
+    total_per_class = np.bincount(labels, minlength=num_classes)
+    if not total_per_class.all():
+        raise ValueError(
+            f"{data_path}: class {int(np.argmin(total_per_class))} has no samples; "
+            "every class of the cleaned set needs at least one"
+        )
+    noise = None
+    if (source_dir / "noise.npz").is_file():
+        with np.load(source_dir / "noise.npz") as z:
+            noise = {name: z[name] for name in z.files}
+        if any(len(v) != len(labels) for v in noise.values()) or "kind" not in noise:
+            raise ValueError(
+                f"{source_dir / 'noise.npz'}: needs a 'kind' column and one row per sample "
+                f"({len(labels)})"
+            )
+    partial = _prepare_out(out, source_dir, overwrite)
+    try:
+        backbone, input_size = load_backbone(run_dir, device=device)
+        backbone.load_state_dict(main["backbone"])  # the weights the classifier was trained with
+        embeddings = embed_dataset(
+            backbone,
+            dataset,
+            input_size=input_size,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        result = drop_decisions(embeddings, labels, weight.numpy(), k, threshold_deg)
+        keep = result.keep.copy()
+        # a class losing every sample keeps the one closest to its dominant sub-center
+        by_class = np.lexsort((result.angle_deg, labels))
+        first = by_class[np.r_[True, labels[by_class][1:] != labels[by_class][:-1]]]
+        class_kept = np.bincount(labels[keep], minlength=num_classes)
+        rescued = first[class_kept[labels[first]] == 0]
+        keep[rescued] = True
+        rescued_mask = np.zeros(len(labels), dtype=bool)
+        rescued_mask[rescued] = True
+        kept_idx = np.flatnonzero(keep)
+        picks = np.stack([np.zeros_like(kept_idx), kept_idx], axis=1)
+        order = write_rec_subset(
+            partial,
+            [dataset.rec_path],
+            picks,
+            labels[kept_idx],
+            num_classes=num_classes,
+            progress=progress,
+        )
+        new_index = np.full(len(labels), -1, dtype=np.int64)
+        new_index[kept_idx[order]] = np.arange(len(order))
+        np.save(partial / "kept.npy", kept_idx)
+        np.savez(
+            partial / "drop.npz",
+            angle_deg=result.angle_deg,
+            keep=keep,
+            rescued=rescued_mask,
+            nearest=result.nearest,
+            dominant=result.dominant,
+            labels=labels,
+            new_index=new_index,
+        )
+        counts = {
+            "all": {
+                "total": len(labels),
+                "kept": len(kept_idx),
+                "dropped": len(labels) - len(kept_idx),
+            }
+        }
+        scores: dict[str, dict[str, float]] = {}
+        if noise is not None:
+            np.savez(partial / "noise.npz", **{n: v[kept_idx[order]] for n, v in noise.items()})
+            more, scores = _noise_scores(keep, noise["kind"])
+            counts.update(more)
+        _plot_angles(
+            partial / "drop_angles.png",
+            result.angle_deg,
+            threshold_deg,
+            None if noise is None else noise["kind"],
+        )
+        for src in [*sorted(source_dir.glob("*.bin")), source_dir / "verification.json"]:
+            if src.is_file():
+                _link_or_copy(src, partial / src.name)
+        kept_per_class = np.bincount(labels[kept_idx], minlength=num_classes)
+        summary = {
+            "run_dir": str(run_dir),
+            "checkpoint_step": int(main["progress"]["global_step"]),
+            "data": str(dataset.rec_path),
+            "threshold_deg": threshold_deg,
+            "k": k,
+            "num_classes": num_classes,
+            "counts": counts,
+            "rescued": len(rescued),
+            "scores": scores,
+            "per_class": {
+                "kept_min": int(kept_per_class.min()),
+                "kept_median": float(np.median(kept_per_class)),
+                "kept_mean": float(kept_per_class.mean()),
+                "kept_max": int(kept_per_class.max()),
+                "kept_fraction_min": float((kept_per_class / total_per_class).min()),
+                "classes_fully_kept": int(np.sum(kept_per_class == total_per_class)),
+                "dominant_histogram": np.bincount(result.dominant, minlength=k).tolist(),
+            },
+        }
+        write_text_atomic(partial / "drop.json", json.dumps(summary, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return DropReport(
+        path=out,
+        total=len(labels),
+        kept=len(kept_idx),
+        dropped=len(labels) - len(kept_idx),
+        rescued=len(rescued),
+        threshold_deg=threshold_deg,
+        counts=counts,
+        scores=scores,
+    )

@@ -10,6 +10,7 @@ import yaml
 
 from robustface.config import Config, SynthConfig, load_config, parse_override, save_config
 from robustface.errors import ConfigError
+from robustface.train.experiment import ExperimentConfig, cell_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,8 +99,13 @@ SHIPPED = [*sorted((REPO / "configs").glob("*.yaml")), REPO / "src/robustface/re
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, Config)
+    if path.name.startswith("experiment"):
+        exp = load_config(path, cls=ExperimentConfig)
+        for method in exp.methods:  # every method's overrides apply to the base cleanly
+            cell = cell_config(exp, method, exp.noise[-1], exp.seeds[0], Path("data"))
+            assert cell.seed == exp.seeds[0] and cell.data.path == "data"
+    else:
+        assert isinstance(load_config(path), Config)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# "), f"{path.name}: first line must be a comment with its command"
     assert "robustface" in path.read_text().split("\n\n")[0], (

@@ -44,19 +44,29 @@ def test_synth_errors_are_reported_not_raised(tmp_path, capsys):
 
 def test_demo_writes_run_directory_and_reuses_data(tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["demo", "--config", str(TINY), "--out", str(run), *SMALL]
+    args = ["demo", "--config", str(TINY), "--out", str(run), "--noise", "C34O34", *SMALL,
+            "--set", "train.probe_every=2", "--set", "train.probe_samples=12"]  # fmt: skip
     assert main(args) == 0
     first = capsys.readouterr().out
     assert "SynthFace in" in first and "| train (.rec)" in first and "| lfw" in first
+    assert "## Headline: C34O34 label noise" in first
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["output_dir"] == str(run) and cfg["synth"]["identities"] == 4
     meta = json.loads((run / "meta.json").read_text())
     assert meta["seed"] == 0 and meta["robustface"]
     results = json.loads((run / "results.json").read_text())
     assert results["synthface"]["train"]["samples"] == 12
-    assert set(results["verification"]) == {"lfw", "cfp_fp", "lowq"}
+    # 3 images per class: floor(3 * 0.34) = 1 closed-set and 1 open-set sample in each of 4
+    assert results["noise"] == {"clean": 4, "closed": 4, "open": 4}
+    assert set(results["runs"]) == {"arcface", "robustface_stable"}
+    for name, got in results["runs"].items():
+        assert set(got["verification"]) == {"lfw", "cfp_fp", "lowq"}
+        assert (run / name / "backbone.pth").is_file()
+        with np.load(run / name / "analysis" / "angles.npz") as probe:
+            assert sorted(np.unique(probe["groups"]).tolist()) == [0, 1, 2]
+    logged = [json.loads(x) for x in (run / "robustface_stable/metrics.jsonl").read_text().split()]
+    assert any("head_last_noise" in row for row in logged)  # the head's counters are logged
     assert (run / "demo.png").stat().st_size > 10_000
-    assert (run / "arcface" / "backbone.pth").is_file()
     assert (run / "synthface" / "preview.png").stat().st_size > 1000
     assert main(args) == 0
     assert "reusing the existing set" in capsys.readouterr().out

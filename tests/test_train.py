@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from robustface.config import load_config
+from robustface.errors import ConfigError
 from robustface.train import NonFiniteLossError, Trainer
 from robustface.train import checkpoint as ckpt
 from robustface.train.sampler import ResumableSampler
@@ -315,3 +316,46 @@ def test_every_config_usable_head_trains_through_the_trainer(synth_train_dir, tm
         extra.append("head.params.epoch_start=0")  # label correction from the first step
     result = Trainer(_cfg(tmp_path / "h", synth_train_dir, *extra)).fit()
     assert result.steps == 2 and np.isfinite(result.loss)
+
+
+# --------------------------------------------------------------------- per-batch label noise
+def test_per_batch_noise_is_exact_and_deterministic(synth_train_dir, tmp_path):
+    from robustface.data import RecordIODataset, TrainTransform, write_insightface_rec
+    from robustface.data.image import encode_image
+    from robustface.train.trainer import TrainSet
+
+    rng = np.random.default_rng(0)
+    pool = [encode_image(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)) for _ in range(5)]
+    write_insightface_rec(tmp_path / "open", [(jpeg, 0) for jpeg in pool])
+    base, open_source = RecordIODataset(synth_train_dir), RecordIODataset(tmp_path / "open")
+    transform = TrainTransform(flip_p=0.5)
+    transform.input_size = 32
+    noisy = TrainSet(base, transform, 3, num_classes=8, batch_noise=(0.25, 0.25),
+                     open_source=open_source)  # fmt: skip
+    clean = TrainSet(base, transform, 3)
+    indices = [5, 17, 2, 40, 33, 8, 61, 12]
+    batch = noisy.__getitems__(indices)
+    labels = base.labels
+    open_images = [open_source[i][0] for i in range(5)]
+    for pos, (index, (image, label)) in enumerate(zip(indices, batch, strict=True)):
+        if pos < 2:  # outside image, label kept: equals one of the pool images, augmented alike
+            assert label == labels[index]
+            assert any(torch.equal(image, noisy._augment(o, index)) for o in open_images)
+        elif pos < 4:  # relabelled to another class, image kept
+            assert label != labels[index] and 0 <= label < 8
+            assert torch.equal(image, clean[index][0])
+        else:
+            assert label == labels[index] and torch.equal(image, clean[index][0])
+    again = noisy.__getitems__(indices)
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(batch, again, strict=True))
+    noisy.epoch = 1
+    other = [noisy.__getitems__([i, *indices[1:]])[2][1] for i in range(20)]
+    assert len(set(other)) > 1  # the draws depend on the batch (and the epoch)
+    with pytest.raises(ValueError, match="open_source"):
+        TrainSet(base, transform, 3, batch_noise=(0.0, 0.1))
+    extra = ["train.max_steps=2", "data.val_targets=[]", "data.batch_noise_closed=0.25",
+             "data.batch_noise_open=0.25", f"data.open_source={tmp_path / 'open'}"]  # fmt: skip
+    result = Trainer(_cfg(tmp_path / "run", synth_train_dir, *extra)).fit()
+    assert result.steps == 2 and np.isfinite(result.loss)
+    with pytest.raises(ConfigError, match="open_source: needed"):
+        _cfg(tmp_path / "x", synth_train_dir, "data.batch_noise_open=0.1")

@@ -103,7 +103,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.config is None:
         args.config = DEMO_RECIPE
     cfg = _load(args, [*overrides, *_synth_overrides(args)])
-    run_demo(cfg, workers=args.workers, progress=not args.quiet)
+    run_demo(
+        cfg,
+        noise=args.noise,
+        robust_head=args.robust_head,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
     return 0
 
 
@@ -216,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--out", help="run directory (default: output_dir of the config, runs/demo)")
+    p.add_argument("--noise", default="MS1MCON-0.20", help="label noise of the training set")
+    p.add_argument(
+        "--robust-head",
+        default="robustface_stable",
+        help="head compared with the config's head (ArcFace in the recipe)",
+    )
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_synth_flags(p)

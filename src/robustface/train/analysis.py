@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "mann_whitney_auc",
     "plot_angle_distributions",
     "plot_center_drift",
+    "plot_run_angles",
     "probe_cosines",
     "probe_groups",
     "select_probe",
@@ -556,3 +557,44 @@ class AngleProbe:
         payload = {"groups": groups, "stages": stages}
         write_text_atomic(out / "summary.json", json.dumps(payload, indent=2) + "\n")
         return stages[-1]
+
+
+def plot_run_angles(runs: Mapping[str, Path], path: Path, title: str = "") -> None:
+    """Side by side for several runs: their loss curves, and for each the angle to the labelled
+    class centre of clean and noisy training samples at its last probe (``analysis/angles.npz``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 1 + len(runs), figsize=(5.0 * (1 + len(runs)), 4.2))
+    bins = np.linspace(0, 180, 91)
+    for (name, run), ax in zip(runs.items(), axes[1:], strict=True):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        axes[0].plot([r["step"] for r in rows if "loss" in r],
+                     [r["loss"] for r in rows if "loss" in r], label=name)  # fmt: skip
+        probe = run / "analysis" / "angles.npz"
+        if not probe.is_file():
+            continue
+        with np.load(probe) as data:
+            angles = np.degrees(np.arccos(np.clip(data["cos_label"][-1], -1, 1)))
+            groups, step = data["groups"], int(data["step"][-1])
+        for code, label in ((0, "clean"), (1, "closed-set noise"), (2, "open-set noise")):
+            mask = groups == code
+            if mask.any():
+                ax.hist(angles[mask], bins=bins, density=True, histtype="step", linewidth=1.6,
+                        label=f"{label} ({int(mask.sum())})")  # fmt: skip
+        ax.set(xlabel="angle to the labelled class centre (degrees)", ylabel="density",
+               title=f"{name}, step {step}")  # fmt: skip
+        ax.legend(loc="upper left", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set(xlabel="step", ylabel="training loss", title=title or "training loss")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)

@@ -5,7 +5,7 @@ Layout of ``output_dir``::
     synthface/                      the benchmark, built once from ``base.synth``
     data/<noise>-s<seed>/           noisy training sets (``robustface.data.noise``), one per seed
     runs/<method>/<noise>/s<seed>/  one training run per cell (its own config, metrics, analysis)
-    results.md  results.csv  summary.csv  experiment.png  angles_<noise>.png
+    results.md  results.csv  summary.csv  experiment.png  angles_<noise>.png (first seed)
 
 Cells are independent and resumable: a finished cell (``train_results.json``) is skipped, an
 interrupted one resumes from its last checkpoint, and a failed one writes ``FAILED`` (the
@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from robustface.config import Config, apply_overrides, save_config
+from robustface.train.analysis import plot_run_angles
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.table import markdown_table
 
@@ -291,6 +292,11 @@ def summarize(exp: ExperimentConfig, results: Sequence[CellResult]) -> dict[str,
     _write_csv(out / "summary.csv", ["method", "noise", "set", "mean", "std", "n"], summary_rows)
     if ok:
         plot_experiment(exp, avg, out / "experiment.png")
+    for noise in exp.noise:  # what each method's model sees, first seed
+        runs = {m: _cell_dir(out, m, noise, exp.seeds[0]) for m in exp.methods}
+        runs = {m: r for m, r in runs.items() if (r / "analysis" / "angles.npz").is_file()}
+        if runs:
+            plot_run_angles(runs, out / f"angles_{noise}.png", f"training loss ({noise})")
     print(report)
     return {"table": report, "gaps": gaps}
 

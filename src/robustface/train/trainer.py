@@ -407,6 +407,15 @@ class Trainer:
             self.backbone.train(was_training)
         log({"step": self.global_step, "epoch": self.epoch, **summary})
 
+    def _head_stats(self) -> dict[str, float]:
+        """The head's state and last-step counters for the log: scalar buffers (``t``, ``phi``,
+        ``m1``...) and ``last_*`` numbers (e.g. BoundaryFace's ``last_corrected`` labels)."""
+        stats = {f"head_{k}": float(v) for k, v in self.head.named_buffers() if v.numel() == 1}
+        for key, value in vars(self.head).items():
+            if key.startswith("last_") and isinstance(value, (int, float)):
+                stats[f"head_{key}"] = float(value)
+        return stats
+
     def _param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
         params = [p for p in module.parameters() if p.requires_grad]
         if not self.cfg.optim.no_decay_bn_bias:
@@ -715,7 +724,7 @@ class Trainer:
                             loss=f"{self.last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}"
                         )
                         log({"step": self.global_step, "epoch": self.epoch, "loss": self.last_loss,
-                             "lr": lr, "samples_per_s": rate})  # fmt: skip
+                             "lr": lr, "samples_per_s": rate, **self._head_stats()})  # fmt: skip
                         t_log, n_log = time.perf_counter(), 0
                     if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0:
                         self._after_eval(self.evaluate(), log)

@@ -64,7 +64,8 @@ def test_demo_writes_run_directory_and_reuses_data(tmp_path, capsys):
         assert (run / name / "backbone.pth").is_file()
         with np.load(run / name / "analysis" / "angles.npz") as probe:
             assert sorted(np.unique(probe["groups"]).tolist()) == [0, 1, 2]
-    logged = [json.loads(x) for x in (run / "robustface_stable/metrics.jsonl").read_text().split()]
+    metrics = (run / "robustface_stable" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in metrics]
     assert any("head_last_noise" in row for row in logged)  # the head's counters are logged
     assert (run / "demo.png").stat().st_size > 10_000
     assert (run / "synthface" / "preview.png").stat().st_size > 1000

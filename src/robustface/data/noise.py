@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +375,16 @@ def inject_noise(
     plan = plan_label_noise(
         labels, closed, open_, open_pool=len(open_ds) if open_ds else 0, seed=seed
     )
+    counts = plan.counts()
+    for kind, rate in (("closed", closed), ("open", open_)):
+        realised = counts[kind] / max(len(plan), 1)
+        if rate - realised > 0.01:
+            warnings.warn(
+                f"{name}: {100 * realised:.1f}% {kind}-set noise instead of {100 * rate:.1f}%: "
+                f"the protocol takes floor(n_c * rate) samples of each class, and the classes of "
+                f"{train_ds.rec_path} are small (use >= {math.ceil(1 / rate)} images per class)",
+                stacklevel=2,
+            )
     quality = np.full(len(plan), np.nan, dtype=np.float32)
     train_quality = manifest_quality(train_dir, len(train_ds))
     train_rows = plan.source == SOURCE_TRAIN
@@ -389,7 +401,7 @@ def inject_noise(
         "closed_rate": closed,
         "open_rate": open_,
         "seed": seed,
-        "counts": plan.counts(),
+        "counts": counts,
         "num_samples": len(plan),
         "num_classes": train_ds.num_classes,
         "train": str(train_ds.rec_path.resolve()),

@@ -349,7 +349,7 @@ def test_inject_noise_overwrite_rules(tmp_path: Path, synth_train_dir: Path) -> 
     (user / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="exists"):
         inject_noise(synth_train_dir, user, "C20", progress=False)
-    with pytest.raises(FileExistsError, match="not a noise output"):
+    with pytest.raises(FileExistsError, match=r"holds no noise\.json"):
         inject_noise(synth_train_dir, user, "C20", overwrite=True, progress=False)
     assert (user / "precious.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match="input directory"):
@@ -427,3 +427,13 @@ def test_cli_noise(tmp_path: Path, synth_train_dir: Path, open_source: Path, cap
         main(["noise", str(synth_train_dir), "--out", str(tmp_path / "x"), "--setting", "Z"]) == 2
     )
     assert "unknown noise setting" in capsys.readouterr().err
+
+
+def test_inject_noise_warns_when_small_classes_lose_the_rate(
+    tmp_path: Path, synth_train_dir: Path, open_source: Path
+) -> None:
+    # 8 images per class: floor(8 * 0.05) = 0 open-set samples instead of 5%
+    with pytest.warns(UserWarning, match=r"0\.0% open-set noise instead of 5\.0%"):
+        info = inject_noise(synth_train_dir, tmp_path / "o", "MS1MCON-0.20",
+                            open_source=open_source, progress=False)  # fmt: skip
+    assert info.counts["open"] == 0 and info.counts["closed"] == 8

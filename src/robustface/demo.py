@@ -23,7 +23,8 @@ from robustface.data.synth.builder import ensure_synthface
 from robustface.evaluate.verification import format_results
 from robustface.train import Trainer
 from robustface.train.analysis import plot_run_angles
-from robustface.utils.io import atomic_path, write_text_atomic
+from robustface.utils.io import write_text_atomic
+from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.run import prepare_run_dir
 from robustface.utils.table import markdown_table
 
@@ -47,10 +48,7 @@ def plot_training(
     run_dir: Path, verification: dict[str, dict[str, Any]], path: Path, head: str = "arcface"
 ) -> None:
     """Save the loss curve (from ``metrics.jsonl``) and one ROC curve per verification set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
@@ -70,11 +68,7 @@ def plot_training(
     ax_roc.grid(alpha=0.3)
     ax_roc.legend(loc="lower right")
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_demo(

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +27,12 @@ from tqdm import tqdm
 
 from robustface.config import Config, load_config
 from robustface.data.recordio import RecordIODataset
-from robustface.data.subset import write_rec_subset
+from robustface.data.subset import link_verification_sets, write_rec_subset
 from robustface.data.transforms import EvalTransform
 from robustface.evaluate.loading import load_backbone
 from robustface.train import checkpoint as ckpt
-from robustface.utils.io import atomic_path, write_text_atomic
+from robustface.utils.io import atomic_directory, check_output_dir, write_text_atomic
+from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
 
 __all__ = [
@@ -257,10 +256,7 @@ def _noise_scores(
 
 
 def _plot_angles(path: Path, angle: np.ndarray, threshold: float, kind: np.ndarray | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     bins = np.linspace(0.0, 180.0, 91)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -277,18 +273,7 @@ def _plot_angles(path: Path, angle: np.ndarray, threshold: float, kind: np.ndarr
     )
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    save_figure(fig, path)
 
 
 def _load_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
@@ -315,22 +300,6 @@ def _default_data(cfg: Config, run_dir: Path) -> Path:
         f"{run_dir}: trained on a {data.source!r} dataset; pass the same data as a .rec "
         "(data=..., CLI --data; see 'robustface convert')"
     )
-
-
-def _prepare_out(out: Path, source_dir: Path, overwrite: bool) -> Path:
-    """Check ``out`` may be written and return a fresh ``OUT.partial`` directory."""
-    if out.resolve() == source_dir.resolve():
-        raise ValueError(f"out_dir {out} is the source data directory; choose another")
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite)")
-        if any(out.iterdir()) and not (out / "drop.json").is_file():
-            raise FileExistsError(f"{out} is not empty and not a sub-center drop output")
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
 
 
 def subcenter_drop(
@@ -388,8 +357,8 @@ def subcenter_drop(
                 f"{source_dir / 'noise.npz'}: needs a 'kind' column and one row per sample "
                 f"({len(labels)})"
             )
-    partial = _prepare_out(out, source_dir, overwrite)
-    try:
+    check_output_dir(out, overwrite=overwrite, marker="drop.json", inputs=[source_dir])
+    with atomic_directory(out) as partial:
         backbone, input_size = load_backbone(run_dir, device=device)
         backbone.load_state_dict(main["backbone"])  # the weights the classifier was trained with
         embeddings = embed_dataset(
@@ -452,9 +421,7 @@ def subcenter_drop(
             threshold_deg,
             None if noise is None else noise["kind"],
         )
-        for src in [*sorted(source_dir.glob("*.bin")), source_dir / "verification.json"]:
-            if src.is_file():
-                _link_or_copy(src, partial / src.name)
+        link_verification_sets(source_dir, partial)
         kept_per_class = np.bincount(labels[kept_idx], minlength=num_classes)
         summary = {
             "run_dir": str(run_dir),
@@ -477,12 +444,6 @@ def subcenter_drop(
             },
         }
         write_text_atomic(partial / "drop.json", json.dumps(summary, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
     return DropReport(
         path=out,
         total=len(labels),

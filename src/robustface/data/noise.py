@@ -17,9 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -29,9 +27,14 @@ import numpy as np
 
 import robustface
 from robustface.data.recordio import RecordIODataset
-from robustface.data.subset import write_rec_subset
+from robustface.data.subset import link_verification_sets, write_rec_subset
 from robustface.errors import DataFormatError
-from robustface.utils.io import atomic_path, write_text_atomic
+from robustface.utils.io import (
+    atomic_directory,
+    atomic_path,
+    check_output_dir,
+    write_text_atomic,
+)
 from robustface.utils.table import markdown_table
 
 __all__ = [
@@ -302,13 +305,6 @@ def manifest_quality(directory: Path, expected: int) -> np.ndarray | None:
     return np.asarray(quality, dtype=np.float32)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _resolve_setting(setting: str | tuple[float, float]) -> tuple[str, float, float]:
     if isinstance(setting, str):
         closed, open_ = parse_noise_setting(setting)
@@ -316,23 +312,6 @@ def _resolve_setting(setting: str | tuple[float, float]) -> tuple[str, float, fl
     closed, open_ = (float(r) for r in setting)
     _check_rates(closed, open_, "setting")
     return _setting_name(closed, open_), closed, open_
-
-
-def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse an ``out`` that is an input or an existing directory not written by us."""
-    resolved = out.resolve()
-    for path in inputs:
-        if resolved == path.resolve():
-            raise ValueError(f"out {out} is the input directory {path}; choose another --out")
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it"
-            )
-        if not (out / NOISE_JSON).is_file():
-            raise FileExistsError(
-                f"{out} exists and is not a noise output (no {NOISE_JSON}); not replacing it"
-            )
 
 
 def inject_noise(
@@ -369,7 +348,8 @@ def inject_noise(
         open_source = train_dir / "open_set"
     open_ds = RecordIODataset(open_source) if open_source is not None else None
     out = Path(out)
-    _check_out(out, overwrite, [train_dir, *([open_ds.rec_path.parent] if open_ds else [])])
+    inputs = [train_dir, *([open_ds.rec_path.parent] if open_ds else [])]
+    check_output_dir(out, overwrite=overwrite, marker=NOISE_JSON, inputs=inputs)
 
     labels = train_ds.labels
     plan = plan_label_noise(
@@ -409,11 +389,7 @@ def inject_noise(
         "robustface": robustface.__version__,
     }
 
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as partial:
         picks = np.stack([plan.source, plan.source_index], axis=1)
         order = write_rec_subset(
             partial,
@@ -426,16 +402,8 @@ def inject_noise(
         written = plan.take(order)
         with atomic_path(partial / NOISE_LIST) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **written.arrays())
-        for extra in [*sorted(train_dir.glob("*.bin")), train_dir / "verification.json"]:
-            if extra.is_file():
-                _link_or_copy(extra, partial / extra.name)
+        link_verification_sets(train_dir, partial)
         write_text_atomic(partial / NOISE_JSON, json.dumps(summary, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
     return NoiseInfo(out, name, written, train_ds.num_classes, time.perf_counter() - t0)
 
 

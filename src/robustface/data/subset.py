@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from robustface.data.recordio import RecordIODataset, unpack_record, write_insightface_rec
+from robustface.utils.io import link_or_copy
 
 __all__ = ["dataset_keys", "write_rec_subset"]
 
@@ -135,3 +136,12 @@ def write_rec_subset(
         for d in datasets:
             d.reader.close()
     return order
+
+
+def link_verification_sets(src_dir: str | Path, dst_dir: str | Path) -> None:
+    """Link (or copy) the ``*.bin`` pair sets and ``verification.json`` of ``src_dir`` into
+    ``dst_dir``, so that a training set derived from another keeps its verification targets."""
+    src_dir = Path(src_dir)
+    for src in [*sorted(src_dir.glob("*.bin")), src_dir / "verification.json"]:
+        if src.is_file():
+            link_or_copy(src, Path(dst_dir) / src.name)

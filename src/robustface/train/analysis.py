@@ -32,6 +32,7 @@ from torch import Tensor
 
 from robustface.data.transforms import resize_to, to_tensor_normalized
 from robustface.utils.io import atomic_path, write_text_atomic
+from robustface.utils.plot import pyplot, save_figure
 
 __all__ = [
     "GROUP_KEYS",
@@ -340,25 +341,12 @@ def angle_summary(record: ProbeRecord, groups: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-
-
 def plot_angle_distributions(
     records: Sequence[ProbeRecord], groups: np.ndarray, path: Path, title: str = ""
 ) -> None:
     """One column per record: angle to the labelled centre (top) and to the closest other centre
     (bottom), one step-filled density histogram per group, overlaps with clean in the titles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not records:
         raise ValueError("no records to plot")
@@ -400,7 +388,7 @@ def plot_angle_distributions(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 _CENTER_LINES = (
@@ -412,10 +400,7 @@ _CENTER_LINES = (
 
 def plot_center_drift(steps: Sequence[int], stats: Sequence[dict[str, float]], path: Path) -> None:
     """Centre drift, centre-to-clean-mean angle and noisy pull (degrees) against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if len(steps) != len(stats):
         raise ValueError(f"{len(steps)} steps but {len(stats)} stat dicts")
@@ -429,7 +414,7 @@ def plot_center_drift(steps: Sequence[int], stats: Sequence[dict[str, float]], p
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 class AngleProbe:
@@ -563,10 +548,7 @@ def plot_run_angles(runs: Mapping[str, Path], path: Path, title: str = "") -> No
     """Side by side for several runs: their loss curves, and for each the angle to the labelled
     class centre of clean and noisy training samples at its last probe (``analysis/angles.npz``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 1 + len(runs), figsize=(5.0 * (1 + len(runs)), 4.2))
     bins = np.linspace(0, 180, 91)
@@ -593,8 +575,4 @@ def plot_run_angles(runs: Mapping[str, Path], path: Path, title: str = "") -> No
     axes[0].legend()
     axes[0].grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

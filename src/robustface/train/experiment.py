@@ -30,7 +30,8 @@ import numpy as np
 
 from robustface.config import Config, apply_overrides, save_config
 from robustface.train.analysis import plot_run_angles
-from robustface.utils.io import atomic_path, write_text_atomic
+from robustface.utils.io import write_text_atomic
+from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
 
 __all__ = ["CellResult", "ExperimentConfig", "run_experiment", "summarize"]
@@ -319,10 +320,7 @@ def plot_experiment(
     exp: ExperimentConfig, avg: dict[tuple[str, str], list[float]], path: Path
 ) -> None:
     """Grouped bars: average verification accuracy per method, one bar per noise setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = list(exp.methods)
     width = 0.8 / len(exp.noise)
@@ -343,8 +341,4 @@ def plot_experiment(
     ax.legend(title="noise")
     ax.set_title(f"SynthFace, mean ± std over {len(exp.seeds)} seeds")
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

@@ -1,11 +1,12 @@
-"""Atomic file writing: outputs appear whole or not at all."""
+"""Atomic writing of files and directories: outputs appear whole or not at all."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -47,3 +48,50 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def check_output_dir(
+    out: str | Path, *, overwrite: bool, marker: str, inputs: Iterable[str | Path] = ()
+) -> None:
+    """Refuse to write ``out`` over one of ``inputs``, or over an existing directory that is not
+    ours: one is replaced only with ``overwrite`` and when it holds ``marker`` (a file only this
+    kind of output writes) or is empty."""
+    out = Path(out)
+    for path in inputs:
+        if out.resolve() == Path(path).resolve():
+            raise ValueError(f"output {out} is the input directory {path}; choose another")
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite)")
+        if any(out.iterdir()) and not (out / marker).is_file():
+            raise FileExistsError(f"{out} exists and holds no {marker}: not replacing it")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path) -> Iterator[Path]:
+    """Yield a fresh ``OUT.partial`` directory; it replaces ``out`` only if the block succeeds.
+
+    A stale ``OUT.partial`` from an interrupted run is removed first; on an error the partial
+    directory is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard-link ``src`` to ``dst``, or copy it where links are not possible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

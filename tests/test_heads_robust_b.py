@@ -118,8 +118,6 @@ def train_loss_falls(head, steps=30, **context):
             kw["weight"] = fc.weight
         hout = head(out.cosine, out.labels, norms=out.norms, embeddings=out.embeddings, **kw)
         loss = distributed_cross_entropy(hout.logits, hout.labels, out.shard)
-        if hout.weight is not None:
-            loss = loss * hout.weight
         if hout.extra_loss is not None:
             loss = loss + hout.extra_loss
         loss = loss.mean()

@@ -94,7 +94,14 @@ def test_sampler_resumes_mid_epoch_on_any_world_size():
 
 # ------------------------------------------------------------------------------- exact resume
 @pytest.mark.parametrize(
-    "classifier", ["fc.name=full", "fc.name=partial_fc", "fc.name=partial_fc,fc.sample_rate=0.5"]
+    "classifier",
+    [
+        "fc.name=full",
+        "fc.name=partial_fc",
+        "fc.name=partial_fc,fc.sample_rate=0.5",
+        # a stateful head, per-batch label noise and angle probes resume exactly too
+        "fc.name=full,head.name=robustface,data.batch_noise_closed=0.25,train.probe_every=3",
+    ],
 )
 def test_resume_from_any_step_gives_identical_weights(synth_train_dir, tmp_path, classifier):
     # dropout and negative sampling draw from the torch RNG: resuming must restore those streams
@@ -116,6 +123,13 @@ def test_resume_from_any_step_gives_identical_weights(synth_train_dir, tmp_path,
         assert got.keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(got[key], value), f"resumed at {step}: {key} differs"
+        for key, value in straight.head.state_dict().items():
+            assert torch.equal(resumed.head.state_dict()[key], value), f"head {key} differs"
+        if "probe_every" in classifier:  # the probe's history continues across the resume
+            want = json.loads((tmp_path / "a" / "analysis" / "summary.json").read_text())
+            have = json.loads((tmp_path / f"b{step}" / "analysis" / "summary.json").read_text())
+            assert [s["step"] for s in have["stages"]] == [3, 6, 9, 12, 15, 16]
+            assert have == want
 
 
 def test_resume_auto_continues_an_interrupted_run(synth_train_dir, tmp_path):
@@ -283,7 +297,10 @@ def test_ddp_partial_fc_two_ranks_then_resume_on_one(synth_train_dir, tmp_path):
 def test_centerbias_centres_are_sharded_in_checkpoints_and_reshard(synth_train_dir, tmp_path):
     out = tmp_path / "cb"
     head = "head.name=centerbiasface"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), str(synth_train_dir), head), nprocs=2)
+    probe = "train.probe_every=3"  # the last step is probed: the final probe must not run again
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), str(synth_train_dir), head, probe),
+             nprocs=2)  # fmt: skip
+    assert (out / "analysis" / "angles.npz").is_file()
     path = ckpt.list_checkpoints(out / "checkpoints")[-1]
     main = ckpt.load_main(path)
     assert "centers" not in main["head"] and "t" in main["head"]
@@ -355,7 +372,14 @@ def test_per_batch_noise_is_exact_and_deterministic(synth_train_dir, tmp_path):
         TrainSet(base, transform, 3, batch_noise=(0.0, 0.1))
     extra = ["train.max_steps=2", "data.val_targets=[]", "data.batch_noise_closed=0.25",
              "data.batch_noise_open=0.25", f"data.open_source={tmp_path / 'open'}"]  # fmt: skip
-    result = Trainer(_cfg(tmp_path / "run", synth_train_dir, *extra)).fit()
+    trainer = Trainer(_cfg(tmp_path / "run", synth_train_dir, *extra))
+    first = list(trainer.sampler)[:8]  # the loader's first batch goes through __getitems__
+    images, labels = next(iter(trainer.loader))
+    want = trainer.trainset.__getitems__(first)
+    assert labels.tolist() == [label for _, label in want]
+    assert labels.tolist()[2:4] != base.labels[first[2:4]].tolist()  # relabelled in the loader
+    assert torch.equal(images, torch.stack([image for image, _ in want]))
+    result = trainer.fit()
     assert result.steps == 2 and np.isfinite(result.loss)
     with pytest.raises(ConfigError, match="open_source: needed"):
         _cfg(tmp_path / "x", synth_train_dir, "data.batch_noise_open=0.1")

@@ -84,8 +84,13 @@ def run_demo(
     ``cfg.head`` is the baseline (ArcFace in the recipe); ``robust_head`` trains with the same
     head params on the same noisy data (``noise``: a setting of :mod:`robustface.data.noise`).
     """
-    from robustface.data.noise import inject_noise, noise_summary_table
+    from robustface.data.noise import inject_noise, noise_summary_table, parse_noise_setting
+    from robustface.heads import HEADS
 
+    parse_noise_setting(noise)
+    HEADS.get(robust_head)
+    if robust_head == cfg.head.name:
+        raise ValueError(f"robust_head {robust_head!r} is the config's head: nothing to compare")
     out = prepare_run_dir(cfg.output_dir, cfg, cfg.seed)
     data_dir = out / "synthface"
     print(f"[1/4] SynthFace in {data_dir} ...", flush=True)

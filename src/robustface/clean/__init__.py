@@ -1,7 +1,6 @@
 """Cleaning noisy training sets (Sub-center ArcFace's drop step)."""
 
 from robustface.clean.subcenter import (
-    NOISE_KINDS,
     DropReport,
     DropResult,
     dominant_subcenter,
@@ -12,7 +11,6 @@ from robustface.clean.subcenter import (
 )
 
 __all__ = [
-    "NOISE_KINDS",
     "DropReport",
     "DropResult",
     "dominant_subcenter",

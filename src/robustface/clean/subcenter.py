@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from robustface.config import Config, load_config
+from robustface.data.noise import KIND_NAMES, NOISE_LIST, noise_list_for, save_noise_list
 from robustface.data.recordio import RecordIODataset
 from robustface.data.subset import link_verification_sets, write_rec_subset
 from robustface.data.transforms import EvalTransform
@@ -36,7 +37,6 @@ from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
 
 __all__ = [
-    "NOISE_KINDS",
     "DropReport",
     "DropResult",
     "dominant_subcenter",
@@ -46,8 +46,6 @@ __all__ = [
     "subcenter_drop",
 ]
 
-NOISE_KINDS = {0: "clean", 1: "closed", 2: "open"}
-"""Values of the ``kind`` column of a ground-truth ``noise.npz``."""
 _ROWS_PER_CHUNK = 65536
 
 
@@ -245,7 +243,7 @@ def _noise_scores(
     """Per-kind counts and precision/recall/F1 of the drops against the ground-truth kinds."""
     dropped = ~keep
     counts, scores = {}, {"noisy": _prf(dropped, kind != 0)}
-    for value, name in NOISE_KINDS.items():
+    for value, name in enumerate(KIND_NAMES):
         mask = kind == value
         kept = int(np.sum(keep & mask))
         counts[name] = {"total": int(mask.sum()), "kept": kept, "dropped": int(mask.sum()) - kept}
@@ -263,7 +261,9 @@ def _plot_angles(path: Path, angle: np.ndarray, threshold: float, kind: np.ndarr
     if kind is None:
         ax.hist(angle, bins=bins, color="tab:blue", label="all samples")
     else:
-        groups = [(angle[kind == v], name) for v, name in NOISE_KINDS.items() if np.any(kind == v)]
+        groups = [
+            (angle[kind == v], name) for v, name in enumerate(KIND_NAMES) if np.any(kind == v)
+        ]
         ax.hist([g for g, _ in groups], bins=bins, stacked=True, label=[n for _, n in groups])
     ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g} deg")
     ax.set(
@@ -324,6 +324,8 @@ def subcenter_drop(
     record order. A class that would lose every sample keeps its closest one ("rescued").
     """
     run_dir, out = Path(run_dir), Path(out_dir)
+    if not 0 < threshold_deg <= 180:
+        raise ValueError(f"threshold_deg must be in (0, 180], got {threshold_deg}")
     cfg, main = _load_run(run_dir)
     k = cfg.fc.k
     weight = main["fc"]["module"]["weight"].float()
@@ -348,15 +350,7 @@ def subcenter_drop(
             f"{data_path}: class {int(np.argmin(total_per_class))} has no samples; "
             "every class of the cleaned set needs at least one"
         )
-    noise = None
-    if (source_dir / "noise.npz").is_file():
-        with np.load(source_dir / "noise.npz") as z:
-            noise = {name: z[name] for name in z.files}
-        if any(len(v) != len(labels) for v in noise.values()) or "kind" not in noise:
-            raise ValueError(
-                f"{source_dir / 'noise.npz'}: needs a 'kind' column and one row per sample "
-                f"({len(labels)})"
-            )
+    noise = noise_list_for(dataset.rec_path)  # the ground truth, when the data has one
     check_output_dir(out, overwrite=overwrite, marker="drop.json", inputs=[source_dir])
     with atomic_directory(out) as partial:
         backbone, input_size = load_backbone(run_dir, device=device)
@@ -412,14 +406,14 @@ def subcenter_drop(
         }
         scores: dict[str, dict[str, float]] = {}
         if noise is not None:
-            np.savez(partial / "noise.npz", **{n: v[kept_idx[order]] for n, v in noise.items()})
-            more, scores = _noise_scores(keep, noise["kind"])
+            save_noise_list(noise.take(kept_idx[order]), partial / NOISE_LIST)
+            more, scores = _noise_scores(keep, noise.kind)
             counts.update(more)
         _plot_angles(
             partial / "drop_angles.png",
             result.angle_deg,
             threshold_deg,
-            None if noise is None else noise["kind"],
+            None if noise is None else noise.kind,
         )
         link_verification_sets(source_dir, partial)
         kept_per_class = np.bincount(labels[kept_idx], minlength=num_classes)

@@ -295,9 +295,13 @@ def manifest_quality(directory: Path, expected: int) -> np.ndarray | None:
     if not path.is_file():
         return None
     try:
-        quality = json.loads(path.read_text(encoding="utf-8"))["samples"]["quality"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None  # not a SynthFace manifest
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(path, f"not valid JSON: {exc}") from exc
+    samples = manifest.get("samples") if isinstance(manifest, dict) else None
+    if not isinstance(samples, dict) or "quality" not in samples:
+        return None  # a manifest without SynthFace's per-sample quality
+    quality = samples["quality"]
     if len(quality) != expected:
         raise DataFormatError(
             path, f"lists {len(quality)} sample qualities but the .rec beside it has {expected}"
@@ -338,7 +342,10 @@ def inject_noise(
     train_ds = RecordIODataset(train)
     train_dir = train_ds.rec_path.parent
     if open_ == 0:
-        open_source = None
+        if open_source is not None:
+            raise ValueError(
+                f"open_source {open_source} given but setting {name} has no open-set noise"
+            )
     elif open_source is None:
         if not (train_dir / "open_set").is_dir():
             raise FileNotFoundError(
@@ -400,11 +407,17 @@ def inject_noise(
             progress=progress,
         )
         written = plan.take(order)
-        with atomic_path(partial / NOISE_LIST) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **written.arrays())
+        save_noise_list(written, partial / NOISE_LIST)
         link_verification_sets(train_dir, partial)
         write_text_atomic(partial / NOISE_JSON, json.dumps(summary, indent=2) + "\n")
     return NoiseInfo(out, name, written, train_ds.num_classes, time.perf_counter() - t0)
+
+
+def save_noise_list(plan: NoisePlan, path: str | Path) -> None:
+    """Write ``plan`` as a ``noise.npz`` (atomically), one row per dataset index."""
+    plan.validate()
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **plan.arrays())
 
 
 def load_noise_list(path: str | Path) -> NoisePlan:

@@ -8,8 +8,6 @@ class weights; the classifier owns those and their sharding. One training step i
     head_out = head(out.cosine, out.labels, norms=out.norms, embeddings=out.embeddings,
                     shard=out.shard, step=step, epoch=epoch)
     loss = distributed_cross_entropy(head_out.logits, head_out.labels, out.shard)
-    if head_out.weight is not None:
-        loss = loss * head_out.weight
     if head_out.extra_loss is not None:
         loss = loss + head_out.extra_loss
     loss.mean().backward()                                     # the same reduction on every rank
@@ -31,9 +29,7 @@ Inputs of :meth:`MarginHead.forward`
 Output (:class:`HeadOutput`)
     ``logits`` (B x C_local) already multiplied by the scale; ``labels`` those the cross-entropy
     uses (a label-correcting head, e.g. BoundaryFace, returns its corrected labels with the same
-    -1 convention); ``extra_loss`` an optional per-sample (B,) term added to the cross-entropy;
-    ``weight`` an optional detached per-sample (B,) factor of the cross-entropy (a head that
-    down-weights samples it judges mislabelled), the same on every shard.
+    -1 convention); ``extra_loss`` an optional per-sample (B,) term added to the cross-entropy.
     Heads never modify their input tensors in place; margins are in radians.
 
 Statistics across shards
@@ -139,12 +135,11 @@ LOCAL = ShardContext()
 
 @dataclasses.dataclass
 class HeadOutput:
-    """What a head returns: scaled logits, the labels to train on, optional per-sample terms."""
+    """What a head returns: scaled logits, the labels to train on, an optional per-sample term."""
 
     logits: Tensor
     labels: Tensor
     extra_loss: Tensor | None = None
-    weight: Tensor | None = None
 
 
 class MarginHead(nn.Module, abc.ABC):

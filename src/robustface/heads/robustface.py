@@ -194,7 +194,7 @@ class RobustFaceStableHead(MarginHead):
     its logit is set to ``1e-30`` (no gradient, no push away from it); hard-only negatives
     (``T < cos_j <= N``) become ``(1 + t) cos_j``. This is the published rule with ``phi = 1``
     and a fixed m1, without the schedule that reaches that state only after a few hundred steps.
-    Stateless. ``last_noise`` counts the silenced pairs of the last training step.
+    Stateless. ``last_noise`` (a tensor) counts this shard's silenced pairs of the last step.
     """
 
     def __init__(
@@ -210,7 +210,7 @@ class RobustFaceStableHead(MarginHead):
         if t < 0:
             raise ValueError(f"t (hard-negative boost) must be >= 0, got {t}")
         self.margin, self.m1, self.t = margin, m1, t
-        self.last_noise = 0
+        self.last_noise: Tensor | int = 0
 
     def forward(
         self,
@@ -235,7 +235,7 @@ class RobustFaceStableHead(MarginHead):
             noise = (cosine > noise_bound.unsqueeze(1)) & ~own
             hard_only = (cosine > hard_bound.unsqueeze(1)) & ~own & ~noise
             if self.training:
-                self.last_noise = int(shard.all_reduce(noise.sum().double(), "sum"))
+                self.last_noise = noise.sum()  # this shard's pairs; no host sync per step
         logits = torch.where(hard_only, cosine * (1.0 + self.t), cosine)
         logits = torch.where(noise, torch.full_like(cosine, NOISE_FLOOR), logits)
         logits = torch.index_put(logits, (rows, cols), target) * self.scale

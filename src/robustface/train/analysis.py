@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustface.data.noise import CLEAN, CLOSED, OPEN
 from robustface.data.transforms import resize_to, to_tensor_normalized
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
@@ -51,7 +52,7 @@ __all__ = [
     "select_probe",
 ]
 
-CLEAN, CLOSED, OPEN, LOW_QUALITY = 0, 1, 2, 3
+LOW_QUALITY = 3  # the group after the noise kinds CLEAN, CLOSED, OPEN
 GROUP_NAMES = ("clean", "closed-set noise", "open-set noise", "low quality")
 """Display name of each group code."""
 GROUP_KEYS = ("clean", "closed", "open", "lowq")
@@ -472,10 +473,15 @@ class AngleProbe:
         embed: Callable[[Tensor], Tensor],
         cosine_fn: Callable[[Tensor], Tensor],
         weight: np.ndarray,
+        *,
+        k: int = 1,
     ) -> dict[str, float]:
         """Probe at ``step``; keep the result and return its flat summary, keys prefixed ``probe_``.
 
-        ``weight`` holds one centre per class (C x d; see :func:`center_stats`).
+        ``weight`` holds the class centres: C x d, or with ``k`` sub-centers per class C*K x d
+        (class-major). A class's centre for :func:`center_stats` is then its dominant sub-center,
+        the one most of its probe samples are nearest to (ties: the lowest), as in sub-center
+        cleaning; the other sub-centers are where noisy samples collect.
         """
         parts = [
             probe_cosines(
@@ -496,7 +502,16 @@ class AngleProbe:
                 if f.name != "step"
             },
         )
-        centres = np.array(np.asarray(weight)[self._classes], dtype=np.float32)
+        weight = np.asarray(weight, dtype=np.float32)
+        if k > 1:
+            subs = weight.reshape(-1, k, weight.shape[1])[self._classes]  # probed classes
+            own = subs[self._local_labels]  # n x K x d
+            nearest = np.einsum("nkd,nd->nk", own, record.embeddings).argmax(1)
+            votes = np.bincount(self._local_labels * k + nearest, minlength=len(subs) * k)
+            dominant = votes.reshape(-1, k).argmax(1)
+            centres = subs[np.arange(len(subs)), dominant]
+        else:
+            centres = np.array(weight[self._classes], dtype=np.float32)
         summary = angle_summary(record, self.groups)
         summary.update(
             center_stats(centres, record, self._local_labels, self.groups, self._previous_weight)
@@ -505,6 +520,23 @@ class AngleProbe:
         self.records.append(dataclasses.replace(record, embeddings=None))
         self.summaries.append(summary)
         return {f"probe_{k}": v for k, v in summary.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps so a resumed run continues the probe's history."""
+        return {
+            "records": [dataclasses.asdict(r) for r in self.records],
+            "summaries": self.summaries,
+            "previous_weight": self._previous_weight,
+            "indices": self.indices,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the probe must hold the same samples."""
+        if not np.array_equal(state["indices"], self.indices):
+            raise ValueError("the checkpoint's probe holds other samples than this run's")
+        self.records = [ProbeRecord(**r) for r in state["records"]]
+        self.summaries = list(state["summaries"])
+        self._previous_weight = state["previous_weight"]
 
     def save(self, out_dir: Path, *, max_plot_stages: int = 4) -> dict[str, Any]:
         """Write ``out_dir/analysis/``: ``angles.npz``, ``angles.png`` (at most
@@ -558,6 +590,9 @@ def plot_run_angles(runs: Mapping[str, Path], path: Path, title: str = "") -> No
                      [r["loss"] for r in rows if "loss" in r], label=name)  # fmt: skip
         probe = run / "analysis" / "angles.npz"
         if not probe.is_file():
+            ax.text(0.5, 0.5, f"{name}: no angle probe\n(train.probe_every = 0)", ha="center",
+                    va="center", transform=ax.transAxes)  # fmt: skip
+            ax.set_axis_off()
             continue
         with np.load(probe) as data:
             angles = np.degrees(np.arccos(np.clip(data["cos_label"][-1], -1, 1)))

@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import math
+import shutil
 import time
 import traceback
 from collections.abc import Sequence
@@ -27,8 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import yaml
 
-from robustface.config import Config, apply_overrides, save_config
+from robustface.config import Config, apply_overrides, save_config, to_dict
 from robustface.train.analysis import plot_run_angles
 from robustface.utils.io import write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
@@ -163,7 +165,10 @@ def run_experiment(
     out = Path(exp.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(exp, out / "experiment.yaml")
-    ensure_synthface(out / "synthface", exp.base.synth, progress=progress)
+    _, built = ensure_synthface(out / "synthface", exp.base.synth, progress=progress)
+    if built is not None and (out / "data").exists():
+        shutil.rmtree(out / "data")  # noisy copies of a previous benchmark
+
     cells = [(m, n, s) for n in exp.noise for s in exp.seeds for m in exp.methods]
     results: list[CellResult] = []
     for i, (method, noise, seed) in enumerate(cells, 1):
@@ -172,6 +177,7 @@ def run_experiment(
             (run / "FAILED").unlink()
         done = _read_cell(run, method, noise, seed)
         if done is not None:
+            _check_same_config(run, exp, method, noise, seed)
             results.append(done)
             continue
         print(f"[{i}/{len(cells)}] {method} on {noise}, seed {seed} -> {run}", flush=True)
@@ -193,6 +199,25 @@ def run_experiment(
             results.append(cell)
     summarize(exp, results)
     return results
+
+
+def _check_same_config(
+    run: Path, exp: ExperimentConfig, method: str, noise: str, seed: int
+) -> None:
+    """Refuse to reuse a finished cell that was trained from another config."""
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        return
+    want = to_dict(cell_config(exp, method, noise, seed, Path(".")))
+    have = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    for section in (want, have):  # where the data lives and progress display do not matter
+        section["data"].pop("path", None)
+        section["train"].pop("progress", None)
+    if want != have:
+        raise ValueError(
+            f"{run} was trained with another config than this experiment's cell "
+            f"{method}/{noise}/s{seed}; use a new output_dir, or delete {run} to rerun it"
+        )
 
 
 def _add_seconds(path: Path, seconds: float) -> None:

@@ -200,6 +200,7 @@ class Trainer:
         self._build_model()
         self._build_optim()
         self.probe = self._build_probe()
+        self._last_probe_step = -1  # on every rank: the final probe is a collective
         self.global_step = 0
         self.epoch = 0
         self.consumed = 0  # global samples consumed in the current epoch
@@ -382,6 +383,7 @@ class Trainer:
     @torch.no_grad()
     def _run_probe(self, log: Any) -> None:
         """Probe the model at the current step (every rank calls it: Partial FC gathers)."""
+        self._last_probe_step = self.global_step
         weight = self._class_centres()
         if self.probe is None or weight is None:
             return
@@ -392,8 +394,6 @@ class Trainer:
             cos = embeddings.to(weight) @ weight.T
             return cos.view(cos.size(0), -1, k).amax(2)
 
-        # one centre per class for the drift statistics: the mean direction of its sub-centers
-        centres = F.normalize(weight.view(-1, k, weight.size(1)).mean(1), dim=1)
         was_training = self.backbone.training
         self.backbone.eval()
         try:
@@ -401,7 +401,8 @@ class Trainer:
                 self.global_step,
                 lambda x: self.backbone(x.to(self.device)).float(),
                 cosine_fn,
-                centres.cpu().numpy(),
+                weight.cpu().numpy(),
+                k=k,
             )
         finally:
             self.backbone.train(was_training)
@@ -412,6 +413,8 @@ class Trainer:
         ``m1``...) and ``last_*`` numbers (e.g. BoundaryFace's ``last_corrected`` labels)."""
         stats = {f"head_{k}": float(v) for k, v in self.head.named_buffers() if v.numel() == 1}
         for key, value in vars(self.head).items():
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = value.item()
             if key.startswith("last_") and isinstance(value, (int, float)):
                 stats[f"head_{key}"] = float(value)
         return stats
@@ -475,6 +478,8 @@ class Trainer:
             "config": to_dict(self.cfg),
             "num_classes": self.num_classes,
         }
+        if self.probe is not None:
+            state["probe"] = self.probe.state_dict()
         if not self.sharded:
             state["fc"] = {"module": self.fc.state_dict(), "optim": self.opt_fc.state_dict()}
         return state
@@ -492,6 +497,10 @@ class Trainer:
                 "optim": self.opt_fc.state_dict(),
                 "head": self._head_state(per_class=True),
             }
+        elif self.info.distributed:
+            # data-parallel with a replicated classifier: each rank's head statistics follow its
+            # own batches (as in the reference code), so each rank keeps its own copy
+            state["head"] = self.head.state_dict()
         return state
 
     def _head_state(self, per_class: bool) -> dict[str, Any]:
@@ -549,7 +558,11 @@ class Trainer:
         else:
             self.fc.load_state_dict(main["fc"]["module"])
             self.opt_fc.load_state_dict(main["fc"]["optim"])
+            if old_world == self.info.world_size and "head" in ranks[self.info.rank]:
+                head_state = dict(ranks[self.info.rank]["head"])
         self.head.load_state_dict(head_state)
+        if self.probe is not None and "probe" in main:
+            self.probe.load_state_dict(main["probe"])
         progress = main["progress"]
         self.global_step = progress["global_step"]
         self._last_saved = self.global_step
@@ -587,8 +600,6 @@ class Trainer:
             weight=self.fc.weight,
         )
         per_sample = distributed_cross_entropy(head_out.logits, head_out.labels, fc_out.shard)
-        if head_out.weight is not None:
-            per_sample = per_sample * head_out.weight
         if head_out.extra_loss is not None:
             per_sample = per_sample + head_out.extra_loss
         return per_sample.mean()
@@ -743,10 +754,7 @@ class Trainer:
             self.save()  # no-op if this step is already saved
             final = self.evaluate()
             self._after_eval(final, log)
-            probed = self.probe is not None and self.probe.records
-            if cfg.train.probe_every and not (
-                probed and self.probe.records[-1].step == self.global_step
-            ):
+            if cfg.train.probe_every and self._last_probe_step != self.global_step:
                 self._run_probe(log)
         finally:
             bar.close()

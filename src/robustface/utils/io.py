@@ -84,9 +84,14 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
     if out.exists():
-        shutil.rmtree(out)
+        os.replace(out, old)  # out is never missing for longer than two renames
     os.replace(partial, out)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def link_or_copy(src: str | Path, dst: str | Path) -> None:

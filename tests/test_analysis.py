@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from robustface.data.transforms import resize_to, to_tensor_normalized
 from robustface.train.analysis import (
     GROUP_KEYS,
     AngleProbe,
@@ -212,3 +213,48 @@ def test_angle_probe_end_to_end(tmp_path):
     for name in ("angles.png", "center_drift.png"):
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
     assert {f"{k}_angle_mean" for k in GROUP_KEYS} <= set(final)
+
+
+def test_sub_center_probe_uses_each_class_dominant_sub_center_and_state_round_trips():
+    rng = np.random.default_rng(5)
+    n, size, d, c, k = 24, 8, 6, 4, 3
+    images = rng.integers(0, 256, size=(n, 10, 10, 3), dtype=np.uint8)
+    labels, groups = np.arange(n) % c, np.zeros(n, dtype=np.int64)
+    proj = _linear(3 * size * size, d, 4)
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ proj
+
+    def make() -> AngleProbe:
+        return AngleProbe(images, labels, groups, input_size=size, batch_size=10)
+
+    subs = [rng.normal(size=(c * k, d)) for _ in range(2)]
+    sub_probe, hand_probe = make(), make()
+    for step, w in enumerate(subs):
+        # by hand: each sample's nearest sub-center of its class, then the class's majority
+        emb = np.stack([embed(to_tensor_normalized(resize_to(im, size)[None]))[0].numpy()
+                        for im in images]).astype(np.float64)  # fmt: skip
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        own = w.reshape(c, k, d)[labels]
+        own = own / np.linalg.norm(own, axis=2, keepdims=True)
+        nearest = np.einsum("nkd,nd->nk", own, emb).argmax(1)
+        dominant = [np.bincount(nearest[labels == cls], minlength=k).argmax() for cls in range(c)]
+        hand = w.reshape(c, k, d)[np.arange(c), dominant]
+        pooled = w.reshape(c, k, d)
+
+        def sub_cos(e: torch.Tensor, pooled=pooled) -> torch.Tensor:
+            unit = pooled / np.linalg.norm(pooled, axis=2, keepdims=True)
+            cos = torch.einsum("nd,ckd->nck", e.double(), torch.from_numpy(unit))
+            return cos.amax(2)
+
+        got = sub_probe.record(step, embed, sub_cos, w, k=k)
+        want = hand_probe.record(step, embed, sub_cos, hand)
+        for key in ("probe_center_to_clean_mean_deg", "probe_drift_deg_mean"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], abs=1e-4)
+    assert "probe_drift_deg_mean" in got
+    restored = make()
+    restored.load_state_dict(sub_probe.state_dict())
+    assert restored.summaries == sub_probe.summaries and len(restored.records) == 2
+    w = subs[0]
+    assert restored.record(5, embed, sub_cos, w, k=k) == sub_probe.record(5, embed, sub_cos, w, k=k)

@@ -131,3 +131,14 @@ def test_train_then_eval_verification(synth_train_dir, tmp_path, capsys):
     # a bare state_dict needs the architecture named
     assert main(["eval", "verification", str(run / "backbone.pth"), "--targets", "lfw"]) == 2
     assert "needs --backbone" in capsys.readouterr().err
+
+
+def test_demo_checks_its_options_before_any_work(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["demo", "--config", str(TINY), "--out", str(run), *SMALL]
+    assert main([*base, "--noise", "C150"]) == 2
+    assert main([*base, "--robust-head", "arcface"]) == 2  # the config's own head
+    assert main([*base, "--robust-head", "robustfase"]) == 2
+    err = capsys.readouterr().err
+    assert "C150" in err and "nothing to compare" in err and "robustface" in err
+    assert not run.exists()

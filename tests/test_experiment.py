@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,13 @@ import pytest
 from robustface.cli import main
 from robustface.config import load_config
 from robustface.errors import ConfigError
-from robustface.train.experiment import ExperimentConfig, run_experiment
+from robustface.train.experiment import (
+    CellResult,
+    ExperimentConfig,
+    cell_config,
+    run_experiment,
+    summarize,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -74,6 +81,10 @@ def test_grid_tables_resume_and_failures(tmp_path, capsys):
     assert "] arcface on" not in capsys.readouterr().out
     assert (out / "runs/arcface/clean/s0/train_results.json").stat().st_mtime_ns == stamp
 
+    # a finished cell is never reused for another config
+    with pytest.raises(ValueError, match="trained with another config"):
+        run_experiment(_exp(tmp_path / "e", "base.optim.lr=0.2"), progress=False)
+
     # a failing method loses nothing else; the CLI reports it with exit code 1
     bad = [f"output_dir={out}", *TINY, "methods.broken={head.name: arcface, "
            "head.params: {scale: -1.0}}"]  # fmt: skip
@@ -92,3 +103,36 @@ def test_bad_experiment_config_names_every_problem(tmp_path):
         _exp(tmp_path / "x", "noise=[clean, C120]", "seeds=[0, 0]", "reference=cosface")
     text = str(err.value)
     assert "noise:" in text and "seeds:" in text and "reference: 'cosface'" in text
+
+
+def test_summarize_against_a_hand_computation(tmp_path):
+    exp = _exp(tmp_path / "s", "seeds=[0, 1]")
+    acc = {  # (method, noise, seed) -> accuracy on the three sets
+        ("arcface", "clean", 0): (0.90, 0.80, 0.70), ("arcface", "clean", 1): (0.92, 0.82, 0.72),
+        ("arcface", "C34O34", 0): (0.70, 0.60, 0.50), ("arcface", "C34O34", 1): (0.74, 0.64, 0.54),
+        ("stable", "clean", 0): (0.91, 0.81, 0.71), ("stable", "clean", 1): (0.91, 0.81, 0.71),
+        ("stable", "C34O34", 0): (0.85, 0.75, 0.65), ("stable", "C34O34", 1): (0.81, 0.71, 0.61),
+    }  # fmt: skip
+    cells = [CellResult(m, n, s, dict(zip(["cfp_fp", "lfw", "lowq"], a, strict=True)))
+             for (m, n, s), a in acc.items()]  # fmt: skip
+    out = summarize(exp, cells)
+    # arcface: clean avg 0.81 (0.80, 0.82), noisy 0.62 (0.60, 0.64); stable noisy 0.73 (0.75, 0.71)
+    gap, delta = 0.81 - 0.62, 0.73 - 0.62
+    spread = math.hypot(np.std([0.75, 0.71], ddof=1), np.std([0.60, 0.64], ddof=1))
+    got = out["gaps"]["stable/C34O34"]
+    assert got["delta"] == pytest.approx(delta)
+    assert got["gap_closed"] == pytest.approx(delta / gap)
+    assert got["z"] == pytest.approx(delta / spread)
+    assert out["gaps"]["arcface/C34O34"]["delta"] == pytest.approx(0.0, abs=1e-12)
+    report = (Path(exp.output_dir) / "results.md").read_text()
+    assert "| stable  | 83.00 ± 2.83 | 73.00 ± 2.83 | 63.00 ± 2.83 | 73.00 ± 2.83 | 2 |" in report
+    assert f"{100 * delta / gap:.0f}%" in report
+
+
+def test_cell_config_of_the_batch_protocol(tmp_path):
+    exp = _exp(tmp_path / "b", "protocol=batch")
+    cfg = cell_config(exp, "stable", "C34O34", 1, tmp_path / "b" / "synthface")
+    assert (cfg.data.batch_noise_closed, cfg.data.batch_noise_open) == (0.34, 0.34)
+    assert cfg.data.open_source == str(tmp_path / "b" / "synthface" / "open_set")
+    assert cfg.head.name == "robustface_stable" and cfg.seed == 1
+    assert cfg.output_dir == str(tmp_path / "b" / "runs" / "stable" / "C34O34" / "s1")

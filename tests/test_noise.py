@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -437,3 +438,17 @@ def test_inject_noise_warns_when_small_classes_lose_the_rate(
         info = inject_noise(synth_train_dir, tmp_path / "o", "MS1MCON-0.20",
                             open_source=open_source, progress=False)  # fmt: skip
     assert info.counts["open"] == 0 and info.counts["closed"] == 8
+
+
+def test_inject_noise_refuses_unused_open_source_and_corrupt_manifest(
+    tmp_path: Path, synth_train_dir: Path, open_source: Path
+) -> None:
+    with pytest.raises(ValueError, match="has no open-set noise"):
+        inject_noise(synth_train_dir, tmp_path / "a", "C20", open_source=open_source,
+                     progress=False)  # fmt: skip
+    broken = tmp_path / "broken"
+    shutil.copytree(synth_train_dir, broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(DataFormatError, match=r"manifest\.json.*not valid JSON"):
+        inject_noise(broken, tmp_path / "b", "C20", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -506,6 +506,7 @@ class AngleProbe:
         if k > 1:
             subs = weight.reshape(-1, k, weight.shape[1])[self._classes]  # probed classes
             own = subs[self._local_labels]  # n x K x d
+            own = own / np.maximum(np.linalg.norm(own, axis=2, keepdims=True), 1e-12)
             nearest = np.einsum("nkd,nd->nk", own, record.embeddings).argmax(1)
             votes = np.bincount(self._local_labels * k + nearest, minlength=len(subs) * k)
             dominant = votes.reshape(-1, k).argmax(1)

@@ -1,9 +1,11 @@
 """The ``robustface`` command line: a thin layer over functions usable from Python.
 
-Commands: ``demo``, ``train``, ``eval verification``, ``synth``, ``noise``,
-``clean subcenter-drop``, ``experiment``, ``convert``, ``inspect``. Every command that takes a
-config accepts ``--config FILE.yaml`` (``train``, ``experiment``: a positional CONFIG) and
-repeated ``--set key.sub=value`` overrides.
+Commands: ``demo``, ``train``, ``eval verification``, ``eval ijb``, ``eval megaface``, ``synth``,
+``noise``,
+``clean subcenter-drop``, ``experiment``, ``convert``, ``inspect``, ``export onnx``, ``report``.
+``eval`` commands take a run directory, a ``.pth`` checkpoint or an ``.onnx`` model. Every
+command that takes a config accepts ``--config FILE.yaml`` (``train``, ``experiment``: a
+positional CONFIG) and repeated ``--set key.sub=value`` overrides.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from pathlib import Path
 from robustface import __version__
 from robustface.config import Config, SynthConfig, load_config
 from robustface.errors import RobustfaceError
+
+if typing.TYPE_CHECKING:
+    import torch
+
+    from robustface.evaluate.megaface import FeatureSet
 
 
 def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) -> None:
@@ -161,6 +168,172 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
     return 0
 
 
+def _megaface_set(
+    args: argparse.Namespace, role: str, model: torch.nn.Module | None, input_size: int
+) -> FeatureSet:
+    """The probe or distractor FeatureSet of ``eval megaface``: read, or embedded with MODEL."""
+    from robustface.evaluate.megaface import (
+        FeatureSet,
+        embed_image_files,
+        load_feature_set,
+        read_devkit_list,
+        save_feature_cache,
+    )
+
+    features, images = getattr(args, f"{role}_features"), getattr(args, f"{role}_images")
+    list_file = getattr(args, f"{role}_list")
+    if (features is None) == (images is None):
+        raise ValueError(f"give exactly one of --{role}-features and --{role}-images")
+    if features is not None:
+        labels = args.probe_labels if role == "probe" else None
+        return load_feature_set(
+            features,
+            list_file=list_file,
+            file_ending=args.file_ending,
+            labels=labels,
+            progress=not args.quiet,
+        )
+    if model is None or list_file is None:
+        raise ValueError(f"--{role}-images needs a MODEL and --{role}-list")
+    paths, ids = read_devkit_list(list_file)
+    feats = embed_image_files(
+        model,
+        images,
+        paths,
+        input_size=input_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if args.cache:
+        save_feature_cache(args.cache / f"{role}.npz", feats, paths=paths, labels=ids)
+    return FeatureSet(feats, paths, ids)
+
+
+def _cmd_eval_megaface(args: argparse.Namespace) -> int:
+    import faiss
+
+    from robustface.evaluate.loading import load_backbone
+    from robustface.evaluate.megaface import (
+        evaluate_megaface,
+        format_megaface,
+        noise_mask,
+        read_noise_list,
+        write_megaface_report,
+    )
+
+    model, input_size = None, 0
+    if args.model is not None and (args.probe_images or args.distractor_images):
+        model, input_size = load_backbone(
+            args.model,
+            backbone=args.backbone,
+            input_size=args.input_size,
+            color_order=args.color_order,
+            device=args.device,
+        )
+    probe = _megaface_set(args, "probe", model, input_size)
+    distractors = _megaface_set(args, "distractor", model, input_size)
+    if probe.labels is None:
+        raise ValueError("the probe features have no identity labels: give --probe-labels")
+    masks = {}
+    for name, fs, noises, parts in (
+        ("probe", probe, args.facescrub_noises, 1),
+        ("distractor", distractors, args.megaface_noises, 3),
+    ):
+        if noises is not None:
+            if fs.paths is None:
+                raise ValueError(f"a noise list needs the {name} image paths (.npz or devkit list)")
+            masks[name] = noise_mask(fs.paths, read_noise_list(noises), parts)
+    results = evaluate_megaface(
+        probe.features,
+        probe.labels,
+        distractors.features,
+        sizes=args.sizes,
+        max_rank=args.max_rank,
+        far=args.far,
+        probe_noisy=masks.get("probe"),
+        distractor_noisy=masks.get("distractor"),
+        progress=not args.quiet,
+    )
+    table = format_megaface(results)
+    print(table)
+    if args.out:
+        keys = ("probe_features", "probe_images", "probe_list", "probe_labels")
+        keys += ("distractor_features", "distractor_images", "distractor_list", "file_ending")
+        keys += ("facescrub_noises", "megaface_noises", "sizes", "max_rank", "far")
+        config = {k: getattr(args, k) for k in keys} | {"faiss": faiss.__version__}
+        path = write_megaface_report(args.out, results, table, model=args.model, config=config)
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from robustface.deploy.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
+
+    report = export_onnx(
+        args.checkpoint,
+        args.out,
+        opset=args.opset,
+        input_size=args.input_size,
+        check=not args.no_check,
+        atol=args.atol,
+        backbone=args.backbone,
+        color_order=args.color_order,
+    )
+    s = report.input_size
+    print(
+        f"wrote {report.path}: {INPUT_NAME} N x 3 x {s} x {s} (RGB, (x - 127.5) / 127.5) -> "
+        f"{OUTPUT_NAME} N x {report.embedding_size}, opset {report.opset}"
+    )
+    if report.max_abs_diff is not None:
+        print(
+            f"onnxruntime vs PyTorch: max |diff| {report.max_abs_diff:.3g} raw, "
+            f"{report.max_abs_diff_normalised:.3g} normalised (atol {report.atol:g})"
+        )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from robustface.evaluate.compare import combine
+    from robustface.utils.io import write_text_atomic
+
+    table = combine(args.runs)
+    print(table)
+    if args.out:
+        write_text_atomic(args.out, table + "\n")
+    return 0
+
+
+def _cmd_eval_ijb(args: argparse.Namespace) -> int:
+    from robustface.evaluate.ijb import evaluate_ijb
+
+    out = args.out
+    if out is None:
+        out = (args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent) / "eval"
+    results = evaluate_ijb(
+        args.checkpoint,
+        args.data,
+        args.name,
+        out_dir=out,
+        backbone=args.backbone,
+        input_size=args.input_size,
+        color_order=args.color_order,
+        batch_size=args.batch_size,
+        device=args.device,
+        aggregation=args.aggregation,
+        far_mode=args.far_mode,
+        flip=not args.no_flip,
+        faceness=not args.no_faceness,
+        cache_dir=args.cache,
+        workers=args.workers,
+        show_progress=not args.quiet,
+    )
+    report = Path(results["report"])
+    print(report.with_suffix(".md").read_text(encoding="utf-8"), end="")
+    print(f"wrote {report} (+ .md, ROC/CMC .png)")
+    return 0
+
+
 def _cmd_clean_subcenter_drop(args: argparse.Namespace) -> int:
     from robustface.clean import subcenter_drop
 
@@ -265,7 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model")
     eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="PROTOCOL")
     q = eval_sub.add_parser("verification", help="1:1 verification on .bin pair sets (10-fold)")
-    q.add_argument("checkpoint", type=Path, help="run directory, or a backbone state_dict .pth")
+    q.add_argument(
+        "checkpoint", type=Path, help="run directory, a backbone state_dict .pth or an .onnx model"
+    )
     q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")
     q.add_argument("--input-size", type=int, default=None, help="model input size (default: run's)")
     q.add_argument(
@@ -280,6 +455,83 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu")
     q.add_argument("--out", type=Path, help="write the results as JSON")
     q.set_defaults(func=_cmd_eval_verification)
+
+    q = eval_sub.add_parser(
+        "ijb", help="IJB-B/C: 1:1 template verification (TAR@FAR) and 1:N identification"
+    )
+    q.add_argument(
+        "checkpoint", type=Path, help="run directory, a backbone state_dict .pth or an .onnx model"
+    )
+    q.add_argument(
+        "--data", required=True, type=Path, help="IJB directory with meta/ and loose_crop/"
+    )
+    q.add_argument("--name", default="IJBC", help="set name, prefix of the meta files (IJBB, IJBC)")
+    q.add_argument("--out", type=Path, help="report directory (default: eval/ by the checkpoint)")
+    q.add_argument("--cache", type=Path, help="embedding cache directory (default: OUT/cache)")
+    q.add_argument(
+        "--aggregation",
+        default="norm_weighted",
+        help="template aggregation: norm_weighted (insightface's default) or mean",
+    )
+    q.add_argument(
+        "--far-mode",
+        choices=["closest", "conservative"],
+        default="closest",
+        help="TAR@FAR reading: closest ROC point (insightface) or best TPR with FPR <= FAR",
+    )
+    q.add_argument("--no-flip", action="store_true", help="do not add the flipped image")
+    q.add_argument("--no-faceness", action="store_true", help="do not weight by faceness")
+    q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")
+    q.add_argument("--input-size", type=int, default=None, help="model input size (default: run's)")
+    q.add_argument("--color-order", choices=["RGB", "BGR"], help="channel order of the weights")
+    q.add_argument("--batch-size", type=int, default=128)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_eval_ijb)
+
+    q = eval_sub.add_parser(
+        "megaface",
+        help="MegaFace identification (CMC) and verification (TAR@FAR) with distractors",
+    )
+    q.add_argument(
+        "model",
+        nargs="?",
+        type=Path,
+        help="checkpoint or .onnx: embeds --*-images, else is recorded in the report",
+    )
+    q.add_argument("--probe-features", type=Path, help=".npz cache, .npy or devkit FaceScrub dir")
+    q.add_argument("--probe-labels", type=Path, help="identity per probe (.npy or text lines)")
+    q.add_argument("--probe-list", type=Path, help="devkit facescrub_features_list.json")
+    q.add_argument("--probe-images", type=Path, help="aligned FaceScrub images (with MODEL)")
+    q.add_argument(
+        "--distractor-features", type=Path, help=".npz cache, .npy or devkit MegaFace dir"
+    )
+    q.add_argument(
+        "--distractor-list", type=Path, help="devkit megaface_features_list.json_1000000_1"
+    )
+    q.add_argument("--distractor-images", type=Path, help="aligned MegaFace images (with MODEL)")
+    q.add_argument("--file-ending", help="devkit feature file ending, e.g. _insightface.bin")
+    q.add_argument("--facescrub-noises", type=Path, help="insightface facescrub_noises.txt")
+    q.add_argument("--megaface-noises", type=Path, help="insightface megaface_noises.txt")
+    q.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[10, 100, 1000, 10000, 100000, 10**6],
+        help="distractor-set sizes (default: the devkit's 10 ... 1M; capped to those available)",
+    )
+    q.add_argument("--far", type=float, default=1e-6, help="FAR of the verification TAR")
+    q.add_argument("--max-rank", type=int, default=10, help="last rank of the CMC")
+    q.add_argument("--cache", type=Path, help="save embedded images as probe.npz/distractor.npz")
+    q.add_argument("--backbone", help="architecture of a bare .pth MODEL (e.g. r50)")
+    q.add_argument("--input-size", type=int, default=None, help="MODEL input size")
+    q.add_argument("--color-order", choices=["RGB", "BGR"], help="channel order of MODEL")
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--out", type=Path, help="write megaface.json/.md and megaface_cmc.png here")
+    q.set_defaults(func=_cmd_eval_megaface)
 
     p = sub.add_parser("clean", help="clean a noisy training set")
     clean_sub = p.add_subparsers(dest="clean_command", required=True, metavar="METHOD")
@@ -320,6 +572,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a .rec directory, a .bin set or an IJB directory")
     p.add_argument("path", type=Path)
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("export", help="export a backbone for deployment")
+    export_sub = p.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    q = export_sub.add_parser(
+        "onnx", help="ONNX, insightface convention (input data, N x 3 x H x W, dynamic batch)"
+    )
+    q.add_argument("checkpoint", type=Path, help="run directory or backbone .pth")
+    q.add_argument("--out", required=True, type=Path, help="output .onnx file")
+    q.add_argument("--opset", type=int, default=17)
+    q.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    q.add_argument("--atol", type=float, default=1e-4, help="tolerance on normalised embeddings")
+    q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")
+    q.add_argument("--input-size", type=int, default=None, help="model input size")
+    q.add_argument("--color-order", choices=["RGB", "BGR"], help="channel order of the weights")
+    q.set_defaults(func=_cmd_export_onnx)
+
+    p = sub.add_parser("report", help="combine evaluation results of several runs in one table")
+    p.add_argument("runs", nargs="+", type=Path, help="run directories or result JSON files")
+    p.add_argument("--out", type=Path, help="also write the Markdown table here")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

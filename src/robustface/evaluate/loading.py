@@ -1,4 +1,4 @@
-"""Load a backbone to evaluate: from a run directory or from a bare state_dict file."""
+"""Load a backbone to evaluate: a run directory, a bare state_dict file or an ONNX model."""
 
 from __future__ import annotations
 
@@ -43,8 +43,22 @@ def load_backbone(
     ``color_order`` is the channel order the weights expect: robustface runs are RGB; a bare file
     defaults to its family's published convention (BGR for IR / AdaFace, RGB for IResNet). BGR
     models are wrapped so that callers always pass RGB.
+
+    An ``.onnx`` file becomes a :class:`robustface.deploy.onnx.OnnxBackbone` (onnxruntime on the
+    CPU, insightface input convention). Its input size comes from the graph (``input_size`` is
+    needed only where that is dynamic), ``color_order`` defaults to RGB, and ``backbone``,
+    ``embedding_size`` and ``width`` are refused.
     """
     source = Path(source)
+    if source.suffix.lower() == ".onnx":
+        from robustface.deploy.onnx import OnnxBackbone
+
+        given = {"backbone": backbone, "embedding_size": embedding_size, "width": width}
+        if any(v is not None for v in given.values()):
+            named = ", ".join(k for k, v in given.items() if v is not None)
+            raise ValueError(f"{source}: an ONNX model has a fixed architecture; drop {named}")
+        onnx_model = OnnxBackbone(source, input_size=input_size, color_order=color_order or "RGB")
+        return onnx_model.eval(), onnx_model.input_size
     kwargs: dict[str, object] = {}
     if source.is_dir():
         config_file = source / "config.yaml"
@@ -72,7 +86,10 @@ def load_backbone(
     overrides = {"embedding_size": embedding_size, "input_size": input_size, "width": width}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     model = build_backbone(backbone, **kwargs)
-    state = torch.load(weights, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle/zip errors come in many types
+        raise ValueError(f"{weights}: not a readable PyTorch checkpoint ({exc})") from exc
     keys = state.get("state_dict", state).keys() if isinstance(state, dict) else []
     if any(str(k).startswith("model.") for k in keys):
         load_adaface_checkpoint(model, state)

@@ -8,6 +8,7 @@ Layout of ``build_synthface(out_dir, cfg)``::
       verification.json                            per pair: identities, qualities, siblings
       open_set/open_set.rec .idx property manifest.json   open-set noise source
       IJBS/meta/ijbs_*.txt IJBS/loose_crop/*.jpg   IJB-style template set
+      IJBS/meta/ijbs_1N_*.csv                      1:N galleries G1/G2 + probes (2+ templates/id)
       images/<label>/<index>.jpg                   image-folder copy (``image_folder: true``)
       preview.png  synthface.json
 
@@ -356,6 +357,28 @@ def _loose_crop(
     return encode_image(crop, quality=90), pts.astype(np.float32)
 
 
+def _write_ijb_1n(
+    root: Path, names: np.ndarray, templates: np.ndarray, owners: list[int], cfg: SynthConfig
+) -> None:
+    """IJB-C-style 1:N lists (one row per image): each identity's first template enrols it in
+    gallery G1 (even identities) or G2 (odd ones); its other templates are the mixed probes."""
+    index = templates - 1
+    per_identity = cfg.ijb_templates_per_identity
+    subjects = np.asarray(owners)[index]
+    enrolled = index % per_identity == 0
+    odd = (index // per_identity) % 2 == 1
+    parts = {"gallery_G1": enrolled & ~odd, "gallery_G2": enrolled & odd, "probe_mixed": ~enrolled}
+    for part, rows in parts.items():
+        lines = [
+            f"{t},{s},{n}\n"
+            for t, s, n in zip(
+                templates[rows].tolist(), subjects[rows].tolist(), names[rows].tolist(), strict=True
+            )
+        ]
+        path = root / "meta" / f"{IJB_NAME.lower()}_1N_{part}.csv"
+        write_text_atomic(path, "TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + "".join(lines))
+
+
 def _write_ijb(renderer: _Renderer, identities: list[Identity], root: Path) -> dict[str, Any]:
     """An IJB-style set: templates of several media, loose crops, 5-point landmarks, pair list."""
     cfg = renderer.cfg
@@ -415,6 +438,8 @@ def _write_ijb(renderer: _Renderer, identities: list[Identity], root: Path) -> d
         pairs,
         labels,
     )
+    if cfg.ijb_templates_per_identity >= 2:
+        _write_ijb_1n(root, np.asarray(names), np.asarray(templates), template_owner, cfg)
     return {
         "images": len(names),
         "templates": int(template_id),

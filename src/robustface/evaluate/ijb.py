@@ -1,0 +1,827 @@
+"""IJB-B / IJB-C evaluation: 1:1 template verification and 1:N open-set identification.
+
+The protocol follows insightface's IJB evaluation (``recognition/arcface_torch/eval_ijb.py``) on
+its helper layout (see :mod:`robustface.data.ijb`):
+
+1. Every image in ``loose_crop/`` is aligned from its 5 landmarks to the ArcFace template by a
+   least-squares similarity transform (:mod:`robustface.deploy.align`), at the model's input size
+   (112 px for the published models).
+2. The crop and its horizontal flip are embedded. The cache keeps both raw embeddings,
+   ``(N, 2, d)``; the image feature is their sum (insightface concatenates ``[e, e_flip]`` into
+   ``2d`` columns and adds the two halves). Without flip only ``e`` is embedded (``V = 1``).
+3. Each image is weighted by its faceness score (insightface's default, ``faceness=False`` turns
+   it off) and the template feature is built by an aggregator from :data:`AGGREGATORS`: media
+   pooling, then template pooling, then L2 normalisation.
+4. A pair's score is the cosine of its two template features; TAR at FAR comes from the ROC
+   (:mod:`robustface.evaluate.roc`, reading ``"closest"`` or ``"conservative"``).
+5. With the 1:N meta files (``{name}_1N_gallery_*.csv`` and ``{name}_1N_probe_mixed.csv``, CSV
+   with a header and ``TEMPLATE_ID,SUBJECT_ID,...`` columns, one row per image) each gallery is
+   searched with every probe template: see :func:`identification`.
+
+insightface's defaults (flip summed, faceness weighting, raw norms kept) are ``flip=True,
+faceness=True, aggregation="norm_weighted"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from robustface.data.ijb import IJBMeta, read_ijb_meta
+from robustface.data.image import decode_image
+from robustface.deploy.align import ARCFACE_TEMPLATE, align_faces
+from robustface.errors import DataFormatError
+from robustface.evaluate.report import model_fingerprint, to_jsonable, write_evaluation
+from robustface.evaluate.roc import FAR_MODES, FARS, Roc
+from robustface.utils.io import atomic_path, write_text_atomic
+from robustface.utils.plot import pyplot, save_figure
+from robustface.utils.registry import Registry
+from robustface.utils.table import markdown_table
+
+__all__ = [
+    "AGGREGATORS",
+    "FPIRS",
+    "RANKS",
+    "Aggregator",
+    "IJB1NMeta",
+    "TemplateGroups",
+    "embed_ijb_images",
+    "evaluate_ijb",
+    "fuse_views",
+    "group_templates",
+    "identification",
+    "read_ijb_1n_meta",
+    "score_pairs",
+    "template_features",
+]
+
+RANKS = (1, 5, 10)
+"""Ranks of the 1:N identification rates."""
+FPIRS = (0.01, 0.1)
+"""False positive identification rates at which TPIR is read."""
+CACHE_FORMAT = 1
+_ROW_CHUNK = 1 << 16
+_GATHER_COST = 64
+"""One pair scored by gathering two rows costs about as much as this many dot products done as a
+matrix product (measured on a 2-core x86 CPU); :func:`score_pairs` picks the cheaper per block."""
+
+
+# ---- templates and aggregation ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemplateGroups:
+    """Which template and which media every image belongs to, as dense indices.
+
+    A media group is one media *within one template* (insightface pools media per template).
+    """
+
+    template_ids: np.ndarray  # (T,) int64, sorted
+    image_template: np.ndarray  # (N,) int64 in [0, T)
+    image_media: np.ndarray  # (N,) int64 in [0, M)
+    media_template: np.ndarray  # (M,) int64 in [0, T)
+    media_counts: np.ndarray  # (M,) int64, images per media group
+
+
+def group_templates(templates: np.ndarray, medias: np.ndarray) -> TemplateGroups:
+    """Group images by template id and, within a template, by media id (vectorised)."""
+    templates = np.asarray(templates)
+    medias = np.asarray(medias)
+    if templates.ndim != 1 or templates.shape != medias.shape or templates.size == 0:
+        raise ValueError(
+            f"templates and medias must be equal-length non-empty 1-D arrays, got "
+            f"{templates.shape} and {medias.shape}"
+        )
+    template_ids, image_template = np.unique(templates, return_inverse=True)
+    media_ids, media_index = np.unique(medias, return_inverse=True)
+    key = image_template.astype(np.int64) * media_ids.size + media_index
+    keys, image_media, counts = np.unique(key, return_inverse=True, return_counts=True)
+    return TemplateGroups(
+        template_ids=template_ids.astype(np.int64),
+        image_template=image_template.astype(np.int64).ravel(),
+        image_media=image_media.astype(np.int64).ravel(),
+        media_template=keys // media_ids.size,
+        media_counts=counts.astype(np.int64),
+    )
+
+
+Aggregator = Callable[[np.ndarray, np.ndarray, TemplateGroups], np.ndarray]
+"""``aggregator(features, weights, groups) -> (T, d)`` template features (normalised afterwards).
+
+``features`` is ``(N, d)`` float32, the raw image features (image + flip embeddings summed);
+``weights`` ``(N,)`` float32 per-image weights (faceness scores, or ones); ``groups`` says which
+media and template each image belongs to. Row ``t`` of the result belongs to
+``groups.template_ids[t]``; the caller L2-normalises it. Register new ones (e.g. CAFace) with
+``@AGGREGATORS.register("name")``.
+"""
+
+AGGREGATORS: Registry[Aggregator] = Registry("template aggregator")
+
+
+def _media_template_pool(
+    features: np.ndarray, weights: np.ndarray, groups: TemplateGroups, unit: bool
+) -> np.ndarray:
+    """Weighted (optionally unit-norm) images averaged per media, media summed per template."""
+    d = features.shape[1]
+    media = torch.zeros((groups.media_counts.size, d), dtype=torch.float32)
+    for start in range(0, features.shape[0], _ROW_CHUNK):
+        x = torch.from_numpy(np.asarray(features[start : start + _ROW_CHUNK], dtype=np.float32))
+        w = torch.from_numpy(np.asarray(weights[start : start + _ROW_CHUNK], dtype=np.float32))
+        if unit:
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        index = torch.from_numpy(groups.image_media[start : start + _ROW_CHUNK])
+        media.index_add_(0, index, x * w[:, None])
+    media /= torch.from_numpy(groups.media_counts).to(torch.float32)[:, None]
+    templates = torch.zeros((groups.template_ids.size, d), dtype=torch.float32)
+    templates.index_add_(0, torch.from_numpy(groups.media_template), media)
+    return templates.numpy()
+
+
+@AGGREGATORS.register("mean")
+def mean_aggregation(
+    features: np.ndarray, weights: np.ndarray, groups: TemplateGroups
+) -> np.ndarray:
+    """Directions only: each image feature L2-normalised and weighted, averaged within a media,
+    media summed (insightface with ``use_norm_score=False``)."""
+    return _media_template_pool(features, weights, groups, unit=True)
+
+
+@AGGREGATORS.register("norm_weighted")
+def norm_weighted_aggregation(
+    features: np.ndarray, weights: np.ndarray, groups: TemplateGroups
+) -> np.ndarray:
+    """Each image's direction weighted by its feature norm (a quality proxy) and its weight, i.e.
+    raw features averaged within a media, media summed (insightface's default)."""
+    return _media_template_pool(features, weights, groups, unit=False)
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def template_features(
+    features: np.ndarray,
+    weights: np.ndarray,
+    groups: TemplateGroups,
+    aggregation: str = "norm_weighted",
+) -> np.ndarray:
+    """L2-normalised ``(T, d)`` float32 template features; row ``t`` is ``template_ids[t]``."""
+    n = groups.image_template.size
+    if features.ndim != 2 or features.shape[0] != n:
+        raise ValueError(f"features must be ({n}, d) for {n} images, got {features.shape}")
+    if np.shape(weights) != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {np.shape(weights)}")
+    pooled = np.asarray(AGGREGATORS.get(aggregation)(features, weights, groups), np.float32)
+    expected = (groups.template_ids.size, features.shape[1])
+    if pooled.shape != expected:
+        raise ValueError(f"aggregator {aggregation!r} returned {pooled.shape}, expected {expected}")
+    return _l2_normalize(pooled)
+
+
+# ---- 1:1 scoring --------------------------------------------------------------------------------
+
+
+def _rows_of(template_ids: np.ndarray, wanted: np.ndarray, what: str) -> np.ndarray:
+    """Row of every id of ``wanted`` in the sorted ``template_ids``; names the first missing one."""
+    rows = np.minimum(np.searchsorted(template_ids, wanted), template_ids.size - 1)
+    missing = (template_ids[rows] != wanted).reshape(len(wanted), -1)
+    bad = np.flatnonzero(missing.any(axis=1))
+    if bad.size:
+        row = int(bad[0])
+        ids = np.asarray(wanted).reshape(len(wanted), -1)[row][missing[row]]
+        raise ValueError(
+            f"{what}: row {row} names template {int(ids[0])}, which has no image in the "
+            f"template list ({bad.size} such rows)"
+        )
+    return rows
+
+
+def score_pairs(
+    template_feats: np.ndarray,
+    template_ids: np.ndarray,
+    pairs: np.ndarray,
+    *,
+    block_rows: int = 1024,
+) -> np.ndarray:
+    """Cosine score (dot product of the normalised features) of every template pair, float32.
+
+    ``pairs`` is ``(P, 2)`` template ids. Pairs are sorted by their first template and scored in
+    blocks of ``block_rows`` first templates, each block either as one matrix product against all
+    templates or by gathering the two rows of each pair, whichever costs less; memory stays at
+    one ``block_rows x T`` block (or ``65536 x d`` gathered rows) beyond the index arrays.
+    """
+    feats = np.ascontiguousarray(template_feats, dtype=np.float32)
+    template_ids = np.asarray(template_ids)
+    pairs = np.asarray(pairs)
+    if feats.ndim != 2 or template_ids.shape != (feats.shape[0],):
+        raise ValueError(
+            f"template_feats must be (T, d) with T = len(template_ids), got {feats.shape} "
+            f"and {template_ids.shape}"
+        )
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must have shape (P, 2), got {pairs.shape}")
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    rows = _rows_of(template_ids, pairs, "pairs").astype(np.int32)
+    order = np.argsort(rows[:, 0], kind="stable")
+    first, second = rows[order, 0], rows[order, 1]
+    del rows
+    scores = np.empty(pairs.shape[0], dtype=np.float32)
+    n_templates = feats.shape[0]
+    table = torch.from_numpy(feats)
+    bounds = np.searchsorted(first, np.arange(0, n_templates + block_rows, block_rows))
+    for b, start in enumerate(range(0, n_templates, block_rows)):
+        lo, hi = int(bounds[b]), int(bounds[b + 1])
+        if lo == hi:
+            continue
+        stop = min(start + block_rows, n_templates)
+        if (hi - lo) * _GATHER_COST >= (stop - start) * n_templates:
+            gram = table[start:stop] @ table.T
+            r = torch.from_numpy(first[lo:hi] - start)
+            c = torch.from_numpy(second[lo:hi])
+            scores[order[lo:hi]] = gram[r.long(), c.long()].numpy()
+            continue
+        for s in range(lo, hi, _ROW_CHUNK):
+            e = min(s + _ROW_CHUNK, hi)
+            scores[order[s:e]] = np.einsum("ij,ij->i", feats[first[s:e]], feats[second[s:e]])
+    return scores
+
+
+# ---- 1:N identification -------------------------------------------------------------------------
+
+
+def _floor_count(rate: float, total: int) -> int:
+    """``floor(rate * total)`` robust to float error (``0.29 * 100`` is 28.999...)."""
+    return math.floor(round(rate * total, 9))
+
+
+def identification(
+    gallery_feats: np.ndarray,
+    gallery_ids: np.ndarray,
+    probe_feats: np.ndarray,
+    probe_ids: np.ndarray,
+    *,
+    ranks: Sequence[int] = RANKS,
+    fpirs: Sequence[float] = FPIRS,
+    max_rank: int = 50,
+    chunk: int = 4096,
+) -> dict[str, Any]:
+    """Open-set 1:N identification of probe templates against one gallery.
+
+    Features are L2-normalised templates (score = dot product). A gallery subject's score is the
+    best score over its templates. A probe is *mated* when its subject is in the gallery.
+
+    * ``rank`` ``{k: rate}``: fraction of mated probes whose subject is among the ``k``
+      best-scoring gallery subjects (rank = 1 + subjects with a strictly higher score); ``cmc`` the
+      same for k = 1 .. ``min(max_rank, subjects)``.
+    * ``tpir_at_fpir`` ``{x: rate}``: with threshold ``t`` the lowest that keeps FPIR (the fraction
+      of non-mated probes whose best score is ``> t``) at most ``x``, the fraction of mated probes
+      whose subject is at rank 1 with a score ``> t``. ``threshold_at_fpir`` and ``fpir`` give the
+      threshold and the FPIR reached. ``None`` when there are no non-mated probes.
+    """
+    gallery_feats = np.ascontiguousarray(gallery_feats, dtype=np.float32)
+    probe_feats = np.ascontiguousarray(probe_feats, dtype=np.float32)
+    gallery_ids = np.asarray(gallery_ids)
+    probe_ids = np.asarray(probe_ids)
+    for name, feats, ids in (
+        ("gallery", gallery_feats, gallery_ids),
+        ("probe", probe_feats, probe_ids),
+    ):
+        if feats.ndim != 2 or ids.shape != (feats.shape[0],) or ids.size == 0:
+            raise ValueError(
+                f"{name}_feats must be (n, d) with n = len({name}_ids) > 0, got {feats.shape} "
+                f"and {ids.shape}"
+            )
+    if gallery_feats.shape[1] != probe_feats.shape[1]:
+        raise ValueError(
+            f"gallery and probe features differ in width: {gallery_feats.shape[1]} and "
+            f"{probe_feats.shape[1]}"
+        )
+    if any(k < 1 for k in ranks) or max_rank < 1:
+        raise ValueError(f"ranks and max_rank must be >= 1, got {list(ranks)} and {max_rank}")
+    if any(not 0.0 <= x <= 1.0 for x in fpirs):
+        raise ValueError(f"fpirs must lie in [0, 1], got {list(fpirs)}")
+    subjects, gallery_subject = np.unique(gallery_ids, return_inverse=True)
+    n_sub = subjects.size
+    probe_subject = np.minimum(np.searchsorted(subjects, probe_ids), n_sub - 1)
+    mated = subjects[probe_subject] == probe_ids
+    n_probe = probe_ids.size
+    rank = np.zeros(n_probe, dtype=np.int64)
+    mated_score = np.full(n_probe, -np.inf, dtype=np.float32)
+    top_score = np.empty(n_probe, dtype=np.float32)
+    gallery = torch.from_numpy(gallery_feats)
+    scatter = torch.from_numpy(gallery_subject.astype(np.int64).ravel())
+    for start in range(0, n_probe, chunk):
+        stop = min(start + chunk, n_probe)
+        sim = torch.from_numpy(probe_feats[start:stop]) @ gallery.T
+        per_subject = torch.full((stop - start, n_sub), -torch.inf)
+        per_subject.scatter_reduce_(1, scatter.expand(stop - start, -1), sim, reduce="amax")
+        top_score[start:stop] = per_subject.max(dim=1).values.numpy()
+        own = per_subject.gather(1, torch.from_numpy(probe_subject[start:stop])[:, None])
+        rank[start:stop] = 1 + (per_subject > own).sum(dim=1).numpy()
+        mated_score[start:stop] = own[:, 0].numpy()
+    n_mated = int(mated.sum())
+    if n_mated == 0:
+        raise ValueError("no probe's subject is in the gallery: identification rates undefined")
+    mated_rank = rank[mated]
+    cmc = [float(np.mean(mated_rank <= k)) for k in range(1, min(max_rank, n_sub) + 1)]
+    nonmated_top = np.sort(top_score[~mated])[::-1]
+    n_non = nonmated_top.size
+    hit_rank1 = mated_score[mated][mated_rank == 1]
+    tpir: dict[float, float | None] = {}
+    thresholds: dict[float, float | None] = {}
+    reached: dict[float, float | None] = {}
+    for x in fpirs:
+        if n_non == 0:
+            tpir[x] = thresholds[x] = reached[x] = None
+            continue
+        k = _floor_count(x, n_non)
+        t = -math.inf if k >= n_non else float(nonmated_top[k])
+        tpir[x] = float(np.sum(hit_rank1 > t)) / n_mated
+        thresholds[x] = t
+        reached[x] = float(np.sum(nonmated_top > t)) / n_non
+    return {
+        "gallery_templates": int(gallery_ids.size),
+        "gallery_subjects": int(n_sub),
+        "probes": int(n_probe),
+        "mated_probes": n_mated,
+        "nonmated_probes": int(n_non),
+        "rank": {int(k): float(np.mean(mated_rank <= k)) for k in ranks},
+        "cmc": cmc,
+        "tpir_at_fpir": tpir,
+        "threshold_at_fpir": thresholds,
+        "fpir": reached,
+    }
+
+
+@dataclass
+class IJB1NMeta:
+    """The 1:N protocol: per gallery (``G1``, ``G2`` or ``S1``, ``S2``) and for the probes, the
+    template ids and their subject ids (one entry per template)."""
+
+    galleries: dict[str, tuple[np.ndarray, np.ndarray]]
+    probe: tuple[np.ndarray, np.ndarray]
+
+
+def _read_template_subjects(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(templates, subjects)``, one per template, from an IJB 1:N CSV (one row per image)."""
+    with path.open(encoding="utf-8") as f:
+        header = f.readline().strip().split(",")
+    if [h.strip().upper() for h in header[:2]] != ["TEMPLATE_ID", "SUBJECT_ID"]:
+        raise DataFormatError(
+            path, f"expected a header starting TEMPLATE_ID,SUBJECT_ID, got {','.join(header)!r}"
+        )
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(0, 1), dtype=np.int64, ndmin=2)
+    except ValueError as exc:
+        raise DataFormatError(path, f"expected integer TEMPLATE_ID,SUBJECT_ID: {exc}") from None
+    if table.shape[0] == 0:
+        raise DataFormatError(path, "no templates listed")
+    templates, first, inverse = np.unique(table[:, 0], return_index=True, return_inverse=True)
+    subjects = table[first, 1]
+    clash = np.flatnonzero(subjects[inverse.ravel()] != table[:, 1])
+    if clash.size:
+        row = int(clash[0])
+        raise DataFormatError(
+            path,
+            f"line {row + 2}: template {int(table[row, 0])} has subject {int(table[row, 1])}, "
+            f"but subject {int(subjects[inverse.ravel()[row]])} on an earlier line",
+        )
+    return templates, subjects
+
+
+def read_ijb_1n_meta(root: str | Path, name: str = "IJBC") -> IJB1NMeta | None:
+    """The 1:N meta files under ``root/meta`` (``{name}_1N_gallery_*.csv`` and
+    ``{name}_1N_probe_mixed.csv``, ``name`` lower-cased), or None when there is no gallery file."""
+    meta = Path(root) / "meta"
+    stem = name.lower()
+    gallery_files = sorted(meta.glob(f"{stem}_1N_gallery_*.csv"))
+    if not gallery_files:
+        return None
+    probe_file = meta / f"{stem}_1N_probe_mixed.csv"
+    if not probe_file.is_file():
+        raise FileNotFoundError(f"IJB 1:N probe file not found: {probe_file} (galleries exist)")
+    prefix = f"{stem}_1N_gallery_"
+    galleries = {p.stem[len(prefix) :]: _read_template_subjects(p) for p in gallery_files}
+    return IJB1NMeta(galleries=galleries, probe=_read_template_subjects(probe_file))
+
+
+# ---- embedding and its cache --------------------------------------------------------------------
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"IJB image not found: {path}") from None
+    return decode_image(data, path)
+
+
+def _iter_embeddings(
+    embed_fn: Callable[[torch.Tensor], torch.Tensor],
+    meta: IJBMeta,
+    *,
+    size: int,
+    batch_size: int,
+    flip: bool,
+    device: str | torch.device,
+    workers: int,
+    show_progress: bool,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, (b, V, d) float32)`` batches; the next batch decodes while this one runs."""
+    paths = meta.image_paths()
+    starts = range(0, len(paths), batch_size)
+    with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
+
+        def submit(start: int) -> list[Any]:
+            return [pool.submit(_read_image, p) for p in paths[start : start + batch_size]]
+
+        pending = submit(0)
+        for i, start in enumerate(tqdm(starts, desc="IJB embedding", disable=not show_progress)):
+            images = [f.result() for f in pending]
+            if i + 1 < len(starts):
+                pending = submit(starts[i + 1])
+            crops = align_faces(images, meta.landmarks[start : start + len(images)], size)
+            x = torch.from_numpy(crops).to(device).permute(0, 3, 1, 2).float()
+            x = (x / 255 - 0.5) / 0.5
+            views = [x, torch.flip(x, dims=[3])] if flip else [x]
+            out = [embed_fn(v) for v in views]
+            if any(o.ndim != 2 or o.shape[0] != x.shape[0] for o in out):
+                raise ValueError(f"the model must return (batch, d) embeddings, got {out[0].shape}")
+            yield start, torch.stack(out, dim=1).float().cpu().numpy()
+
+
+def embed_ijb_images(
+    embed_fn: Callable[[torch.Tensor], torch.Tensor],
+    meta: IJBMeta,
+    *,
+    size: int = 112,
+    batch_size: int = 128,
+    flip: bool = True,
+    device: str | torch.device = "cpu",
+    workers: int = 4,
+    show_progress: bool = False,
+    out_path: str | Path | None = None,
+) -> np.ndarray:
+    """Raw embeddings ``(N, V, d)`` float32 of every IJB image (V = 2: image, flip; or 1).
+
+    Images are aligned at ``size`` px and normalised to ``(x / 255 - 0.5) / 0.5`` RGB; ``workers``
+    threads decode and align. With ``out_path`` the array is written there as ``.npy`` batch by
+    batch (atomically) and returned memory-mapped, so memory stays at one batch.
+    """
+    if batch_size < 1 or workers < 1:
+        raise ValueError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
+    n = meta.images.size
+    batches = _iter_embeddings(
+        embed_fn,
+        meta,
+        size=size,
+        batch_size=batch_size,
+        flip=flip,
+        device=device,
+        workers=workers,
+        show_progress=show_progress,
+    )
+    start, first = next(batches)
+    shape = (n, *first.shape[1:])
+    if out_path is None:
+        out = np.empty(shape, dtype=np.float32)
+        out[: len(first)] = first
+        for start, emb in batches:
+            out[start : start + len(emb)] = emb
+        return out
+    with atomic_path(out_path) as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        mm[: len(first)] = first
+        for start, emb in batches:
+            mm[start : start + len(emb)] = emb
+        mm.flush()
+        del mm
+    return np.load(out_path, mmap_mode="r")
+
+
+def _module_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """sha256 over the names, dtypes, shapes and bytes of a module's state_dict."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}:{t.dtype}:{tuple(value.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return {"module": type(model).__qualname__, "sha256": digest.hexdigest()}
+
+
+def _meta_digest(meta: IJBMeta) -> str:
+    digest = hashlib.sha256("\n".join(meta.images.tolist()).encode())
+    digest.update(np.ascontiguousarray(meta.landmarks, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _load_or_embed(
+    embed_fn: Callable[[torch.Tensor], torch.Tensor],
+    meta: IJBMeta,
+    cache_dir: Path,
+    key: dict[str, Any],
+    **kwargs: Any,
+) -> tuple[np.ndarray, Path, bool]:
+    """``(embeddings, cache file, reused)``: the cached ``.npy`` if its key matches ``key``.
+
+    A cache made with another model, alignment, flip setting or image list is refused (it is
+    never overwritten silently); an ``.npy`` without its key file (an interrupted write) is redone.
+    """
+    stem = meta.name.lower()
+    npy, key_file = cache_dir / f"{stem}_embeddings.npy", cache_dir / f"{stem}_embeddings.json"
+    key = json.loads(json.dumps(to_jsonable(key)))
+    if npy.is_file() and key_file.is_file():
+        stored = json.loads(key_file.read_text(encoding="utf-8"))
+        differ = sorted(k for k in key.keys() | stored.keys() if key.get(k) != stored.get(k))
+        if differ:
+            raise ValueError(
+                f"{npy}: stale embedding cache, made with other {', '.join(differ)} "
+                f"(see {key_file.name}); delete it or pass another cache directory (--cache)"
+            )
+        emb = np.load(npy, mmap_mode="r")
+        if emb.ndim != 3 or emb.shape[0] != meta.images.size:
+            raise DataFormatError(npy, f"expected ({meta.images.size}, V, d), got {emb.shape}")
+        return emb, npy, True
+    key_file.unlink(missing_ok=True)
+    emb = embed_ijb_images(embed_fn, meta, out_path=npy, **kwargs)
+    write_text_atomic(key_file, json.dumps(key, indent=2) + "\n")
+    return emb, npy, False
+
+
+def fuse_views(embeddings: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(features (N, d) float32, xnorm)``: the views summed per image (image + flip), and the
+    mean norm of the single raw embeddings (XNorm). Reads ``embeddings`` in chunks."""
+    n, views, d = embeddings.shape
+    features = np.empty((n, d), dtype=np.float32)
+    norm_sum = 0.0
+    for start in range(0, n, _ROW_CHUNK):
+        block = np.asarray(embeddings[start : start + _ROW_CHUNK], dtype=np.float32)
+        features[start : start + len(block)] = block.sum(axis=1)
+        norm_sum += float(np.linalg.norm(block, axis=2).sum(dtype=np.float64))
+    return features, norm_sum / (n * views)
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def _far_label(x: float) -> str:
+    exponent = math.log10(x) if x > 0 else 0.5
+    return f"1e{round(exponent)}" if exponent == round(exponent) else f"{x:g}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _tables(label: str, name: str, results: dict[str, Any]) -> str:
+    ver = results["verification"]
+    mode = {
+        "closest": "the ROC point with the closest FPR (insightface's reading)",
+        "conservative": "the best TPR with FPR <= FAR (conservative reading)",
+    }[ver["far_mode"]]
+    fars = list(ver["tar_at_far"])
+    rows = [[label, *(f"{100 * ver['tar_at_far'][f]:.2f}" for f in fars)]]
+    text = [
+        f"{name} 1:1 verification, TAR (%) at FAR, read at {mode}; "
+        f"{ver['pairs']} pairs, {results['templates']} templates.",
+        "",
+        markdown_table(["model", *(_far_label(f) for f in fars)], rows),
+    ]
+    ident = results.get("identification")
+    if ident:
+        first = next(iter(ident.values()))
+        ranks, fpirs = list(first["rank"]), list(first["tpir_at_fpir"])
+        headers = [
+            "model",
+            "gallery",
+            *(f"rank-{k}" for k in ranks),
+            *(f"TPIR@FPIR={x:g}" for x in fpirs),
+        ]
+        id_rows = [
+            [
+                label,
+                g,
+                *(_pct(r["rank"][k]) for k in ranks),
+                *(_pct(r["tpir_at_fpir"][x]) for x in fpirs),
+            ]
+            for g, r in ident.items()
+        ]
+        text += [
+            "",
+            f"{name} 1:N open-set identification (%).",
+            "",
+            markdown_table(headers, id_rows),
+        ]
+    return "\n".join(text) + "\n"
+
+
+def _plot_roc(roc: Roc, points: np.ndarray, mode: str, title: str, path: Path) -> None:
+    """The ROC on a log FPR axis, with the operating points read for the TAR@FAR table."""
+    plt = pyplot()
+    lowest = max(1e-6, 1.0 / roc.num_negatives)
+    grid = np.logspace(math.log10(lowest), 0, 400)
+    envelope = roc.tar_at_far(grid, "conservative")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(grid, list(envelope.values()), lw=1.5, label="ROC")
+    fpr, tpr = roc.fpr[points], roc.tpr[points]
+    shown = fpr >= lowest
+    ax.plot(fpr[shown], tpr[shown], "o", label=f"TAR@FAR points ({mode})")
+    ax.set(xscale="log", xlabel="FAR (false positive rate)", ylabel="TAR", title=title)
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, which="both", ls=":", lw=0.5)
+    ax.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+def _plot_cmc(ident: dict[str, dict[str, Any]], title: str, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for gallery, r in ident.items():
+        ax.plot(np.arange(1, len(r["cmc"]) + 1), r["cmc"], marker=".", label=gallery)
+    ax.set(xlabel="rank", ylabel="identification rate", title=title)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, ls=":", lw=0.5)
+    ax.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+# ---- the whole evaluation -----------------------------------------------------------------------
+
+
+def evaluate_ijb(
+    model: nn.Module | str | Path,
+    ijb_dir: str | Path,
+    name: str = "IJBC",
+    *,
+    out_dir: str | Path,
+    backbone: str | None = None,
+    input_size: int | None = None,
+    color_order: str | None = None,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    aggregation: str = "norm_weighted",
+    far_mode: str = "closest",
+    fars: Sequence[float] = FARS,
+    flip: bool = True,
+    faceness: bool = True,
+    cache_dir: str | Path | None = None,
+    workers: int = 4,
+    label: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a model on an IJB set and write the report; returns the results.
+
+    ``model`` is a module (in eval mode, on ``device``) taking normalised RGB ``N x 3 x H x W``
+    input, or a checkpoint for :func:`robustface.evaluate.loading.load_backbone` (``backbone``,
+    ``input_size``, ``color_order`` go there). Embeddings are cached in ``cache_dir`` (default
+    ``out_dir/cache``) as ``{name}_embeddings.npy``, keyed by the model's content hash, the
+    alignment, ``flip`` and the image list, so a new ``aggregation``, ``faceness`` or ``far_mode``
+    reuses them. Writes
+    ``out_dir/{name}.json`` (results, config, checkpoint hash, versions), ``{name}.md`` (TAR at
+    FAR per model, 1:N table when the 1:N files exist), ``{name}_roc.png`` and ``{name}_cmc.png``
+    (lower-case ``name``).
+    """
+    if far_mode not in FAR_MODES:
+        raise ValueError(f"far_mode must be one of {FAR_MODES}, got {far_mode!r}")
+    AGGREGATORS.get(aggregation)
+    fars = [float(f) for f in fars]
+    out_dir = Path(out_dir)
+    cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
+    meta = read_ijb_meta(ijb_dir, name)
+    one_n = read_ijb_1n_meta(ijb_dir, name)
+
+    checkpoint: Path | None = None
+    if isinstance(model, str | Path):
+        from robustface.evaluate.loading import load_backbone
+
+        checkpoint = Path(model)
+        loaded, size = load_backbone(
+            checkpoint,
+            backbone=backbone,
+            input_size=input_size,
+            color_order=color_order,
+            device=device,
+        )
+        model_key = {
+            "sha256": model_fingerprint(checkpoint)["sha256"],
+            "backbone": backbone,
+            "color_order": color_order,
+        }
+        embed_fn: Callable[[torch.Tensor], torch.Tensor] = loaded
+        label = label or checkpoint.stem
+    else:
+        meta_size = getattr(getattr(model, "meta", None), "input_size", None)
+        size = int(input_size or meta_size or 112)
+        if model.training:
+            raise ValueError("put the model in eval mode first (model.eval())")
+        model_key = _module_fingerprint(model)
+        embed_fn = model
+        label = label or type(model).__name__
+    key = {
+        "format": CACHE_FORMAT,
+        "model": model_key,
+        "align": {"template": ARCFACE_TEMPLATE, "size": size, "interpolation": "bilinear"},
+        "flip": flip,
+        "images": int(meta.images.size),
+        "meta_sha256": _meta_digest(meta),
+    }
+
+    t0 = time.perf_counter()
+    embeddings, cache_file, reused = _load_or_embed(
+        embed_fn,
+        meta,
+        cache,
+        key,
+        size=size,
+        batch_size=batch_size,
+        flip=flip,
+        device=device,
+        workers=workers,
+        show_progress=show_progress,
+    )
+    t1 = time.perf_counter()
+    features, xnorm = fuse_views(embeddings)
+    weights = meta.faceness if faceness else np.ones(meta.images.size, np.float32)
+    groups = group_templates(meta.templates, meta.medias)
+    feats = template_features(features, weights, groups, aggregation)
+    del features
+    scores = score_pairs(feats, groups.template_ids, meta.pairs)
+    roc = Roc.from_scores(scores, meta.pair_labels)
+    points = roc.operating_points(fars, far_mode)
+    tar = dict(zip(fars, roc.tpr[points].tolist(), strict=True))
+    grid = np.logspace(-6, 0, 61)
+    results: dict[str, Any] = {
+        "name": name,
+        "model": label,
+        "images": int(meta.images.size),
+        "templates": int(groups.template_ids.size),
+        "media": int(groups.media_counts.size),
+        "xnorm": xnorm,
+        "verification": {
+            "tar_at_far": tar,
+            "far_mode": far_mode,
+            "operating_points": {
+                f: {"fpr": roc.fpr[i], "threshold": roc.thresholds[i]}
+                for f, i in zip(fars, points.tolist(), strict=True)
+            },
+            "pairs": int(scores.size),
+            "genuine": roc.num_positives,
+            "impostor": roc.num_negatives,
+            "roc": {"fpr": grid, "tpr": list(roc.tar_at_far(grid, "conservative").values())},
+        },
+    }
+    if one_n is not None:
+        probe_templates, probe_subjects = one_n.probe
+        probe_feats = feats[_rows_of(groups.template_ids, probe_templates, "1:N probe")]
+        results["identification"] = {
+            g: identification(
+                feats[_rows_of(groups.template_ids, g_templates, f"1:N gallery {g}")],
+                g_subjects,
+                probe_feats,
+                probe_subjects,
+            )
+            for g, (g_templates, g_subjects) in one_n.galleries.items()
+        }
+    results["seconds"] = {"embedding": t1 - t0, "scoring": time.perf_counter() - t1}
+    results["embedding_cache"] = {"path": cache_file, "reused": reused}
+
+    stem = name.lower()
+    _plot_roc(
+        roc, points, far_mode, f"{name} 1:1 verification: {label}", out_dir / f"{stem}_roc.png"
+    )
+    if "identification" in results:
+        _plot_cmc(results["identification"], f"{name} 1:N: {label}", out_dir / f"{stem}_cmc.png")
+    config = {
+        "data": str(Path(ijb_dir)),
+        "name": name,
+        "aggregation": aggregation,
+        "far_mode": far_mode,
+        "fars": fars,
+        "flip": flip,
+        "faceness": faceness,
+        "input_size": size,
+        "backbone": backbone,
+        "color_order": color_order,
+        "batch_size": batch_size,
+        "device": str(device),
+        "cache": str(cache),
+    }
+    results["report"] = write_evaluation(
+        out_dir, stem, results, _tables(label, name, results), model=checkpoint, config=config
+    )
+    return results

@@ -1,0 +1,146 @@
+"""ROC curves and TAR at FAR for 1:1 verification scores (higher score = more likely the same).
+
+Two readings of "TAR at FAR = x" are offered:
+
+* ``"closest"`` (default): the ROC point whose FPR is closest to ``x``, as insightface's IJB
+  evaluation reads it, so that numbers compare with published IJB-B/C results. It reproduces
+  ``sklearn.metrics.roc_curve`` (with its default ``drop_intermediate=True``: points in the middle
+  of a straight run of the curve are dropped) followed by ``fpr, tpr = flipud(fpr), flipud(tpr)``
+  and ``argmin(abs(fpr - x))``: among equally close points the one with the highest TPR wins. The
+  point taken may have an FPR above ``x``.
+* ``"conservative"``: the highest TPR among operating points with ``FPR <= x``.
+
+The ROC has one point per distinct score (ties are one threshold: "accept when
+``score >= threshold``") plus the point ``(0, 0)`` at threshold ``+inf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["FARS", "FAR_MODES", "Roc", "roc_curve", "tar_at_far"]
+
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+"""The FAR targets of the IJB-B/C tables."""
+FAR_MODES = ("closest", "conservative")
+
+
+def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores)
+    y = np.asarray(labels)
+    if s.ndim != 1 or not np.issubdtype(s.dtype, np.number):
+        raise ValueError(f"scores must be a 1-D numeric array, got {s.dtype} {s.shape}")
+    if y.shape != s.shape:
+        raise ValueError(f"labels must have the shape of scores {s.shape}, got {y.shape}")
+    if y.dtype != bool:
+        if not np.issubdtype(y.dtype, np.number) or not np.all((y == 0) | (y == 1)):
+            raise ValueError("labels must hold only 0/1 or True/False")
+        y = y.astype(bool)
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"scores hold {int(np.sum(~np.isfinite(s)))} NaN/infinite values")
+    n_pos = int(np.count_nonzero(y))
+    if n_pos == 0 or n_pos == y.size:
+        raise ValueError(
+            f"labels need both classes: {n_pos} positive and {y.size - n_pos} negative pairs"
+        )
+    return s, y
+
+
+@dataclass(frozen=True)
+class Roc:
+    """A ROC as counts: ``fps[i]``/``tps[i]`` negatives/positives with ``score >= thresholds[i]``.
+
+    Index 0 is the ``(0, 0)`` point at threshold ``+inf``; thresholds decrease, counts increase.
+    """
+
+    fps: np.ndarray  # (K,) int64
+    tps: np.ndarray  # (K,) int64
+    thresholds: np.ndarray  # (K,) float64
+    num_negatives: int
+    num_positives: int
+
+    @classmethod
+    def from_scores(cls, scores: np.ndarray, labels: np.ndarray) -> Roc:
+        """Build the ROC of ``scores`` with binary ``labels`` (1 = genuine) in one sort."""
+        s, y = _check(scores, labels)
+        order = np.argsort(s)[::-1]
+        s_sorted = s[order]
+        tps = np.cumsum(y[order], dtype=np.int64)
+        del order
+        last = np.flatnonzero(s_sorted[1:] != s_sorted[:-1])  # last index of each tied run
+        ends = np.append(last, s.size - 1)
+        tps = tps[ends]
+        fps = ends + 1 - tps
+        return cls(
+            fps=np.concatenate([[0], fps]),
+            tps=np.concatenate([[0], tps]),
+            thresholds=np.concatenate([[np.inf], s_sorted[ends].astype(np.float64)]),
+            num_negatives=int(fps[-1]),
+            num_positives=int(tps[-1]),
+        )
+
+    @property
+    def fpr(self) -> np.ndarray:
+        """False positive rate of every point (float64)."""
+        return self.fps / self.num_negatives
+
+    @property
+    def tpr(self) -> np.ndarray:
+        """True positive rate of every point (float64)."""
+        return self.tps / self.num_positives
+
+    def kept_points(self) -> np.ndarray:
+        """Indices sklearn's ``drop_intermediate=True`` keeps (and the ``(0, 0)`` point)."""
+        fps, tps = self.fps[1:], self.tps[1:]
+        if fps.size <= 2:
+            return np.arange(fps.size + 1)
+        corner = (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0)
+        return np.concatenate([[0], 1 + np.flatnonzero(np.r_[True, corner, True])])
+
+    def operating_points(self, fars: Iterable[float] = FARS, mode: str = "closest") -> np.ndarray:
+        """Index of the ROC point read for each FAR target with ``mode`` (see the module)."""
+        targets = np.asarray([float(f) for f in fars], dtype=np.float64)
+        if mode not in FAR_MODES:
+            raise ValueError(f"mode must be one of {FAR_MODES}, got {mode!r}")
+        if np.any((targets < 0.0) | (targets > 1.0)):
+            raise ValueError(f"fars must lie in [0, 1], got {targets.tolist()}")
+        fpr = self.fpr
+        if mode == "conservative":
+            return np.searchsorted(fpr, targets, side="right") - 1
+        keep = self.kept_points()
+        flipped = fpr[keep][::-1]
+        last = keep.size - 1
+        return np.array([keep[last - np.argmin(np.abs(flipped - f))] for f in targets], np.int64)
+
+    def tar_at_far(self, fars: Iterable[float] = FARS, mode: str = "closest") -> dict[float, float]:
+        """``{far: tar}`` read with ``mode``, ``"closest"`` or ``"conservative"`` (see module)."""
+        targets = [float(f) for f in fars]
+        tpr = self.tpr[self.operating_points(targets, mode)]
+        return dict(zip(targets, tpr.tolist(), strict=True))
+
+
+def roc_curve(
+    scores: np.ndarray, labels: np.ndarray, *, drop_intermediate: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` with one point per distinct score plus ``(0, 0)`` at ``+inf``.
+
+    A pair is accepted at threshold ``t`` when ``score >= t``; thresholds decrease. With
+    ``drop_intermediate`` the points sklearn drops (inside straight runs) are left out.
+    """
+    roc = Roc.from_scores(scores, labels)
+    keep = roc.kept_points() if drop_intermediate else slice(None)
+    return roc.fpr[keep], roc.tpr[keep], roc.thresholds[keep]
+
+
+def tar_at_far(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    fars: Iterable[float] = FARS,
+    *,
+    mode: str = "closest",
+) -> dict[float, float]:
+    """True accept rate at each false accept rate in ``fars``: ``{far: tar}`` (see the module)."""
+    return Roc.from_scores(scores, labels).tar_at_far(fars, mode)

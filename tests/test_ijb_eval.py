@@ -1,0 +1,447 @@
+"""IJB evaluation: ROC and TAR@FAR, template pooling, pair scoring, 1:N, reports, and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustface.cli import main
+from robustface.config import SynthConfig
+from robustface.data.ijb import read_ijb_meta
+from robustface.data.image import decode_image
+from robustface.data.synth.builder import build_synthface
+from robustface.deploy import align_face
+from robustface.evaluate.ijb import (
+    AGGREGATORS,
+    group_templates,
+    identification,
+    read_ijb_1n_meta,
+    score_pairs,
+    template_features,
+)
+from robustface.evaluate.loading import load_backbone
+from robustface.evaluate.report import model_fingerprint, write_evaluation
+from robustface.evaluate.roc import FARS, Roc, roc_curve, tar_at_far
+from robustface.evaluate.verification import embed_pairs
+from robustface.models import build_backbone
+
+# ---- brute-force references ---------------------------------------------------------------------
+
+
+def brute_roc(scores, labels):
+    """One point per distinct threshold (accept score >= t), plus (0, 0), by enumeration."""
+    pos, neg = labels.sum(), (~labels).sum()
+    points = [(0.0, 0.0, np.inf)]
+    for t in sorted(set(scores.tolist()), reverse=True):
+        accept = scores >= t
+        points.append(((accept & ~labels).sum() / neg, (accept & labels).sum() / pos, t))
+    return np.array(points)
+
+
+def brute_drop(scores, labels):
+    """sklearn's drop_intermediate, by enumeration on counts: drop the middle of equal steps."""
+    counts = []
+    for t in sorted(set(scores.tolist()), reverse=True):
+        accept = scores >= t
+        counts.append(((accept & ~labels).sum(), (accept & labels).sum()))
+    keep = [0]
+    for i in range(1, len(counts) - 1):
+        before = (counts[i][0] - counts[i - 1][0], counts[i][1] - counts[i - 1][1])
+        after = (counts[i + 1][0] - counts[i][0], counts[i + 1][1] - counts[i][1])
+        if before != after:
+            keep.append(i)
+    keep.append(len(counts) - 1)
+    return [0] + [1 + k for k in sorted(set(keep))]
+
+
+def brute_tar(scores, labels, far, mode):
+    roc = brute_roc(scores, labels)
+    if mode == "conservative":
+        return max(tpr for fpr, tpr, _ in roc if fpr <= far)
+    kept = roc[brute_drop(scores, labels)]
+    best = min(abs(fpr - far) for fpr, _, _ in kept)
+    return max(tpr for fpr, tpr, _ in kept if abs(fpr - far) == best)  # ties: highest TPR
+
+
+def random_scores(rng, n, levels=None):
+    labels = rng.random(n) < 0.3
+    labels[:2] = [True, False]
+    scores = rng.normal(labels * 1.0, 1.0)
+    if levels:
+        scores = np.round(scores * levels) / levels  # many ties
+    return scores, labels
+
+
+# ---- ROC and TAR@FAR ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("levels", [None, 4])
+def test_roc_curve_against_enumeration(levels):
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        scores, labels = random_scores(rng, 60, levels)
+        fpr, tpr, thr = roc_curve(scores, labels)
+        expected = brute_roc(scores, labels)
+        np.testing.assert_allclose(np.c_[fpr, tpr, thr], expected)
+        fpr_d, tpr_d, _ = roc_curve(scores, labels, drop_intermediate=True)
+        np.testing.assert_allclose(np.c_[fpr_d, tpr_d], expected[brute_drop(scores, labels), :2])
+
+
+@pytest.mark.parametrize("mode", ["closest", "conservative"])
+@pytest.mark.parametrize("levels", [None, 3])
+def test_tar_at_far_against_enumeration(mode, levels):
+    rng = np.random.default_rng(2)
+    fars = (0.0, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 0.9, 1.0)
+    for n in (5, 40, 200):
+        scores, labels = random_scores(rng, n, levels)
+        got = tar_at_far(scores, labels, fars, mode=mode)
+        assert list(got) == list(fars)
+        for far in fars:
+            assert got[far] == pytest.approx(brute_tar(scores, labels, far, mode), abs=1e-12)
+
+
+def test_tar_readings_by_hand():
+    # descending: + - + - - - - - - -  (2 positives, 8 negatives)
+    scores = np.array([10, 9, 8, 7, 6, 5, 4, 3, 2, 1], dtype=float)
+    labels = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], dtype=bool)
+    # points (fpr, tpr): (0,0) (0,.5) (.125,.5) (.125,1) (.25,1) ... (1,1)
+    conservative = tar_at_far(scores, labels, (0.1, 0.125), mode="conservative")
+    assert conservative == {0.1: 0.5, 0.125: 1.0}
+    # FAR 0.1: the closest FPR is 0.125, where the highest TPR is 1.0 (insightface's reading)
+    assert tar_at_far(scores, labels, (0.1,)) == {0.1: 1.0}
+    # + - - - - +: sklearn drops the middle of the flat run, so the closest kept point to FAR 0.6
+    # is (1, 1), not (0.5, 0.5) as on the full curve
+    run_scores, run_labels = np.arange(6.0)[::-1], np.array([1, 0, 0, 0, 0, 1], dtype=bool)
+    assert tar_at_far(run_scores, run_labels, (0.6,)) == {0.6: 1.0}
+    assert tar_at_far(run_scores, run_labels, (0.6,), mode="conservative") == {0.6: 0.5}
+    roc = Roc.from_scores(scores, labels)
+    assert roc.num_positives == 2 and roc.num_negatives == 8
+    point = int(roc.operating_points((0.1,))[0])
+    assert roc.fpr[point] == 0.125 and roc.thresholds[point] == 8.0
+
+
+def test_roc_bad_inputs():
+    with pytest.raises(ValueError, match="both classes"):
+        roc_curve(np.arange(3.0), np.ones(3, bool))
+    with pytest.raises(ValueError, match="0/1"):
+        roc_curve(np.arange(3.0), np.array([0, 2, 1]))
+    with pytest.raises(ValueError, match="NaN"):
+        roc_curve(np.array([0.0, np.nan]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        tar_at_far(np.arange(2.0), np.array([0, 1]), mode="best")
+    with pytest.raises(ValueError, match=r"fars must lie in \[0, 1\]"):
+        tar_at_far(np.arange(2.0), np.array([0, 1]), fars=(2.0,))
+
+
+# ---- pooling and scoring ------------------------------------------------------------------------
+
+
+def test_template_pooling_by_hand():
+    # template 7: media 1 (images 0, 1) and media 2 (image 2); template 3: media 1 (image 3).
+    # Media 1 of template 7 and of template 3 are different groups.
+    feats = np.array([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, -2.0]], np.float32)
+    weights = np.array([1.0, 0.5, 2.0, 1.0], np.float32)
+    groups = group_templates(np.array([7, 7, 7, 3]), np.array([1, 1, 2, 1]))
+    assert groups.template_ids.tolist() == [3, 7]
+    assert groups.media_counts.tolist() == [1, 2, 1]
+    # norm_weighted: raw features; media 1 = mean(1*[3,0], .5*[0,1]) = [1.5, .25]; media 2 =
+    # 2*[1,1]; template 7 = [3.5, 2.25] normalised; template 3 = [0, -2] normalised
+    got = template_features(feats, weights, groups, "norm_weighted")
+    t7 = np.array([3.5, 2.25]) / np.hypot(3.5, 2.25)
+    np.testing.assert_allclose(got, [[0.0, -1.0], t7], rtol=1e-6)
+    # mean: unit features; media 1 = mean([1,0], .5*[0,1]) = [.5, .25]; media 2 = 2*[1,1]/sqrt 2
+    got = template_features(feats, weights, groups, "mean")
+    t7 = np.array([0.5 + np.sqrt(2), 0.25 + np.sqrt(2)])
+    np.testing.assert_allclose(got, [[0.0, -1.0], t7 / np.linalg.norm(t7)], rtol=1e-6)
+    assert sorted(AGGREGATORS) == ["mean", "norm_weighted"]
+    with pytest.raises(KeyError, match="did you mean 'mean'"):
+        template_features(feats, weights, groups, "meen")
+
+
+def brute_pool(feats, weights, templates, medias, unit):
+    out = {}
+    for t in np.unique(templates):
+        total = 0.0
+        for m in np.unique(medias[templates == t]):
+            rows = (templates == t) & (medias == m)
+            x = feats[rows].astype(np.float64)
+            if unit:
+                x = x / np.linalg.norm(x, axis=1, keepdims=True)
+            total = total + (x * weights[rows, None]).mean(0)
+        out[int(t)] = total / np.linalg.norm(total)
+    return out
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "norm_weighted"])
+def test_template_pooling_against_loops(aggregation):
+    rng = np.random.default_rng(5)
+    n = 300
+    templates = rng.integers(100, 140, n)
+    medias = rng.integers(0, 6, n)
+    feats = rng.normal(size=(n, 8)).astype(np.float32) * rng.uniform(0.5, 5, (n, 1))
+    weights = rng.uniform(0.1, 1, n).astype(np.float32)
+    groups = group_templates(templates, medias)
+    got = template_features(feats, weights, groups, aggregation)
+    expected = brute_pool(feats, weights, templates, medias, aggregation == "mean")
+    for row, t in enumerate(groups.template_ids.tolist()):
+        np.testing.assert_allclose(got[row], expected[t], atol=1e-5)
+
+
+@pytest.mark.parametrize(("n_templates", "n_pairs"), [(12, 400), (600, 50)])  # matmul / gather
+def test_score_pairs_against_loops(n_templates, n_pairs):
+    rng = np.random.default_rng(6)
+    feats = rng.normal(size=(n_templates, 16)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    ids = np.sort(rng.choice(10_000, n_templates, replace=False))
+    pairs = ids[rng.integers(0, n_templates, (n_pairs, 2))]
+    got = score_pairs(feats, ids, pairs, block_rows=5)
+    lookup = {int(t): feats[i].astype(np.float64) for i, t in enumerate(ids)}
+    expected = [lookup[int(a)] @ lookup[int(b)] for a, b in pairs]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    bad = pairs.copy()
+    bad[3, 1] = 10_001
+    with pytest.raises(ValueError, match="pairs: row 3 names template 10001"):
+        score_pairs(feats, ids, bad)
+
+
+# ---- 1:N ----------------------------------------------------------------------------------------
+
+
+def brute_identification(gallery, gallery_ids, probes, probe_ids, ranks, fpirs):
+    subjects = sorted(set(gallery_ids.tolist()))
+    best = np.array(
+        [[max(p @ g for g, s in zip(gallery, gallery_ids, strict=True) if s == subj)
+          for subj in subjects]
+         for p in probes.astype(np.float64)]
+    )  # fmt: skip
+    mated_ranks, mated_scores, nonmated_top = [], [], []
+    for i, pid in enumerate(probe_ids.tolist()):
+        if pid in subjects:
+            own = best[i, subjects.index(pid)]
+            mated_ranks.append(1 + sum(best[i] > own))
+            mated_scores.append(own)
+        else:
+            nonmated_top.append(best[i].max())
+    rank_rates = {k: np.mean([r <= k for r in mated_ranks]) for k in ranks}
+    tpir = {}
+    for x in fpirs:
+        candidates = sorted([-np.inf, *nonmated_top])
+        t = next(c for c in candidates if np.mean([s > c for s in nonmated_top]) <= x + 1e-12)
+        hits = [r == 1 and s > t for r, s in zip(mated_ranks, mated_scores, strict=True)]
+        tpir[x] = sum(hits) / len(mated_ranks)
+    return rank_rates, tpir
+
+
+def test_identification_against_brute_force():
+    rng = np.random.default_rng(7)
+    d, n_sub = 12, 15
+    centres = rng.normal(size=(30, d))
+    gallery_ids = np.r_[np.arange(n_sub), rng.integers(0, n_sub, 10)]  # some with 2+ templates
+    gallery = centres[gallery_ids] + rng.normal(0, 0.8, (gallery_ids.size, d))
+    probe_ids = rng.integers(0, 30, 200)  # subjects 15..29 are not in the gallery
+    probes = centres[probe_ids] + rng.normal(0, 0.8, (200, d))
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    fpirs = (0.0, 0.01, 0.1, 0.3, 1.0)
+    got = identification(
+        gallery, gallery_ids, probes, probe_ids, ranks=(1, 2, 5), fpirs=fpirs, chunk=37
+    )
+    ranks, tpir = brute_identification(gallery, gallery_ids, probes, probe_ids, (1, 2, 5), fpirs)
+    assert got["rank"] == pytest.approx(ranks)
+    assert got["tpir_at_fpir"] == pytest.approx(tpir)
+    assert got["gallery_subjects"] == n_sub and got["gallery_templates"] == 25
+    assert got["mated_probes"] + got["nonmated_probes"] == 200
+    assert got["cmc"][0] == got["rank"][1] and got["cmc"][-1] == 1.0 and len(got["cmc"]) == n_sub
+    assert all(got["fpir"][x] <= x for x in fpirs)
+    closed = identification(gallery, gallery_ids, probes[:5], np.zeros(5, np.int64))
+    assert closed["nonmated_probes"] == 0 and closed["tpir_at_fpir"][0.01] is None
+    with pytest.raises(ValueError, match="no probe's subject is in the gallery"):
+        identification(gallery, gallery_ids, probes[:3], np.array([100, 101, 102]))
+
+
+def test_read_1n_meta(tmp_path):
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    assert read_ijb_1n_meta(tmp_path, "IJBB") is None
+    header = "TEMPLATE_ID,SUBJECT_ID,FILENAME,OTHER\n"
+    (meta / "ijbb_1N_gallery_S1.csv").write_text(header + "5,1,a.jpg,x\n5,1,b.jpg,x\n2,3,c.jpg,y\n")
+    (meta / "ijbb_1N_gallery_S2.csv").write_text(header + "9,4,d.jpg,z\n")
+    with pytest.raises(FileNotFoundError, match=r"ijbb_1N_probe_mixed\.csv"):
+        read_ijb_1n_meta(tmp_path, "IJBB")
+    (meta / "ijbb_1N_probe_mixed.csv").write_text(header + "11,1,e.jpg,x\n12,4,f.jpg,x\n")
+    one_n = read_ijb_1n_meta(tmp_path, "IJBB")
+    assert list(one_n.galleries) == ["S1", "S2"]
+    assert [a.tolist() for a in one_n.galleries["S1"]] == [[2, 5], [3, 1]]
+    assert [a.tolist() for a in one_n.probe] == [[11, 12], [1, 4]]
+    (meta / "ijbb_1N_gallery_S2.csv").write_text(header + "9,4,d.jpg\n9,6,e.jpg\n")
+    with pytest.raises(ValueError, match=r"S2\.csv: line 3: template 9 has subject 6"):
+        read_ijb_1n_meta(tmp_path, "IJBB")
+    (meta / "ijbb_1N_gallery_S2.csv").write_text("A,B\n1,2\n")
+    with pytest.raises(ValueError, match="header starting TEMPLATE_ID,SUBJECT_ID"):
+        read_ijb_1n_meta(tmp_path, "IJBB")
+
+
+# ---- reports ------------------------------------------------------------------------------------
+
+
+def test_model_fingerprint(tmp_path):
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"weights v1")
+    fp = model_fingerprint(weights)
+    assert fp == {
+        "path": str(weights.resolve()),
+        "size": 10,
+        "sha256": hashlib.sha256(b"weights v1").hexdigest(),
+    }
+    (tmp_path / "config.yaml").write_text("model: {backbone: r50}\n")
+    run = model_fingerprint(tmp_path)
+    assert sorted(run["files"]) == ["backbone.pth", "config.yaml"]
+    assert run["files"]["backbone.pth"]["sha256"] == fp["sha256"]
+    assert run["size"] == 10 + len("model: {backbone: r50}\n")
+    (tmp_path / "best_backbone.pth").write_bytes(b"weights v2")  # load_backbone prefers it
+    assert model_fingerprint(tmp_path)["sha256"] != run["sha256"]
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        model_fingerprint(tmp_path / "missing.pth")
+
+
+def test_write_evaluation(tmp_path):
+    model = tmp_path / "m.pth"
+    model.write_bytes(b"abc")
+    results = {
+        "tar_at_far": {np.float64(1e-6): np.float32(0.5), 0.1: 1.0},
+        "counts": np.arange(3),
+        "rank": {np.int64(1): 0.25},
+        "missing": float("nan"),
+        "path": tmp_path,
+    }
+    path = write_evaluation(
+        tmp_path / "out", "ijbc", results, "| a |\n|---|\n", model=model, config={"k": (1, 2)}
+    )
+    assert path == tmp_path / "out" / "ijbc.json"
+    report = json.loads(path.read_text())
+    assert report["kind"] == "ijbc"
+    assert report["results"]["tar_at_far"] == {"1e-06": 0.5, "0.1": 1.0}
+    assert report["results"]["counts"] == [0, 1, 2] and report["results"]["rank"] == {"1": 0.25}
+    assert report["results"]["missing"] is None and report["results"]["path"] == str(tmp_path)
+    assert report["config"] == {"k": [1, 2]}
+    assert report["model"]["sha256"] == hashlib.sha256(b"abc").hexdigest()
+    assert {"robustface", "torch", "numpy", "git_revision"} <= set(report["meta"])
+    assert (tmp_path / "out" / "ijbc.md").read_text() == "| a |\n|---|\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ijbc.json", "ijbc.md"]
+    no_model = write_evaluation(tmp_path / "out", "x", {}, "t", model=None, config={})
+    assert json.loads(no_model.read_text())["model"] is None
+    with pytest.raises(ValueError, match="plain file stem"):
+        write_evaluation(tmp_path, "../x", {}, "", model=None, config={})
+
+
+# ---- end to end from the CLI --------------------------------------------------------------------
+
+IJB_SYNTH = SynthConfig(
+    identities=2,
+    images_per_identity=1,
+    open_set_identities=0,
+    test_identities=20,
+    lfw_pairs=0,
+    cfp_fp_pairs=0,
+    lowq_pairs=0,
+    ijb_identities=4,
+    ijb_templates_per_identity=3,
+    ijb_max_media_per_template=2,
+    ijb_max_images_per_media=2,
+    ijb_impostor_ratio=3,
+)
+
+
+@pytest.fixture(scope="module")
+def ijb_setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ijb")
+    synth = build_synthface(root / "synth", IJB_SYNTH, workers=1, progress=False).path
+    torch.manual_seed(0)
+    weights = root / "tiny.pth"
+    torch.save(build_backbone("r18_tiny").state_dict(), weights)
+    return synth / "IJBS", weights
+
+
+def recompute(ijb_dir: Path, weights: Path) -> tuple[dict, dict, np.ndarray]:
+    """The protocol by hand: align, embed image + flip, faceness-weighted media/template pooling
+    with raw norms, cosine scores, TAR by enumeration, 1:N by brute force."""
+    meta = read_ijb_meta(ijb_dir, "IJBS")
+    model, size = load_backbone(weights, backbone="r18_tiny")
+    crops = np.stack(
+        [
+            align_face(decode_image(p.read_bytes()), lm, size)
+            for p, lm in zip(meta.image_paths(), meta.landmarks, strict=True)
+        ]
+    )
+    feats, _ = embed_pairs(crops, model, batch_size=7)
+    pooled = brute_pool(feats, meta.faceness, meta.templates, meta.medias, unit=False)
+    scores = np.array([pooled[a] @ pooled[b] for a, b in meta.pairs])
+    labels = meta.pair_labels.astype(bool)
+    tar = {f: brute_tar(scores, labels, f, "closest") for f in FARS}
+    one_n = read_ijb_1n_meta(ijb_dir, "IJBS")
+    probe = np.stack([pooled[t] for t in one_n.probe[0].tolist()])
+    ident = {}
+    for g, (templates, subjects) in one_n.galleries.items():
+        gallery = np.stack([pooled[t] for t in templates.tolist()])
+        ident[g] = brute_identification(
+            gallery, subjects, probe, one_n.probe[1], (1, 5, 10), (0.01, 0.1)
+        )
+    return tar, ident, scores
+
+
+def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
+    ijb_dir, weights = ijb_setup
+    out = tmp_path / "out"
+    base = ["eval", "ijb", str(weights), "--backbone", "r18_tiny", "--data", str(ijb_dir)]
+    base += ["--name", "IJBS", "--quiet", "--batch-size", "5", "--workers", "2"]
+    assert main([*base, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| model | 1e-6 | 1e-5 | 1e-4 | 1e-3 | 1e-2 | 1e-1" in printed
+    assert "rank-1" in printed and "TPIR@FPIR=0.01" in printed
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["cache", "ijbs.json", "ijbs.md", "ijbs_cmc.png", "ijbs_roc.png"]
+    for png in ("ijbs_cmc.png", "ijbs_roc.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "ijbs.json").read_text())
+    results = report["results"]
+    meta = read_ijb_meta(ijb_dir, "IJBS")
+    assert results["images"] == meta.images.size and results["templates"] == 12
+    assert results["verification"]["pairs"] == meta.pairs.shape[0]
+    assert report["config"]["aggregation"] == "norm_weighted"
+    assert report["config"]["far_mode"] == "closest" and report["config"]["input_size"] == 56
+    assert report["model"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert results["embedding_cache"]["reused"] is False
+
+    tar, ident, scores = recompute(ijb_dir, weights)
+    gaps = np.diff(np.unique(np.round(scores, 5)))
+    assert gaps.min() > 1e-5  # no near-ties, so the TARs must agree exactly
+    reported = results["verification"]["tar_at_far"]
+    assert reported == {f"{f:g}": pytest.approx(tar[f], abs=1e-12) for f in FARS}
+    md = (out / "ijbs.md").read_text()
+    assert f"| {weights.stem} " in md and f"{100 * tar[0.1]:.2f}" in md
+    for g, (ranks, tpir) in ident.items():
+        assert results["identification"][g]["rank"] == {
+            str(k): pytest.approx(v) for k, v in ranks.items()
+        }
+        assert results["identification"][g]["tpir_at_fpir"] == {
+            f"{x:g}": pytest.approx(v) for x, v in tpir.items()
+        }
+
+    # a new aggregation and reading reuse the cached embeddings
+    assert (
+        main([*base, "--out", str(out), "--aggregation", "mean", "--far-mode", "conservative"]) == 0
+    )
+    capsys.readouterr()
+    again = json.loads((out / "ijbs.json").read_text())
+    assert again["results"]["embedding_cache"]["reused"] is True
+    assert again["config"]["aggregation"] == "mean"
+    # other embedding settings refuse the cache instead of silently mixing
+    assert main([*base, "--out", str(out), "--no-flip"]) == 2
+    assert "stale embedding cache, made with other flip" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "o2"), "--aggregation", "max"]) == 2
+    assert "unknown template aggregator 'max'" in capsys.readouterr().err

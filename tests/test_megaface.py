@@ -1,0 +1,228 @@
+"""MegaFace: faiss-based identification / verification against a brute-force numpy recomputation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from robustface.cli import main
+from robustface.errors import DataFormatError
+from robustface.evaluate.megaface import (
+    evaluate_megaface,
+    format_megaface,
+    load_feature_set,
+    noise_mask,
+    read_devkit_feature,
+    read_noise_list,
+    save_feature_cache,
+    write_devkit_feature,
+)
+
+FAST = ["--sizes", "10", "50", "--far", "0.05", "--quiet"]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _planted(seed: int = 0, identities: int = 20, d: int = 16, distractors: int = 300):
+    """Probes around identity centres (1..6 images each) and unrelated random distractors."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(np.arange(identities), rng.integers(1, 7, identities))
+    centres = rng.normal(size=(identities, d))
+    probes = (centres[ids] + 0.9 * rng.normal(size=(ids.size, d))).astype(np.float32)
+    return probes, ids, rng.normal(size=(distractors, d)).astype(np.float32)
+
+
+def _brute_force(probes, ids, distractors, size, max_rank, far, probe_noisy, distractor_noisy):
+    """The protocol spelled out with full score matrices and explicit loops."""
+    p = _unit(probes)
+    for i in np.flatnonzero(probe_noisy):
+        clean = (ids == ids[i]) & ~probe_noisy
+        centre = p[clean].astype(np.float64).sum(axis=0)
+        p[i] = centre / np.linalg.norm(centre)
+    scores = p @ _unit(distractors[:size]).T  # P x N
+    scores[:, distractor_noisy[:size]] = -np.inf  # pushed away
+    ranks, positives = [], []
+    for a in range(len(ids)):
+        for b in range(len(ids)):
+            if a != b and ids[a] == ids[b]:
+                s = float(p[a] @ p[b])
+                ranks.append(1 + int(np.sum(scores[a] > s)))
+                if a < b:
+                    positives.append(s)
+    ranks, positives = np.array(ranks), np.array(positives)
+    cmc = [float(np.mean(ranks <= r)) for r in range(1, max_rank + 1)]
+    negatives = np.sort(scores.ravel())[::-1]
+    allowed = math.floor(far * negatives.size * (1 + 1e-12))
+    threshold = negatives[allowed] if allowed < negatives.size else -np.inf
+    return cmc, float(np.mean(positives > threshold)), len(ranks)
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_matches_brute_force(noise):
+    probes, ids, distractors = _planted()
+    rng = np.random.default_rng(1)
+    probe_noisy = np.zeros(ids.size, bool)
+    distractor_noisy = np.zeros(distractors.shape[0], bool)
+    if noise:
+        probe_noisy[[0, 7, 30]] = True
+        distractor_noisy[rng.random(distractors.shape[0]) < 0.1] = True
+    results = evaluate_megaface(
+        probes,
+        ids,
+        distractors,
+        sizes=(10, 50, 300, 5000),
+        far=1e-2,
+        probe_noisy=probe_noisy,
+        distractor_noisy=distractor_noisy,
+        batch_size=64,
+    )
+    assert sorted(results["sizes"]) == [10, 50, 300]  # 5000 capped to the 300 available
+    for size, r in results["sizes"].items():
+        cmc, tar, trials = _brute_force(
+            probes, ids, distractors, size, 10, 1e-2, probe_noisy, distractor_noisy
+        )
+        assert results["num_trials"] == trials
+        np.testing.assert_allclose(r["cmc"], cmc, atol=1e-12)
+        assert r["tar"] == pytest.approx(tar, abs=1e-12)
+        assert r["far"] <= 1e-2
+        assert r["noisy_distractors"] == int(distractor_noisy[:size].sum())
+    assert 0.2 < results["sizes"][300]["rank1"] < 0.9  # neither trivial nor hopeless
+    table = format_megaface(results)
+    assert "Id rank-1 (%)" in table and "Ver TAR@FAR=0.01 (%)" in table
+
+
+def test_perfect_separation_and_tiny_far():
+    probes, ids, distractors = _planted(identities=5)
+    probes = np.eye(16, dtype=np.float32)[ids] + 1e-3 * probes  # identities on the axes
+    distractors = np.abs(distractors) * -1  # all far from every probe
+    results = evaluate_megaface(probes, ids, distractors, sizes=(100,), far=1e-6)
+    r = results["sizes"][100]
+    assert r["cmc"] == [1.0] * 10 and r["tar"] == 1.0 and r["far"] == 0.0
+
+
+def test_bad_inputs():
+    probes, ids, distractors = _planted()
+    with pytest.raises(ValueError, match="probe_ids must have"):
+        evaluate_megaface(probes, ids[:-1], distractors)
+    with pytest.raises(ValueError, match="distractor_feats must be D x 16"):
+        evaluate_megaface(probes, ids, distractors[:, :8])
+    with pytest.raises(ValueError, match="far must be in"):
+        evaluate_megaface(probes, ids, distractors, far=0.0)
+    with pytest.raises(ValueError, match="no probe identity has two"):
+        evaluate_megaface(probes[:3], np.arange(3), distractors)
+    bad = distractors.copy()
+    bad[5] = 0.0
+    with pytest.raises(ValueError, match="distractor_feats row 5"):
+        evaluate_megaface(probes, ids, bad)
+    only_noisy = ids == ids[0]
+    with pytest.raises(ValueError, match="only noisy images"):
+        evaluate_megaface(probes, ids, distractors, probe_noisy=only_noisy)
+
+
+def test_devkit_files_noise_lists_and_caches(tmp_path):
+    vec = np.arange(5, dtype=np.float32)
+    write_devkit_feature(tmp_path / "a.jpg_algo.bin", vec)
+    raw = (tmp_path / "a.jpg_algo.bin").read_bytes()
+    assert np.frombuffer(raw[:16], "<i4").tolist() == [5, 1, 4, 5]  # rows, cols, size, CV_32FC1
+    np.testing.assert_array_equal(read_devkit_feature(tmp_path / "a.jpg_algo.bin"), vec)
+    (tmp_path / "short.bin").write_bytes(raw[:30])
+    with pytest.raises(DataFormatError, match="header says 5 x 1"):
+        read_devkit_feature(tmp_path / "short.bin")
+
+    (tmp_path / "noises.txt").write_text("# comment\n0\t949/owner@N00/1_0.jpg\nAl_B_3.png\n\n")
+    noises = read_noise_list(tmp_path / "noises.txt")
+    assert noises == {"949/owner@N00/1_0.jpg", "Al_B_3.png"}
+    paths = ["FlickrFinal2/949/owner@N00/1_0.jpg", "949/owner@N00/2_0.jpg"]
+    assert noise_mask(paths, noises, 3).tolist() == [True, False]
+    assert noise_mask(["Al_B/Al_B_3.png", "Al_B/Al_B_4.png"], noises, 1).tolist() == [True, False]
+
+    feats = np.random.default_rng(0).normal(size=(2, 5)).astype(np.float32)
+    save_feature_cache(tmp_path / "c.npz", feats, paths=["x/1.png", "x/2.png"], labels=["x", "x"])
+    loaded = load_feature_set(tmp_path / "c.npz")
+    np.testing.assert_array_equal(loaded.features, feats)
+    assert loaded.paths == ["x/1.png", "x/2.png"] and loaded.labels.tolist() == ["x", "x"]
+    with pytest.raises(ValueError, match="paths must have 2 entries"):
+        save_feature_cache(tmp_path / "d.npz", feats, paths=["x"])
+
+
+def test_cli_devkit_directories_and_cache(tmp_path, capsys):
+    """The same numbers from devkit feature directories + JSON lists and from .npy/.npz files."""
+    probes, ids, distractors = _planted(identities=6, distractors=50)
+    probe_paths = [f"id{i}/id{i}_{k}.png" for k, i in enumerate(ids)]
+    mf_paths = [f"{k % 3}/owner{k}/{k}_0.jpg" for k in range(len(distractors))]
+    for root, rel, feats in (("fs", probe_paths, probes), ("mf", mf_paths, distractors)):
+        for path, vec in zip(rel, feats, strict=True):
+            write_devkit_feature(tmp_path / root / f"{path}_algo.bin", vec)
+    (tmp_path / "fs.json").write_text(json.dumps({"path": probe_paths, "id": ids.tolist()}))
+    (tmp_path / "mf.json").write_text(json.dumps({"path": mf_paths}))
+    (tmp_path / "mf_noises.txt").write_text(f"{mf_paths[3]}\n{mf_paths[9]}\n")
+    (tmp_path / "fs_noises.txt").write_text("id0_0.png\n")
+    args = {
+        "--probe-features": "fs",
+        "--probe-list": "fs.json",
+        "--distractor-features": "mf",
+        "--distractor-list": "mf.json",
+        "--facescrub-noises": "fs_noises.txt",
+        "--megaface-noises": "mf_noises.txt",
+        "--out": "run",
+    }
+    paths = [x for flag, name in args.items() for x in (flag, str(tmp_path / name))]
+    code = main(["eval", "megaface", *paths, "--file-ending", "_algo.bin", *FAST])
+    assert code == 0
+    report = json.loads((tmp_path / "run" / "megaface.json").read_text())
+    assert report["kind"] == "megaface" and report["model"] is None
+    assert report["results"]["num_noisy_probes"] == 1
+    assert report["results"]["sizes"]["50"]["noisy_distractors"] == 2
+    assert (tmp_path / "run" / "megaface.md").is_file()
+    assert (tmp_path / "run" / "megaface_cmc.png").stat().st_size > 0
+
+    noisy = np.zeros(len(ids), bool)
+    noisy[0] = True
+    d_noisy = np.zeros(len(distractors), bool)
+    d_noisy[[3, 9]] = True
+    expected = evaluate_megaface(
+        probes,
+        ids,
+        distractors,
+        sizes=(10, 50),
+        far=0.05,
+        probe_noisy=noisy,
+        distractor_noisy=d_noisy,
+    )
+    np.testing.assert_allclose(
+        report["results"]["sizes"]["50"]["cmc"], expected["sizes"][50]["cmc"]
+    )
+    np.save(tmp_path / "d.npy", distractors)
+    np.save(tmp_path / "l.npy", ids)
+    save_feature_cache(tmp_path / "p.npz", probes)
+    capsys.readouterr()
+    probe, labels, dist = (str(tmp_path / name) for name in ("p.npz", "l.npy", "d.npy"))
+    code = main(
+        ["eval", "megaface", "--probe-features", probe, "--distractor-features", dist, *FAST]
+    )
+    assert code == 2
+    assert "labels" in capsys.readouterr().err
+    code = main(
+        [
+            "eval",
+            "megaface",
+            "--probe-features",
+            probe,
+            "--probe-labels",
+            labels,
+            "--distractor-features",
+            dist,
+            "--sizes",
+            "50",
+            "--far",
+            "0.05",
+        ]
+    )
+    assert code == 0
+    assert "| 50 " in capsys.readouterr().out

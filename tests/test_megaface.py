@@ -226,3 +226,15 @@ def test_cli_devkit_directories_and_cache(tmp_path, capsys):
     )
     assert code == 0
     assert "| 50 " in capsys.readouterr().out
+
+
+def test_noise_list_matching_nothing_is_an_error_and_labels_keep_spaces(tmp_path):
+    paths = ["facescrub/Aaron Eckhart/a_1.png", "facescrub/Aaron Eckhart/a_2.png"]
+    assert noise_mask(paths, {"a_2.png"}, 1).tolist() == [False, True]
+    with pytest.raises(ValueError, match="none of the 1 noise-list entries"):
+        noise_mask(paths, {"b_9.png"}, 1)
+    from robustface.evaluate.megaface import _read_labels
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("Aaron Eckhart\nAaron Eckhart\n\nAdam Brody\n")
+    assert _read_labels(labels).tolist() == ["Aaron Eckhart", "Aaron Eckhart", "Adam Brody"]

@@ -92,3 +92,16 @@ def test_errors_and_cli(tmp_path, capsys):
     assert out.read_text().startswith("| run ")
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_eval_directories_are_named_after_their_run(tmp_path):
+    from robustface.evaluate.compare import combine
+
+    for run, acc in (("arcface", 0.91), ("stable", 0.95)):
+        (tmp_path / run / "eval").mkdir(parents=True)
+        doc = {"lfw": {"accuracy_mean": acc, "accuracy_std": 0.01}}
+        (tmp_path / run / "eval" / "verification.json").write_text(json.dumps(doc))
+    table = combine([tmp_path / "arcface" / "eval", tmp_path / "stable"])  # eval/ dir or the run
+    rows = [line for line in table.splitlines() if line.startswith("| arcface") or
+            line.startswith("| stable")]  # fmt: skip
+    assert len(rows) == 2 and "91.00" in rows[0] and "95.00" in rows[1]

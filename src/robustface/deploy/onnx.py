@@ -159,10 +159,15 @@ def export_onnx(
 
 
 def _graph_normalises_input(path: Path) -> bool:
-    """insightface's test: a ``Sub``/``_minus`` and a ``Mul``/``_mul`` among the first 8 nodes."""
+    """Whether the graph normalises ``[0, 255]`` pixels itself: our exports say so in their
+    metadata (they take normalised input); otherwise insightface's test, a ``Sub``/``_minus``
+    and a ``Mul``/``_mul`` among the first 8 nodes."""
     import onnx
 
-    nodes = onnx.load(str(path), load_external_data=False).graph.node[:8]
+    model = onnx.load(str(path), load_external_data=False)
+    if any(prop.key == "robustface.input" for prop in model.metadata_props):
+        return False
+    nodes = model.graph.node[:8]
     names = [node.name for node in nodes]
     has_sub = any(n.startswith(("Sub", "_minus")) for n in names)
     has_mul = any(n.startswith(("Mul", "_mul")) for n in names)

@@ -110,11 +110,14 @@ Found = tuple[Path, dict[str, float], list[str]]
 def _documents(path: Path) -> tuple[str, list[Found]]:
     """The row label of one argument and ``(file, metrics, set names)`` of its results."""
     if path.is_dir():
-        found = [(f, metrics_of(_read(f))) for f in sorted(path.glob("*.json"))]
+        files = [*sorted(path.glob("*.json")), *sorted(path.glob("eval/*.json"))]
+        found = [(f, metrics_of(_read(f))) for f in files]
         results = [(f, *m) for f, m in found if m is not None]
         if not results:
             raise ValueError(f"{path}: no evaluation JSON inside (see robustface.evaluate.compare)")
-        return path.resolve().name, results
+        resolved = path.resolve()
+        # `eval ijb` writes into RUN/eval/: name such a directory after its run
+        return (resolved.parent.name if resolved.name == "eval" else resolved.name), results
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file or directory")
     metrics = metrics_of(_read(path))

@@ -1,6 +1,6 @@
 """IJB-B / IJB-C evaluation: 1:1 template verification and 1:N open-set identification.
 
-The protocol follows insightface's IJB evaluation (``recognition/arcface_torch/eval_ijb.py``) on
+The protocol follows insightface's IJB evaluation (``recognition/arcface_torch/eval_ijbc.py``) on
 its helper layout (see :mod:`robustface.data.ijb`):
 
 1. Every image in ``loose_crop/`` is aligned from its 5 landmarks to the ArcFace template by a

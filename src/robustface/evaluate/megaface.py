@@ -190,7 +190,9 @@ def save_feature_cache(
 def _read_labels(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False)
-    return np.asarray(path.read_text(encoding="utf-8").split())
+    # one label per line: FaceScrub identity names contain spaces ("Aaron Eckhart")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return np.asarray([line for line in lines if line])
 
 
 def load_feature_set(
@@ -296,7 +298,13 @@ def noise_mask(paths: Sequence[str], noises: set[str], components: int) -> np.nd
     Use 1 for FaceScrub (file names) and 3 for MegaFace (``folder/owner/image.jpg``).
     """
     keys = ["/".join(Path(p).parts[-components:]) for p in paths]
-    return np.fromiter((k in noises for k in keys), dtype=bool, count=len(keys))
+    mask = np.fromiter((k in noises for k in keys), dtype=bool, count=len(keys))
+    if noises and not mask.any():
+        raise ValueError(
+            f"none of the {len(noises)} noise-list entries matches a path (compared by their "
+            f"last {components} part(s), e.g. {keys[0] if keys else '-'!r}): wrong list or paths?"
+        )
+    return mask
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -185,7 +185,7 @@ def noisy_run(synth_train_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         data / "noise.npz",
         kind=kind,
         label=labels,
-        original_label=np.where(kind == 1, (labels + 1) % 8, labels),
+        original_label=np.where(kind == 1, (labels + 1) % 8, np.where(kind == 2, -1, labels)),
         source=(kind == 2).astype(np.int64),
         source_index=np.arange(labels.size),
         quality=rng.random(labels.size).astype(np.float32),

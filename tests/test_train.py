@@ -383,3 +383,17 @@ def test_per_batch_noise_is_exact_and_deterministic(synth_train_dir, tmp_path):
     assert result.steps == 2 and np.isfinite(result.loss)
     with pytest.raises(ConfigError, match="open_source: needed"):
         _cfg(tmp_path / "x", synth_train_dir, "data.batch_noise_open=0.1")
+
+
+@pytest.mark.parametrize("head", __import__("robustface.heads").heads.list_heads())
+def test_every_head_lowers_the_loss_on_synthface(synth_train_dir, tmp_path, head):
+    extra = ["train.epochs=4", "data.val_targets=[]", f"head.name={head}", "fc.name=full",
+             "head.params={scale: 16.0}", "optim.lr=0.1", "train.checkpoint_every=0"]  # fmt: skip
+    if head == "boundaryface":
+        extra.append("head.params.epoch_start=2")  # label correction in the second half
+    trainer = Trainer(_cfg(tmp_path / "h", synth_train_dir, *extra))
+    trainer.fit()
+    rows = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 32
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), (head, losses[:4], losses[-4:])

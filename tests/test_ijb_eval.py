@@ -445,3 +445,19 @@ def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
     assert "stale embedding cache, made with other flip" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "o2"), "--aggregation", "max"]) == 2
     assert "unknown template aggregator 'max'" in capsys.readouterr().err
+
+
+def test_an_onnx_model_evaluates_like_its_checkpoint(ijb_setup, tmp_path, capsys):
+    from robustface.deploy.onnx import export_onnx
+
+    ijb_dir, weights = ijb_setup
+    onnx_path = tmp_path / "tiny.onnx"
+    export_onnx(weights, onnx_path, backbone="r18_tiny")
+    common = ["--data", str(ijb_dir), "--name", "IJBS", "--quiet", "--batch-size", "5"]
+    assert main(["eval", "ijb", str(onnx_path), *common, "--out", str(tmp_path / "o")]) == 0
+    assert main(["eval", "ijb", str(weights), "--backbone", "r18_tiny", *common,
+                 "--out", str(tmp_path / "p")]) == 0  # fmt: skip
+    capsys.readouterr()
+    got = json.loads((tmp_path / "o" / "ijbs.json").read_text())["results"]["verification"]
+    want = json.loads((tmp_path / "p" / "ijbs.json").read_text())["results"]["verification"]
+    assert got["tar_at_far"] == pytest.approx(want["tar_at_far"], abs=1e-12)

@@ -47,3 +47,17 @@ def encode_image(image: np.ndarray, fmt: str = "jpg", quality: int = 95) -> byte
             raise ValueError("PNG encoding failed")
         return buf.tobytes()
     raise ValueError(f"fmt must be 'jpg' or 'png', got {fmt!r}")
+
+
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float32,
+)
+"""insightface's 5 landmarks (eyes, nose tip, mouth corners) in a 112x112 aligned crop: its 96x112
+template shifted by 8 px. SynthFace renders faces onto it; alignment warps onto it."""

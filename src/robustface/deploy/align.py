@@ -13,6 +13,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from robustface.data.image import ARCFACE_TEMPLATE
+
 __all__ = [
     "ARCFACE_TEMPLATE",
     "align_face",
@@ -22,17 +24,6 @@ __all__ = [
     "similarity_transforms",
 ]
 
-ARCFACE_TEMPLATE = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
-)
-"""insightface's 5 landmark positions in a 112x112 crop (its 96x112 template shifted by 8 px)."""
 
 TEMPLATE_SIZE = 112
 

@@ -806,6 +806,8 @@ def evaluate_ijb(
     )
     if "identification" in results:
         _plot_cmc(results["identification"], f"{name} 1:N: {label}", out_dir / f"{stem}_cmc.png")
+    else:  # a CMC of an earlier run must not sit beside these results
+        (out_dir / f"{stem}_cmc.png").unlink(missing_ok=True)
     config = {
         "data": str(Path(ijb_dir)),
         "name": name,

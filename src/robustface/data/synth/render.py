@@ -25,19 +25,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from robustface.data.image import ARCFACE_TEMPLATE
 from robustface.data.synth.identity import PARAM_INDEX, Identity
-
-ARCFACE_TEMPLATE = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
-)
-"""The 5 insightface landmarks of a 112x112 aligned crop: eyes, nose tip, mouth corners."""
 
 PROFILES = ("train", "frontal", "profile", "low_quality", "clean")
 OCCLUSIONS = ("none", "glasses", "sunglasses", "mask", "bar", "hand")

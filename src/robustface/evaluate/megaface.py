@@ -257,8 +257,10 @@ def embed_image_files(
     """Embed aligned face images ``root / path`` as insightface's ``gen_megaface.py``: image +
     flip summed (:func:`robustface.evaluate.verification.embed_pairs`); returns ``N x d``."""
     root = Path(root)
+    if not paths:
+        raise ValueError(f"{root}: no images to embed")
     chunk = max(1, 8 * batch_size)
-    out = []
+    out: np.ndarray | None = None  # filled in place: no second copy of a 1M x d matrix
     starts = range(0, len(paths), chunk)
     for start in tqdm(starts, desc="embedding", unit="chunk", disable=not progress):
         images = []
@@ -273,10 +275,11 @@ def embed_image_files(
         emb, _ = embed_pairs(
             np.stack(images), model, batch_size=batch_size, device=device, input_size=input_size
         )
-        out.append(emb)
-    if not out:
-        raise ValueError(f"{root}: no images to embed")
-    return np.concatenate(out)
+        if out is None:
+            out = np.empty((len(paths), emb.shape[1]), dtype=np.float32)
+        out[start : start + len(emb)] = emb
+    assert out is not None
+    return out
 
 
 # --------------------------------------------------------------------------- noise lists

@@ -45,6 +45,7 @@ from robustface.deploy.align import ARCFACE_TEMPLATE, align_faces
 from robustface.errors import DataFormatError
 from robustface.evaluate.report import model_fingerprint, to_jsonable, write_evaluation
 from robustface.evaluate.roc import FAR_MODES, FARS, Roc
+from robustface.evaluate.verification import embed_views
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.registry import Registry
@@ -455,13 +456,7 @@ def _iter_embeddings(
             if i + 1 < len(starts):
                 pending = submit(starts[i + 1])
             crops = align_faces(images, meta.landmarks[start : start + len(images)], size)
-            x = torch.from_numpy(crops).to(device).permute(0, 3, 1, 2).float()
-            x = (x / 255 - 0.5) / 0.5
-            views = [x, torch.flip(x, dims=[3])] if flip else [x]
-            out = [embed_fn(v) for v in views]
-            if any(o.ndim != 2 or o.shape[0] != x.shape[0] for o in out):
-                raise ValueError(f"the model must return (batch, d) embeddings, got {out[0].shape}")
-            yield start, torch.stack(out, dim=1).float().cpu().numpy()
+            yield start, embed_views(crops, embed_fn, flip=flip, device=device)
 
 
 def embed_ijb_images(

@@ -215,6 +215,25 @@ def _embed_batch(
     return out.detach().float().cpu().numpy()
 
 
+def embed_views(
+    batch: np.ndarray | torch.Tensor,
+    embed_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    flip: bool = True,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Raw embeddings ``(b, V, d)`` float32 of a ``b x H x W x 3`` uint8 RGB batch: the image and,
+    with ``flip``, its mirror (V = 2). Pixels become ``(x / 255 - 0.5) / 0.5`` in NCHW float32
+    on ``device``; ``embed_fn`` runs under ``torch.inference_mode()``."""
+    if isinstance(batch, np.ndarray):  # per batch: a strided view is copied piecewise
+        batch = torch.from_numpy(np.ascontiguousarray(batch))
+    with torch.inference_mode():
+        x = batch.to(device).permute(0, 3, 1, 2).float()
+        x = (x / 255 - 0.5) / 0.5
+        views = [x, torch.flip(x, dims=[3])] if flip else [x]
+        return np.stack([_embed_batch(embed_fn, v, x.shape[0]) for v in views], axis=1)
+
+
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
     """Resize ``N x H x W x 3`` uint8 images to ``size x size`` exactly as training does."""
     if images.shape[1:3] == (size, size):
@@ -259,16 +278,10 @@ def embed_pairs(
             if input_size is not None:
                 host = batch.cpu().numpy() if torch.is_tensor(batch) else batch
                 batch = _resize(host, input_size)
-            if isinstance(batch, np.ndarray):  # per batch: a strided view is copied piecewise
-                batch = torch.from_numpy(np.ascontiguousarray(batch))
-            x = batch.to(device).permute(0, 3, 1, 2).float()
-            x = (x / 255 - 0.5) / 0.5
-            views = [x, torch.flip(x, dims=[3])] if flip else [x]
-            outs = [_embed_batch(embed_fn, v, x.shape[0]) for v in views]
-            for out in outs:
-                norm_sum += float(np.linalg.norm(out.astype(np.float64), axis=1).sum())
-                norm_count += out.shape[0]
-            fused.append(np.sum(outs, axis=0, dtype=np.float32))
+            views = embed_views(batch, embed_fn, flip=flip, device=device)
+            norm_sum += float(np.linalg.norm(views.astype(np.float64), axis=2).sum())
+            norm_count += views.shape[0] * views.shape[1]
+            fused.append(views.sum(axis=1, dtype=np.float32))
     return np.concatenate(fused), norm_sum / norm_count
 
 

@@ -238,3 +238,11 @@ def test_noise_list_matching_nothing_is_an_error_and_labels_keep_spaces(tmp_path
     labels = tmp_path / "labels.txt"
     labels.write_text("Aaron Eckhart\nAaron Eckhart\n\nAdam Brody\n")
     assert _read_labels(labels).tolist() == ["Aaron Eckhart", "Aaron Eckhart", "Adam Brody"]
+
+
+def test_feature_cache_remembers_its_model(tmp_path):
+    feats = np.eye(2, dtype=np.float32)
+    save_feature_cache(tmp_path / "c.npz", feats, labels=["a", "b"], model_sha256="a" * 64)
+    assert load_feature_set(tmp_path / "c.npz", model_sha256="a" * 64).features.shape == (2, 2)
+    with pytest.raises(ValueError, match="features of another model"):
+        load_feature_set(tmp_path / "c.npz", model_sha256="b" * 64)

@@ -179,11 +179,13 @@ def _megaface_set(
         read_devkit_list,
         save_feature_cache,
     )
+    from robustface.evaluate.report import model_fingerprint
 
     features, images = getattr(args, f"{role}_features"), getattr(args, f"{role}_images")
     list_file = getattr(args, f"{role}_list")
     if (features is None) == (images is None):
         raise ValueError(f"give exactly one of --{role}-features and --{role}-images")
+    sha = model_fingerprint(args.model)["sha256"] if args.model is not None else None
     if features is not None:
         labels = args.probe_labels if role == "probe" else None
         return load_feature_set(
@@ -191,6 +193,7 @@ def _megaface_set(
             list_file=list_file,
             file_ending=args.file_ending,
             labels=labels,
+            model_sha256=sha,
             progress=not args.quiet,
         )
     if model is None or list_file is None:
@@ -206,7 +209,9 @@ def _megaface_set(
         progress=not args.quiet,
     )
     if args.cache:
-        save_feature_cache(args.cache / f"{role}.npz", feats, paths=paths, labels=ids)
+        save_feature_cache(
+            args.cache / f"{role}.npz", feats, paths=paths, labels=ids, model_sha256=sha
+        )
     return FeatureSet(feats, paths, ids)
 
 

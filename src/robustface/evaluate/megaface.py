@@ -171,8 +171,10 @@ def save_feature_cache(
     *,
     paths: Sequence[str] | None = None,
     labels: np.ndarray | Sequence[Any] | None = None,
+    model_sha256: str | None = None,
 ) -> None:
-    """Write a feature cache ``.npz`` (``features`` float32, ``paths``, ``labels``) atomically."""
+    """Write a feature cache ``.npz`` (``features`` float32, ``paths``, ``labels`` and the
+    ``model`` sha256 that made them) atomically."""
     feats = np.asarray(features, dtype=np.float32)
     if feats.ndim != 2 or feats.shape[0] == 0:
         raise ValueError(f"features must be a non-empty N x d array, got shape {feats.shape}")
@@ -183,6 +185,8 @@ def save_feature_cache(
             if arr.shape != (feats.shape[0],):
                 raise ValueError(f"{name} must have {feats.shape[0]} entries, got {arr.shape}")
             arrays[name] = arr
+    if model_sha256 is not None:
+        arrays["model"] = np.asarray(model_sha256)
     with atomic_path(path) as tmp, tmp.open("wb") as fh:
         np.savez(fh, **arrays)
 
@@ -201,13 +205,15 @@ def load_feature_set(
     list_file: str | Path | None = None,
     file_ending: str | None = None,
     labels: str | Path | None = None,
+    model_sha256: str | None = None,
     progress: bool = False,
 ) -> FeatureSet:
     """Read features from a ``.npz`` cache, a ``.npy`` matrix (memory-mapped) or a devkit folder.
 
     A devkit feature directory needs ``list_file`` (the devkit JSON list, whose ``id`` entries
     become the labels) and ``file_ending`` (e.g. ``_insightface.bin``). ``labels`` (``.npy``, or
-    text with one label per line) gives or replaces the labels.
+    text with one label per line) gives or replaces the labels. With ``model_sha256``, a ``.npz``
+    cache made by another model is refused.
     """
     source = Path(source)
     if source.is_dir():
@@ -223,6 +229,12 @@ def load_feature_set(
         with np.load(source, allow_pickle=False) as npz:
             if "features" not in npz:
                 raise DataFormatError(source, f"no 'features' array (has {sorted(npz.files)})")
+            made_by = str(npz["model"]) if "model" in npz else None
+            if model_sha256 is not None and made_by is not None and made_by != model_sha256:
+                raise ValueError(
+                    f"{source}: features of another model (sha256 {made_by[:12]}...), "
+                    f"not of MODEL ({model_sha256[:12]}...)"
+                )
             result = FeatureSet(
                 npz["features"],
                 npz["paths"].tolist() if "paths" in npz else None,

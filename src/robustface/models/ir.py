@@ -27,6 +27,7 @@ from robustface.models.meta import (
     BackboneMeta,
     FaceBackbone,
     check_common_args,
+    check_stages,
     final_map_size,
     scaled_channels,
 )
@@ -100,12 +101,11 @@ class IR(FaceBackbone):
         check_common_args(
             embedding_size=embedding_size, input_size=input_size, width=width, dropout=dropout
         )
-        if len(units) != 4 or any(not isinstance(n, int) or n < 1 for n in units):
-            raise ValueError(f"units must be 4 positive ints, got {tuple(units)!r}")
+        units = check_stages("units", units)
         super().__init__(
             embedding_size=embedding_size, input_size=input_size, fp16=fp16, amp_dtype=amp_dtype
         )
-        self.units = tuple(units)
+        self.units = units
         self.se = se
         self.width = width
         depths = [scaled_channels(c, width) for c in (64, 128, 256, 512)]

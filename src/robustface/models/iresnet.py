@@ -24,6 +24,7 @@ from robustface.models.meta import (
     BackboneMeta,
     FaceBackbone,
     check_common_args,
+    check_stages,
     final_map_size,
     scaled_channels,
 )
@@ -88,12 +89,11 @@ class IResNet(FaceBackbone):
         check_common_args(
             embedding_size=embedding_size, input_size=input_size, width=width, dropout=dropout
         )
-        if len(depths) != 4 or any(not isinstance(d, int) or d < 1 for d in depths):
-            raise ValueError(f"depths must be 4 positive ints, got {tuple(depths)!r}")
+        depths = check_stages("depths", depths)
         super().__init__(
             embedding_size=embedding_size, input_size=input_size, fp16=fp16, amp_dtype=amp_dtype
         )
-        self.depths = tuple(depths)
+        self.depths = depths
         self.width = width
         planes = [scaled_channels(c, width) for c in (64, 128, 256, 512)]
         self.conv1 = _conv3x3(3, planes[0])

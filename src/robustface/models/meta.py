@@ -105,6 +105,14 @@ def check_common_args(
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
+def check_stages(name: str, counts: Sequence[int]) -> tuple[int, ...]:
+    """``counts`` (blocks per stage of the four stages) as a tuple, or ``ValueError`` naming
+    ``name`` unless they are 4 positive ints."""
+    if len(counts) != 4 or any(not isinstance(n, int) or n < 1 for n in counts):
+        raise ValueError(f"{name} must be 4 positive ints, got {tuple(counts)!r}")
+    return tuple(counts)
+
+
 class FaceBackbone(nn.Module, ABC):
     """Base of the face backbones: forward split, mixed-precision policy, intermediate maps.
 

@@ -45,6 +45,31 @@ def test_template_is_insightface_and_synthface():
     np.testing.assert_allclose(arcface_template(224), 2 * ARCFACE_TEMPLATE, rtol=1e-6)
 
 
+@pytest.mark.parametrize("size", [56, 112, 128, 160, 224])
+def test_template_rules(size):
+    # insightface's estimate_norm, written out: multiples of 112 scale by size/112; other sizes
+    # scale by size/128 and shift x by 8 * size/128
+    if size % 112 == 0:
+        ratio, shift = size / 112.0, 0.0
+    else:
+        ratio, shift = size / 128.0, 8.0 * size / 128.0
+    insightface = ARCFACE_TEMPLATE * ratio + np.array([shift, 0.0])
+    np.testing.assert_allclose(arcface_template(size, "insightface"), insightface, atol=1e-6)
+    np.testing.assert_allclose(arcface_template(size), ARCFACE_TEMPLATE * size / 112, atol=1e-6)
+    if size == 128:  # the two rules differ where insightface uses its 128 px crop
+        assert np.abs(arcface_template(size) - insightface).max() > 1.0
+    rng = np.random.default_rng(size)
+    image = rng.integers(0, 256, (200, 180, 3), dtype=np.uint8)
+    landmarks = ARCFACE_TEMPLATE * 1.3 + 20 + rng.normal(0, 1, (5, 2))
+    crop = align_face(image, landmarks, size, rule="insightface")
+    matrix = similarity_transform(landmarks, insightface)
+    expected = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR)
+    diff = np.abs(crop.astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01  # warpAffine's fixed-point rounding
+    with pytest.raises(ValueError, match="rule must be one of"):
+        arcface_template(size, "mtcnn")
+
+
 def test_recovers_a_known_similarity_exactly():
     # A face whose landmarks are the template scaled by 1.7, rotated 25 deg and moved: aligning
     # must undo exactly that, i.e. scale 1/1.7, rotation -25 deg, translation -R^T t / s.

@@ -125,6 +125,24 @@ def test_tar_readings_by_hand():
     assert roc.fpr[point] == 0.125 and roc.thresholds[point] == 8.0
 
 
+def test_tar_closest_matches_sklearn_and_insightface_reading():
+    """The literature's reading, written out as insightface's eval_ijbc.py does it on sklearn's
+    ROC: flip the curve, take the first (lowest flipped index) point of least |fpr - far|."""
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    rng = np.random.default_rng(11)
+    fars = (1e-3, 1e-2, 0.05, 0.1, 0.3)
+    for levels in (None, 5):
+        scores, labels = random_scores(rng, 400, levels)
+        fpr, tpr, _ = sk_roc_curve(labels, scores)
+        fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+        expected = {}
+        for far in fars:
+            _, index = min(zip(np.abs(fpr - far), range(len(fpr)), strict=True))
+            expected[far] = tpr[index]
+        assert tar_at_far(scores, labels, fars) == pytest.approx(expected, abs=1e-12)
+
+
 def test_roc_bad_inputs():
     with pytest.raises(ValueError, match="both classes"):
         roc_curve(np.arange(3.0), np.ones(3, bool))
@@ -203,10 +221,33 @@ def test_score_pairs_against_loops(n_templates, n_pairs):
     lookup = {int(t): feats[i].astype(np.float64) for i, t in enumerate(ids)}
     expected = [lookup[int(a)] @ lookup[int(b)] for a, b in pairs]
     np.testing.assert_allclose(got, expected, atol=1e-6)
+    got64 = score_pairs(feats, ids, pairs, block_rows=5, dtype="float64")
+    assert got64.dtype == np.float64
+    np.testing.assert_allclose(got64, expected, atol=1e-12)
     bad = pairs.copy()
     bad[3, 1] = 10_001
     with pytest.raises(ValueError, match="pairs: row 3 names template 10001"):
         score_pairs(feats, ids, bad)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        score_pairs(feats, ids, pairs, dtype="float16")
+
+
+def test_rows_of_in_chunks(monkeypatch):
+    import robustface.evaluate.ijb as ijb
+
+    rng = np.random.default_rng(3)
+    ids = np.sort(rng.choice(1000, 50, replace=False))
+    pairs = ids[rng.integers(0, 50, (23, 2))]
+    whole = ijb._rows_of(ids, pairs, "pairs")
+    monkeypatch.setattr(ijb, "_ROW_CHUNK", 4)  # 6 chunks, the last one short
+    chunked = ijb._rows_of(ids, pairs, "pairs")
+    assert chunked.dtype == np.int32
+    np.testing.assert_array_equal(chunked, whole)
+    np.testing.assert_array_equal(ids[chunked], pairs)
+    bad = pairs.copy()
+    bad[9, 0] = bad[17, 1] = 1001  # rows in the third and fifth chunks
+    with pytest.raises(ValueError, match=r"pairs: row 9 names template 1001.*\(2 such rows\)"):
+        ijb._rows_of(ids, bad, "pairs")
 
 
 # ---- 1:N ----------------------------------------------------------------------------------------
@@ -367,7 +408,7 @@ def ijb_setup(tmp_path_factory) -> tuple[Path, Path]:
     return synth / "IJBS", weights
 
 
-def recompute(ijb_dir: Path, weights: Path) -> tuple[dict, dict, np.ndarray]:
+def recompute(ijb_dir: Path, weights: Path, flip: bool = True) -> tuple[dict, dict, np.ndarray]:
     """The protocol by hand: align, embed image + flip, faceness-weighted media/template pooling
     with raw norms, cosine scores, TAR by enumeration, 1:N by brute force."""
     meta = read_ijb_meta(ijb_dir, "IJBS")
@@ -378,7 +419,7 @@ def recompute(ijb_dir: Path, weights: Path) -> tuple[dict, dict, np.ndarray]:
             for p, lm in zip(meta.image_paths(), meta.landmarks, strict=True)
         ]
     )
-    feats, _ = embed_pairs(crops, model, batch_size=7)
+    feats, _ = embed_pairs(crops, model, batch_size=7, flip=flip)
     pooled = brute_pool(feats, meta.faceness, meta.templates, meta.medias, unit=False)
     scores = np.array([pooled[a] @ pooled[b] for a, b in meta.pairs])
     labels = meta.pair_labels.astype(bool)
@@ -440,9 +481,26 @@ def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
     again = json.loads((out / "ijbs.json").read_text())
     assert again["results"]["embedding_cache"]["reused"] is True
     assert again["config"]["aggregation"] == "mean"
-    # other embedding settings refuse the cache instead of silently mixing
+    # other embedding settings get their own cache file beside the first, with their own values
+    assert main([*base, "--out", str(out), "--no-flip"]) == 0
+    capsys.readouterr()
+    no_flip = json.loads((out / "ijbs.json").read_text())["results"]
+    assert no_flip["embedding_cache"]["reused"] is False
+    caches = sorted((out / "cache").glob("*.npy"))
+    assert len(caches) == 2 and np.load(caches[0]).shape[1] + np.load(caches[1]).shape[1] == 3
+    tar_nf, _, scores_nf = recompute(ijb_dir, weights, flip=False)
+    assert np.abs(scores_nf - scores).max() > 1e-4  # the flip matters, so the check has teeth
+    assert np.diff(np.unique(np.round(scores_nf, 5))).min() > 1e-5
+    assert no_flip["verification"]["tar_at_far"] == {
+        f"{f:g}": pytest.approx(tar_nf[f], abs=1e-12) for f in FARS
+    }
+    # a key file that no longer matches its cache is refused, not overwritten
+    key_file = Path(no_flip["embedding_cache"]["path"]).with_suffix(".json")
+    key = json.loads(key_file.read_text())
+    key["flip"] = True
+    key_file.write_text(json.dumps(key))
     assert main([*base, "--out", str(out), "--no-flip"]) == 2
-    assert "stale embedding cache, made with other flip" in capsys.readouterr().err
+    assert "records other flip than this run's" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "o2"), "--aggregation", "max"]) == 2
     assert "unknown template aggregator 'max'" in capsys.readouterr().err
 

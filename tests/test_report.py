@@ -62,6 +62,22 @@ def test_combine_runs(tmp_path):
     assert rows[3] == ["robustface", "100.00", "95.00", "97.50", "-", "-", "90.00", "95.00"]
 
 
+def test_ijb_identification_columns(tmp_path):
+    doc = _ijbc({"0.0001": 0.95})
+    doc["results"]["identification"] = {
+        "G1": {"rank": {"1": 0.9, "5": 0.95}, "tpir_at_fpir": {"0.01": 0.7, "0.1": 0.8}},
+        "G2": {"rank": {"1": 0.8, "5": 0.9}, "tpir_at_fpir": {"0.01": 0.5, "0.1": None}},
+    }
+    rows = _rows(combine([_write(tmp_path / "run" / "ijbc.json", doc)]))
+    assert rows[0] == [
+        "run",
+        "IJBC TAR@FAR=0.0001 (%)",
+        "IJBC rank-1 (%)",
+        "IJBC TPIR@FPIR=0.01 (%)",
+    ]  # FPIR 0.1 is undefined for G2, so no mean is shown
+    assert rows[2] == ["run/ijbc", "95.00", "85.00", "60.00"]
+
+
 def test_files_sizes_and_missing_average(tmp_path):
     ver = _write(tmp_path / "x" / "ver.json", _ver({"lfw": 0.9}))
     mf = _write(tmp_path / "y" / "mf.json", _megaface(0.5, 0.25, size=1000))

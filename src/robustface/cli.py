@@ -329,6 +329,8 @@ def _cmd_eval_ijb(args: argparse.Namespace) -> int:
         far_mode=args.far_mode,
         flip=not args.no_flip,
         faceness=not args.no_faceness,
+        align_rule=args.align_rule,
+        score_dtype="float64" if args.float64 else "float32",
         cache_dir=args.cache,
         workers=args.workers,
         show_progress=not args.quiet,
@@ -486,6 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--no-flip", action="store_true", help="do not add the flipped image")
     q.add_argument("--no-faceness", action="store_true", help="do not weight by faceness")
+    q.add_argument(
+        "--align-rule",
+        choices=["scale", "insightface"],
+        default="scale",
+        help="template at sizes other than 112: scaled by size/112, or insightface's 128-px rule",
+    )
+    q.add_argument(
+        "--float64", action="store_true", help="score pairs in float64 (insightface's precision)"
+    )
     q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")
     q.add_argument("--input-size", type=int, default=None, help="model input size (default: run's)")
     q.add_argument("--color-order", choices=["RGB", "BGR"], help="channel order of the weights")

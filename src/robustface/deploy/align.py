@@ -17,6 +17,7 @@ from robustface.data.image import ARCFACE_TEMPLATE
 
 __all__ = [
     "ARCFACE_TEMPLATE",
+    "TEMPLATE_RULES",
     "align_face",
     "align_faces",
     "arcface_template",
@@ -26,6 +27,7 @@ __all__ = [
 
 
 TEMPLATE_SIZE = 112
+TEMPLATE_RULES = ("scale", "insightface")
 
 
 def _points(name: str, value: np.ndarray, batched: bool) -> np.ndarray:
@@ -81,11 +83,23 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return similarity_transforms(src[None], dst)[0]
 
 
-def arcface_template(size: int = TEMPLATE_SIZE) -> np.ndarray:
-    """The ArcFace template for a ``size x size`` crop: the 112 px template scaled by size/112."""
+def arcface_template(size: int = TEMPLATE_SIZE, rule: str = "scale") -> np.ndarray:
+    """The ArcFace template for a ``size x size`` crop.
+
+    ``rule="scale"`` (robustface's): the 112 px template scaled by ``size / 112``, which matches
+    models trained on 112 px crops resized to ``size``. ``rule="insightface"``: insightface's
+    ``estimate_norm``: for a multiple of 112 the same; otherwise scaled by ``size / 128`` and
+    shifted right by ``8 * size / 128`` (its 128 px crop). Both agree at 112, 224, ...
+    """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    return ARCFACE_TEMPLATE.astype(np.float64) * (size / TEMPLATE_SIZE)
+    if rule not in TEMPLATE_RULES:
+        raise ValueError(f"rule must be one of {TEMPLATE_RULES}, got {rule!r}")
+    template = ARCFACE_TEMPLATE.astype(np.float64)
+    if rule == "scale" or size % TEMPLATE_SIZE == 0:
+        return template * (size / TEMPLATE_SIZE)
+    ratio = size / 128.0
+    return template * ratio + np.array([8.0 * ratio, 0.0])
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -97,21 +111,23 @@ def _warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
 
 
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
+def align_face(
+    image: np.ndarray, landmarks: np.ndarray, size: int = TEMPLATE_SIZE, rule: str = "scale"
+) -> np.ndarray:
     """Warp ``image`` (H x W x 3 uint8) so that its 5 ``landmarks`` land on the ArcFace template.
 
     Returns a ``size x size x 3`` uint8 crop (bilinear, black outside the image), as insightface's
-    ``norm_crop``. For ``size != 112`` the template is scaled by ``size / 112``.
+    ``norm_crop``. ``rule`` places the template at sizes other than 112 (:func:`arcface_template`).
     """
     _check_image(image)
     landmarks = _points("landmarks", landmarks, batched=False)
     if landmarks.shape != (5, 2):
         raise ValueError(f"landmarks must have shape (5, 2), got {landmarks.shape}")
-    return _warp(image, similarity_transform(landmarks, arcface_template(size)), size)
+    return _warp(image, similarity_transform(landmarks, arcface_template(size, rule)), size)
 
 
 def align_faces(
-    images: list[np.ndarray], landmarks: np.ndarray, size: int = TEMPLATE_SIZE
+    images: list[np.ndarray], landmarks: np.ndarray, size: int = TEMPLATE_SIZE, rule: str = "scale"
 ) -> np.ndarray:
     """Align images (any sizes) with their ``(N, 5, 2)`` landmarks: ``N x size x size x 3`` uint8.
 
@@ -126,7 +142,7 @@ def align_faces(
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     if not images:
         return out
-    matrices = similarity_transforms(landmarks, arcface_template(size))
+    matrices = similarity_transforms(landmarks, arcface_template(size, rule))
     for i, (image, matrix) in enumerate(zip(images, matrices, strict=True)):
         _check_image(image)
         out[i] = _warp(image, matrix, size)

@@ -17,7 +17,9 @@ Recognised JSON shapes:
     ``MegaFace Id (%)`` (rank-1) and ``MegaFace Ver (%)`` (TAR at ``R["far_target"]``), at the
     largest distractor-set size; a size other than 1M is named in the header.
   - ``K`` starting with ``ijb`` (``robustface eval ijb``): ``R["verification"]["tar_at_far"]``
-    maps FAR to TAR (``{"1e-06": t, ...}``), giving ``{K upper-case} TAR@FAR=x (%)`` columns.
+    maps FAR to TAR (``{"1e-06": t, ...}``), giving ``{K upper-case} TAR@FAR=x (%)`` columns;
+    with 1:N results (``R["identification"]``, one entry per gallery), ``rank-1 (%)`` and
+    ``TPIR@FPIR=x (%)`` columns, each the mean over the galleries (G1 and G2 of IJB-C).
   - ``K == "verification"`` with ``R`` in the verification shape above.
 
 Missing cells show ``-``. The verification sets come first, then the other metrics; each in
@@ -66,11 +68,22 @@ def _megaface_metrics(results: Mapping[str, Any]) -> dict[str, float]:
 
 def _ijb_metrics(kind: str, results: Mapping[str, Any]) -> dict[str, float]:
     tars = results["verification"]["tar_at_far"]
-    return {
+    metrics = {
         f"{kind.upper()} TAR@FAR={float(far):g} (%)": 100 * float(tar)
         for far, tar in sorted(tars.items(), key=lambda kv: float(kv[0]))
         if tar is not None
     }
+    galleries = list(results.get("identification", {}).values())
+    if galleries:
+        rank1 = [float(g["rank"]["1"]) for g in galleries]
+        metrics[f"{kind.upper()} rank-1 (%)"] = 100 * sum(rank1) / len(rank1)
+        tpirs = [g["tpir_at_fpir"] for g in galleries]
+        for fpir in sorted(tpirs[0], key=float):
+            values = [t.get(fpir) for t in tpirs]
+            if all(v is not None for v in values):
+                mean = sum(float(v) for v in values) / len(values)
+                metrics[f"{kind.upper()} TPIR@FPIR={float(fpir):g} (%)"] = 100 * mean
+    return metrics
 
 
 def metrics_of(doc: Any) -> tuple[dict[str, float], list[str]] | None:

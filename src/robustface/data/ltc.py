@@ -20,16 +20,32 @@ from robustface.utils.io import atomic_path, write_bytes_atomic, write_text_atom
 __all__ = ["read_features", "read_knn", "read_meta", "write_features", "write_knn", "write_meta"]
 
 
-def read_features(path: str | Path, dim: int = 256, normalize: bool = True) -> np.ndarray:
-    """Read an ``N x dim`` float32 feature file; with ``normalize``, L2-normalise every row."""
+def read_features(
+    path: str | Path, dim: int = 256, normalize: bool = True, mmap: bool = False
+) -> np.ndarray:
+    """Read an ``N x dim`` float32 feature file; with ``normalize``, L2-normalise every row.
+
+    With ``mmap``, return a read-only ``np.memmap`` whose rows are read from disk on demand (for
+    features larger than memory). A map cannot be normalised in place, so ``mmap`` needs
+    ``normalize=False``: write L2-normalised features once (:func:`write_features`) and map those.
+    """
     path = Path(path)
     if dim <= 0:
         raise ValueError(f"dim must be positive, got {dim}")
+    if mmap and normalize:
+        raise ValueError(
+            "mmap=True needs normalize=False (a memory map is read-only); write normalised "
+            "features once with write_features and map that file"
+        )
     size = path.stat().st_size
     if size % (4 * dim):
         raise DataFormatError(
             path, f"size {size} bytes is not a multiple of dim * 4 = {4 * dim} (dim={dim})"
         )
+    if mmap:
+        if size == 0:  # numpy cannot map an empty file
+            return np.zeros((0, dim), dtype=np.float32)
+        return np.memmap(path, dtype="<f4", mode="r", shape=(size // (4 * dim), dim))
     feats = np.fromfile(path, dtype="<f4").reshape(-1, dim).astype(np.float32, copy=False)
     if normalize:
         norms = np.linalg.norm(feats, axis=1, keepdims=True)

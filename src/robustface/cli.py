@@ -2,7 +2,8 @@
 
 Commands: ``demo``, ``train``, ``eval verification``, ``eval ijb``, ``eval megaface``, ``synth``,
 ``noise``,
-``clean subcenter-drop``, ``experiment``, ``convert``, ``inspect``, ``export onnx``, ``report``.
+``clean subcenter-drop``, ``experiment``, ``convert``, ``inspect``, ``export onnx``, ``report``,
+``cluster simulate|extract|knn|train|run|eval|benchmark``.
 ``eval`` commands take a run directory, a ``.pth`` checkpoint or an ``.onnx`` model. Every
 command that takes a config accepts ``--config FILE.yaml`` (``train``, ``experiment``: a
 positional CONFIG) and repeated ``--set key.sub=value`` overrides.
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from robustface import __version__
+from robustface.cli_cluster import add_cluster_parser
 from robustface.config import Config, SynthConfig, load_config
 from robustface.errors import RobustfaceError
 
@@ -603,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input-size", type=int, default=None, help="model input size")
     q.add_argument("--color-order", choices=["RGB", "BGR"], help="channel order of the weights")
     q.set_defaults(func=_cmd_export_onnx)
+
+    add_cluster_parser(sub)
 
     p = sub.add_parser("report", help="combine evaluation results of several runs in one table")
     p.add_argument("runs", nargs="+", type=Path, help="run directories or result JSON files")

@@ -39,6 +39,9 @@ __all__ = [
 
 Method = Literal["flat", "ivf", "hnsw"]
 METHODS: tuple[str, ...] = ("flat", "ivf", "hnsw")
+# faiss does not promise which of tied candidates it keeps at the k-th place: ask for this many
+# more, order by (similarity, lower id), then cut to k
+_TIE_MARGIN = 4
 
 
 @dataclass
@@ -122,31 +125,25 @@ def _checked(
 
 
 def _matrix(features: np.ndarray, name: str = "features") -> np.ndarray:
-    """``features`` as a non-empty floating ``(N, d)`` array without reading or copying it (a
-    ``np.memmap`` stays one)."""
+    """``features`` as a floating ``(N, d)`` array without reading or copying it (a ``np.memmap``
+    stays one)."""
     feats = features if isinstance(features, np.ndarray) else np.asarray(features)
     if feats.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (N, dim) array, got shape {feats.shape}")
     if not np.issubdtype(feats.dtype, np.floating):
         raise ValueError(f"{name} must be floating point, got {feats.dtype}")
-    if len(feats) == 0:
-        raise ValueError(f"{name} is empty (0 rows)")
     return feats
 
 
 def check_features(features: np.ndarray, name: str = "features") -> np.ndarray:
     """``features`` as a C-contiguous float32 ``(N, d)`` array; NaN/inf rows are an error."""
-    feats = np.asarray(features)
-    if feats.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N, dim) array, got shape {feats.shape}")
-    if not np.issubdtype(feats.dtype, np.floating):
-        raise ValueError(f"{name} must be floating point, got {feats.dtype}")
+    feats = _matrix(features, name)
     return _checked(feats, range(len(feats)), normalize=False, name=name)
 
 
 def normalize_rows(features: np.ndarray, name: str = "features") -> np.ndarray:
     """L2-normalised float32 copy of ``features``; a zero row is an error that names it."""
-    feats = check_features(features, name)
+    feats = _matrix(features, name)
     return _checked(feats, range(len(feats)), normalize=True, name=name)
 
 
@@ -204,8 +201,10 @@ def _shard_index(
     nprobe: int | None,
     hnsw_m: int,
     ef_search: int,
+    bar: tqdm,
 ) -> faiss.Index:
-    """A faiss index of rows ``start:stop`` (added batch by batch; local ids 0..stop-start-1)."""
+    """A faiss index of rows ``start:stop``, added batch by batch (``bar`` counts the batches);
+    local ids ``0..stop-start-1``."""
     n, dim = stop - start, feats.shape[1]
     if method == "flat":
         index = faiss.IndexFlatIP(dim)
@@ -225,6 +224,7 @@ def _shard_index(
     for lo in range(start, stop, batch_size):
         hi = min(lo + batch_size, stop)
         index.add(_checked(feats[lo:hi], range(lo, hi), normalize, "features"))
+        bar.update()
     return index
 
 
@@ -257,10 +257,14 @@ def build_knn(
     its own index (built, searched by every query batch, then freed), and each query's neighbours
     are merged into the global top k: memory is one shard's index plus the ``N x k`` result. For
     ``flat`` this equals the unsharded result; IVF/HNSW then build one index per shard (nlist
-    from the shard's size). Neighbours are ordered by similarity, ties by the lower id; missing
-    ones (an approximate index finding fewer than k) are -1 / -inf. With ``k > N``, every row gets
-    all N. With ``min_sim``, neighbours below that similarity are dropped (id -1). ``timings``, if
-    given, receives the seconds spent building indexes (``"index"``) and searching (``"search"``).
+    from the shard's size).
+
+    Neighbours are ordered by similarity, ties by the lower id (up to five candidates tied at the
+    k-th place are resolved so: faiss is asked for k + 4 and the list is cut after sorting).
+    Missing ones (an approximate index finding fewer than k) are -1 / -inf. With ``k > N``, every
+    row gets all N. With ``min_sim``, neighbours below that similarity are dropped (id -1).
+    ``timings``, if given, receives the seconds spent building indexes (``"index"``) and searching
+    (``"search"``).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -270,15 +274,18 @@ def build_knn(
         raise ValueError(f"unknown kNN method {method!r}; choose one of {', '.join(METHODS)}")
     feats = _matrix(features)
     n = len(feats)
+    if n == 0:
+        raise ValueError("features is empty (0 rows)")
     k = min(k, n)
     shards = _shard_bounds(n, shard_size)
     nbrs = np.full((n, k), -1, dtype=np.int64)
     sims = np.full((n, k), -np.inf, dtype=np.float32)
     spent = {"index": 0.0, "search": 0.0}
     batches = range(0, n, batch_size)
-    desc = f"kNN ({method}, {len(shards)} shard{'s' * (len(shards) > 1)})"
+    adds = sum(-(-(hi - lo) // batch_size) for lo, hi in shards)
+    desc = f"kNN ({method}, {len(shards)} shard{'s' * (len(shards) > 1)}: add, search)"
     with tqdm(
-        total=len(shards) * len(batches), desc=desc, unit="batch", disable=not show_progress
+        total=adds + len(shards) * len(batches), desc=desc, unit="batch", disable=not show_progress
     ) as bar:
         for lo, hi in shards:
             tic = time.perf_counter()
@@ -293,13 +300,14 @@ def build_knn(
                 nprobe=nprobe,
                 hnsw_m=hnsw_m,
                 ef_search=ef_search,
+                bar=bar,
             )
             spent["index"] += time.perf_counter() - tic
             tic = time.perf_counter()
             for start in batches:
                 stop = min(start + batch_size, n)
                 queries = _checked(feats[start:stop], range(start, stop), normalize, "features")
-                d, i = index.search(queries, min(k, hi - lo))
+                d, i = index.search(queries, min(k + _TIE_MARGIN, hi - lo))
                 i = np.where(i >= 0, i + lo, -1)
                 if len(shards) > 1:  # merge with what the earlier shards found
                     i = np.concatenate([nbrs[start:stop], i], axis=1)
@@ -319,7 +327,11 @@ _PARAMS_BY_METHOD = {
     "ivf": ("normalize", "min_sim", "shard_size", "nlist", "nprobe"),
     "hnsw": ("normalize", "min_sim", "shard_size", "hnsw_m", "ef_search"),
 }
-_OTHER_PARAMS = ("batch_size", "show_progress", "timings")  # do not change the graph
+_BUILD_OPTIONS = {  # build_knn's keyword arguments and their defaults
+    name: p.default
+    for name, p in inspect.signature(build_knn).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
 
 
 def features_fingerprint(features: np.ndarray, num_rows: int = 1024) -> str:
@@ -333,13 +345,15 @@ def features_fingerprint(features: np.ndarray, num_rows: int = 1024) -> str:
 
 
 def _cache_key(features: np.ndarray, k: int, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    defaults = inspect.signature(build_knn).parameters
-    unknown = sorted(set(kwargs) - set(defaults) - {"features", "k", "method"})
+    unknown = sorted(set(kwargs) - set(_BUILD_OPTIONS))
     if unknown:
         raise TypeError(f"load_or_build_knn got unknown build_knn argument(s): {unknown}")
     if method not in METHODS:
         raise ValueError(f"unknown kNN method {method!r}; choose one of {', '.join(METHODS)}")
-    params = {name: kwargs.get(name, defaults[name].default) for name in _PARAMS_BY_METHOD[method]}
+    params = {}
+    for name in _PARAMS_BY_METHOD[method]:
+        value = kwargs.get(name, _BUILD_OPTIONS[name])
+        params[name] = value.item() if isinstance(value, np.generic) else value
     return {
         "num_samples": int(features.shape[0]),
         "dim": int(features.shape[1]),

@@ -1,0 +1,285 @@
+"""``robustface cluster ...``: the command-line layer over :mod:`robustface.cluster` (kept out of
+the package so that other commands start without importing faiss, sklearn and infomap).
+
+Data sets are named as in learn-to-cluster: ``ROOT`` holds ``features/NAME.bin`` (or ``.npy``),
+``labels/NAME.meta`` (or ``.npy``) and kNN caches in ``knns/NAME/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+__all__ = ["add_cluster_parser"]
+
+
+def _key_values(items: Sequence[str], what: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (values read as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} must look like NAME=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _load(args: argparse.Namespace, name: str, require_labels: bool = False):
+    from robustface.cluster.dataset import load_cluster_set
+
+    return load_cluster_set(args.root, name, dim=args.dim, require_labels=require_labels)
+
+
+def _knn(args: argparse.Namespace, data: Any):
+    from robustface.cluster.dataset import knn_path
+    from robustface.cluster.knn import load_or_build_knn
+
+    # learn-to-cluster names exact graphs faiss_k_80.npz; approximate ones get their index name
+    method = "faiss" if args.knn_method == "flat" else f"faiss_{args.knn_method}"
+    path = knn_path(args.root, data.name, args.k, method=method)
+    return load_or_build_knn(
+        path, data.features, k=args.k, method=args.knn_method, show_progress=not args.quiet
+    )
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from robustface.cluster.simulate import write_benchmark
+
+    meta = write_benchmark(
+        args.out,
+        scales=tuple(args.scales),
+        train_identities=args.train_identities,
+        test_identities=args.test_identities,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
+        **_key_values(args.param, "--param"),
+    )
+    print(json.dumps(meta["sets"], indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from robustface.cluster.dataset import ClusterSet, extract_synthface_features, save_cluster_set
+
+    data = extract_synthface_features(
+        args.model,
+        args.synth,
+        split=args.split,
+        backbone=args.backbone,
+        embedding_size=args.embedding_size,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        show_progress=not args.quiet,
+    )
+    data = ClusterSet(args.name, data.features, data.labels)
+    feats, labels = save_cluster_set(args.out, data)
+    print(
+        f"{data.num_samples} samples x {data.dim}, {data.num_classes} identities: {feats}, {labels}"
+    )
+    return 0
+
+
+def _cmd_knn(args: argparse.Namespace) -> int:
+    data = _load(args, args.name)
+    graph = _knn(args, data)
+    print(f"kNN of {data.name}: {graph.num_samples} x k={graph.k}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from robustface.cluster.training import train_models
+
+    data = _load(args, args.name, require_labels=True)
+    paths = train_models(
+        data,
+        args.out,
+        kinds=args.kinds,
+        knn=_knn(args, data),
+        iters=args.iters,
+        epochs=args.epochs,
+        device=args.device,
+        seed=args.seed,
+        show_progress=not args.quiet,
+    )
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from robustface.cluster.base import CLUSTERERS
+    from robustface.cluster.benchmark import method_params, run_methods
+    from robustface.data.ltc import write_meta
+
+    data = _load(args, args.name)
+    models = _key_values(args.model, "--model")
+    overrides = _key_values(args.param, "--param")
+    if data.labels is not None:
+        results = run_methods(
+            data,
+            [args.method],
+            args.out,
+            knn=_knn(args, data),
+            models=models,
+            params={args.method: overrides},
+            show_progress=not args.quiet,
+        )
+        if results[0].error:
+            raise ValueError(f"{args.method} failed: {results[0].error}")
+        labels = np.load(Path(args.out) / "labels" / f"{args.method}.npy")
+        print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
+    else:  # no ground truth: cluster and write the labels only
+        params = method_params(args.method, None, models, overrides)
+        labels = CLUSTERERS.get(args.method)(data.features, _knn(args, data), **params)
+    write_meta(Path(args.out) / f"{data.name}_{args.method}.meta", np.asarray(labels))
+    print(
+        f"{len(np.unique(labels))} clusters -> {Path(args.out) / f'{data.name}_{args.method}.meta'}"
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from robustface.cluster.dataset import load_labels
+    from robustface.cluster.metrics import evaluate_clustering
+
+    metrics = evaluate_clustering(load_labels(args.gt), load_labels(args.pred))
+    for key, value in metrics.items():
+        print(f"{key:20s} {value:.4f}" if isinstance(value, float) else f"{key:20s} {value}")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from robustface.cluster.benchmark import BASELINES, LEARNED, run_methods
+    from robustface.cluster.training import KINDS_FOR, train_models
+
+    methods = list(args.methods or (*BASELINES, *LEARNED))
+    models: dict[str, Any] = _key_values(args.model, "--model")
+    needed = sorted({kind for m in methods for kind in KINDS_FOR.get(m, ())} - set(models))
+    if needed:
+        train = _load(args, args.train, require_labels=True)
+        models.update(
+            train_models(
+                train,
+                Path(args.out) / "models",
+                kinds=needed,
+                knn=_knn(args, train),
+                iters=args.iters,
+                epochs=args.epochs,
+                device=args.device,
+                seed=args.seed,
+                show_progress=not args.quiet,
+            )
+        )
+    test = _load(args, args.test, require_labels=True)
+    params = {m: p for m, p in json.loads(args.params or "{}").items()}
+    run_methods(
+        test,
+        methods,
+        args.out,
+        knn=_knn(args, test),
+        models=models,
+        params=params,
+        show_progress=not args.quiet,
+    )
+    print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def _data_args(p: argparse.ArgumentParser, name: bool = True) -> None:
+    p.add_argument("root", type=Path, help="data root: features/, labels/, knns/")
+    if name:
+        p.add_argument("name", help="set name, e.g. part1_test")
+    p.add_argument("--dim", type=int, default=256, help="feature width of .bin files")
+    p.add_argument("--k", type=int, default=80, help="neighbours per sample (self included)")
+    p.add_argument(
+        "--knn-method", choices=["flat", "ivf", "hnsw"], default="flat", help="faiss index"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iters", type=int, default=None, help="GCN-V iterations (default: module's)")
+    p.add_argument("--epochs", type=int, default=None, help="GCN-E/D/S epochs (default: module's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_cluster_parser(sub: Any) -> None:
+    """Add ``cluster`` and its sub-commands to the top-level sub-parser action ``sub``."""
+    p = sub.add_parser("cluster", help="cluster face features: kNN, baselines, GCN-V/E, GCN-D/S")
+    cs = p.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+
+    q = cs.add_parser("simulate", help="write a simulated learn-to-cluster benchmark")
+    q.add_argument("out", type=Path)
+    q.add_argument("--scales", type=int, nargs="+", default=[1], help="test sets: 1 3 5 7 9")
+    q.add_argument("--train-identities", type=int, default=8573)
+    q.add_argument("--test-identities", type=int, default=8573, help="identities per scale unit")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="simulator parameter (SimulationParams), repeatable")  # fmt: skip
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=_cmd_simulate)
+
+    q = cs.add_parser("extract", help="embed a SynthFace split into a clustering set")
+    q.add_argument("model", type=Path, help="run directory, backbone .pth or .onnx")
+    q.add_argument("synth", type=Path, help="SynthFace directory")
+    q.add_argument("--out", required=True, type=Path, help="data root to write features/labels")
+    q.add_argument("--name", default="synthface_open_set")
+    q.add_argument("--split", choices=["open_set", "train"], default="open_set")
+    q.add_argument("--backbone", help="architecture of a bare .pth")
+    q.add_argument("--embedding-size", type=int, help="embedding width of a bare .pth")
+    q.add_argument("--input-size", type=int, help="input size of a bare .pth")
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=_cmd_extract)
+
+    q = cs.add_parser("knn", help="build (or check) the cached kNN graph of a set")
+    _data_args(q)
+    q.set_defaults(func=_cmd_knn)
+
+    q = cs.add_parser("train", help="train GCN-V / GCN-E / GCN-D / GCN-S on a labelled set")
+    _data_args(q)
+    q.add_argument("--out", required=True, type=Path, help="directory for the model files")
+    q.add_argument("--kinds", nargs="+", default=["gcn_v", "gcn_e", "gcn_d", "gcn_s"],
+                   choices=["gcn_v", "gcn_e", "gcn_d", "gcn_s"])  # fmt: skip
+    _train_args(q)
+    q.set_defaults(func=_cmd_train)
+
+    q = cs.add_parser("run", help="cluster a set with one method")
+    q.add_argument("method", help="kmeans, hac, dbscan, aro, cc, chinese_whispers, infomap, "
+                   "gcn_v, gcn_e, gcn_d, gcn_ds")  # fmt: skip
+    _data_args(q)
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--model", action="append", default=[], metavar="KIND=PATH",
+                   help="trained model: gcn_v=..., gcn_e=..., gcn_d=..., gcn_s=...")  # fmt: skip
+    q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="method parameter, e.g. min_sim=0.7 (repeatable)")  # fmt: skip
+    q.set_defaults(func=_cmd_run)
+
+    q = cs.add_parser("eval", help="pairwise / BCubed P,R,F and NMI of predicted labels")
+    q.add_argument("gt", type=Path, help="ground-truth labels (.meta or .npy)")
+    q.add_argument("pred", type=Path, help="predicted labels (.meta or .npy)")
+    q.set_defaults(func=_cmd_eval)
+
+    q = cs.add_parser("benchmark", help="every method on a test set, one table (trains GCNs)")
+    _data_args(q, name=False)
+    q.add_argument("--train", default="part0_train", help="training set for the GCNs")
+    q.add_argument("--test", default="part1_test")
+    q.add_argument("--methods", nargs="+", help="default: every baseline and GCN")
+    q.add_argument("--model", action="append", default=[], metavar="KIND=PATH",
+                   help="use this trained model instead of training one")  # fmt: skip
+    q.add_argument("--params", help='JSON overrides per method, e.g. \'{"cc": {"min_sim": 0.8}}\'')
+    q.add_argument("--out", required=True, type=Path)
+    _train_args(q)
+    q.set_defaults(func=_cmd_benchmark)

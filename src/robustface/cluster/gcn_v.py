@@ -1,0 +1,500 @@
+"""GCN-V (Yang et al., CVPR 2020): vertex confidence from a one-layer GCN over the kNN graph.
+
+Follows learn-to-cluster's ``vegcn/``. The graph is ``A = max(S, S^T) + I``, row-normalised, where
+``S`` holds the kNN cosine similarities ``>= 0`` without self loops (``fast_knns2spmat`` with
+``th_sim=0``, ``build_symmetric_adj``, ``row_normalize``). The model is one ``GraphConv``
+(``relu([X, AX] W + b)``, hidden 512) then ``Linear -> PReLU -> Linear(1)``; it regresses the
+confidence target of :func:`confidence_targets` with a full-graph MSE loss. Clusters: every sample
+links to its most similar kNN neighbour of higher predicted confidence when their similarity
+exceeds ``tau`` (``confidence_to_peaks`` with ``max_conn=1``, ``peaks_to_labels``); the published
+test script links on a kNN graph rebuilt from the GCN's hidden features (``tau=0.8``) and reports
+linking on the input kNN (``tau_0=0.65``) as well.
+
+Checkpoints: :func:`save_gcn` writes ``{"format", "kind", "meta", "state_dict"}``; the loaders
+also read learn-to-cluster ``.pth`` files (a bare state dict or mmcv's ``{"state_dict": ...}``,
+``module.`` prefixes dropped). Parameter names equal the published ones: ``conv1.weight``
+(``2 * feature_dim x hidden``), ``conv1.bias``, ``classifier.0.weight``/``.bias`` (Linear),
+``classifier.1.weight`` (PReLU, one slope per channel), ``classifier.2.weight``/``.bias``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.graph import components, knn_adjacency
+from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
+from robustface.errors import DataFormatError
+from robustface.utils.io import atomic_path
+
+__all__ = [
+    "GCNV",
+    "GraphConv",
+    "confidence_link",
+    "confidence_targets",
+    "gcn_adjacency",
+    "gcn_v_cluster",
+    "link_peaks",
+    "load_gcn_v",
+    "nearest_higher",
+    "predict_gcn_v",
+    "read_gcn_checkpoint",
+    "save_gcn",
+    "to_torch_sparse",
+    "train_gcn_v",
+    "unit_rows",
+]
+
+logger = logging.getLogger(__name__)
+
+GCN_FORMAT = "robustface.gcn"
+TAU_GCN_FEATURES = 0.8  # published ``tau``: linking on the kNN of GCN-V's hidden features
+TAU_INPUT_KNN = 0.65  # published ``tau_0``: linking on the input kNN
+ROW_BATCH = 65536  # rows per chunk of the vectorised per-sample passes
+
+
+class GraphConv(nn.Module):
+    """``relu([X, AX] W + b)`` (then dropout), learn-to-cluster's ``GraphConv``/``MeanAggregator``.
+
+    ``A`` is a row-normalised adjacency: a torch sparse ``(N, N)`` matrix, or dense ``(N, N)`` /
+    batched ``(B, n, n)`` with ``X`` of shape ``(B, n, in_dim)``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if in_dim < 1 or out_dim < 1:
+            raise ValueError(f"in_dim and out_dim must be >= 1, got {in_dim} and {out_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_dim, self.out_dim, self.dropout = in_dim, out_dim, dropout
+        self.weight = nn.Parameter(torch.empty(2 * in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+        nn.init.xavier_uniform_(self.weight)
+
+    def combine(self, x: torch.Tensor, agg: torch.Tensor) -> torch.Tensor:
+        """The layer given ``X`` and the aggregated ``AX`` (``[X, AX] W`` without the concat)."""
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"expected {self.in_dim}-d node features, got shape {tuple(x.shape)}")
+        out = x @ self.weight[: self.in_dim] + agg @ self.weight[self.in_dim :] + self.bias
+        return F.dropout(F.relu(out), self.dropout, training=self.training)
+
+    def forward(self, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        sparse = adj.layout in (torch.sparse_coo, torch.sparse_csr)
+        agg = torch.sparse.mm(adj, x) if sparse else torch.matmul(adj, x)
+        return self.combine(x, agg)
+
+
+class GCNV(nn.Module):
+    """GCN-V: ``GraphConv(feature_dim, hidden)`` then ``Linear -> PReLU -> Linear(hidden, 1)``.
+
+    ``forward(x, adj)`` returns the confidence ``(N,)`` and the hidden features ``(N, hidden)``
+    (after the ReLU: learn-to-cluster's ``gcn_feat``).
+    """
+
+    kind = "gcn_v"
+
+    def __init__(self, feature_dim: int, hidden: int = 512, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.feature_dim, self.hidden = feature_dim, hidden
+        self.conv1 = GraphConv(feature_dim, hidden, dropout)
+        self.classifier = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.PReLU(hidden), nn.Linear(hidden, 1)
+        )
+        self.loss_history: list[float] = []
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (and ``kind``), as saved in checkpoints."""
+        return {
+            "kind": self.kind,
+            "feature_dim": self.feature_dim,
+            "hidden": self.hidden,
+            "dropout": self.conv1.dropout,
+        }
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Confidence ``(N,)`` from hidden features."""
+        return self.classifier(hidden).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.conv1(x, adj)
+        return self.head(hidden), hidden
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm as float32; all-zero rows (possible after ReLU) stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def gcn_adjacency(knn: KnnGraph, min_sim: float = 0.0) -> sp.csr_matrix:
+    """GCN-V's graph: ``max(S, S^T) + I`` row-normalised, ``S`` the kNN sims ``>= min_sim``."""
+    return knn_adjacency(knn, min_sim=min_sim, symmetric=True, self_loops=True, row_normalize=True)
+
+
+def to_torch_sparse(adj: sp.spmatrix, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A scipy sparse matrix as a float32 torch sparse COO tensor on ``device``."""
+    coo = sp.coo_matrix(adj)
+    coo.sum_duplicates()
+    indices = np.stack([coo.row, coo.col]).astype(np.int64)
+    return torch.sparse_coo_tensor(
+        torch.from_numpy(indices),
+        torch.from_numpy(coo.data.astype(np.float32)),
+        size=coo.shape,
+        is_coalesced=True,
+        check_invariants=False,
+    ).to(device)
+
+
+def _check_knn(knn: KnnGraph, num: int, name: str = "knn") -> None:
+    if not isinstance(knn, KnnGraph):
+        raise TypeError(f"{name} must be a KnnGraph, got {type(knn).__name__}")
+    if knn.num_samples != num:
+        raise ValueError(f"{name} has {knn.num_samples} rows but there are {num} samples")
+
+
+def _check_labels(labels: np.ndarray, num: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be an ({num},) integer array, got shape {labels.shape} and "
+            f"dtype {labels.dtype}"
+        )
+    if num and labels.min() < 0:
+        raise ValueError(f"labels must be >= 0 (ground truth), got {int(labels.min())}")
+    return labels.astype(np.int64, copy=False)
+
+
+def _check_confidence(confidence: np.ndarray, num: int) -> np.ndarray:
+    conf = np.asarray(confidence)
+    if conf.shape != (num,) or not np.issubdtype(conf.dtype, np.floating):
+        raise ValueError(
+            f"confidence must be an ({num},) float array, got shape {conf.shape} and "
+            f"dtype {conf.dtype}"
+        )
+    if not np.isfinite(conf).all():
+        raise ValueError("confidence has NaN or inf values")
+    return conf
+
+
+def confidence_targets(labels: np.ndarray, knn: KnnGraph) -> np.ndarray:
+    """GCN-V's training target (learn-to-cluster ``s_nbr``), float32 ``(N,)`` in ``[-1, 1]``.
+
+    ``conf_i = sum_{j in knn(i), y_j = y_i} s_ij - sum_{j in knn(i), y_j != y_i} s_ij`` over all
+    k entries of the kNN list, the sample itself included (it adds ``s_ii = 1``) and no similarity
+    threshold; missing entries (id -1) are skipped. Then divided by ``max_i |conf_i|``.
+    """
+    labels = _check_labels(labels, knn.num_samples)
+    conf = np.empty(knn.num_samples, dtype=np.float64)
+    for start in range(0, knn.num_samples, ROW_BATCH):
+        nbrs = knn.nbrs[start : start + ROW_BATCH]
+        sims = knn.sims[start : start + ROW_BATCH].astype(np.float64)
+        valid = nbrs >= 0
+        same = labels[np.where(valid, nbrs, 0)] == labels[start : start + len(nbrs), None]
+        signed = np.where(same, sims, -sims)
+        conf[start : start + len(nbrs)] = np.where(valid, signed, 0.0).sum(axis=1)
+    scale = np.abs(conf).max() if len(conf) else 0.0
+    return (conf / scale if scale > 0 else conf).astype(np.float32)
+
+
+def nearest_higher(knn: KnnGraph, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's most similar kNN neighbour of strictly higher confidence, and their sim.
+
+    The kNN rows are taken in their stored order (most similar first). Samples without such a
+    neighbour (the peaks) get id ``-1`` and similarity ``-inf``.
+    """
+    conf = _check_confidence(confidence, knn.num_samples)
+    peak = np.full(knn.num_samples, -1, dtype=np.int64)
+    sim = np.full(knn.num_samples, -np.inf, dtype=np.float32)
+    for start in range(0, knn.num_samples, ROW_BATCH):
+        nbrs = knn.nbrs[start : start + ROW_BATCH]
+        rows = np.arange(len(nbrs))
+        higher = (nbrs >= 0) & (conf[np.where(nbrs >= 0, nbrs, 0)] > conf[start + rows, None])
+        first = higher.argmax(axis=1)
+        found = higher[rows, first]
+        peak[start : start + len(nbrs)] = np.where(found, nbrs[rows, first], -1)
+        sim[start : start + len(nbrs)] = np.where(found, knn.sims[start + rows, first], -np.inf)
+    return peak, sim
+
+
+def link_peaks(peak: np.ndarray, sim: np.ndarray, tau: float) -> np.ndarray:
+    """Clusters from one link per sample (``peak``, -1 for none), kept where ``sim > tau``.
+
+    learn-to-cluster's ``peaks_to_labels``: an edge survives when its distance ``1 - sim`` is
+    below ``1 - tau``; the clusters are the connected components (labels 0..C-1).
+    """
+    peak, sim = np.asarray(peak, dtype=np.int64), np.asarray(sim)
+    if peak.ndim != 1 or sim.shape != peak.shape:
+        raise ValueError(f"peak and sim must be 1-D of one length, got {peak.shape}, {sim.shape}")
+    if not np.isfinite(tau):
+        raise ValueError(f"tau must be a finite similarity, got {tau}")
+    if len(peak) and peak.max() >= len(peak):
+        raise ValueError(f"peak ids must be < {len(peak)}, got {int(peak.max())}")
+    keep = (peak >= 0) & (sim > tau)
+    return components(len(peak), np.flatnonzero(keep), peak[keep])
+
+
+def confidence_link(knn: KnnGraph, confidence: np.ndarray, tau: float) -> np.ndarray:
+    """Cluster labels: every sample links to its nearest higher-confidence kNN neighbour if their
+    similarity is above ``tau`` (``max_conn=1``); clusters are the connected components."""
+    return link_peaks(*nearest_higher(knn, confidence), tau)
+
+
+def _lr_milestones(total: int, lr_steps: Sequence[float]) -> list[int]:
+    if any(not 0.0 < r < 1.0 for r in lr_steps):
+        raise ValueError(f"lr_steps must be fractions in (0, 1), got {list(lr_steps)}")
+    return [int(r * total) for r in lr_steps]
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    """CUDA devices whose RNG training may use (forked so the caller's RNG state is kept)."""
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def train_gcn_v(
+    features: np.ndarray,
+    labels: np.ndarray,
+    knn: KnnGraph,
+    *,
+    iters: int = 2000,
+    hidden: int = 512,
+    dropout: float = 0.0,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-5,
+    lr_steps: Sequence[float] = (0.5, 0.8, 0.9),
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    show_progress: bool = True,
+    log_every: int = 100,
+) -> GCNV:
+    """Train GCN-V on the whole graph (one full-graph step per iteration), MSE to the targets.
+
+    Published (``cfg_train_gcnv_ms1m.py``): SGD lr 0.1, momentum 0.9, weight decay 1e-5, 80,000
+    iterations, lr x0.1 at 50/80/90 % of them, dropout 0, hidden 512. ``iters`` defaults to 2,000
+    for CPU use (one iteration at 200K x 256, hidden 512, took ~30 s on 2 CPU cores; reproduce
+    the paper on a GPU with ``iters=80000``). ``AX`` is computed once: the only graph operation
+    acts on the fixed input features, so this equals aggregating in every iteration. The
+    per-iteration losses are in ``model.loss_history``; every ``log_every`` iterations the loss
+    is logged and shown.
+    """
+    feats = normalize_rows(features)
+    num = len(feats)
+    _check_knn(knn, num)
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    targets = confidence_targets(labels, knn)
+    agg = gcn_adjacency(knn) @ feats
+    device = torch.device(device)
+    x = torch.from_numpy(feats).to(device)
+    agg_t = torch.from_numpy(np.ascontiguousarray(agg, dtype=np.float32)).to(device)
+    target = torch.from_numpy(targets).to(device)
+    milestones = _lr_milestones(iters, lr_steps)
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seed)
+        model = GCNV(feats.shape[1], hidden, dropout).to(device)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+        model.train()
+        bar = tqdm(range(iters), desc="GCN-V", unit="iter", disable=not show_progress)
+        for it in bar:
+            loss = F.mse_loss(model.head(model.conv1.combine(x, agg_t)), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            model.loss_history.append(loss.item())
+            if (it + 1) % log_every == 0 or it == 0:
+                bar.set_postfix(loss=f"{model.loss_history[-1]:.4f}")
+                logger.info("GCN-V iter %d/%d loss %.5f", it + 1, iters, model.loss_history[-1])
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_gcn_v(
+    model: GCNV,
+    features: np.ndarray,
+    knn: KnnGraph,
+    device: str | torch.device = "cpu",
+    *,
+    batch_size: int = ROW_BATCH,
+    show_progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted confidence ``(N,)`` and hidden features ``(N, hidden)``, both float32.
+
+    Rows are processed ``batch_size`` at a time (sparse ``A[rows] @ X``), so memory is the
+    features, the output and one batch. The model is moved to ``device`` and used in eval mode.
+    """
+    feats = normalize_rows(features)
+    num = len(feats)
+    _check_knn(knn, num)
+    if feats.shape[1] != model.feature_dim:
+        raise ValueError(
+            f"features are {feats.shape[1]}-d but the model takes {model.feature_dim}-d"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    adj = gcn_adjacency(knn)
+    x = torch.from_numpy(feats).to(device)
+    conf = np.empty(num, dtype=np.float32)
+    hidden = np.empty((num, model.hidden), dtype=np.float32)
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        starts = range(0, num, batch_size)
+        for start in tqdm(starts, desc="GCN-V predict", unit="batch", disable=not show_progress):
+            stop = min(start + batch_size, num)
+            agg = torch.sparse.mm(to_torch_sparse(adj[start:stop], device), x)
+            h = model.conv1.combine(x[start:stop], agg)
+            conf[start:stop] = model.head(h).cpu().numpy()
+            hidden[start:stop] = h.cpu().numpy()
+    finally:
+        model.train(was_training)
+    return conf, hidden
+
+
+def save_gcn(model: nn.Module, path: str | Path, meta: Mapping[str, Any] | None = None) -> None:
+    """Write ``model`` (GCN-V or GCN-E) and a JSON-able ``meta`` to ``path`` atomically.
+
+    The saved meta is ``model.config`` (``kind``, ``feature_dim``, ``hidden``, ...) plus ``meta``
+    (e.g. ``{"k": 80}``); ``meta`` may not contradict the model's own values.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) or "kind" not in config:
+        raise TypeError(f"model must be a GCNV or GCNE, got {type(model).__name__}")
+    extra = dict(meta or {})
+    clash = {k: v for k, v in extra.items() if k in config and config[k] != v}
+    if clash:
+        raise ValueError(f"meta contradicts the model: {clash} vs {config}")
+    full = {**extra, **config}
+    try:
+        json.dumps(full)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"meta must be JSON-serialisable: {exc}") from None
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": GCN_FORMAT, "kind": config["kind"], "meta": full, "state_dict": state}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _published_meta(path: Path, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Kind and sizes of a learn-to-cluster state dict, read from its tensor shapes."""
+    for key in ("conv1.weight", "classifier.2.weight"):
+        if key not in state:
+            raise DataFormatError(
+                path, f"not a GCN-V/GCN-E state dict: no {key!r} (keys: {sorted(state)[:8]})"
+            )
+    two_in, hidden = state["conv1.weight"].shape
+    kind = "gcn_e" if "conv2.weight" in state else "gcn_v"
+    meta = {"kind": kind, "feature_dim": int(two_in) // 2, "hidden": int(hidden), "dropout": 0.0}
+    if kind == "gcn_e":
+        meta["num_classes"] = int(state["classifier.2.weight"].shape[0])
+    return meta
+
+
+def read_gcn_checkpoint(
+    path: str | Path, kind: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict and meta of a ``kind`` (``gcn_v``/``gcn_e``) checkpoint: ours or
+    learn-to-cluster's (``state_dict`` wrapper and ``module.`` prefixes handled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GCN checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors come in many types
+        raise DataFormatError(path, f"not a readable PyTorch weights file ({exc})") from None
+    if not isinstance(obj, dict):
+        raise DataFormatError(path, f"expected a dict checkpoint, got {type(obj).__name__}")
+    if obj.get("format") == GCN_FORMAT:
+        state, meta = obj["state_dict"], dict(obj["meta"])
+    else:
+        state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
+        state = {
+            (k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()
+        }
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise DataFormatError(path, "the state dict holds values that are not tensors")
+        meta = _published_meta(path, state)
+    if meta["kind"] != kind:
+        raise DataFormatError(path, f"holds a {meta['kind']} model, not a {kind} model")
+    return state, meta
+
+
+def _load_state(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DataFormatError(path, f"state dict does not fit the model: {exc}") from None
+
+
+def load_gcn_v(path: str | Path, device: str | torch.device = "cpu") -> GCNV:
+    """A GCN-V model (eval mode) from :func:`save_gcn` output or a learn-to-cluster ``.pth``."""
+    state, meta = read_gcn_checkpoint(path, "gcn_v")
+    model = GCNV(meta["feature_dim"], meta["hidden"], meta["dropout"])
+    _load_state(Path(path), model, state)
+    return model.to(device).eval()
+
+
+def _as_gcn_v(model: GCNV | str | Path, device: str | torch.device) -> GCNV:
+    if isinstance(model, GCNV):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_gcn_v(model, device)
+    raise TypeError(f"model must be a GCNV or a checkpoint path, got {type(model).__name__}")
+
+
+@CLUSTERERS.register("gcn_v")
+def gcn_v_cluster(
+    features: np.ndarray,
+    knn: KnnGraph | None,
+    *,
+    model: GCNV | str | Path,
+    tau: float | None = None,
+    use_gcn_features: bool = True,
+    k: int = 80,
+    knn_method: Method = "flat",
+    device: str | torch.device = "cpu",
+    batch_size: int = ROW_BATCH,
+    show_progress: bool = True,
+) -> np.ndarray:
+    """GCN-V clustering (learn-to-cluster ``test_gcn_v.py``).
+
+    Confidence from ``model`` on the input kNN graph (built with ``k`` if ``knn`` is None); with
+    ``use_gcn_features`` the kNN is rebuilt (same k) on the L2-normalised hidden features and
+    linked with ``tau`` (default 0.8), otherwise the input kNN is linked (default 0.65).
+    """
+    feats = check_features(features)
+    if knn is None:
+        knn = build_knn(feats, k=k, method=knn_method, show_progress=show_progress)
+    gcn = _as_gcn_v(model, device)
+    conf, hidden = predict_gcn_v(
+        gcn, feats, knn, device, batch_size=batch_size, show_progress=show_progress
+    )
+    if use_gcn_features:
+        link_knn = build_knn(
+            unit_rows(hidden),
+            k=knn.k,
+            method=knn_method,
+            normalize=False,
+            show_progress=show_progress,
+        )
+        return confidence_link(link_knn, conf, TAU_GCN_FEATURES if tau is None else tau)
+    return confidence_link(knn, conf, TAU_INPUT_KNN if tau is None else tau)

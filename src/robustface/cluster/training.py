@@ -1,0 +1,88 @@
+"""Train the learned clusterers (GCN-V, GCN-E, GCN-D, GCN-S) on a labelled set, in one call.
+
+Each model is trained with its module's published defaults (see :mod:`~robustface.cluster.gcn_v`,
+:mod:`~robustface.cluster.gcn_e`, :mod:`~robustface.cluster.gcn_ds`) and written to
+``out_dir/{kind}.pth``. GCN-E learns on GCN-V's outputs for the same set (its confidence and
+hidden features, as learn-to-cluster's ``cfg_train_gcne_ms1m``), so asking for ``gcn_e`` trains or
+reuses ``gcn_v`` first; GCN-D and GCN-S learn on the set's super-vertex proposals (preset
+``train_8``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from robustface.cluster.dataset import ClusterSet
+from robustface.cluster.gcn_ds import train_gcn_d, train_gcn_s
+from robustface.cluster.gcn_e import gcn_e_inputs, train_gcn_e
+from robustface.cluster.gcn_v import load_gcn_v, save_gcn, train_gcn_v
+from robustface.cluster.knn import KnnGraph
+from robustface.cluster.proposals import generate_proposals
+
+__all__ = ["KINDS", "KINDS_FOR", "train_models"]
+
+KINDS: tuple[str, ...] = ("gcn_v", "gcn_e", "gcn_d", "gcn_s")
+KINDS_FOR: dict[str, tuple[str, ...]] = {
+    "gcn_v": ("gcn_v",),
+    "gcn_e": ("gcn_v", "gcn_e"),
+    "gcn_d": ("gcn_d",),
+    "gcn_ds": ("gcn_d", "gcn_s"),
+}
+"""The models each learned clusterer needs."""
+
+
+def train_models(
+    data: ClusterSet,
+    out_dir: str | Path,
+    *,
+    kinds: Sequence[str] = KINDS,
+    knn: KnnGraph,
+    iters: int | None = None,
+    epochs: int | None = None,
+    proposals: str = "train_8",
+    device: str = "cpu",
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, Path]:
+    """Train ``kinds`` on ``data`` (labels required) with its kNN graph ``knn``.
+
+    ``iters`` overrides GCN-V's iteration count and ``epochs`` the epochs of GCN-E, GCN-D and
+    GCN-S (None: the modules' defaults). Returns ``{kind: model file}``.
+    """
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown model kind(s) {unknown}; choose from {', '.join(KINDS)}")
+    if data.labels is None:
+        raise ValueError(f"set {data.name!r} has no labels: the GCNs learn from identities")
+    if knn.num_samples != data.num_samples:
+        raise ValueError(f"knn has {knn.num_samples} rows but {data.name!r} has {data.num_samples}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    common = {"device": device, "seed": seed, "show_progress": show_progress}
+    epoch_kw = {} if epochs is None else {"epochs": epochs}
+    meta = {"trained_on": data.name, "samples": data.num_samples, "k": knn.k}
+    if "gcn_v" in kinds or "gcn_e" in kinds:
+        path = out_dir / "gcn_v.pth"
+        if "gcn_v" in kinds or not path.is_file():
+            iter_kw = {} if iters is None else {"iters": iters}
+            model = train_gcn_v(data.features, data.labels, knn, **iter_kw, **common)
+            save_gcn(model, path, meta)
+        paths["gcn_v"] = path
+    if "gcn_e" in kinds:
+        gcn_v = load_gcn_v(paths["gcn_v"], device)
+        edge_feats, conf, edge_knn = gcn_e_inputs(
+            gcn_v, data.features, knn, device=device, show_progress=show_progress
+        )
+        model = train_gcn_e(edge_feats, conf, data.labels, edge_knn, **epoch_kw, **common)
+        save_gcn(model, out_dir / "gcn_e.pth", meta)
+        paths["gcn_e"] = out_dir / "gcn_e.pth"
+    if "gcn_d" in kinds or "gcn_s" in kinds:
+        props = generate_proposals(knn, proposals, data.features, show_progress=show_progress)
+        for kind, train in (("gcn_d", train_gcn_d), ("gcn_s", train_gcn_s)):
+            if kind in kinds:
+                model, _ = train(data.features, knn, props, data.labels, **epoch_kw, **common)
+                model.save(out_dir / f"{kind}.pth")
+                paths[kind] = out_dir / f"{kind}.pth"
+    return paths

@@ -1,0 +1,99 @@
+"""``robustface cluster ...`` end to end on a tiny simulated benchmark."""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+
+from robustface.cli import main
+from robustface.data.ltc import read_meta
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def brute_pairwise_f(gt: np.ndarray, pred: np.ndarray) -> float:
+    same_gt = {(i, j) for i, j in combinations(range(len(gt)), 2) if gt[i] == gt[j]}
+    same_pred = {(i, j) for i, j in combinations(range(len(gt)), 2) if pred[i] == pred[j]}
+    tp = len(same_gt & same_pred)
+    p, r = tp / max(len(same_pred), 1), tp / max(len(same_gt), 1)
+    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster") / "bench"
+    args = ["cluster", "simulate", str(root), "--train-identities", "25", "--test-identities"]
+    args += ["20", "--param", "mean_size=12", "--param", "max_size=40", "--quiet"]
+    assert main(args) == 0
+    return root
+
+
+def test_simulate_knn_run_eval(bench, tmp_path, capsys):
+    assert (bench / "features" / "part1_test.bin").is_file()
+    assert main(["cluster", "knn", str(bench), "part1_test", "--k", "10", "--quiet"]) == 0
+    assert (bench / "knns" / "part1_test" / "faiss_k_10.npz").is_file()  # learn-to-cluster name
+    out = tmp_path / "cc"
+    args = ["cluster", "run", "cc", str(bench), "part1_test", "--k", "10", "--out", str(out)]
+    assert main([*args, "--param", "min_sim=0.6", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| cc " in printed
+    pred = read_meta(out / "part1_test_cc.meta")
+    gt = read_meta(bench / "labels" / "part1_test.meta")
+    result = json.loads((out / "results.json").read_text())["methods"][0]
+    assert result["params"] == {"min_sim": 0.6}
+    assert result["metrics"]["pairwise_fscore"] == pytest.approx(brute_pairwise_f(gt, pred))
+    assert main(["cluster", "eval", str(bench / "labels" / "part1_test.meta"),
+                 str(out / "part1_test_cc.meta")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"pairwise_fscore      {brute_pairwise_f(gt, pred):.4f}" in printed
+
+
+def test_run_without_labels_needs_num_clusters(bench, tmp_path, capsys):
+    unlabelled = tmp_path / "u"
+    (unlabelled / "features").mkdir(parents=True)
+    (unlabelled / "features" / "x.bin").write_bytes(
+        (bench / "features" / "part1_test.bin").read_bytes()
+    )
+    args = ["cluster", "run", "kmeans", str(unlabelled), "x", "--out", str(tmp_path / "o")]
+    assert main([*args, "--quiet", "--k", "5"]) == 2
+    assert "num_clusters" in capsys.readouterr().err
+    assert main([*args, "--quiet", "--k", "5", "--param", "num_clusters=20"]) == 0
+    pred = read_meta(tmp_path / "o" / "x_kmeans.meta")
+    assert len(np.unique(pred)) == 20
+
+
+def test_benchmark_trains_and_tabulates(bench, tmp_path, capsys):
+    out = tmp_path / "bench_out"
+    args = ["cluster", "benchmark", str(bench), "--k", "10", "--out", str(out), "--quiet"]
+    args += ["--methods", "cc", "infomap", "gcn_v", "dbscan", "--iters", "30"]
+    args += ["--params", '{"dbscan": {"eps": -1}, "infomap": {"k": null}}']
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert (out / "models" / "gcn_v.pth").is_file()
+    assert not (out / "models" / "gcn_d.pth").exists()  # only what the methods need
+    doc = json.loads((out / "results.json").read_text())
+    rows = {m["method"]: m for m in doc["methods"]}
+    assert list(rows) == ["cc", "infomap", "gcn_v", "dbscan"]
+    assert rows["dbscan"]["metrics"] is None and "eps" in rows["dbscan"]["error"]
+    assert "failed: ValueError" in table  # the failure is in the table, the others still ran
+    gt = read_meta(bench / "labels" / "part1_test.meta")
+    for method in ("cc", "infomap", "gcn_v"):
+        pred = np.load(out / "labels" / f"{method}.npy")
+        assert rows[method]["metrics"]["pairwise_fscore"] == pytest.approx(
+            brute_pairwise_f(gt, pred)
+        )
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "results.csv").read_text().startswith("method,seconds,error,skipped")
+    # unknown methods fail before any work
+    assert main([*args[:8], "--methods", "kmeanz"]) == 2
+    assert "unknown clusterer 'kmeanz'" in capsys.readouterr().err

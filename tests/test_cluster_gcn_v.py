@@ -1,0 +1,328 @@
+"""GCN-V: targets, GraphConv, gradients, training, linking, clustering, checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.gcn_v import (
+    GCNV,
+    GraphConv,
+    confidence_link,
+    confidence_targets,
+    gcn_adjacency,
+    load_gcn_v,
+    nearest_higher,
+    predict_gcn_v,
+    save_gcn,
+    to_torch_sparse,
+    train_gcn_v,
+)
+from robustface.cluster.graph import components, knn_edges
+from robustface.cluster.knn import KnnGraph, knn_brute_force
+from robustface.errors import DataFormatError
+
+
+def planted(
+    seed: int, centres: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """30 Gaussian identities in 32-d, in 15 overlapping twin pairs, per-sample noise scale
+    log-normal (a few far-off samples bridge clusters); the same ``centres`` give another split
+    of the same identities."""
+    rng = np.random.default_rng(seed)
+    dim = 32
+    if centres is None:
+        base = rng.standard_normal((15, dim))
+        base /= np.linalg.norm(base, axis=1, keepdims=True)
+        twin = base + 0.6 * rng.standard_normal(base.shape) / np.sqrt(dim)
+        centres = np.concatenate([base, twin / np.linalg.norm(twin, axis=1, keepdims=True)])
+    labels = np.repeat(np.arange(len(centres)), rng.integers(20, 60, len(centres)))
+    scale = 0.8 * np.exp(0.5 * rng.standard_normal((len(labels), 1)))
+    x = centres[labels] + scale * rng.standard_normal((len(labels), dim)) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels, centres
+
+
+def pairwise_f(gt: np.ndarray, pred: np.ndarray) -> float:
+    """Pairwise F-score by brute force over all ordered pairs i != j."""
+    off = ~np.eye(len(gt), dtype=bool)
+    same_gt = (gt[:, None] == gt[None]) & off
+    same_pred = (pred[:, None] == pred[None]) & off
+    tp = (same_gt & same_pred).sum()
+    precision, recall = tp / same_pred.sum(), tp / same_gt.sum()
+    return float(2 * precision * recall / (precision + recall))
+
+
+def random_knn(seed: int, n: int = 40, k: int = 6, missing: bool = True) -> KnnGraph:
+    """A kNN graph of random unit features; with ``missing``, some entries removed (-1)."""
+    rng = np.random.default_rng(seed)
+    graph = knn_brute_force(rng.standard_normal((n, 8)).astype(np.float32), k)
+    if missing:
+        drop = rng.random(graph.nbrs.shape) < 0.15
+        drop[:, 0] = False
+        graph = KnnGraph(np.where(drop, -1, graph.nbrs), np.where(drop, -np.inf, graph.sims))
+    return graph
+
+
+def dense_adjacency(graph: KnnGraph) -> np.ndarray:
+    """``max(S, S^T) + I`` row-normalised, S = kNN sims >= 0 without self, by loops."""
+    n = graph.num_samples
+    s = np.zeros((n, n))
+    for i in range(n):
+        for j, sim in zip(graph.nbrs[i], graph.sims[i], strict=True):
+            if j >= 0 and j != i and sim >= 0:
+                s[i, j] = sim
+    a = np.maximum(s, s.T) + np.eye(n)
+    return a / a.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny graphs: one thread avoids oversubscribing the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict[str, object]:
+    xtr, ytr, centres = planted(0)
+    xte, yte, _ = planted(1, centres)
+    ktr, kte = knn_brute_force(xtr, 10), knn_brute_force(xte, 10)
+    model = train_gcn_v(xtr, ytr, ktr, iters=400, hidden=32, show_progress=False)
+    return {"model": model, "xtr": xtr, "ytr": ytr, "ktr": ktr, "xte": xte, "yte": yte, "kte": kte}
+
+
+def test_confidence_targets_match_formula_per_node() -> None:
+    graph = random_knn(0)
+    labels = np.random.default_rng(1).integers(0, 4, graph.num_samples)
+    want = np.zeros(graph.num_samples)
+    for i in range(graph.num_samples):
+        for j, sim in zip(graph.nbrs[i], graph.sims[i], strict=True):
+            if j < 0:
+                continue  # missing entry
+            want[i] += sim if labels[j] == labels[i] else -sim  # self included: +1
+    want /= np.abs(want).max()
+    got = confidence_targets(labels, graph)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.abs(got).max() == pytest.approx(1.0)
+
+
+def test_confidence_targets_reject_bad_labels() -> None:
+    graph = random_knn(0, missing=False)
+    with pytest.raises(ValueError, match="labels must be an"):
+        confidence_targets(np.zeros(graph.num_samples - 1, dtype=int), graph)
+    with pytest.raises(ValueError, match=">= 0"):
+        confidence_targets(np.full(graph.num_samples, -1), graph)
+
+
+def test_adjacency_matches_dense_formula() -> None:
+    graph = random_knn(2)
+    want = dense_adjacency(graph)
+    np.testing.assert_allclose(gcn_adjacency(graph).toarray(), want, atol=1e-6)
+    np.testing.assert_allclose(to_torch_sparse(gcn_adjacency(graph)).to_dense(), want, atol=1e-6)
+
+
+def test_graphconv_matches_numpy_sparse_and_batched() -> None:
+    torch.manual_seed(0)
+    conv = GraphConv(5, 7)
+    with torch.no_grad():
+        conv.bias.normal_()
+    graph = random_knn(3, n=12, k=4)
+    a = dense_adjacency(graph)
+    x = np.random.default_rng(4).standard_normal((12, 5))
+    w, b = conv.weight.detach().double().numpy(), conv.bias.detach().double().numpy()
+    want = np.maximum(np.concatenate([x, a @ x], axis=1) @ w + b, 0)
+    xt = torch.from_numpy(x).float()
+    got = conv(xt, to_torch_sparse(gcn_adjacency(graph)))
+    np.testing.assert_allclose(got.detach().numpy(), want, atol=1e-5)
+    batched = conv(torch.stack([xt, xt]), torch.from_numpy(np.stack([a, a])).float())
+    np.testing.assert_allclose(batched.detach().numpy(), np.stack([want, want]), atol=1e-5)
+
+
+def test_training_step_gradient_gradcheck() -> None:
+    torch.manual_seed(0)
+    graph = random_knn(5, n=10, k=4)
+    model = GCNV(4, hidden=4).double()
+    x = torch.from_numpy(np.random.default_rng(6).standard_normal((10, 4)))
+    adj = torch.from_numpy(dense_adjacency(graph)).to_sparse()
+    target = torch.from_numpy(confidence_targets(np.arange(10) % 3, graph)).double()
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss(*params: torch.Tensor) -> torch.Tensor:
+        conf, _ = torch.func.functional_call(model, dict(zip(names, params, strict=True)), (x, adj))
+        return torch.nn.functional.mse_loss(conf, target)
+
+    params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
+    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-5)
+
+
+def test_training_reduces_loss_from_the_full_graph_mse() -> None:
+    xtr, ytr, _ = planted(0)
+    graph = knn_brute_force(xtr, 10)
+    model = train_gcn_v(xtr, ytr, graph, iters=60, hidden=16, seed=3, show_progress=False)
+    assert len(model.loss_history) == 60
+    # the first logged loss is the MSE of the seed's initial model over the whole graph
+    torch.manual_seed(3)
+    init = GCNV(32, hidden=16)
+    with torch.no_grad():
+        conf, _ = init(torch.from_numpy(xtr), to_torch_sparse(gcn_adjacency(graph)))
+    mse = float(np.mean((conf.numpy() - confidence_targets(ytr, graph)) ** 2))
+    assert model.loss_history[0] == pytest.approx(mse, rel=1e-4)
+    assert np.mean(model.loss_history[-10:]) < 0.5 * model.loss_history[0]
+
+
+def test_predict_in_batches_equals_full_forward(trained: dict) -> None:
+    model, x, graph = trained["model"], trained["xte"], trained["kte"]
+    conf, hidden = predict_gcn_v(model, x, graph, batch_size=97, show_progress=False)
+    with torch.no_grad():
+        want_conf, want_hidden = model(torch.from_numpy(x), to_torch_sparse(gcn_adjacency(graph)))
+    np.testing.assert_allclose(conf, want_conf.numpy(), atol=1e-5)
+    np.testing.assert_allclose(hidden, want_hidden.numpy(), atol=1e-5)
+    assert hidden.shape == (len(x), 32)
+    with pytest.raises(ValueError, match="16-d"):
+        predict_gcn_v(model, x[:, :16], graph, show_progress=False)
+    with pytest.raises(ValueError, match="knn has"):
+        predict_gcn_v(model, x[:-1], graph, show_progress=False)
+
+
+def brute_force_link(graph: KnnGraph, conf: np.ndarray, tau: float) -> np.ndarray:
+    """Union-find over: each i -> first kNN entry j (in stored order) with conf_j > conf_i,
+    kept only if its similarity > tau."""
+    parent = list(range(graph.num_samples))
+
+    def find(u: int) -> int:
+        while parent[u] != u:
+            u = parent[u]
+        return u
+
+    for i in range(graph.num_samples):
+        for j, sim in zip(graph.nbrs[i], graph.sims[i], strict=True):
+            if j >= 0 and j != i and conf[j] > conf[i]:
+                if sim > tau:
+                    parent[find(i)] = find(int(j))
+                break
+    return np.array([find(i) for i in range(graph.num_samples)])
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(((a[:, None] == a[None]) == (b[:, None] == b[None])).all())
+
+
+def test_confidence_link_matches_brute_force() -> None:
+    graph = random_knn(7, n=60, k=8)
+    conf = np.random.default_rng(8).integers(0, 12, 60).astype(np.float32)  # with ties
+    peak, sim = nearest_higher(graph, conf)
+    at_link = float(sim[np.flatnonzero(peak >= 0)[0]])  # a link exactly at tau is cut
+    for tau in (-1.0, 0.0, 0.3, 0.6, at_link):
+        got = confidence_link(graph, conf, tau)
+        assert same_partition(got, brute_force_link(graph, conf, tau))
+        assert set(got) == set(range(got.max() + 1))
+    top = conf == conf.max()
+    assert (peak[top] == -1).all() and np.isneginf(sim[top]).all()
+    with pytest.raises(ValueError, match="tau"):
+        confidence_link(graph, conf, float("nan"))
+    with pytest.raises(ValueError, match="confidence"):
+        confidence_link(graph, conf[:-1], 0.5)
+
+
+def test_end_to_end_beats_connected_components(trained: dict) -> None:
+    model, x, y, graph = trained["model"], trained["xte"], trained["yte"], trained["kte"]
+    conf, _ = predict_gcn_v(model, x, graph, show_progress=False)
+    # the confidence learned on the other split follows this split's targets
+    assert np.corrcoef(conf, confidence_targets(y, graph))[0, 1] > 0.2
+    labels = CLUSTERERS.get("gcn_v")(
+        x, graph, model=model, tau=0.5, use_gcn_features=False, show_progress=False
+    )
+    f_gcn = pairwise_f(y, labels)
+    thresholds = np.arange(0.3, 0.96, 0.05)
+    f_cc = [pairwise_f(y, components(len(x), *knn_edges(graph, min_sim=t)[:2])) for t in thresholds]
+    noise = np.random.default_rng(0).random(len(x)).astype(np.float32)
+    f_random = pairwise_f(y, confidence_link(graph, noise, 0.5))
+    assert f_gcn > 0.6
+    assert f_gcn > max(f_cc)  # connected components at their best threshold
+    assert f_gcn > f_random  # the learned confidence matters, not just one link per sample
+    on_gcn = CLUSTERERS.get("gcn_v")(x, graph, model=model, tau=0.5, show_progress=False)
+    assert pairwise_f(y, on_gcn) > 0.5
+
+
+def test_save_load_round_trip(trained: dict, tmp_path: Path) -> None:
+    model, x, graph = trained["model"], trained["xte"], trained["kte"]
+    path = tmp_path / "gcn_v.pth"
+    save_gcn(model, path, {"k": 10})
+    loaded = load_gcn_v(path)
+    for a, b in zip(
+        predict_gcn_v(model, x, graph, show_progress=False),
+        predict_gcn_v(loaded, x, graph, show_progress=False),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    saved = torch.load(path, weights_only=True)
+    assert saved["meta"] == {
+        "k": 10,
+        "kind": "gcn_v",
+        "feature_dim": 32,
+        "hidden": 32,
+        "dropout": 0.0,
+    }
+    by_path = CLUSTERERS.get("gcn_v")(
+        x, graph, model=path, use_gcn_features=False, show_progress=False
+    )
+    want = confidence_link(graph, predict_gcn_v(model, x, graph, show_progress=False)[0], 0.65)
+    np.testing.assert_array_equal(by_path, want)
+    with pytest.raises(ValueError, match="contradicts"):
+        save_gcn(model, tmp_path / "x.pth", {"hidden": 64})
+    with pytest.raises(TypeError, match="JSON"):
+        save_gcn(model, tmp_path / "x.pth", {"k": object()})
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_load_published_state_dict(tmp_path: Path) -> None:
+    """A learn-to-cluster checkpoint: mmcv's {'meta', 'state_dict'} with DataParallel prefixes."""
+    rng = np.random.default_rng(0)
+    shapes = {
+        "conv1.weight": (2 * 6, 10),
+        "conv1.bias": (10,),
+        "classifier.0.weight": (10, 10),
+        "classifier.0.bias": (10,),
+        "classifier.1.weight": (10,),
+        "classifier.2.weight": (1, 10),
+        "classifier.2.bias": (1,),
+    }
+    state = {
+        k: torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for k, s in shapes.items()
+    }
+    wrapped = {"meta": {"epoch": 80000}, "state_dict": {f"module.{k}": v for k, v in state.items()}}
+    torch.save(wrapped, tmp_path / "wrapped.pth")
+    torch.save(state, tmp_path / "bare.pth")
+    x = rng.standard_normal((20, 6)).astype(np.float32)
+    graph = knn_brute_force(x, 5)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    a = dense_adjacency(graph)
+    w = {k: v.numpy() for k, v in state.items()}
+    h = np.maximum(np.concatenate([xn, a @ xn], 1) @ w["conv1.weight"] + w["conv1.bias"], 0)
+    z = h @ w["classifier.0.weight"].T + w["classifier.0.bias"]
+    z = np.where(z > 0, z, w["classifier.1.weight"] * z)  # PReLU, one slope per channel
+    want = (z @ w["classifier.2.weight"].T + w["classifier.2.bias"])[:, 0]
+    for name in ("wrapped.pth", "bare.pth"):
+        model = load_gcn_v(tmp_path / name)
+        assert (model.feature_dim, model.hidden) == (6, 10)
+        conf, hidden = predict_gcn_v(model, x, graph, show_progress=False)
+        np.testing.assert_allclose(conf, want, atol=1e-4)
+        np.testing.assert_allclose(hidden, h, atol=1e-4)
+    gcn_e_state = {**state, "conv2.weight": torch.zeros(20, 10)}
+    torch.save(gcn_e_state, tmp_path / "gcn_e.pth")
+    with pytest.raises(DataFormatError, match="gcn_e model, not a gcn_v"):
+        load_gcn_v(tmp_path / "gcn_e.pth")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(DataFormatError, match=r"conv1\.weight"):
+        load_gcn_v(tmp_path / "other.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataFormatError, match=r"junk\.pth"):
+        load_gcn_v(tmp_path / "junk.pth")

@@ -97,3 +97,42 @@ def test_benchmark_trains_and_tabulates(bench, tmp_path, capsys):
     # unknown methods fail before any work
     assert main([*args[:8], "--methods", "kmeanz"]) == 2
     assert "unknown clusterer 'kmeanz'" in capsys.readouterr().err
+
+
+def test_given_models_are_used_and_gcn_e_trains_on_them(bench, tmp_path, capsys):
+    models = tmp_path / "models"
+    base = [str(bench), "part0_train", "--k", "10", "--quiet", "--out", str(models)]
+    assert main(["cluster", "train", *base, "--kinds", "gcn_e", "--epochs", "1"]) == 2
+    assert "needs a GCN-V" in capsys.readouterr().err
+    assert main(["cluster", "train", *base, "--kinds", "gcn_v", "--iters", "5"]) == 0
+    mine = tmp_path / "mine_gcn_v.pth"
+    (models / "gcn_v.pth").rename(mine)
+    args = ["cluster", "train", *base, "--kinds", "gcn_e", "--epochs", "1", "--gcn-v", str(mine)]
+    assert main(args) == 0
+    gcn_e = torch.load(models / "gcn_e.pth", weights_only=True)
+    assert gcn_e["meta"]["gcn_v"] == str(mine)
+    assert not (models / "gcn_v.pth").exists()  # nothing trained behind the user's back
+
+    out = tmp_path / "b"
+    args = ["cluster", "benchmark", str(bench), "--k", "10", "--out", str(out), "--quiet"]
+    args += ["--methods", "gcn_v", "gcn_e", "--model", f"gcn_v={mine}", "--epochs", "1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    doc = json.loads((out / "results.json").read_text())
+    rows = {m["method"]: m for m in doc["methods"]}
+    assert rows["gcn_v"]["params"]["model"] == str(mine)
+    assert rows["gcn_e"]["params"]["gcn_v_model"] == str(mine)
+    assert rows["gcn_e"]["params"]["gcn_e_model"] == str(out / "models" / "gcn_e.pth")
+    assert not (out / "models" / "gcn_v.pth").exists()
+    assert doc["knn"]["source"].startswith("read from")  # built by an earlier test
+
+
+def test_knn_time_is_reported_when_built(bench, tmp_path, capsys):
+    out = tmp_path / "k"
+    args = ["cluster", "benchmark", str(bench), "--k", "7", "--out", str(out), "--quiet"]
+    assert main([*args, "--methods", "cc", "--params", "{bad"]) == 2
+    assert "--params is not valid JSON" in capsys.readouterr().err
+    assert main([*args, "--methods", "cc"]) == 0
+    capsys.readouterr()
+    knn = json.loads((out / "results.json").read_text())["knn"]
+    assert knn["source"].startswith("built") and knn["seconds"] > 0 and knn["k"] == 7

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,16 +37,25 @@ def _load(args: argparse.Namespace, name: str, require_labels: bool = False):
     return load_cluster_set(args.root, name, dim=args.dim, require_labels=require_labels)
 
 
-def _knn(args: argparse.Namespace, data: Any):
+def _knn(args: argparse.Namespace, data: Any) -> tuple[Any, dict[str, Any]]:
+    """The set's kNN graph (cached under ``ROOT/knns/``) and how it was made."""
     from robustface.cluster.dataset import knn_path
     from robustface.cluster.knn import load_or_build_knn
 
     # learn-to-cluster names exact graphs faiss_k_80.npz; approximate ones get their index name
     method = "faiss" if args.knn_method == "flat" else f"faiss_{args.knn_method}"
     path = knn_path(args.root, data.name, args.k, method=method)
-    return load_or_build_knn(
+    cached = path.is_file()
+    t0 = time.perf_counter()
+    graph = load_or_build_knn(
         path, data.features, k=args.k, method=args.knn_method, show_progress=not args.quiet
     )
+    info = {
+        "method": args.knn_method,
+        "seconds": time.perf_counter() - t0,
+        "source": f"read from {path}" if cached else f"built, cached in {path}",
+    }
+    return graph, info
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -90,8 +100,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _cmd_knn(args: argparse.Namespace) -> int:
     data = _load(args, args.name)
-    graph = _knn(args, data)
-    print(f"kNN of {data.name}: {graph.num_samples} x k={graph.k}")
+    graph, info = _knn(args, data)
+    print(f"kNN of {data.name}: {graph.num_samples} x k={graph.k}, {info['source']}")
     return 0
 
 
@@ -103,7 +113,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data,
         args.out,
         kinds=args.kinds,
-        knn=_knn(args, data),
+        knn=_knn(args, data)[0],
+        gcn_v=args.gcn_v,
         iters=args.iters,
         epochs=args.epochs,
         device=args.device,
@@ -120,26 +131,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from robustface.cluster.benchmark import method_params, run_methods
     from robustface.data.ltc import write_meta
 
+    CLUSTERERS.get(args.method)
     data = _load(args, args.name)
     models = _key_values(args.model, "--model")
     overrides = _key_values(args.param, "--param")
+    graph, info = _knn(args, data)
     if data.labels is not None:
         results = run_methods(
             data,
             [args.method],
             args.out,
-            knn=_knn(args, data),
+            knn=graph,
+            knn_info=info,
             models=models,
             params={args.method: overrides},
+            device=args.device,
             show_progress=not args.quiet,
         )
-        if results[0].error:
-            raise ValueError(f"{args.method} failed: {results[0].error}")
+        if results[0].error or results[0].skipped:
+            raise ValueError(f"{args.method}: {results[0].error or results[0].skipped}")
         labels = np.load(Path(args.out) / "labels" / f"{args.method}.npy")
         print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
     else:  # no ground truth: cluster and write the labels only
-        params = method_params(args.method, None, models, overrides)
-        labels = CLUSTERERS.get(args.method)(data.features, _knn(args, data), **params)
+        params = method_params(
+            args.method, None, models, overrides, device=args.device, knn_method=args.knn_method
+        )
+        fn = CLUSTERERS.get(args.method)
+        if "show_progress" in fn.__code__.co_varnames:
+            params.setdefault("show_progress", not args.quiet)
+        labels = fn(data.features, graph, **params)
     write_meta(Path(args.out) / f"{data.name}_{args.method}.meta", np.asarray(labels))
     print(
         f"{len(np.unique(labels))} clusters -> {Path(args.out) / f'{data.name}_{args.method}.meta'}"
@@ -158,36 +178,49 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from robustface.cluster.base import CLUSTERERS
     from robustface.cluster.benchmark import BASELINES, LEARNED, run_methods
     from robustface.cluster.training import KINDS_FOR, train_models
 
     methods = list(args.methods or (*BASELINES, *LEARNED))
+    for method in methods:  # every check before hours of training
+        CLUSTERERS.get(method)
+    try:
+        params = json.loads(args.params or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--params is not valid JSON: {exc}") from None
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise ValueError('--params must map method names to objects, e.g. {"cc": {"min_sim": 0.8}}')
+    if set(params) - set(methods):
+        raise ValueError(f"--params names methods not run: {sorted(set(params) - set(methods))}")
+    test = _load(args, args.test, require_labels=True)
     models: dict[str, Any] = _key_values(args.model, "--model")
     needed = sorted({kind for m in methods for kind in KINDS_FOR.get(m, ())} - set(models))
     if needed:
         train = _load(args, args.train, require_labels=True)
-        models.update(
-            train_models(
-                train,
-                Path(args.out) / "models",
-                kinds=needed,
-                knn=_knn(args, train),
-                iters=args.iters,
-                epochs=args.epochs,
-                device=args.device,
-                seed=args.seed,
-                show_progress=not args.quiet,
-            )
+        trained = train_models(
+            train,
+            Path(args.out) / "models",
+            kinds=needed,
+            knn=_knn(args, train)[0],
+            gcn_v=models.get("gcn_v"),
+            iters=args.iters,
+            epochs=args.epochs,
+            device=args.device,
+            seed=args.seed,
+            show_progress=not args.quiet,
         )
-    test = _load(args, args.test, require_labels=True)
-    params = {m: p for m, p in json.loads(args.params or "{}").items()}
+        models.update({kind: path for kind, path in trained.items() if kind not in models})
+    graph, info = _knn(args, test)
     run_methods(
         test,
         methods,
         args.out,
-        knn=_knn(args, test),
+        knn=graph,
+        knn_info=info,
         models=models,
         params=params,
+        device=args.device,
         show_progress=not args.quiet,
     )
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
@@ -253,6 +286,7 @@ def add_cluster_parser(sub: Any) -> None:
     q.add_argument("--out", required=True, type=Path, help="directory for the model files")
     q.add_argument("--kinds", nargs="+", default=["gcn_v", "gcn_e", "gcn_d", "gcn_s"],
                    choices=["gcn_v", "gcn_e", "gcn_d", "gcn_s"])  # fmt: skip
+    q.add_argument("--gcn-v", type=Path, help="trained GCN-V for GCN-E (instead of training one)")
     _train_args(q)
     q.set_defaults(func=_cmd_train)
 
@@ -261,6 +295,7 @@ def add_cluster_parser(sub: Any) -> None:
                    "gcn_v, gcn_e, gcn_d, gcn_ds")  # fmt: skip
     _data_args(q)
     q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--device", default="cpu", help="device of the learned methods")
     q.add_argument("--model", action="append", default=[], metavar="KIND=PATH",
                    help="trained model: gcn_v=..., gcn_e=..., gcn_d=..., gcn_s=...")  # fmt: skip
     q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",

@@ -27,6 +27,7 @@ from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.dataset import ClusterSet
 from robustface.cluster.knn import KnnGraph, Method, build_knn
 from robustface.cluster.metrics import evaluate_clustering
+from robustface.cluster.training import MODEL_PARAMS
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
@@ -43,12 +44,6 @@ BASELINES: tuple[str, ...] = (
     "infomap",
 )
 LEARNED: tuple[str, ...] = ("gcn_d", "gcn_ds", "gcn_v", "gcn_e")
-MODEL_PARAMS: dict[str, dict[str, str]] = {
-    "gcn_v": {"model": "gcn_v"},
-    "gcn_e": {"gcn_v_model": "gcn_v", "gcn_e_model": "gcn_e"},
-    "gcn_d": {"model": "gcn_d"},
-    "gcn_ds": {"model": "gcn_d", "seg_model": "gcn_s"},
-}
 HAC_MAX_SAMPLES = 100_000  # sklearn's connectivity-restricted HAC needs O(N k) dense work per merge
 
 
@@ -70,11 +65,17 @@ def method_params(
     labels: np.ndarray | None,
     models: Mapping[str, str | Path] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    device: str = "cpu",
+    knn_method: Method = "flat",
 ) -> dict[str, Any]:
     """Keyword arguments of ``method``: with ground-truth ``labels``, ``kmeans`` and ``hac`` get
     the true number of identities (as the published baselines); learned methods get their model
-    files from ``models`` (``gcn_v``, ``gcn_e``, ``gcn_d``, ``gcn_s``); ``overrides`` win."""
+    files from ``models`` (``gcn_v``, ``gcn_e``, ``gcn_d``, ``gcn_s``), ``device`` and the
+    ``knn_method`` of the graphs they build; ``overrides`` win."""
     params: dict[str, Any] = {}
+    if method in MODEL_PARAMS:
+        params.update(device=device, knn_method=knn_method)
     if method in ("kmeans", "hac") and labels is not None:
         params["num_clusters"] = int(np.unique(labels[labels >= 0]).size)
     for param, kind in MODEL_PARAMS.get(method, {}).items():
@@ -178,15 +179,18 @@ def run_methods(
     knn: KnnGraph | None = None,
     k: int = 80,
     knn_method: Method = "flat",
+    knn_info: Mapping[str, Any] | None = None,
     models: Mapping[str, str | Path] | None = None,
     params: Mapping[str, Mapping[str, Any]] | None = None,
+    device: str = "cpu",
     show_progress: bool = True,
 ) -> list[MethodResult]:
     """Run ``methods`` on ``data`` (labels required) and write the comparison (module docstring).
 
-    ``knn`` is used when given (its build time is then not known); otherwise it is built with
-    ``k`` and ``knn_method``. ``params`` maps a method to keyword overrides. ``hac`` is skipped
-    above :data:`HAC_MAX_SAMPLES` samples.
+    ``knn`` is used when given, with ``knn_info`` (``method``, ``seconds``, ``source``) saying how
+    it was made; otherwise it is built with ``k`` and ``knn_method``. ``params`` maps a method to
+    keyword overrides; learned methods run on ``device``. ``hac`` is skipped above
+    :data:`HAC_MAX_SAMPLES` samples.
     """
     if data.labels is None:
         raise ValueError(f"set {data.name!r} has no labels: a benchmark needs the ground truth")
@@ -195,7 +199,12 @@ def run_methods(
     unknown = set(params or {}) - set(methods)
     if unknown:
         raise ValueError(f"params given for methods not run: {', '.join(sorted(unknown))}")
-    all_params = {m: method_params(m, data.labels, models, (params or {}).get(m)) for m in methods}
+    all_params = {
+        m: method_params(
+            m, data.labels, models, (params or {}).get(m), device=device, knn_method=knn_method
+        )
+        for m in methods
+    }
     out_dir = Path(out_dir)
     (out_dir / "labels").mkdir(parents=True, exist_ok=True)
     if knn is None:
@@ -208,7 +217,8 @@ def run_methods(
             raise ValueError(
                 f"knn has {knn.num_samples} rows but set {data.name!r} has {len(data.features)}"
             )
-        knn_info = {"method": "given", "k": knn.k, "seconds": 0.0, "source": "read from file"}
+        knn_info = {"method": "given", "seconds": 0.0, "source": "given", **(knn_info or {})}
+        knn_info["k"] = knn.k
     results: list[MethodResult] = []
     for method in methods:
         kwargs = all_params[method]

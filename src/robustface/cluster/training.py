@@ -20,15 +20,17 @@ from robustface.cluster.gcn_v import load_gcn_v, save_gcn, train_gcn_v
 from robustface.cluster.knn import KnnGraph
 from robustface.cluster.proposals import generate_proposals
 
-__all__ = ["KINDS", "KINDS_FOR", "train_models"]
+__all__ = ["KINDS", "KINDS_FOR", "MODEL_PARAMS", "train_models"]
 
 KINDS: tuple[str, ...] = ("gcn_v", "gcn_e", "gcn_d", "gcn_s")
-KINDS_FOR: dict[str, tuple[str, ...]] = {
-    "gcn_v": ("gcn_v",),
-    "gcn_e": ("gcn_v", "gcn_e"),
-    "gcn_d": ("gcn_d",),
-    "gcn_ds": ("gcn_d", "gcn_s"),
+MODEL_PARAMS: dict[str, dict[str, str]] = {
+    "gcn_v": {"model": "gcn_v"},
+    "gcn_e": {"gcn_v_model": "gcn_v", "gcn_e_model": "gcn_e"},
+    "gcn_d": {"model": "gcn_d"},
+    "gcn_ds": {"model": "gcn_d", "seg_model": "gcn_s"},
 }
+"""Per learned clusterer: its keyword argument for each trained model it needs."""
+KINDS_FOR: dict[str, tuple[str, ...]] = {m: tuple(p.values()) for m, p in MODEL_PARAMS.items()}
 """The models each learned clusterer needs."""
 
 
@@ -41,6 +43,7 @@ def train_models(
     iters: int | None = None,
     epochs: int | None = None,
     proposals: str = "train_8",
+    gcn_v: str | Path | None = None,
     device: str = "cpu",
     seed: int = 0,
     show_progress: bool = True,
@@ -48,7 +51,9 @@ def train_models(
     """Train ``kinds`` on ``data`` (labels required) with its kNN graph ``knn``.
 
     ``iters`` overrides GCN-V's iteration count and ``epochs`` the epochs of GCN-E, GCN-D and
-    GCN-S (None: the modules' defaults). Returns ``{kind: model file}``.
+    GCN-S (None: the modules' defaults). GCN-E learns on the outputs of ``gcn_v`` when given (a
+    trained GCN-V file), else of the GCN-V trained here, which ``kinds`` must then include.
+    Returns ``{kind: model file}`` for the models trained here.
     """
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -63,20 +68,22 @@ def train_models(
     common = {"device": device, "seed": seed, "show_progress": show_progress}
     epoch_kw = {} if epochs is None else {"epochs": epochs}
     meta = {"trained_on": data.name, "samples": data.num_samples, "k": knn.k}
-    if "gcn_v" in kinds or "gcn_e" in kinds:
-        path = out_dir / "gcn_v.pth"
-        if "gcn_v" in kinds or not path.is_file():
-            iter_kw = {} if iters is None else {"iters": iters}
-            model = train_gcn_v(data.features, data.labels, knn, **iter_kw, **common)
-            save_gcn(model, path, meta)
-        paths["gcn_v"] = path
+    if "gcn_e" in kinds and gcn_v is None and "gcn_v" not in kinds:
+        raise ValueError("training gcn_e needs a GCN-V: add gcn_v to kinds or pass gcn_v=FILE")
+    if "gcn_v" in kinds:
+        iter_kw = {} if iters is None else {"iters": iters}
+        model = train_gcn_v(data.features, data.labels, knn, **iter_kw, **common)
+        save_gcn(model, out_dir / "gcn_v.pth", meta)
+        paths["gcn_v"] = out_dir / "gcn_v.pth"
     if "gcn_e" in kinds:
-        gcn_v = load_gcn_v(paths["gcn_v"], device)
+        source = paths.get("gcn_v", gcn_v)
         edge_feats, conf, edge_knn = gcn_e_inputs(
-            gcn_v, data.features, knn, device=device, show_progress=show_progress
-        )
+            load_gcn_v(source, device), data.features, knn, device=device,
+            show_progress=show_progress,
+        )  # fmt: skip
+        e_meta = {**meta, "k": edge_knn.k, "gcn_v": str(source)}
         model = train_gcn_e(edge_feats, conf, data.labels, edge_knn, **epoch_kw, **common)
-        save_gcn(model, out_dir / "gcn_e.pth", meta)
+        save_gcn(model, out_dir / "gcn_e.pth", e_meta)
         paths["gcn_e"] = out_dir / "gcn_e.pth"
     if "gcn_d" in kinds or "gcn_s" in kinds:
         props = generate_proposals(knn, proposals, data.features, show_progress=show_progress)

@@ -19,7 +19,6 @@ lr x0.1 at epochs 15, 24 and 28, 32 proposals per step, hidden dims (512, 64), d
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
@@ -34,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.gcn_v import _eval_mode, _rng_devices
 from robustface.cluster.graph import relabel
 from robustface.cluster.knn import KnnGraph, Method, check_features
 from robustface.cluster.proposals import (
@@ -294,10 +294,6 @@ def _train(
     return history
 
 
-def _rng_devices(device: torch.device) -> list[int]:
-    return [device.index or 0] if device.type == "cuda" else []
-
-
 def train_gcn_d(
     features: np.ndarray,
     knn: KnnGraph,
@@ -434,17 +430,6 @@ def _check_model(model: DSGCN, stage: Stage, feature_dim: int) -> None:
         raise ValueError(
             f"model expects {model.config['feature_dim']}-dim features, got {feature_dim}"
         )
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Evaluation mode for the block; the model's previous mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ from robustface.cluster.gcn_v import (
     _check_confidence,
     _check_knn,
     _check_labels,
+    _eval_mode,
     _load_state,
     _lr_milestones,
     _rng_devices,
@@ -319,9 +320,8 @@ def predict_gcn_e(
     rows = rows[np.argsort(_candidate_counts(knn, conf)[rows], kind="stable")]
     weights = _edge_weights(knn)
     device = torch.device(device)
-    was_training = model.training
-    model.to(device).eval()
-    try:
+    model.to(device)
+    with _eval_mode(model):
         starts = range(0, len(rows), batch_size)
         for start in tqdm(starts, desc="GCN-E predict", unit="batch", disable=not show_progress):
             centres = rows[start : start + batch_size]
@@ -334,8 +334,6 @@ def predict_gcn_e(
             choice = score.argmax(dim=1).cpu().numpy()
             at = np.arange(len(centres))
             peak[centres], sim[centres] = cand[at, choice], cand_sims[at, choice]
-    finally:
-        model.train(was_training)
     return peak, sim
 
 

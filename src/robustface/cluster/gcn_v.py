@@ -19,9 +19,10 @@ also read learn-to-cluster ``.pth`` files (a bare state dict or mmcv's ``{"state
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,17 @@ def _lr_milestones(total: int, lr_steps: Sequence[float]) -> list[int]:
     return [int(r * total) for r in lr_steps]
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode for the block; the model's previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _rng_devices(device: torch.device) -> list[int]:
     """CUDA devices whose RNG training may use (forked so the caller's RNG state is kept)."""
     return [device.index or 0] if device.type == "cuda" else []
@@ -355,9 +367,8 @@ def predict_gcn_v(
     x = torch.from_numpy(feats).to(device)
     conf = np.empty(num, dtype=np.float32)
     hidden = np.empty((num, model.hidden), dtype=np.float32)
-    was_training = model.training
-    model.to(device).eval()
-    try:
+    model.to(device)
+    with _eval_mode(model):
         starts = range(0, num, batch_size)
         for start in tqdm(starts, desc="GCN-V predict", unit="batch", disable=not show_progress):
             stop = min(start + batch_size, num)
@@ -365,8 +376,6 @@ def predict_gcn_v(
             h = model.conv1.combine(x[start:stop], agg)
             conf[start:stop] = model.head(h).cpu().numpy()
             hidden[start:stop] = h.cpu().numpy()
-    finally:
-        model.train(was_training)
     return conf, hidden
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import DBSCAN, AgglomerativeClustering
 
+from cluster_reference import pairwise_f
 from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.baselines import aro, aro_distances, cc, chinese_whispers, dbscan, hac
 from robustface.cluster.graph import knn_adjacency, relabel
@@ -28,17 +29,6 @@ def planted(
     x = np.vstack([x, rng.standard_normal((outliers, dim))])
     labels = np.r_[labels, num_clusters + np.arange(outliers)]
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
-
-
-def pairwise_f(gt: np.ndarray, pred: np.ndarray) -> float:
-    """Pairwise F-score by brute force over all pairs; ``-1`` (unassigned) is a singleton."""
-    pred = np.where(pred < 0, pred.max() + 1 + np.arange(len(pred)), pred)
-    off = ~np.eye(len(gt), dtype=bool)
-    same_gt = (gt[:, None] == gt[None, :]) & off
-    same_pred = (pred[:, None] == pred[None, :]) & off
-    tp = np.count_nonzero(same_gt & same_pred)
-    precision, recall = tp / max(same_pred.sum(), 1), tp / max(same_gt.sum(), 1)
-    return 0.0 if tp == 0 else 2 * precision * recall / (precision + recall)
 
 
 def graph_from_lists(lists: list[list[int]], sims: list[list[float]] | None = None) -> KnnGraph:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from itertools import combinations
 
 import numpy as np
 import pytest
 import torch
 
+from cluster_reference import pairwise_f as brute_pairwise_f
 from robustface.cli import main
 from robustface.data.ltc import read_meta
 
@@ -19,14 +19,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def brute_pairwise_f(gt: np.ndarray, pred: np.ndarray) -> float:
-    same_gt = {(i, j) for i, j in combinations(range(len(gt)), 2) if gt[i] == gt[j]}
-    same_pred = {(i, j) for i, j in combinations(range(len(gt)), 2) if pred[i] == pred[j]}
-    tp = len(same_gt & same_pred)
-    p, r = tp / max(len(same_pred), 1), tp / max(len(same_gt), 1)
-    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
 
 
 @pytest.fixture(scope="module")

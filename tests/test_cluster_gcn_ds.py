@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cluster_reference import pairwise_f
 from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.gcn_ds import (
     DSGCN,
@@ -41,16 +42,6 @@ def make_proposals(parts: list[list[int]], k: int | list[int]) -> Proposals:
     sizes = [len(p) for p in parts]
     ks = [k] * len(parts) if isinstance(k, int) else k
     return Proposals(np.concatenate([[0], np.cumsum(sizes)]), np.concatenate(parts), np.array(ks))
-
-
-def pairwise_f(gt: np.ndarray, pred: np.ndarray) -> float:
-    """Pairwise F-score by brute force over all sample pairs."""
-    iu = np.triu_indices(len(gt), 1)
-    same_gt = (gt[:, None] == gt[None, :])[iu]
-    same_pred = (pred[:, None] == pred[None, :])[iu]
-    tp = (same_gt & same_pred).sum()
-    precision, recall = tp / max(same_pred.sum(), 1), tp / same_gt.sum()
-    return float(2 * precision * recall / (precision + recall)) if tp else 0.0
 
 
 def random_graph(n: int = 30, dim: int = 6, k: int = 6, seed: int = 0):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cluster_reference import pairwise_f, planted
 from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.gcn_e import (
     GCNE,
@@ -33,34 +34,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def planted(
-    seed: int, centres: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """30 Gaussian identities in 32-d, in 15 overlapping twin pairs, log-normal per-sample noise
-    scale; the same ``centres`` give another split of the same identities."""
-    rng = np.random.default_rng(seed)
-    dim = 32
-    if centres is None:
-        base = rng.standard_normal((15, dim))
-        base /= np.linalg.norm(base, axis=1, keepdims=True)
-        twin = base + 0.6 * rng.standard_normal(base.shape) / np.sqrt(dim)
-        centres = np.concatenate([base, twin / np.linalg.norm(twin, axis=1, keepdims=True)])
-    labels = np.repeat(np.arange(len(centres)), rng.integers(20, 60, len(centres)))
-    scale = 0.8 * np.exp(0.5 * rng.standard_normal((len(labels), 1)))
-    x = centres[labels] + scale * rng.standard_normal((len(labels), dim)) / np.sqrt(dim)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels, centres
-
-
-def pairwise_f(gt: np.ndarray, pred: np.ndarray) -> float:
-    """Pairwise F-score by brute force over all ordered pairs i != j."""
-    off = ~np.eye(len(gt), dtype=bool)
-    same_gt = (gt[:, None] == gt[None]) & off
-    same_pred = (pred[:, None] == pred[None]) & off
-    tp = (same_gt & same_pred).sum()
-    precision, recall = tp / same_pred.sum(), tp / same_gt.sum()
-    return float(2 * precision * recall / (precision + recall))
 
 
 def small_graph(seed: int, n: int = 50, k: int = 8, dim: int = 6) -> tuple[np.ndarray, KnnGraph]:

@@ -13,7 +13,7 @@ from cluster_reference import pairwise_f
 from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.gcn_ds import (
     DSGCN,
-    GraphConv,
+    DSGraphConv,
     deoverlap,
     gcn_d_cluster,
     gcn_ds_cluster,
@@ -82,7 +82,7 @@ def test_graph_conv_layer_matches_numpy() -> None:
     feats, graph = random_graph()
     props = make_proposals([[0, 3, 5, 9, 12, 20], [1, 2, 4]], 6)
     x, adj, mask = proposal_batch(feats, graph, props, np.array([0, 1]))
-    layer = GraphConv(6, 5)
+    layer = DSGraphConv(6, 5)
     out = torch.relu(layer(x, adj)).detach().numpy()
     w = layer.weight.detach().numpy().astype(np.float64)
     for b in range(2):

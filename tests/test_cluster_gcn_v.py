@@ -298,3 +298,55 @@ def test_load_published_state_dict(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(DataFormatError, match=r"junk\.pth"):
         load_gcn_v(tmp_path / "junk.pth")
+
+
+def test_mini_batch_steps_use_the_whole_graph_for_the_batch_rows() -> None:
+    """Two mini-batch steps equal SGD done by hand on the full-graph forward of those rows."""
+    xtr, ytr, _ = planted(0)
+    graph = knn_brute_force(xtr, 10)
+    n, batch, lr, momentum, wd = len(xtr), 37, 0.05, 0.9, 1e-5
+    model = train_gcn_v(
+        xtr, ytr, graph, iters=2, hidden=16, seed=5, batch_size=batch, lr=lr,
+        momentum=momentum, weight_decay=wd, lr_steps=(), show_progress=False,
+    )  # fmt: skip
+    order = np.random.default_rng(5).permutation(n)
+    batches = [np.sort(order[:batch]), np.sort(order[batch : 2 * batch])]
+    torch.manual_seed(5)
+    ref = GCNV(32, hidden=16)
+    x, adj = torch.from_numpy(xtr), to_torch_sparse(gcn_adjacency(graph))
+    target = torch.from_numpy(confidence_targets(ytr, graph))
+    bufs: dict[str, torch.Tensor] = {}
+    losses = []
+    for rows in batches:
+        conf, _ = ref(x, adj)  # aggregation over every row, not just the batch
+        loss = ((conf[rows] - target[rows]) ** 2).mean()
+        losses.append(loss.item())
+        grads = torch.autograd.grad(loss, list(ref.parameters()))
+        with torch.no_grad():
+            for (name, p), g in zip(ref.named_parameters(), grads, strict=True):
+                g = g + wd * p
+                bufs[name] = g if name not in bufs else momentum * bufs[name] + g
+                p -= lr * bufs[name]
+    assert model.loss_history == pytest.approx(losses, rel=1e-5)
+    for name, want in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_mini_batch_training_clusters_like_full_graph_training(trained: dict) -> None:
+    model = train_gcn_v(
+        trained["xtr"], trained["ytr"], trained["ktr"], iters=400, hidden=32, batch_size=128,
+        show_progress=False,
+    )  # fmt: skip
+    conf, _ = predict_gcn_v(model, trained["xte"], trained["kte"], show_progress=False)
+    f_batch = pairwise_f(trained["yte"], confidence_link(trained["kte"], conf, 0.65))
+    conf, _ = predict_gcn_v(trained["model"], trained["xte"], trained["kte"], show_progress=False)
+    f_full = pairwise_f(trained["yte"], confidence_link(trained["kte"], conf, 0.65))
+    assert f_batch >= f_full - 0.05
+    full_loss = np.mean(trained["model"].loss_history[-20:])
+    assert np.mean(model.loss_history[-20:]) < 1.25 * full_loss < 0.25 * model.loss_history[0]
+
+
+def test_mini_batch_size_is_checked() -> None:
+    xtr, ytr, _ = planted(0)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_gcn_v(xtr, ytr, knn_brute_force(xtr, 5), iters=1, batch_size=0, show_progress=False)

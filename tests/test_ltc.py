@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -115,3 +118,45 @@ def test_write_knn_shape_mismatch_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="one shape"):
         write_knn(tmp_path / "k.npz", np.zeros((2, 3), int), np.zeros((2, 4)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_knn_streams_in_chunks_and_numpy_reads_it(tmp_path):
+    rng = np.random.default_rng(1)
+    nbrs = rng.integers(0, 5000, (7, 3))
+    dists = rng.uniform(0, 2, (7, 3)).astype(np.float32)
+    write_knn(tmp_path / "k.npz", nbrs, dists, chunk_rows=2)
+    with np.load(tmp_path / "k.npz") as npz:  # what learn-to-cluster does
+        data = npz["data"]
+    assert data.dtype == np.float32  # ids < 2**24 are exact in float32
+    np.testing.assert_array_equal(data[:, 0, :], nbrs)
+    np.testing.assert_array_equal(data[:, 1, :], dists)
+    for chunk in (1, 3, 100):
+        got_nbrs, got_dists = read_knn(tmp_path / "k.npz", chunk_rows=chunk)
+        np.testing.assert_array_equal(got_nbrs, nbrs)
+        np.testing.assert_array_equal(got_dists, dists)
+
+
+def test_knn_large_ids_are_written_as_float64(tmp_path):
+    nbrs = np.array([[0, 2**24 + 1], [2**40 + 3, 1]])
+    write_knn(tmp_path / "k.npz", nbrs, np.zeros((2, 2), np.float32))
+    with np.load(tmp_path / "k.npz") as npz:
+        assert npz["data"].dtype == np.float64
+    np.testing.assert_array_equal(read_knn(tmp_path / "k.npz")[0], nbrs)
+
+
+def test_knn_fortran_order_and_truncated_files(tmp_path):
+    data = np.asfortranarray(np.array([[[0, 1], [0.0, 0.25]], [[1, 0], [0.0, 0.5]]]))
+    np.savez(tmp_path / "f.npz", data=data)
+    nbrs, dists = read_knn(tmp_path / "f.npz")
+    np.testing.assert_array_equal(nbrs, [[0, 1], [1, 0]])
+    np.testing.assert_array_equal(dists, [[0, 0.25], [0, 0.5]])
+    # a .npy member whose header promises more rows than it holds
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "<f8", "fortran_order": False, "shape": (5, 2, 2)}
+    )
+    buf.write(np.zeros((2, 2, 2)).tobytes())
+    with zipfile.ZipFile(tmp_path / "t.npz", "w") as zf:
+        zf.writestr("data.npy", buf.getvalue())
+    with pytest.raises(DataFormatError, match=r"t\.npz: 'data' is truncated"):
+        read_knn(tmp_path / "t.npz")

@@ -116,6 +116,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         knn=_knn(args, data)[0],
         gcn_v=args.gcn_v,
         iters=args.iters,
+        batch_size=args.gcn_v_batch,
         epochs=args.epochs,
         device=args.device,
         seed=args.seed,
@@ -205,6 +206,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
             knn=_knn(args, train)[0],
             gcn_v=models.get("gcn_v"),
             iters=args.iters,
+            batch_size=args.gcn_v_batch,
             epochs=args.epochs,
             device=args.device,
             seed=args.seed,
@@ -241,6 +243,8 @@ def _data_args(p: argparse.ArgumentParser, name: bool = True) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=None, help="GCN-V iterations (default: module's)")
+    p.add_argument("--gcn-v-batch", type=int, default=None, metavar="ROWS",
+                   help="GCN-V rows per step (default: the whole graph, as published)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=None, help="GCN-E/D/S epochs (default: module's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)

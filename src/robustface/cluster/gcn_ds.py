@@ -47,7 +47,7 @@ from robustface.utils.io import atomic_path
 
 __all__ = [
     "DSGCN",
-    "GraphConv",
+    "DSGraphConv",
     "deoverlap",
     "gcn_d_cluster",
     "gcn_ds_cluster",
@@ -64,11 +64,12 @@ KINDS: dict[str, str] = {"det": "robustface.gcn_d", "seg": "robustface.gcn_s"}
 Device = str | torch.device
 
 
-class GraphConv(nn.Module):
+class DSGraphConv(nn.Module):
     """``D^-1 A X W`` on a batch: ``x`` ``(B, n, in)``, ``adj`` ``(B, n, n)``, ``D`` = row sums.
 
     Rows of ``adj`` summing to 0 (padding) give 0. Weights start uniform in
-    ``±1/sqrt(out_features)`` and there is no bias, as learn-to-cluster's ``GraphConv``.
+    ``±1/sqrt(out_features)`` and there is no bias, as ``GraphConv`` in learn-to-cluster's
+    ``dsgcn`` (GCN-V/E's :class:`~robustface.cluster.gcn_v.GraphConv` is ``[X, AX] W``).
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -117,7 +118,7 @@ class DSGCN(nn.Module):
         self.stage = stage
         self.dropout = dropout
         dims = [feature_dim + (stage == "seg"), *hidden]
-        self.layers = nn.ModuleList(GraphConv(i, o) for i, o in itertools.pairwise(dims))
+        self.layers = nn.ModuleList(DSGraphConv(i, o) for i, o in itertools.pairwise(dims))
         self.head = nn.Linear(hidden[-1], 2)
 
     def forward(self, x: torch.Tensor, adj: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

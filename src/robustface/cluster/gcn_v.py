@@ -275,6 +275,19 @@ def _rng_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
+def _row_batches(num: int, batch_size: int | None, seed: int) -> Iterator[np.ndarray | None]:
+    """Endless row batches: None (all rows) without ``batch_size``, else sorted batches of a
+    fresh permutation per pass (the last batch of a pass may be smaller)."""
+    if batch_size is None or batch_size >= num:
+        while True:
+            yield None
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(num)
+        for start in range(0, num, batch_size):
+            yield np.sort(order[start : start + batch_size])
+
+
 def train_gcn_v(
     features: np.ndarray,
     labels: np.ndarray,
@@ -287,20 +300,26 @@ def train_gcn_v(
     momentum: float = 0.9,
     weight_decay: float = 1e-5,
     lr_steps: Sequence[float] = (0.5, 0.8, 0.9),
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
     show_progress: bool = True,
     log_every: int = 100,
 ) -> GCNV:
-    """Train GCN-V on the whole graph (one full-graph step per iteration), MSE to the targets.
+    """Train GCN-V, MSE to the confidence targets; one SGD step per iteration.
 
     Published (``cfg_train_gcnv_ms1m.py``): SGD lr 0.1, momentum 0.9, weight decay 1e-5, 80,000
     iterations, lr x0.1 at 50/80/90 % of them, dropout 0, hidden 512. ``iters`` defaults to 2,000
     for CPU use (one iteration at 200K x 256, hidden 512, took ~30 s on 2 CPU cores; reproduce
     the paper on a GPU with ``iters=80000``). ``AX`` is computed once: the only graph operation
-    acts on the fixed input features, so this equals aggregating in every iteration. The
-    per-iteration losses are in ``model.loss_history``; every ``log_every`` iterations the loss
-    is logged and shown.
+    acts on the fixed input features, so this equals aggregating in every iteration.
+
+    That also makes GCN-V an MLP on the rows ``[X, AX]``, so ``batch_size`` rows per step
+    (mini-batch SGD on the same loss, rows drawn without replacement, a new permutation each
+    pass) train it exactly as the full graph would, at a fraction of the cost per step: the way
+    to train at 500K+ samples on a CPU. None (default) takes every row in every step, as
+    published. The per-iteration losses (of the step's rows) are in ``model.loss_history``;
+    every ``log_every`` iterations the loss is logged and shown.
     """
     feats = normalize_rows(features)
     num = len(feats)
@@ -309,6 +328,8 @@ def train_gcn_v(
         raise ValueError(f"iters must be >= 1, got {iters}")
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     targets = confidence_targets(labels, knn)
     agg = gcn_adjacency(knn) @ feats
     device = torch.device(device)
@@ -324,9 +345,16 @@ def train_gcn_v(
         )
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
         model.train()
+        rows = _row_batches(num, batch_size, seed)
         bar = tqdm(range(iters), desc="GCN-V", unit="iter", disable=not show_progress)
         for it in bar:
-            loss = F.mse_loss(model.head(model.conv1.combine(x, agg_t)), target)
+            idx = next(rows)
+            if idx is None:
+                loss = F.mse_loss(model.head(model.conv1.combine(x, agg_t)), target)
+            else:
+                idx_t = torch.from_numpy(idx).to(device)
+                pred = model.head(model.conv1.combine(x[idx_t], agg_t[idx_t]))
+                loss = F.mse_loss(pred, target[idx_t])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -41,6 +41,7 @@ def train_models(
     kinds: Sequence[str] = KINDS,
     knn: KnnGraph,
     iters: int | None = None,
+    batch_size: int | None = None,
     epochs: int | None = None,
     proposals: str = "train_8",
     gcn_v: str | Path | None = None,
@@ -50,9 +51,10 @@ def train_models(
 ) -> dict[str, Path]:
     """Train ``kinds`` on ``data`` (labels required) with its kNN graph ``knn``.
 
-    ``iters`` overrides GCN-V's iteration count and ``epochs`` the epochs of GCN-E, GCN-D and
-    GCN-S (None: the modules' defaults). GCN-E learns on the outputs of ``gcn_v`` when given (a
-    trained GCN-V file), else of the GCN-V trained here, which ``kinds`` must then include.
+    ``iters`` overrides GCN-V's iteration count, ``batch_size`` its rows per step (None: the whole
+    graph) and ``epochs`` the epochs of GCN-E, GCN-D and GCN-S (None: the modules' defaults).
+    GCN-E learns on the outputs of ``gcn_v`` when given (a trained GCN-V file), else of the GCN-V
+    trained here, which ``kinds`` must then include.
     Returns ``{kind: model file}`` for the models trained here.
     """
     unknown = [k for k in kinds if k not in KINDS]
@@ -72,8 +74,11 @@ def train_models(
         raise ValueError("training gcn_e needs a GCN-V: add gcn_v to kinds or pass gcn_v=FILE")
     if "gcn_v" in kinds:
         iter_kw = {} if iters is None else {"iters": iters}
-        model = train_gcn_v(data.features, data.labels, knn, **iter_kw, **common)
-        save_gcn(model, out_dir / "gcn_v.pth", meta)
+        model = train_gcn_v(
+            data.features, data.labels, knn, batch_size=batch_size, **iter_kw, **common
+        )
+        v_meta = {**meta, "iters": len(model.loss_history), "batch_size": batch_size}
+        save_gcn(model, out_dir / "gcn_v.pth", v_meta)
         paths["gcn_v"] = out_dir / "gcn_v.pth"
     if "gcn_e" in kinds:
         source = paths.get("gcn_v", gcn_v)

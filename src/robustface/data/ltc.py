@@ -3,13 +3,15 @@
 Features: raw float32 ``.bin``, ``N x dim`` row-major. Labels: ``.meta`` text, one integer per line.
 kNN: ``.npz`` with key ``data`` of shape ``[N, 2, k]`` holding neighbour ids (``[:, 0]``) and
 distances ``1 - cos`` (``[:, 1]``), the sample itself included; ids are stored as floats, as the
-original code does.
+original code does. kNN files are read and written in row chunks (bounded memory at millions
+of rows).
 """
 
 from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -81,41 +83,113 @@ def write_meta(path: str | Path, labels: np.ndarray) -> None:
     write_text_atomic(path, "".join(f"{v}\n" for v in labels.tolist()))
 
 
-def read_knn(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a kNN ``.npz``: neighbour ids ``(N, k)`` int64 and distances ``(N, k)`` float32."""
+KNN_CHUNK_ROWS = 65536  # rows of the [N, 2, k] array read or written at a time
+FLOAT32_EXACT_IDS = 2**24  # float32 holds every integer up to this exactly
+
+
+def read_knn(path: str | Path, chunk_rows: int = KNN_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Read a kNN ``.npz``: neighbour ids ``(N, k)`` int64 and distances ``(N, k)`` float32.
+
+    The ``data`` array is read ``chunk_rows`` rows at a time, straight into the two outputs, so
+    memory is the outputs plus one chunk (never the whole ``[N, 2, k]`` array).
+    """
     path = Path(path)
     try:
-        npz = np.load(path)
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
         raise DataFormatError(path, f"not a readable .npz file: {exc}") from exc
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise DataFormatError(path, "expected an .npz archive with key 'data', got a .npy array")
-    with npz:
-        if "data" not in npz.files:
-            raise DataFormatError(path, f"no key 'data' (keys: {npz.files})")
+    with zf:
+        names = [n[: -len(".npy")] if n.endswith(".npy") else n for n in zf.namelist()]
+        if "data" not in names:
+            raise DataFormatError(path, f"no key 'data' (keys: {names})")
+        member = zf.namelist()[names.index("data")]
         try:
-            data = npz["data"]
-        except ValueError as exc:  # object arrays need pickle, which is not allowed
+            with zf.open(member) as f:
+                return _read_knn_stream(path, f, chunk_rows)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise DataFormatError(path, f"cannot read 'data': {exc}") from exc
-    if data.ndim != 3 or data.shape[1] != 2:
-        raise DataFormatError(path, f"'data' must have shape [N, 2, k], got {list(data.shape)}")
-    ids = data[:, 0, :]
-    nbrs = ids.astype(np.int64)
-    if np.issubdtype(ids.dtype, np.floating) and not np.array_equal(nbrs, ids):
+
+
+def _read_knn_stream(path: Path, f: BinaryIO, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read_header(f)
+    except ValueError as exc:
+        raise DataFormatError(path, f"cannot read 'data': {exc}") from exc
+    if len(shape) != 3 or shape[1] != 2:
+        raise DataFormatError(path, f"'data' must have shape [N, 2, k], got {list(shape)}")
+    if dtype.hasobject or not (np.issubdtype(dtype, np.number)):
+        raise DataFormatError(path, f"cannot read 'data': {dtype} is not a numeric dtype")
+    num, _, k = shape
+    nbrs = np.empty((num, k), dtype=np.int64)
+    dists = np.empty((num, k), dtype=np.float32)
+    if fortran:  # column-major: rows are not contiguous; read whole (not what numpy writes)
+        data = np.frombuffer(_read_exact(path, f, num * 2 * k * dtype.itemsize), dtype)
+        return _split_knn(path, data.reshape(shape, order="F"), nbrs, dists, 0)
+    row_bytes = 2 * k * dtype.itemsize
+    for start in range(0, num, max(1, chunk_rows)):
+        stop = min(num, start + max(1, chunk_rows))
+        raw = _read_exact(path, f, (stop - start) * row_bytes)
+        block = np.frombuffer(raw, dtype).reshape(stop - start, 2, k)
+        _split_knn(path, block, nbrs, dists, start)
+    return nbrs, dists
+
+
+def _read_exact(path: Path, f: BinaryIO, size: int) -> bytes:
+    raw = f.read(size)
+    if len(raw) != size:
+        raise DataFormatError(path, f"'data' is truncated: {len(raw)} of {size} bytes left")
+    return raw
+
+
+def _split_knn(
+    path: Path, block: np.ndarray, nbrs: np.ndarray, dists: np.ndarray, start: int
+) -> tuple[np.ndarray, np.ndarray]:
+    ids = block[:, 0, :]
+    stop = start + len(block)
+    nbrs[start:stop] = ids
+    if np.issubdtype(ids.dtype, np.floating) and not np.array_equal(nbrs[start:stop], ids):
         raise DataFormatError(path, "neighbour ids in data[:, 0] are not integers")
-    return nbrs, data[:, 1, :].astype(np.float32)
+    dists[start:stop] = block[:, 1, :]
+    return nbrs, dists
 
 
-def write_knn(path: str | Path, nbrs: np.ndarray, dists: np.ndarray) -> None:
+def write_knn(
+    path: str | Path, nbrs: np.ndarray, dists: np.ndarray, chunk_rows: int = KNN_CHUNK_ROWS
+) -> None:
     """Write a kNN graph as learn-to-cluster's ``.npz`` (key ``data``, ``[N, 2, k]``), atomically.
 
-    Ids and distances share one float64 array (ids are exact up to 2**53).
+    Ids and distances share one float array, as learn-to-cluster writes it: float32 when every id
+    is below 2**24 (exact, half the size), else float64 (exact up to 2**53). The array is
+    compressed and streamed ``chunk_rows`` rows at a time, so memory stays at one chunk; numpy's
+    ``np.load`` (and learn-to-cluster) read the result as usual.
     """
     nbrs, dists = np.asarray(nbrs), np.asarray(dists)
     if nbrs.ndim != 2 or nbrs.shape != dists.shape:
         raise ValueError(
             f"nbrs and dists must be (N, k) arrays of one shape, got {nbrs.shape} and {dists.shape}"
         )
-    data = np.stack([nbrs.astype(np.float64), dists.astype(np.float64)], axis=1)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, data=data)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    small = nbrs.size == 0 or int(np.abs(nbrs).max()) < FLOAT32_EXACT_IDS
+    dtype = np.dtype(np.float32 if small else np.float64)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": (nbrs.shape[0], 2, nbrs.shape[1])}  # fmt: skip
+    with (
+        atomic_path(path) as tmp,
+        zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf,
+        zf.open("data.npy", "w", force_zip64=True) as f,
+    ):
+        np.lib.format.write_array_header_2_0(f, header)
+        for start in range(0, len(nbrs), chunk_rows):
+            stop = min(len(nbrs), start + chunk_rows)
+            block = np.empty((stop - start, 2, nbrs.shape[1]), dtype=dtype)
+            block[:, 0, :] = nbrs[start:stop]
+            block[:, 1, :] = dists[start:stop]
+            f.write(block.tobytes())

@@ -23,6 +23,7 @@ from robustface.cluster.gcn_ds import (
     train_gcn_d,
     train_gcn_s,
 )
+from robustface.cluster.gcn_v import read_gcn_checkpoint
 from robustface.cluster.knn import KnnGraph, build_knn, normalize_rows
 from robustface.cluster.proposals import Proposals, ProposalSetting, generate_proposals
 from robustface.cluster.proposals import proposal_targets as targets
@@ -309,9 +310,11 @@ def test_save_load_round_trip(trained: dict, tmp_path: Path) -> None:
     graph = build_knn(feats, 10, show_progress=False)
     props = generate_proposals(graph, SETTINGS, feats, show_progress=False)
     path = tmp_path / "gcn_d.pt"
-    trained["det"].save(path)
+    trained["det"].save(path, {"trained_on": "planted", "k": 10})
     loaded = DSGCN.load(path, "det")
     assert loaded.config == trained["det"].config and not loaded.training
+    _, meta = read_gcn_checkpoint(path, "gcn_d")  # the one format of every learned clusterer
+    assert meta == {**trained["det"].config, "kind": "gcn_d", "trained_on": "planted", "k": 10}
     np.testing.assert_array_equal(
         predict_gcn_d(loaded, feats, graph, props, show_progress=False),
         predict_gcn_d(trained["det"], feats, graph, props, show_progress=False),
@@ -323,13 +326,15 @@ def test_save_load_round_trip(trained: dict, tmp_path: Path) -> None:
         feats, graph, model=trained["det"], settings=SETTINGS, show_progress=False
     )
     np.testing.assert_array_equal(via_path, direct)
-    with pytest.raises(ValueError, match=r"robustface\.gcn_d"):
+    with pytest.raises(DataFormatError, match=r"gcn_d\.pt: holds a gcn_d model, not a gcn_s"):
         DSGCN.load(path, "seg")
+    with pytest.raises(ValueError, match="contradicts"):
+        trained["det"].save(tmp_path / "x.pt", {"feature_dim": 7})
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(DataFormatError, match=r"junk\.pt"):
         DSGCN.load(tmp_path / "junk.pt", "det")
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(DataFormatError, match="keys missing"):
+    with pytest.raises(DataFormatError, match=r"other\.pt: not a robustface gcn_d checkpoint"):
         DSGCN.load(tmp_path / "other.pt", "det")
 
 

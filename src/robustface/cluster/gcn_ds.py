@@ -33,7 +33,13 @@ from torch import nn
 from tqdm import tqdm
 
 from robustface.cluster.base import CLUSTERERS
-from robustface.cluster.gcn_v import _eval_mode, _rng_devices
+from robustface.cluster.gcn_v import (
+    _eval_mode,
+    _load_state,
+    _rng_devices,
+    read_gcn_checkpoint,
+    save_gcn,
+)
 from robustface.cluster.graph import relabel
 from robustface.cluster.knn import KnnGraph, Method, check_features
 from robustface.cluster.proposals import (
@@ -43,7 +49,6 @@ from robustface.cluster.proposals import (
     proposal_targets,
 )
 from robustface.errors import DataFormatError
-from robustface.utils.io import atomic_path
 
 __all__ = [
     "DSGCN",
@@ -60,7 +65,7 @@ __all__ = [
 
 Stage = Literal["det", "seg"]
 SeedNode = Literal["random", "max_degree"]
-KINDS: dict[str, str] = {"det": "robustface.gcn_d", "seg": "robustface.gcn_s"}
+STAGE_KIND: dict[str, str] = {"det": "gcn_d", "seg": "gcn_s"}
 Device = str | torch.device
 
 
@@ -100,7 +105,7 @@ class DSGCN(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        if stage not in KINDS:
+        if stage not in STAGE_KIND:
             raise ValueError(f"stage must be 'det' or 'seg', got {stage!r}")
         if feature_dim < 1:
             raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
@@ -116,6 +121,7 @@ class DSGCN(nn.Module):
             "dropout": float(dropout),
         }
         self.stage = stage
+        self.kind = STAGE_KIND[stage]
         self.dropout = dropout
         dims = [feature_dim + (stage == "seg"), *hidden]
         self.layers = nn.ModuleList(DSGraphConv(i, o) for i, o in itertools.pairwise(dims))
@@ -132,32 +138,21 @@ class DSGCN(nn.Module):
             return self.head(pooled)
         return F.log_softmax(self.head(x), dim=-1)
 
-    def save(self, path: str | Path) -> None:
-        """Write the weights and architecture with a kind tag (``robustface.gcn_d``/``gcn_s``)."""
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(path) as tmp:
-            torch.save({"kind": KINDS[self.stage], "config": self.config, "state": state}, tmp)
+    def save(self, path: str | Path, meta: Mapping[str, Any] | None = None) -> None:
+        """Write the model and a JSON-able ``meta`` (provenance) with :func:`save_gcn`."""
+        save_gcn(self, path, meta)
 
     @classmethod
     def load(cls, path: str | Path, stage: Stage, device: Device = "cpu") -> DSGCN:
         """Read a model written by :meth:`save`; a file of the other stage is refused."""
-        if stage not in KINDS:
+        if stage not in STAGE_KIND:
             raise ValueError(f"stage must be 'det' or 'seg', got {stage!r}")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as err:
-            raise DataFormatError(path, f"not a robustface GCN-D/S model file ({err})") from None
-        if not isinstance(blob, dict) or {"kind", "config", "state"} - set(blob):
-            raise DataFormatError(path, "not a robustface GCN-D/S model file (keys missing)")
-        if blob["kind"] != KINDS[stage]:
-            raise ValueError(
-                f"{path} holds a {blob['kind']!r} model, expected {KINDS[stage]!r} "
-                f"(stage={stage!r})"
-            )
-        model = cls(**blob["config"])
-        model.load_state_dict(blob["state"])
+        state, meta = read_gcn_checkpoint(path, STAGE_KIND[stage])
+        names = ("feature_dim", "hidden_dims", "stage", "dropout")
+        if any(name not in meta for name in names):
+            raise DataFormatError(path, f"model meta lacks {[n for n in names if n not in meta]}")
+        model = cls(**{name: meta[name] for name in names})
+        _load_state(Path(path), model, state)
         return model.to(device).eval()
 
 

@@ -408,14 +408,17 @@ def predict_gcn_v(
 
 
 def save_gcn(model: nn.Module, path: str | Path, meta: Mapping[str, Any] | None = None) -> None:
-    """Write ``model`` (GCN-V or GCN-E) and a JSON-able ``meta`` to ``path`` atomically.
+    """Write ``model`` (GCN-V, GCN-E, GCN-D or GCN-S) and a JSON-able ``meta`` to ``path``
+    atomically: the one checkpoint format of the learned clusterers.
 
-    The saved meta is ``model.config`` (``kind``, ``feature_dim``, ``hidden``, ...) plus ``meta``
-    (e.g. ``{"k": 80}``); ``meta`` may not contradict the model's own values.
+    The saved meta is ``model.config`` (``feature_dim``, ``hidden``, ...) and ``model.kind`` plus
+    ``meta`` (provenance, e.g. ``{"trained_on": "part0_train", "k": 80}``); ``meta`` may not
+    contradict the model's own values.
     """
-    config = getattr(model, "config", None)
-    if not isinstance(config, dict) or "kind" not in config:
-        raise TypeError(f"model must be a GCNV or GCNE, got {type(model).__name__}")
+    config, kind = getattr(model, "config", None), getattr(model, "kind", None)
+    if not isinstance(config, dict) or not isinstance(kind, str):
+        raise TypeError(f"model must be a GCNV, GCNE or DSGCN, got {type(model).__name__}")
+    config = {**config, "kind": kind}
     extra = dict(meta or {})
     clash = {k: v for k, v in extra.items() if k in config and config[k] != v}
     if clash:
@@ -426,7 +429,7 @@ def save_gcn(model: nn.Module, path: str | Path, meta: Mapping[str, Any] | None 
     except (TypeError, ValueError) as exc:
         raise TypeError(f"meta must be JSON-serialisable: {exc}") from None
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"format": GCN_FORMAT, "kind": config["kind"], "meta": full, "state_dict": state}
+    payload = {"format": GCN_FORMAT, "kind": kind, "meta": full, "state_dict": state}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -449,8 +452,9 @@ def _published_meta(path: Path, state: Mapping[str, torch.Tensor]) -> dict[str, 
 def read_gcn_checkpoint(
     path: str | Path, kind: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """State dict and meta of a ``kind`` (``gcn_v``/``gcn_e``) checkpoint: ours or
-    learn-to-cluster's (``state_dict`` wrapper and ``module.`` prefixes handled)."""
+    """State dict and meta of a ``kind`` (``gcn_v``/``gcn_e``/``gcn_d``/``gcn_s``) checkpoint:
+    ours (:func:`save_gcn`) or, for GCN-V/E, learn-to-cluster's (``state_dict`` wrapper and
+    ``module.`` prefixes handled)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GCN checkpoint")
@@ -462,6 +466,8 @@ def read_gcn_checkpoint(
         raise DataFormatError(path, f"expected a dict checkpoint, got {type(obj).__name__}")
     if obj.get("format") == GCN_FORMAT:
         state, meta = obj["state_dict"], dict(obj["meta"])
+    elif kind not in ("gcn_v", "gcn_e"):
+        raise DataFormatError(path, f"not a robustface {kind} checkpoint (no {GCN_FORMAT!r} tag)")
     else:
         state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
         state = {

@@ -95,6 +95,6 @@ def train_models(
         for kind, train in (("gcn_d", train_gcn_d), ("gcn_s", train_gcn_s)):
             if kind in kinds:
                 model, _ = train(data.features, knn, props, data.labels, **epoch_kw, **common)
-                model.save(out_dir / f"{kind}.pth")
+                model.save(out_dir / f"{kind}.pth", {**meta, "proposals": proposals})
                 paths[kind] = out_dir / f"{kind}.pth"
     return paths

@@ -9,7 +9,7 @@ simulate``; ``part1_test`` is 584K x 256 at the published scale). Stages, each t
 peak resident memory (``/proc/self/statm`` sampled every 50 ms, so short spikes can be missed;
 the process peak from ``getrusage`` is printed too):
 
-1. read the features (memory-mapped ``.bin`` / ``.npy``) and labels;
+1. read the features (L2-normalised, as ``robustface cluster`` reads them) and labels;
 2. kNN (``k`` neighbours, faiss ``--knn-method``), built and written to the set's kNN cache
    ``ROOT/knns/NAME/faiss[_METHOD]_k_K.npz`` (the file ``robustface cluster`` reads later); an
    existing cache is refused unless ``--reuse-knn`` (then the stage is a read, not a build);
@@ -117,23 +117,25 @@ def main() -> None:
     if cache.exists() and not args.reuse_knn:
         raise SystemExit(
             f"{cache} exists: pass --reuse-knn to read it, or delete it to time a build"
-        )  # noqa: E501
+        )
 
     stages = Stages()
     with stages.stage("read features"):
-        data = load_cluster_set(args.root, args.name, dim=args.dim, mmap=True)
+        data = load_cluster_set(args.root, args.name, dim=args.dim)
     knn_stage = "kNN (read cache)" if cache.exists() else f"kNN ({args.knn_method}, k={args.k})"
     with stages.stage(knn_stage):
         knn = load_or_build_knn(cache, data.features, k=args.k, method=args.knn_method, **kwargs)
     model = load_gcn_v(args.model)
     with stages.stage("GCN-V inference"):
-        conf, hidden = predict_gcn_v(model, data.features, knn, show_progress=False)
+        conf, hidden = predict_gcn_v(
+            model, data.features, knn, return_hidden=args.link != "input", show_progress=False
+        )
     labels: dict[str, np.ndarray] = {}
     if args.link in ("input", "both"):
         with stages.stage(f"peak linking, input kNN (tau {TAU_INPUT_KNN})"):
             labels["input kNN"] = confidence_link(knn, conf, TAU_INPUT_KNN)
     if args.link in ("gcn", "both"):
-        gcn_kwargs = {k: v for k, v in kwargs.items() if k != "nprobe"} | {"normalize": False}
+        gcn_kwargs = kwargs | {"normalize": False}
         with stages.stage(f"kNN of GCN-V features ({args.knn_method}, k={args.k})"):
             gcn_knn = build_knn(unit_rows(hidden), args.k, args.knn_method, **gcn_kwargs)
         with stages.stage(f"peak linking, GCN-V feature kNN (tau {TAU_GCN_FEATURES})"):

@@ -158,6 +158,11 @@ def test_predict_in_batches_equals_full_forward(trained: dict) -> None:
     np.testing.assert_allclose(conf, want_conf.numpy(), atol=1e-5)
     np.testing.assert_allclose(hidden, want_hidden.numpy(), atol=1e-5)
     assert hidden.shape == (len(x), 32)
+    conf_only, none = predict_gcn_v(
+        model, x, graph, batch_size=97, return_hidden=False, show_progress=False
+    )
+    assert none is None
+    np.testing.assert_array_equal(conf_only, conf)
     with pytest.raises(ValueError, match="16-d"):
         predict_gcn_v(model, x[:, :16], graph, show_progress=False)
     with pytest.raises(ValueError, match="knn has"):

@@ -18,8 +18,9 @@ the process peak from ``getrusage`` is printed too):
    hidden features (same method and k) and links there (tau 0.8, learn-to-cluster's default),
    ``both`` does both.
 
-With labels, each linking's pairwise / BCubed F and NMI are printed (not timed). Prints a
-Markdown table and optionally writes everything as JSON.
+With labels, each linking's pairwise / BCubed F and NMI are printed (not timed); with
+``--recall-queries Q``, the recall@k of the input kNN against exact search on Q random rows (not
+timed). Prints a Markdown table and optionally writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import faiss
 import numpy as np
 import torch
 
+from cluster_knn import exact_rows  # this directory is on sys.path when run as a script
 from robustface.cluster.dataset import knn_path, load_cluster_set
 from robustface.cluster.gcn_v import (
     TAU_GCN_FEATURES,
@@ -49,7 +51,7 @@ from robustface.cluster.gcn_v import (
     predict_gcn_v,
     unit_rows,
 )
-from robustface.cluster.knn import build_knn, load_or_build_knn
+from robustface.cluster.knn import KnnGraph, build_knn, knn_recall, load_or_build_knn
 from robustface.cluster.metrics import evaluate_clustering
 from robustface.utils.table import markdown_table
 
@@ -104,6 +106,7 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=None, help="database rows per faiss index")
     p.add_argument("--link", choices=["input", "gcn", "both"], default="both")
     p.add_argument("--reuse-knn", action="store_true", help="read an existing kNN cache")
+    p.add_argument("--recall-queries", type=int, default=0, help="rows to check against exact")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
 
@@ -149,6 +152,14 @@ def main() -> None:
     print(markdown_table(["stage", "time (s)", "peak RSS (GiB)"], rows))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\nend to end with input-kNN linking: {total_input:.0f} s; process peak {peak:.2f} GiB")
+    recall = None
+    if args.recall_queries > 0:
+        rows_q = np.random.default_rng(0).choice(
+            data.num_samples, min(args.recall_queries, data.num_samples), replace=False
+        )
+        exact = exact_rows(np.asarray(data.features), rows_q, knn.k)
+        recall = knn_recall(KnnGraph(knn.nbrs[rows_q], knn.sims[rows_q]), exact)
+        print(f"kNN recall@{knn.k} on {len(rows_q)} random rows: {recall:.4f}")
     scores: dict[str, Any] = {}
     if data.labels is not None:
         for link, pred in labels.items():
@@ -158,8 +169,14 @@ def main() -> None:
                   f"{100 * s['bcubed_fscore']:.2f}, NMI {100 * s['nmi']:.2f}, "
                   f"{s['num_clusters']} clusters")  # fmt: skip
     if args.out is not None:
-        result = {"set": data.name, "samples": data.num_samples, "stages": stages.rows,
-                  "scores": scores, "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
+        result = {
+            "set": data.name,
+            "samples": data.num_samples,
+            "stages": stages.rows,
+            "scores": scores,
+            "recall": recall,
+            "args": {k: str(v) for k, v in vars(args).items()},
+        }
         args.out.write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
 
 

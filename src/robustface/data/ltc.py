@@ -94,6 +94,8 @@ def read_knn(path: str | Path, chunk_rows: int = KNN_CHUNK_ROWS) -> tuple[np.nda
     memory is the outputs plus one chunk (never the whole ``[N, 2, k]`` array).
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such kNN file")
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,9 +34,11 @@ from tqdm import tqdm
 
 from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.gcn_v import (
+    _batches,
     _eval_mode,
     _load_state,
     _rng_devices,
+    _train_loop,
     read_gcn_checkpoint,
     save_gcn,
 )
@@ -240,56 +242,6 @@ def proposal_batch(
     )
 
 
-def _batches(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
-
-
-def _train(
-    model: DSGCN,
-    num_items: int,
-    step_loss: Callable[[np.ndarray, np.random.Generator], torch.Tensor],
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    lr_steps: Sequence[int],
-    lr_gamma: float,
-    seed: int,
-    show_progress: bool,
-    desc: str,
-) -> list[float]:
-    """SGD over shuffled batches of item indices; the mean loss of every epoch."""
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(lr_steps), gamma=lr_gamma)
-    rng = np.random.default_rng(seed)
-    history: list[float] = []
-    model.train()
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not show_progress)
-    for _ in bar:
-        total, count = 0.0, 0
-        for items in _batches(rng.permutation(num_items), batch_size):
-            loss = step_loss(items, rng)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(items)
-            count += len(items)
-        scheduler.step()
-        history.append(total / count)
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
-    model.eval()
-    return history
-
-
 def train_gcn_d(
     features: np.ndarray,
     knn: KnnGraph,
@@ -328,7 +280,7 @@ def train_gcn_d(
             x, adj, mask = proposal_batch(feats, knn, proposals, items, device=dev)
             return F.mse_loss(model(x, adj, mask), targets[items].to(dev))
 
-        history = _train(
+        history = _train_loop(
             model,
             len(proposals),
             step_loss,
@@ -400,7 +352,7 @@ def train_gcn_s(
             per_proposal = (nll * mask).sum(dim=1) / mask.sum(dim=1)
             return per_proposal.mean()
 
-        history = _train(
+        history = _train_loop(
             model,
             len(train),
             step_loss,

@@ -45,6 +45,7 @@ from robustface.cluster.gcn_v import (
     _load_state,
     _lr_milestones,
     _rng_devices,
+    _train_loop,
     link_peaks,
     nearest_higher,
     predict_gcn_v,
@@ -246,46 +247,41 @@ def train_gcn_e(
         )
     weights = _edge_weights(knn)
     device = torch.device(device)
-    rng = np.random.default_rng(seed)
-    milestones = _lr_milestones(epochs, lr_steps)
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
         model = GCNE(feats.shape[1], hidden, dropout).to(device)
-        opt = torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+
+        def step_loss(items: np.ndarray, _rng: np.random.Generator) -> torch.Tensor:
+            centres = rows[items]
+            cand, _, count = candidate_sets(knn, conf, centres)
+            cand = cand[:, : count.max()]
+            x, adj, mask = subgraph_batch(centres, cand, feats, weights)
+            same = labels[np.where(mask, cand, 0)] == labels[centres, None]
+            logits = model(torch.from_numpy(x).to(device), torch.from_numpy(adj).to(device))
+            mask_t = torch.from_numpy(mask).to(device)
+            target = torch.from_numpy(same.astype(np.int64)).to(device)
+            ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            loss = ((ce * mask_t).sum(1) / mask_t.sum(1)).mean()
+            model.loss_history.append(loss.item())
+            if len(model.loss_history) % log_every == 0 or len(model.loss_history) == 1:
+                logger.info("GCN-E step %d loss %.5f", len(model.loss_history), loss.item())
+            return loss
+
+        _train_loop(
+            model,
+            len(rows),
+            step_loss,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            lr_steps=_lr_milestones(epochs, lr_steps),
+            lr_gamma=0.1,
+            seed=seed,
+            show_progress=show_progress,
+            desc="GCN-E",
         )
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
-        model.train()
-        steps = epochs * -(-len(rows) // batch_size)
-        bar = tqdm(total=steps, desc="GCN-E", unit="step", disable=not show_progress)
-        for _ in range(epochs):
-            shuffled = rng.permutation(rows)
-            for start in range(0, len(shuffled), batch_size):
-                centres = shuffled[start : start + batch_size]
-                cand, _, count = candidate_sets(knn, conf, centres)
-                cand = cand[:, : count.max()]
-                x, adj, mask = subgraph_batch(centres, cand, feats, weights)
-                same = labels[np.where(mask, cand, 0)] == labels[centres, None]
-                logits = model(torch.from_numpy(x).to(device), torch.from_numpy(adj).to(device))
-                mask_t = torch.from_numpy(mask).to(device)
-                target = torch.from_numpy(same.astype(np.int64)).to(device)
-                ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-                loss = ((ce * mask_t).sum(1) / mask_t.sum(1)).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                model.loss_history.append(loss.item())
-                bar.update(1)
-                if len(model.loss_history) % log_every == 0 or len(model.loss_history) == 1:
-                    bar.set_postfix(loss=f"{model.loss_history[-1]:.4f}")
-                    logger.info(
-                        "GCN-E step %d/%d loss %.5f",
-                        len(model.loss_history),
-                        steps,
-                        model.loss_history[-1],
-                    )
-            sched.step()
-        bar.close()
     return model.eval()
 
 

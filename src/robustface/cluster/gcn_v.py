@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,58 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def _rng_devices(device: torch.device) -> list[int]:
     """CUDA devices whose RNG training may use (forked so the caller's RNG state is kept)."""
     return [device.index or 0] if device.type == "cuda" else []
+
+
+def _batches(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _train_loop(
+    model: nn.Module,
+    num_items: int,
+    step_loss: Callable[[np.ndarray, np.random.Generator], torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    lr_steps: Sequence[int],
+    lr_gamma: float,
+    seed: int,
+    show_progress: bool,
+    desc: str,
+) -> list[float]:
+    """SGD (momentum, weight decay, lr x ``lr_gamma`` at the epochs ``lr_steps``) over shuffled
+    batches of item indices, ``step_loss(items, rng)`` giving each batch's loss; GCN-E, GCN-D
+    and GCN-S train with it. Returns the mean loss of every epoch; the model ends in eval mode."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(lr_steps), gamma=lr_gamma)
+    rng = np.random.default_rng(seed)
+    history: list[float] = []
+    model.train()
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not show_progress)
+    for _ in bar:
+        total, count = 0.0, 0
+        for items in _batches(rng.permutation(num_items), batch_size):
+            loss = step_loss(items, rng)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(items)
+            count += len(items)
+        scheduler.step()
+        history.append(total / count)
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    model.eval()
+    return history
 
 
 def _row_batches(num: int, batch_size: int | None, seed: int) -> Iterator[np.ndarray | None]:

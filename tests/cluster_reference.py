@@ -1,9 +1,11 @@
-"""Independent references shared by the clustering tests: a brute-force pairwise F-score and a
-planted-cluster data set."""
+"""Independent references shared by the clustering tests: a brute-force pairwise F-score, the
+GCN graph weights by loops and a planted-cluster data set."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from robustface.cluster.knn import KnnGraph
 
 
 def pairwise_f(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -35,3 +37,15 @@ def planted(
     scale = 0.8 * np.exp(0.5 * rng.standard_normal((len(labels), 1)))
     x = centres[labels] + scale * rng.standard_normal((len(labels), dim)) / np.sqrt(dim)
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels, centres
+
+
+def dense_weights(graph: KnnGraph) -> np.ndarray:
+    """``max(S, S^T) + I``, S = kNN sims >= 0 without self loops (missing entries skipped), by
+    loops: the GCN-V/E graph before row normalisation."""
+    n = graph.num_samples
+    s = np.zeros((n, n))
+    for i in range(n):
+        for j, sim in zip(graph.nbrs[i], graph.sims[i], strict=True):
+            if j >= 0 and j != i and sim >= 0:
+                s[i, j] = sim
+    return np.maximum(s, s.T) + np.eye(n)

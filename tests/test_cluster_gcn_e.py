@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster_reference import pairwise_f, planted
+from cluster_reference import dense_weights, pairwise_f, planted
 from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.gcn_e import (
     GCNE,
@@ -49,17 +49,6 @@ def small_graph(seed: int, n: int = 50, k: int = 8, dim: int = 6) -> tuple[np.nd
 
 def loop_candidates(graph: KnnGraph, conf: np.ndarray, i: int) -> list[int]:
     return [int(j) for j in graph.nbrs[i] if j >= 0 and conf[j] > conf[i]]
-
-
-def dense_weights(graph: KnnGraph) -> np.ndarray:
-    """``max(S, S^T) + I``, S = kNN sims >= 0 without self loops, by loops."""
-    n = graph.num_samples
-    s = np.zeros((n, n))
-    for i in range(n):
-        for j, sim in zip(graph.nbrs[i], graph.sims[i], strict=True):
-            if j >= 0 and j != i and sim >= 0:
-                s[i, j] = sim
-    return np.maximum(s, s.T) + np.eye(n)
 
 
 def loop_subgraph(x: np.ndarray, w: np.ndarray, i: int, cand: list[int]) -> tuple[np.ndarray, ...]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster_reference import pairwise_f, planted
+from cluster_reference import dense_weights, pairwise_f, planted
 from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.gcn_v import (
     GCNV,
@@ -41,14 +41,8 @@ def random_knn(seed: int, n: int = 40, k: int = 6, missing: bool = True) -> KnnG
 
 
 def dense_adjacency(graph: KnnGraph) -> np.ndarray:
-    """``max(S, S^T) + I`` row-normalised, S = kNN sims >= 0 without self, by loops."""
-    n = graph.num_samples
-    s = np.zeros((n, n))
-    for i in range(n):
-        for j, sim in zip(graph.nbrs[i], graph.sims[i], strict=True):
-            if j >= 0 and j != i and sim >= 0:
-                s[i, j] = sim
-    a = np.maximum(s, s.T) + np.eye(n)
+    """The row-normalised ``max(S, S^T) + I``, by loops."""
+    a = dense_weights(graph)
     return a / a.sum(axis=1, keepdims=True)
 
 

@@ -105,16 +105,18 @@ def _cmd_knn(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _train(
+    args: argparse.Namespace, data: Any, out: Path, kinds: list[str], gcn_v: Any
+) -> dict[str, Path]:
+    """``train_models`` on ``data`` with the training options of ``cluster train/benchmark``."""
     from robustface.cluster.training import train_models
 
-    data = _load(args, args.name, require_labels=True)
-    paths = train_models(
+    return train_models(
         data,
-        args.out,
-        kinds=args.kinds,
+        out,
+        kinds=kinds,
         knn=_knn(args, data)[0],
-        gcn_v=args.gcn_v,
+        gcn_v=gcn_v,
         iters=args.iters,
         batch_size=args.gcn_v_batch,
         epochs=args.epochs,
@@ -122,6 +124,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         show_progress=not args.quiet,
     )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    data = _load(args, args.name, require_labels=True)
+    paths = _train(args, data, args.out, args.kinds, args.gcn_v)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -181,7 +188,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from robustface.cluster.base import CLUSTERERS
     from robustface.cluster.benchmark import BASELINES, LEARNED, run_methods
-    from robustface.cluster.training import KINDS_FOR, train_models
+    from robustface.cluster.training import KINDS_FOR
 
     methods = list(args.methods or (*BASELINES, *LEARNED))
     for method in methods:  # every check before hours of training
@@ -199,19 +206,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     needed = sorted({kind for m in methods for kind in KINDS_FOR.get(m, ())} - set(models))
     if needed:
         train = _load(args, args.train, require_labels=True)
-        trained = train_models(
-            train,
-            Path(args.out) / "models",
-            kinds=needed,
-            knn=_knn(args, train)[0],
-            gcn_v=models.get("gcn_v"),
-            iters=args.iters,
-            batch_size=args.gcn_v_batch,
-            epochs=args.epochs,
-            device=args.device,
-            seed=args.seed,
-            show_progress=not args.quiet,
-        )
+        trained = _train(args, train, Path(args.out) / "models", needed, models.get("gcn_v"))
         models.update({kind: path for kind, path in trained.items() if kind not in models})
     graph, info = _knn(args, test)
     run_methods(

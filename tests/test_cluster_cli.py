@@ -128,3 +128,27 @@ def test_knn_time_is_reported_when_built(bench, tmp_path, capsys):
     capsys.readouterr()
     knn = json.loads((out / "results.json").read_text())["knn"]
     assert knn["source"].startswith("built") and knn["seconds"] > 0 and knn["k"] == 7
+
+
+def test_benchmark_tunes_thresholds_on_train(bench, tmp_path, capsys):
+    from robustface.cluster.baselines import cc
+    from robustface.cluster.knn import KnnGraph
+
+    out = tmp_path / "t"
+    args = ["cluster", "benchmark", str(bench), "--k", "10", "--out", str(out), "--quiet"]
+    args += ["--methods", "cc", "kmeans"]
+    assert main([*args, "--tune-grid", "cc=0.5,0.7"]) == 2
+    assert "--tune-grid needs --tune" in capsys.readouterr().err
+    assert main([*args, "--tune", "--tune-grid", "cc=0.5,x"]) == 2
+    assert "METHOD=V1,V2" in capsys.readouterr().err
+    assert main([*args, "--tune", "--tune-grid", "cc=0.5,0.6,0.7,0.8"]) == 0
+    assert "Thresholds picked on part0_train" in capsys.readouterr().out
+    rows = {m["method"]: m for m in json.loads((out / "results.json").read_text())["methods"]}
+    tuning = rows["cc"]["extra"]["tuning"]
+    gt = read_meta(bench / "labels" / "part0_train.meta")
+    knn = KnnGraph.load(bench / "knns" / "part0_train" / "faiss_k_10.npz")
+    expected = [brute_pairwise_f(gt, cc(None, knn, min_sim=v)) for v in (0.5, 0.6, 0.7, 0.8)]
+    np.testing.assert_allclose(tuning["scores"], expected, rtol=1e-9)
+    picked = (0.5, 0.6, 0.7, 0.8)[int(np.argmax(expected))]
+    assert rows["cc"]["params"]["min_sim"] == tuning["value"] == picked
+    assert "tuning" not in rows["kmeans"]["extra"]  # k-means has no threshold: not tuned

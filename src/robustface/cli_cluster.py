@@ -201,14 +201,18 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         raise ValueError('--params must map method names to objects, e.g. {"cc": {"min_sim": 0.8}}')
     if set(params) - set(methods):
         raise ValueError(f"--params names methods not run: {sorted(set(params) - set(methods))}")
+    grids = _tune_grids(args.tune_grid)
+    if grids and not args.tune:
+        raise ValueError("--tune-grid needs --tune")
     test = _load(args, args.test, require_labels=True)
     models: dict[str, Any] = _key_values(args.model, "--model")
     needed = sorted({kind for m in methods for kind in KINDS_FOR.get(m, ())} - set(models))
+    train = _load(args, args.train, require_labels=True) if needed or args.tune else None
     if needed:
-        train = _load(args, args.train, require_labels=True)
         trained = _train(args, train, Path(args.out) / "models", needed, models.get("gcn_v"))
         models.update({kind: path for kind, path in trained.items() if kind not in models})
     graph, info = _knn(args, test)
+    tune_knn, tune_info = _knn(args, train) if args.tune else (None, None)
     run_methods(
         test,
         methods,
@@ -217,11 +221,31 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         knn_info=info,
         models=models,
         params=params,
+        tune_on=train if args.tune else None,
+        tune_knn=tune_knn,
+        tune_knn_info=tune_info,
+        tune_grids=grids,
+        tune_metric=args.tune_metric,
         device=args.device,
         show_progress=not args.quiet,
     )
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
     return 0
+
+
+def _tune_grids(items: Sequence[str]) -> dict[str, list[float]]:
+    """``["cc=0.6,0.7"]`` -> ``{"cc": [0.6, 0.7]}``."""
+    grids: dict[str, list[float]] = {}
+    for item in items:
+        method, sep, values = item.partition("=")
+        try:
+            grid = [float(v) for v in values.split(",")]
+        except ValueError:
+            grid = []
+        if not sep or not method or not grid:
+            raise ValueError(f"--tune-grid must look like METHOD=V1,V2,..., got {item!r}")
+        grids[method] = grid
+    return grids
 
 
 def _data_args(p: argparse.ArgumentParser, name: bool = True) -> None:
@@ -314,6 +338,13 @@ def add_cluster_parser(sub: Any) -> None:
     q.add_argument("--model", action="append", default=[], metavar="KIND=PATH",
                    help="use this trained model instead of training one")  # fmt: skip
     q.add_argument("--params", help='JSON overrides per method, e.g. \'{"cc": {"min_sim": 0.8}}\'')
+    q.add_argument("--tune", action="store_true",
+                   help="pick each method's threshold on --train first (cc, chinese_whispers, "
+                   "infomap, dbscan, aro, gcn_v, gcn_e)")  # fmt: skip
+    q.add_argument("--tune-grid", action="append", default=[], metavar="METHOD=V1,V2,...",
+                   help="a threshold grid instead of the default (repeatable)")  # fmt: skip
+    q.add_argument("--tune-metric", default="pairwise_fscore",
+                   choices=["pairwise_fscore", "bcubed_fscore", "nmi"])  # fmt: skip
     q.add_argument("--out", required=True, type=Path)
     _train_args(q)
     q.set_defaults(func=_cmd_benchmark)

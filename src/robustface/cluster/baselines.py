@@ -22,7 +22,7 @@ from sklearn.cluster import AgglomerativeClustering, kmeans_plusplus
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.base import CLUSTERERS, SIM_GRID, TUNINGS, Tuning
 from robustface.cluster.graph import components, knn_adjacency, knn_edges, relabel
 from robustface.cluster.knn import KnnGraph, check_features
 
@@ -218,6 +218,9 @@ def dbscan(
     return relabel(labels)
 
 
+TUNINGS.register("dbscan")(Tuning("eps", tuple(round(0.10 + 0.05 * i, 2) for i in range(17))))
+
+
 # ---------------------------------------------------------------------------------------------
 # Agglomerative clustering on the kNN graph
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +392,21 @@ def _back_ranks(nbrs: np.ndarray) -> np.ndarray:
     return out
 
 
+def _aro_prepare(
+    features: np.ndarray | None, knn: KnnGraph, *, show_progress: bool = True
+) -> tuple[KnnGraph, np.ndarray]:
+    graph = _check_graph("aro", features, knn)
+    return graph, aro_distances(graph, show_progress=show_progress)
+
+
+def _aro_link(state: tuple[KnnGraph, np.ndarray], threshold: float) -> np.ndarray:
+    graph, dist = state
+    threshold = _check_float("threshold", threshold, 0.0, float(2 * graph.k))
+    src = np.repeat(np.arange(graph.num_samples), graph.k)
+    link = (dist.reshape(-1) <= threshold) & (graph.nbrs.reshape(-1) >= 0)
+    return components(graph.num_samples, src[link], graph.nbrs.reshape(-1)[link])
+
+
 @CLUSTERERS.register("aro")
 def aro(
     features: np.ndarray | None,
@@ -406,11 +424,18 @@ def aro(
     which makes ``D(i, j) != D(j, i)``; this uses the paper's symmetric ``min(r_i(j), r_j(i))``.
     """
     graph = _check_graph("aro", features, knn)
-    threshold = _check_float("threshold", threshold, 0.0, float(2 * graph.k))
-    dist = aro_distances(graph, show_progress=show_progress)
-    src = np.repeat(np.arange(graph.num_samples), graph.k)
-    link = (dist.reshape(-1) <= threshold) & (graph.nbrs.reshape(-1) >= 0)
-    return components(graph.num_samples, src[link], graph.nbrs.reshape(-1)[link])
+    _check_float("threshold", threshold, 0.0, float(2 * graph.k))  # before the distances
+    return _aro_link(_aro_prepare(None, graph, show_progress=show_progress), threshold)
+
+
+TUNINGS.register("aro")(
+    Tuning(
+        "threshold",
+        (0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5, 2.0),
+        _aro_prepare,
+        _aro_link,
+    )
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +454,9 @@ def cc(features: np.ndarray | None, knn: KnnGraph, *, min_sim: float = 0.7) -> n
     min_sim = _check_float("min_sim", min_sim, -1.0, 1.0)
     src, dst, _ = knn_edges(graph, min_sim=min_sim)
     return components(graph.num_samples, src, dst)
+
+
+TUNINGS.register("cc")(Tuning("min_sim", SIM_GRID))
 
 
 def _best_label(
@@ -502,6 +530,9 @@ def chinese_whispers(
     return relabel(labels)
 
 
+TUNINGS.register("chinese_whispers")(Tuning("min_sim", SIM_GRID))
+
+
 @CLUSTERERS.register("infomap")
 def infomap_clustering(
     features: np.ndarray | None,
@@ -542,3 +573,6 @@ def infomap_clustering(
     ids = np.fromiter(modules.keys(), dtype=np.int64, count=len(modules))
     labels[ids] = np.fromiter(modules.values(), dtype=np.int64, count=len(modules))
     return relabel(labels)
+
+
+TUNINGS.register("infomap")(Tuning("min_sim", SIM_GRID))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.base import CLUSTERERS, SIM_GRID, TUNINGS, Tuning
 from robustface.cluster.gcn_v import (
     GCNV,
     ROW_BATCH,
@@ -381,6 +381,51 @@ def gcn_e_inputs(
     return edge_feats, conf, edge_knn
 
 
+def _gcn_e_prepare(
+    features: np.ndarray,
+    knn: KnnGraph | None,
+    *,
+    gcn_v_model: GCNV | str | Path,
+    gcn_e_model: GCNE | str | Path,
+    use_gcn_features: bool = True,
+    k: int = 80,
+    k_edge: int = K_EDGE,
+    ignore_ratio: float = 0.8,
+    knn_method: Method = "flat",
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    show_progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's chosen link and its similarity (:func:`gcn_e_cluster` before ``tau``)."""
+    feats = check_features(features)
+    if knn is None:
+        knn = build_knn(feats, k=k, method=knn_method, show_progress=show_progress)
+    edge_feats, conf, edge_knn = gcn_e_inputs(
+        _as_gcn_v(gcn_v_model, device),
+        feats,
+        knn,
+        use_gcn_features=use_gcn_features,
+        k=k_edge,
+        knn_method=knn_method,
+        device=device,
+        show_progress=show_progress,
+    )
+    return predict_gcn_e(
+        _as_gcn_e(gcn_e_model, device),
+        edge_feats,
+        conf,
+        edge_knn,
+        device,
+        ignore_ratio=ignore_ratio,
+        batch_size=batch_size,
+        show_progress=show_progress,
+    )
+
+
+def _gcn_e_link(state: tuple[np.ndarray, np.ndarray], tau: float) -> np.ndarray:
+    return link_peaks(state[0], state[1], tau)
+
+
 @CLUSTERERS.register("gcn_e")
 def gcn_e_cluster(
     features: np.ndarray,
@@ -404,27 +449,12 @@ def gcn_e_cluster(
     features; GCN-E picks each sample's link on the ``k_edge`` kNN of the edge features; links
     with similarity ``> tau`` form the clusters.
     """
-    feats = check_features(features)
-    if knn is None:
-        knn = build_knn(feats, k=k, method=knn_method, show_progress=show_progress)
-    edge_feats, conf, edge_knn = gcn_e_inputs(
-        _as_gcn_v(gcn_v_model, device),
-        feats,
-        knn,
-        use_gcn_features=use_gcn_features,
-        k=k_edge,
-        knn_method=knn_method,
-        device=device,
-        show_progress=show_progress,
-    )
-    peak, sim = predict_gcn_e(
-        _as_gcn_e(gcn_e_model, device),
-        edge_feats,
-        conf,
-        edge_knn,
-        device,
-        ignore_ratio=ignore_ratio,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    return link_peaks(peak, sim, tau)
+    state = _gcn_e_prepare(
+        features, knn, gcn_v_model=gcn_v_model, gcn_e_model=gcn_e_model,
+        use_gcn_features=use_gcn_features, k=k, k_edge=k_edge, ignore_ratio=ignore_ratio,
+        knn_method=knn_method, device=device, batch_size=batch_size, show_progress=show_progress,
+    )  # fmt: skip
+    return _gcn_e_link(state, tau)
+
+
+TUNINGS.register("gcn_e")(Tuning("tau", SIM_GRID, _gcn_e_prepare, _gcn_e_link))

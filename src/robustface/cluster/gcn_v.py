@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.base import CLUSTERERS, SIM_GRID, TUNINGS, Tuning
 from robustface.cluster.graph import components, knn_adjacency
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
 from robustface.errors import DataFormatError
@@ -560,6 +560,39 @@ def _as_gcn_v(model: GCNV | str | Path, device: str | torch.device) -> GCNV:
     raise TypeError(f"model must be a GCNV or a checkpoint path, got {type(model).__name__}")
 
 
+def _gcn_v_prepare(
+    features: np.ndarray,
+    knn: KnnGraph | None,
+    *,
+    model: GCNV | str | Path,
+    use_gcn_features: bool = True,
+    k: int = 80,
+    knn_method: Method = "flat",
+    device: str | torch.device = "cpu",
+    batch_size: int = ROW_BATCH,
+    show_progress: bool = True,
+) -> tuple[KnnGraph, np.ndarray]:
+    """GCN-V's confidence and the kNN graph it is linked on (:func:`gcn_v_cluster`)."""
+    feats = check_features(features)
+    if knn is None:
+        knn = build_knn(feats, k=k, method=knn_method, show_progress=show_progress)
+    gcn = _as_gcn_v(model, device)
+    conf, hidden = predict_gcn_v(
+        gcn, feats, knn, device, batch_size=batch_size, return_hidden=use_gcn_features,
+        show_progress=show_progress,
+    )  # fmt: skip
+    if hidden is None:
+        return knn, conf
+    link_knn = build_knn(
+        unit_rows(hidden), k=knn.k, method=knn_method, normalize=False, show_progress=show_progress
+    )
+    return link_knn, conf
+
+
+def _gcn_v_link(state: tuple[KnnGraph, np.ndarray], tau: float) -> np.ndarray:
+    return confidence_link(state[0], state[1], tau)
+
+
 @CLUSTERERS.register("gcn_v")
 def gcn_v_cluster(
     features: np.ndarray,
@@ -580,21 +613,13 @@ def gcn_v_cluster(
     ``use_gcn_features`` the kNN is rebuilt (same k) on the L2-normalised hidden features and
     linked with ``tau`` (default 0.8), otherwise the input kNN is linked (default 0.65).
     """
-    feats = check_features(features)
-    if knn is None:
-        knn = build_knn(feats, k=k, method=knn_method, show_progress=show_progress)
-    gcn = _as_gcn_v(model, device)
-    conf, hidden = predict_gcn_v(
-        gcn, feats, knn, device, batch_size=batch_size, return_hidden=use_gcn_features,
-        show_progress=show_progress,
+    if tau is None:
+        tau = TAU_GCN_FEATURES if use_gcn_features else TAU_INPUT_KNN
+    state = _gcn_v_prepare(
+        features, knn, model=model, use_gcn_features=use_gcn_features, k=k,
+        knn_method=knn_method, device=device, batch_size=batch_size, show_progress=show_progress,
     )  # fmt: skip
-    if hidden is not None:
-        link_knn = build_knn(
-            unit_rows(hidden),
-            k=knn.k,
-            method=knn_method,
-            normalize=False,
-            show_progress=show_progress,
-        )
-        return confidence_link(link_knn, conf, TAU_GCN_FEATURES if tau is None else tau)
-    return confidence_link(knn, conf, TAU_INPUT_KNN if tau is None else tau)
+    return _gcn_v_link(state, tau)
+
+
+TUNINGS.register("gcn_v")(Tuning("tau", SIM_GRID, _gcn_v_prepare, _gcn_v_link))

@@ -1,0 +1,162 @@
+"""Threshold tuning (``tune_method``, ``run_methods(tune_on=...)``): every grid score against the
+method called directly and scored by brute force, the pick applied to the test set, and errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+from cluster_reference import pairwise_f, planted
+from robustface.cluster.base import CLUSTERERS, TUNINGS, Tuning
+from robustface.cluster.baselines import cc
+from robustface.cluster.benchmark import run_methods, tune_method
+from robustface.cluster.dataset import ClusterSet
+from robustface.cluster.gcn_e import gcn_e_inputs, train_gcn_e
+from robustface.cluster.gcn_v import save_gcn, train_gcn_v
+from robustface.cluster.knn import knn_brute_force
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sets():
+    """Train and test splits of the same 30 twin-paired identities, with exact k=20 graphs."""
+    x, y, centres = planted(0)
+    x_test, y_test, _ = planted(1, centres)
+    train, test = ClusterSet("train", x, y), ClusterSet("test", x_test, y_test)
+    return train, knn_brute_force(x, 20), test, knn_brute_force(x_test, 20)
+
+
+@pytest.fixture(scope="module")
+def models(sets, tmp_path_factory):
+    """A small GCN-V and GCN-E trained on the train split, saved as checkpoints."""
+    train, knn, _, _ = sets
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    gcn_v = train_gcn_v(train.features, train.labels, knn, iters=40, hidden=32, show_progress=False)
+    save_gcn(gcn_v, root / "gcn_v.pth")
+    edge_feats, conf, edge_knn = gcn_e_inputs(gcn_v, train.features, knn, k=20, show_progress=False)
+    gcn_e = train_gcn_e(edge_feats, conf, train.labels, edge_knn, epochs=1, hidden=16,
+                        show_progress=False)  # fmt: skip
+    save_gcn(gcn_e, root / "gcn_e.pth")
+    return {"gcn_v": root / "gcn_v.pth", "gcn_e": root / "gcn_e.pth"}
+
+
+def _params(method: str, models: dict) -> dict:
+    return {
+        "gcn_v": {"model": str(models["gcn_v"]), "use_gcn_features": False},
+        "gcn_e": {
+            "gcn_v_model": str(models["gcn_v"]),
+            "gcn_e_model": str(models["gcn_e"]),
+            "k_edge": 20,
+        },
+        "aro": {"show_progress": False},
+        "chinese_whispers": {"show_progress": False},
+        "infomap": {"k": None},
+    }.get(method, {})
+
+
+@pytest.mark.parametrize("method", TUNINGS.names())
+def test_every_grid_score_equals_the_method_called_directly(method, sets, models) -> None:
+    """Whether the sweep runs the method per value or prepares once (GCN-V/E, ARO), each score
+    is the brute-force pairwise F of the method called with that value, and the pick is the
+    first best."""
+    train, knn, _, _ = sets
+    tuning = TUNINGS.get(method)
+    grid = tuning.grid[::3]
+    params = _params(method, models)
+    result = tune_method(method, train, knn, params, grid=grid, show_progress=False)
+    fn = CLUSTERERS.get(method)
+    expected = [
+        pairwise_f(train.labels, fn(train.features, knn, **params, **{tuning.param: v}))
+        for v in grid
+    ]
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-9)
+    assert len(set(np.round(expected, 9))) > 1  # the value is used: scores move along the grid
+    assert result.grid == list(grid) and result.param == tuning.param
+    assert result.value == grid[int(np.argmax(expected))]
+    assert result.set == "train" and result.metric == "pairwise_fscore"
+
+
+def test_cc_threshold_matters_and_nmi_metric(sets) -> None:
+    train, knn, _, _ = sets
+    grid = [0.2, 0.5, 0.7, 0.9]
+    result = tune_method("cc", train, knn, grid=grid, metric="nmi", show_progress=False)
+    expected = [normalized_mutual_info_score(train.labels, cc(None, knn, min_sim=v)) for v in grid]
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-9, atol=1e-12)
+    assert max(expected) - min(expected) > 0.1  # the grid is not flat: the pick means something
+    assert result.value == grid[int(np.argmax(expected))]
+
+
+def test_run_methods_applies_the_train_pick_to_test(sets, tmp_path) -> None:
+    train, knn, test, test_knn = sets
+    grid = [0.3, 0.5, 0.6, 0.7, 0.8]
+    results = run_methods(
+        test,
+        ["cc", "chinese_whispers", "dbscan"],
+        tmp_path,
+        knn=test_knn,
+        params={"chinese_whispers": {"min_sim": 0.5}},
+        tune_on=train,
+        tune_knn=knn,
+        tune_grids={"cc": grid, "dbscan": [-1.0, 0.3]},
+        show_progress=False,
+    )
+    rows = {r.method: r for r in results}
+    train_f = [pairwise_f(train.labels, cc(None, knn, min_sim=v)) for v in grid]
+    picked = grid[int(np.argmax(train_f))]
+    assert rows["cc"].params["min_sim"] == picked
+    assert rows["cc"].metrics["pairwise_fscore"] == pytest.approx(
+        pairwise_f(test.labels, cc(None, test_knn, min_sim=picked))
+    )
+    assert rows["cc"].extra["tuning"]["value"] == picked
+    # a threshold given in params is kept, not tuned
+    assert rows["chinese_whispers"].params["min_sim"] == 0.5
+    assert "tuning" not in rows["chinese_whispers"].extra
+    # a failing tuning is the method's error; the others still ran
+    assert rows["dbscan"].metrics is None and "eps" in rows["dbscan"].error
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["tuning"]["set"] == "train" and doc["tuning"]["knn"]["source"] == "given"
+    md = (tmp_path / "results.md").read_text()
+    assert "## Thresholds picked on train" in md and "| cc " in md
+    assert (tmp_path / "tuning.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_pick_at_the_grid_edge_is_flagged(sets, tmp_path) -> None:
+    train, knn, test, test_knn = sets
+    run_methods(test, ["cc"], tmp_path, knn=test_knn, tune_on=train, tune_knn=knn,
+                tune_grids={"cc": [0.95, 0.99]}, show_progress=False)  # fmt: skip
+    assert "at the grid's edge" in (tmp_path / "results.md").read_text()
+
+
+def test_tuning_errors(sets, tmp_path) -> None:
+    train, knn, test, test_knn = sets
+    common = {"knn": test_knn, "show_progress": False}
+    with pytest.raises(ValueError, match="tune_grids given without tune_on"):
+        run_methods(test, ["cc"], tmp_path, tune_grids={"cc": [0.5]}, **common)
+    with pytest.raises(ValueError, match="no threshold to tune: kmeans"):
+        run_methods(test, ["cc", "kmeans"], tmp_path, tune_on=train, tune_knn=knn,
+                    tune_grids={"kmeans": [3]}, **common)  # fmt: skip
+    with pytest.raises(ValueError, match="tune_metric must be one of"):
+        run_methods(test, ["cc"], tmp_path, tune_on=train, tune_metric="f1", **common)
+    unlabelled = ClusterSet("u", train.features, None)
+    with pytest.raises(ValueError, match="'u' has no labels"):
+        run_methods(test, ["cc"], tmp_path, tune_on=unlabelled, **common)
+    with pytest.raises(ValueError, match="finite"):
+        tune_method("cc", train, knn, grid=[0.5, float("nan")])
+    with pytest.raises(KeyError, match="unknown tuning 'kmeans'"):
+        tune_method("kmeans", train, knn)
+    with pytest.raises(ValueError, match="grid is empty"):
+        Tuning("min_sim", ())
+    with pytest.raises(ValueError, match="both prepare and finish"):
+        Tuning("min_sim", (0.5,), prepare=lambda *a, **k: None)

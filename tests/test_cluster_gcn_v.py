@@ -17,9 +17,11 @@ from robustface.cluster.gcn_v import (
     confidence_link,
     confidence_targets,
     gcn_adjacency,
+    gcn_adjacency_blocks,
     load_gcn_v,
     nearest_higher,
     predict_gcn_v,
+    reverse_edges,
     save_gcn,
     to_torch_sparse,
     train_gcn_v,
@@ -93,6 +95,56 @@ def test_adjacency_matches_dense_formula() -> None:
     want = dense_adjacency(graph)
     np.testing.assert_allclose(gcn_adjacency(graph).toarray(), want, atol=1e-6)
     np.testing.assert_allclose(to_torch_sparse(gcn_adjacency(graph)).to_dense(), want, atol=1e-6)
+
+
+def awkward_knn(seed: int) -> KnnGraph:
+    """``random_knn`` plus negative similarities and rows whose own entry is not first."""
+    graph = random_knn(seed, n=50, k=7)
+    rng = np.random.default_rng(seed)
+    sims = np.where(rng.random(graph.sims.shape) < 0.1, -np.abs(graph.sims), graph.sims)
+    nbrs = graph.nbrs.copy()
+    swap = rng.random(len(nbrs)) < 0.2
+    nbrs[swap, 0], nbrs[swap, 3] = graph.nbrs[swap, 3], graph.nbrs[swap, 0]
+    sims[swap, 0], sims[swap, 3] = sims[swap, 3], sims[swap, 0].copy()
+    return KnnGraph(nbrs, sims.astype(np.float32))
+
+
+def dense_similarities(graph: KnnGraph) -> np.ndarray:
+    """``S``: kNN sims >= 0 without self loops, missing entries skipped, by loops."""
+    s = np.zeros((graph.num_samples, graph.num_samples))
+    for i in range(graph.num_samples):
+        for j, sim in zip(graph.nbrs[i], graph.sims[i], strict=True):
+            if j >= 0 and j != i and sim >= 0:
+                s[i, j] = sim
+    return s
+
+
+@pytest.mark.parametrize("batch", [1, 7, 50, 64])
+def test_adjacency_blocks_equal_the_dense_formula(batch: int) -> None:
+    graph = awkward_knn(batch)
+    blocks = list(gcn_adjacency_blocks(graph, batch))
+    assert [(a, b) for a, b, _ in blocks] == [(a, min(a + batch, 50)) for a in range(0, 50, batch)]
+    got = np.vstack([rows.toarray() for _, _, rows in blocks])
+    np.testing.assert_allclose(got, dense_adjacency(graph), atol=1e-6)
+    assert all(rows.dtype == np.float32 for _, _, rows in blocks)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 1000])
+def test_reverse_edges_is_the_transpose(batch: int) -> None:
+    graph = awkward_knn(11)
+    reverse = reverse_edges(graph, batch)
+    np.testing.assert_allclose(reverse.toarray(), dense_similarities(graph).T, atol=0)
+    assert reverse.indices.dtype == np.int32
+    assert reverse.has_sorted_indices  # sources ascending within every row
+
+
+def test_adjacency_blocks_sum_repeated_neighbours_like_the_whole_matrix() -> None:
+    graph = random_knn(4, n=30, k=6)
+    nbrs = graph.nbrs.copy()
+    nbrs[::4, 2] = nbrs[::4, 1]  # a neighbour listed twice
+    graph = KnnGraph(nbrs, graph.sims)
+    got = np.vstack([rows.toarray() for _, _, rows in gcn_adjacency_blocks(graph, 4)])
+    np.testing.assert_allclose(got, gcn_adjacency(graph).toarray(), atol=1e-6)
 
 
 def test_graphconv_matches_numpy_sparse_and_batched() -> None:

@@ -18,6 +18,7 @@ from robustface.cluster.knn import (
     knn_brute_force,
     knn_recall,
     load_or_build_knn,
+    normalize_rows,
 )
 from robustface.data.ltc import read_features, write_features
 from robustface.errors import DataFormatError
@@ -305,3 +306,21 @@ def test_fingerprint():
     sampled[-1, 0] += 1  # the last row is always sampled
     assert features_fingerprint(sampled) != base
     assert features_fingerprint(x[:4999]) != base
+
+
+def test_normalize_rows_copies_unless_asked_not_to() -> None:
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((20, 8)).astype(np.float32)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    want = raw.astype(np.float64) / np.linalg.norm(raw.astype(np.float64), axis=1, keepdims=True)
+    np.testing.assert_allclose(normalize_rows(raw), want, atol=1e-6)
+    assert normalize_rows(unit) is not unit  # a copy by default
+    assert normalize_rows(unit, copy=False) is unit  # already unit rows: no second copy
+    for not_unit in (raw, unit.astype(np.float64), np.asfortranarray(unit)):
+        got = normalize_rows(not_unit, copy=False)
+        assert got is not not_unit and got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    bad = unit.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="row 3"):
+        normalize_rows(bad, copy=False)

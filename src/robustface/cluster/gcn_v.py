@@ -45,12 +45,15 @@ __all__ = [
     "confidence_link",
     "confidence_targets",
     "gcn_adjacency",
+    "gcn_adjacency_blocks",
+    "gcn_adjacency_rows",
     "gcn_v_cluster",
     "link_peaks",
     "load_gcn_v",
     "nearest_higher",
     "predict_gcn_v",
     "read_gcn_checkpoint",
+    "reverse_edges",
     "save_gcn",
     "to_torch_sparse",
     "train_gcn_v",
@@ -143,6 +146,78 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 def gcn_adjacency(knn: KnnGraph, min_sim: float = 0.0) -> sp.csr_matrix:
     """GCN-V's graph: ``max(S, S^T) + I`` row-normalised, ``S`` the kNN sims ``>= min_sim``."""
     return knn_adjacency(knn, min_sim=min_sim, symmetric=True, self_loops=True, row_normalize=True)
+
+
+def _gcn_edges(knn: KnnGraph, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edges of :func:`gcn_adjacency`'s ``S`` from rows ``start:stop``: ``(src, dst, sim)``
+    with ``dst`` listed, ``sim >= 0`` and no self loops."""
+    nbrs, sims = knn.nbrs[start:stop], knn.sims[start:stop]
+    src = np.arange(start, start + len(nbrs), dtype=np.int64)[:, None]
+    keep = (nbrs >= 0) & (sims >= 0) & (nbrs != src)
+    return np.broadcast_to(src, nbrs.shape)[keep], nbrs[keep], sims[keep].astype(np.float32)
+
+
+def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
+    """``S^T`` as CSR (row ``j`` lists the samples whose kNN list holds ``j``), ``S`` being
+    :func:`gcn_adjacency`'s similarities before symmetrisation.
+
+    Built ``batch_size`` rows at a time by a counting sort, so memory is the output (8 bytes an
+    edge with int32 indices) plus one batch, not the COO temporaries of a global transpose.
+    """
+    n = knn.num_samples
+    counts = np.zeros(n, dtype=np.int64)
+    for start in range(0, n, batch_size):
+        counts += np.bincount(_gcn_edges(knn, start, start + batch_size)[1], minlength=n)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    index_dtype = np.int32 if n < 2**31 and indptr[-1] < 2**31 else np.int64
+    indices = np.empty(indptr[-1], dtype=index_dtype)
+    data = np.empty(indptr[-1], dtype=np.float32)
+    fill = indptr[:-1].copy()
+    for start in range(0, n, batch_size):
+        src, dst, sim = _gcn_edges(knn, start, start + batch_size)
+        order = np.argsort(dst, kind="stable")  # sources stay ascending within a row of S^T
+        dst = dst[order]
+        first = np.searchsorted(dst, dst, side="left")
+        pos = fill[dst] + np.arange(len(dst)) - first
+        indices[pos], data[pos] = src[order], sim[order]
+        rows, run = np.unique(dst, return_counts=True)
+        fill[rows] += run
+    return sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n, n))
+
+
+def gcn_adjacency_rows(
+    knn: KnnGraph, reverse: sp.csr_matrix, start: int, stop: int
+) -> sp.csr_matrix:
+    """Rows ``start:stop`` of :func:`gcn_adjacency` (a ``(stop - start, N)`` float32 CSR),
+    from those rows' kNN lists and ``reverse`` (:func:`reverse_edges`) only."""
+    n = knn.num_samples
+    stop = min(stop, n)
+    rows = stop - start
+    src, dst, sim = _gcn_edges(knn, start, stop)
+    fwd = sp.csr_matrix((sim, (src - start, dst)), shape=(rows, n), dtype=np.float32)
+    fwd.sum_duplicates()
+    back = reverse[start:stop]
+    back.sum_duplicates()
+    eye = sp.csr_matrix(
+        (np.ones(rows, dtype=np.float32), (np.arange(rows), np.arange(start, stop))),
+        shape=(rows, n),
+    )
+    adj = (fwd.maximum(back) + eye).tocsr()
+    sums = np.asarray(adj.sum(axis=1), dtype=np.float32).ravel()
+    return (sp.diags(1.0 / sums) @ adj).tocsr().astype(np.float32)
+
+
+def gcn_adjacency_blocks(
+    knn: KnnGraph, batch_size: int = ROW_BATCH
+) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+    """``(start, stop, A[start:stop])`` for consecutive row blocks of GCN-V's graph ``A``
+    (:func:`gcn_adjacency`), never holding ``A`` whole: :func:`reverse_edges` once, then one
+    block of rows at a time (about 4x less peak memory than building ``A``)."""
+    reverse = reverse_edges(knn, batch_size)
+    for start in range(0, knn.num_samples, batch_size):
+        stop = min(start + batch_size, knn.num_samples)
+        yield start, stop, gcn_adjacency_rows(knn, reverse, start, stop)
 
 
 def to_torch_sparse(adj: sp.spmatrix, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -383,7 +458,9 @@ def train_gcn_v(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     targets = confidence_targets(labels, knn)
-    agg = gcn_adjacency(knn) @ feats
+    agg = np.empty_like(feats)
+    for start, stop, rows in gcn_adjacency_blocks(knn):
+        agg[start:stop] = rows @ feats
     device = torch.device(device)
     x = torch.from_numpy(feats).to(device)
     agg_t = torch.from_numpy(np.ascontiguousarray(agg, dtype=np.float32)).to(device)
@@ -431,12 +508,14 @@ def predict_gcn_v(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Predicted confidence ``(N,)`` and hidden features ``(N, hidden)``, both float32.
 
-    Rows are processed ``batch_size`` at a time (sparse ``A[rows] @ X``), so memory is the
-    features, the output and one batch. Without ``return_hidden`` the hidden features (2 KB a
-    sample at hidden 512: 10.6 GB at 5.2M) are not kept and None is returned in their place.
+    Rows are processed ``batch_size`` at a time (sparse ``A[rows] @ X``, the rows of ``A`` built
+    on the fly by :func:`gcn_adjacency_blocks`), so memory is the features, the kNN graph, its
+    reverse edges (8 bytes an edge), the output and one batch. Without ``return_hidden`` the
+    hidden features (2 KB a sample at hidden 512: 10.6 GB at 5.2M) are not kept and None is
+    returned in their place.
     The model is moved to ``device`` and used in eval mode.
     """
-    feats = normalize_rows(features)
+    feats = normalize_rows(features, copy=False)
     num = len(feats)
     _check_knn(knn, num)
     if feats.shape[1] != model.feature_dim:
@@ -446,16 +525,20 @@ def predict_gcn_v(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    adj = gcn_adjacency(knn)
     x = torch.from_numpy(feats).to(device)
     conf = np.empty(num, dtype=np.float32)
     hidden = np.empty((num, model.hidden), dtype=np.float32) if return_hidden else None
     model.to(device)
     with _eval_mode(model):
-        starts = range(0, num, batch_size)
-        for start in tqdm(starts, desc="GCN-V predict", unit="batch", disable=not show_progress):
-            stop = min(start + batch_size, num)
-            agg = torch.sparse.mm(to_torch_sparse(adj[start:stop], device), x)
+        blocks = tqdm(
+            gcn_adjacency_blocks(knn, batch_size),
+            desc="GCN-V predict",
+            unit="batch",
+            total=-(-num // batch_size),
+            disable=not show_progress,
+        )
+        for start, stop, rows in blocks:
+            agg = torch.sparse.mm(to_torch_sparse(rows, device), x)
             h = model.conv1.combine(x[start:stop], agg)
             conf[start:stop] = model.head(h).cpu().numpy()
             if hidden is not None:

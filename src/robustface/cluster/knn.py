@@ -141,9 +141,17 @@ def check_features(features: np.ndarray, name: str = "features") -> np.ndarray:
     return _checked(feats, range(len(feats)), normalize=False, name=name)
 
 
-def normalize_rows(features: np.ndarray, name: str = "features") -> np.ndarray:
-    """L2-normalised float32 copy of ``features``; a zero row is an error that names it."""
+def normalize_rows(features: np.ndarray, name: str = "features", copy: bool = True) -> np.ndarray:
+    """L2-normalised float32 copy of ``features``; a zero row is an error that names it.
+
+    With ``copy=False``, ``features`` itself is returned when it is already C-contiguous float32
+    with unit rows (squared norms within 1e-5 of 1): no second copy of a million-row matrix.
+    """
     feats = _matrix(features, name)
+    if not copy and feats.dtype == np.float32 and feats.flags.c_contiguous:
+        checked = _checked(feats, range(len(feats)), normalize=False, name=name)
+        if np.all(np.abs(np.einsum("ij,ij->i", checked, checked) - 1.0) <= 1e-5):
+            return checked
     return _checked(feats, range(len(feats)), normalize=True, name=name)
 
 

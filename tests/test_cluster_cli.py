@@ -103,6 +103,11 @@ def test_given_models_are_used_and_gcn_e_trains_on_them(bench, tmp_path, capsys)
     assert main(args) == 0
     gcn_e = torch.load(models / "gcn_e.pth", weights_only=True)
     assert gcn_e["meta"]["gcn_v"] == str(mine)
+    assert gcn_e["meta"]["use_gcn_features"] and gcn_e["meta"]["k"] == 160
+    args = [*args, "--gcn-e-features", "input", "--k-edge", "8", "--out", str(tmp_path / "in")]
+    assert main(args) == 0
+    meta = torch.load(tmp_path / "in" / "gcn_e.pth", weights_only=True)["meta"]
+    assert not meta["use_gcn_features"] and meta["k"] == 8
     assert not (models / "gcn_v.pth").exists()  # nothing trained behind the user's back
 
     out = tmp_path / "b"

@@ -21,7 +21,7 @@ from robustface.cluster.gcn_e import (
     subgraph_batch,
     train_gcn_e,
 )
-from robustface.cluster.gcn_v import GCNV, link_peaks, save_gcn, train_gcn_v
+from robustface.cluster.gcn_v import GCNV, link_peaks, predict_gcn_v, save_gcn, train_gcn_v
 from robustface.cluster.graph import components, knn_adjacency, knn_edges
 from robustface.cluster.knn import KnnGraph, knn_brute_force
 from robustface.errors import DataFormatError
@@ -214,6 +214,21 @@ def test_end_to_end_beats_connected_components(pipeline: dict) -> None:
         ]
         assert f_gcn > max(f_cc)
     assert f_gcn > 0.55
+
+
+def test_inputs_on_input_features_reuse_the_input_knn(pipeline: dict) -> None:
+    x, gcn_v = pipeline["xte"], pipeline["gcn_v"]
+    graph = knn_brute_force(x, 20)
+    feats, conf, edge_knn = gcn_e_inputs(
+        gcn_v, x, graph, use_gcn_features=False, k=12, show_progress=False
+    )
+    searched = knn_brute_force(x, 12)  # what a new search would give
+    np.testing.assert_array_equal(edge_knn.nbrs, searched.nbrs)
+    np.testing.assert_allclose(edge_knn.sims, searched.sims, atol=1e-6)
+    np.testing.assert_allclose(feats, x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_array_equal(conf, predict_gcn_v(gcn_v, x, graph, show_progress=False)[0])
+    wider = gcn_e_inputs(gcn_v, x, graph, use_gcn_features=False, k=25, show_progress=False)[2]
+    assert wider.k == 25  # more neighbours than the input graph has: searched
 
 
 def test_save_load_round_trip_and_kind_check(pipeline: dict, tmp_path: Path) -> None:

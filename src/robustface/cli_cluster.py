@@ -117,6 +117,8 @@ def _train(
         kinds=kinds,
         knn=_knn(args, data)[0],
         gcn_v=gcn_v,
+        gcn_e_features=args.gcn_e_features,
+        k_edge=args.k_edge,
         iters=args.iters,
         batch_size=args.gcn_v_batch,
         epochs=args.epochs,
@@ -265,6 +267,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gcn-v-batch", type=int, default=None, metavar="ROWS",
                    help="GCN-V rows per step (default: the whole graph, as published)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=None, help="GCN-E/D/S epochs (default: module's)")
+    p.add_argument("--gcn-e-features", choices=["gcn", "input"], default="gcn",
+                   help="GCN-E edge features: GCN-V's hidden ones (published) or the input ones "
+                   "(reuses the input kNN; cluster with use_gcn_features=false)")  # fmt: skip
+    p.add_argument("--k-edge", type=int, default=160, help="GCN-E graph k (published 160)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
 

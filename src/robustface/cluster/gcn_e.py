@@ -369,12 +369,20 @@ def gcn_e_inputs(
     """GCN-E's inputs from GCN-V: edge features, predicted confidence and their kNN graph.
 
     Edge features are GCN-V's L2-normalised hidden features (``use_gcn_features``, published) or
-    the input features; the kNN graph (``k=160`` published) is built on them.
+    the input features; the kNN graph (``k=160`` published) is built on them, except that on the
+    input features with ``k <= knn.k`` the input ``knn`` is that graph already (truncated to
+    ``k``) and is not searched again.
     """
     conf, hidden = predict_gcn_v(
-        gcn_v_model, features, knn, device, batch_size=batch_size, show_progress=show_progress
-    )
-    edge_feats = unit_rows(hidden) if use_gcn_features else unit_rows(check_features(features))
+        gcn_v_model, features, knn, device, batch_size=batch_size,
+        return_hidden=use_gcn_features, show_progress=show_progress,
+    )  # fmt: skip
+    if hidden is None:
+        edge_feats = unit_rows(check_features(features))
+        if k <= knn.k:
+            return edge_feats, conf, knn if k == knn.k else knn.truncate(k)
+    else:
+        edge_feats = unit_rows(hidden)
     edge_knn = build_knn(
         edge_feats, k=k, method=knn_method, normalize=False, show_progress=show_progress
     )

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from robustface.cluster.dataset import ClusterSet
 from robustface.cluster.gcn_ds import train_gcn_d, train_gcn_s
-from robustface.cluster.gcn_e import gcn_e_inputs, train_gcn_e
+from robustface.cluster.gcn_e import K_EDGE, gcn_e_inputs, train_gcn_e
 from robustface.cluster.gcn_v import load_gcn_v, save_gcn, train_gcn_v
 from robustface.cluster.knn import KnnGraph
 from robustface.cluster.proposals import generate_proposals
@@ -45,6 +46,8 @@ def train_models(
     epochs: int | None = None,
     proposals: str = "train_8",
     gcn_v: str | Path | None = None,
+    gcn_e_features: Literal["gcn", "input"] = "gcn",
+    k_edge: int = K_EDGE,
     device: str = "cpu",
     seed: int = 0,
     show_progress: bool = True,
@@ -54,7 +57,10 @@ def train_models(
     ``iters`` overrides GCN-V's iteration count, ``batch_size`` its rows per step (None: the whole
     graph) and ``epochs`` the epochs of GCN-E, GCN-D and GCN-S (None: the modules' defaults).
     GCN-E learns on the outputs of ``gcn_v`` when given (a trained GCN-V file), else of the GCN-V
-    trained here, which ``kinds`` must then include.
+    trained here, which ``kinds`` must then include; its edge features are GCN-V's hidden ones
+    (``gcn_e_features="gcn"``, published) or the input features (``"input"``: the input kNN is
+    then reused), on a ``k_edge``-NN graph. Cluster with the same choice
+    (``gcn_e_cluster(use_gcn_features=..., k_edge=...)``); both are saved in the model's meta.
     Returns ``{kind: model file}`` for the models trained here.
     """
     unknown = [k for k in kinds if k not in KINDS]
@@ -82,11 +88,14 @@ def train_models(
         paths["gcn_v"] = out_dir / "gcn_v.pth"
     if "gcn_e" in kinds:
         source = paths.get("gcn_v", gcn_v)
+        if gcn_e_features not in ("gcn", "input"):
+            raise ValueError(f"gcn_e_features must be 'gcn' or 'input', got {gcn_e_features!r}")
+        use_gcn = gcn_e_features == "gcn"
         edge_feats, conf, edge_knn = gcn_e_inputs(
-            load_gcn_v(source, device), data.features, knn, device=device,
-            show_progress=show_progress,
+            load_gcn_v(source, device), data.features, knn, use_gcn_features=use_gcn, k=k_edge,
+            device=device, show_progress=show_progress,
         )  # fmt: skip
-        e_meta = {**meta, "k": edge_knn.k, "gcn_v": str(source)}
+        e_meta = {**meta, "k": edge_knn.k, "gcn_v": str(source), "use_gcn_features": use_gcn}
         model = train_gcn_e(edge_feats, conf, data.labels, edge_knn, **epoch_kw, **common)
         save_gcn(model, out_dir / "gcn_e.pth", e_meta)
         paths["gcn_e"] = out_dir / "gcn_e.pth"

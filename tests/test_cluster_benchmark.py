@@ -130,6 +130,9 @@ def test_run_methods_applies_the_train_pick_to_test(sets, tmp_path) -> None:
     md = (tmp_path / "results.md").read_text()
     assert "## Thresholds picked on train" in md and "| cc " in md
     assert (tmp_path / "tuning.png").read_bytes()[:4] == b"\x89PNG"
+    run_methods(test, ["cc"], tmp_path, knn=test_knn, show_progress=False)  # untuned, same dir
+    assert not (tmp_path / "tuning.png").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["tuning"] is None
 
 
 def test_a_pick_at_the_grid_edge_is_flagged(sets, tmp_path) -> None:

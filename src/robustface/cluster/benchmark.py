@@ -243,6 +243,7 @@ def _tuning_rows(results: Sequence[MethodResult]) -> list[list[Any]]:
 def _plot_tuning(results: Sequence[MethodResult], path: Path) -> None:
     tuned = [r for r in results if "tuning" in r.extra]
     if not tuned:
+        path.unlink(missing_ok=True)  # no plot from an earlier run left beside these results
         return
     plt = pyplot()
     cols = min(3, len(tuned))

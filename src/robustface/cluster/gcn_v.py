@@ -385,8 +385,9 @@ def _train_loop(
     rng = np.random.default_rng(seed)
     history: list[float] = []
     model.train()
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not show_progress)
-    for _ in bar:
+    steps = -(-num_items // batch_size)
+    bar = tqdm(total=epochs * steps, desc=desc, unit="step", disable=not show_progress)
+    for epoch in range(epochs):
         total, count = 0.0, 0
         for items in _batches(rng.permutation(num_items), batch_size):
             loss = step_loss(items, rng)
@@ -395,9 +396,11 @@ def _train_loop(
             optimizer.step()
             total += float(loss.detach()) * len(items)
             count += len(items)
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{total / count:.4f}", refresh=False)
         scheduler.step()
         history.append(total / count)
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    bar.close()
     model.eval()
     return history
 

@@ -1,10 +1,12 @@
-"""Shared fixtures: a tiny SynthFace set, built once per test session."""
+"""Shared fixtures: a tiny SynthFace set, built once per test session, and one torch thread."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from robustface.config import SynthConfig
 from robustface.data.synth.builder import build_synthface
@@ -27,3 +29,14 @@ def synth_train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth_train") / "synthface"
     build_synthface(out, TRAIN_SYNTH, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module's tests and fixtures (``pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")``): tiny tensors gain nothing from intra-op threads and lose a lot on a
+    busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

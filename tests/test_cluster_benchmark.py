@@ -19,13 +19,7 @@ from robustface.cluster.gcn_e import gcn_e_inputs, train_gcn_e
 from robustface.cluster.gcn_v import save_gcn, train_gcn_v
 from robustface.cluster.knn import knn_brute_force
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

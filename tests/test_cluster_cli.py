@@ -12,13 +12,7 @@ from cluster_reference import pairwise_f as brute_pairwise_f
 from robustface.cli import main
 from robustface.data.ltc import read_meta
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

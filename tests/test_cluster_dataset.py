@@ -25,6 +25,8 @@ from robustface.data.transforms import resize_to
 from robustface.errors import DataFormatError
 from robustface.models import build_backbone
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MODEL_KW = {"input_size": 32, "width": 0.125, "embedding_size": 16}
 
 
@@ -172,15 +174,6 @@ def tiny_synthface(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: tiny convolutions on a busy 2-core machine are far faster so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     torch.manual_seed(0)
@@ -201,7 +194,7 @@ def _reference_embeddings(model, rec_path):
 
 
 @pytest.mark.parametrize("split", ["open_set", "train"])
-def test_extract_synthface_features(tiny_synthface, tiny_model, split, one_thread):
+def test_extract_synthface_features(tiny_synthface, tiny_model, split):
     model, path = tiny_model
     cs = extract_synthface_features(
         path,

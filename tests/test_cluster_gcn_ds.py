@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +28,7 @@ from robustface.cluster.proposals import Proposals, ProposalSetting, generate_pr
 from robustface.cluster.proposals import proposal_targets as targets
 from robustface.errors import DataFormatError
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small matrices: one thread is faster than two fighting over the shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_proposals(parts: list[list[int]], k: int | list[int]) -> Proposals:
@@ -197,38 +189,33 @@ SETTINGS = [ProposalSetting(k=10, th=th, min_size=2, max_size=40) for th in (0.4
 def trained() -> dict:
     """GCN-D and GCN-S trained on 100 planted identities (small nets, more steps than the
     published schedule, which assumes ~10^6 proposals)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        feats, labels = planted(100, seed=10)
-        graph = build_knn(feats, 10, show_progress=False)
-        props = generate_proposals(graph, SETTINGS, feats, show_progress=False)
-        det, det_loss = train_gcn_d(
-            feats,
-            graph,
-            props,
-            labels,
-            hidden_dims=(32, 16),
-            lr=0.1,
-            epochs=20,
-            lr_steps=(),
-            show_progress=False,
-        )
-        seg, seg_loss = train_gcn_s(
-            feats,
-            graph,
-            props,
-            labels,
-            hidden_dims=(32, 16),
-            dropout=0.0,
-            lr=0.2,
-            epochs=30,
-            batch_size=8,
-            lr_steps=(20,),
-            show_progress=False,
-        )
-    finally:
-        torch.set_num_threads(before)
+    feats, labels = planted(100, seed=10)
+    graph = build_knn(feats, 10, show_progress=False)
+    props = generate_proposals(graph, SETTINGS, feats, show_progress=False)
+    det, det_loss = train_gcn_d(
+        feats,
+        graph,
+        props,
+        labels,
+        hidden_dims=(32, 16),
+        lr=0.1,
+        epochs=20,
+        lr_steps=(),
+        show_progress=False,
+    )
+    seg, seg_loss = train_gcn_s(
+        feats,
+        graph,
+        props,
+        labels,
+        hidden_dims=(32, 16),
+        dropout=0.0,
+        lr=0.2,
+        epochs=30,
+        batch_size=8,
+        lr_steps=(20,),
+        show_progress=False,
+    )
     return {"det": det, "seg": seg, "det_loss": det_loss, "seg_loss": seg_loss}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,7 @@ from robustface.cluster.graph import components, knn_adjacency, knn_edges
 from robustface.cluster.knn import KnnGraph, knn_brute_force
 from robustface.errors import DataFormatError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny graphs: one thread avoids oversubscribing the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_graph(seed: int, n: int = 50, k: int = 8, dim: int = 6) -> tuple[np.ndarray, KnnGraph]:

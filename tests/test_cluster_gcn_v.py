@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,8 @@ from robustface.cluster.graph import components, knn_edges
 from robustface.cluster.knn import KnnGraph, knn_brute_force
 from robustface.errors import DataFormatError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def random_knn(seed: int, n: int = 40, k: int = 6, missing: bool = True) -> KnnGraph:
     """A kNN graph of random unit features; with ``missing``, some entries removed (-1)."""
@@ -46,15 +47,6 @@ def dense_adjacency(graph: KnnGraph) -> np.ndarray:
     """The row-normalised ``max(S, S^T) + I``, by loops."""
     a = dense_weights(graph)
     return a / a.sum(axis=1, keepdims=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny graphs: one thread avoids oversubscribing the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

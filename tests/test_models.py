@@ -18,17 +18,10 @@ from robustface.models import (
 )
 from robustface.utils.registry import Registry
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Small settings every factory accepts: fast on CPU, embedding size independent of width.
 SMALL = {"input_size": 56, "width": 0.25, "embedding_size": 64}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy CI box they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small(name: str, **kwargs) -> FaceBackbone:

@@ -130,6 +130,16 @@ def test_reverse_edges_is_the_transpose(batch: int) -> None:
     assert reverse.has_sorted_indices  # sources ascending within every row
 
 
+def test_knn_edges_of_a_row_range_are_those_rows_edges() -> None:
+    graph = awkward_knn(5)
+    src, dst, sim = knn_edges(graph, min_sim=0.0)
+    for start, stop in ((0, 50), (7, 19), (45, None)):
+        part = knn_edges(graph, min_sim=0.0, start=start, stop=stop)
+        keep = (src >= start) & (src < (50 if stop is None else stop))
+        for got, want in zip(part, (src[keep], dst[keep], sim[keep]), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_adjacency_blocks_sum_repeated_neighbours_like_the_whole_matrix() -> None:
     graph = random_knn(4, n=30, k=6)
     nbrs = graph.nbrs.copy()

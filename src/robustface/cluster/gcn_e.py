@@ -53,7 +53,7 @@ from robustface.cluster.gcn_v import (
     unit_rows,
 )
 from robustface.cluster.graph import knn_adjacency
-from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features
+from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
 
 __all__ = [
     "GCNE",
@@ -378,7 +378,7 @@ def gcn_e_inputs(
         return_hidden=use_gcn_features, show_progress=show_progress,
     )  # fmt: skip
     if hidden is None:
-        edge_feats = unit_rows(check_features(features))
+        edge_feats = normalize_rows(features, copy=False)  # no copy of unit input rows
         if k <= knn.k:
             return edge_feats, conf, knn if k == knn.k else knn.truncate(k)
     else:

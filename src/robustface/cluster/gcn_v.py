@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from robustface.cluster.base import CLUSTERERS, SIM_GRID, TUNINGS, Tuning
-from robustface.cluster.graph import components, knn_adjacency
+from robustface.cluster.graph import components, knn_adjacency, knn_edges
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
 from robustface.errors import DataFormatError
 from robustface.utils.io import atomic_path
@@ -148,18 +148,9 @@ def gcn_adjacency(knn: KnnGraph, min_sim: float = 0.0) -> sp.csr_matrix:
     return knn_adjacency(knn, min_sim=min_sim, symmetric=True, self_loops=True, row_normalize=True)
 
 
-def _gcn_edges(knn: KnnGraph, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The edges of :func:`gcn_adjacency`'s ``S`` from rows ``start:stop``: ``(src, dst, sim)``
-    with ``dst`` listed, ``sim >= 0`` and no self loops."""
-    nbrs, sims = knn.nbrs[start:stop], knn.sims[start:stop]
-    src = np.arange(start, start + len(nbrs), dtype=np.int64)[:, None]
-    keep = (nbrs >= 0) & (sims >= 0) & (nbrs != src)
-    return np.broadcast_to(src, nbrs.shape)[keep], nbrs[keep], sims[keep].astype(np.float32)
-
-
 def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
     """``S^T`` as CSR (row ``j`` lists the samples whose kNN list holds ``j``), ``S`` being
-    :func:`gcn_adjacency`'s similarities before symmetrisation.
+    :func:`gcn_adjacency`'s similarities before symmetrisation (the kNN edges with sim >= 0).
 
     Built ``batch_size`` rows at a time by a counting sort, so memory is the output (8 bytes an
     edge with int32 indices) plus one batch, not the COO temporaries of a global transpose.
@@ -167,7 +158,8 @@ def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
     n = knn.num_samples
     counts = np.zeros(n, dtype=np.int64)
     for start in range(0, n, batch_size):
-        counts += np.bincount(_gcn_edges(knn, start, start + batch_size)[1], minlength=n)
+        dst = knn_edges(knn, min_sim=0.0, start=start, stop=start + batch_size)[1]
+        counts += np.bincount(dst, minlength=n)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     index_dtype = np.int32 if n < 2**31 and indptr[-1] < 2**31 else np.int64
@@ -175,7 +167,7 @@ def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
     data = np.empty(indptr[-1], dtype=np.float32)
     fill = indptr[:-1].copy()
     for start in range(0, n, batch_size):
-        src, dst, sim = _gcn_edges(knn, start, start + batch_size)
+        src, dst, sim = knn_edges(knn, min_sim=0.0, start=start, stop=start + batch_size)
         order = np.argsort(dst, kind="stable")  # sources stay ascending within a row of S^T
         dst = dst[order]
         first = np.searchsorted(dst, dst, side="left")
@@ -194,7 +186,7 @@ def gcn_adjacency_rows(
     n = knn.num_samples
     stop = min(stop, n)
     rows = stop - start
-    src, dst, sim = _gcn_edges(knn, start, stop)
+    src, dst, sim = knn_edges(knn, min_sim=0.0, start=start, stop=stop)
     fwd = sp.csr_matrix((sim, (src - start, dst)), shape=(rows, n), dtype=np.float32)
     fwd.sum_duplicates()
     back = reverse[start:stop]
@@ -413,9 +405,7 @@ def _row_batches(num: int, batch_size: int | None, seed: int) -> Iterator[np.nda
             yield None
     rng = np.random.default_rng(seed)
     while True:
-        order = rng.permutation(num)
-        for start in range(0, num, batch_size):
-            yield np.sort(order[start : start + batch_size])
+        yield from map(np.sort, _batches(rng.permutation(num), batch_size))
 
 
 def train_gcn_v(

@@ -12,13 +12,19 @@ __all__ = ["components", "knn_adjacency", "knn_edges", "relabel"]
 
 
 def knn_edges(
-    graph: KnnGraph, min_sim: float | None = None, self_loops: bool = False
+    graph: KnnGraph,
+    min_sim: float | None = None,
+    self_loops: bool = False,
+    start: int = 0,
+    stop: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The graph's directed edges ``(src, dst, sim)``, without missing entries; with ``min_sim``,
-    only those with ``sim >= min_sim``; self loops only when ``self_loops``."""
-    src = np.repeat(np.arange(graph.num_samples, dtype=np.int64), graph.k)
-    dst = graph.nbrs.reshape(-1)
-    sim = graph.sims.reshape(-1)
+    only those with ``sim >= min_sim``; self loops only when ``self_loops``. Only the edges of
+    rows ``start:stop`` (default: all) are listed, with their global ids."""
+    nbrs, sims = graph.nbrs[start:stop], graph.sims[start:stop]
+    src = np.repeat(np.arange(start, start + len(nbrs), dtype=np.int64), graph.k)
+    dst = nbrs.reshape(-1)
+    sim = sims.reshape(-1)
     keep = dst >= 0
     if min_sim is not None:
         keep &= sim >= min_sim

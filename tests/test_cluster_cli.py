@@ -91,6 +91,13 @@ def test_given_models_are_used_and_gcn_e_trains_on_them(bench, tmp_path, capsys)
     assert main(["cluster", "train", *base, "--kinds", "gcn_e", "--epochs", "1"]) == 2
     assert "needs a GCN-V" in capsys.readouterr().err
     assert main(["cluster", "train", *base, "--kinds", "gcn_v", "--iters", "5"]) == 0
+    meta = torch.load(models / "gcn_v.pth", weights_only=True)["meta"]
+    assert (meta["optimizer"], meta["lr"], meta["batch_size"]) == ("adamw", None, 1024)
+    sgd = [*base, "--kinds", "gcn_v", "--iters", "3", "--out", str(tmp_path / "sgd")]
+    sgd += ["--gcn-v-optimizer", "sgd", "--gcn-v-lr", "0.05", "--gcn-v-batch", "0"]
+    assert main(["cluster", "train", *sgd]) == 0
+    meta = torch.load(tmp_path / "sgd" / "gcn_v.pth", weights_only=True)["meta"]
+    assert (meta["optimizer"], meta["lr"], meta["batch_size"]) == ("sgd", 0.05, None)
     mine = tmp_path / "mine_gcn_v.pth"
     (models / "gcn_v.pth").rename(mine)
     args = ["cluster", "train", *base, "--kinds", "gcn_e", "--epochs", "1", "--gcn-v", str(mine)]

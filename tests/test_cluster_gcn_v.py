@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def trained() -> dict[str, object]:
     xtr, ytr, centres = planted(0)
     xte, yte, _ = planted(1, centres)
     ktr, kte = knn_brute_force(xtr, 10), knn_brute_force(xte, 10)
-    model = train_gcn_v(xtr, ytr, ktr, iters=400, hidden=32, show_progress=False)
+    model = train_gcn_v(xtr, ytr, ktr, iters=400, hidden=32, batch_size=None, show_progress=False)
     return {"model": model, "xtr": xtr, "ytr": ytr, "ktr": ktr, "xte": xte, "yte": yte, "kte": kte}
 
 
@@ -186,7 +187,10 @@ def test_training_step_gradient_gradcheck() -> None:
 def test_training_reduces_loss_from_the_full_graph_mse() -> None:
     xtr, ytr, _ = planted(0)
     graph = knn_brute_force(xtr, 10)
-    model = train_gcn_v(xtr, ytr, graph, iters=60, hidden=16, seed=3, show_progress=False)
+    model = train_gcn_v(
+        xtr, ytr, graph, iters=60, hidden=16, seed=3, batch_size=None, optimizer="sgd",
+        show_progress=False,
+    )  # fmt: skip
     assert len(model.loss_history) == 60
     # the first logged loss is the MSE of the seed's initial model over the whole graph
     torch.manual_seed(3)
@@ -353,36 +357,99 @@ def test_load_published_state_dict(tmp_path: Path) -> None:
         load_gcn_v(tmp_path / "junk.pth")
 
 
-def test_mini_batch_steps_use_the_whole_graph_for_the_batch_rows() -> None:
-    """Two mini-batch steps equal SGD done by hand on the full-graph forward of those rows."""
-    xtr, ytr, _ = planted(0)
-    graph = knn_brute_force(xtr, 10)
-    n, batch, lr, momentum, wd = len(xtr), 37, 0.05, 0.9, 1e-5
-    model = train_gcn_v(
-        xtr, ytr, graph, iters=2, hidden=16, seed=5, batch_size=batch, lr=lr,
-        momentum=momentum, weight_decay=wd, lr_steps=(), show_progress=False,
-    )  # fmt: skip
-    order = np.random.default_rng(5).permutation(n)
-    batches = [np.sort(order[:batch]), np.sort(order[batch : 2 * batch])]
+def _hand_steps(
+    xtr: np.ndarray, ytr: np.ndarray, graph, batch: int, lrs: list[float], update
+) -> tuple[GCNV, list[float]]:
+    """GCN-V (seed 5) trained by hand: the full-graph forward, the loss on each step's rows
+    (sorted batches of a fresh seed-5 permutation per pass, the last of a pass shorter),
+    ``update(name, param, grad, lr, step)`` with ``lrs[step]``."""
+    rng = np.random.default_rng(5)
+    passes = [rng.permutation(len(xtr)) for _ in range(len(lrs) * batch // len(xtr) + 1)]
+    row_sets = [np.sort(o[s : s + batch]) for o in passes for s in range(0, len(o), batch)]
     torch.manual_seed(5)
     ref = GCNV(32, hidden=16)
     x, adj = torch.from_numpy(xtr), to_torch_sparse(gcn_adjacency(graph))
     target = torch.from_numpy(confidence_targets(ytr, graph))
-    bufs: dict[str, torch.Tensor] = {}
     losses = []
-    for rows in batches:
+    for step, (rows, lr) in enumerate(zip(row_sets, lrs, strict=False)):
         conf, _ = ref(x, adj)  # aggregation over every row, not just the batch
         loss = ((conf[rows] - target[rows]) ** 2).mean()
         losses.append(loss.item())
         grads = torch.autograd.grad(loss, list(ref.parameters()))
         with torch.no_grad():
             for (name, p), g in zip(ref.named_parameters(), grads, strict=True):
-                g = g + wd * p
-                bufs[name] = g if name not in bufs else momentum * bufs[name] + g
-                p -= lr * bufs[name]
+                update(name, p, g, lr, step)
+    return ref, losses
+
+
+def test_mini_batch_sgd_steps_use_the_whole_graph_for_the_batch_rows() -> None:
+    """Mini-batch SGD steps equal SGD done by hand on the full-graph forward of those rows,
+    with the published lr x0.1 at each fraction of ``lr_steps``."""
+    xtr, ytr, _ = planted(0)
+    graph = knn_brute_force(xtr, 10)
+    batch, lr, momentum, wd = 37, 0.05, 0.9, 1e-5
+    model = train_gcn_v(
+        xtr, ytr, graph, iters=4, hidden=16, seed=5, batch_size=batch, optimizer="sgd", lr=lr,
+        momentum=momentum, weight_decay=wd, lr_steps=(0.5, 0.75), show_progress=False,
+    )  # fmt: skip
+    bufs: dict[str, torch.Tensor] = {}
+
+    def sgd(name: str, p: torch.Tensor, g: torch.Tensor, step_lr: float, step: int) -> None:
+        g = g + wd * p
+        bufs[name] = g if name not in bufs else momentum * bufs[name] + g
+        p -= step_lr * bufs[name]
+
+    ref, losses = _hand_steps(xtr, ytr, graph, batch, [lr, lr, lr / 10, lr / 100], sgd)
     assert model.loss_history == pytest.approx(losses, rel=1e-5)
     for name, want in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_adamw_steps_follow_the_written_out_update_and_warmup_cosine_schedule() -> None:
+    """The default optimiser: AdamW (decoupled weight decay, bias-corrected moments) at
+    lr x (t + 1) / w for the first w = max(1, int(0.05 T)) steps, then x (1 + cos(pi (t - w) /
+    (T - w))) / 2, checked against the formulas done by hand over all T steps."""
+    xtr, ytr, _ = planted(0)
+    graph = knn_brute_force(xtr, 10)
+    batch, lr, wd, iters = 29, 3e-3, 1e-2, 40
+    model = train_gcn_v(
+        xtr, ytr, graph, iters=iters, hidden=16, seed=5, batch_size=batch, lr=lr,
+        weight_decay=wd, show_progress=False,
+    )  # fmt: skip
+    warm = 2  # int(0.05 * 40)
+    lrs = [
+        lr * (t + 1) / warm if t < warm else lr * (1 + math.cos(math.pi * (t - warm) / 38)) / 2
+        for t in range(iters)
+    ]
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def adamw(name: str, p: torch.Tensor, g: torch.Tensor, step_lr: float, step: int) -> None:
+        m, v = moments.get(name, (torch.zeros_like(p), torch.zeros_like(p)))
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        moments[name] = (m, v)
+        p *= 1 - step_lr * wd
+        m_hat, v_hat = m / (1 - b1 ** (step + 1)), v / (1 - b2 ** (step + 1))
+        p -= step_lr * m_hat / (v_hat.sqrt() + eps)
+
+    ref, losses = _hand_steps(xtr, ytr, graph, batch, lrs, adamw)
+    assert model.loss_history == pytest.approx(losses, rel=1e-4)
+    for name, want in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_optimizer_arguments_are_checked() -> None:
+    xtr, ytr, _ = planted(0)
+    graph = knn_brute_force(xtr, 5)
+    kw = {"iters": 1, "show_progress": False}
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, adamw"):
+        train_gcn_v(xtr, ytr, graph, optimizer="adam", **kw)
+    with pytest.raises(ValueError, match="lr_steps is for optimizer='sgd'"):
+        train_gcn_v(xtr, ytr, graph, lr_steps=(0.5,), **kw)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        train_gcn_v(xtr, ytr, graph, lr=0.0, **kw)
+    with pytest.raises(ValueError, match="lr_steps must be fractions"):
+        train_gcn_v(xtr, ytr, graph, optimizer="sgd", lr_steps=(2,), **kw)
 
 
 def test_mini_batch_training_clusters_like_full_graph_training(trained: dict) -> None:
@@ -396,7 +463,7 @@ def test_mini_batch_training_clusters_like_full_graph_training(trained: dict) ->
     f_full = pairwise_f(trained["yte"], confidence_link(trained["kte"], conf, 0.65))
     assert f_batch >= f_full - 0.05
     full_loss = np.mean(trained["model"].loss_history[-20:])
-    assert np.mean(model.loss_history[-20:]) < 1.25 * full_loss < 0.25 * model.loss_history[0]
+    assert np.mean(model.loss_history[-20:]) < 1.25 * full_loss < 0.3 * model.loss_history[0]
 
 
 def test_mini_batch_size_is_checked() -> None:

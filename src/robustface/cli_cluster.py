@@ -120,7 +120,9 @@ def _train(
         gcn_e_features=args.gcn_e_features,
         k_edge=args.k_edge,
         iters=args.iters,
-        batch_size=args.gcn_v_batch,
+        **({} if args.gcn_v_batch is None else {"batch_size": args.gcn_v_batch or None}),
+        optimizer=args.gcn_v_optimizer,
+        lr=args.gcn_v_lr,
         epochs=args.epochs,
         device=args.device,
         seed=args.seed,
@@ -265,7 +267,13 @@ def _data_args(p: argparse.ArgumentParser, name: bool = True) -> None:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=None, help="GCN-V iterations (default: module's)")
     p.add_argument("--gcn-v-batch", type=int, default=None, metavar="ROWS",
-                   help="GCN-V rows per step (default: the whole graph, as published)")  # fmt: skip
+                   help="GCN-V rows per step (default: module's, 1024; 0: the whole graph, "
+                   "as published)")  # fmt: skip
+    p.add_argument("--gcn-v-optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="GCN-V optimiser: AdamW with warm-up + cosine (default) or the "
+                   "published SGD with steps")  # fmt: skip
+    p.add_argument("--gcn-v-lr", type=float, default=None,
+                   help="GCN-V learning rate (default: 1e-3 for AdamW, 0.1 for SGD)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=None, help="GCN-E/D/S epochs (default: module's)")
     p.add_argument("--gcn-e-features", choices=["gcn", "input"], default="gcn",
                    help="GCN-E edge features: GCN-V's hidden ones (published) or the input ones "

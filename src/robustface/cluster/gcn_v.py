@@ -22,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,8 +41,11 @@ from robustface.errors import DataFormatError
 from robustface.utils.io import atomic_path
 
 __all__ = [
+    "DEFAULT_LR",
     "GCNV",
+    "GCN_V_BATCH",
     "GraphConv",
+    "Optimizer",
     "confidence_link",
     "confidence_targets",
     "gcn_adjacency",
@@ -66,6 +70,11 @@ GCN_FORMAT = "robustface.gcn"
 TAU_GCN_FEATURES = 0.8  # published ``tau``: linking on the kNN of GCN-V's hidden features
 TAU_INPUT_KNN = 0.65  # published ``tau_0``: linking on the input kNN
 ROW_BATCH = 65536  # rows per chunk of the vectorised per-sample passes
+Optimizer = Literal["sgd", "adamw"]
+DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adamw": 1e-3}
+"""GCN-V's learning rate per optimiser when none is given (SGD's is the published one)."""
+GCN_V_BATCH = 1024  # default rows per GCN-V training step
+WARMUP_FRACTION = 0.05  # AdamW: linear warm-up over this share of the iterations, then cosine
 
 
 class GraphConv(nn.Module):
@@ -326,6 +335,29 @@ def _lr_milestones(total: int, lr_steps: Sequence[float]) -> list[int]:
     return [int(r * total) for r in lr_steps]
 
 
+def _lr_factor(
+    optimizer: str, iters: int, lr_steps: Sequence[float] | None
+) -> Callable[[int], float]:
+    """GCN-V's learning-rate multiplier at each step (0-based): x0.1 at each of ``lr_steps``
+    (fractions of ``iters``; published 0.5/0.8/0.9) for SGD; for AdamW a linear warm-up over
+    :data:`WARMUP_FRACTION` of the steps, then a cosine from 1 to 0. Checks the arguments."""
+    if optimizer not in DEFAULT_LR:
+        raise ValueError(f"optimizer must be one of {', '.join(DEFAULT_LR)}, got {optimizer!r}")
+    if optimizer == "sgd":
+        milestones = _lr_milestones(iters, (0.5, 0.8, 0.9) if lr_steps is None else lr_steps)
+        return lambda step: 0.1 ** sum(step >= m for m in milestones)
+    if lr_steps is not None:
+        raise ValueError("lr_steps is for optimizer='sgd'; AdamW warms up then anneals (cosine)")
+    warmup = max(1, int(WARMUP_FRACTION * iters))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, iters - warmup)))
+
+    return factor
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Evaluation mode for the block; the model's previous mode is restored after."""
@@ -413,33 +445,37 @@ def train_gcn_v(
     labels: np.ndarray,
     knn: KnnGraph,
     *,
-    iters: int = 2000,
+    iters: int = 12000,
     hidden: int = 512,
     dropout: float = 0.0,
-    lr: float = 0.1,
+    optimizer: Optimizer = "adamw",
+    lr: float | None = None,
     momentum: float = 0.9,
     weight_decay: float = 1e-5,
-    lr_steps: Sequence[float] = (0.5, 0.8, 0.9),
-    batch_size: int | None = None,
+    lr_steps: Sequence[float] | None = None,
+    batch_size: int | None = GCN_V_BATCH,
     device: str | torch.device = "cpu",
     seed: int = 0,
     show_progress: bool = True,
     log_every: int = 100,
 ) -> GCNV:
-    """Train GCN-V, MSE to the confidence targets; one SGD step per iteration.
+    """Train GCN-V, MSE to the confidence targets; one optimiser step per iteration.
 
-    Published (``cfg_train_gcnv_ms1m.py``): SGD lr 0.1, momentum 0.9, weight decay 1e-5, 80,000
-    iterations, lr x0.1 at 50/80/90 % of them, dropout 0, hidden 512. ``iters`` defaults to 2,000
-    for CPU use (one iteration at 200K x 256, hidden 512, took ~30 s on 2 CPU cores; reproduce
-    the paper on a GPU with ``iters=80000``). ``AX`` is computed once: the only graph operation
-    acts on the fixed input features, so this equals aggregating in every iteration.
+    ``AX`` is computed once: the only graph operation acts on the fixed input features, so this
+    equals aggregating in every iteration. That also makes GCN-V an MLP on the rows ``[X, AX]``,
+    so ``batch_size`` rows per step (mini-batch training on the same loss, rows drawn without
+    replacement, a new permutation each pass) train it exactly as the full graph would, at a
+    fraction of the cost per step; None takes every row in every step, as published.
 
-    That also makes GCN-V an MLP on the rows ``[X, AX]``, so ``batch_size`` rows per step
-    (mini-batch SGD on the same loss, rows drawn without replacement, a new permutation each
-    pass) train it exactly as the full graph would, at a fraction of the cost per step: the way
-    to train at 500K+ samples on a CPU. None (default) takes every row in every step, as
-    published. The per-iteration losses (of the step's rows) are in ``model.loss_history``;
-    every ``log_every`` iterations the loss is logged and shown.
+    Defaults (``optimizer="adamw"``, lr 1e-3 warmed up linearly over the first 5 % of the
+    iterations then cosine-annealed to 0; 3,000 steps of 4,096 rows, ~7 min at 577K samples on 2
+    CPU cores) are robustface's: at 584K they fit the confidence far better than the published SGD
+    recipe on the same budget (test correlation 0.907 against 0.873, see docs/clustering.md).
+    Published (``cfg_train_gcnv_ms1m.py``): ``optimizer="sgd"`` (lr 0.1 by default, momentum 0.9),
+    weight decay 1e-5, ``iters=80000``, ``batch_size=None``, lr x0.1 at ``lr_steps`` (fractions
+    of ``iters``, default 0.5/0.8/0.9; SGD only), dropout 0, hidden 512. ``momentum`` is SGD's;
+    AdamW uses betas (0.9, 0.999). The per-iteration losses (of the step's rows) are in
+    ``model.loss_history``; every ``log_every`` iterations the loss is logged and shown.
     """
     feats = normalize_rows(features)
     num = len(feats)
@@ -450,6 +486,10 @@ def train_gcn_v(
         raise ValueError(f"log_every must be >= 1, got {log_every}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+    lr_factor = _lr_factor(optimizer, iters, lr_steps)
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
     targets = confidence_targets(labels, knn)
     agg = np.empty_like(feats)
     for start, stop, rows in gcn_adjacency_blocks(knn):
@@ -458,14 +498,15 @@ def train_gcn_v(
     x = torch.from_numpy(feats).to(device)
     agg_t = torch.from_numpy(np.ascontiguousarray(agg, dtype=np.float32)).to(device)
     target = torch.from_numpy(targets).to(device)
-    milestones = _lr_milestones(iters, lr_steps)
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
         model = GCNV(feats.shape[1], hidden, dropout).to(device)
-        opt = torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-        )
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+        params = model.parameters()
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         model.train()
         rows = _row_batches(num, batch_size, seed)
         bar = tqdm(range(iters), desc="GCN-V", unit="iter", disable=not show_progress)

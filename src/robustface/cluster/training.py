@@ -17,7 +17,7 @@ from typing import Literal
 from robustface.cluster.dataset import ClusterSet
 from robustface.cluster.gcn_ds import train_gcn_d, train_gcn_s
 from robustface.cluster.gcn_e import K_EDGE, gcn_e_inputs, train_gcn_e
-from robustface.cluster.gcn_v import load_gcn_v, save_gcn, train_gcn_v
+from robustface.cluster.gcn_v import GCN_V_BATCH, Optimizer, load_gcn_v, save_gcn, train_gcn_v
 from robustface.cluster.knn import KnnGraph
 from robustface.cluster.proposals import generate_proposals
 
@@ -42,7 +42,9 @@ def train_models(
     kinds: Sequence[str] = KINDS,
     knn: KnnGraph,
     iters: int | None = None,
-    batch_size: int | None = None,
+    batch_size: int | None = GCN_V_BATCH,
+    optimizer: Optimizer = "adamw",
+    lr: float | None = None,
     epochs: int | None = None,
     proposals: str = "train_8",
     gcn_v: str | Path | None = None,
@@ -54,8 +56,10 @@ def train_models(
 ) -> dict[str, Path]:
     """Train ``kinds`` on ``data`` (labels required) with its kNN graph ``knn``.
 
-    ``iters`` overrides GCN-V's iteration count, ``batch_size`` its rows per step (None: the whole
-    graph) and ``epochs`` the epochs of GCN-E, GCN-D and GCN-S (None: the modules' defaults).
+    ``iters`` overrides GCN-V's iteration count (None: the module's), ``batch_size`` its rows per
+    step (None: the whole graph), ``optimizer`` and ``lr`` its optimiser (see
+    :func:`~robustface.cluster.gcn_v.train_gcn_v`; ``lr`` None: the optimiser's default) and
+    ``epochs`` the epochs of GCN-E, GCN-D and GCN-S (None: the modules' defaults).
     GCN-E learns on the outputs of ``gcn_v`` when given (a trained GCN-V file), else of the GCN-V
     trained here, which ``kinds`` must then include; its edge features are GCN-V's hidden ones
     (``gcn_e_features="gcn"``, published) or the input features (``"input"``: the input kNN is
@@ -81,9 +85,13 @@ def train_models(
     if "gcn_v" in kinds:
         iter_kw = {} if iters is None else {"iters": iters}
         model = train_gcn_v(
-            data.features, data.labels, knn, batch_size=batch_size, **iter_kw, **common
-        )
-        v_meta = {**meta, "iters": len(model.loss_history), "batch_size": batch_size}
+            data.features, data.labels, knn, batch_size=batch_size, optimizer=optimizer, lr=lr,
+            **iter_kw, **common,
+        )  # fmt: skip
+        v_meta = {
+            **meta, "iters": len(model.loss_history), "batch_size": batch_size,
+            "optimizer": optimizer, "lr": lr,
+        }  # fmt: skip
         save_gcn(model, out_dir / "gcn_v.pth", v_meta)
         paths["gcn_v"] = out_dir / "gcn_v.pth"
     if "gcn_e" in kinds:

@@ -92,7 +92,7 @@ def test_given_models_are_used_and_gcn_e_trains_on_them(bench, tmp_path, capsys)
     assert "needs a GCN-V" in capsys.readouterr().err
     assert main(["cluster", "train", *base, "--kinds", "gcn_v", "--iters", "5"]) == 0
     meta = torch.load(models / "gcn_v.pth", weights_only=True)["meta"]
-    assert (meta["optimizer"], meta["lr"], meta["batch_size"]) == ("adamw", None, 1024)
+    assert (meta["optimizer"], meta["lr"], meta["batch_size"]) == ("adamw", 1e-3, 1024)
     sgd = [*base, "--kinds", "gcn_v", "--iters", "3", "--out", str(tmp_path / "sgd")]
     sgd += ["--gcn-v-optimizer", "sgd", "--gcn-v-lr", "0.05", "--gcn-v-batch", "0"]
     assert main(["cluster", "train", *sgd]) == 0

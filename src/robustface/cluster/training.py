@@ -17,7 +17,14 @@ from typing import Literal
 from robustface.cluster.dataset import ClusterSet
 from robustface.cluster.gcn_ds import train_gcn_d, train_gcn_s
 from robustface.cluster.gcn_e import K_EDGE, gcn_e_inputs, train_gcn_e
-from robustface.cluster.gcn_v import GCN_V_BATCH, Optimizer, load_gcn_v, save_gcn, train_gcn_v
+from robustface.cluster.gcn_v import (
+    DEFAULT_LR,
+    GCN_V_BATCH,
+    Optimizer,
+    load_gcn_v,
+    save_gcn,
+    train_gcn_v,
+)
 from robustface.cluster.knn import KnnGraph
 from robustface.cluster.proposals import generate_proposals
 
@@ -90,7 +97,7 @@ def train_models(
         )  # fmt: skip
         v_meta = {
             **meta, "iters": len(model.loss_history), "batch_size": batch_size,
-            "optimizer": optimizer, "lr": lr,
+            "optimizer": optimizer, "lr": DEFAULT_LR[optimizer] if lr is None else lr,
         }  # fmt: skip
         save_gcn(model, out_dir / "gcn_v.pth", v_meta)
         paths["gcn_v"] = out_dir / "gcn_v.pth"

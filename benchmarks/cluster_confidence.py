@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robustface.cluster.dataset import knn_path, load_cluster_set
+from robustface.cluster.dataset import knn_file_method, knn_path, load_cluster_set
 from robustface.cluster.gcn_v import confidence_link, confidence_targets, load_gcn_v, predict_gcn_v
 from robustface.cluster.knn import KnnGraph
 from robustface.cluster.metrics import pairwise
@@ -34,8 +34,9 @@ def main() -> None:
     p.add_argument("--taus", type=float, nargs="+", default=[0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65])
     args = p.parse_args()
     data = load_cluster_set(args.root, args.name, require_labels=True)
-    method = "faiss" if args.knn_method == "flat" else f"faiss_{args.knn_method}"
-    knn = KnnGraph.load(knn_path(args.root, args.name, args.k, method=method))
+    knn = KnnGraph.load(
+        knn_path(args.root, args.name, args.k, method=knn_file_method(args.knn_method))
+    )
     truth = confidence_targets(data.labels, knn)
     pred, _ = predict_gcn_v(load_gcn_v(args.model), data.features, knn, return_hidden=False)
     corr = float(np.corrcoef(pred, truth)[0, 1])

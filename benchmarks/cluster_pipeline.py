@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from cluster_knn import exact_rows  # this directory is on sys.path when run as a script
-from robustface.cluster.dataset import knn_path, load_cluster_set
+from robustface.cluster.dataset import knn_file_method, knn_path, load_cluster_set
 from robustface.cluster.gcn_v import (
     TAU_GCN_FEATURES,
     TAU_INPUT_KNN,
@@ -115,8 +115,7 @@ def main() -> None:
         kwargs["nprobe"] = args.nprobe
     if args.shard_size is not None:
         kwargs["shard_size"] = args.shard_size
-    method = "faiss" if args.knn_method == "flat" else f"faiss_{args.knn_method}"
-    cache = knn_path(args.root, args.name, args.k, method=method)
+    cache = knn_path(args.root, args.name, args.k, method=knn_file_method(args.knn_method))
     if cache.exists() and not args.reuse_knn:
         raise SystemExit(
             f"{cache} exists: pass --reuse-knn to read it, or delete it to time a build"

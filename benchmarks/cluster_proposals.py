@@ -19,24 +19,25 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-
-from robustface.cluster.dataset import knn_path, load_cluster_set
+from robustface.cluster.dataset import ClusterSet, knn_file_method, knn_path, load_cluster_set
 from robustface.cluster.gcn_ds import gcn_d_cluster, gcn_ds_cluster
 from robustface.cluster.knn import KnnGraph
-from robustface.cluster.metrics import bcubed, nmi, pairwise
+from robustface.cluster.metrics import evaluate_clustering
 from robustface.utils.table import markdown_table
 
 
-def _scores(root: Path, name: str, method: str, k: int, cluster) -> list[str]:
+def _load(root: Path, name: str, index: str, k: int) -> tuple[ClusterSet, KnnGraph]:
     data = load_cluster_set(root, name, require_labels=True)
-    knn = KnnGraph.load(knn_path(root, name, k, method=method))
+    return data, KnnGraph.load(knn_path(root, name, k, method=knn_file_method(index)))
+
+
+def _scores(data: ClusterSet, knn: KnnGraph, cluster) -> list[str]:
     start = time.perf_counter()
     pred = cluster(data.features, knn)
     seconds = time.perf_counter() - start
-    labels = data.labels
-    values = [pairwise(labels, pred)[2], bcubed(labels, pred)[2], nmi(labels, pred)]
-    return [f"{100 * v:.2f}" for v in values] + [f"{len(np.unique(pred)):,}", f"{seconds:.0f}"]
+    m = evaluate_clustering(data.labels, pred)
+    values = [m["pairwise_fscore"], m["bcubed_fscore"], m["nmi"]]
+    return [f"{100 * v:.2f}" for v in values] + [f"{m['num_clusters']:,}", f"{seconds:.0f}"]
 
 
 def main() -> None:
@@ -51,7 +52,6 @@ def main() -> None:
     p.add_argument("--starts", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--step", type=float, default=0.05)
     args = p.parse_args()
-    method = "faiss" if args.knn_method == "flat" else f"faiss_{args.knn_method}"
 
     def clusterer(start: float):
         settings = [{"k": args.k, "th": round(start + i * args.step, 4)} for i in range(3)]
@@ -66,15 +66,15 @@ def main() -> None:
 
     header = ["set", "thresholds", "pairwise F", "BCubed F", "NMI", "clusters", "time (s)"]
     rows = []
+    train = _load(args.root, args.train, args.knn_method, args.k)
     for start in args.starts:
         ths = f"{start:g}, {start + args.step:g}, {start + 2 * args.step:g}"
-        rows.append(
-            [args.train, ths, *_scores(args.root, args.train, method, args.k, clusterer(start))]
-        )
+        rows.append([args.train, ths, *_scores(*train, clusterer(start))])
         print(markdown_table(header, rows[-1:]), flush=True)
+    del train
     best = max(range(len(rows)), key=lambda i: float(rows[i][2]))
     start = args.starts[best]
-    test = _scores(args.root, args.test, method, args.k, clusterer(start))
+    test = _scores(*_load(args.root, args.test, args.knn_method, args.k), clusterer(start))
     rows.append([f"{args.test} (picked on {args.train})", rows[best][1], *test])
     print(markdown_table(header, rows))
 

@@ -12,6 +12,7 @@ import torch
 from robustface.cluster.dataset import (
     ClusterSet,
     extract_synthface_features,
+    knn_file_method,
     knn_path,
     load_cluster_set,
     load_features,
@@ -64,6 +65,8 @@ def test_save_load_round_trip_and_knn_path(tmp_path):
     np.testing.assert_array_equal(back.features, feats)
     np.testing.assert_array_equal(back.labels, cs.labels)
     assert knn_path(tmp_path, "part1_test", 80) == tmp_path / "knns/part1_test/faiss_k_80.npz"
+    names = [knn_file_method(index) for index in ("flat", "ivf", "hnsw")]
+    assert names == ["faiss", "faiss_ivf", "faiss_hnsw"]
     unlabelled = ClusterSet("u", feats)
     assert save_cluster_set(tmp_path, unlabelled)[1] is None
     assert load_cluster_set(tmp_path, "u", dim=8).labels is None

@@ -39,12 +39,10 @@ def _load(args: argparse.Namespace, name: str, require_labels: bool = False):
 
 def _knn(args: argparse.Namespace, data: Any) -> tuple[Any, dict[str, Any]]:
     """The set's kNN graph (cached under ``ROOT/knns/``) and how it was made."""
-    from robustface.cluster.dataset import knn_path
+    from robustface.cluster.dataset import knn_file_method, knn_path
     from robustface.cluster.knn import load_or_build_knn
 
-    # learn-to-cluster names exact graphs faiss_k_80.npz; approximate ones get their index name
-    method = "faiss" if args.knn_method == "flat" else f"faiss_{args.knn_method}"
-    path = knn_path(args.root, data.name, args.k, method=method)
+    path = knn_path(args.root, data.name, args.k, method=knn_file_method(args.knn_method))
     cached = path.is_file()
     t0 = time.perf_counter()
     graph = load_or_build_knn(

@@ -35,6 +35,7 @@ __all__ = [
     "ClusterSet",
     "extract_synthface_features",
     "feature_path",
+    "knn_file_method",
     "knn_path",
     "label_path",
     "load_cluster_set",
@@ -100,6 +101,13 @@ def feature_path(root: str | Path, name: str, suffix: str = ".bin") -> Path:
 def label_path(root: str | Path, name: str, suffix: str = ".meta") -> Path:
     """``root/labels/<name><suffix>``."""
     return Path(root) / "labels" / f"{name}{suffix}"
+
+
+def knn_file_method(index: str) -> str:
+    """The ``method`` part of a kNN file name for a faiss index kind (``flat``, ``ivf``,
+    ``hnsw``): learn-to-cluster names exact graphs ``faiss``; approximate ones get their index
+    name (``faiss_ivf``)."""
+    return "faiss" if index == "flat" else f"faiss_{index}"
 
 
 def knn_path(root: str | Path, name: str, k: int, method: str = "faiss") -> Path:

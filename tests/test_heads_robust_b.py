@@ -156,11 +156,11 @@ class RobustRef:
         for i, y in enumerate(labels):
             tgt, nb = arc_target(cos[i, y], self.m), self.noise(cos[i, y])
             for j in range(cos.shape[1]):
-                if j == y:
-                    continue
-                pairs += 1
+                pairs += 1  # official: num_classes * batch pairs, the target column among them
                 hard = cos[i, j] > tgt
                 easy += not hard
+                if j == y:
+                    continue
                 noisy[i, j] = cos[i, j] > nb
                 hard_only[i, j] = hard and not noisy[i, j]
         if train:
@@ -175,6 +175,27 @@ class RobustRef:
                 elif hard_only[i, j]:
                     out[i, j] = (1 + self.t) * cos[i, j]
         return self.s * out
+
+
+def official_easy_fraction(cos, labels, m=0.5):
+    """The official ``losses.py`` count: ``mask_hard = logits > target`` over every column,
+    ``easy_num = num_class * batch - mask_hard.sum()``, fraction ``easy_num / num_all``."""
+    target = []
+    for c in cos[np.arange(len(labels)), labels]:
+        sin = math.sqrt(1.0 - c * c)
+        target.append(c * math.cos(m) - sin * math.sin(m))  # ArcFace, rows above cos(pi - m)
+    hard = cos > np.array(target)[:, None]
+    return (cos.size - hard.sum()) / cos.size
+
+
+@pytest.mark.parametrize("m", [0.5, 0.0])
+def test_robustface_phi_counts_pairs_as_the_official_code(m):
+    cos, labels = random_batch(11, rows=30, cols=6)
+    cos[cos < -0.85] = -0.85  # keep targets above cos(pi - m): no ArcFace fallback
+    head = RobustFaceHead(margin=m, momentum=1.0)  # phi = this batch's easy fraction
+    head(cos, labels)
+    want = official_easy_fraction(cos.numpy(), labels.numpy(), m)
+    assert float(head.phi) == pytest.approx(want, abs=1e-15)
 
 
 def test_robustface_registered_with_defaults():
@@ -358,6 +379,50 @@ def boundary_reference(cos, labels, s=32.0, m=0.5, lam=math.pi, corrected=True):
     return s * out, new, extra
 
 
+def official_phi(c: Tensor, m: float) -> Tensor:
+    """The official ``phi``: ArcFace's ``cos(theta + m)`` with its ``cos - m sin(m)`` fallback."""
+    phi = c * math.cos(m) - torch.sqrt(1.0 - c * c) * math.sin(m)
+    return torch.where(c > math.cos(math.pi - m), phi, c - math.sin(math.pi - m) * m)
+
+
+def boundary_official(cos, labels, m=0.5, lam=math.pi):
+    """The official ``head/boundaryMargin.py`` after ``epoch_start``, one row at a time, in torch
+    (for its gradient): each row is masked with its one-hot label, so the masked columns' zeros
+    take part in both maxima. Returns the corrected labels and the per-row boundary term."""
+    new, extra = labels.clone(), []
+    for i in range(cos.size(0)):
+        one_hot = torch.zeros(cos.size(1), dtype=cos.dtype)
+        one_hot[labels[i]] = 1.0
+        right2 = one_hot * cos[i].detach()
+        left2 = (1.0 - one_hot) * official_phi(cos[i].detach(), m)
+        if left2.max() - right2.max() > 0:
+            new[i] = int(left2.argmax())  # torch.max: the first maximal column
+            one_hot = torch.zeros(cos.size(1), dtype=cos.dtype)
+            one_hot[new[i]] = 1.0
+        right = one_hot * official_phi(cos[i], m)
+        left = (1.0 - one_hot) * cos[i]
+        extra.append(lam * torch.relu(left.max() - right.max()))
+    return new, torch.stack(extra)
+
+
+def hard_batch():
+    """Rows where the two formulas part: every label 0, phi = cos(theta + 0.5)."""
+    cos = torch.tensor(
+        [
+            [-0.60, 0.10, -0.20, -0.40, -0.30, -0.50],  # phi(0.10) = -0.39 > -0.60: paper relabels
+            [-0.20, 0.05, -0.10, 0.02, -0.30, -0.40],  # phi_y < 0 < max negative
+            [-0.50, -0.30, -0.40, -0.45, -0.60, -0.70],  # every cosine < 0
+            [-0.90, -0.10, 0.30, -0.20, -0.50, 0.00],  # target beyond pi - m: paper relabels
+            [0.40, 0.20, -0.10, 0.35, 0.10, -0.20],  # phi_y < 0 < max negative
+            [0.10, 0.85, 0.20, -0.10, 0.00, 0.30],  # phi(0.85) = 0.49: both relabel to 1
+            [0.80, 0.50, 0.10, -0.20, 0.30, -0.40],  # phi_y = 0.41 > 0: the same term
+            [0.05, -0.20, 0.60, 0.10, -0.30, 0.20],  # phi(0.60) = 0.14 > 0.05: both relabel
+        ],
+        dtype=torch.float64,
+    )
+    return cos, torch.zeros(8, dtype=torch.long)
+
+
 def boundary_batch(seed, rows=20, cols=9):
     cos, labels = random_batch(seed, rows=rows, cols=cols)
     idx = torch.arange(0, rows, 3)  # every third row: a negative far above the target
@@ -370,6 +435,10 @@ def test_boundaryface_registered_and_plain_arcface_before_start():
     head = build_head("boundaryface")
     assert isinstance(head, BoundaryFaceHead)
     assert (head.scale, head.margin, head.epoch_start, head.lam) == (32.0, 0.5, 10, math.pi)
+    assert (
+        head.formula == "official"
+        and build_head("boundaryface", formula="paper").formula == "paper"
+    )
     cos, labels = boundary_batch(0)
     out = head(cos, labels, epoch=9)
     want, _, _ = boundary_reference(cos.numpy(), labels.numpy(), corrected=False)
@@ -378,8 +447,48 @@ def test_boundaryface_registered_and_plain_arcface_before_start():
     assert head.last_corrected == 0
 
 
-def test_boundaryface_matches_reference_after_start():
+@pytest.mark.parametrize("batch", ["random0", "random1", "spread", "hard"])
+def test_boundaryface_default_is_the_official_code(batch):
+    if batch == "hard":
+        cos, labels = hard_batch()
+    elif batch == "spread":  # cosines over [-0.95, 0.95], no target pulled near its class
+        cos = torch.from_numpy(np.random.default_rng(5).uniform(-0.95, 0.95, (30, 7)))
+        labels = torch.from_numpy(np.random.default_rng(6).integers(0, 7, 30))
+    else:
+        cos, labels = boundary_batch(int(batch[-1]))
     head = BoundaryFaceHead()
+    leaf = cos.clone().requires_grad_(True)
+    out = head(leaf, labels, epoch=10)
+    ref = cos.clone().requires_grad_(True)
+    new, extra = boundary_official(ref, labels)
+    np.testing.assert_array_equal(out.labels.numpy(), new.numpy())
+    torch.testing.assert_close(out.extra_loss, extra, rtol=0, atol=1e-12)
+    logits, _, _ = boundary_reference(cos.numpy(), new.numpy(), corrected=False)
+    np.testing.assert_allclose(out.logits.detach().numpy(), logits, atol=1e-10)
+    assert head.last_corrected == int((new != labels).sum())
+    out.extra_loss.sum().backward()
+    extra.sum().backward()
+    torch.testing.assert_close(leaf.grad, ref.grad, rtol=0, atol=1e-12)
+    assert (extra > 0).any()
+
+
+def test_boundaryface_official_and_paper_part_on_a_hard_batch():
+    cos, labels = hard_batch()
+    official = BoundaryFaceHead()(cos, labels, epoch=10)
+    paper = BoundaryFaceHead(formula="paper")(cos, labels, epoch=10)
+    assert official.labels.tolist() == [0, 0, 0, 0, 0, 1, 0, 2]
+    assert paper.labels.tolist() == [1, 0, 0, 2, 0, 1, 0, 2]
+    logits, new, want = boundary_reference(cos.numpy(), labels.numpy())
+    np.testing.assert_array_equal(paper.labels.numpy(), new)
+    np.testing.assert_allclose(paper.logits.numpy(), logits, atol=1e-10)
+    np.testing.assert_allclose(paper.extra_loss.numpy(), want, atol=1e-12)
+    # mean boundary term (lam = pi): 0.370 official against 0.869 paper on this batch
+    assert float(official.extra_loss.mean()) == pytest.approx(0.3702, abs=1e-4)
+    assert float(paper.extra_loss.mean()) == pytest.approx(0.8692, abs=1e-4)
+
+
+def test_boundaryface_paper_formula_matches_reference_after_start():
+    head = BoundaryFaceHead(formula="paper")
     for seed in range(2):
         cos, labels = boundary_batch(seed)
         out = head(cos, labels, epoch=10)
@@ -391,8 +500,9 @@ def test_boundaryface_matches_reference_after_start():
         assert (extra > 0).any()
 
 
-def test_boundaryface_gradcheck():
-    head = BoundaryFaceHead(scale=2.0)
+@pytest.mark.parametrize("formula", ["official", "paper"])
+def test_boundaryface_gradcheck(formula):
+    head = BoundaryFaceHead(scale=2.0, formula=formula)
     cos, labels = boundary_batch(1, rows=6, cols=5)
     cos = cos.clone().requires_grad_(True)
 
@@ -403,21 +513,25 @@ def test_boundaryface_gradcheck():
     assert torch.autograd.gradcheck(fn, (cos,), eps=1e-7, atol=1e-6)
 
 
-def test_boundaryface_shard_consistency_values_and_gradients():
-    cos, labels = boundary_batch(3, rows=21, cols=9)
-    single = BoundaryFaceHead()
+@pytest.mark.parametrize("formula", ["official", "paper"])
+@pytest.mark.parametrize("batch", ["random", "hard"])
+def test_boundaryface_shard_consistency_values_and_gradients(formula, batch):
+    cos, labels = boundary_batch(3, rows=21, cols=9) if batch == "random" else hard_batch()
+    single = BoundaryFaceHead(formula=formula)
     leaf = cos.clone().requires_grad_(True)
     ref = single(leaf, labels, epoch=11)
     (ref.logits.sum() * 0.1 + ref.extra_loss.sum()).backward()
     sharded = cos.clone().requires_grad_(True)
     heads, results = run_sharded(
-        lambda r: BoundaryFaceHead(), sharded, labels, steps=1, context={"epoch": 11}
+        lambda r: BoundaryFaceHead(formula=formula), sharded, labels, steps=1, context={"epoch": 11}
     )
     r0, r1 = results[0][0], results[1][0]
     torch.testing.assert_close(torch.cat([r0.logits, r1.logits], 1), ref.logits)
     joined = torch.where(r0.labels >= 0, r0.labels, torch.where(r1.labels >= 0, r1.labels + 4, -1))
     assert torch.equal(joined, ref.labels)
-    assert torch.equal((r0.labels >= 0) ^ (r1.labels >= 0), torch.ones(21, dtype=torch.bool))
+    assert torch.equal(
+        (r0.labels >= 0) ^ (r1.labels >= 0), torch.ones(len(labels), dtype=torch.bool)
+    )
     torch.testing.assert_close(r0.extra_loss, ref.extra_loss)
     torch.testing.assert_close(r1.extra_loss, ref.extra_loss)
     assert heads[0].last_corrected == heads[1].last_corrected == single.last_corrected > 0
@@ -456,6 +570,8 @@ def test_boundaryface_bad_inputs():
         BoundaryFaceHead(lam=-1.0)
     with pytest.raises(ValueError, match="epoch_start"):
         BoundaryFaceHead(epoch_start=-2)
+    with pytest.raises(ValueError, match="formula must be one of"):
+        BoundaryFaceHead(formula="Official")
     before = cos.clone()
     head(cos, labels, epoch=12)
     assert torch.equal(cos, before)

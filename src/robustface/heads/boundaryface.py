@@ -1,26 +1,53 @@
 """BoundaryFace (Wu and Wu, ECCV 2022): ArcFace with label self-correction and a boundary term.
 
 Until ``epoch_start`` (0-based ``epoch`` from the forward context; < epoch_start) the head is
-plain ArcFace. From then on, for each sample with label y::
+plain ArcFace. From then on, for each sample with label y, ``phi_j = cos(theta_j + m)`` and
+``relu(x) = max(0, x)``, the head relabels and adds a boundary term in one of two forms
+(``formula``):
 
-    j* = argmax_{j != y} cos(theta_j + m)        (over all classes, on every shard)
-    y' = j*  if cos(theta_j* + m) > cos(theta_y)  else y          (this step only)
-    extra_loss = lam * max(0, max_{j != y'} cos_j - cos(theta_y' + m))
+``"official"`` (default: the official code, ``head/boundaryMargin.py``, which produced the
+published numbers). It masks the cosine matrix with the one-hot label, so the masked columns'
+zeros enter both maxima::
 
-and the logits are ArcFace logits for ``y'``. ``cos(theta + m)`` (with the continuous fallback
-of :func:`~robustface.heads.margin.combined_margin_target`) is increasing in ``cos``, so ``j*``
-is the largest non-target cosine. The official code switches at ``epoch > epoch_start``; here
-"before ``epoch_start``" means ``epoch < epoch_start`` (the paper: 7 on WebFace, 10 on MS1M).
-The number of corrected labels of the last forward is ``last_corrected``.
+    y' = argmax_{j != y} phi_j  if max(0, max_{j != y} phi_j) > max(0, cos_y)  else y
+    extra_loss = lam * relu(max(0, max_{j != y'} cos_j) - max(0, phi_y'))
+
+``"paper"`` (the paper's formulas, as written)::
+
+    y' = argmax_{j != y} phi_j  if max_{j != y} phi_j > cos_y  else y
+    extra_loss = lam * relu(max_{j != y'} cos_j - phi_y')
+
+They differ only where a cosine or ``phi`` is negative: the official form never relabels a
+sample whose best ``phi_j`` is <= 0, and it drops the negative part of both maxima, so for the
+same ``y'`` its boundary term is never larger (mean 0.37 against the paper's 0.87 on the hard
+batch of ``tests/test_heads_robust_b.py``). The corrected label ``y'`` holds for this step only;
+the logits are ArcFace logits for ``y'``. ``phi`` is increasing in ``cos``, so
+``argmax_{j != y} phi_j`` is the largest non-target cosine.
+
+Deliberate deviations from the official code:
+
+- ``phi`` beyond ``theta = pi - m`` is the package's continuous fallback
+  (:func:`~robustface.heads.margin.combined_margin_target`) instead of ArcFace's
+  ``cos - m sin(m)``. Under ``"official"`` this changes only the target logit there: a negative
+  ``phi`` never relabels and is clamped to 0 in the boundary term.
+- The official code switches at ``epoch > epoch_start``; here "before ``epoch_start``" means
+  ``epoch < epoch_start`` with 0-based epochs (the paper: 7 on WebFace, 10 on MS1M).
+- ``extra_loss`` is per sample; the trainer averages it with the cross-entropy (the official code
+  takes the batch mean of each rank's batch, times pi). Ties for the argmax go to the lowest
+  global class id (the official ``torch.max`` takes the first column, the same on one shard).
+- The official code appends every relabelled image path to a hard-coded file; here the number of
+  corrected labels of the last forward is ``last_corrected``.
 
 Shards. Maxima over classes are taken locally, then with a ``"max"`` all-reduce; the owner of
 a maximum is the rank whose local maximum equals the global one, ties going to the lowest global
 class id (a second ``"max"`` reduction of ``-id``). Target cosines are shared with a ``"sum"``
 all-reduce. The corrected label is the owner's local column and -1 elsewhere (also on the rank
 of the original label). ``extra_loss`` has the same value on every rank; its gradient flows only
-through the cosines the owning ranks hold. Sharing happens only when the classes are split
-(``shard.distributed`` with ``cosine.size(1) < shard.num_classes``); otherwise every rank works
-on its own rows (data-parallel full FC).
+through the cosines the owning ranks hold (the official clamps at 0 act on the global values, so
+they agree on every rank). Under Partial FC with sampled classes the maxima run over the sampled
+columns. Sharing happens only when the classes are split (``shard.distributed`` with
+``cosine.size(1) < shard.num_classes``); otherwise every rank works on its own rows
+(data-parallel full FC).
 """
 
 from __future__ import annotations
@@ -47,6 +74,9 @@ __all__ = ["BoundaryFaceHead", "global_row_max"]
 
 _BELOW = -3.0
 """Stands in for excluded columns: below every cosine."""
+
+FORMULAS = ("official", "paper")
+"""``formula`` choices: the official code's masked maxima, or the paper's formulas."""
 
 
 def classes_split(cosine: Tensor, shard: ShardContext) -> bool:
@@ -90,6 +120,7 @@ class BoundaryFaceHead(MarginHead):
     """BoundaryFace: ArcFace, then label self-correction and ``lam`` * the boundary term.
 
     Needs ``epoch`` (0-based int) in the forward context. ``lam = 0`` is "BoundaryF1".
+    ``formula``: ``"official"`` (default, the official code) or ``"paper"`` (module docstring).
     """
 
     def __init__(
@@ -98,6 +129,7 @@ class BoundaryFaceHead(MarginHead):
         margin: float = 0.5,
         epoch_start: int = 10,
         lam: float = math.pi,
+        formula: str = "official",
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
@@ -112,7 +144,10 @@ class BoundaryFaceHead(MarginHead):
             raise ValueError(f"lam (boundary weight) must be >= 0, got {lam}")
         if isinstance(epoch_start, bool) or not isinstance(epoch_start, int) or epoch_start < 0:
             raise ValueError(f"epoch_start must be an integer >= 0, got {epoch_start!r}")
+        if formula not in FORMULAS:
+            raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
         self.margin, self.lam, self.epoch_start = float(margin), float(lam), epoch_start
+        self.formula = formula
         self.last_corrected = 0
 
     def forward(
@@ -135,6 +170,7 @@ class BoundaryFaceHead(MarginHead):
             self.last_corrected = 0
             return HeadOutput(logits=self._arcface(cosine, labels), labels=labels)
         split = classes_split(cosine, shard)
+        official = self.formula == "official"
         own = labels.unsqueeze(1) == torch.arange(cosine.size(1), device=cosine.device)
         rows = torch.nonzero(labels != -1).squeeze(1)
         with torch.no_grad():
@@ -144,6 +180,8 @@ class BoundaryFaceHead(MarginHead):
                 cos_y = shard.all_reduce(cos_y, "sum")
             others = torch.where(own, torch.full_like(cosine, _BELOW), cosine.detach())
             best, owner, col, _ = global_row_max(others, shard, split)
+            if official:  # the zeros of the masked columns enter both maxima
+                cos_y = cos_y.clamp(min=0.0)
             corrected = combined_margin_target(best, m2=self.margin) > cos_y
             new_labels = torch.where(corrected, torch.where(owner, col, -1), labels)
             self.last_corrected = int(corrected.sum())
@@ -161,6 +199,8 @@ class BoundaryFaceHead(MarginHead):
         )
         target_sum = shard.all_reduce(target_local, "sum") if split else target_local.detach()
         target = target_sum + (target_local - target_local.detach())
+        if official:
+            neg, target = neg.clamp(min=0.0), target.clamp(min=0.0)
         extra = self.lam * (neg - target).clamp(min=0.0)
         return HeadOutput(
             logits=self._arcface(cosine, new_labels), labels=new_labels, extra_loss=extra
@@ -174,5 +214,5 @@ class BoundaryFaceHead(MarginHead):
     def extra_repr(self) -> str:
         return (
             f"scale={self.scale}, margin={self.margin}, epoch_start={self.epoch_start}, "
-            f"lam={self.lam}"
+            f"lam={self.lam}, formula={self.formula!r}"
         )

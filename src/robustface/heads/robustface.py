@@ -8,8 +8,12 @@ Target ``T = cos(theta_y + m)`` (with the continuous fallback of
     hard-only negatives:  (1 + t) * cos_j
     noise negatives:      max((1 - phi / (1 - mu)) ** gamma * cos_j, 1e-30)
 
-``phi`` is an EMA (momentum 0.01, phi0 = 0) of the fraction of easy (not hard) pairs, ``mu`` the
-assumed noise rate. Each training step follows the official code's order:
+``phi`` is an EMA (momentum 0.01, phi0 = 0) of the fraction of easy pairs, ``mu`` the assumed
+noise rate. As in the official code, the fraction is over every (sample, class) pair of the
+cosine matrix, ``num_classes * batch``, the target column included: the official mask
+``cos_j > T`` runs over all columns, and ``cos_y > cos(theta_y + m)`` for every m > 0, so the
+target counts as a pair that is never easy (it is easy only when m = 0). phi therefore stays
+below ``(C - 1) / C`` with C classes. Each training step follows the official code's order:
 
 1. ``m1 <- (1 - phi / (1 - mu)) * m1`` with the ``phi`` of the previous step (so m1 is unchanged
    at the first step, when phi = 0);
@@ -24,8 +28,10 @@ and noise negatives are scaled to ~0. With mu > 0, ``phi / (1 - mu)`` exceeds 1 
 sign. A better-behaved schedule belongs in a separately named variant.
 
 Boundary below angle 0. With m1 < 0 and ``theta_y < |m1|`` the angle ``theta_y + m1`` is
-negative; we clamp it at 0 (``N = 1``: no negative is noise), which is continuous. For m1 >= 0
-(after a sign flip) ``N`` uses the same fallback as the target.
+negative; we clamp it at 0 (``N = 1``: no negative is noise), which is continuous (the official
+code uses ``cos_y - m1 sin(m1)`` there, which is below ``cos_y``). For m1 >= 0 (after a sign
+flip) ``N`` uses the same fallback as the target. The logged ``last_hard`` / ``last_noise`` count
+negatives only (the official counts include the target column).
 
 ``robustface_stable`` (ours, not published; :class:`RobustFaceStableHead`) is the state the
 published schedule collapses into, applied from the first step and kept: noise negatives
@@ -157,8 +163,9 @@ class RobustFaceHead(MarginHead):
             hard = (cosine > bounds[0].unsqueeze(1)) & ~own
             noise = (cosine > bounds[1].unsqueeze(1)) & ~own
             hard_only = hard & ~noise
-            pairs = cosine.numel() - rows.numel()
-            easy = pairs - int(hard.sum())
+            # official count: every column is a pair; the target is never easy when margin > 0
+            pairs = cosine.numel()
+            easy = pairs - int(hard.sum()) - (rows.numel() if self.margin > 0 else 0)
             counts = torch.tensor(
                 [easy, pairs, int(hard_only.sum()), int(noise.sum())],
                 dtype=torch.float64,
@@ -195,6 +202,8 @@ class RobustFaceStableHead(MarginHead):
     (``T < cos_j <= N``) become ``(1 + t) cos_j``. This is the published rule with ``phi = 1``
     and a fixed m1, without the schedule that reaches that state only after a few hundred steps.
     Stateless. ``last_noise`` (a tensor) counts this shard's silenced pairs of the last step.
+    It counts no easy pairs (phi is fixed at 1), so the official easy-pair fraction over
+    ``num_classes * batch`` that :class:`RobustFaceHead` follows does not enter it.
     """
 
     def __init__(

@@ -645,7 +645,7 @@ def _tables(label: str, name: str, results: dict[str, Any], far_reading: str) ->
     ]
     text = [
         f"{name} 1:1 verification, TAR (%) at FAR, read at {mode}; "
-        f"{ver['pairs']} pairs ({ver['impostor']:,} impostor), {results['templates']} templates.",
+        f"{ver['pairs']:,} pairs ({ver['impostor']:,} impostor), {results['templates']} templates.",
         "",
         markdown_table(["model", *(_far_label(f) for f in tars)], [[label, *cells]]),
     ]

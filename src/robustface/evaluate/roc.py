@@ -54,7 +54,7 @@ FAR_MODES = ("closest", "conservative")
 FAR_READINGS = ("measurable", "insightface")
 """``"measurable"``: targets below ``1 / impostor pairs`` give None; ``"insightface"``: a number."""
 NOT_MEASURABLE = "n/m"
-"""The table cell of a rate at a FAR (or FPIR) that the data cannot measure."""
+"""The table cell of a rate at a FAR that the data cannot measure."""
 
 
 def far_measurable(far: float, num_negatives: int) -> bool:

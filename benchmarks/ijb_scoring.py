@@ -96,7 +96,8 @@ def main() -> None:
     )
     print(markdown_table(["stage", "seconds"], rows))
     print(f"peak RSS: {peak_rss_gib():.2f} GiB (fake inputs alone: {inputs_gib:.2f} GiB)")
-    print("TAR@FAR (closest):", {f"{k:g}": round(v, 4) for k, v in tar.items()})
+    shown = {f"{k:g}": "n/m" if v is None else round(v, 4) for k, v in tar.items()}
+    print("TAR@FAR (closest):", shown)
 
 
 if __name__ == "__main__":

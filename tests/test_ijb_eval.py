@@ -92,28 +92,59 @@ def test_roc_curve_against_enumeration(levels):
         np.testing.assert_allclose(np.c_[fpr_d, tpr_d], expected[brute_drop(scores, labels), :2])
 
 
+@pytest.mark.parametrize("reading", ["measurable", "insightface"])
 @pytest.mark.parametrize("mode", ["closest", "conservative"])
 @pytest.mark.parametrize("levels", [None, 3])
-def test_tar_at_far_against_enumeration(mode, levels):
+def test_tar_at_far_against_enumeration(mode, levels, reading):
     rng = np.random.default_rng(2)
     fars = (0.0, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 0.9, 1.0)
     for n in (5, 40, 200):
         scores, labels = random_scores(rng, n, levels)
-        got = tar_at_far(scores, labels, fars, mode=mode)
+        got = tar_at_far(scores, labels, fars, mode=mode, reading=reading)
         assert list(got) == list(fars)
+        impostors = int(np.sum(~labels))
         for far in fars:
-            assert got[far] == pytest.approx(brute_tar(scores, labels, far, mode), abs=1e-12)
+            if reading == "measurable" and far < 1 / impostors:  # no impostor may pass
+                assert got[far] is None
+            else:
+                assert got[far] == pytest.approx(brute_tar(scores, labels, far, mode), abs=1e-12)
+
+
+def test_far_below_one_impostor_is_not_measurable():
+    # descending: + + - + - - - - - - - - - +  (4 genuine, 10 impostor pairs: FAR >= 0.1 only)
+    scores = np.arange(14.0)[::-1]
+    labels = np.array([1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], dtype=bool)
+    roc = Roc.from_scores(scores, labels)
+    assert roc.num_negatives == 10 and roc.min_measurable_far == 0.1
+    fars = (1e-6, 0.03, 0.07, 0.1, 0.2)
+    for mode in ("closest", "conservative"):
+        got = roc.tar_at_far(fars, mode)
+        assert got[1e-6] is None and got[0.03] is None and got[0.07] is None
+        # at 0.1 / 0.2 one / two impostors pass: the best TPR with FPR <= FAR, by enumeration
+        assert got[0.1] == 0.75 == brute_tar(scores, labels, 0.1, "conservative")
+        assert got[0.2] == 0.75 == brute_tar(scores, labels, 0.2, "conservative")
+    # insightface's reading by hand: points (FPR, TPR) (0, 0) (0, .5) (.1, .5) (.1, .75) ...;
+    # 1e-6 and 0.03 are closest to FPR 0 (TPR .5 there), 0.07 to FPR 0.1 (TPR .75)
+    insightface = roc.tar_at_far(fars, "closest", "insightface")
+    assert insightface == {1e-6: 0.5, 0.03: 0.5, 0.07: 0.75, 0.1: 0.75, 0.2: 0.75}
+    assert tar_at_far(scores, labels, fars, reading="insightface") == insightface
+    assert roc.tar_at_far((0.07,), "conservative", "insightface") == {0.07: 0.5}
+    with pytest.raises(ValueError, match="far reading must be one of"):
+        roc.tar_at_far(fars, reading="interpolated")
 
 
 def test_tar_readings_by_hand():
     # descending: + - + - - - - - - -  (2 positives, 8 negatives)
     scores = np.array([10, 9, 8, 7, 6, 5, 4, 3, 2, 1], dtype=float)
     labels = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], dtype=bool)
-    # points (fpr, tpr): (0,0) (0,.5) (.125,.5) (.125,1) (.25,1) ... (1,1)
-    conservative = tar_at_far(scores, labels, (0.1, 0.125), mode="conservative")
+    # points (fpr, tpr): (0,0) (0,.5) (.125,.5) (.125,1) (.25,1) ... (1,1); FAR 0.1 < 1/8 is
+    # not measurable, so the readings of it are insightface's
+    conservative = tar_at_far(
+        scores, labels, (0.1, 0.125), mode="conservative", reading="insightface"
+    )
     assert conservative == {0.1: 0.5, 0.125: 1.0}
     # FAR 0.1: the closest FPR is 0.125, where the highest TPR is 1.0 (insightface's reading)
-    assert tar_at_far(scores, labels, (0.1,)) == {0.1: 1.0}
+    assert tar_at_far(scores, labels, (0.1,), reading="insightface") == {0.1: 1.0}
     # + - - - - +: sklearn drops the middle of the flat run, so the closest kept point to FAR 0.6
     # is (1, 1), not (0.5, 0.5) as on the full curve
     run_scores, run_labels = np.arange(6.0)[::-1], np.array([1, 0, 0, 0, 0, 1], dtype=bool)
@@ -140,7 +171,8 @@ def test_tar_closest_matches_sklearn_and_insightface_reading():
         for far in fars:
             _, index = min(zip(np.abs(fpr - far), range(len(fpr)), strict=True))
             expected[far] = tpr[index]
-        assert tar_at_far(scores, labels, fars) == pytest.approx(expected, abs=1e-12)
+        got = tar_at_far(scores, labels, fars, reading="insightface")
+        assert got == pytest.approx(expected, abs=1e-12)
 
 
 def test_roc_bad_inputs():
@@ -461,10 +493,22 @@ def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
     tar, ident, scores = recompute(ijb_dir, weights)
     gaps = np.diff(np.unique(np.round(scores, 5)))
     assert gaps.min() > 1e-5  # no near-ties, so the TARs must agree exactly
-    reported = results["verification"]["tar_at_far"]
-    assert reported == {f"{f:g}": pytest.approx(tar[f], abs=1e-12) for f in FARS}
+    ver = results["verification"]
+    impostors = int(np.sum(meta.pair_labels == 0))
+    assert ver["impostor"] == impostors and ver["min_measurable_far"] == 1 / impostors
+    assert ver["tar_at_far_insightface"] == {
+        f"{f:g}": pytest.approx(tar[f], abs=1e-12) for f in FARS
+    }
+    measurable = [f for f in FARS if f * impostors >= 1]
+    assert measurable == [0.1]  # so the not-measurable cells below exist
+    assert ver["tar_at_far"] == {
+        f"{f:g}": pytest.approx(tar[f], abs=1e-12) if f in measurable else None for f in FARS
+    }
     md = (out / "ijbs.md").read_text()
-    assert f"| {weights.stem} " in md and f"{100 * tar[0.1]:.2f}" in md
+    row = next(line for line in md.splitlines() if line.startswith(f"| {weights.stem} "))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert cells == ["n/m"] * 5 + [f"{100 * tar[0.1]:.2f}"]
+    assert f"n/m: not measurable ({impostors:,} impostor pairs measure FAR >= " in md
     for g, (ranks, tpir) in ident.items():
         assert results["identification"][g]["rank"] == {
             str(k): pytest.approx(v) for k, v in ranks.items()
@@ -472,6 +516,18 @@ def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
         assert results["identification"][g]["tpir_at_fpir"] == {
             f"{x:g}": pytest.approx(v) for x, v in tpir.items()
         }
+
+    # insightface's reading in the table, marked; the JSON is the same
+    assert main([*base, "--out", str(out), "--far-reading", "insightface"]) == 0
+    capsys.readouterr()
+    md = (out / "ijbs.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith(f"| {weights.stem} "))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert cells == [f"{100 * tar[f]:.2f}*" for f in FARS[:5]] + [f"{100 * tar[0.1]:.2f}"]
+    assert "*: not measurable" in md and "insightface's reading, not a measurement" in md
+    again = json.loads((out / "ijbs.json").read_text())
+    assert again["results"]["verification"]["tar_at_far"] == ver["tar_at_far"]
+    assert again["config"]["far_reading"] == "insightface"
 
     # a new aggregation and reading reuse the cached embeddings
     assert (
@@ -491,7 +547,7 @@ def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
     tar_nf, _, scores_nf = recompute(ijb_dir, weights, flip=False)
     assert np.abs(scores_nf - scores).max() > 1e-4  # the flip matters, so the check has teeth
     assert np.diff(np.unique(np.round(scores_nf, 5))).min() > 1e-5
-    assert no_flip["verification"]["tar_at_far"] == {
+    assert no_flip["verification"]["tar_at_far_insightface"] == {
         f"{f:g}": pytest.approx(tar_nf[f], abs=1e-12) for f in FARS
     }
     # a key file that no longer matches its cache is refused, not overwritten
@@ -518,4 +574,4 @@ def test_an_onnx_model_evaluates_like_its_checkpoint(ijb_setup, tmp_path, capsys
     capsys.readouterr()
     got = json.loads((tmp_path / "o" / "ijbs.json").read_text())["results"]["verification"]
     want = json.loads((tmp_path / "p" / "ijbs.json").read_text())["results"]["verification"]
-    assert got["tar_at_far"] == pytest.approx(want["tar_at_far"], abs=1e-12)
+    assert got["tar_at_far_insightface"] == pytest.approx(want["tar_at_far_insightface"], abs=1e-12)

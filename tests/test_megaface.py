@@ -103,7 +103,33 @@ def test_perfect_separation_and_tiny_far():
     distractors = np.abs(distractors) * -1  # all far from every probe
     results = evaluate_megaface(probes, ids, distractors, sizes=(100,), far=1e-6)
     r = results["sizes"][100]
-    assert r["cmc"] == [1.0] * 10 and r["tar"] == 1.0 and r["far"] == 0.0
+    assert r["cmc"] == [1.0] * 10 and r["tar_insightface"] == 1.0 and r["far"] == 0.0
+    # P x 100 impostor pairs (P < 10,000) cannot measure FAR 1e-6
+    assert r["tar"] is None and r["min_measurable_far"] == 1 / (ids.size * 100)
+
+
+def test_tar_at_a_far_the_distractors_cannot_measure():
+    probes, ids, distractors = _planted()
+    n = ids.size
+    far = 1 / (n * 20)  # measurable from 20 distractors on: P x 20 impostor pairs
+    results = evaluate_megaface(probes, ids, distractors, sizes=(10, 19, 20, 50), far=far)
+    no_noise = (np.zeros(n, bool), np.zeros(distractors.shape[0], bool))
+    for size, r in results["sizes"].items():
+        _, tar, _ = _brute_force(probes, ids, distractors, size, 10, far, *no_noise)
+        assert r["tar_insightface"] == pytest.approx(tar, abs=1e-12)  # the devkit's number
+        assert r["num_negatives"] == n * size and r["min_measurable_far"] == 1 / (n * size)
+        assert r["tar"] == (pytest.approx(tar, abs=1e-12) if size >= 20 else None)
+    table = format_megaface(results)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:6]]
+    t = {s: f"{100 * r['tar_insightface']:.2f}" for s, r in results["sizes"].items()}
+    assert [row[-1] for row in rows] == ["n/m", "n/m", t[20], t[50]]
+    note = table.splitlines()[-1]
+    assert note.startswith("n/m: not measurable (FAR ")
+    assert f"x 19 distractors give {19 * n:,}" in note
+    table = format_megaface(results, "insightface")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:6]]
+    assert [row[-1] for row in rows] == [t[10] + "*", t[19] + "*", t[20], t[50]]
+    assert table.splitlines()[-1].startswith("*: not measurable")
 
 
 def test_bad_inputs():

@@ -14,16 +14,18 @@ def _ver(acc: dict[str, float]) -> dict[str, dict[str, float]]:
     return {name: {"accuracy_mean": a, "accuracy_std": 0.01, "val": 0.5} for name, a in acc.items()}
 
 
-def _megaface(rank1: float, tar: float, size: int = 1_000_000) -> dict:
+def _megaface(rank1: float, tar: float, size: int = 1_000_000, probes: int = 3530) -> dict:
+    n_neg = probes * size
     sizes = {
-        "10": {"rank1": 0.999, "tar": 0.999, "cmc": [0.999]},
-        str(size): {"rank1": rank1, "tar": tar, "cmc": [rank1]},
+        "10": {"rank1": 0.999, "tar": None, "tar_insightface": 0.999, "num_negatives": 35300},
+        str(size): {"rank1": rank1, "tar": tar, "num_negatives": n_neg, "tar_insightface": tar},
     }
     return {"kind": "megaface", "results": {"far_target": 1e-6, "sizes": sizes}, "model": None}
 
 
-def _ijbc(tars: dict[str, float]) -> dict:
-    return {"kind": "ijbc", "results": {"verification": {"tar_at_far": tars}}, "config": {}}
+def _ijbc(tars: dict[str, float], impostor: int = 10**7) -> dict:
+    ver = {"tar_at_far": tars, "tar_at_far_insightface": tars, "impostor": impostor}
+    return {"kind": "ijbc", "results": {"verification": ver}, "config": {}}
 
 
 def _write(path, doc):
@@ -72,10 +74,60 @@ def test_ijb_identification_columns(tmp_path):
     assert rows[0] == [
         "run",
         "IJBC TAR@FAR=0.0001 (%)",
-        "IJBC rank-1 (%)",
-        "IJBC TPIR@FPIR=0.01 (%)",
-    ]  # FPIR 0.1 is undefined for G2, so no mean is shown
-    assert rows[2] == ["run/ijbc", "95.00", "85.00", "60.00"]
+        "IJBC G1 rank-1 (%)",
+        "IJBC G1 TPIR@FPIR=0.01 (%)",
+        "IJBC G1 TPIR@FPIR=0.1 (%)",
+        "IJBC G2 rank-1 (%)",
+        "IJBC G2 TPIR@FPIR=0.01 (%)",
+    ]  # each gallery on its own, never averaged; FPIR 0.1 is undefined for G2
+    assert rows[2] == ["run/ijbc", "95.00", "90.00", "70.00", "80.00", "80.00", "50.00"]
+
+
+def _tar_cells(table: str) -> dict[str, list[str]]:
+    rows = _rows(table.split("\n\n")[0])
+    return {row[0]: row[1:] for row in rows[2:]} | {"header": rows[0][1:]}
+
+
+def test_tars_the_impostors_cannot_measure(tmp_path):
+    tars = {"1e-06": 0.0117, "1e-05": 0.0117, "0.0001": 0.3, "0.001": 0.5}
+    new = _ijbc({"1e-06": None, "1e-05": None, "0.0001": 0.3, "0.001": 0.5}, impostor=12_000)
+    new["results"]["verification"]["tar_at_far_insightface"] = tars
+    old = _ijbc(tars, impostor=12_000)  # from before tar_at_far_insightface: rule from the count
+    del old["results"]["verification"]["tar_at_far_insightface"]
+    big = _ijbc(tars, impostor=2_000_000)  # 1e-06 x 2M = 2 impostor pairs: all measurable
+    for name, doc in (("new", new), ("old", old), ("big", big)):
+        _write(tmp_path / name / "ijbc.json", doc)
+    paths = [tmp_path / name for name in ("new", "old", "big", "mf")]
+    mf = _megaface(0.9, 0.85, size=100)  # 3,530 probes x 100 distractors < 1e6
+    mf["results"]["sizes"]["100"]["tar"] = None
+    _write(tmp_path / "mf" / "megaface.json", mf)
+    table = combine(paths)
+    cells = _tar_cells(table)
+    fars = ("1e-06", "1e-05", "0.0001", "0.001")
+    assert cells["header"][:4] == [f"IJBC TAR@FAR={f} (%)" for f in fars]
+    assert cells["new"][:4] == cells["old"][:4] == ["n/m", "n/m", "30.00", "50.00"]
+    assert cells["big"][:4] == ["1.17", "1.17", "30.00", "50.00"]
+    assert cells["mf"] == ["-"] * 4 + ["90.00", "n/m"]
+    assert _tar_cells(combine(paths, "insightface"))["mf"][-1] == "85.00*"
+    note = table.split("\n\n")[1]
+    assert note.startswith("n/m: not measurable (new, IJBC: 12,000 impostor pairs, FAR >= 8.33e-05")
+    assert "old, IJBC: 12,000" in note and "mf, MegaFace @100: 353,000 impostor pairs" in note
+    assert "big" not in note
+    table = combine(paths, far_reading="insightface")
+    cells = _tar_cells(table)
+    assert cells["new"][:4] == cells["old"][:4] == ["1.17*", "1.17*", "30.00", "50.00"]
+    assert table.split("\n\n")[1].startswith("*: not measurable (new, IJBC")
+
+
+def test_report_cli_far_reading(tmp_path, capsys):
+    doc = _ijbc({"1e-06": None, "0.001": 0.5}, impostor=12_000)
+    doc["results"]["verification"]["tar_at_far_insightface"] = {"1e-06": 0.0117, "0.001": 0.5}
+    path = _write(tmp_path / "run" / "ijbc.json", doc)
+    assert main(["report", str(path)]) == 0
+    assert "| run/ijbc | n/m " in capsys.readouterr().out
+    assert main(["report", str(path), "--far-reading", "insightface"]) == 0
+    out = capsys.readouterr().out
+    assert "| run/ijbc | 1.17* " in out and "*: not measurable (run/ijbc, IJBC: 12,000" in out
 
 
 def test_files_sizes_and_missing_average(tmp_path):

@@ -26,7 +26,7 @@ def brute_force(emb, same, nrof_folds, far_target=1e-3, grid=GRID, val_grid=GRID
     n = len(same)
     # KFold(shuffle=False): contiguous folds, the first n % k of them one pair longer.
     sizes = [n // nrof_folds + (1 if f < n % nrof_folds else 0) for f in range(nrof_folds)]
-    out = {"acc": [], "best": [], "val": [], "far": [], "val_thr": []}
+    out = {"acc": [], "best": [], "val": [], "far": [], "val_thr": [], "train_impostors": []}
     start = 0
     for size in sizes:
         test = np.zeros(n, dtype=bool)
@@ -42,6 +42,7 @@ def brute_force(emb, same, nrof_folds, far_target=1e-3, grid=GRID, val_grid=GRID
         out["acc"].append(np.mean((dist[test] < grid[best]) == same[test]))
 
         n_neg_train = np.sum(~same[train])
+        out["train_impostors"].append(int(n_neg_train))
         fars = [
             np.sum((dist[train] < t) & ~same[train]) / n_neg_train if n_neg_train else 0.0
             for t in val_grid
@@ -81,7 +82,7 @@ def pairs_at_distances(dist):
     return emb
 
 
-def assert_matches(res, ref):
+def assert_matches(res, ref, far_target):
     assert res["fold_accuracies"] == [float(a) for a in ref["acc"]]
     assert res["fold_thresholds"] == [float(t) for t in ref["best"]]
     assert res["fold_val_thresholds"] == pytest.approx(ref["val_thr"], rel=1e-12, abs=1e-12)
@@ -90,8 +91,15 @@ def assert_matches(res, ref):
     assert res["accuracy_mean"] == pytest.approx(np.mean(ref["acc"]))
     assert res["accuracy_std"] == pytest.approx(np.std(ref["acc"]))
     assert res["threshold"] == pytest.approx(np.mean(ref["best"]))
-    assert res["val"] == pytest.approx(np.mean(ref["val"]))
-    assert res["val_std"] == pytest.approx(np.std(ref["val"]))
+    assert res["val_insightface"] == pytest.approx(np.mean(ref["val"]))
+    assert res["val_std_insightface"] == pytest.approx(np.std(ref["val"]))
+    # measurable: each training split holds at least 1 / far_target impostor pairs
+    impostors = min(ref["train_impostors"])
+    assert res["val_impostor_pairs"] == impostors
+    if far_target * impostors >= 1 - 1e-9:
+        assert res["val"] == res["val_insightface"] and res["val_std"] == res["val_std_insightface"]
+    else:
+        assert res["val"] is None and res["val_std"] is None
     assert res["far"] == pytest.approx(np.mean(ref["far"]))
 
 
@@ -102,7 +110,7 @@ def assert_matches(res, ref):
 def test_random_pairs_match_brute_force(seed, n_pairs, dim, noise, folds, far_target):
     emb, same = random_pairs(np.random.default_rng(seed), n_pairs, dim, noise)
     res = evaluate(emb, same, nrof_folds=folds, far_target=far_target, val_thresholds=GRID)
-    assert_matches(res, brute_force(emb, same, folds, far_target))
+    assert_matches(res, brute_force(emb, same, folds, far_target), far_target)
     assert 0.5 < res["accuracy_mean"] < 1.0
     assert res["num_pairs"] == n_pairs and len(res["fold_accuracies"]) == folds
 
@@ -113,7 +121,9 @@ def test_default_val_grid_and_exact_far_hit_match_brute_force():
     emb, _ = random_pairs(np.random.default_rng(3), 200, 8, 1.0)
     same = np.arange(200) % 2 == 0
     res = evaluate(emb, same, far_target=1 / 90)
-    assert_matches(res, brute_force(emb, same, 10, 1 / 90, val_grid=np.arange(0, 4, 0.001)))
+    ref = brute_force(emb, same, 10, 1 / 90, val_grid=np.arange(0, 4, 0.001))
+    assert_matches(res, ref, 1 / 90)
+    assert res["val"] is not None  # exactly one impostor pair of 90 may pass: measurable
 
 
 def test_structured_ties_and_single_class_folds_match_brute_force():
@@ -122,7 +132,7 @@ def test_structured_ties_and_single_class_folds_match_brute_force():
     emb[10:20] = 0.0  # pairs 5-9: zero rows stay zero under normalisation (distance 0)
     same = np.arange(150) < 60  # the first folds hold only positives, the last only negatives
     res = evaluate(emb, same, nrof_folds=10, far_target=0.05, val_thresholds=GRID)
-    assert_matches(res, brute_force(emb, same, 10, 0.05))
+    assert_matches(res, brute_force(emb, same, 10, 0.05), 0.05)
 
 
 def test_perfectly_separable_gives_accuracy_one():
@@ -133,7 +143,8 @@ def test_perfectly_separable_gives_accuracy_one():
     res = evaluate(emb, same)
     assert res["accuracy_mean"] == 1.0 and res["accuracy_std"] == 0.0
     assert 0.3003 < res["threshold"] <= 2.51
-    assert res["val"] == 1.0 and res["far"] == 0.0
+    # 45 impostor pairs per training split cannot measure FAR 1e-3: insightface's VAL is kept
+    assert res["val"] is None and res["val_insightface"] == 1.0 and res["far"] == 0.0
 
 
 def test_identical_embeddings_give_chance_on_balanced_set():
@@ -175,7 +186,7 @@ def test_unreachable_far_gives_threshold_zero():
     same = np.arange(40) % 2 == 0
     res = evaluate(pairs_at_distances(np.where(same, 0.2, 4.0)), same)
     assert res["fold_val_thresholds"] == [0.0] * 10
-    assert res["val"] == 0.0 and res["far"] == 0.0
+    assert res["val_insightface"] == 0.0 and res["far"] == 0.0
     assert res["accuracy_mean"] == 1.0
 
 
@@ -304,11 +315,22 @@ def test_verify_bin_embeds_file_with_flip(tmp_path):
     assert res["accuracy_mean"] == 1.0
 
 
+def _val(val: float, std: float = 0.01, measurable: bool = True) -> dict:
+    return {
+        "val": val if measurable else None,
+        "val_std": std if measurable else None,
+        "val_insightface": val,
+        "val_std_insightface": std,
+        "val_impostor_pairs": 2700 if measurable else 450,
+        "min_measurable_far": 1 / 2700 if measurable else 1 / 450,
+    }
+
+
 def test_format_results_table():
-    base = {"far_target": 1e-3, "threshold": 1.234, "accuracy_std": 0.005, "val_std": 0.01}
+    base = {"far_target": 1e-3, "threshold": 1.234, "accuracy_std": 0.005}
     results = {
-        "lfw": base | {"accuracy_mean": 0.995, "val": 0.98, "xnorm": 22.5},
-        "cfp_fp": base | {"accuracy_mean": 0.9, "val": 0.5},
+        "lfw": base | {"accuracy_mean": 0.995, "xnorm": 22.5} | _val(0.98),
+        "cfp_fp": base | {"accuracy_mean": 0.9} | _val(0.5),
     }
     lines = format_results(results).splitlines()
     assert len(lines) == 5
@@ -327,3 +349,34 @@ def test_format_results_table():
         format_results({"a": results["lfw"], "b": results["cfp_fp"] | {"far_target": 1e-4}})
     with pytest.raises(ValueError, match="empty"):
         format_results({})
+
+
+def test_format_results_marks_val_it_cannot_measure():
+    base = {"far_target": 1e-3, "threshold": 1.0, "accuracy_mean": 0.9, "accuracy_std": 0.01}
+    results = {"lfw": base | _val(0.8), "small": base | _val(0.25, 0.05, measurable=False)}
+    table, note = format_results(results).split("\n\n")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert [row[4] for row in cells] == ["80.00 ± 1.00", "n/m", "n/m"]  # the average too
+    assert note.startswith("n/m: not measurable (")
+    assert "small 450 (FAR >= 0.00222)" in note and "lfw" not in note
+    table, note = format_results(results, "insightface").split("\n\n")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert [row[4] for row in cells] == ["80.00 ± 1.00", "25.00 ± 5.00*", "52.50*"]
+    assert note.startswith("*: not measurable (") and "insightface's reading" in note
+    with pytest.raises(ValueError, match="far reading must be one of"):
+        format_results(results, "closest")
+
+
+def test_val_below_one_training_impostor_is_not_measurable():
+    # 200 pairs, every other one impostor, 10 folds: 90 impostor pairs per training split, so
+    # FAR >= 1/90 is measurable and 1/100 is not; insightface's number stays available
+    emb, _ = random_pairs(np.random.default_rng(8), 200, 8, 1.0)
+    same = np.arange(200) % 2 == 0
+    ref = brute_force(emb, same, 10, 0.01)
+    low = evaluate(emb, same, far_target=0.01, val_thresholds=GRID)
+    assert low["val_impostor_pairs"] == 90 and low["min_measurable_far"] == 1 / 90
+    assert low["val"] is None and low["val_std"] is None
+    assert low["val_insightface"] == pytest.approx(np.mean(ref["val"]))
+    assert low["fold_val"] == [float(v) for v in ref["val"]]
+    high = evaluate(emb, same, far_target=0.02, val_thresholds=GRID)
+    assert high["val"] == pytest.approx(np.mean(brute_force(emb, same, 10, 0.02)["val"]))

@@ -44,6 +44,16 @@ def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) 
     )
 
 
+def _add_far_reading(parser: argparse.ArgumentParser, rate: str) -> None:
+    parser.add_argument(
+        "--far-reading",
+        choices=["measurable", "insightface"],
+        default="measurable",
+        help=f"{rate} at a FAR below 1/impostor pairs: 'n/m' (not measurable, the default) or "
+        "insightface's number marked '*', for comparisons with its tables",
+    )
+
+
 def _add_synth_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per SynthConfig field (``--images-per-identity 20``); each is a synth.* override."""
     group = parser.add_argument_group("SynthFace parameters (override --config and --set)")
@@ -162,10 +172,12 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
         results[file.stem] = verify_bin(
             file, model, batch_size=args.batch_size, device=args.device, input_size=input_size
         )
-    print(format_results(results))
+    print(format_results(results, args.far_reading))
     if args.out:
         keep = ("accuracy_mean", "accuracy_std", "threshold", "val", "val_std", "far", "xnorm")
-        slim = {k: {m: float(v[m]) for m in keep if m in v} for k, v in results.items()}
+        keep += ("val_insightface", "val_std_insightface", "val_impostor_pairs")
+        keep += ("min_measurable_far", "far_target")
+        slim = {k: {m: v[m] for m in keep if m in v} for k, v in results.items()}
         write_text_atomic(args.out, json.dumps(slim, indent=2) + "\n")
     return 0
 
@@ -262,12 +274,12 @@ def _cmd_eval_megaface(args: argparse.Namespace) -> int:
         distractor_noisy=masks.get("distractor"),
         progress=not args.quiet,
     )
-    table = format_megaface(results)
+    table = format_megaface(results, args.far_reading)
     print(table)
     if args.out:
         keys = ("probe_features", "probe_images", "probe_list", "probe_labels")
         keys += ("distractor_features", "distractor_images", "distractor_list", "file_ending")
-        keys += ("facescrub_noises", "megaface_noises", "sizes", "max_rank", "far")
+        keys += ("facescrub_noises", "megaface_noises", "sizes", "max_rank", "far", "far_reading")
         config = {k: getattr(args, k) for k in keys} | {"faiss": faiss.__version__}
         path = write_megaface_report(args.out, results, table, model=args.model, config=config)
         print(f"wrote {path}")
@@ -304,7 +316,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from robustface.evaluate.compare import combine
     from robustface.utils.io import write_text_atomic
 
-    table = combine(args.runs)
+    table = combine(args.runs, args.far_reading)
     print(table)
     if args.out:
         write_text_atomic(args.out, table + "\n")
@@ -329,6 +341,7 @@ def _cmd_eval_ijb(args: argparse.Namespace) -> int:
         device=args.device,
         aggregation=args.aggregation,
         far_mode=args.far_mode,
+        far_reading=args.far_reading,
         flip=not args.no_flip,
         faceness=not args.no_faceness,
         align_rule=args.align_rule,
@@ -463,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=256)
     q.add_argument("--device", default="cpu")
     q.add_argument("--out", type=Path, help="write the results as JSON")
+    _add_far_reading(q, "VAL")
     q.set_defaults(func=_cmd_eval_verification)
 
     q = eval_sub.add_parser(
@@ -488,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="closest",
         help="TAR@FAR reading: closest ROC point (insightface) or best TPR with FPR <= FAR",
     )
+    _add_far_reading(q, "TAR")
     q.add_argument("--no-flip", action="store_true", help="do not add the flipped image")
     q.add_argument("--no-faceness", action="store_true", help="do not weight by faceness")
     q.add_argument(
@@ -549,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.add_argument("--out", type=Path, help="write megaface.json/.md and megaface_cmc.png here")
+    _add_far_reading(q, "TAR")
     q.set_defaults(func=_cmd_eval_megaface)
 
     p = sub.add_parser("clean", help="clean a noisy training set")
@@ -611,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="combine evaluation results of several runs in one table")
     p.add_argument("runs", nargs="+", type=Path, help="run directories or result JSON files")
     p.add_argument("--out", type=Path, help="also write the Markdown table here")
+    _add_far_reading(p, "TAR")
     p.set_defaults(func=_cmd_report)
     return parser
 

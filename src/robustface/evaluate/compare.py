@@ -16,26 +16,59 @@ Recognised JSON shapes:
   - ``K`` starting with ``megaface`` (:func:`robustface.evaluate.megaface.evaluate_megaface`):
     ``MegaFace Id (%)`` (rank-1) and ``MegaFace Ver (%)`` (TAR at ``R["far_target"]``), at the
     largest distractor-set size; a size other than 1M is named in the header.
-  - ``K`` starting with ``ijb`` (``robustface eval ijb``): ``R["verification"]["tar_at_far"]``
-    maps FAR to TAR (``{"1e-06": t, ...}``), giving ``{K upper-case} TAR@FAR=x (%)`` columns;
-    with 1:N results (``R["identification"]``, one entry per gallery), ``rank-1 (%)`` and
-    ``TPIR@FPIR=x (%)`` columns, each the mean over the galleries (G1 and G2 of IJB-C).
+  - ``K`` starting with ``ijb`` (``robustface eval ijb``): ``R["verification"]`` maps FAR to TAR
+    (``{"1e-06": t, ...}``) in ``tar_at_far_insightface`` (or ``tar_at_far`` in files written
+    before it existed), giving ``{K upper-case} TAR@FAR=x (%)`` columns; with 1:N results
+    (``R["identification"]``, one entry per gallery, e.g. G1 and G2 of IJB-C), ``{K} G rank-1
+    (%)`` and ``{K} G TPIR@FPIR=x (%)`` columns for each gallery ``G``. Galleries are not
+    averaged: insightface pools G1 and G2 into one gallery, which their mean is not.
   - ``K == "verification"`` with ``R`` in the verification shape above.
 
-Missing cells show ``-``. The verification sets come first, then the other metrics; each in
-the order in which they are first met.
+A TAR at a FAR that the file's impostor pairs cannot measure (below ``1 / impostor pairs``, the
+rule of :func:`robustface.evaluate.roc.far_measurable`, applied to the counts ``impostor`` and
+``num_negatives`` the files record, so older files get it too) shows ``n/m``, with the smallest
+measurable FAR of each such row in a footnote; ``far_reading="insightface"`` shows insightface's
+number there, marked ``*``. Missing cells show ``-``. The verification sets come first, then the
+other metrics; each in the order in which they are first met.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from robustface.evaluate.roc import (
+    check_far_reading,
+    far_measurable,
+    unmeasurable_cell,
+    unmeasurable_note,
+)
 from robustface.utils.table import markdown_table
 
-__all__ = ["combine", "metrics_of"]
+__all__ = ["Unmeasurable", "combine", "metrics_of"]
+
+
+@dataclass(frozen=True)
+class Unmeasurable:
+    """A TAR (%) at a FAR its data cannot measure: insightface's number and the limit, e.g.
+    ``"IJBC: 12,000 impostor pairs, FAR >= 8.33e-05"``."""
+
+    insightface: float
+    limit: str
+
+
+Metric = float | Unmeasurable
+
+
+def _rate_at_far(value: float, far: float, negatives: int, what: str) -> Metric:
+    """``value`` in %, or :class:`Unmeasurable` when ``negatives`` cannot measure ``far``."""
+    if far_measurable(far, negatives):
+        return 100 * value
+    limit = f"{what}: {negatives:,} impostor pairs, FAR >= {1 / negatives:.3g}"
+    return Unmeasurable(100 * value, limit)
 
 
 def _is_verification(doc: Any) -> bool:
@@ -57,38 +90,41 @@ def _verification_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     return {f"{name} (%)": 100 * float(r["accuracy_mean"]) for name, r in results.items()}
 
 
-def _megaface_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+def _megaface_metrics(results: Mapping[str, Any]) -> dict[str, Metric]:
     size, best = max(results["sizes"].items(), key=lambda kv: int(kv[0]))
     at = "" if int(size) == 1_000_000 else f" @{_size_label(int(size))}"
+    tar = float(best.get("tar_insightface", best["tar"]))
+    what = f"MegaFace @{_size_label(int(size))}"
     return {
         f"MegaFace Id{at} (%)": 100 * float(best["rank1"]),
-        f"MegaFace Ver{at} (%)": 100 * float(best["tar"]),
+        f"MegaFace Ver{at} (%)": _rate_at_far(
+            tar, float(results["far_target"]), int(best["num_negatives"]), what
+        ),
     }
 
 
-def _ijb_metrics(kind: str, results: Mapping[str, Any]) -> dict[str, float]:
-    tars = results["verification"]["tar_at_far"]
-    metrics = {
-        f"{kind.upper()} TAR@FAR={float(far):g} (%)": 100 * float(tar)
+def _ijb_metrics(kind: str, results: Mapping[str, Any]) -> dict[str, Metric]:
+    ver = results["verification"]
+    name = kind.upper()
+    tars = ver.get("tar_at_far_insightface", ver["tar_at_far"])
+    metrics: dict[str, Metric] = {
+        f"{name} TAR@FAR={float(far):g} (%)": _rate_at_far(
+            float(tar), float(far), int(ver["impostor"]), name
+        )
         for far, tar in sorted(tars.items(), key=lambda kv: float(kv[0]))
         if tar is not None
     }
-    galleries = list(results.get("identification", {}).values())
-    if galleries:
-        rank1 = [float(g["rank"]["1"]) for g in galleries]
-        metrics[f"{kind.upper()} rank-1 (%)"] = 100 * sum(rank1) / len(rank1)
-        tpirs = [g["tpir_at_fpir"] for g in galleries]
-        for fpir in sorted(tpirs[0], key=float):
-            values = [t.get(fpir) for t in tpirs]
-            if all(v is not None for v in values):
-                mean = sum(float(v) for v in values) / len(values)
-                metrics[f"{kind.upper()} TPIR@FPIR={float(fpir):g} (%)"] = 100 * mean
+    for gallery, r in results.get("identification", {}).items():
+        metrics[f"{name} {gallery} rank-1 (%)"] = 100 * float(r["rank"]["1"])
+        for fpir, tpir in sorted(r["tpir_at_fpir"].items(), key=lambda kv: float(kv[0])):
+            if tpir is not None:
+                metrics[f"{name} {gallery} TPIR@FPIR={float(fpir):g} (%)"] = 100 * float(tpir)
     return metrics
 
 
-def metrics_of(doc: Any) -> tuple[dict[str, float], list[str]] | None:
-    """``(metrics {column: value in %}, verification set names)`` of a JSON document, or None
-    when its shape is not one of those in the module docstring."""
+def metrics_of(doc: Any) -> tuple[dict[str, Metric], list[str]] | None:
+    """``(metrics {column: value in % or Unmeasurable}, verification set names)`` of a JSON
+    document, or None when its shape is not one of those in the module docstring."""
     if _is_verification(doc):
         return _verification_metrics(doc), list(doc)
     if not isinstance(doc, Mapping):
@@ -117,7 +153,7 @@ def _read(path: Path) -> Any:
         raise ValueError(f"{path}: not a readable JSON file ({exc})") from exc
 
 
-Found = tuple[Path, dict[str, float], list[str]]
+Found = tuple[Path, dict[str, Metric], list[str]]
 
 
 def _documents(path: Path) -> tuple[str, list[Found]]:
@@ -140,11 +176,19 @@ def _documents(path: Path) -> tuple[str, list[Found]]:
     return (f"{parent}/{path.stem}" if parent else path.stem), [(path, *metrics)]
 
 
-def combine(paths: Sequence[str | Path]) -> str:
-    """One Markdown table comparing the evaluation results in ``paths`` (rows = runs)."""
+def _cell(value: Metric, far_reading: str) -> str:
+    if isinstance(value, Unmeasurable):
+        return unmeasurable_cell(f"{value.insightface:.2f}", far_reading)
+    return f"{value:.2f}"
+
+
+def combine(paths: Sequence[str | Path], far_reading: str = "measurable") -> str:
+    """One Markdown table comparing the evaluation results in ``paths`` (rows = runs), with a
+    footnote on not-measurable cells (``far_reading``: see the module)."""
+    check_far_reading(far_reading)
     if not paths:
         raise ValueError("no runs or result files given")
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, Metric]] = {}
     sources: dict[tuple[str, str], Path] = {}
     sets: dict[str, tuple[str, ...]] = {}
     columns: dict[str, None] = {}
@@ -171,7 +215,16 @@ def combine(paths: Sequence[str | Path]) -> str:
             row["avg (%)"] = sum(row[f"{name} (%)"] for name in sets[label]) / len(sets[label])
     headers += [c for c in columns if c not in set_columns]
     table = [
-        [label, *(f"{row[c]:.2f}" if c in row else "-" for c in headers)]
+        [label, *(_cell(row[c], far_reading) if c in row else "-" for c in headers)]
         for label, row in rows.items()
     ]
-    return markdown_table(["run", *headers], table)
+    text = markdown_table(["run", *headers], table)
+    limits = {
+        f"{label}, {v.limit}": None
+        for label, row in rows.items()
+        for v in row.values()
+        if isinstance(v, Unmeasurable)
+    }
+    if not limits:
+        return text
+    return f"{text}\n\n{unmeasurable_note(far_reading, '; '.join(limits))}"

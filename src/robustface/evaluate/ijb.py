@@ -13,7 +13,11 @@ its helper layout (see :mod:`robustface.data.ijb`):
    it off) and the template feature is built by an aggregator from :data:`AGGREGATORS`: media
    pooling, then template pooling, then L2 normalisation.
 4. A pair's score is the cosine of its two template features; TAR at FAR comes from the ROC
-   (:mod:`robustface.evaluate.roc`, reading ``"closest"`` or ``"conservative"``).
+   (:mod:`robustface.evaluate.roc`, reading ``"closest"`` or ``"conservative"``). A FAR below
+   ``1 / impostor pairs`` is not measurable: its TAR is null in the JSON's ``tar_at_far`` and
+   ``n/m`` in the table; ``tar_at_far_insightface`` holds insightface's number for every FAR
+   (deviation from insightface, which prints a number at every FAR; ``far_reading="insightface"``
+   puts it in the table, marked ``*``).
 5. With the 1:N meta files (``{name}_1N_gallery_*.csv`` and ``{name}_1N_probe_mixed.csv``, CSV
    with a header and ``TEMPLATE_ID,SUBJECT_ID,...`` columns, one row per image) each gallery is
    searched with every probe template: see :func:`identification`.
@@ -44,7 +48,14 @@ from robustface.data.image import decode_image
 from robustface.deploy.align import ARCFACE_TEMPLATE, TEMPLATE_RULES, align_face
 from robustface.errors import DataFormatError
 from robustface.evaluate.report import model_fingerprint, to_jsonable, write_evaluation
-from robustface.evaluate.roc import FAR_MODES, FARS, Roc
+from robustface.evaluate.roc import (
+    FAR_MODES,
+    FARS,
+    Roc,
+    check_far_reading,
+    unmeasurable_cell,
+    unmeasurable_note,
+)
 from robustface.evaluate.verification import embed_views
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
@@ -621,20 +632,29 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def _tables(label: str, name: str, results: dict[str, Any]) -> str:
+def _tables(label: str, name: str, results: dict[str, Any], far_reading: str) -> str:
     ver = results["verification"]
     mode = {
         "closest": "the ROC point with the closest FPR (insightface's reading)",
         "conservative": "the best TPR with FPR <= FAR (conservative reading)",
     }[ver["far_mode"]]
-    fars = list(ver["tar_at_far"])
-    rows = [[label, *(f"{100 * ver['tar_at_far'][f]:.2f}" for f in fars)]]
+    tars, raw = ver["tar_at_far"], ver["tar_at_far_insightface"]
+    cells = [
+        _pct(tars[f]) if tars[f] is not None else unmeasurable_cell(_pct(raw[f]), far_reading)
+        for f in tars
+    ]
     text = [
         f"{name} 1:1 verification, TAR (%) at FAR, read at {mode}; "
-        f"{ver['pairs']} pairs, {results['templates']} templates.",
+        f"{ver['pairs']:,} pairs ({ver['impostor']:,} impostor), {results['templates']} templates.",
         "",
-        markdown_table(["model", *(_far_label(f) for f in fars)], rows),
+        markdown_table(["model", *(_far_label(f) for f in tars)], [[label, *cells]]),
     ]
+    if any(t is None for t in tars.values()):
+        detail = (
+            f"{ver['impostor']:,} impostor pairs measure FAR >= {ver['min_measurable_far']:.3g} "
+            "only: at least one impostor pair must be accepted"
+        )
+        text += ["", unmeasurable_note(far_reading, detail)]
     ident = results.get("identification")
     if ident:
         first = next(iter(ident.values()))
@@ -710,6 +730,7 @@ def evaluate_ijb(
     device: str | torch.device = "cpu",
     aggregation: str = "norm_weighted",
     far_mode: str = "closest",
+    far_reading: str = "measurable",
     fars: Sequence[float] = FARS,
     flip: bool = True,
     faceness: bool = True,
@@ -726,7 +747,9 @@ def evaluate_ijb(
     input, or a checkpoint for :func:`robustface.evaluate.loading.load_backbone` (``backbone``,
     ``input_size``, ``color_order`` go there). ``align_rule`` places the template at crop sizes
     other than 112 (:func:`robustface.deploy.align.arcface_template`); ``score_dtype`` is the
-    precision of pair scoring (:func:`score_pairs`). Embeddings are cached in ``cache_dir``
+    precision of pair scoring (:func:`score_pairs`). ``far_reading`` says what the table shows at
+    a FAR below ``1 / impostor pairs``: ``"measurable"`` ``n/m``, ``"insightface"`` insightface's
+    number marked ``*`` (the JSON holds both). Embeddings are cached in ``cache_dir``
     (default ``out_dir/cache``), one ``.npy`` per key (the model's content hash, the alignment,
     ``flip`` and the image list), so a new ``aggregation``, ``faceness`` or ``far_mode`` reuses
     them and several models can share one cache directory. Writes
@@ -736,6 +759,7 @@ def evaluate_ijb(
     """
     if far_mode not in FAR_MODES:
         raise ValueError(f"far_mode must be one of {FAR_MODES}, got {far_mode!r}")
+    check_far_reading(far_reading)
     if align_rule not in TEMPLATE_RULES:
         raise ValueError(f"align_rule must be one of {TEMPLATE_RULES}, got {align_rule!r}")
     if score_dtype not in SCORE_DTYPES:
@@ -811,7 +835,6 @@ def evaluate_ijb(
     scores = score_pairs(feats, groups.template_ids, meta.pairs, dtype=score_dtype)
     roc = Roc.from_scores(scores, meta.pair_labels)
     points = roc.operating_points(fars, far_mode)
-    tar = dict(zip(fars, roc.tpr[points].tolist(), strict=True))
     grid = np.logspace(-6, 0, 61)
     results: dict[str, Any] = {
         "name": name,
@@ -821,8 +844,11 @@ def evaluate_ijb(
         "media": int(groups.media_counts.size),
         "xnorm": xnorm,
         "verification": {
-            "tar_at_far": tar,
+            "tar_at_far": roc.tar_at_far(fars, far_mode),
+            "tar_at_far_insightface": roc.tar_at_far(fars, far_mode, "insightface"),
+            "min_measurable_far": roc.min_measurable_far,
             "far_mode": far_mode,
+            "far_reading": far_reading,
             "operating_points": {
                 f: {"fpr": roc.fpr[i], "threshold": roc.thresholds[i]}
                 for f, i in zip(fars, points.tolist(), strict=True)
@@ -861,6 +887,7 @@ def evaluate_ijb(
         "name": name,
         "aggregation": aggregation,
         "far_mode": far_mode,
+        "far_reading": far_reading,
         "fars": fars,
         "flip": flip,
         "faceness": faceness,
@@ -873,7 +900,8 @@ def evaluate_ijb(
         "device": str(device),
         "cache": str(cache),
     }
+    table = _tables(label, name, results, far_reading)
     results["report"] = write_evaluation(
-        out_dir, stem, results, _tables(label, name, results), model=checkpoint, config=config
+        out_dir, stem, results, table, model=checkpoint, config=config
     )
     return results

@@ -17,6 +17,11 @@ FaceX-Zoo and checked there against the devkit's binaries):
   so at most ``M`` negatives pass (actual FAR <= target); TAR is the accepted fraction of
   positives. The global top ``M+1`` negatives lie within every probe's top ``M+1``, so the same
   faiss search provides them.
+  With ``M = 0`` (fewer than ``1 / far`` negatives: 3,530 probes need 284 distractors for FAR
+  1e-6) no negative may pass, the FAR is not measurable and ``tar`` is None (the rule of
+  :func:`robustface.evaluate.roc.far_measurable`); ``tar_insightface`` keeps the devkit's number,
+  the TAR above the highest negative, which insightface's MegaFace tables report (a deviation
+  from the devkit, which prints it).
 * **Sizes.** A run at size ``N`` uses the first ``N`` distractors in the given order (a size
   above the number available is capped to it). The devkit draws a separate list per size
   (``megaface_features_list.json_{N}_1``); pass the 1M list to get its 1M numbers exactly.
@@ -52,6 +57,12 @@ from tqdm import tqdm
 
 from robustface.data.image import decode_image
 from robustface.errors import DataFormatError
+from robustface.evaluate.roc import (
+    check_far_reading,
+    far_measurable,
+    unmeasurable_cell,
+    unmeasurable_note,
+)
 from robustface.evaluate.verification import embed_pairs
 from robustface.utils.io import atomic_path
 from robustface.utils.table import markdown_table
@@ -399,7 +410,8 @@ def evaluate_megaface(
     Returns plain Python values: ``num_probes``, ``num_identities``, ``num_trials`` (ordered
     probe-mate pairs), ``num_positive_pairs``, ``num_noisy_probes``, ``max_rank``,
     ``far_target`` and ``sizes``: ``{N: {"distractors", "noisy_distractors", "cmc" (rank 1..
-    max_rank), "rank1", "tar", "far", "threshold", "num_negatives"}}`` keyed by the size as an int.
+    max_rank), "rank1", "tar" (None where ``far`` is not measurable), "tar_insightface", "far",
+    "threshold", "num_negatives", "min_measurable_far"}}`` keyed by the size as an int.
     """
     import faiss
 
@@ -481,15 +493,18 @@ def evaluate_megaface(
             flat = top[:, :k].ravel()
             threshold = float(np.partition(flat, flat.size - m - 1)[flat.size - m - 1])
         accepted_neg = int(np.sum(top[:, :k] > threshold)) if effective else 0
+        tar = float(np.mean(pos > threshold))
         by_size[size] = {
             "distractors": size,
             "noisy_distractors": int(d_noisy[:size].sum()),
             "cmc": cmc,
             "rank1": cmc[0],
-            "tar": float(np.mean(pos > threshold)),
+            "tar": tar if far_measurable(far, n_neg) else None,
+            "tar_insightface": tar,
             "far": accepted_neg / n_neg,
             "threshold": threshold,
             "num_negatives": n_neg,
+            "min_measurable_far": 1.0 / n_neg,
         }
     return {
         "num_probes": int(n_probes),
@@ -506,24 +521,38 @@ def evaluate_megaface(
 # --------------------------------------------------------------------------- reports
 
 
-def format_megaface(results: dict[str, Any]) -> str:
-    """Markdown table: one row per distractor-set size, rank-1/5/10 (%) and TAR@FAR (%)."""
+def format_megaface(results: dict[str, Any], far_reading: str = "measurable") -> str:
+    """Markdown table: one row per distractor-set size, rank-1/5/10 (%) and TAR@FAR (%).
+
+    A TAR whose FAR the size cannot measure (``tar`` None) shows ``n/m`` with a footnote, or
+    with ``far_reading="insightface"`` the devkit's number marked ``*``.
+    """
+    check_far_reading(far_reading)
     ranks = [r for r in (1, 5, 10) if r <= results["max_rank"]]
+    far = results["far_target"]
     headers = [
         "distractors",
         *(f"Id rank-{r} (%)" for r in ranks),
-        f"Ver TAR@FAR={results['far_target']:g} (%)",
+        f"Ver TAR@FAR={far:g} (%)",
     ]
     rows = []
+    unmeasured = []
     for size, r in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
-        rows.append(
-            [
-                f"{int(size):,}",
-                *(f"{100 * r['cmc'][k - 1]:.2f}" for k in ranks),
-                f"{100 * r['tar']:.2f}",
-            ]
-        )
-    return markdown_table(headers, rows)
+        tar = f"{100 * r['tar_insightface']:.2f}"
+        if r["tar"] is None:
+            unmeasured.append(r)
+            tar = unmeasurable_cell(tar, far_reading)
+        rows.append([f"{int(size):,}", *(f"{100 * r['cmc'][k - 1]:.2f}" for k in ranks), tar])
+    table = markdown_table(headers, rows)
+    if not unmeasured:
+        return table
+    largest = max(unmeasured, key=lambda r: r["num_negatives"])
+    detail = (
+        f"FAR {far:g} needs >= {math.ceil(round(1 / far, 9)):,} probe x distractor impostor "
+        f"pairs; {results['num_probes']:,} probes x {int(largest['distractors']):,} distractors "
+        f"give {largest['num_negatives']:,}, FAR >= {largest['min_measurable_far']:.3g}"
+    )
+    return f"{table}\n\n{unmeasurable_note(far_reading, detail)}"
 
 
 def plot_megaface(results: dict[str, Any], path: str | Path) -> None:

@@ -10,6 +10,19 @@ Two readings of "TAR at FAR = x" are offered:
   point taken may have an FPR above ``x``.
 * ``"conservative"``: the highest TPR among operating points with ``FPR <= x``.
 
+**Measurable FARs.** With ``n`` impostor (negative) pairs a FAR target ``f`` is *measurable* when
+at least one impostor pair may be accepted at it: ``f * n >= 1``, i.e. ``f >= 1 / n``
+(:func:`far_measurable`; ``f * n`` is rounded to 9 decimals first, so ``1e-4 * 10_000`` counts).
+Below ``1 / n`` the only operating points with ``FPR <= f`` have FPR 0, and FPR 0 on ``n`` pairs
+says nothing about a rate of ``f``: SynthFace's IJB set, 12,000 impostor pairs, cannot measure
+FAR 1e-5. Two readings of such targets (``reading``, :data:`FAR_READINGS`):
+
+* ``"measurable"`` (default): ``None`` ("not measurable"); measurable targets are read with
+  ``mode``.
+* ``"insightface"``: every target read with ``mode``, as insightface's ``eval_ijbc.py`` prints
+  them (below ``1 / n`` that is the point at FPR 0, or at FPR ``1 / n`` when it is closer), for
+  side-by-side comparisons with its numbers. These are not measurements of TAR at that FAR.
+
 The ROC has one point per distinct score (ties are one threshold: "accept when
 ``score >= threshold``") plus the point ``(0, 0)`` at threshold ``+inf``.
 """
@@ -21,11 +34,54 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FARS", "FAR_MODES", "Roc", "roc_curve", "tar_at_far"]
+__all__ = [
+    "FARS",
+    "FAR_MODES",
+    "FAR_READINGS",
+    "NOT_MEASURABLE",
+    "Roc",
+    "check_far_reading",
+    "far_measurable",
+    "roc_curve",
+    "tar_at_far",
+    "unmeasurable_cell",
+    "unmeasurable_note",
+]
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 """The FAR targets of the IJB-B/C tables."""
 FAR_MODES = ("closest", "conservative")
+FAR_READINGS = ("measurable", "insightface")
+"""``"measurable"``: targets below ``1 / impostor pairs`` give None; ``"insightface"``: a number."""
+NOT_MEASURABLE = "n/m"
+"""The table cell of a rate at a FAR that the data cannot measure."""
+
+
+def far_measurable(far: float, num_negatives: int) -> bool:
+    """Whether ``num_negatives`` impostor pairs can measure FAR ``far``: ``far * n >= 1``."""
+    return round(far * num_negatives, 9) >= 1
+
+
+def unmeasurable_cell(insightface_text: str, reading: str) -> str:
+    """The table cell of a not-measurable rate: ``"n/m"``, or with ``reading="insightface"``
+    insightface's number (already formatted) marked ``*``."""
+    return f"{insightface_text}*" if reading == "insightface" else NOT_MEASURABLE
+
+
+def unmeasurable_note(reading: str, detail: str) -> str:
+    """The footnote under a table with not-measurable cells; ``detail`` says what limits them."""
+    if reading == "insightface":
+        return f"*: not measurable ({detail}); insightface's reading, not a measurement."
+    return (
+        f"{NOT_MEASURABLE}: not measurable ({detail}); "
+        "`--far-reading insightface` shows insightface's number."
+    )
+
+
+def check_far_reading(reading: str) -> None:
+    """Raise ValueError unless ``reading`` is one of :data:`FAR_READINGS`."""
+    if reading not in FAR_READINGS:
+        raise ValueError(f"far reading must be one of {FAR_READINGS}, got {reading!r}")
 
 
 def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,11 +171,23 @@ class Roc:
         last = keep.size - 1
         return np.array([keep[last - np.argmin(np.abs(flipped - f))] for f in targets], np.int64)
 
-    def tar_at_far(self, fars: Iterable[float] = FARS, mode: str = "closest") -> dict[float, float]:
-        """``{far: tar}`` read with ``mode``, ``"closest"`` or ``"conservative"`` (see module)."""
+    @property
+    def min_measurable_far(self) -> float:
+        """The smallest FAR the impostor pairs can measure, ``1 / num_negatives``."""
+        return 1.0 / self.num_negatives
+
+    def tar_at_far(
+        self, fars: Iterable[float] = FARS, mode: str = "closest", reading: str = "measurable"
+    ) -> dict[float, float | None]:
+        """``{far: tar}`` read with ``mode``, ``"closest"`` or ``"conservative"``; with
+        ``reading="measurable"`` a target below :attr:`min_measurable_far` gives None."""
+        check_far_reading(reading)
         targets = [float(f) for f in fars]
-        tpr = self.tpr[self.operating_points(targets, mode)]
-        return dict(zip(targets, tpr.tolist(), strict=True))
+        tpr = self.tpr[self.operating_points(targets, mode)].tolist()
+        return {
+            f: t if reading == "insightface" or far_measurable(f, self.num_negatives) else None
+            for f, t in zip(targets, tpr, strict=True)
+        }
 
 
 def roc_curve(
@@ -141,6 +209,8 @@ def tar_at_far(
     fars: Iterable[float] = FARS,
     *,
     mode: str = "closest",
-) -> dict[float, float]:
-    """True accept rate at each false accept rate in ``fars``: ``{far: tar}`` (see the module)."""
-    return Roc.from_scores(scores, labels).tar_at_far(fars, mode)
+    reading: str = "measurable",
+) -> dict[float, float | None]:
+    """True accept rate at each false accept rate in ``fars``: ``{far: tar}``, None where the
+    impostor pairs cannot measure the FAR unless ``reading="insightface"`` (see the module)."""
+    return Roc.from_scores(scores, labels).tar_at_far(fars, mode, reading)

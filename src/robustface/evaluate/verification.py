@@ -16,6 +16,15 @@ The numbers match ``recognition/arcface_torch/eval/verification.py`` of insightf
   Where FAR values repeat, the last grid point with ``FAR <= far_target`` is the left end of the
   segment. If the target FAR is not reached on the grid, the threshold is 0.0 (nothing accepted).
   VAL and FAR are then measured on the held-out fold.
+* VAL@FAR is *measurable* when the threshold search can accept at least one impostor pair at the
+  target: ``far_target >= 1 / n`` with ``n`` the impostor pairs of the training folds, the
+  fewest over the folds (``val_impostor_pairs``; the rule of
+  :func:`robustface.evaluate.roc.far_measurable`). Below that the interpolated threshold lies
+  between "no impostor accepted" and "one accepted" and VAL is not a measurement at the target:
+  ``val`` and ``val_std`` are None and ``val_insightface``/``val_std_insightface`` hold
+  insightface's numbers (a deviation: insightface prints them). A 10-fold set of 1,000 pairs
+  (500 impostor, 450 per training split) measures FAR >= 2.2e-3 only, so not 1e-3; LFW's 6,000
+  pairs (2,700 per training split) measure it.
 * XNorm is the mean L2 norm of the single raw embeddings (each image and each flip on its own,
   before summing), which is what insightface averages over its two embedding lists.
 
@@ -37,6 +46,12 @@ from tqdm import tqdm
 
 from robustface.data.transforms import resize_to
 from robustface.data.verification import load_bin_images
+from robustface.evaluate.roc import (
+    check_far_reading,
+    far_measurable,
+    unmeasurable_cell,
+    unmeasurable_note,
+)
 from robustface.utils.table import markdown_table
 
 __all__ = ["embed_pairs", "evaluate", "format_results", "verify_bin"]
@@ -145,9 +160,11 @@ def evaluate(
     rows ``2i, 2i+1``; ``issame`` has ``P`` flags. ``thresholds`` / ``val_thresholds`` replace the
     accuracy / VAL grids. Returns plain Python numbers and lists: ``accuracy_mean``,
     ``accuracy_std``, ``fold_accuracies``, ``threshold`` (mean best threshold), ``fold_thresholds``,
-    ``val``, ``val_std``, ``far``, ``fold_val``, ``fold_far``, ``fold_val_thresholds``,
-    ``far_target``, ``num_pairs``, ``num_folds``, and ``thresholds``, ``tpr``, ``fpr`` (the
-    held-out ROC on the accuracy grid, averaged over folds).
+    ``val``, ``val_std`` (None where ``far_target`` is not measurable, see the module),
+    ``val_insightface``, ``val_std_insightface`` (insightface's numbers), ``val_impostor_pairs``,
+    ``min_measurable_far`` (None without impostor pairs), ``far``, ``fold_val``, ``fold_far``,
+    ``fold_val_thresholds``, ``far_target``, ``num_pairs``, ``num_folds``, and ``thresholds``,
+    ``tpr``, ``fpr`` (the held-out ROC on the accuracy grid, averaged over folds).
     """
     emb, same = _check_inputs(embeddings, issame, nrof_folds, far_target)
     grid = _grid("thresholds", thresholds, ACCURACY_THRESHOLDS, 1)
@@ -184,14 +201,21 @@ def evaluate(
         vals.append(float(_rate(np.sum(accept & same[test]), n_pos[k])))
         fars.append(float(_rate(np.sum(accept & ~same[test]), n_neg[k])))
 
+    impostors = int(n_neg_all - n_neg.max())  # the fewest a training split holds
+    measurable = far_measurable(far_target, impostors)
+    val, val_std = float(np.mean(vals)), float(np.std(vals))
     return {
         "accuracy_mean": float(np.mean(accuracies)),
         "accuracy_std": float(np.std(accuracies)),
         "fold_accuracies": accuracies,
         "threshold": float(np.mean(best)),
         "fold_thresholds": best,
-        "val": float(np.mean(vals)),
-        "val_std": float(np.std(vals)),
+        "val": val if measurable else None,
+        "val_std": val_std if measurable else None,
+        "val_insightface": val,
+        "val_std_insightface": val_std,
+        "val_impostor_pairs": impostors,
+        "min_measurable_far": 1.0 / impostors if impostors else None,
         "far": float(np.mean(fars)),
         "fold_val": vals,
         "fold_far": fars,
@@ -305,17 +329,31 @@ def verify_bin(
     return results
 
 
-def format_results(results: Mapping[str, Mapping[str, Any]]) -> str:
+def _val_cell(r: Mapping[str, Any], far_reading: str) -> str:
+    if r["val"] is not None:
+        return f"{100 * r['val']:.2f} ± {100 * r['val_std']:.2f}"
+    raw = f"{100 * r['val_insightface']:.2f} ± {100 * r['val_std_insightface']:.2f}"
+    return unmeasurable_cell(raw, far_reading)
+
+
+def format_results(
+    results: Mapping[str, Mapping[str, Any]], far_reading: str = "measurable"
+) -> str:
     """A Markdown table of per-set results (from :func:`evaluate`/:func:`verify_bin`) plus averages.
 
-    Accuracy and VAL are percentages with their fold std; XNorm shows ``-`` where absent.
+    Accuracy and VAL are percentages with their fold std; XNorm shows ``-`` where absent. A VAL
+    the set cannot measure (``val`` None) shows ``n/m`` with a footnote, or with
+    ``far_reading="insightface"`` insightface's number marked ``*``; the average VAL is then
+    ``n/m`` (or insightface's average, marked).
     """
+    check_far_reading(far_reading)
     if not results:
         raise ValueError("results is empty: nothing to format")
     targets = {float(r["far_target"]) for r in results.values()}
     if len(targets) != 1:
         raise ValueError(f"all sets must share one far_target, got {sorted(targets)}")
-    headers = ["set", "accuracy (%)", "threshold", "XNorm", f"VAL@FAR={targets.pop():g} (%)"]
+    target = targets.pop()
+    headers = ["set", "accuracy (%)", "threshold", "XNorm", f"VAL@FAR={target:g} (%)"]
     rows = []
     for name, r in results.items():
         xnorm = f"{r['xnorm']:.2f}" if "xnorm" in r else "-"
@@ -325,17 +363,28 @@ def format_results(results: Mapping[str, Mapping[str, Any]]) -> str:
                 f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}",
                 f"{r['threshold']:.3f}",
                 xnorm,
-                f"{100 * r['val']:.2f} ± {100 * r['val_std']:.2f}",
+                _val_cell(r, far_reading),
             ]
         )
     xnorms = [r["xnorm"] for r in results.values() if "xnorm" in r]
+    unmeasured = {name: r for name, r in results.items() if r["val"] is None}
+    mean_val = f"{100 * np.mean([r['val_insightface'] for r in results.values()]):.2f}"
     rows.append(
         [
             "average",
             f"{100 * np.mean([r['accuracy_mean'] for r in results.values()]):.2f}",
             "-",
             f"{np.mean(xnorms):.2f}" if xnorms else "-",
-            f"{100 * np.mean([r['val'] for r in results.values()]):.2f}",
+            unmeasurable_cell(mean_val, far_reading) if unmeasured else mean_val,
         ]
     )
-    return markdown_table(headers, rows)
+    table = markdown_table(headers, rows)
+    if not unmeasured:
+        return table
+    counts = ", ".join(
+        f"{name} {r['val_impostor_pairs']:,}"
+        + (f" (FAR >= {r['min_measurable_far']:.3g})" if r["val_impostor_pairs"] else "")
+        for name, r in unmeasured.items()
+    )
+    detail = f"the VAL threshold is chosen on each training split's impostor pairs: {counts}"
+    return f"{table}\n\n{unmeasurable_note(far_reading, detail)}"

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from robustface.cli import main
 from robustface.data.image import encode_image
+from robustface.data.loader import CarryUserErrors, collate, unwrap
 from robustface.data.recordio import RecordIODataset, write_insightface_rec
 from robustface.errors import DataFormatError
 
@@ -61,6 +63,18 @@ def test_worker_error_is_the_same_one_line_as_without_workers(bad_rec, tmp_path,
     assert errors[0].startswith(expected)
     assert errors[1] == errors[0]
     assert errors[1].count("\n") == 1  # one line, no traceback
+
+
+def test_any_dataset_carries_the_original_error_out_of_a_worker(bad_rec):
+    ds = RecordIODataset(bad_rec)  # no __getitems__ of its own
+    loader = torch.utils.data.DataLoader(
+        CarryUserErrors(ds), batch_size=4, num_workers=1, collate_fn=collate
+    )
+    batches = [unwrap(b) if i < 2 else b for i, b in enumerate(loader)]
+    assert batches[0][0].shape == (4, 32, 32, 3)  # keys 1..4 and 5..8 are fine
+    with pytest.raises(DataFormatError) as exc:
+        unwrap(batches[2])  # keys 9..12
+    assert (exc.value.path, exc.value.key) == (str(bad_rec / "train.rec"), 10)
 
 
 def test_our_bugs_in_a_worker_keep_the_worker_traceback(bad_rec, tmp_path, monkeypatch):

@@ -35,11 +35,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from robustface.config import Config, to_dict
 from robustface.data import ImageFolderDataset, RecordIODataset, TrainTransform, load_bin_images
+from robustface.data.loader import CarryUserErrors, collate, unwrap
 from robustface.errors import RobustfaceError
 from robustface.evaluate.verification import embed_pairs, evaluate, format_results
 from robustface.fc import (
@@ -62,28 +63,6 @@ from robustface.utils.run import prepare_run_dir
 
 class NonFiniteLossError(RobustfaceError, FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class _WorkerError:
-    """A user error raised in a DataLoader worker, delivered to the training loop as the batch.
-
-    torch re-raises a worker's exception as a ``RuntimeError`` holding the worker's traceback,
-    which buries the one-line message (file, record) a bad record deserves; this carries the
-    exception itself and the loop raises it (:func:`_collate`, ``Trainer._train_step``).
-    """
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-# Errors of the user's data: with loader workers they reach the CLI as one line, as without.
-# Anything else (our bugs) keeps torch's report with the worker's traceback.
-_USER_ERRORS = (RobustfaceError, FileNotFoundError)
-
-
-def _collate(batch: Any) -> Any:
-    """``default_collate``, passing a :class:`_WorkerError` through untouched."""
-    return batch if isinstance(batch, _WorkerError) else default_collate(batch)
 
 
 class TrainSet(Dataset):
@@ -127,19 +106,8 @@ class TrainSet(Dataset):
         image, label = self.base[index]
         return self._augment(image, index), label
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]] | _WorkerError:
-        """One batch (the DataLoader's batched fetch), with per-batch label noise if configured.
-
-        In a loader worker, a user error (bad record) is returned as a :class:`_WorkerError`.
-        """
-        try:
-            return self._fetch(indices)
-        except _USER_ERRORS as exc:
-            if get_worker_info() is None:
-                raise
-            return _WorkerError(exc)
-
-    def _fetch(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """One batch (the DataLoader's batched fetch), with per-batch label noise if configured."""
         if self.closed == 0 and self.open == 0:
             return [self[i] for i in indices]
         from robustface.data.noise import OPEN, batch_noise
@@ -322,13 +290,13 @@ class Trainer:
             seed=cfg.seed,
         )
         self.loader = DataLoader(
-            self.trainset,
+            CarryUserErrors(self.trainset),  # a bad record reads as one line with workers too
             batch_size=data.batch_size,
             sampler=self.sampler,
             num_workers=data.num_workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
-            collate_fn=_collate,
+            collate_fn=collate,
             # Iterators draw their worker base seed from this generator, not from the global RNG,
             # so starting an epoch leaves dropout / negative sampling streams untouched (exact
             # resume). Augmentation itself is seeded per sample (TrainSet).
@@ -642,10 +610,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         total = torch.zeros((), device=self.device)
         for _ in range(accum):
-            batch = next(batches)
-            if isinstance(batch, _WorkerError):
-                raise batch.error
-            images, labels = batch
+            images, labels = unwrap(next(batches))
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             loss = self._forward_loss(images, labels)

@@ -12,7 +12,7 @@ from robustface.cli import main
 from robustface.data.ijb import write_ijb_meta
 from robustface.data.image import encode_image
 from robustface.data.inspect import inspect_dataset
-from robustface.data.recordio import write_insightface_rec
+from robustface.data.recordio import write_flat_rec, write_insightface_rec
 from robustface.data.verification import write_bin
 
 HEADER = 8 + 24  # framing (magic, lrecord) + IRHeader (flag, label, id, id2) of a scalar label
@@ -72,6 +72,21 @@ def test_quick_check_reads_only_the_first_record_and_says_so(rec_60, capsys):
     assert "quick check: record 1 only (run without --quick to check all 60)" in (
         capsys.readouterr().out
     )
+
+
+def test_flat_layout_reports_each_bad_record_once(tmp_path):
+    images = _images(12)
+    rec = write_flat_rec(tmp_path / "flat.rec", ((images[i], i % 3) for i in range(12)))
+    offsets = _offsets(rec)
+    _patch(rec, offsets[5] + 12, struct.pack("<f", -1.0))
+    _patch(rec, offsets[9], b"\0\0\0\0")
+    report = inspect_dataset(rec, progress=False)
+    assert report.num_problems == 2, report.problems
+    assert report.problems[0].startswith(f"{rec} [record 5]: label -1 is not a class id >= 0")
+    assert report.problems[1].startswith(f"{rec} [record 9]: ")
+    assert "full check: all 12 image records" in report.text
+    # classes counted over the 10 records that read: labels 0, 1, 2 with 3, 4, 3 images
+    assert "| images per class (min / median / max) | 3 / 3 / 4" in report.text
 
 
 def _ijb_dir(root: Path) -> Path:

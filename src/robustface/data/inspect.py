@@ -53,14 +53,20 @@ class InspectReport:
 
 
 class _Problems:
-    """Counts every problem and keeps the first ``cap`` messages."""
+    """Counts every problem and keeps the first ``cap`` messages; one per file and record."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.shown: list[str] = []
         self.count = 0
+        self._records: set[tuple[str, object]] = set()
 
     def add(self, problem: object) -> None:
+        if isinstance(problem, DataFormatError) and problem.key is not None:
+            # the labels pass and the record pass may both meet a broken record
+            if (problem.path, problem.key) in self._records:
+                return
+            self._records.add((problem.path, problem.key))
         self.count += 1
         if len(self.shown) < self.cap:
             self.shown.append(str(problem))
@@ -84,13 +90,14 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
 def _check_rec(path: Path, problems: _Problems, quick: bool, progress: bool) -> str:
     ds = RecordIODataset(path)
     head = f"RecordIO training set {ds.rec_path} ({ds.layout} layout)"
-    try:
+    try:  # from the identity records (insightface layout) or every image header (flat)
         labels: np.ndarray | None = ds.labels
-    except DataFormatError as exc:  # broken identity records: still check every image record
+    except DataFormatError as exc:  # still check every image record
         problems.add(exc)
         labels = None
     sizes: Counter[tuple[int, int]] = Counter()
     n = 1 if quick else len(ds)
+    read = np.full(n, -1, dtype=np.int64)  # the label of each record that reads
     with _bar(n, ds.rec_path.name, progress) as bar:
         for i in range(n):
             try:
@@ -98,6 +105,7 @@ def _check_rec(path: Path, problems: _Problems, quick: bool, progress: bool) -> 
             except DataFormatError as exc:
                 problems.add(exc)
             else:
+                read[i] = label
                 sizes[image.shape[:2]] += 1
                 if labels is not None and label != labels[i]:
                     problems.add(
@@ -109,8 +117,10 @@ def _check_rec(path: Path, problems: _Problems, quick: bool, progress: bool) -> 
                     )
             bar.update()
     rows: list[list[object]] = [["samples", len(ds)]]
-    if labels is not None:
-        num_classes = ds.num_classes
+    if labels is None and not quick:
+        labels = read[read >= 0]  # of the good records
+    if labels is not None and labels.size:
+        num_classes = ds.label_bound or int(labels.max()) + 1
         counts = np.bincount(labels, minlength=num_classes)
         rows += [
             ["classes", num_classes],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from robustface.cli import main
+from robustface.cli import build_parser, main
 from robustface.data.image import encode_image
 from robustface.data.recordio import RecordIODataset
 
@@ -99,6 +100,36 @@ def test_console_script_help_runs():
     assert result.returncode == 0
     for command in ("demo", "synth", "convert", "inspect"):
         assert command in result.stdout
+
+
+def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every (command path, subparser, action) of the parser tree, help and version excluded."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, (*path, name))
+        elif not isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            yield path, parser, action
+
+
+def test_help_has_no_fuse_command_and_every_option_is_described():
+    top = build_parser()
+    assert "fuse" not in top.format_help()
+    commands = {path[0] for path, _, _ in _walk(top) if path}
+    assert {"demo", "synth", "eval", "inspect", "cluster"} <= commands
+    undocumented, no_default = [], []
+    for path, parser, action in _walk(top):
+        if path[0] == "cluster":  # documented in cli_cluster.py
+            continue
+        name = " ".join([*path, action.option_strings[0] if action.option_strings else action.dest])
+        if not action.help:
+            undocumented.append(name)
+        if action.default not in (None, False, [], argparse.SUPPRESS):
+            text = parser._get_formatter()._expand_help(action)  # as --help prints it
+            if "default" not in text:
+                no_default.append(name)
+    assert not undocumented, undocumented
+    assert not no_default, no_default
 
 
 def test_train_then_eval_verification(synth_train_dir, tmp_path, capsys):

@@ -29,6 +29,53 @@ if typing.TYPE_CHECKING:
     from robustface.evaluate.megaface import FeatureSet
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless it has no default or says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "(default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or (isinstance(default, list) and not default)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows defaults; its subparsers inherit the class."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+_SYNTH_HELP = {
+    "seed": "random seed of identities and samples",
+    "identities": "training identities",
+    "images_per_identity": "training images per identity",
+    "open_set_identities": "identities of the open-set noise source (open_set/)",
+    "open_set_images_per_identity": "images per open-set identity",
+    "test_identities": "identities of the verification sets (>= 20)",
+    "sibling_rate": "fraction of identities that are near-duplicates of the previous one",
+    "image_size": "side of the square images in pixels",
+    "difficulty": "scale of all nuisance magnitudes (pose, blur, occlusion...)",
+    "sketch_fraction": "fraction of training samples drawn as sketches",
+    "nonface_fraction": "fraction of training samples replaced by non-faces",
+    "lfw_pairs": "frontal pairs of lfw.bin (multiple of 20)",
+    "cfp_fp_pairs": "frontal-profile pairs of cfp_fp.bin (multiple of 20)",
+    "lowq_pairs": "frontal-low-quality pairs of lowq.bin (multiple of 20)",
+    "ijb_identities": "identities of the IJB-like set IJBS/ (0: none)",
+    "ijb_templates_per_identity": "IJB templates per identity",
+    "ijb_max_media_per_template": "most media per IJB template",
+    "ijb_max_images_per_media": "most images per IJB medium",
+    "ijb_impostor_ratio": "IJB impostor template pairs per genuine pair",
+    "image_folder": "also write the training set as images/<label>/<n>.jpg",
+}
+
+
 def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
         parser.add_argument("config", type=Path, help="YAML config (see configs/)")
@@ -61,12 +108,14 @@ def _add_synth_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(SynthConfig):
         flag = "--" + field.name.replace("_", "-")
         tp = hints[field.name]
+        text = f"{_SYNTH_HELP[field.name]} (default: synth.{field.name} of the config"
+        text += "; off)" if tp is bool else f"; built-in {field.default})"
+        dest = f"synth_{field.name}"
         if tp is bool:
-            group.add_argument(flag, dest=f"synth_{field.name}", action="store_true", default=None)
+            group.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
         else:
-            group.add_argument(
-                flag, dest=f"synth_{field.name}", type=tp, default=None, metavar=tp.__name__.upper()
-            )
+            metavar = tp.__name__.upper()
+            group.add_argument(flag, dest=dest, type=tp, default=None, metavar=metavar, help=text)
 
 
 def _synth_overrides(args: argparse.Namespace) -> list[str]:
@@ -396,17 +445,26 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from robustface.data.inspect import describe
+    from robustface.data.inspect import inspect_dataset
 
-    print(describe(args.path))
-    return 0
+    report = inspect_dataset(
+        args.path, quick=args.quick, max_problems=args.max_problems, progress=not args.quiet
+    )
+    print(report.text)
+    if report.ok:
+        return 0
+    shown = len(report.problems)
+    first = f" (the first {shown} listed)" if shown < report.num_problems else ""
+    print(f"\n{report.num_problems} problem(s) found{first}:")
+    print("\n".join(f"- {p}" for p in report.problems))
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``robustface`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="robustface",
-        description="Face recognition on noisy data: train, clean, evaluate, fuse, cluster.",
+        description="Face recognition on noisy data: train, clean, evaluate, cluster.",
     )
     parser.add_argument("--version", action="version", version=f"robustface {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -473,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bins", nargs="*", default=[], help=".bin files")
     q.add_argument("--data-dir", default=".", help="directory of the --targets .bin files")
     q.add_argument("--targets", nargs="*", default=[], help="set names, e.g. lfw cfp_fp agedb_30")
-    q.add_argument("--batch-size", type=int, default=256)
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--out", type=Path, help="write the results as JSON")
     _add_far_reading(q, "VAL")
     q.set_defaults(func=_cmd_eval_verification)
@@ -517,8 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")
     q.add_argument("--input-size", type=int, default=None, help="model input size (default: run's)")
     q.add_argument("--color-order", choices=["RGB", "BGR"], help="channel order of the weights")
-    q.add_argument("--batch-size", type=int, default=128)
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--workers", type=int, default=4, help="image decoding threads")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_eval_ijb)
@@ -560,8 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backbone", help="architecture of a bare .pth MODEL (e.g. r50)")
     q.add_argument("--input-size", type=int, default=None, help="MODEL input size")
     q.add_argument("--color-order", choices=["RGB", "BGR"], help="channel order of MODEL")
-    q.add_argument("--batch-size", type=int, default=256)
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.add_argument("--out", type=Path, help="write megaface.json/.md and megaface_cmc.png here")
     _add_far_reading(q, "TAR")
@@ -576,8 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path, help="output directory (cleaned .rec)")
     q.add_argument("--data", type=Path, help="training .rec to clean (default: the run's)")
     q.add_argument("--threshold", type=float, default=75.0, help="max angle in degrees to keep")
-    q.add_argument("--batch-size", type=int, default=256)
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_clean_subcenter_drop)
@@ -603,8 +661,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("inspect", help="summarise a .rec directory, a .bin set or an IJB directory")
-    p.add_argument("path", type=Path)
+    p = sub.add_parser(
+        "inspect",
+        help="summarise and check a .rec training set, a .bin set or an IJB directory",
+        description="Summarise the datasets at PATH and check every record: framing, labels in "
+        "range, every image decodes (IJB: exists and decodes). Lists the problems found with "
+        "their file and record; exits with status 1 if there are any.",
+    )
+    p.add_argument(
+        "path",
+        type=Path,
+        help=".rec, .bin, or a directory (searched with its sub-directories for .rec, .bin and "
+        "IJB meta/)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="decode only the first image of each set (fast)"
+    )
+    p.add_argument("--max-problems", type=int, default=20, help="problems listed (all are counted)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("export", help="export a backbone for deployment")
@@ -614,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("checkpoint", type=Path, help="run directory or backbone .pth")
     q.add_argument("--out", required=True, type=Path, help="output .onnx file")
-    q.add_argument("--opset", type=int, default=17)
+    q.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     q.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     q.add_argument("--atol", type=float, default=1e-4, help="tolerance on normalised embeddings")
     q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")

@@ -9,8 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _restore(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
+    """Rebuild a pickled exception without calling its ``__init__`` (see ``__reduce__``)."""
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class RobustfaceError(Exception):
     """Base class of robustface's own exceptions."""
+
+    def __reduce__(self) -> tuple:
+        # Pickle as message + attributes: subclasses whose __init__ takes other arguments than the
+        # message (DataFormatError) must survive the trip from a worker process.
+        return (_restore, (type(self), self.args, self.__dict__))
 
 
 class DataFormatError(RobustfaceError, ValueError):

@@ -576,6 +576,15 @@ class RecordIODataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self._image_keys.size)
 
+    def record_key(self, index: int) -> int:
+        """The ``.rec`` key of image ``index`` (what error messages call the record)."""
+        return int(self._image_keys[index])
+
+    @property
+    def label_bound(self) -> int | None:
+        """Labels must be below this: ``property``'s class count, else the identity records'."""
+        return self._label_bound
+
     def _class_label(self, header: IRHeader, key: int) -> int:
         value = float(header.label if header.flag == 0 else header.label[0])
         bound = self._label_bound

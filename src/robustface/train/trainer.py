@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from robustface.config import Config, to_dict
 from robustface.data import ImageFolderDataset, RecordIODataset, TrainTransform, load_bin_images
+from robustface.data.loader import CarryUserErrors, collate, unwrap
 from robustface.errors import RobustfaceError
 from robustface.evaluate.verification import embed_pairs, evaluate, format_results
 from robustface.fc import (
@@ -289,12 +290,13 @@ class Trainer:
             seed=cfg.seed,
         )
         self.loader = DataLoader(
-            self.trainset,
+            CarryUserErrors(self.trainset),  # a bad record reads as one line with workers too
             batch_size=data.batch_size,
             sampler=self.sampler,
             num_workers=data.num_workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
+            collate_fn=collate,
             # Iterators draw their worker base seed from this generator, not from the global RNG,
             # so starting an epoch leaves dropout / negative sampling streams untouched (exact
             # resume). Augmentation itself is seeded per sample (TrainSet).
@@ -608,7 +610,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         total = torch.zeros((), device=self.device)
         for _ in range(accum):
-            images, labels = next(batches)
+            images, labels = unwrap(next(batches))
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             loss = self._forward_loss(images, labels)

@@ -580,7 +580,7 @@ def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
         assert r["tpir_at_fpir"] == {"0.01": None, "0.1": None}
         assert not any(p["measurable"] for p in r["operating_points"].values())
         assert _row_cells(md, weights.stem, g)[-2:] == ["n/m", "n/m"]
-    assert "n/m: not measurable (G1: 4 non-mated probes measure FPIR >= 0.25; G2: 4 " in md
+    assert "n/m: not measurable (G1: 4 non-mated probes measure FPIR >= 0.25 only; G2: 4 " in md
     assert [p["measurable"] for p in ver["operating_points"].values()] == [f == 0.1 for f in FARS]
 
     # insightface's reading in the table, marked; the JSON is the same

@@ -710,12 +710,12 @@ def _tables(label: str, name: str, results: dict[str, Any], far_reading: str) ->
         ]
         limits = [
             f"{g}: {r['nonmated_probes']:,} non-mated probes measure FPIR >= "
-            f"{r['min_measurable_fpir']:.3g}"
+            f"{r['min_measurable_fpir']:.3g} only"
             for g, r in ident.items()
             if r["nonmated_probes"] and any(t is None for t in r["tpir_at_fpir"].values())
         ]
         if limits:
-            detail = f"{'; '.join(limits)} only: at least one non-mated probe must be accepted"
+            detail = f"{'; '.join(limits)}: at least one non-mated probe must be accepted"
             text += ["", unmeasurable_note(far_reading, detail)]
     return "\n".join(text) + "\n"
 

@@ -18,6 +18,7 @@ from robustface.data.synth.builder import build_synthface
 from robustface.deploy import align_face
 from robustface.evaluate.ijb import (
     AGGREGATORS,
+    FPIRS,
     group_templates,
     identification,
     read_ijb_1n_meta,
@@ -301,13 +302,16 @@ def brute_identification(gallery, gallery_ids, probes, probe_ids, ranks, fpirs):
         else:
             nonmated_top.append(best[i].max())
     rank_rates = {k: np.mean([r <= k for r in mated_ranks]) for k in ranks}
-    tpir = {}
+    every, measured = {}, {}
     for x in fpirs:
         candidates = sorted([-np.inf, *nonmated_top])
-        t = next(c for c in candidates if np.mean([s > c for s in nonmated_top]) <= x + 1e-12)
+        accepted = [np.mean([s > c for s in nonmated_top]) for c in candidates]
+        t = next(c for c, a in zip(candidates, accepted, strict=True) if a <= x + 1e-12)
         hits = [r == 1 and s > t for r, s in zip(mated_ranks, mated_scores, strict=True)]
-        tpir[x] = sum(hits) / len(mated_ranks)
-    return rank_rates, tpir
+        every[x] = sum(hits) / len(mated_ranks)
+        # x is measured only when a threshold accepting a non-mated probe keeps FPIR <= x
+        measured[x] = every[x] if any(0 < a <= x + 1e-12 for a in accepted) else None
+    return rank_rates, every, measured
 
 
 def test_identification_against_brute_force():
@@ -320,21 +324,70 @@ def test_identification_against_brute_force():
     probes = centres[probe_ids] + rng.normal(0, 0.8, (200, d))
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
     probes /= np.linalg.norm(probes, axis=1, keepdims=True)
-    fpirs = (0.0, 0.01, 0.1, 0.3, 1.0)
+    n_non = int(np.sum(probe_ids >= n_sub))
+    assert n_non == 97  # FPIR 0.01 and 1/98 lie below 1/97, 1/97 does not
+    fpirs = (0.0, 0.01, 1 / 98, 1 / 97, 0.1, 0.3, 1.0)
     got = identification(
         gallery, gallery_ids, probes, probe_ids, ranks=(1, 2, 5), fpirs=fpirs, chunk=37
     )
-    ranks, tpir = brute_identification(gallery, gallery_ids, probes, probe_ids, (1, 2, 5), fpirs)
+    ranks, every, measured = brute_identification(
+        gallery, gallery_ids, probes, probe_ids, (1, 2, 5), fpirs
+    )
     assert got["rank"] == pytest.approx(ranks)
-    assert got["tpir_at_fpir"] == pytest.approx(tpir)
+    assert [x for x, t in measured.items() if t is None] == [0.0, 0.01, 1 / 98]
+    assert got["tpir_at_fpir"] == pytest.approx(measured)
+    assert got["tpir_at_fpir_insightface"] == pytest.approx(every)
+    assert got["min_measurable_fpir"] == 1 / 97 and got["nonmated_probes"] == n_non
     assert got["gallery_subjects"] == n_sub and got["gallery_templates"] == 25
     assert got["mated_probes"] + got["nonmated_probes"] == 200
     assert got["cmc"][0] == got["rank"][1] and got["cmc"][-1] == 1.0 and len(got["cmc"]) == n_sub
-    assert all(got["fpir"][x] <= x for x in fpirs)
+    points = got["operating_points"]
+    assert all(points[x]["fpir"] <= x for x in fpirs)
+    assert [x for x in fpirs if not points[x]["measurable"]] == [0.0, 0.01, 1 / 98]
+    assert points[0.01]["fpir"] == 0.0 and points[1 / 97]["fpir"] == pytest.approx(1 / 97)
     closed = identification(gallery, gallery_ids, probes[:5], np.zeros(5, np.int64))
-    assert closed["nonmated_probes"] == 0 and closed["tpir_at_fpir"][0.01] is None
+    assert closed["nonmated_probes"] == 0 and closed["min_measurable_fpir"] is None
+    assert closed["tpir_at_fpir"][0.01] is None and closed["tpir_at_fpir_insightface"][0.01] is None
     with pytest.raises(ValueError, match="no probe's subject is in the gallery"):
         identification(gallery, gallery_ids, probes[:3], np.array([100, 101, 102]))
+
+
+def test_identification_table_marks_unmeasurable_fpirs():
+    import robustface.evaluate.ijb as ijb
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 8))
+    gallery_ids = np.arange(10)
+    probe_ids = np.r_[rng.integers(0, 10, 100), np.arange(10, 20).repeat(15)]  # 150 non-mated
+    gallery, probes = centres[gallery_ids], centres[probe_ids] + rng.normal(0, 0.5, (250, 8))
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    ident = {
+        "G1": identification(gallery, gallery_ids, probes, probe_ids),
+        "G2": identification(gallery, gallery_ids, probes[:130], probe_ids[:130]),
+    }
+    assert ident["G1"]["nonmated_probes"] == 150  # measures FPIR >= 1/150: 0.01 and 0.1
+    assert ident["G2"]["nonmated_probes"] == 30  # measures FPIR >= 1/30: 0.1, not 0.01
+    ver = {
+        "far_mode": "closest",
+        "tar_at_far": {0.1: 0.5},
+        "tar_at_far_insightface": {0.1: 0.5},
+        "pairs": 100,
+        "impostor": 90,
+    }
+    results = {"verification": ver, "templates": 5, "identification": ident}
+    raw = {
+        g: [f"{100 * ident[g]['tpir_at_fpir_insightface'][x]:.2f}" for x in FPIRS] for g in ident
+    }
+    md = ijb._tables("m", "IJBX", results, "measurable")
+    assert _row_cells(md, "m", "G1")[-2:] == raw["G1"]
+    assert _row_cells(md, "m", "G2")[-2:] == ["n/m", raw["G2"][1]]
+    assert "n/m: not measurable (G2: 30 non-mated probes measure FPIR >= 0.0333 only" in md
+    assert "G1:" not in md
+    md = ijb._tables("m", "IJBX", results, "insightface")
+    assert _row_cells(md, "m", "G1")[-2:] == raw["G1"]
+    assert _row_cells(md, "m", "G2")[-2:] == [f"{raw['G2'][0]}*", raw["G2"][1]]
+    assert "*: not measurable (G2: 30 non-mated probes measure FPIR >= 0.0333 only" in md
 
 
 def test_read_1n_meta(tmp_path):
@@ -467,6 +520,12 @@ def recompute(ijb_dir: Path, weights: Path, flip: bool = True) -> tuple[dict, di
     return tar, ident, scores
 
 
+def _row_cells(md: str, *first: str) -> list[str]:
+    """The cells of the Markdown table row of ``md`` whose first cells are ``first``."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()]
+    return next(row for row in rows if tuple(row[: len(first)]) == first)
+
+
 def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
     ijb_dir, weights = ijb_setup
     out = tmp_path / "out"
@@ -509,13 +568,20 @@ def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
     assert cells == ["n/m"] * 5 + [f"{100 * tar[0.1]:.2f}"]
     assert f"n/m: not measurable ({impostors:,} impostor pairs measure FAR >= " in md
-    for g, (ranks, tpir) in ident.items():
-        assert results["identification"][g]["rank"] == {
-            str(k): pytest.approx(v) for k, v in ranks.items()
+    for g, (ranks, every, measured) in ident.items():
+        r = results["identification"][g]
+        assert r["rank"] == {str(k): pytest.approx(v) for k, v in ranks.items()}
+        assert r["tpir_at_fpir_insightface"] == {
+            f"{x:g}": pytest.approx(v) for x, v in every.items()
         }
-        assert results["identification"][g]["tpir_at_fpir"] == {
-            f"{x:g}": pytest.approx(v) for x, v in tpir.items()
-        }
+        # 4 non-mated probes per gallery measure FPIR >= 0.25 only: both FPIRs are not measurable
+        assert r["nonmated_probes"] == 4 and r["min_measurable_fpir"] == 0.25
+        assert measured == {0.01: None, 0.1: None}
+        assert r["tpir_at_fpir"] == {"0.01": None, "0.1": None}
+        assert not any(p["measurable"] for p in r["operating_points"].values())
+        assert _row_cells(md, weights.stem, g)[-2:] == ["n/m", "n/m"]
+    assert "n/m: not measurable (G1: 4 non-mated probes measure FPIR >= 0.25 only; G2: 4 " in md
+    assert [p["measurable"] for p in ver["operating_points"].values()] == [f == 0.1 for f in FARS]
 
     # insightface's reading in the table, marked; the JSON is the same
     assert main([*base, "--out", str(out), "--far-reading", "insightface"]) == 0
@@ -525,6 +591,10 @@ def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
     assert cells == [f"{100 * tar[f]:.2f}*" for f in FARS[:5]] + [f"{100 * tar[0.1]:.2f}"]
     assert "*: not measurable" in md and "insightface's reading, not a measurement" in md
+    for g, (_, every, _) in ident.items():
+        cells = _row_cells(md, weights.stem, g)[-2:]
+        assert cells == [f"{100 * every[x]:.2f}*" for x in (0.01, 0.1)]
+    assert "*: not measurable (G1: 4 non-mated probes measure FPIR >= 0.25" in md
     again = json.loads((out / "ijbs.json").read_text())
     assert again["results"]["verification"]["tar_at_far"] == ver["tar_at_far"]
     assert again["config"]["far_reading"] == "insightface"

@@ -28,6 +28,12 @@ def _ijbc(tars: dict[str, float], impostor: int = 10**7) -> dict:
     return {"kind": "ijbc", "results": {"verification": ver}, "config": {}}
 
 
+def _gallery(rank: dict, tpirs: dict, nonmated: int, insightface: dict | None = None) -> dict:
+    """One gallery's 1:N results; without ``insightface`` as written before that field existed."""
+    r = {"rank": rank, "tpir_at_fpir": tpirs, "nonmated_probes": nonmated}
+    return r if insightface is None else r | {"tpir_at_fpir_insightface": insightface}
+
+
 def _write(path, doc):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc))
@@ -67,8 +73,8 @@ def test_combine_runs(tmp_path):
 def test_ijb_identification_columns(tmp_path):
     doc = _ijbc({"0.0001": 0.95})
     doc["results"]["identification"] = {
-        "G1": {"rank": {"1": 0.9, "5": 0.95}, "tpir_at_fpir": {"0.01": 0.7, "0.1": 0.8}},
-        "G2": {"rank": {"1": 0.8, "5": 0.9}, "tpir_at_fpir": {"0.01": 0.5, "0.1": None}},
+        "G1": _gallery({"1": 0.9, "5": 0.95}, {"0.01": 0.7, "0.1": 0.8}, nonmated=500),
+        "G2": _gallery({"1": 0.8, "5": 0.9}, {"0.01": 0.5, "0.1": None}, nonmated=500),
     }
     rows = _rows(combine([_write(tmp_path / "run" / "ijbc.json", doc)]))
     assert rows[0] == [
@@ -117,6 +123,46 @@ def test_tars_the_impostors_cannot_measure(tmp_path):
     cells = _tar_cells(table)
     assert cells["new"][:4] == cells["old"][:4] == ["1.17*", "1.17*", "30.00", "50.00"]
     assert table.split("\n\n")[1].startswith("*: not measurable (new, IJBC")
+
+
+def test_tpirs_the_nonmated_probes_cannot_measure(tmp_path):
+    raw = {"0.01": 0.25, "0.1": 0.6}
+    new = _ijbc({"0.1": 0.5})
+    new["results"]["identification"] = {
+        "G1": _gallery({"1": 0.9}, {"0.01": 0.7, "0.1": 0.8}, 100, {"0.01": 0.7, "0.1": 0.8}),
+        "G2": _gallery({"1": 0.8}, {"0.01": None, "0.1": 0.6}, 30, raw),
+    }
+    old = _ijbc({"0.1": 0.5})  # before tpir_at_fpir_insightface: the rule from the count
+    old["results"]["identification"] = {
+        "G1": _gallery({"1": 0.9}, {"0.01": 0.7, "0.1": 0.8}, 100),
+        "G2": _gallery({"1": 0.8}, raw, 30),
+    }
+    paths = [
+        _write(tmp_path / name / "ijbc.json", doc) for name, doc in (("new", new), ("old", old))
+    ]
+    table = combine(paths)
+    cells = _tar_cells(table)
+    assert cells["header"] == [
+        "IJBC TAR@FAR=0.1 (%)",
+        "IJBC G1 rank-1 (%)",
+        "IJBC G1 TPIR@FPIR=0.01 (%)",
+        "IJBC G1 TPIR@FPIR=0.1 (%)",
+        "IJBC G2 rank-1 (%)",
+        "IJBC G2 TPIR@FPIR=0.01 (%)",
+        "IJBC G2 TPIR@FPIR=0.1 (%)",
+    ]
+    expected = ["50.00", "90.00", "70.00", "80.00", "80.00", "n/m", "60.00"]
+    assert cells["new/ijbc"] == cells["old/ijbc"] == expected
+    note = table.split("\n\n")[1]
+    assert note.startswith(
+        "n/m: not measurable (new/ijbc, IJBC G2: 30 non-mated probes, FPIR >= 0.0333; "
+        "old/ijbc, IJBC G2: 30 non-mated probes"
+    )
+    assert "G1" not in note
+    table = combine(paths, "insightface")
+    cells = _tar_cells(table)
+    assert cells["new/ijbc"][5] == cells["old/ijbc"][5] == "25.00*"
+    assert table.split("\n\n")[1].startswith("*: not measurable (new/ijbc, IJBC G2: 30 non-mated")
 
 
 def test_report_cli_far_reading(tmp_path, capsys):

@@ -91,13 +91,14 @@ def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) 
     )
 
 
-def _add_far_reading(parser: argparse.ArgumentParser, rate: str) -> None:
+def _add_far_reading(parser: argparse.ArgumentParser, rate: str, tpir: bool = False) -> None:
+    also = " (and TPIR at an FPIR below 1/non-mated probes)" if tpir else ""
     parser.add_argument(
         "--far-reading",
         choices=["measurable", "insightface"],
         default="measurable",
-        help=f"{rate} at a FAR below 1/impostor pairs: 'n/m' (not measurable, the default) or "
-        "insightface's number marked '*', for comparisons with its tables",
+        help=f"{rate} at a FAR below 1/impostor pairs{also}: 'n/m' (not measurable, the default) "
+        "or insightface's number marked '*', for comparisons with its tables",
     )
 
 
@@ -560,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="closest",
         help="TAR@FAR reading: closest ROC point (insightface) or best TPR with FPR <= FAR",
     )
-    _add_far_reading(q, "TAR")
+    _add_far_reading(q, "TAR", tpir=True)
     q.add_argument("--no-flip", action="store_true", help="do not add the flipped image")
     q.add_argument("--no-faceness", action="store_true", help="do not weight by faceness")
     q.add_argument(
@@ -701,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="combine evaluation results of several runs in one table")
     p.add_argument("runs", nargs="+", type=Path, help="run directories or result JSON files")
     p.add_argument("--out", type=Path, help="also write the Markdown table here")
-    _add_far_reading(p, "TAR")
+    _add_far_reading(p, "TAR", tpir=True)
     p.set_defaults(func=_cmd_report)
     return parser
 

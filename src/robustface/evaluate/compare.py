@@ -20,14 +20,16 @@ Recognised JSON shapes:
     (``{"1e-06": t, ...}``) in ``tar_at_far_insightface`` (or ``tar_at_far`` in files written
     before it existed), giving ``{K upper-case} TAR@FAR=x (%)`` columns; with 1:N results
     (``R["identification"]``, one entry per gallery, e.g. G1 and G2 of IJB-C), ``{K} G rank-1
-    (%)`` and ``{K} G TPIR@FPIR=x (%)`` columns for each gallery ``G``. Galleries are not
+    (%)`` and ``{K} G TPIR@FPIR=x (%)`` columns for each gallery ``G``, from
+    ``tpir_at_fpir_insightface`` (or ``tpir_at_fpir`` in older files). Galleries are not
     averaged: insightface pools G1 and G2 into one gallery, which their mean is not.
   - ``K == "verification"`` with ``R`` in the verification shape above.
 
 A TAR at a FAR that the file's impostor pairs cannot measure (below ``1 / impostor pairs``, the
 rule of :func:`robustface.evaluate.roc.far_measurable`, applied to the counts ``impostor`` and
-``num_negatives`` the files record, so older files get it too) shows ``n/m``, with the smallest
-measurable FAR of each such row in a footnote; ``far_reading="insightface"`` shows insightface's
+``num_negatives`` the files record, so older files get it too), and a TPIR at an FPIR below
+``1 / nonmated_probes`` (the same rule), show ``n/m``, with the smallest measurable FAR or FPIR
+of each such row in a footnote; ``far_reading="insightface"`` shows insightface's
 number there, marked ``*``. Missing cells show ``-``. The verification sets come first, then the
 other metrics; each in the order in which they are first met.
 """
@@ -53,8 +55,8 @@ __all__ = ["Unmeasurable", "combine", "metrics_of"]
 
 @dataclass(frozen=True)
 class Unmeasurable:
-    """A TAR (%) at a FAR its data cannot measure: insightface's number and the limit, e.g.
-    ``"IJBC: 12,000 impostor pairs, FAR >= 8.33e-05"``."""
+    """A rate (%) at a FAR or FPIR its data cannot measure: insightface's number and the limit,
+    e.g. ``"IJBC: 12,000 impostor pairs, FAR >= 8.33e-05"``."""
 
     insightface: float
     limit: str
@@ -63,12 +65,21 @@ class Unmeasurable:
 Metric = float | Unmeasurable
 
 
-def _rate_at_far(value: float, far: float, negatives: int, what: str) -> Metric:
-    """``value`` in %, or :class:`Unmeasurable` when ``negatives`` cannot measure ``far``."""
+def _rate_at_far(
+    value: float,
+    far: float,
+    negatives: int,
+    what: str,
+    counted: str = "impostor pairs",
+    rate: str = "FAR",
+) -> Metric:
+    """``value`` in %, or :class:`Unmeasurable` when ``negatives`` (``counted``, e.g. impostor
+    pairs or non-mated probes) cannot measure ``far`` (a ``rate``, e.g. a FAR or an FPIR)."""
     if far_measurable(far, negatives):
         return 100 * value
-    limit = f"{what}: {negatives:,} impostor pairs, FAR >= {1 / negatives:.3g}"
-    return Unmeasurable(100 * value, limit)
+    return Unmeasurable(
+        100 * value, f"{what}: {negatives:,} {counted}, {rate} >= {1 / negatives:.3g}"
+    )
 
 
 def _is_verification(doc: Any) -> bool:
@@ -116,9 +127,17 @@ def _ijb_metrics(kind: str, results: Mapping[str, Any]) -> dict[str, Metric]:
     }
     for gallery, r in results.get("identification", {}).items():
         metrics[f"{name} {gallery} rank-1 (%)"] = 100 * float(r["rank"]["1"])
-        for fpir, tpir in sorted(r["tpir_at_fpir"].items(), key=lambda kv: float(kv[0])):
+        tpirs = r.get("tpir_at_fpir_insightface", r["tpir_at_fpir"])
+        for fpir, tpir in sorted(tpirs.items(), key=lambda kv: float(kv[0])):
             if tpir is not None:
-                metrics[f"{name} {gallery} TPIR@FPIR={float(fpir):g} (%)"] = 100 * float(tpir)
+                metrics[f"{name} {gallery} TPIR@FPIR={float(fpir):g} (%)"] = _rate_at_far(
+                    float(tpir),
+                    float(fpir),
+                    int(r["nonmated_probes"]),
+                    f"{name} {gallery}",
+                    "non-mated probes",
+                    "FPIR",
+                )
     return metrics
 
 

@@ -20,7 +20,11 @@ its helper layout (see :mod:`robustface.data.ijb`):
    puts it in the table, marked ``*``).
 5. With the 1:N meta files (``{name}_1N_gallery_*.csv`` and ``{name}_1N_probe_mixed.csv``, CSV
    with a header and ``TEMPLATE_ID,SUBJECT_ID,...`` columns, one row per image) each gallery is
-   searched with every probe template: see :func:`identification`.
+   searched with every probe template: see :func:`identification`. An FPIR below ``1 / non-mated
+   probes`` is not measurable, as a FAR in step 4: ``tpir_at_fpir`` null, ``n/m`` in the table,
+   ``tpir_at_fpir_insightface`` the number read at every FPIR (at FPIR 0 below the limit).
+   ``operating_points`` (1:1 and 1:N) gives the point read for every target, marked
+   ``"measurable": false`` where it is not a measurement of the target.
 
 insightface's defaults (flip summed, faceness weighting, raw norms kept) are ``flip=True,
 faceness=True, aggregation="norm_weighted"``.
@@ -53,6 +57,7 @@ from robustface.evaluate.roc import (
     FARS,
     Roc,
     check_far_reading,
+    far_measurable,
     unmeasurable_cell,
     unmeasurable_note,
 )
@@ -319,10 +324,18 @@ def identification(
     * ``rank`` ``{k: rate}``: fraction of mated probes whose subject is among the ``k``
       best-scoring gallery subjects (rank = 1 + subjects with a strictly higher score); ``cmc`` the
       same for k = 1 .. ``min(max_rank, subjects)``.
-    * ``tpir_at_fpir`` ``{x: rate}``: with threshold ``t`` the lowest that keeps FPIR (the fraction
-      of non-mated probes whose best score is ``> t``) at most ``x``, the fraction of mated probes
-      whose subject is at rank 1 with a score ``> t``. ``threshold_at_fpir`` and ``fpir`` give the
-      threshold and the FPIR reached. ``None`` when there are no non-mated probes.
+    * ``tpir_at_fpir_insightface`` ``{x: rate}``: with threshold ``t`` the lowest that keeps FPIR
+      (the fraction of non-mated probes whose best score is ``> t``) at most ``x``, the fraction
+      of mated probes whose subject is at rank 1 with a score ``> t``. ``operating_points``
+      ``{x: {"fpir", "threshold", "measurable"}}`` gives the FPIR reached and ``t``. Named for
+      the ``far_reading="insightface"`` convention (a number at every target); insightface's own
+      1:N script pools the galleries and reads FPIR otherwise.
+    * ``tpir_at_fpir``: the same where FPIR ``x`` is measurable, ``x * nonmated_probes >= 1``
+      (:func:`robustface.evaluate.roc.far_measurable`), else ``None``: below ``1 / nonmated_probes``
+      (``min_measurable_fpir``) ``t`` is the best non-mated score, FPIR 0, which says nothing
+      about a rate of ``x``.
+
+    Every rate is ``None`` when there are no non-mated probes.
     """
     gallery_feats = np.ascontiguousarray(gallery_feats, dtype=np.float32)
     probe_feats = np.ascontiguousarray(probe_feats, dtype=np.float32)
@@ -374,17 +387,20 @@ def identification(
     n_non = nonmated_top.size
     hit_rank1 = mated_score[mated][mated_rank == 1]
     tpir: dict[float, float | None] = {}
-    thresholds: dict[float, float | None] = {}
-    reached: dict[float, float | None] = {}
+    every: dict[float, float | None] = {}
+    points: dict[float, dict[str, Any]] = {}
     for x in fpirs:
         if n_non == 0:
-            tpir[x] = thresholds[x] = reached[x] = None
+            tpir[x] = every[x] = None
+            points[x] = {"fpir": None, "threshold": None, "measurable": False}
             continue
         k = _floor_count(x, n_non)
         t = -math.inf if k >= n_non else float(nonmated_top[k])
-        tpir[x] = float(np.sum(hit_rank1 > t)) / n_mated
-        thresholds[x] = t
-        reached[x] = float(np.sum(nonmated_top > t)) / n_non
+        measurable = far_measurable(x, n_non)
+        every[x] = float(np.sum(hit_rank1 > t)) / n_mated
+        tpir[x] = every[x] if measurable else None
+        reached = float(np.sum(nonmated_top > t)) / n_non
+        points[x] = {"fpir": reached, "threshold": t, "measurable": measurable}
     return {
         "gallery_templates": int(gallery_ids.size),
         "gallery_subjects": int(n_sub),
@@ -394,8 +410,9 @@ def identification(
         "rank": {int(k): float(np.mean(mated_rank <= k)) for k in ranks},
         "cmc": cmc,
         "tpir_at_fpir": tpir,
-        "threshold_at_fpir": thresholds,
-        "fpir": reached,
+        "tpir_at_fpir_insightface": every,
+        "min_measurable_fpir": 1.0 / n_non if n_non else None,
+        "operating_points": points,
     }
 
 
@@ -632,17 +649,28 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def _rate_cells(
+    rates: dict[float, float | None], insightface: dict[float, float | None], far_reading: str
+) -> list[str]:
+    """Table cells of rates (%) in the order of ``rates``: the rate, or where it is None
+    (not measurable) :func:`unmeasurable_cell` of ``insightface``'s rate; ``-`` where both are
+    None (no rate at all)."""
+    return [
+        _pct(t)
+        if t is not None or insightface[x] is None
+        else unmeasurable_cell(_pct(insightface[x]), far_reading)
+        for x, t in rates.items()
+    ]
+
+
 def _tables(label: str, name: str, results: dict[str, Any], far_reading: str) -> str:
     ver = results["verification"]
     mode = {
         "closest": "the ROC point with the closest FPR (insightface's reading)",
         "conservative": "the best TPR with FPR <= FAR (conservative reading)",
     }[ver["far_mode"]]
-    tars, raw = ver["tar_at_far"], ver["tar_at_far_insightface"]
-    cells = [
-        _pct(tars[f]) if tars[f] is not None else unmeasurable_cell(_pct(raw[f]), far_reading)
-        for f in tars
-    ]
+    tars = ver["tar_at_far"]
+    cells = _rate_cells(tars, ver["tar_at_far_insightface"], far_reading)
     text = [
         f"{name} 1:1 verification, TAR (%) at FAR, read at {mode}; "
         f"{ver['pairs']:,} pairs ({ver['impostor']:,} impostor), {results['templates']} templates.",
@@ -670,7 +698,7 @@ def _tables(label: str, name: str, results: dict[str, Any], far_reading: str) ->
                 label,
                 g,
                 *(_pct(r["rank"][k]) for k in ranks),
-                *(_pct(r["tpir_at_fpir"][x]) for x in fpirs),
+                *_rate_cells(r["tpir_at_fpir"], r["tpir_at_fpir_insightface"], far_reading),
             ]
             for g, r in ident.items()
         ]
@@ -680,6 +708,15 @@ def _tables(label: str, name: str, results: dict[str, Any], far_reading: str) ->
             "",
             markdown_table(headers, id_rows),
         ]
+        limits = [
+            f"{g}: {r['nonmated_probes']:,} non-mated probes measure FPIR >= "
+            f"{r['min_measurable_fpir']:.3g} only"
+            for g, r in ident.items()
+            if r["nonmated_probes"] and any(t is None for t in r["tpir_at_fpir"].values())
+        ]
+        if limits:
+            detail = f"{'; '.join(limits)}: at least one non-mated probe must be accepted"
+            text += ["", unmeasurable_note(far_reading, detail)]
     return "\n".join(text) + "\n"
 
 
@@ -747,9 +784,10 @@ def evaluate_ijb(
     input, or a checkpoint for :func:`robustface.evaluate.loading.load_backbone` (``backbone``,
     ``input_size``, ``color_order`` go there). ``align_rule`` places the template at crop sizes
     other than 112 (:func:`robustface.deploy.align.arcface_template`); ``score_dtype`` is the
-    precision of pair scoring (:func:`score_pairs`). ``far_reading`` says what the table shows at
-    a FAR below ``1 / impostor pairs``: ``"measurable"`` ``n/m``, ``"insightface"`` insightface's
-    number marked ``*`` (the JSON holds both). Embeddings are cached in ``cache_dir``
+    precision of pair scoring (:func:`score_pairs`). ``far_reading`` says what the tables show at
+    a FAR below ``1 / impostor pairs`` and an FPIR below ``1 / non-mated probes``:
+    ``"measurable"`` ``n/m``, ``"insightface"`` insightface's reading marked ``*`` (the JSON
+    holds both). Embeddings are cached in ``cache_dir``
     (default ``out_dir/cache``), one ``.npy`` per key (the model's content hash, the alignment,
     ``flip`` and the image list), so a new ``aggregation``, ``faceness`` or ``far_mode`` reuses
     them and several models can share one cache directory. Writes
@@ -850,7 +888,11 @@ def evaluate_ijb(
             "far_mode": far_mode,
             "far_reading": far_reading,
             "operating_points": {
-                f: {"fpr": roc.fpr[i], "threshold": roc.thresholds[i]}
+                f: {
+                    "fpr": roc.fpr[i],
+                    "threshold": roc.thresholds[i],
+                    "measurable": far_measurable(f, roc.num_negatives),
+                }
                 for f, i in zip(fars, points.tolist(), strict=True)
             },
             "pairs": int(scores.size),

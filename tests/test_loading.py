@@ -73,6 +73,10 @@ def test_architecture_is_read_from_the_weights(tmp_path):
         loaded, size = load_backbone(path, **flags)
         assert size == 56, flags
         torch.testing.assert_close(loaded(x), model(x))
+    # a file from PyTorch < 0.4.1 has no BatchNorm num_batches_tracked
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")
+    torch.testing.assert_close(load_backbone(tmp_path / "old.pth")[0](x), model(x))
     # IR and MobileFaceNet too: blocks per stage from the keys, sizes from the shapes
     for name, kw in (("ir_se_50", {"width": 0.125}), ("mbf_large", {"width": 0.25})):
         other = build_backbone(name, embedding_size=32, input_size=64, **kw).eval()

@@ -163,7 +163,13 @@ def _registered_layout(name: str) -> tuple[frozenset[str], int]:
     """Keys and default input size of backbone ``name`` (built on the meta device, tiny)."""
     with torch.device("meta"):
         model = BACKBONES.build(name, width=1 / 64, embedding_size=1)
-    return frozenset(model.state_dict()), int(model.meta.input_size)
+    return _architecture_keys(model.state_dict()), int(model.meta.input_size)
+
+
+def _architecture_keys(state: Mapping[str, Any]) -> frozenset[str]:
+    """The keys that tell architectures apart (BatchNorm's ``num_batches_tracked`` counters are
+    absent from files saved by PyTorch < 0.4.1, and ``load_state_dict`` accepts that)."""
+    return frozenset(k for k in state if not k.endswith("num_batches_tracked"))
 
 
 def infer_architecture(
@@ -182,7 +188,7 @@ def infer_architecture(
         raise DataFormatError(path, f"an incomplete {family} state dict ({exc!r})") from None
     if side != int(side) or side < 1:
         raise DataFormatError(path, f"{layout.linear} does not fit a square feature map")
-    keys = frozenset(state)
+    keys = _architecture_keys(state)
     names = tuple(n for n in BACKBONES.names() if _registered_layout(n)[0] == keys)
     return StateDictArchitecture(family, names, width, embedding_size, int(side))
 
@@ -214,7 +220,9 @@ def build_from_state_dict(
         return _load_strict(state, path, backbone, embedding_size, width, input_size)
     if not arch.names:
         raise DataFormatError(
-            path, f"an {arch.family} whose blocks per stage match no registered backbone"
+            path,
+            f"an {arch.family} state dict whose keys match no registered backbone (other blocks "
+            "per stage, or keys missing / added)",
         )
     if backbone is not None and backbone not in arch.names:
         BACKBONES.get(backbone)  # an unknown name gets the registry's error

@@ -62,8 +62,7 @@ def _add_synth_flags(parser: argparse.ArgumentParser) -> None:
 def add_model_args(parser: argparse.ArgumentParser, what: str = "a .pth") -> None:
     """The flags of commands that load a model: architecture, colour order, the unsafe opt-in."""
     group = parser.add_argument_group(
-        "model (the architecture comes from a run's config, or from a .pth's weights where they "
-        "determine it; given values must agree with them)"
+        "model (architecture from a run's config or read from a .pth's weights; flags must agree)"
     )
     group.add_argument("--backbone", help=f"architecture of {what}, e.g. r50 (default: inferred)")
     group.add_argument(

@@ -188,6 +188,11 @@ def test_crafted_bin_runs_nothing(tmp_path):
         (b"\x80\x02cnumpy\ndtype\nN}q\x00\x86b.", "a global cannot be modified"),
         # _codecs.encode only turns latin-1 text into bytes
         (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R.", "latin-1"),
+        # an array needs its data (BUILD)
+        (
+            b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R]\x86.",
+            "numpy array without its data",
+        ),
         # array data must fit its shape
         (
             pickle.dumps(np.zeros(3, np.uint8), protocol=2).replace(b"K\x03\x85", b"K\x04\x85"),

@@ -188,6 +188,10 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], _Global] = {
 }
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A global outside ``_ALLOWED_GLOBALS``; its argument is the dotted name."""
+
+
 class _BinUnpickler(pickle.Unpickler):
     """Unpickles plain data only: every global comes from ``_ALLOWED_GLOBALS`` or is refused."""
 
@@ -198,15 +202,11 @@ class _BinUnpickler(pickle.Unpickler):
             raise _RefusedGlobal(f"{module}.{name}") from None
 
 
-class _RefusedGlobal(pickle.UnpicklingError):
-    """A global outside ``_ALLOWED_GLOBALS``; its argument is the dotted name."""
-
-
-def _plain(value: object) -> object:
+def _plain(value: object, path: Path) -> object:
     """``value`` with arrays built by the unpickler made numpy arrays (they must be complete)."""
     if isinstance(value, _Array):
         if value.array is None:
-            raise pickle.UnpicklingError("numpy array without its data")
+            raise DataFormatError(path, "a pickled numpy array without its data")
         return value.array
     return value
 
@@ -235,12 +235,12 @@ def load_bin(path: str | Path) -> tuple[list[bytes], np.ndarray]:
     obj = _unpickle(path)
     if not (isinstance(obj, tuple | list) and len(obj) == 2):
         raise DataFormatError(path, f"expected a pickled (bins, issame_list), got {type(obj)}")
-    raw_bins, raw_issame = _plain(obj[0]), _plain(obj[1])
+    raw_bins, raw_issame = _plain(obj[0], path), _plain(obj[1], path)
     if not isinstance(raw_bins, list | tuple):
         raise DataFormatError(path, f"bins must be a list of bytes, got {type(raw_bins).__name__}")
     bins = []
     for i, b in enumerate(raw_bins):
-        b = _plain(b)
+        b = _plain(b, path)
         if isinstance(b, np.ndarray):
             b = b.tobytes()
         elif isinstance(b, bytearray | memoryview):
@@ -249,7 +249,7 @@ def load_bin(path: str | Path) -> tuple[list[bytes], np.ndarray]:
             raise DataFormatError(path, f"image {i} is a {type(b).__name__}, not bytes", i)
         bins.append(b)
     if isinstance(raw_issame, list | tuple):
-        raw_issame = [_plain(s) for s in raw_issame]
+        raw_issame = [_plain(s, path) for s in raw_issame]
     flags = np.asarray(raw_issame).ravel()
     if flags.dtype != bool and not (
         np.issubdtype(flags.dtype, np.integer) and np.isin(flags, (0, 1)).all()

@@ -152,8 +152,9 @@ def test_train_then_eval_verification(synth_train_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 steps" in out and "| lfw" in out
     report = tmp_path / "eval.json"
-    args = ["eval", "verification", str(run), "--data-dir", str(synth_train_dir)]
-    assert main([*args, "--targets", "lfw", "cfp_fp", "--out", str(report)]) == 0
+    # --targets are found where training found them (the run's data.path), without --data-dir
+    args = ["eval", "verification", str(run), "--targets", "lfw", "cfp_fp"]
+    assert main([*args, "--out", str(report)]) == 0
     text = capsys.readouterr().out
     assert "| lfw" in text and "| cfp_fp" in text
     results = json.loads(report.read_text())
@@ -164,9 +165,24 @@ def test_train_then_eval_verification(synth_train_dir, tmp_path, capsys):
     assert lfw["val_impostor_pairs"] < 1000 and lfw["min_measurable_far"] > 1e-3
     assert lfw["val"] is None and lfw["val_insightface"] == train_acc["val_insightface"]
     assert "n/m: not measurable (the VAL threshold is chosen on" in text
-    # a bare state_dict needs the architecture named
-    assert main(["eval", "verification", str(run / "backbone.pth"), "--targets", "lfw"]) == 2
-    assert "needs --backbone" in capsys.readouterr().err
+    # a missing set names every directory searched
+    assert main(["eval", "verification", str(run), "--targets", "agedb_30"]) == 2
+    err = capsys.readouterr().err
+    assert f"agedb_30.bin: verification set not found in {synth_train_dir} (the run's" in err
+    assert ". (the current directory)" in err and "set --data-dir" in err
+    assert main([*args[:3], "--targets", "lfw", "--data-dir", str(tmp_path)]) == 2
+    assert f"not found in {tmp_path} (--data-dir)" in capsys.readouterr().err
+    # a bare state_dict: the architecture is read from the weights, except the input size that
+    # r18_tiny's 56 px default does not fit (32 px -> a 2x2 final map)
+    bare = ["eval", "verification", str(run / "backbone.pth"), "--data-dir", str(synth_train_dir)]
+    assert main([*bare, "--targets", "lfw"]) == 2
+    err = capsys.readouterr().err
+    assert "2x2 final feature map (input size 17 to 32)" in err and "set --input-size" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main([*bare, "--targets", "lfw", "--input-size", "32", "--out", str(report)]) == 0
+    assert json.loads(report.read_text())["lfw"]["accuracy_mean"] == train_acc["accuracy_mean"]
+    assert main([*bare, "--targets", "lfw", "--input-size", "32", "--width", "0.25"]) == 2
+    assert "--width 0.25 does not fit its weights (--width 0.125)" in capsys.readouterr().err
 
 
 def test_demo_checks_its_options_before_any_work(tmp_path, capsys):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
+from robustface.errors import DataFormatError
 from robustface.evaluate.loading import load_backbone
 from robustface.models import build_backbone
+from robustface.models.loading import infer_architecture
 
 KW = {"input_size": 32, "width": 0.125, "embedding_size": 16}
 
@@ -36,7 +41,70 @@ def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         load_backbone(tmp_path / "nope.pth", backbone="r18")
     torch.save({}, tmp_path / "x.pth")
-    with pytest.raises(ValueError, match="needs --backbone"):
+    with pytest.raises(DataFormatError, match=r"x\.pth: an empty state dict"):
         load_backbone(tmp_path / "x.pth")
+    torch.save({"conv.weight": torch.zeros(2, 3)}, tmp_path / "x.pth")
+    with pytest.raises(DataFormatError, match=r"cannot tell the architecture .* set --backbone"):
+        load_backbone(tmp_path / "x.pth")
+    with pytest.raises(DataFormatError, match=r"does not fit r18 .*Missing key"):
+        load_backbone(tmp_path / "x.pth", backbone="r18")
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         load_backbone(tmp_path)
+
+
+def demo_like(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    """The demo's backbone (r18_tiny with a 128-d embedding) saved as a bare state dict."""
+    torch.manual_seed(0)
+    model = build_backbone("r18_tiny", embedding_size=128).eval()
+    torch.save(model.state_dict(), tmp_path / "backbone.pth")
+    return model, tmp_path / "backbone.pth"
+
+
+def test_architecture_is_read_from_the_weights(tmp_path):
+    model, path = demo_like(tmp_path)
+    state = torch.load(path, weights_only=True)
+    arch = infer_architecture(state)
+    assert (arch.family, arch.names) == ("IResNet", ("r18", "r18_tiny"))
+    # conv1 out channels 16 = 64 x width; fc: 128 rows, 128 channels x 4 x 4 columns
+    assert (arch.width, arch.embedding_size, arch.final_side) == (16 / 64, 128, 4)
+    assert arch.input_range() == (49, 64)
+    x = torch.randn(2, 3, 56, 56)
+    for flags in ({}, {"backbone": "r18_tiny"}, {"backbone": "r18", "input_size": 56}):
+        loaded, size = load_backbone(path, **flags)
+        assert size == 56, flags
+        torch.testing.assert_close(loaded(x), model(x))
+    # a file from PyTorch < 0.4.1 has no BatchNorm num_batches_tracked
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")
+    torch.testing.assert_close(load_backbone(tmp_path / "old.pth")[0](x), model(x))
+    # IR and MobileFaceNet too: blocks per stage from the keys, sizes from the shapes
+    for name, kw in (("ir_se_50", {"width": 0.125}), ("mbf_large", {"width": 0.25})):
+        other = build_backbone(name, embedding_size=32, input_size=64, **kw).eval()
+        torch.save(other.state_dict(), tmp_path / f"{name}.pth")
+        arch = infer_architecture(other.state_dict())
+        assert (arch.names, arch.width, arch.embedding_size) == ((name,), kw["width"], 32)
+        assert arch.final_side == 4
+        loaded, size = load_backbone(tmp_path / f"{name}.pth", input_size=64, color_order="RGB")
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(loaded(x), other(x))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"width": 0.5}, "--width 0.5 does not fit its weights (--width 0.25): leave it out"),
+        ({"embedding_size": 512}, "--embedding-size 512 does not fit its weights"),
+        ({"backbone": "r50"}, "holds weights of r18 / r18_tiny, not r50: set --backbone r18"),
+        ({"backbone": "ir_18"}, "not ir_18"),
+        (
+            {"backbone": "r18"},
+            "4x4 final feature map (input size 49 to 64), r18's default input size 112 does not",
+        ),
+        ({"input_size": 112}, "--input-size 112 gives a 7x7 final feature map"),
+    ],
+)
+def test_flags_that_contradict_the_weights(tmp_path, flags, message):
+    _, path = demo_like(tmp_path)
+    with pytest.raises(DataFormatError, match=re.escape(message)) as info:
+        load_backbone(path, **flags)
+    assert str(info.value).startswith(str(path))

@@ -119,6 +119,42 @@ def _add_synth_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=dest, type=tp, default=None, metavar=metavar, help=text)
 
 
+def add_model_args(parser: argparse.ArgumentParser, what: str = "a .pth") -> None:
+    """The flags of commands that load a model: architecture, colour order, the unsafe opt-in."""
+    group = parser.add_argument_group(
+        "model (architecture from a run's config or read from a .pth's weights; flags must agree)"
+    )
+    group.add_argument("--backbone", help=f"architecture of {what}, e.g. r50 (default: inferred)")
+    group.add_argument(
+        "--embedding-size", type=int, help=f"embedding size of {what} (default: inferred)"
+    )
+    group.add_argument(
+        "--width", type=float, help=f"channel multiplier of {what} (default: inferred)"
+    )
+    group.add_argument(
+        "--input-size",
+        type=int,
+        help="model input size (default: the run's, else the backbone's if the weights fit it)",
+    )
+    group.add_argument(
+        "--color-order",
+        choices=["RGB", "BGR"],
+        help="channel order the weights expect (default: RGB for runs, the family's for files)",
+    )
+    group.add_argument(
+        "--unsafe-legacy-load",
+        action="store_true",
+        help="unpickle a model file in full, not weights-only: this RUNS ANY CODE the file "
+        "contains; only for old files from a source you trust",
+    )
+
+
+def model_args(args: argparse.Namespace) -> dict[str, typing.Any]:
+    """Keyword arguments of ``load_backbone`` from the flags of :func:`add_model_args`."""
+    names = ("backbone", "embedding_size", "width", "input_size", "color_order")
+    return {n: getattr(args, n) for n in (*names, "unsafe_legacy_load")}
+
+
 def _synth_overrides(args: argparse.Namespace) -> list[str]:
     out = []
     for field in dataclasses.fields(SynthConfig):
@@ -195,6 +231,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verification_dirs(checkpoint: Path, data_dir: Path | None) -> list[tuple[Path, str]]:
+    """Where ``eval verification --targets`` looks, each with the reason: ``--data-dir`` if
+    given, else the run's verification directory (as its training found it) and the current one."""
+    if data_dir is not None:
+        return [(data_dir, "--data-dir")]
+    dirs = []
+    if (checkpoint / "config.yaml").is_file():
+        found = load_config(checkpoint / "config.yaml").data.verification_dir(checkpoint)
+        if found is not None:
+            dirs.append((found, "the run's data.val_dir / data.path"))
+    return [*dirs, (Path("."), "the current directory")]
+
+
+def _find_verification_set(name: str, dirs: list[tuple[Path, str]]) -> Path:
+    """``NAME.bin`` in the first of ``dirs`` that has it; the error names every one searched."""
+    for directory, _ in dirs:
+        if (directory / f"{name}.bin").is_file():
+            return directory / f"{name}.bin"
+    searched = "; ".join(f"{d} ({why})" for d, why in dirs)
+    raise FileNotFoundError(
+        f"{name}.bin: verification set not found in {searched}: set --data-dir or give --bins FILE"
+    )
+
+
 def _cmd_eval_verification(args: argparse.Namespace) -> int:
     import json
 
@@ -202,15 +262,11 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
     from robustface.evaluate.verification import format_results, verify_bin
     from robustface.utils.io import write_text_atomic
 
-    model, input_size = load_backbone(
-        args.checkpoint,
-        backbone=args.backbone,
-        input_size=args.input_size,
-        color_order=args.color_order,
-        device=args.device,
-    )
+    model, input_size = load_backbone(args.checkpoint, **model_args(args), device=args.device)
     files = [Path(b) for b in args.bins]
-    files += [Path(args.data_dir) / f"{name}.bin" for name in args.targets]
+    if args.targets:
+        dirs = _verification_dirs(args.checkpoint, args.data_dir)
+        files += [_find_verification_set(name, dirs) for name in args.targets]
     if not files:
         raise FileNotFoundError(
             "no verification set given: use --bins FILE... or --targets NAME..."
@@ -293,13 +349,7 @@ def _cmd_eval_megaface(args: argparse.Namespace) -> int:
 
     model, input_size = None, 0
     if args.model is not None and (args.probe_images or args.distractor_images):
-        model, input_size = load_backbone(
-            args.model,
-            backbone=args.backbone,
-            input_size=args.input_size,
-            color_order=args.color_order,
-            device=args.device,
-        )
+        model, input_size = load_backbone(args.model, **model_args(args), device=args.device)
     probe = _megaface_set(args, "probe", model, input_size)
     distractors = _megaface_set(args, "distractor", model, input_size)
     if probe.labels is None:
@@ -343,11 +393,9 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.out,
         opset=args.opset,
-        input_size=args.input_size,
         check=not args.no_check,
         atol=args.atol,
-        backbone=args.backbone,
-        color_order=args.color_order,
+        **model_args(args),
     )
     s = report.input_size
     print(
@@ -384,9 +432,7 @@ def _cmd_eval_ijb(args: argparse.Namespace) -> int:
         args.data,
         args.name,
         out_dir=out,
-        backbone=args.backbone,
-        input_size=args.input_size,
-        color_order=args.color_order,
+        **model_args(args),
         batch_size=args.batch_size,
         device=args.device,
         aggregation=args.aggregation,
@@ -522,15 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "checkpoint", type=Path, help="run directory, a backbone state_dict .pth or an .onnx model"
     )
-    q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")
-    q.add_argument("--input-size", type=int, default=None, help="model input size (default: run's)")
-    q.add_argument(
-        "--color-order",
-        choices=["RGB", "BGR"],
-        help="channel order the weights expect (default: RGB for runs, the family's for files)",
-    )
+    add_model_args(q)
     q.add_argument("--bins", nargs="*", default=[], help=".bin files")
-    q.add_argument("--data-dir", default=".", help="directory of the --targets .bin files")
+    q.add_argument(
+        "--data-dir",
+        type=Path,
+        help="directory of the --targets .bin files (default: the run's verification directory, "
+        "then the current one)",
+    )
     q.add_argument("--targets", nargs="*", default=[], help="set names, e.g. lfw cfp_fp agedb_30")
     q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
@@ -573,9 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--float64", action="store_true", help="score pairs in float64 (insightface's precision)"
     )
-    q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")
-    q.add_argument("--input-size", type=int, default=None, help="model input size (default: run's)")
-    q.add_argument("--color-order", choices=["RGB", "BGR"], help="channel order of the weights")
+    add_model_args(q)
     q.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--workers", type=int, default=4, help="image decoding threads")
@@ -616,9 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--far", type=float, default=1e-6, help="FAR of the verification TAR")
     q.add_argument("--max-rank", type=int, default=10, help="last rank of the CMC")
     q.add_argument("--cache", type=Path, help="save embedded images as probe.npz/distractor.npz")
-    q.add_argument("--backbone", help="architecture of a bare .pth MODEL (e.g. r50)")
-    q.add_argument("--input-size", type=int, default=None, help="MODEL input size")
-    q.add_argument("--color-order", choices=["RGB", "BGR"], help="channel order of MODEL")
+    add_model_args(q, "a .pth MODEL")
     q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -692,9 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     q.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     q.add_argument("--atol", type=float, default=1e-4, help="tolerance on normalised embeddings")
-    q.add_argument("--backbone", help="architecture of a bare .pth (e.g. r50)")
-    q.add_argument("--input-size", type=int, default=None, help="model input size")
-    q.add_argument("--color-order", choices=["RGB", "BGR"], help="channel order of the weights")
+    add_model_args(q)
     q.set_defaults(func=_cmd_export_onnx)
 
     add_cluster_parser(sub)

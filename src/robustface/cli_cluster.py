@@ -75,15 +75,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from robustface.cli import model_args
     from robustface.cluster.dataset import ClusterSet, extract_synthface_features, save_cluster_set
 
     data = extract_synthface_features(
         args.model,
         args.synth,
         split=args.split,
-        backbone=args.backbone,
-        embedding_size=args.embedding_size,
-        input_size=args.input_size,
+        **model_args(args),
         batch_size=args.batch_size,
         device=args.device,
         show_progress=not args.quiet,
@@ -283,6 +282,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def add_cluster_parser(sub: Any) -> None:
     """Add ``cluster`` and its sub-commands to the top-level sub-parser action ``sub``."""
+    from robustface.cli import add_model_args  # cli imports this module: import when called
+
     p = sub.add_parser("cluster", help="cluster face features: kNN, baselines, GCN-V/E, GCN-D/S")
     cs = p.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
 
@@ -304,9 +305,7 @@ def add_cluster_parser(sub: Any) -> None:
     q.add_argument("--out", required=True, type=Path, help="data root to write features/labels")
     q.add_argument("--name", default="synthface_open_set")
     q.add_argument("--split", choices=["open_set", "train"], default="open_set")
-    q.add_argument("--backbone", help="architecture of a bare .pth")
-    q.add_argument("--embedding-size", type=int, help="embedding width of a bare .pth")
-    q.add_argument("--input-size", type=int, help="input size of a bare .pth")
+    add_model_args(q)
     q.add_argument("--batch-size", type=int, default=256)
     q.add_argument("--device", default="cpu")
     q.add_argument("--quiet", action="store_true")

@@ -305,6 +305,8 @@ def extract_synthface_features(
     embedding_size: int | None = None,
     input_size: int | None = None,
     width: float | None = None,
+    color_order: str | None = None,
+    unsafe_legacy_load: bool = False,
     flip: bool = True,
     batch_size: int = 256,
     num_workers: int = 0,
@@ -314,7 +316,8 @@ def extract_synthface_features(
     """Embed a SynthFace split with a model: a :class:`ClusterSet` of unit features and labels.
 
     ``model_path`` is anything :func:`robustface.evaluate.loading.load_backbone` reads (a run
-    directory, a state_dict with ``backbone`` and its size arguments, or an ``.onnx``).
+    directory, a state_dict (its architecture inferred, or checked against ``backbone`` and the
+    size arguments; ``color_order`` and ``unsafe_legacy_load`` as there), or an ``.onnx``).
     ``split``: ``open_set`` (``open_set/open_set.rec``, identities never trained on, the natural
     clustering set) or ``train`` (``train.rec``). Labels are the split's class labels, one per
     identity (``manifest.json``'s ``label`` column, checked). Each feature is
@@ -330,6 +333,8 @@ def extract_synthface_features(
         embedding_size=embedding_size,
         input_size=input_size,
         width=width,
+        color_order=color_order,
+        unsafe_legacy_load=unsafe_legacy_load,
         device=device,
     )
     dataset = RecordIODataset(rec, transform=functools.partial(resize_to, size=size))

@@ -38,6 +38,7 @@ from robustface.cluster.base import CLUSTERERS, SIM_GRID, TUNINGS, Tuning
 from robustface.cluster.graph import components, knn_adjacency, knn_edges
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
 from robustface.errors import DataFormatError
+from robustface.models.loading import load_weights
 from robustface.utils.io import atomic_path
 
 __all__ = [
@@ -632,10 +633,7 @@ def read_gcn_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GCN checkpoint")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors come in many types
-        raise DataFormatError(path, f"not a readable PyTorch weights file ({exc})") from None
+    obj = load_weights(path)
     if not isinstance(obj, dict):
         raise DataFormatError(path, f"expected a dict checkpoint, got {type(obj).__name__}")
     if obj.get("format") == GCN_FORMAT:

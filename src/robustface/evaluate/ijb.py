@@ -761,8 +761,11 @@ def evaluate_ijb(
     *,
     out_dir: str | Path,
     backbone: str | None = None,
+    embedding_size: int | None = None,
+    width: float | None = None,
     input_size: int | None = None,
     color_order: str | None = None,
+    unsafe_legacy_load: bool = False,
     batch_size: int = 128,
     device: str | torch.device = "cpu",
     aggregation: str = "norm_weighted",
@@ -782,7 +785,8 @@ def evaluate_ijb(
 
     ``model`` is a module (in eval mode, on ``device``) taking normalised RGB ``N x 3 x H x W``
     input, or a checkpoint for :func:`robustface.evaluate.loading.load_backbone` (``backbone``,
-    ``input_size``, ``color_order`` go there). ``align_rule`` places the template at crop sizes
+    ``embedding_size``, ``width``, ``input_size``, ``color_order``, ``unsafe_legacy_load`` go
+    there). ``align_rule`` places the template at crop sizes
     other than 112 (:func:`robustface.deploy.align.arcface_template`); ``score_dtype`` is the
     precision of pair scoring (:func:`score_pairs`). ``far_reading`` says what the tables show at
     a FAR below ``1 / impostor pairs`` and an FPIR below ``1 / non-mated probes``:
@@ -817,8 +821,11 @@ def evaluate_ijb(
         loaded, size = load_backbone(
             checkpoint,
             backbone=backbone,
+            embedding_size=embedding_size,
+            width=width,
             input_size=input_size,
             color_order=color_order,
+            unsafe_legacy_load=unsafe_legacy_load,
             device=device,
         )
         model_key = {

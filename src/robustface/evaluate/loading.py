@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from torch import nn
 
-from robustface.models import build_backbone
-from robustface.models.ir import load_adaface_checkpoint
+from robustface.models.loading import backbone_state_dict, build_from_state_dict, load_weights
 
 
 class _BGRInput(nn.Module):
@@ -32,14 +32,18 @@ def load_backbone(
     input_size: int | None = None,
     width: float | None = None,
     color_order: str | None = None,
+    unsafe_legacy_load: bool = False,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, int]:
     """Return ``(model in eval mode taking RGB input, input size)``.
 
     ``source`` is a run directory (its ``config.yaml`` names the architecture; ``best_backbone.pth``
     is used if present, else ``backbone.pth``) or a checkpoint file: a bare state_dict
-    (arcface_torch's ``backbone.pth``) or an AdaFace checkpoint (``model.``-prefixed keys), in which
-    case ``backbone`` must name the architecture. Explicit arguments override the run's config.
+    (arcface_torch's ``backbone.pth``) or an AdaFace checkpoint (``model.``-prefixed keys). The
+    architecture of a file is read from its weights where they determine it, and explicit
+    arguments (and a run's config) must agree with them: see
+    :func:`robustface.models.loading.build_from_state_dict`. Files are read weights-only;
+    ``unsafe_legacy_load`` unpickles them in full (runs any code they contain: trusted files only).
     ``color_order`` is the channel order the weights expect: robustface runs are RGB; a bare file
     defaults to its family's published convention (BGR for IR / AdaFace, RGB for IResNet). BGR
     models are wrapped so that callers always pass RGB.
@@ -59,18 +63,20 @@ def load_backbone(
             raise ValueError(f"{source}: an ONNX model has a fixed architecture; drop {named}")
         onnx_model = OnnxBackbone(source, input_size=input_size, color_order=color_order or "RGB")
         return onnx_model.eval(), onnx_model.input_size
-    kwargs: dict[str, object] = {}
+    arch: dict[str, Any] = {
+        "embedding_size": embedding_size,
+        "input_size": input_size,
+        "width": width,
+    }
     if source.is_dir():
         config_file = source / "config.yaml"
         if not config_file.is_file():
             raise FileNotFoundError(f"{source}: not a run directory (no config.yaml)")
         model_cfg = yaml.safe_load(config_file.read_text(encoding="utf-8"))["model"]
         backbone = backbone or model_cfg["backbone"]
-        kwargs = {
-            k: model_cfg[k]
-            for k in ("embedding_size", "input_size", "width")
-            if model_cfg.get(k) is not None
-        }
+        for key, value in arch.items():
+            if value is None:
+                arch[key] = model_cfg.get(key)
         color_order = color_order or "RGB"
         weights = source / "best_backbone.pth"
         if not weights.is_file():
@@ -80,21 +86,11 @@ def load_backbone(
     else:
         if not source.is_file():
             raise FileNotFoundError(f"{source}: no such checkpoint")
-        if backbone is None:
-            raise ValueError(f"{source}: a bare state_dict needs --backbone (e.g. r50)")
         weights = source
-    overrides = {"embedding_size": embedding_size, "input_size": input_size, "width": width}
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    model = build_backbone(backbone, **kwargs)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle/zip errors come in many types
-        raise ValueError(f"{weights}: not a readable PyTorch checkpoint ({exc})") from exc
-    keys = state.get("state_dict", state).keys() if isinstance(state, dict) else []
-    if any(str(k).startswith("model.") for k in keys):
-        load_adaface_checkpoint(model, state)
-    else:
-        model.load_state_dict(state, strict=True)
+    state = backbone_state_dict(
+        load_weights(weights, unsafe_legacy_load=unsafe_legacy_load), weights
+    )
+    model = build_from_state_dict(state, weights, backbone=backbone, **arch)
     color_order = color_order or model.meta.color_order
     if color_order not in ("RGB", "BGR"):
         raise ValueError(f"color_order must be 'RGB' or 'BGR', got {color_order!r}")

@@ -186,23 +186,30 @@ class AdaFaceOutput(nn.Module):
         return split_norm(self.backbone(x), self.eps)
 
 
-def load_adaface_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any]) -> list[str]:
-    """Load an AdaFace checkpoint into ``model`` (an :class:`IR`) with ``strict=True``.
+def adaface_backbone_state(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``(backbone state dict, dropped keys)`` of an AdaFace checkpoint or a bare state dict.
 
     ``checkpoint`` is either the Lightning checkpoint dict (with a ``"state_dict"`` entry) or the
-    state_dict itself. When keys carry AdaFace's ``model.`` prefix, only those keys are loaded
-    (prefix stripped); the others (the margin head's ``head.kernel``) are returned, sorted, so the
-    caller can see what was left out. A state_dict without the prefix is loaded as it is.
+    state_dict itself. When keys carry AdaFace's ``model.`` prefix, only those keys are kept
+    (prefix stripped); the others (the margin head's ``head.kernel``) are returned, sorted. A
+    state_dict without the prefix is kept as it is.
     """
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, Mapping):
         raise TypeError(f"checkpoint['state_dict'] must be a mapping, got {type(state).__name__}")
     prefix = "model."
-    if any(k.startswith(prefix) for k in state):
-        kept = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        dropped = sorted(k for k in state if not k.startswith(prefix))
-    else:
-        kept, dropped = dict(state), []
+    if any(str(k).startswith(prefix) for k in state):
+        kept = {k[len(prefix) :]: v for k, v in state.items() if str(k).startswith(prefix)}
+        return kept, sorted(k for k in state if not str(k).startswith(prefix))
+    return dict(state), []
+
+
+def load_adaface_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any]) -> list[str]:
+    """Load an AdaFace checkpoint into ``model`` (an :class:`IR`) with ``strict=True``.
+
+    See :func:`adaface_backbone_state` for what is loaded; returns the keys left out, sorted.
+    """
+    kept, dropped = adaface_backbone_state(checkpoint)
     model.load_state_dict(kept, strict=True)
     return dropped
 

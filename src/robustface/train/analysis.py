@@ -148,6 +148,16 @@ class ProbeRecord:
         return _degrees(self.max_neg)
 
 
+def _to_tensor(value: Any) -> Any:
+    """A numpy array as a tensor (sharing memory); anything else unchanged."""
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
+def _to_numpy(value: Any) -> Any:
+    """A tensor as a numpy array (sharing memory); anything else unchanged."""
+    return value.numpy() if isinstance(value, torch.Tensor) else value
+
+
 def _degrees(cos: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(np.asarray(cos, dtype=np.float64), -1.0, 1.0)))
 
@@ -523,21 +533,29 @@ class AngleProbe:
         return {f"probe_{k}": v for k, v in summary.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps so a resumed run continues the probe's history."""
+        """What a checkpoint keeps so a resumed run continues the probe's history.
+
+        Arrays are stored as tensors and numbers as Python floats, so the checkpoint loads with
+        ``torch.load(weights_only=True)``.
+        """
         return {
-            "records": [dataclasses.asdict(r) for r in self.records],
-            "summaries": self.summaries,
-            "previous_weight": self._previous_weight,
-            "indices": self.indices,
+            "records": [
+                {k: _to_tensor(v) for k, v in dataclasses.asdict(r).items()} for r in self.records
+            ],
+            "summaries": [{k: float(v) for k, v in s.items()} for s in self.summaries],
+            "previous_weight": _to_tensor(self._previous_weight),
+            "indices": _to_tensor(self.indices),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the probe must hold the same samples."""
-        if not np.array_equal(state["indices"], self.indices):
+        if not np.array_equal(_to_numpy(state["indices"]), self.indices):
             raise ValueError("the checkpoint's probe holds other samples than this run's")
-        self.records = [ProbeRecord(**r) for r in state["records"]]
+        self.records = [
+            ProbeRecord(**{k: _to_numpy(v) for k, v in r.items()}) for r in state["records"]
+        ]
         self.summaries = list(state["summaries"])
-        self._previous_weight = state["previous_weight"]
+        self._previous_weight = _to_numpy(state["previous_weight"])
 
     def save(self, out_dir: Path, *, max_plot_stages: int = 4) -> dict[str, Any]:
         """Write ``out_dir/analysis/``: ``angles.npz``, ``angles.png`` (at most

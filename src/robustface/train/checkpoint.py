@@ -7,6 +7,8 @@ directory is written as ``step_XXXXXXXX.tmp`` and renamed when every rank has fi
 never leaves a checkpoint that looks complete but is not. Class shards are saved per rank, so no
 rank ever holds the whole 10M-class weight. Resuming on another world size re-cuts the rows.
 All ranks must see the same file system (the usual shared run directory of multi-node training).
+Checkpoints hold only tensors, containers, numbers and strings (RNG states included), so they load
+with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+from robustface.models.loading import load_weights
 from robustface.train.distributed import DistInfo, barrier
 from robustface.utils.io import atomic_path
 
@@ -78,17 +81,21 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
-def load_main(path: str | Path) -> dict[str, Any]:
-    """Load ``main.pt`` of a checkpoint directory (on the CPU)."""
+def load_main(path: str | Path, *, unsafe_legacy_load: bool = False) -> dict[str, Any]:
+    """Load ``main.pt`` of a checkpoint directory (on the CPU, weights-only: see
+    :func:`robustface.models.loading.load_weights` for ``unsafe_legacy_load``)."""
     path = Path(path)
     file = path / "main.pt"
     if not file.is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no main.pt)")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    return load_weights(file, unsafe_legacy_load=unsafe_legacy_load)
 
 
-def load_rank_states(path: str | Path, world_size: int) -> list[dict[str, Any]]:
-    """Load every ``rank{r}.pt`` of a checkpoint written by ``world_size`` ranks (memory-mapped)."""
+def load_rank_states(
+    path: str | Path, world_size: int, *, unsafe_legacy_load: bool = False
+) -> list[dict[str, Any]]:
+    """Load every ``rank{r}.pt`` of a checkpoint written by ``world_size`` ranks (memory-mapped,
+    weights-only as :func:`load_main`)."""
     states = []
     for r in range(world_size):
         file = Path(path) / f"rank{r}.pt"
@@ -96,7 +103,7 @@ def load_rank_states(path: str | Path, world_size: int) -> list[dict[str, Any]]:
             raise FileNotFoundError(
                 f"{path}: missing {file.name} (checkpoint of {world_size} ranks)"
             )
-        states.append(torch.load(file, map_location="cpu", mmap=True, weights_only=False))
+        states.append(load_weights(file, unsafe_legacy_load=unsafe_legacy_load, mmap=True))
     return states
 
 

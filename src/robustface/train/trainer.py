@@ -153,9 +153,11 @@ def _sum_gradients_hook(_state, bucket):  # DDP checks the annotation objects: n
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The global RNG states in types ``torch.load(weights_only=True)`` accepts (no numpy)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
         "python": random.getstate(),
     }
     if device.type == "cuda":
@@ -165,7 +167,8 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -240,7 +243,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, data = self.cfg, self.cfg.data
-        val_dir: Path | None = Path(data.val_dir) if data.val_dir else None
+        val_dir = data.verification_dir(self.out)
         if data.source == "synthface":
             from robustface.data.synth.builder import check_synthface, ensure_synthface
 
@@ -252,11 +255,8 @@ class Trainer:
                     ensure_synthface(path, cfg.synth, progress=cfg.train.progress)
             barrier()
             base: Dataset = RecordIODataset(path)
-            val_dir = val_dir or path
         elif data.source == "rec":
             base = RecordIODataset(data.path)
-            rec_path = Path(data.path)
-            val_dir = val_dir or (rec_path.parent if rec_path.suffix == ".rec" else rec_path)
         else:
             base = ImageFolderDataset(data.path)
         self.base = base

@@ -412,3 +412,13 @@ def test_kmeans_seeded_and_recovers_clusters() -> None:
     np.testing.assert_array_equal(km(x, None, num_clusters=8), relabel(gt))
     first, again = (km(x, None, num_clusters=8, seed=5, init="random") for _ in range(2))
     np.testing.assert_array_equal(first, again)
+
+
+def test_kmeans_shows_our_progress_not_the_faiss_log(capfd: pytest.CaptureFixture[str]) -> None:
+    x, _ = planted(seed=7, num_clusters=8, outliers=0)
+    CLUSTERERS.get("kmeans")(x, None, num_clusters=8, show_progress=True)
+    out, err = capfd.readouterr()
+    assert "objective=" not in out + err and "Clustering" not in out + err  # faiss's log
+    assert "kmeans (8 clusters)" in err and "3/3" in err
+    CLUSTERERS.get("kmeans")(x, None, num_clusters=8, show_progress=False)
+    assert capfd.readouterr() == ("", "")

@@ -135,7 +135,8 @@ def kmeans(
     random sample of ``max(3 * num_clusters, 10000)`` rows (sklearn ``MiniBatchKMeans``'s
     ``init_size`` rule, with a floor so small clusters are sampled); ``"random"`` is faiss's
     own choice of random rows. ``iterations`` (25) and the 256-points-per-centroid training
-    sample are faiss's defaults; ``show_progress`` prints faiss's per-iteration log. ``knn`` is
+    sample are faiss's defaults; ``show_progress`` shows a bar over the three stages (seeding,
+    iterations, assignment; faiss's own per-iteration log stays off). ``knn`` is
     not used (checked if given).
 
     faiss rather than sklearn's ``MiniBatchKMeans``: both cost ``N * C * d`` per pass over the
@@ -163,19 +164,24 @@ def kmeans(
         niter=iterations,
         seed=seed,
         min_points_per_centroid=1,  # clusters of a few faces are the norm, not a warning
-        verbose=bool(show_progress),
+        verbose=False,  # its log would land in the middle of the benchmark's output
     )
     init_centroids = None
-    if init == "k-means++":
-        rng = np.random.default_rng(seed)
-        size = min(len(feats), max(3 * num_clusters, 10_000))
-        sample = feats[np.sort(rng.choice(len(feats), size, replace=False))]
-        # k-means++ is sequential small GEMMs: threads only contend (50 s vs 3.6 s on 10K x 64,
-        # 730 centroids, 2 cores).
-        with threadpool_limits(1):
-            init_centroids, _ = kmeans_plusplus(sample, num_clusters, random_state=seed)
-    km.train(feats, init_centroids=init_centroids)
-    _, assign = km.index.search(feats, 1)
+    with tqdm(total=3, desc=f"kmeans ({num_clusters} clusters)", unit="stage",
+              disable=not show_progress) as bar:  # fmt: skip
+        if init == "k-means++":
+            rng = np.random.default_rng(seed)
+            size = min(len(feats), max(3 * num_clusters, 10_000))
+            sample = feats[np.sort(rng.choice(len(feats), size, replace=False))]
+            # k-means++ is sequential small GEMMs: threads only contend (50 s vs 3.6 s on
+            # 10K x 64, 730 centroids, 2 cores).
+            with threadpool_limits(1):
+                init_centroids, _ = kmeans_plusplus(sample, num_clusters, random_state=seed)
+        bar.update()
+        km.train(feats, init_centroids=init_centroids)
+        bar.update()
+        _, assign = km.index.search(feats, 1)
+        bar.update()
     return relabel(assign[:, 0])
 
 

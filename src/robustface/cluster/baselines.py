@@ -46,9 +46,9 @@ LINKAGES: tuple[str, ...] = ("average", "complete", "single")
 
 # Elements (rows x k) in one chunk of ARO's batched list lookups (32 MB per int64 array).
 _ARO_CHUNK_ELEMENTS = 1 << 22
-# HAC: peak memory per distinct kNN pair (edge summaries in dicts, heap entries; 447 measured on
-# 21,636 samples at k=80, 1.14M pairs), and the default cap on pairs (about 3.6 GB, some 150K
-# samples at k=80).
+# HAC: peak memory per distinct kNN pair (edge summaries in dicts, heap entries; 447 and 448
+# measured at k=80 on 21,636 and 96,590 samples, 1.14M and 5.16M pairs), and the default cap on
+# pairs (about 3.6 GB, some 150K samples at k=80).
 HAC_BYTES_PER_PAIR = 450
 HAC_MAX_PAIRS = 8_000_000
 
@@ -361,7 +361,7 @@ def hac(
     (``features`` is only checked against it). Memory is about ``HAC_BYTES_PER_PAIR`` bytes
     per distinct kNN pair; graphs of more than ``max_pairs`` pairs are refused with an error
     that says so (the default, 8M pairs, about 3.6 GB, is some 150K samples at k=80; 21,636
-    samples at k=80 took 17 s and 0.5 GB).
+    samples at k=80 took 17 s and 0.5 GB, 96,590 took 131 s and 2.3 GB).
 
     Earlier versions used sklearn's connectivity-restricted ``AgglomerativeClustering``. Its
     ``average`` ignores the pairs that are not edges (and keeps a neighbour's distance

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.cluster import DBSCAN, AgglomerativeClustering
+from scipy.cluster.hierarchy import fcluster
+from scipy.cluster.hierarchy import linkage as scipy_linkage
+from scipy.spatial.distance import squareform
+from sklearn.cluster import DBSCAN
 
 from cluster_reference import pairwise_f
 from robustface.cluster.base import CLUSTERERS
@@ -47,7 +50,7 @@ def graph_from_lists(lists: list[list[int]], sims: list[list[float]] | None = No
 PARAMS = {
     "kmeans": {"num_clusters": 14},
     "dbscan": {},
-    "hac": {"distance_threshold": 0.5},
+    "hac": {"num_clusters": 14},
     "aro": {},
     "cc": {},
     "chinese_whispers": {},
@@ -110,6 +113,8 @@ def test_knn_ids_out_of_range() -> None:
         ("hac", {"distance_threshold": 0.5, "num_clusters": 3}, ValueError, "exactly one"),
         ("hac", {"num_clusters": 3, "linkage": "ward"}, ValueError, "linkage must be one of"),
         ("hac", {"distance_threshold": -0.1}, ValueError, "distance_threshold must be in"),
+        ("hac", {"num_clusters": 3, "missing_distance": 2.5}, ValueError, "missing_distance"),
+        ("hac", {"num_clusters": 14, "max_pairs": 10}, ValueError, r"pairs, above max_pairs=10 "),
         ("aro", {"threshold": -1.0}, ValueError, "threshold must be in"),
         ("cc", {"min_sim": 1.5}, ValueError, r"min_sim must be in \[-1.0, 1.0\]"),
         ("cc", {"min_sim": "0.7"}, TypeError, "min_sim must be a number"),
@@ -131,8 +136,7 @@ def test_feature_methods_need_features(data: tuple) -> None:
     _, _, graph = data
     with pytest.raises(ValueError, match="kmeans needs features"):
         CLUSTERERS.get("kmeans")(None, None, num_clusters=3)
-    with pytest.raises(ValueError, match="hac needs features"):
-        hac(None, graph, num_clusters=3)
+    assert hac(None, graph, num_clusters=14).max() == 13  # works on the graph alone
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,19 +252,58 @@ def test_dbscan_uses_kNN_edges_in_both_directions() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def knn_dissimilarity(graph: KnnGraph, missing: float) -> np.ndarray:
+    """The dense dissimilarity hac works on: ``1 - sim`` on kNN pairs, ``missing`` elsewhere."""
+    n = graph.num_samples
+    dense = np.full((n, n), missing)
+    for i in range(n):
+        for j, sim in zip(graph.nbrs[i], graph.sims[i], strict=True):
+            if j >= 0:
+                dense[i, j] = dense[j, i] = 1.0 - float(sim)
+    np.fill_diagonal(dense, 0.0)
+    return dense
+
+
 @pytest.mark.parametrize("linkage", ["average", "complete", "single"])
-def test_hac_equals_sklearn_on_a_connected_graph(linkage: str) -> None:
+@pytest.mark.parametrize("missing", [1.0, 2.0])
+def test_hac_equals_scipy_linkage_on_the_knn_dissimilarity(linkage: str, missing: float) -> None:
+    """Textbook HAC (scipy) on ``1 - cos`` over the kNN pairs and ``missing`` elsewhere: below
+    ``missing`` every merge joins clusters linked by an edge, so the two trees agree there."""
     x, _ = planted(seed=2, num_clusters=6, dim=16, spread=1.0)
-    graph = knn_brute_force(x, 15)
-    connectivity = knn_adjacency(graph, symmetric=True, weighted=False)
-    for stop in ({"distance_threshold": 0.4}, {"num_clusters": 9}):
-        sk_stop = {"n_clusters": stop.get("num_clusters"), **stop}
-        sk_stop.pop("num_clusters", None)
-        expected = AgglomerativeClustering(
-            metric="cosine", linkage=linkage, connectivity=connectivity, **sk_stop
-        ).fit(x)
-        labels = hac(x, graph, linkage=linkage, **stop)
-        np.testing.assert_array_equal(labels, relabel(expected.labels_))
+    graph = knn_brute_force(x, 8)
+    tree = scipy_linkage(squareform(knn_dissimilarity(graph, missing), checks=False), linkage)
+    heights = tree[:, 2]
+    for threshold in (0.2, 0.4, 0.7, 0.95):
+        assert np.abs(heights - threshold).min() > 1e-6  # no merge at the cut
+        expected = relabel(fcluster(tree, threshold, "distance"))
+        labels = hac(x, graph, distance_threshold=threshold, linkage=linkage,
+                     missing_distance=missing)  # fmt: skip
+        np.testing.assert_array_equal(labels, expected)
+    below = int((heights < min(missing, 0.95)).sum())
+    expected = relabel(fcluster(tree, len(x) - below, "maxclust"))
+    labels = hac(x, graph, num_clusters=len(x) - below, linkage=linkage, missing_distance=missing)
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_hac_with_all_neighbours_is_textbook_average_linkage() -> None:
+    x, _ = planted(seed=3, num_clusters=5, dim=16, spread=1.0)
+    feats = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    dense = np.clip(1.0 - feats @ feats.T, 0.0, None)
+    tree = scipy_linkage(squareform(dense, checks=False), "average")
+    graph = knn_brute_force(x, len(x))
+    for num in (3, 8, 20):
+        expected = relabel(fcluster(tree, num, "maxclust"))
+        np.testing.assert_array_equal(hac(x, graph, num_clusters=num), expected)
+
+
+def test_hac_at_the_true_count_does_not_chain_into_one_giant_cluster() -> None:
+    """Issue 14: with outliers, sklearn's connectivity-restricted "average" chained like single
+    linkage and, cut at the true count, gave one giant cluster plus the outliers as singletons
+    (pairwise F 0.27 here). Planted clusters with 5 outliers, k=10, the true count: recovered."""
+    x, gt = planted(seed=5, num_clusters=12, dim=32, outliers=5, spread=1.0)
+    labels = hac(x, knn_brute_force(x, 10), num_clusters=int(gt.max()) + 1)
+    assert np.bincount(labels).max() < 2 * np.bincount(gt).max()
+    assert pairwise_f(gt, labels) > 0.9
 
 
 def test_hac_never_merges_across_components() -> None:
@@ -369,3 +412,13 @@ def test_kmeans_seeded_and_recovers_clusters() -> None:
     np.testing.assert_array_equal(km(x, None, num_clusters=8), relabel(gt))
     first, again = (km(x, None, num_clusters=8, seed=5, init="random") for _ in range(2))
     np.testing.assert_array_equal(first, again)
+
+
+def test_kmeans_shows_our_progress_not_the_faiss_log(capfd: pytest.CaptureFixture[str]) -> None:
+    x, _ = planted(seed=7, num_clusters=8, outliers=0)
+    CLUSTERERS.get("kmeans")(x, None, num_clusters=8, show_progress=True)
+    out, err = capfd.readouterr()
+    assert "objective=" not in out + err and "Clustering" not in out + err  # faiss's log
+    assert "kmeans (8 clusters)" in err and "3/3" in err
+    CLUSTERERS.get("kmeans")(x, None, num_clusters=8, show_progress=False)
+    assert capfd.readouterr() == ("", "")

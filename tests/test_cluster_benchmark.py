@@ -157,3 +157,31 @@ def test_tuning_errors(sets, tmp_path) -> None:
         Tuning("min_sim", ())
     with pytest.raises(ValueError, match="both prepare and finish"):
         Tuning("min_sim", (0.5,), prepare=lambda *a, **k: None)
+
+
+def test_results_plot_labels_do_not_overlap(tmp_path, monkeypatch) -> None:
+    """Methods with equal scores and times (cc = dbscan, gcn_d = gcn_ds, as tuned runs give)
+    and near ones: every label is drawn, inside the figure, and no two labels overlap."""
+    from matplotlib.text import Text
+
+    from robustface.cluster import benchmark
+
+    rows = [("kmeans", 0.8, 63.69), ("hac", 9.4, 71.99), ("dbscan", 0.004, 66.38),
+            ("cc", 0.003, 66.38), ("aro", 1.4, 58.37), ("chinese_whispers", 0.2, 66.33),
+            ("infomap", 1.2, 67.12), ("gcn_v", 1.1, 66.9), ("gcn_e", 12.0, 65.0),
+            ("gcn_d", 9.0, 68.79), ("gcn_ds", 9.2, 68.79)]  # fmt: skip
+    results = [benchmark.MethodResult(m, {}, t, {"pairwise_fscore": f / 100}) for m, t, f in rows]
+    figures = []
+    monkeypatch.setattr(benchmark, "save_figure", lambda fig, path: figures.append(fig))
+    benchmark._plot(results, "crowded", tmp_path / "results.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    labels = {t.get_text(): Text.get_window_extent(t, renderer) for t in ax.texts}  # no line
+    assert sorted(labels) == sorted(m for m, _, _ in rows)
+    boxes = list(labels.items())
+    for i, (name, box) in enumerate(boxes):
+        assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1), name
+        for other, box2 in boxes[i + 1 :]:
+            assert not box.overlaps(box2), f"labels {name} and {other} overlap"

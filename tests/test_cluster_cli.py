@@ -44,6 +44,15 @@ def test_simulate_knn_run_eval(bench, tmp_path, capsys):
     assert f"pairwise_fscore      {brute_pairwise_f(gt, pred):.4f}" in printed
 
 
+def test_eval_names_a_missing_file(tmp_path, capsys):
+    gt = tmp_path / "gt.meta"
+    gt.write_text("0\n1\n")
+    assert main(["cluster", "eval", "/nope", str(gt)]) == 2
+    assert capsys.readouterr().err.strip().endswith("label file not found: /nope")
+    assert main(["cluster", "eval", str(gt), str(tmp_path / "pred.txt")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"label file not found: {tmp_path}/pred.txt")
+
+
 def test_run_without_labels_needs_num_clusters(bench, tmp_path, capsys):
     unlabelled = tmp_path / "u"
     (unlabelled / "features").mkdir(parents=True)

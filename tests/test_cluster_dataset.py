@@ -143,8 +143,17 @@ def test_missing_files_name_the_expected_paths(tmp_path):
         load_cluster_set(tmp_path, "y", dim=2, require_labels=True)
     with pytest.raises(FileNotFoundError, match=r"feature file not found: .*nope\.bin"):
         load_features(tmp_path / "nope.bin")
+    (tmp_path / "f.txt").write_text("0\n")
     with pytest.raises(ValueError, match=r"must end in \.bin or \.npy"):
         load_features(tmp_path / "f.txt")
+    with pytest.raises(ValueError, match=r"must end in \.meta or \.npy"):
+        load_labels(tmp_path / "f.txt")
+    # a missing file is named as missing, whatever its extension
+    for name in ("nope", "nope.txt"):
+        with pytest.raises(FileNotFoundError, match=rf"feature file not found: .*{name}$"):
+            load_features(tmp_path / name)
+        with pytest.raises(FileNotFoundError, match=rf"label file not found: .*{name}$"):
+            load_labels(tmp_path / name)
     with pytest.raises(DataFormatError, match="expected a 1-D integer array"):
         np.save(tmp_path / "l.npy", np.zeros(3))
         load_labels(tmp_path / "l.npy")

@@ -470,3 +470,32 @@ def test_mini_batch_size_is_checked() -> None:
     xtr, ytr, _ = planted(0)
     with pytest.raises(ValueError, match="batch_size"):
         train_gcn_v(xtr, ytr, knn_brute_force(xtr, 5), iters=1, batch_size=0, show_progress=False)
+
+
+def test_a_knn_file_with_shuffled_rows_clusters_as_the_sorted_one(tmp_path: Path) -> None:
+    """Linking takes each row's first higher-confidence neighbour as the nearest: a file whose
+    rows are not stored nearest first must be sorted on loading (learn-to-cluster sorts too),
+    for GCN-V's linking and every other consumer of the graph."""
+    from robustface.data.ltc import write_knn
+
+    x, gt, _ = planted(3)
+    exact = knn_brute_force(x, 12)
+    perm = np.argsort(np.random.default_rng(0).random(exact.nbrs.shape), axis=1)
+    write_knn(tmp_path / "sorted.npz", exact.nbrs, exact.dists)
+    write_knn(
+        tmp_path / "mixed.npz",
+        np.take_along_axis(exact.nbrs, perm, 1),
+        np.take_along_axis(exact.dists, perm, 1),
+    )
+    want, got = KnnGraph.load(tmp_path / "sorted.npz"), KnnGraph.load(tmp_path / "mixed.npz")
+    conf = confidence_targets(gt, want)
+    np.testing.assert_array_equal(confidence_targets(gt, got), conf)
+    for tau in (0.3, 0.6):
+        expected = confidence_link(want, conf, tau)
+        assert expected.max() + 1 < len(gt)  # the case links something
+        np.testing.assert_array_equal(confidence_link(got, conf, tau), expected)
+    params = {"cc": {}, "dbscan": {}, "aro": {}, "chinese_whispers": {},
+              "hac": {"distance_threshold": 0.6}, "infomap": {"k": None}}  # fmt: skip
+    for name, kwargs in params.items():
+        fn = CLUSTERERS.get(name)
+        np.testing.assert_array_equal(fn(x, got, **kwargs), fn(x, want, **kwargs), err_msg=name)

@@ -171,6 +171,28 @@ def test_hand_written_ltc_npz(tmp_path):
         load_or_build_knn(tmp_path / "bad.npz", x, k=5)
 
 
+def test_rows_stored_in_any_order_load_nearest_first(tmp_path):
+    """learn-to-cluster sorts each row on reading; a file whose rows are shuffled must give the
+    same graph (and so the same clusters for every consumer), and truncating to k must keep
+    the k nearest, not the first k stored."""
+    x = clustered(40, 8, 3, seed=8)
+    exact = knn_brute_force(x, 10)
+    perm = np.argsort(np.random.default_rng(0).random(exact.nbrs.shape), axis=1)
+    mixed = KnnGraph(
+        np.take_along_axis(exact.nbrs, perm, 1), np.take_along_axis(exact.sims, perm, 1)
+    )
+    assert not np.array_equal(mixed.nbrs[:, 0], exact.nbrs[:, 0])
+    write_ltc_npz(tmp_path / "ltc.npz", exact.nbrs, exact.sims)
+    write_ltc_npz(tmp_path / "mixed.npz", mixed.nbrs, mixed.sims)
+    want = KnnGraph.load(tmp_path / "ltc.npz")
+    got = KnnGraph.load(tmp_path / "mixed.npz")
+    np.testing.assert_array_equal(got.nbrs, want.nbrs)
+    np.testing.assert_array_equal(got.sims, want.sims)
+    cut = load_or_build_knn(tmp_path / "mixed.npz", x, k=4)
+    np.testing.assert_array_equal(cut.nbrs, exact.nbrs[:, :4])
+    np.testing.assert_array_equal(cut.sims, want.sims[:, :4])
+
+
 def test_cache_build_load_and_refuse(tmp_path, monkeypatch):
     x = clustered(120, 8, 4, seed=7)
     path = tmp_path / "cache" / "knn.npz"

@@ -12,6 +12,7 @@ from robustface.data.ltc import (
     read_features,
     read_knn,
     read_meta,
+    sort_knn_rows,
     write_features,
     write_knn,
     write_meta,
@@ -75,7 +76,7 @@ def test_meta_bad_value(tmp_path):
 def test_knn_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     nbrs = rng.integers(0, 1000, (6, 4))
-    dists = rng.uniform(0, 2, (6, 4)).astype(np.float32)
+    dists = np.sort(rng.uniform(0, 2, (6, 4)).astype(np.float32), axis=1)
     write_knn(tmp_path / "knn.npz", nbrs, dists)
     with np.load(tmp_path / "knn.npz") as npz:
         assert npz.files == ["data"] and npz["data"].shape == (6, 2, 4)
@@ -123,7 +124,7 @@ def test_write_knn_shape_mismatch_writes_nothing(tmp_path):
 def test_knn_streams_in_chunks_and_numpy_reads_it(tmp_path):
     rng = np.random.default_rng(1)
     nbrs = rng.integers(0, 5000, (7, 3))
-    dists = rng.uniform(0, 2, (7, 3)).astype(np.float32)
+    dists = np.sort(rng.uniform(0, 2, (7, 3)).astype(np.float32), axis=1)
     write_knn(tmp_path / "k.npz", nbrs, dists, chunk_rows=2)
     with np.load(tmp_path / "k.npz") as npz:  # what learn-to-cluster does
         data = npz["data"]
@@ -160,3 +161,46 @@ def test_knn_fortran_order_and_truncated_files(tmp_path):
         zf.writestr("data.npy", buf.getvalue())
     with pytest.raises(DataFormatError, match=r"t\.npz: 'data' is truncated"):
         read_knn(tmp_path / "t.npz")
+
+
+def shuffled_knn(seed: int, n: int = 23, k: int = 7) -> tuple[np.ndarray, ...]:
+    """Rows sorted nearest first (distinct distances, some missing entries -1 / inf at the end)
+    and the same rows with their entries shuffled."""
+    rng = np.random.default_rng(seed)
+    nbrs = rng.integers(0, 1000, (n, k))
+    dists = np.sort(rng.uniform(0, 2, (n, k)), axis=1).astype(np.float32)
+    nbrs[::4, -2:] = -1
+    dists[::4, -2:] = np.inf
+    perm = np.argsort(rng.random((n, k)), axis=1)
+    return nbrs, dists, np.take_along_axis(nbrs, perm, 1), np.take_along_axis(dists, perm, 1)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 1000])
+def test_knn_rows_are_sorted_nearest_first_on_reading(tmp_path, chunk_rows):
+    nbrs, dists, mixed_nbrs, mixed_dists = shuffled_knn(1)
+    write_knn(tmp_path / "k.npz", mixed_nbrs, mixed_dists)
+    got_nbrs, got_dists = read_knn(tmp_path / "k.npz", chunk_rows=chunk_rows)
+    np.testing.assert_array_equal(got_nbrs, nbrs)
+    np.testing.assert_array_equal(got_dists, dists)
+    # column-major files (read whole) are sorted too
+    data = np.stack([mixed_nbrs.astype(np.float64), mixed_dists.astype(np.float64)], axis=1)
+    np.savez(tmp_path / "f.npz", data=np.asfortranarray(data))
+    got_nbrs, got_dists = read_knn(tmp_path / "f.npz", chunk_rows=chunk_rows)
+    np.testing.assert_array_equal(got_nbrs, nbrs)
+    np.testing.assert_array_equal(got_dists, dists)
+
+
+def test_sort_knn_rows_is_stable_and_skips_sorted_rows():
+    # a missing id (-1) goes last whatever distance was stored for it; ties keep stored order
+    nbrs = np.array([[3, -1, 5, 4, 6], [0, 1, 2, 3, 4]])
+    dists = np.array([[0.5, 0.0, 0.2, 0.2, 0.2], [0.0, 0.1, 0.1, 0.3, 0.4]], dtype=np.float32)
+    assert sort_knn_rows(nbrs, dists) == 1
+    np.testing.assert_array_equal(nbrs, [[5, 4, 6, 3, -1], [0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(dists[0], np.float32([0.2, 0.2, 0.2, 0.5, 0.0]))
+    assert sort_knn_rows(nbrs, dists) == 0
+
+
+def test_knn_nan_distance_is_an_error(tmp_path):
+    write_knn(tmp_path / "n.npz", np.array([[0, 1], [1, 0]]), np.float32([[0, 0.2], [0, np.nan]]))
+    with pytest.raises(DataFormatError, match=r"n\.npz: row 1 has NaN distances"):
+        read_knn(tmp_path / "n.npz")

@@ -10,7 +10,9 @@ the graph alone accept ``features=None``. Defaults follow learn-to-cluster's bas
 
 from __future__ import annotations
 
+import heapq
 import numbers
+from collections.abc import Callable
 from typing import Literal
 
 import faiss
@@ -18,7 +20,7 @@ import infomap
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.cluster import AgglomerativeClustering, kmeans_plusplus
+from sklearn.cluster import kmeans_plusplus
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -44,6 +46,11 @@ LINKAGES: tuple[str, ...] = ("average", "complete", "single")
 
 # Elements (rows x k) in one chunk of ARO's batched list lookups (32 MB per int64 array).
 _ARO_CHUNK_ELEMENTS = 1 << 22
+# HAC: peak memory per distinct kNN pair (edge summaries in dicts, heap entries; 447 and 448
+# measured at k=80 on 21,636 and 96,590 samples, 1.14M and 5.16M pairs), and the default cap on
+# pairs (about 3.6 GB, some 150K samples at k=80).
+HAC_BYTES_PER_PAIR = 450
+HAC_MAX_PAIRS = 8_000_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +135,8 @@ def kmeans(
     random sample of ``max(3 * num_clusters, 10000)`` rows (sklearn ``MiniBatchKMeans``'s
     ``init_size`` rule, with a floor so small clusters are sampled); ``"random"`` is faiss's
     own choice of random rows. ``iterations`` (25) and the 256-points-per-centroid training
-    sample are faiss's defaults; ``show_progress`` prints faiss's per-iteration log. ``knn`` is
+    sample are faiss's defaults; ``show_progress`` shows a bar over the three stages (seeding,
+    iterations, assignment; faiss's own per-iteration log stays off). ``knn`` is
     not used (checked if given).
 
     faiss rather than sklearn's ``MiniBatchKMeans``: both cost ``N * C * d`` per pass over the
@@ -156,19 +164,24 @@ def kmeans(
         niter=iterations,
         seed=seed,
         min_points_per_centroid=1,  # clusters of a few faces are the norm, not a warning
-        verbose=bool(show_progress),
+        verbose=False,  # its log would land in the middle of the benchmark's output
     )
     init_centroids = None
-    if init == "k-means++":
-        rng = np.random.default_rng(seed)
-        size = min(len(feats), max(3 * num_clusters, 10_000))
-        sample = feats[np.sort(rng.choice(len(feats), size, replace=False))]
-        # k-means++ is sequential small GEMMs: threads only contend (50 s vs 3.6 s on 10K x 64,
-        # 730 centroids, 2 cores).
-        with threadpool_limits(1):
-            init_centroids, _ = kmeans_plusplus(sample, num_clusters, random_state=seed)
-    km.train(feats, init_centroids=init_centroids)
-    _, assign = km.index.search(feats, 1)
+    with tqdm(total=3, desc=f"kmeans ({num_clusters} clusters)", unit="stage",
+              disable=not show_progress) as bar:  # fmt: skip
+        if init == "k-means++":
+            rng = np.random.default_rng(seed)
+            size = min(len(feats), max(3 * num_clusters, 10_000))
+            sample = feats[np.sort(rng.choice(len(feats), size, replace=False))]
+            # k-means++ is sequential small GEMMs: threads only contend (50 s vs 3.6 s on
+            # 10K x 64, 730 centroids, 2 cores).
+            with threadpool_limits(1):
+                init_centroids, _ = kmeans_plusplus(sample, num_clusters, random_state=seed)
+        bar.update()
+        km.train(feats, init_centroids=init_centroids)
+        bar.update()
+        _, assign = km.index.search(feats, 1)
+        bar.update()
     return relabel(assign[:, 0])
 
 
@@ -226,48 +239,143 @@ TUNINGS.register("dbscan")(Tuning("eps", tuple(round(0.10 + 0.05 * i, 2) for i i
 # ---------------------------------------------------------------------------------------------
 
 
-def _merge_tree(
-    feats: np.ndarray, adj: sp.csr_matrix, nodes: np.ndarray, linkage: str
+def _linkage_value(linkage: str, missing: float) -> Callable[[list[float], int], float]:
+    """``value(entry, pairs)``: the distance of two clusters from their edge summary ``entry``
+    (``[sum, count, min, max]`` of the kNN-edge distances between them) and ``pairs``, the
+    product of their sizes; pairs without an edge count at distance ``missing``."""
+    if linkage == "average":
+        return lambda e, pairs: (e[0] + (pairs - e[1]) * missing) / pairs
+    if linkage == "complete":
+        return lambda e, pairs: e[3] if e[1] == pairs else max(e[3], missing)
+    return lambda e, pairs: e[2]
+
+
+def _graph_merges(
+    graph: KnnGraph,
+    linkage: str,
+    missing: float,
+    max_pairs: int,
+    stop_distance: float,
+    max_merges: int,
+    show_progress: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """sklearn's full merge tree ``(children (m-1, 2), distances (m-1,))`` of one component."""
-    model = AgglomerativeClustering(
-        n_clusters=1,
-        metric="cosine",
-        linkage=linkage,
-        connectivity=adj[nodes][:, nodes],
-        compute_full_tree=True,
-        compute_distances=True,
-    ).fit(feats[nodes])
-    return model.children_, model.distances_
+    """Merges ``(x, y)`` (one sample of each cluster), in order, of agglomerative clustering on
+    the dissimilarity that is ``1 - sim`` on the kNN edges and ``missing`` elsewhere, joining
+    only clusters linked by an edge; stops before a merge at ``stop_distance`` or after
+    ``max_merges``. Exact and deterministic (ties by the lower sample ids): a heap of candidate
+    merges with lazy deletion, each cluster's edge summaries in a dict; memory O(pairs)."""
+    n = graph.num_samples
+    src, dst, sim = knn_edges(graph)
+    lo, hi = np.minimum(src, dst), np.maximum(src, dst)
+    keys, first = np.unique(lo * n + hi, return_index=True)
+    if len(keys) > max_pairs:
+        raise ValueError(
+            f"hac: the kNN graph links {len(keys):,} distinct pairs, above max_pairs="
+            f"{max_pairs:,} (about {HAC_BYTES_PER_PAIR} bytes each, in Python dicts and a heap). "
+            "Use a smaller k (knn.truncate), drop weak edges (knn.threshold), raise max_pairs "
+            "if the memory is there, or use a graph method (cc, infomap) at this size"
+        )
+    value = _linkage_value(linkage, missing)
+    near: list[dict[int, list[float]] | None] = [{} for _ in range(n)]
+    heap = []
+    for a, b, d in zip((keys // n).tolist(), (keys % n).tolist(),
+                       (1.0 - sim[first].astype(np.float64)).tolist(), strict=True):  # fmt: skip
+        entry = [d, 1, d, d]
+        near[a][b] = near[b][a] = entry
+        heap.append((d, a, b))
+    heapq.heapify(heap)
+    size = [1] * n
+    live = len(heap)  # pairs of clusters linked by an edge
+    merged: list[tuple[int, int]] = []
+    with tqdm(total=max_merges, desc=f"hac ({linkage})", unit="merge",
+              disable=not show_progress, mininterval=1.0) as bar:  # fmt: skip
+        while heap and len(merged) < max_merges:
+            d, a, b = heapq.heappop(heap)
+            if d >= stop_distance:
+                break
+            near_a, near_b = near[a], near[b]
+            if near_a is None or near_b is None or value(near_a[b], size[a] * size[b]) != d:
+                continue  # stale: a cluster was merged since this entry was pushed
+            x, y = (a, b) if len(near_a) >= len(near_b) else (b, a)
+            near_x, near_y = near[x], near[y]
+            del near_x[y], near_y[x]
+            live -= 1
+            for c, e in near_y.items():
+                near_c = near[c]
+                del near_c[y]
+                f = near_x.get(c)
+                if f is None:
+                    near_x[c] = near_c[x] = e
+                else:
+                    f[0] += e[0]
+                    f[1] += e[1]
+                    f[2] = min(f[2], e[2])
+                    f[3] = max(f[3], e[3])
+                    live -= 1
+            near[y] = None
+            size[x] += size[y]
+            merged.append((x, y))
+            bar.update()
+            changed = near_y if linkage == "single" else near_x  # sizes change every average
+            for c in changed:
+                e = near_x[c]
+                heapq.heappush(heap, (value(e, size[x] * size[c]), min(x, c), max(x, c)))
+            if len(heap) > 4 * live + 1024:  # drop the stale entries: memory stays O(pairs)
+                heap = [
+                    (value(e, size[p] * size[c]), p, c)
+                    for p, near_p in enumerate(near)
+                    if near_p is not None
+                    for c, e in near_p.items()
+                    if p < c
+                ]
+                heapq.heapify(heap)
+    joined = np.array(merged, dtype=np.int64).reshape(-1, 2)
+    return joined[:, 0], joined[:, 1]
 
 
 @CLUSTERERS.register("hac")
 def hac(
-    features: np.ndarray,
+    features: np.ndarray | None,
     knn: KnnGraph,
     *,
     distance_threshold: float | None = None,
     num_clusters: int | None = None,
     linkage: Linkage = "average",
+    missing_distance: float = 1.0,
+    max_pairs: int = HAC_MAX_PAIRS,
     show_progress: bool = True,
 ) -> np.ndarray:
-    """Agglomerative clustering whose merges follow the kNN graph (sklearn, connectivity).
+    """Agglomerative clustering on the kNN graph: exact ``linkage`` on the dissimilarity that is
+    the cosine distance ``1 - sim`` on kNN edges and ``missing_distance`` on every other pair.
 
-    Cosine distance, ``linkage`` average by default (cluster distances are updated only over the
-    kNN edges between clusters, as sklearn does with a connectivity matrix). Give exactly one
-    stopping rule: ``distance_threshold`` (merges at a distance below it are kept) or
-    ``num_clusters``. Each connected component of the symmetric kNN graph gets its own merge
-    tree and merges never cross components, so ``num_clusters`` must be at least the number of
-    components; the trees are cut together, in order of merge distance. The HAC baseline of
-    learn-to-cluster (70.63 pairwise-F on part1_test) used ``fastcluster`` single linkage on the
-    full data instead.
+    With the default ``missing_distance=1`` (similarity 0), ``average`` is graph average
+    linkage as in Dhulipala et al. (ICML 2021): the similarity of two clusters is their edge
+    weight summed over ``|A| |B|`` pairs, absent edges counting 0. Only clusters linked by an
+    edge are merged, so merges never cross the graph's connected components. ``single`` is
+    single linkage over the edges; ``complete`` counts a cluster pair with any absent edge at
+    ``missing_distance`` or more. With all N neighbours in the graph, each is exactly scipy's
+    ``linkage`` on the dense cosine distances.
 
-    Scale: sklearn keeps a dict of distances per cluster and merges one pair at a time. 50K
-    samples (64-d, k=80, one component) took 226 s and 5.7 GB on 2 cores; ~100K is the practical
-    limit, and part1_test (584K, 47M edges) would need tens of GB: use the graph baselines there.
+    Give exactly one stopping rule: ``distance_threshold`` (merges at a distance below it are
+    kept) or ``num_clusters`` (at least the number of components). Works on the graph alone
+    (``features`` is only checked against it). Memory is about ``HAC_BYTES_PER_PAIR`` bytes
+    per distinct kNN pair; graphs of more than ``max_pairs`` pairs are refused with an error
+    that says so (the default, 8M pairs, about 3.6 GB, is some 150K samples at k=80; 21,636
+    samples at k=80 took 17 s and 0.5 GB, 96,590 took 131 s and 2.3 GB).
+
+    Earlier versions used sklearn's connectivity-restricted ``AgglomerativeClustering``. Its
+    ``average`` ignores the pairs that are not edges (and keeps a neighbour's distance
+    unaveraged when only one of two merged clusters has an edge to it), so a cluster's
+    distance drifts to its closest pairs and the tree chains like single linkage: cut at the
+    true number of identities it left one giant cluster plus the outliers as singletons (issue
+    14: pairwise F 1.53 at 21,636 samples). It also gathered the features of both ends of every
+    edge to get the distances (several ``edges x dim`` copies: 9.7 GB there). Filling absent
+    pairs with a lower bound of their distance instead (the mean of the two samples' k-th
+    neighbour distances) chained the same way (1.52). The HAC baseline of learn-to-cluster
+    (70.63 pairwise-F on part1_test) used ``fastcluster`` single linkage with a distance
+    threshold on the full data.
     """
-    feats = _check_features("hac", features)
-    graph = _check_graph("hac", feats, knn)
+    graph = _check_graph("hac", features, knn)
     if (distance_threshold is None) == (num_clusters is None):
         raise ValueError(
             "hac needs exactly one of distance_threshold and num_clusters, got "
@@ -275,51 +383,26 @@ def hac(
         )
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {', '.join(LINKAGES)}, got {linkage!r}")
+    missing_distance = _check_float("missing_distance", missing_distance, 0.0, 2.0)
+    max_pairs = _check_int("max_pairs", max_pairs, 1)
     n = graph.num_samples
     if distance_threshold is not None:
         distance_threshold = _check_float("distance_threshold", distance_threshold, 0.0, 2.0)
+        stop_distance, max_merges = distance_threshold, n - 1
     else:
         num_clusters = _check_int("num_clusters", num_clusters, 1, n)
-    adj = knn_adjacency(graph, symmetric=True, weighted=False)
-    src, dst, _ = knn_edges(graph)
-    comp = components(n, src, dst)
-    num_comps = int(comp.max()) + 1
-    if num_clusters is not None and num_clusters < num_comps:
-        raise ValueError(
-            f"num_clusters={num_clusters} is below the {num_comps} connected components of the "
-            "kNN graph; merges never cross components (use a larger k or fewer clusters)"
-        )
-    order = np.argsort(comp, kind="stable")
-    sizes = np.bincount(comp, minlength=num_comps)
-    groups = np.split(order, np.cumsum(sizes)[:-1])
-    parents, children, dists, ranks = [], [], [], []
-    next_id = n  # ids of merged clusters, after the N leaves
-    multi = [g for g in groups if len(g) >= 2]
-    for nodes in tqdm(multi, desc="hac", unit="component", disable=not show_progress):
-        kids, dist = _merge_tree(feats, adj, nodes, linkage)
-        m = len(nodes)
-        # Local ids: 0..m-1 leaves, m.. merges; map them to global leaf / merge ids.
-        glob = np.concatenate([nodes, next_id + np.arange(m - 1)])
-        mono = np.maximum.accumulate(dist)  # sklearn's merges are in nondecreasing order
-        parents.append(np.repeat(next_id + np.arange(m - 1), 2))
-        children.append(glob[kids.reshape(-1)])
-        dists.append(mono)
-        ranks.append(np.arange(m - 1))
-        next_id += m - 1
-    if not parents:
-        return relabel(np.arange(n))
-    dist_all = np.concatenate(dists)
-    if distance_threshold is not None:
-        keep = dist_all < distance_threshold
-    else:
-        # The first N - num_clusters merges by distance; ties keep each tree's own order.
-        rank_all = np.concatenate(ranks)
-        by_dist = np.lexsort((rank_all, dist_all))
-        keep = np.zeros(len(dist_all), dtype=bool)
-        keep[by_dist[: n - num_clusters]] = True
-    keep2 = np.repeat(keep, 2)
-    labels = components(next_id, np.concatenate(children)[keep2], np.concatenate(parents)[keep2])
-    return relabel(labels[:n])
+        src, dst, _ = knn_edges(graph)
+        num_comps = int(components(n, src, dst).max()) + 1
+        if num_clusters < num_comps:
+            raise ValueError(
+                f"num_clusters={num_clusters} is below the {num_comps} connected components of "
+                "the kNN graph; merges never cross components (use a larger k or fewer clusters)"
+            )
+        stop_distance, max_merges = np.inf, n - num_clusters
+    x, y = _graph_merges(
+        graph, linkage, missing_distance, max_pairs, stop_distance, max_merges, show_progress
+    )
+    return components(n, x, y)
 
 
 # ---------------------------------------------------------------------------------------------

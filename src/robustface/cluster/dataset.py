@@ -158,10 +158,10 @@ def load_features(
     rows are errors that name the first such row.
     """
     path = Path(path)
+    if not path.is_file():  # first: a missing file is the news, not its name
+        raise FileNotFoundError(f"feature file not found: {path}")
     if path.suffix not in FEATURE_SUFFIXES:
         raise ValueError(f"{path}: feature files must end in {' or '.join(FEATURE_SUFFIXES)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"feature file not found: {path}")
     if dim is not None and dim < 1:
         raise ValueError(f"dim must be positive, got {dim}")
     if path.suffix == ".bin":
@@ -199,10 +199,10 @@ def load_features(
 def load_labels(path: str | Path) -> np.ndarray:
     """Labels ``(N,)`` int64 from a ``.meta`` (one integer per line) or a 1-D integer ``.npy``."""
     path = Path(path)
+    if not path.is_file():  # first: a missing file is the news, not its name
+        raise FileNotFoundError(f"label file not found: {path}")
     if path.suffix not in LABEL_SUFFIXES:
         raise ValueError(f"{path}: label files must end in {' or '.join(LABEL_SUFFIXES)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"label file not found: {path}")
     if path.suffix == ".meta":
         return read_meta(path)
     try:

@@ -92,7 +92,8 @@ class KnnGraph:
 
     @classmethod
     def load(cls, path: str | Path) -> KnnGraph:
-        """Read a learn-to-cluster kNN ``.npz`` (distances ``1 - cos``)."""
+        """Read a learn-to-cluster kNN ``.npz`` (distances ``1 - cos``); rows stored in another
+        order are sorted most similar first (:func:`~robustface.data.ltc.read_knn`)."""
         nbrs, dists = read_knn(path)
         sims = (1.0 - dists.astype(np.float64)).astype(np.float32)
         sims[nbrs < 0] = -np.inf
@@ -373,7 +374,8 @@ def _cache_key(features: np.ndarray, k: int, method: str, kwargs: dict[str, Any]
 
 
 def _load_hand_made(path: Path, n: int, k: int) -> KnnGraph:
-    """A learn-to-cluster ``.npz`` without our sidecar: N must match and k suffice."""
+    """A learn-to-cluster ``.npz`` without our sidecar: N must match and k suffice; each row's
+    ``k`` nearest are kept (rows are sorted on reading)."""
     graph = KnnGraph.load(path)
     if graph.num_samples != n:
         raise ValueError(
@@ -399,7 +401,8 @@ def load_or_build_knn(
     :func:`features_fingerprint`. A cache whose record differs from this request is refused with
     an error that names each difference; it is never rebuilt or overwritten (delete it, or use
     another path). An ``.npz`` without a sidecar (e.g. one from learn-to-cluster) is accepted
-    when it has N rows and at least k neighbours (truncated to k); its provenance is unchecked.
+    when it has N rows and at least k neighbours (each row's k nearest are kept; rows are sorted
+    nearest first on reading, whatever their stored order); its provenance is unchecked.
     A sidecar without its ``.npz`` is left by an interrupted build (the sidecar is written first),
     so the graph is then built. Both files are written atomically.
     """

@@ -4,7 +4,8 @@ Features: raw float32 ``.bin``, ``N x dim`` row-major. Labels: ``.meta`` text, o
 kNN: ``.npz`` with key ``data`` of shape ``[N, 2, k]`` holding neighbour ids (``[:, 0]``) and
 distances ``1 - cos`` (``[:, 1]``), the sample itself included; ids are stored as floats, as the
 original code does. kNN files are read and written in row chunks (bounded memory at millions
-of rows).
+of rows). Rows are sorted nearest first on reading, as learn-to-cluster's ``knns2ordered_nbrs``
+does (stably here; rows already in order are left as they are).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from robustface.data.recordio import _is_int
 from robustface.errors import DataFormatError
 from robustface.utils.io import atomic_path, write_bytes_atomic, write_text_atomic
 
-__all__ = ["read_features", "read_knn", "read_meta", "write_features", "write_knn", "write_meta"]
+__all__ = [
+    "read_features",
+    "read_knn",
+    "read_meta",
+    "sort_knn_rows",
+    "write_features",
+    "write_knn",
+    "write_meta",
+]
 
 
 def read_features(
@@ -88,7 +97,9 @@ FLOAT32_EXACT_IDS = 2**24  # float32 holds every integer up to this exactly
 
 
 def read_knn(path: str | Path, chunk_rows: int = KNN_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """Read a kNN ``.npz``: neighbour ids ``(N, k)`` int64 and distances ``(N, k)`` float32.
+    """Read a kNN ``.npz``: neighbour ids ``(N, k)`` int64 and distances ``(N, k)`` float32,
+    each row nearest first (:func:`sort_knn_rows`: files whose rows are in another order are
+    sorted, as learn-to-cluster does on reading).
 
     The ``data`` array is read ``chunk_rows`` rows at a time, straight into the two outputs, so
     memory is the outputs plus one chunk (never the whole ``[N, 2, k]`` array).
@@ -129,18 +140,36 @@ def _read_knn_stream(path: Path, f: BinaryIO, chunk_rows: int) -> tuple[np.ndarr
     if dtype.hasobject or not (np.issubdtype(dtype, np.number)):
         raise DataFormatError(path, f"cannot read 'data': {dtype} is not a numeric dtype")
     num, _, k = shape
+    step = max(1, chunk_rows)
     nbrs = np.empty((num, k), dtype=np.int64)
     dists = np.empty((num, k), dtype=np.float32)
     if fortran:  # column-major: rows are not contiguous; read whole (not what numpy writes)
         data = np.frombuffer(_read_exact(path, f, num * 2 * k * dtype.itemsize), dtype)
-        return _split_knn(path, data.reshape(shape, order="F"), nbrs, dists, 0)
+        _split_knn(path, data.reshape(shape, order="F"), nbrs, dists, 0)
+        for start in range(0, num, step):
+            sort_knn_rows(nbrs[start : start + step], dists[start : start + step])
+        return nbrs, dists
     row_bytes = 2 * k * dtype.itemsize
-    for start in range(0, num, max(1, chunk_rows)):
-        stop = min(num, start + max(1, chunk_rows))
+    for start in range(0, num, step):
+        stop = min(num, start + step)
         raw = _read_exact(path, f, (stop - start) * row_bytes)
         block = np.frombuffer(raw, dtype).reshape(stop - start, 2, k)
         _split_knn(path, block, nbrs, dists, start)
+        sort_knn_rows(nbrs[start:stop], dists[start:stop])
     return nbrs, dists
+
+
+def sort_knn_rows(nbrs: np.ndarray, dists: np.ndarray) -> int:
+    """Sort each row of ``nbrs`` / ``dists`` (``(n, k)``) in place by distance, ascending and
+    stably (ties keep their stored order), missing entries (id ``-1``) last; returns how many
+    rows were out of order. Only those rows are sorted, after a cheap check of every row."""
+    key = np.where(nbrs < 0, np.inf, dists)
+    unsorted = np.flatnonzero((key[:, 1:] < key[:, :-1]).any(axis=1))
+    if unsorted.size:
+        order = np.argsort(key[unsorted], axis=1, kind="stable")
+        nbrs[unsorted] = np.take_along_axis(nbrs[unsorted], order, 1)
+        dists[unsorted] = np.take_along_axis(dists[unsorted], order, 1)
+    return int(unsorted.size)
 
 
 def _read_exact(path: Path, f: BinaryIO, size: int) -> bytes:
@@ -159,6 +188,9 @@ def _split_knn(
     if np.issubdtype(ids.dtype, np.floating) and not np.array_equal(nbrs[start:stop], ids):
         raise DataFormatError(path, "neighbour ids in data[:, 0] are not integers")
     dists[start:stop] = block[:, 1, :]
+    if np.isnan(dists[start:stop]).any():
+        row = start + int(np.flatnonzero(np.isnan(dists[start:stop]).any(axis=1))[0])
+        raise DataFormatError(path, f"row {row} has NaN distances in data[:, 1]")
     return nbrs, dists
 
 

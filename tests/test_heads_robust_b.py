@@ -679,9 +679,9 @@ def test_centerbias_shard_consistency():
     cos, labels, emb, weight = center_batch(4, rows=20, classes=7)
     single = CenterBiasFaceHead(7, 5, momentum=0.3).double()
     outs = [single(cos, labels, embeddings=emb, weight=weight).logits for _ in range(2)]
-    sizes = {0: 3, 1: 4}
+    ranges = {0: (0, 3), 1: (3, 4)}  # (first, count) of each rank's classes
     heads, results = run_sharded(
-        lambda r: CenterBiasFaceHead(sizes[r], 5, momentum=0.3).double(),
+        lambda r: CenterBiasFaceHead(7, 5, momentum=0.3, class_range=ranges[r]).double(),
         cos,
         labels,
         steps=2,

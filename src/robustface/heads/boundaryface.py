@@ -20,7 +20,7 @@ zeros enter both maxima::
 They differ only where a cosine or ``phi`` is negative: the official form never relabels a
 sample whose best ``phi_j`` is <= 0, and it drops the negative part of both maxima, so for the
 same ``y'`` its boundary term is never larger (mean 0.37 against the paper's 0.87 on the hard
-batch of ``tests/test_heads_robust_b.py``). The corrected label ``y'`` holds for this step only;
+batch of ``tests/test_heads_boundaryface.py``). The corrected label ``y'`` holds for this step only;
 the logits are ArcFace logits for ``y'``. ``phi`` is increasing in ``cos``, so
 ``argmax_{j != y} phi_j`` is the largest non-target cosine.
 

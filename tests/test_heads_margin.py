@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from robustface.fc import FullFC, SubCenterFC
 from robustface.heads import (
+    HEAD_CONTEXT,
     HEADS,
     LOCAL,
     CombinedMarginHead,
+    HeadNeeds,
     HeadOutput,
     MarginHead,
     ShardContext,
     SoftmaxHead,
     build_head,
     combined_margin_target,
+    head_needs,
     list_heads,
 )
 
@@ -292,3 +297,85 @@ def test_local_shard_context():
     assert torch.equal(sampled.column_classes(2), torch.tensor([6, 9]))
     with pytest.raises(ValueError, match="num_columns"):
         sampled.column_classes(3)
+
+
+def _built(name, num_classes=5, embedding_size=8):
+    """``name`` built as the trainer builds it: the class layout only where the head declares it."""
+    params = {}
+    if head_needs(name).classes:
+        params = {"num_classes": num_classes, "embedding_size": embedding_size}
+    return build_head(name, **params)
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_every_head_runs_on_the_context_it_declares(name):
+    head = _built(name)
+    assert set(head.needs.context) <= set(HEAD_CONTEXT)
+    assert head_needs(name).classes == head.needs.classes
+    torch.manual_seed(0)
+    fc = FullFC(8, 5)
+    out = fc(torch.randn(16, 8), torch.arange(16) % 5)
+    twin = copy.deepcopy(head)  # stateful heads update their state on each call
+    got = out.apply_head(head, step=0, epoch=0)
+    want = twin(out.cosine, out.labels, norms=out.norms, embeddings=out.embeddings, step=0,
+                epoch=0, weight=fc.weight, shard=out.shard)  # fmt: skip
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.labels, want.labels)
+
+
+class _Recorder(MarginHead):
+    needs = HeadNeeds(context=("weight", "epoch"))
+
+    def forward(self, cosine, labels, *, shard=LOCAL, **context):
+        self.seen = dict(context, shard=shard)
+        return HeadOutput(logits=cosine, labels=labels)
+
+
+def test_apply_head_passes_only_what_the_head_declares():
+    fc = FullFC(4, 3)
+    out = fc(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    head = _Recorder()
+    out.apply_head(head, step=7, epoch=2)
+    assert set(head.seen) == {"weight", "epoch", "shard"}
+    assert head.seen["weight"] is fc.weight and head.seen["epoch"] == 2
+    assert head.seen["shard"] is out.shard
+    with pytest.raises(ValueError, match=r"needs \['epoch'\]"):
+        out.apply_head(head, step=7)
+    sub = SubCenterFC(4, 3, k=2)(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(ValueError, match=r"needs \['weight'\]"):
+        sub.apply_head(head, epoch=0)
+    with pytest.raises(TypeError, match="progress"):
+        out.apply_head(head, epoch=0, lr=0.1)
+    with pytest.raises(ValueError, match=r"HeadNeeds\.context"):
+        HeadNeeds(context=("weights",))
+
+
+def _scraped(head):
+    """The trainer's former log of a head: scalar buffers, then ``last_*`` numbers of vars()."""
+    stats = {k: float(v) for k, v in head.named_buffers() if v.numel() == 1}
+    for key, value in vars(head).items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if key.startswith("last_") and isinstance(value, (int, float)):
+            stats[key] = float(value)
+    return stats
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_stats_are_the_scalar_state_and_last_step_counters(name):
+    head = _built(name, num_classes=7)
+    torch.manual_seed(1)
+    out = FullFC(8, 7)(torch.randn(32, 8), torch.arange(32) % 7)
+    assert head.stats() == _scraped(head)
+    out.apply_head(head, step=0, epoch=50)
+    stats = head.stats()
+    assert stats == _scraped(head) and list(stats) == list(_scraped(head))
+    assert all(isinstance(v, float) for v in stats.values())
+    expected = {
+        "curricularface": {"t"},
+        "adaface": {"batch_mean", "batch_std"},
+        "boundaryface": {"last_corrected"},
+        "centerbiasface": {"t"},
+        "robustface": {"phi", "m1", "last_easy", "last_hard", "last_noise"},
+        "robustface_stable": {"last_noise"},
+    }
+    assert set(stats) == expected.get(name, set())

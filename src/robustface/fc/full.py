@@ -2,7 +2,9 @@
 
 A classifier owns the class-centre weights and turns raw embeddings into the cosine matrix a
 margin head (:mod:`robustface.heads`) consumes. Its output, :class:`FCOutput`, carries everything a
-head needs: cosines, local labels, the shard context, and the raw embeddings and norms of every row.
+head may need: cosines, local labels, the shard context, the raw embeddings and norms of every row
+and the class weights; :meth:`FCOutput.apply_head` hands a head the part of it that the head
+declares (``head.needs``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustface.heads.base import LOCAL, ShardContext
+from robustface.heads.base import HEAD_CONTEXT, LOCAL, HeadOutput, MarginHead, ShardContext
 from robustface.utils.registry import Registry
 
 __all__ = [
@@ -38,7 +40,9 @@ class FCOutput:
     ``cosine`` (B x C_local) and ``labels`` (B,) local columns, -1 where the class is not among
     them; ``shard`` how to reach the other shards; ``embeddings`` (B x d) the raw embeddings the
     cosines were computed from (gathered from every rank under Partial FC) and ``norms`` (B,)
-    their L2 norms. Nothing is detached.
+    their L2 norms; ``weight`` (count x d) the class weights of every class of this shard (not
+    only the sampled columns), ``None`` where a class has no single weight row (sub-center).
+    Nothing is detached.
     """
 
     cosine: Tensor
@@ -46,6 +50,27 @@ class FCOutput:
     shard: ShardContext
     embeddings: Tensor
     norms: Tensor
+    weight: Tensor | None = None
+
+    def apply_head(self, head: MarginHead, **progress: int) -> HeadOutput:
+        """``head`` on these cosines, given ``shard`` and only the context it declares.
+
+        ``progress``: the training position, ``step`` and ``epoch``, for heads that declare them.
+        ``ValueError`` names what a head declares and this output or ``progress`` lacks.
+        """
+        unknown = sorted(set(progress) - {"step", "epoch"})
+        if unknown:
+            raise TypeError(f"progress must be step and/or epoch, got {unknown}")
+        available = {"norms": self.norms, "embeddings": self.embeddings, "weight": self.weight}
+        available.update(progress)
+        missing = [name for name in head.needs.context if available.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"head {type(head).__name__} needs {missing} "
+                f"({'; '.join(HEAD_CONTEXT[name] for name in missing)}), which were not given"
+            )
+        context = {name: available[name] for name in head.needs.context}
+        return head(self.cosine, self.labels, shard=self.shard, **context)
 
 
 def check_embeddings(embeddings: Tensor, embedding_size: int) -> None:
@@ -127,6 +152,7 @@ class FullFC(nn.Module):
             shard=LOCAL,
             embeddings=embeddings,
             norms=embeddings.norm(dim=1),
+            weight=self.weight,
         )
 
     def extra_repr(self) -> str:

@@ -208,6 +208,7 @@ class PartialFC(nn.Module):
             ),
             embeddings=embeddings,
             norms=embeddings.norm(dim=1),
+            weight=self.weight,
         )
 
     def _sample(self, positives: Tensor) -> Tensor:

@@ -6,12 +6,15 @@ from typing import Any
 
 from robustface.heads.adaface import AdaFaceHead  # noqa: F401  (registers "adaface")
 from robustface.heads.base import (
+    HEAD_CONTEXT,
     HEADS,
     LOCAL,
+    HeadNeeds,
     HeadOutput,
     MarginHead,
     ShardContext,
     check_head_inputs,
+    head_needs,
 )
 from robustface.heads.boundaryface import BoundaryFaceHead  # noqa: F401  (registers it)
 from robustface.heads.centerbias import CenterBiasFaceHead  # noqa: F401  (registers it)
@@ -29,8 +32,10 @@ from robustface.heads.robustface import RobustFaceHead  # noqa: F401  (registers
 
 __all__ = [
     "HEADS",
+    "HEAD_CONTEXT",
     "LOCAL",
     "CombinedMarginHead",
+    "HeadNeeds",
     "HeadOutput",
     "MarginHead",
     "ShardContext",
@@ -40,6 +45,7 @@ __all__ = [
     "check_head_inputs",
     "combined_margin_target",
     "cosface",
+    "head_needs",
     "list_heads",
     "sphereface",
 ]

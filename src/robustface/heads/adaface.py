@@ -34,6 +34,7 @@ from torch import Tensor
 from robustface.heads.base import (
     HEADS,
     LOCAL,
+    HeadNeeds,
     HeadOutput,
     MarginHead,
     ShardContext,
@@ -59,6 +60,7 @@ class AdaFaceHead(MarginHead):
     Rows whose label is -1 (target on another shard) are left unchanged.
     """
 
+    needs = HeadNeeds(context=("norms",))
     batch_mean: Tensor
     batch_std: Tensor
 
@@ -94,7 +96,6 @@ class AdaFaceHead(MarginHead):
         labels: Tensor,
         *,
         norms: Tensor | None = None,
-        embeddings: Tensor | None = None,
         shard: ShardContext = LOCAL,
         **context: Any,
     ) -> HeadOutput:

@@ -5,26 +5,33 @@ A head is a *margin policy*: it turns the cosine matrix computed by a classifier
 class weights; the classifier owns those and their sharding. One training step is::
 
     out = classifier(embeddings, labels)                       # FCOutput
-    head_out = head(out.cosine, out.labels, norms=out.norms, embeddings=out.embeddings,
-                    shard=out.shard, step=step, epoch=epoch)
+    head_out = out.apply_head(head, step=step, epoch=epoch)    # passes what head.needs lists
     loss = distributed_cross_entropy(head_out.logits, head_out.labels, out.shard)
     if head_out.extra_loss is not None:
         loss = loss + head_out.extra_loss
     loss.mean().backward()                                     # the same reduction on every rank
 
-Inputs of :meth:`MarginHead.forward`
+Inputs of :meth:`MarginHead.forward`: ``head(cosine, labels, *, shard, **context)``
     ``cosine`` (B x C_local) in [-1, 1]: cosine between each sample and each class *column* on
     this rank. Under Partial FC, B is the batch gathered from every rank and the columns are this
     rank's classes, possibly a sampled subset (``shard.class_ids`` names the global class of
     each column; :meth:`ShardContext.column_classes` gives it in every case).
     ``labels`` (B,) int64: the column of the sample's labelled class, or -1 when that class is
     not among this rank's columns. Every sample's label is on exactly one rank.
-    ``norms`` (B,): raw embedding norms ``|x|`` (AdaFace); not detached, detach what must not
-    receive gradient. ``embeddings`` (B x d): the raw embeddings the cosines came from
-    (CenterBiasFace class centres); same rows as ``cosine``.
-    ``shard``: a :class:`ShardContext`. ``**context``: training progress, by name: ``step``
-    (optimizer steps done) and ``epoch`` (0-based); a head that needs one raises if it is missing.
-    Anything else a head needs (e.g. class-centre weights) it documents and receives by name here.
+    ``shard``: a :class:`ShardContext`.
+    ``**context``: the items of :data:`HEAD_CONTEXT` (``norms``, ``embeddings``, ``weight``,
+    ``step``, ``epoch``), by name, that the head *declares* in its class attribute ``needs`` (a
+    :class:`HeadNeeds`); a classifier's :meth:`~robustface.fc.FCOutput.apply_head` passes those
+    and nothing else. A head takes each one it declares as a keyword argument and raises if it
+    is missing; a caller may pass more (they are ignored), so every head can be called with the
+    whole context.
+
+Class counts
+    ``num_classes`` means the *global* number of classes everywhere (classifiers, heads,
+    :class:`ShardContext`). A head that keeps per-class state declares ``HeadNeeds(classes=True)``:
+    its constructor then takes ``num_classes`` (global), ``embedding_size`` and ``class_range``,
+    the ``(first, count)`` of the classes this rank holds (:func:`~robustface.fc.shard_bounds`;
+    ``None``: all of them), which the trainer supplies; its ``class_buffers`` have ``count`` rows.
 
 Output (:class:`HeadOutput`)
     ``logits`` (B x C_local) already multiplied by the scale; ``labels`` those the cross-entropy
@@ -49,7 +56,8 @@ Statistics across shards
 
 State
     Stateful heads keep state in registered buffers (saved with ``state_dict``, moved by ``.to``)
-    and update it only in training mode, under ``torch.no_grad``.
+    and update it only in training mode, under ``torch.no_grad``. :meth:`MarginHead.stats` gives
+    the scalar state and last-step counters for the training log.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ import abc
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -68,12 +76,17 @@ from robustface.utils.registry import Registry
 
 __all__ = [
     "HEADS",
+    "HEAD_CONTEXT",
     "LOCAL",
+    "HeadNeeds",
     "HeadOutput",
     "MarginHead",
     "ShardContext",
+    "check_class_range",
     "check_head_inputs",
+    "check_number",
     "check_scale",
+    "head_needs",
 ]
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -142,33 +155,69 @@ class HeadOutput:
     extra_loss: Tensor | None = None
 
 
+HEAD_CONTEXT: dict[str, str] = {
+    "norms": "(B,) raw embedding norms |x|, not detached",
+    "embeddings": "(B x d) raw embeddings the cosines came from, same rows as cosine",
+    "weight": "(count x d) this shard's class weights: every class of class_range, sampled or not",
+    "step": "optimizer steps done (int)",
+    "epoch": "0-based epoch (int)",
+}
+"""The context a head may declare in ``HeadNeeds.context``, with what each name holds."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadNeeds:
+    """What a head needs beyond ``cosine``, ``labels`` and ``shard``, declared on its class.
+
+    ``context``: names from :data:`HEAD_CONTEXT` that :meth:`~robustface.fc.FCOutput.apply_head`
+    passes to ``forward`` (and only these). ``classes``: the constructor takes the class layout,
+    ``num_classes`` (global), ``embedding_size`` and ``class_range``, which the trainer supplies.
+    """
+
+    context: tuple[str, ...] = ()
+    classes: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.context if name not in HEAD_CONTEXT]
+        if unknown:
+            raise ValueError(
+                f"HeadNeeds.context must be names from {sorted(HEAD_CONTEXT)}, got {unknown}"
+            )
+
+
 class MarginHead(nn.Module, abc.ABC):
     """Base class of margin heads; see the module docstring for the full contract.
 
-    ``class_buffers`` names the buffers with one row per class of this shard (CenterBiasFace's
-    centres): the trainer checkpoints them per rank and re-shards them like the class weights.
-    A head whose constructor takes ``num_classes`` / ``embedding_size`` gets them from the
-    trainer (this shard's class count).
+    ``needs`` declares the context and the class layout the head takes. ``class_buffers``
+    names the buffers with one row per class of this shard (CenterBiasFace's centres): the
+    trainer checkpoints them per rank and re-shards them like the class weights.
     """
 
-    class_buffers: tuple[str, ...] = ()
+    needs: ClassVar[HeadNeeds] = HeadNeeds()
+    class_buffers: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def forward(
-        self,
-        cosine: Tensor,
-        labels: Tensor,
-        *,
-        norms: Tensor | None = None,
-        embeddings: Tensor | None = None,
-        shard: ShardContext = LOCAL,
-        **context: Any,
+        self, cosine: Tensor, labels: Tensor, *, shard: ShardContext = LOCAL, **context: Any
     ) -> HeadOutput:
         """Scaled logits (B x C_local) and training labels from cosines and local labels."""
+
+    def stats(self) -> dict[str, float]:
+        """Scalar state for the training log, by name: every one-element buffer (``t``, ``phi``).
+
+        Heads with last-step counters (``last_*``) add them.
+        """
+        return {name: float(value) for name, value in self.named_buffers() if value.numel() == 1}
 
 
 HEADS: Registry[Callable[..., MarginHead]] = Registry("head")
 """Registered heads: classes and preset factories, each called with keyword parameters."""
+
+
+def head_needs(name: str) -> HeadNeeds:
+    """What the head registered as ``name`` declares; a factory function (preset) declares nothing
+    unless it carries a ``needs`` attribute of its own."""
+    return getattr(HEADS.get(name), "needs", HeadNeeds())
 
 
 def check_number(name: str, value: object) -> float:
@@ -186,6 +235,24 @@ def check_scale(scale: float) -> float:
     if scale <= 0:
         raise ValueError(f"scale must be finite and > 0, got {scale}")
     return scale
+
+
+def check_class_range(class_range: tuple[int, int] | None, num_classes: int) -> tuple[int, int]:
+    """``(first, count)`` of this rank's classes among ``num_classes``; ``None``: all of them."""
+    if class_range is None:
+        return 0, num_classes
+    if not isinstance(class_range, (tuple, list)) or len(class_range) != 2:
+        raise ValueError(f"class_range must be a (first, count) pair, got {class_range!r}")
+    first, count = class_range
+    for name, value in (("first", first), ("count", count)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"class_range {name} must be an integer, got {value!r}")
+    if first < 0 or count < 1 or first + count > num_classes:
+        raise ValueError(
+            f"class_range (first, count) must have first >= 0, count >= 1 and first + count <= "
+            f"num_classes = {num_classes}, got {(first, count)}"
+        )
+    return first, count
 
 
 def target_positions(labels: Tensor) -> tuple[Tensor, Tensor]:

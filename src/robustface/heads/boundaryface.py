@@ -20,7 +20,7 @@ zeros enter both maxima::
 They differ only where a cosine or ``phi`` is negative: the official form never relabels a
 sample whose best ``phi_j`` is <= 0, and it drops the negative part of both maxima, so for the
 same ``y'`` its boundary term is never larger (mean 0.37 against the paper's 0.87 on the hard
-batch of ``tests/test_heads_robust_b.py``). The corrected label ``y'`` holds for this step only;
+batch of ``tests/test_heads_boundaryface.py``). The corrected label ``y'`` holds for this step only;
 the logits are ArcFace logits for ``y'``. ``phi`` is increasing in ``cos``, so
 ``argmax_{j != y} phi_j`` is the largest non-target cosine.
 
@@ -61,10 +61,12 @@ from torch import Tensor
 from robustface.heads.base import (
     HEADS,
     LOCAL,
+    HeadNeeds,
     HeadOutput,
     MarginHead,
     ShardContext,
     check_head_inputs,
+    check_number,
     check_scale,
     target_positions,
 )
@@ -121,7 +123,10 @@ class BoundaryFaceHead(MarginHead):
 
     Needs ``epoch`` (0-based int) in the forward context. ``lam = 0`` is "BoundaryF1".
     ``formula``: ``"official"`` (default, the official code) or ``"paper"`` (module docstring).
+    ``last_corrected``: the number of labels corrected in the last forward (in :meth:`stats`).
     """
+
+    needs = HeadNeeds(context=("epoch",))
 
     def __init__(
         self,
@@ -133,11 +138,7 @@ class BoundaryFaceHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        for name, value in (("margin", margin), ("lam", lam)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
+        margin, lam = check_number("margin", margin), check_number("lam", lam)
         if not 0 <= margin < math.pi:
             raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
         if lam < 0:
@@ -146,7 +147,7 @@ class BoundaryFaceHead(MarginHead):
             raise ValueError(f"epoch_start must be an integer >= 0, got {epoch_start!r}")
         if formula not in FORMULAS:
             raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
-        self.margin, self.lam, self.epoch_start = float(margin), float(lam), epoch_start
+        self.margin, self.lam, self.epoch_start = margin, lam, epoch_start
         self.formula = formula
         self.last_corrected = 0
 
@@ -155,14 +156,12 @@ class BoundaryFaceHead(MarginHead):
         cosine: Tensor,
         labels: Tensor,
         *,
-        norms: Tensor | None = None,
-        embeddings: Tensor | None = None,
+        epoch: int | None = None,
         shard: ShardContext = LOCAL,
         **context: Any,
     ) -> HeadOutput:
         """ArcFace logits for the (corrected) labels; ``extra_loss`` from ``epoch_start`` on."""
         check_head_inputs(cosine, labels)
-        epoch = context.get("epoch")
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch (0-based int) is required in the context, got {epoch!r}")
         labels = labels.long()
@@ -205,6 +204,10 @@ class BoundaryFaceHead(MarginHead):
         return HeadOutput(
             logits=self._arcface(cosine, new_labels), labels=new_labels, extra_loss=extra
         )
+
+    def stats(self) -> dict[str, float]:
+        """``last_corrected``: the labels corrected in the last forward."""
+        return {**super().stats(), "last_corrected": float(self.last_corrected)}
 
     def _arcface(self, cosine: Tensor, labels: Tensor) -> Tensor:
         rows, cols = target_positions(labels)

@@ -16,12 +16,14 @@ parameter ``t`` (t0 = 0). Each training step, in the official code's order:
 
 In eval mode nothing is updated and steps 3-4 use the stored state. Margins carry no gradient.
 
-Inputs. ``embeddings`` (B x d) and the class weights by name, ``weight=`` (num_classes x d: this
-rank's rows; the cosine column ``c`` is class ``shard.column_classes(C)[c]``, row
-``class - shard.class_offset``). Under Partial FC the centres are sharded like the weight: each
-rank keeps the rows of its own classes, ``num_classes`` is the local count, and only the rank
-that owns a label updates that class's centre. The global min/max of ``h`` and the mean of
-``cos_y`` use ``"max"``/``"sum"`` all-reduces, so ``t`` is the same on every rank.
+Inputs (declared in ``needs``). ``embeddings`` (B x d) and the class weights by name, ``weight=``
+(count x d: this rank's rows; the cosine column ``c`` is class ``shard.column_classes(C)[c]``,
+row ``class - shard.class_offset``). Under Partial FC the centres are sharded like the weight:
+``num_classes`` is the global count and ``class_range = (first, count)`` the classes this rank
+holds (``first`` must equal ``shard.class_offset``); each rank keeps the rows of its own
+classes, and only the rank that owns a label updates that class's centre. The global min/max
+of ``h`` and the mean of ``cos_y`` use ``"max"``/``"sum"`` all-reduces, so ``t`` is the same on
+every rank.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ from torch import Tensor
 from robustface.heads.base import (
     HEADS,
     LOCAL,
+    HeadNeeds,
     HeadOutput,
     MarginHead,
     ShardContext,
+    check_class_range,
     check_head_inputs,
+    check_number,
     check_scale,
     target_positions,
 )
@@ -80,10 +85,13 @@ def _positive_int(name: str, value: object) -> int:
 class CenterBiasFaceHead(MarginHead):
     """CenterBiasFace: ArcFace with a per-class margin from the class-centre / weight bias.
 
-    Needs ``embeddings`` and ``weight=`` (see the module docstring). Buffers: ``centers``
-    (num_classes x embedding_size) and ``t``; the last margins are ``last_margins`` (for logging).
+    Needs ``embeddings`` and ``weight=`` (see the module docstring). ``num_classes`` is the
+    global class count, ``class_range`` the ``(first, count)`` of this rank's classes (``None``:
+    all). Buffers: ``centers`` (count x embedding_size) and ``t``; the last per-class margins
+    are ``last_margins``.
     """
 
+    needs = HeadNeeds(context=("embeddings", "weight"), classes=True)
     class_buffers = ("centers",)
 
     def __init__(
@@ -94,16 +102,16 @@ class CenterBiasFaceHead(MarginHead):
         margin: float = 0.4,
         margin_max: float = 0.2,
         momentum: float = 0.01,
+        *,
+        class_range: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = _positive_int("num_classes", num_classes)
         self.embedding_size = _positive_int("embedding_size", embedding_size)
+        self.class_range = check_class_range(class_range, self.num_classes)
         self.scale = check_scale(scale)
-        for name, value in (("margin", margin), ("margin_max", margin_max), ("momentum", momentum)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
+        margin, margin_max = check_number("margin", margin), check_number("margin_max", margin_max)
+        momentum = check_number("momentum", momentum)
         if margin < 0 or margin + margin_max >= math.pi:
             raise ValueError(
                 f"margin must be >= 0 with margin + margin_max < pi radians, got {margin}"
@@ -112,9 +120,8 @@ class CenterBiasFaceHead(MarginHead):
             raise ValueError(f"margin_max must be >= 0, got {margin_max}")
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
-        self.margin, self.margin_max = float(margin), float(margin_max)
-        self.momentum = float(momentum)
-        self.register_buffer("centers", torch.zeros(num_classes, embedding_size))
+        self.margin, self.margin_max, self.momentum = margin, margin_max, momentum
+        self.register_buffer("centers", torch.zeros(self.class_range[1], embedding_size))
         self.register_buffer("t", torch.zeros(()))
         self.last_margins: Tensor | None = None
 
@@ -123,15 +130,15 @@ class CenterBiasFaceHead(MarginHead):
         cosine: Tensor,
         labels: Tensor,
         *,
-        norms: Tensor | None = None,
         embeddings: Tensor | None = None,
+        weight: Tensor | None = None,
         shard: ShardContext = LOCAL,
         **context: Any,
     ) -> HeadOutput:
         """ArcFace logits with margin ``m_y`` per target; in training updates centres, then t."""
         check_head_inputs(cosine, labels)
-        weight = context.get("weight")
-        shape = (self.num_classes, self.embedding_size)
+        first, count = self.class_range
+        shape = (count, self.embedding_size)
         if not isinstance(weight, Tensor) or tuple(weight.shape) != shape:
             got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
             raise ValueError(f"weight= (class weights {shape}) is required, got {got}")
@@ -143,12 +150,15 @@ class CenterBiasFaceHead(MarginHead):
             raise ValueError(
                 f"embeddings must be ({cosine.size(0)} x {self.embedding_size}), got {got}"
             )
-        class_rows = shard.column_classes(cosine.size(1), device=cosine.device) - shard.class_offset
-        if class_rows.numel() and (
-            int(class_rows.min()) < 0 or int(class_rows.max()) >= self.num_classes
-        ):
+        if shard.class_offset != first:
             raise ValueError(
-                f"cosine columns must map to weight rows in [0, {self.num_classes}), "
+                f"shard.class_offset must be the first class of class_range ({first}), "
+                f"got {shard.class_offset}"
+            )
+        class_rows = shard.column_classes(cosine.size(1), device=cosine.device) - first
+        if class_rows.numel() and (int(class_rows.min()) < 0 or int(class_rows.max()) >= count):
+            raise ValueError(
+                f"cosine columns must map to weight rows in [0, {count}), "
                 f"got classes {int(class_rows.min())}..{int(class_rows.max())} - offset"
             )
         rows, cols = target_positions(labels)
@@ -188,7 +198,7 @@ class CenterBiasFaceHead(MarginHead):
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-            f"scale={self.scale}, margin={self.margin}, margin_max={self.margin_max}, "
-            f"momentum={self.momentum}"
+            f"num_classes={self.num_classes}, class_range={self.class_range}, "
+            f"embedding_size={self.embedding_size}, scale={self.scale}, margin={self.margin}, "
+            f"margin_max={self.margin_max}, momentum={self.momentum}"
         )

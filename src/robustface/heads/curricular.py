@@ -78,8 +78,6 @@ class CurricularFaceHead(MarginHead):
         cosine: Tensor,
         labels: Tensor,
         *,
-        norms: Tensor | None = None,
-        embeddings: Tensor | None = None,
         shard: ShardContext = LOCAL,
         **context: Any,
     ) -> HeadOutput:

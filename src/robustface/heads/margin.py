@@ -40,6 +40,7 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
+    check_number,
     check_scale,
     target_positions,
 )
@@ -97,8 +98,6 @@ class SoftmaxHead(MarginHead):
         cosine: Tensor,
         labels: Tensor,
         *,
-        norms: Tensor | None = None,
-        embeddings: Tensor | None = None,
         shard: ShardContext = LOCAL,
         **context: Any,
     ) -> HeadOutput:
@@ -128,16 +127,12 @@ class CombinedMarginHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        for name, value in (("m1", m1), ("m2", m2), ("m3", m3)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
+        m1, m2, m3 = check_number("m1", m1), check_number("m2", m2), check_number("m3", m3)
         if m1 <= 0:
             raise ValueError(f"m1 (angle factor) must be > 0, got {m1}")
         if not 0 <= m2 < math.pi:
             raise ValueError(f"m2 (additive angular margin) must be in [0, pi) radians, got {m2}")
-        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
+        self.m1, self.m2, self.m3 = m1, m2, m3
         self.easy_margin = bool(easy_margin)
 
     def forward(
@@ -145,8 +140,6 @@ class CombinedMarginHead(MarginHead):
         cosine: Tensor,
         labels: Tensor,
         *,
-        norms: Tensor | None = None,
-        embeddings: Tensor | None = None,
         shard: ShardContext = LOCAL,
         **context: Any,
     ) -> HeadOutput:

@@ -75,8 +75,6 @@ class MVSoftmaxHead(MarginHead):
         cosine: Tensor,
         labels: Tensor,
         *,
-        norms: Tensor | None = None,
-        embeddings: Tensor | None = None,
         shard: ShardContext = LOCAL,
         **context: Any,
     ) -> HeadOutput:

@@ -89,8 +89,8 @@ class RobustFaceHead(MarginHead):
     """RobustFace (official rule): ArcFace target, hard negatives boosted, noise negatives damped.
 
     Buffers: ``phi`` (EMA of the easy-pair fraction) and ``m1`` (noise margin, radians). Counts
-    of the last training step are kept as ``last_easy``, ``last_hard``, ``last_noise`` (for
-    logging; hard counts hard-only pairs).
+    of the last training step are kept as ``last_easy``, ``last_hard``, ``last_noise`` (logged
+    through :meth:`stats`; hard counts hard-only pairs).
     """
 
     def __init__(
@@ -134,8 +134,6 @@ class RobustFaceHead(MarginHead):
         cosine: Tensor,
         labels: Tensor,
         *,
-        norms: Tensor | None = None,
-        embeddings: Tensor | None = None,
         shard: ShardContext = LOCAL,
         **context: Any,
     ) -> HeadOutput:
@@ -185,6 +183,15 @@ class RobustFaceHead(MarginHead):
         logits = torch.index_put(logits, (rows, cols), target) * self.scale
         return HeadOutput(logits=logits, labels=labels)
 
+    def stats(self) -> dict[str, float]:
+        """``phi``, ``m1`` and the last training step's pair counts (``last_easy`` ...)."""
+        return {
+            **super().stats(),
+            "last_easy": float(self.last_easy),
+            "last_hard": float(self.last_hard),
+            "last_noise": float(self.last_noise),
+        }
+
     def extra_repr(self) -> str:
         return (
             f"scale={self.scale}, margin={self.margin}, m1={float(self.m1):.4g}, t={self.t}, "
@@ -226,8 +233,6 @@ class RobustFaceStableHead(MarginHead):
         cosine: Tensor,
         labels: Tensor,
         *,
-        norms: Tensor | None = None,
-        embeddings: Tensor | None = None,
         shard: ShardContext = LOCAL,
         **context: Any,
     ) -> HeadOutput:
@@ -249,6 +254,10 @@ class RobustFaceStableHead(MarginHead):
         logits = torch.where(noise, torch.full_like(cosine, NOISE_FLOOR), logits)
         logits = torch.index_put(logits, (rows, cols), target) * self.scale
         return HeadOutput(logits=logits, labels=labels)
+
+    def stats(self) -> dict[str, float]:
+        """``last_noise``: this shard's silenced pairs of the last training step."""
+        return {**super().stats(), "last_noise": float(self.last_noise)}
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, margin={self.margin}, m1={self.m1}, t={self.t}"

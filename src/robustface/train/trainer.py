@@ -20,7 +20,6 @@ run that never stopped (same world size; on CPU, bit for bit).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import random
@@ -50,7 +49,7 @@ from robustface.fc import (
     build_classifier,
     distributed_cross_entropy,
 )
-from robustface.heads import HEADS, build_head
+from robustface.heads import build_head, head_needs
 from robustface.models import BACKBONES, build_backbone
 from robustface.train import checkpoint as ckpt
 from robustface.train.analysis import AngleProbe, probe_groups, select_probe
@@ -221,20 +220,26 @@ class Trainer:
         CLASSIFIERS.get(cfg.fc.name)
         build_head(cfg.head.name, **self._head_params(1))
 
-    def _head_params(self, local_classes: int) -> dict[str, Any]:
-        """``head.params`` plus what the trainer supplies (class count, embedding size)."""
+    def _head_params(
+        self, num_classes: int, class_range: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
+        """``head.params`` plus the class layout for a head that declares it (``needs.classes``):
+        the global ``num_classes``, ``embedding_size`` and this rank's ``class_range``."""
         params: dict[str, Any] = dict(self.cfg.head.params)
-        factory = HEADS.get(self.cfg.head.name)
-        accepted = inspect.signature(factory).parameters
-        supplied = {"num_classes": local_classes, "embedding_size": self.cfg.model.embedding_size}
+        if not head_needs(self.cfg.head.name).classes:
+            return params
+        supplied = {
+            "num_classes": num_classes,
+            "embedding_size": self.cfg.model.embedding_size,
+            "class_range": class_range,
+        }
         for name, value in supplied.items():
-            if name in accepted:
-                if name in params:
-                    raise ValueError(
-                        f"head.params.{name}: set by the trainer from the data and model; remove it"
-                    )
-                params[name] = value
-        if "num_classes" in accepted and self.cfg.fc.name == "subcenter":
+            if name in params:
+                raise ValueError(
+                    f"head.params.{name}: set by the trainer from the data and model; remove it"
+                )
+            params[name] = value
+        if self.cfg.fc.name == "subcenter":
             raise ValueError(
                 f"head {self.cfg.head.name!r} keeps one statistic per class weight row: use "
                 "fc.name full or partial_fc, not subcenter"
@@ -329,8 +334,9 @@ class Trainer:
             self.device
         )
         self.sharded = isinstance(self.fc, PartialFC)
-        local = self.fc.weight.size(0) if self.sharded else self.num_classes
-        self.head = build_head(cfg.head.name, **self._head_params(local)).to(self.device)
+        class_range = (self.fc.class_start, self.fc.num_local) if self.sharded else None
+        self.head = build_head(cfg.head.name, **self._head_params(self.num_classes, class_range))
+        self.head.to(self.device)
         self.model: nn.Module = self.backbone
         self.fc_model: nn.Module = self.fc
         if self.info.distributed:
@@ -411,15 +417,8 @@ class Trainer:
         log({"step": self.global_step, "epoch": self.epoch, **summary})
 
     def _head_stats(self) -> dict[str, float]:
-        """The head's state and last-step counters for the log: scalar buffers (``t``, ``phi``,
-        ``m1``...) and ``last_*`` numbers (e.g. BoundaryFace's ``last_corrected`` labels)."""
-        stats = {f"head_{k}": float(v) for k, v in self.head.named_buffers() if v.numel() == 1}
-        for key, value in vars(self.head).items():
-            if isinstance(value, Tensor) and value.numel() == 1:
-                value = value.item()
-            if key.startswith("last_") and isinstance(value, (int, float)):
-                stats[f"head_{key}"] = float(value)
-        return stats
+        """The head's :meth:`~robustface.heads.MarginHead.stats` for the log, as ``head_*``."""
+        return {f"head_{name}": value for name, value in self.head.stats().items()}
 
     def _param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
         params = [p for p in module.parameters() if p.requires_grad]
@@ -591,16 +590,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.train.amp):
             embeddings = self.model(images)
         fc_out = self.fc_model(embeddings.float(), labels)
-        head_out = self.head(
-            fc_out.cosine,
-            fc_out.labels,
-            norms=fc_out.norms,
-            embeddings=fc_out.embeddings,
-            shard=fc_out.shard,
-            step=self.global_step,
-            epoch=self.epoch,
-            weight=self.fc.weight,
-        )
+        head_out = fc_out.apply_head(self.head, step=self.global_step, epoch=self.epoch)
         per_sample = distributed_cross_entropy(head_out.logits, head_out.labels, fc_out.shard)
         if head_out.extra_loss is not None:
             per_sample = per_sample + head_out.extra_loss

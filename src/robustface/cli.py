@@ -747,20 +747,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``robustface`` console script."""
+    """Entry point of the ``robustface`` console script.
+
+    User errors (:class:`~robustface.errors.RobustfaceError`, which includes unknown registry
+    names, a ``ValueError`` for a bad parameter, a missing or existing path) are printed as one
+    line, exit status 2; any other exception is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (
-        RobustfaceError,
-        ValueError,
-        TypeError,
-        KeyError,
-        FileExistsError,
-        FileNotFoundError,
-    ) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"robustface {args.command}: error: {message}", file=sys.stderr)
+    except (RobustfaceError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"robustface {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

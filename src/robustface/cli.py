@@ -422,19 +422,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_ijb(args: argparse.Namespace) -> int:
-    from robustface.evaluate.ijb import evaluate_ijb
+    from robustface.data.ijb import read_ijb_meta
+    from robustface.evaluate.ijb import (
+        IJBSettings,
+        checkpoint_key,
+        embed_ijb,
+        read_ijb_1n_meta,
+        score_ijb,
+        write_ijb_report,
+    )
+    from robustface.evaluate.loading import load_backbone
 
-    out = args.out
-    if out is None:
-        out = (args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent) / "eval"
-    results = evaluate_ijb(
-        args.checkpoint,
-        args.data,
-        args.name,
-        out_dir=out,
-        **model_args(args),
-        batch_size=args.batch_size,
-        device=args.device,
+    settings = IJBSettings(
         aggregation=args.aggregation,
         far_mode=args.far_mode,
         far_reading=args.far_reading,
@@ -442,9 +441,34 @@ def _cmd_eval_ijb(args: argparse.Namespace) -> int:
         faceness=not args.no_faceness,
         align_rule=args.align_rule,
         score_dtype="float64" if args.float64 else "float32",
-        cache_dir=args.cache,
+        batch_size=args.batch_size,
+        device=args.device,
         workers=args.workers,
+    )
+    out = args.out
+    if out is None:
+        out = (args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent) / "eval"
+    meta = read_ijb_meta(args.data, args.name)
+    one_n = read_ijb_1n_meta(args.data, args.name)
+    model, input_size = load_backbone(args.checkpoint, **model_args(args), device=args.device)
+    embedded = embed_ijb(
+        model,
+        meta,
+        settings,
+        input_size=input_size,
+        model_key=checkpoint_key(args.checkpoint, args.backbone, args.color_order),
+        cache_dir=args.cache if args.cache is not None else out / "cache",
         show_progress=not args.quiet,
+    )
+    scores = score_ijb(embedded, meta, settings, one_n)
+    results = write_ijb_report(
+        out,
+        meta,
+        embedded,
+        scores,
+        settings,
+        label=args.checkpoint.stem,
+        checkpoint=args.checkpoint,
     )
     report = Path(results["report"])
     print(report.with_suffix(".md").read_text(encoding="utf-8"), end="")

@@ -72,6 +72,7 @@ def test_a_user_error_inside_a_command_is_one_line(monkeypatch, capsys):
     assert err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_demo_writes_run_directory_and_reuses_data(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["demo", "--config", str(TINY), "--out", str(run), "--noise", "C34O34", *SMALL,

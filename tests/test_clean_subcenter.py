@@ -237,6 +237,7 @@ def _check_output(out: Path, data: Path, threshold: float) -> dict:
     return report
 
 
+@pytest.mark.slow
 def test_subcenter_drop_end_to_end(noisy_run, tmp_path, capsys):
     run, data = noisy_run
     out = tmp_path / "clean"

@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
+from robustface import cli
 from robustface.cli import build_parser, main
 from robustface.data.image import encode_image
 from robustface.data.recordio import RecordIODataset
+from robustface.errors import DataFormatError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "smoke.yaml"
@@ -43,6 +46,46 @@ def test_synth_errors_are_reported_not_raised(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("bug", [TypeError("bad call"), KeyError("k"), AttributeError("no x")])
+def test_a_bug_inside_a_command_keeps_its_traceback(monkeypatch, bug):
+    def broken(args: argparse.Namespace) -> int:
+        raise bug
+
+    monkeypatch.setattr(cli, "_cmd_report", broken)
+    with pytest.raises(type(bug)) as raised:
+        main(["report", "run"])
+    assert raised.value is bug
+
+
+def test_a_user_error_inside_a_command_is_one_line(monkeypatch, capsys):
+    def bad_file(args: argparse.Namespace) -> int:
+        raise DataFormatError("x.rec", "bad magic 0x00000000", key=3)
+
+    monkeypatch.setattr(cli, "_cmd_report", bad_file)
+    assert main(["report", "run"]) == 2
+    err = capsys.readouterr().err
+    assert err == "robustface report: error: x.rec [record 3]: bad magic 0x00000000\n"
+    # an unknown registry name (a KeyError) is a user error too, printed unquoted
+    assert main(["eval", "ijb", "run", "--data", "d", "--aggregation", "max"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustface eval: error: unknown template aggregator 'max'")
+    assert err.count("\n") == 1
+    # a parameter of the wrong type is the user's error (though still a TypeError): one line
+    from robustface.heads.base import check_number
+
+    def bad_param(args: argparse.Namespace) -> int:
+        check_number("margin", "abc")
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_report", bad_param)
+    assert main(["report", "run"]) == 2
+    err = capsys.readouterr().err
+    assert err == "robustface report: error: margin must be a number, got str\n"
+    with pytest.raises(TypeError):
+        check_number("margin", "abc")
+
+
+@pytest.mark.slow
 def test_demo_writes_run_directory_and_reuses_data(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["demo", "--config", str(TINY), "--out", str(run), "--noise", "C34O34", *SMALL,

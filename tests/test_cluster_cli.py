@@ -94,6 +94,7 @@ def test_benchmark_trains_and_tabulates(bench, tmp_path, capsys):
     assert "unknown clusterer 'kmeanz'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_given_models_are_used_and_gcn_e_trains_on_them(bench, tmp_path, capsys):
     models = tmp_path / "models"
     base = [str(bench), "part0_train", "--k", "10", "--quiet", "--out", str(models)]

@@ -41,6 +41,7 @@ def _exp(out: Path, *extra: str) -> ExperimentConfig:
     return load_config(path, [f"output_dir={out}", *TINY, *extra], cls=ExperimentConfig)
 
 
+@pytest.mark.slow
 def test_grid_tables_resume_and_failures(tmp_path, capsys):
     exp = _exp(tmp_path / "e")
     cells = run_experiment(exp, progress=False)

@@ -19,11 +19,15 @@ from robustface.deploy import align_face
 from robustface.evaluate.ijb import (
     AGGREGATORS,
     FPIRS,
+    IJBSettings,
+    embed_ijb,
     group_templates,
     identification,
     read_ijb_1n_meta,
+    score_ijb,
     score_pairs,
     template_features,
+    write_ijb_report,
 )
 from robustface.evaluate.loading import load_backbone
 from robustface.evaluate.report import model_fingerprint, write_evaluation
@@ -524,6 +528,29 @@ def _row_cells(md: str, *first: str) -> list[str]:
     """The cells of the Markdown table row of ``md`` whose first cells are ``first``."""
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()]
     return next(row for row in rows if tuple(row[: len(first)]) == first)
+
+
+def test_python_steps_without_a_cache_match_brute_force(ijb_setup, tmp_path):
+    """embed -> score -> report from Python, a module in memory and no cache directory."""
+    ijb_dir, weights = ijb_setup
+    model, size = load_backbone(weights, backbone="r18_tiny")
+    meta, one_n = read_ijb_meta(ijb_dir, "IJBS"), read_ijb_1n_meta(ijb_dir, "IJBS")
+    settings = IJBSettings(batch_size=5, workers=1)
+    embedded = embed_ijb(model, meta, settings, input_size=size, show_progress=False)
+    assert embedded.cache_file is None and not embedded.reused
+    assert embedded.model_key["module"] == type(model).__qualname__
+    scores = score_ijb(embedded, meta, settings, one_n)
+    results = write_ijb_report(tmp_path, meta, embedded, scores, settings, label="tiny")
+    tar, ident, _ = recompute(ijb_dir, weights)
+    got = results["verification"]["tar_at_far_insightface"]
+    assert got == {f: pytest.approx(tar[f], abs=1e-12) for f in FARS}
+    for g, (rank_rates, _, _) in ident.items():
+        assert results["identification"][g]["rank"] == pytest.approx(rank_rates, abs=1e-12)
+    report = json.loads((tmp_path / "ijbs.json").read_text())
+    assert report["model"] is None and report["config"]["cache"] is None
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        embed_ijb(model, meta, settings, input_size=size)
 
 
 def test_cli_end_to_end(ijb_setup, tmp_path, capsys):

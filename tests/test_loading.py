@@ -60,6 +60,7 @@ def demo_like(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     return model, tmp_path / "backbone.pth"
 
 
+@pytest.mark.slow
 def test_architecture_is_read_from_the_weights(tmp_path):
     model, path = demo_like(tmp_path)
     state = torch.load(path, weights_only=True)

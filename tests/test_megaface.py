@@ -11,12 +11,14 @@ import pytest
 from robustface.cli import main
 from robustface.errors import DataFormatError
 from robustface.evaluate.megaface import (
+    FeatureSource,
     evaluate_megaface,
     format_megaface,
     load_feature_set,
     noise_mask,
     read_devkit_feature,
     read_noise_list,
+    run_megaface,
     save_feature_cache,
     write_devkit_feature,
 )
@@ -272,3 +274,33 @@ def test_feature_cache_remembers_its_model(tmp_path):
     assert load_feature_set(tmp_path / "c.npz", model_sha256="a" * 64).features.shape == (2, 2)
     with pytest.raises(ValueError, match="features of another model"):
         load_feature_set(tmp_path / "c.npz", model_sha256="b" * 64)
+
+
+def test_run_megaface_from_python_equals_the_evaluation_on_arrays(tmp_path):
+    probes, ids, distractors = _planted(identities=6, distractors=50)
+    paths = [f"id{i}/id{i}_{k}.png" for k, i in enumerate(ids)]
+    save_feature_cache(tmp_path / "p.npz", probes, paths=paths, labels=ids)
+    np.save(tmp_path / "d.npy", distractors)
+    (tmp_path / "noises.txt").write_text("id0_0.png\n")
+    probe = FeatureSource(features=tmp_path / "p.npz", noises=tmp_path / "noises.txt")
+    run = run_megaface(probe, FeatureSource(features=tmp_path / "d.npy"), sizes=[10, 50], far=0.05)
+    noisy = np.zeros(len(ids), bool)
+    noisy[0] = True
+    expected = evaluate_megaface(
+        probes, ids, distractors, sizes=(10, 50), far=0.05, probe_noisy=noisy
+    )
+    for size in (10, 50):
+        np.testing.assert_allclose(
+            run.results["sizes"][size]["cmc"], expected["sizes"][size]["cmc"]
+        )
+    assert run.table == format_megaface(expected)
+    assert run.config["facescrub_noises"] == tmp_path / "noises.txt" and run.config["sizes"] == [
+        10,
+        50,
+    ]
+    with pytest.raises(
+        ValueError, match="exactly one of --distractor-features and --distractor-images"
+    ):
+        run_megaface(probe, FeatureSource())
+    with pytest.raises(ValueError, match="--probe-images needs a MODEL"):
+        run_megaface(FeatureSource(images=tmp_path), FeatureSource(features=tmp_path / "d.npy"))

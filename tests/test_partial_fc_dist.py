@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from robustface.fc import FullFC, PartialFC, distributed_cross_entropy
 from robustface.heads import build_head
 
+pytestmark = pytest.mark.slow  # the module fixture starts the rank processes (about 18 s)
+
 WORLD_SIZE = 2
 NUM_CLASSES, DIM = 11, 6  # shards of 6 and 5 classes
 BATCH_SIZES = (5, 3)  # uneven local batches

@@ -47,6 +47,7 @@ def tiny(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_byte_identical_for_any_worker_count(tiny, tmp_path):
     other = build_synthface(tmp_path / "w2", TINY, workers=2, progress=False).path
     a, b = _files(tiny), _files(other)

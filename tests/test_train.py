@@ -93,6 +93,7 @@ def test_sampler_resumes_mid_epoch_on_any_world_size():
 
 
 # ------------------------------------------------------------------------------- exact resume
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "classifier",
     [
@@ -132,6 +133,7 @@ def test_resume_from_any_step_gives_identical_weights(synth_train_dir, tmp_path,
             assert have == want
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_an_interrupted_run(synth_train_dir, tmp_path):
     cfg = _cfg(tmp_path / "r", synth_train_dir, "train.max_steps=3", "data.val_targets=[]")
     Trainer(cfg).fit()
@@ -228,6 +230,7 @@ def test_refuses_to_mix_runs_in_one_output_dir(synth_train_dir, tmp_path):
         Trainer(cfg)
 
 
+@pytest.mark.slow
 def test_metrics_after_the_checkpoint_are_dropped_on_resume(synth_train_dir, tmp_path):
     extra = ["train.checkpoint_every=2", "train.keep_checkpoints=20", "data.val_targets=[]"]
     Trainer(_cfg(tmp_path / "k", synth_train_dir, *extra)).fit()
@@ -277,6 +280,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, data: str, *extra: s
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_partial_fc_two_ranks_then_resume_on_one(synth_train_dir, tmp_path):
     out = tmp_path / "ddp"
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), str(synth_train_dir)), nprocs=2)
@@ -294,6 +298,7 @@ def test_ddp_partial_fc_two_ranks_then_resume_on_one(synth_train_dir, tmp_path):
     assert one.global_step == 3
 
 
+@pytest.mark.slow
 def test_centerbias_centres_are_sharded_in_checkpoints_and_reshard(synth_train_dir, tmp_path):
     out = tmp_path / "cb"
     head = "head.name=centerbiasface"
@@ -385,6 +390,7 @@ def test_per_batch_noise_is_exact_and_deterministic(synth_train_dir, tmp_path):
         _cfg(tmp_path / "x", synth_train_dir, "data.batch_noise_open=0.1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", __import__("robustface.heads").heads.list_heads())
 def test_every_head_lowers_the_loss_on_synthface(synth_train_dir, tmp_path, head):
     extra = ["train.epochs=4", "data.val_targets=[]", f"head.name={head}", "fc.name=full",

@@ -65,6 +65,7 @@ def test_worker_error_is_the_same_one_line_as_without_workers(bad_rec, tmp_path,
     assert errors[1].count("\n") == 1  # one line, no traceback
 
 
+@pytest.mark.slow
 def test_any_dataset_carries_the_original_error_out_of_a_worker(bad_rec):
     ds = RecordIODataset(bad_rec)  # no __getitems__ of its own
     loader = torch.utils.data.DataLoader(

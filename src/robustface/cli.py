@@ -23,11 +23,6 @@ from robustface.cli_cluster import add_cluster_parser
 from robustface.config import Config, SynthConfig, load_config
 from robustface.errors import RobustfaceError
 
-if typing.TYPE_CHECKING:
-    import torch
-
-    from robustface.evaluate.megaface import FeatureSet
-
 
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends ``(default: X)`` to an option's help unless it has no default or says it already."""
@@ -288,100 +283,51 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
     return 0
 
 
-def _megaface_set(
-    args: argparse.Namespace, role: str, model: torch.nn.Module | None, input_size: int
-) -> FeatureSet:
-    """The probe or distractor FeatureSet of ``eval megaface``: read, or embedded with MODEL."""
+def _cmd_eval_megaface(args: argparse.Namespace) -> int:
+    from robustface.evaluate.loading import load_backbone
     from robustface.evaluate.megaface import (
-        FeatureSet,
-        embed_image_files,
-        load_feature_set,
-        read_devkit_list,
-        save_feature_cache,
+        FeatureSource,
+        ImageEmbedder,
+        run_megaface,
+        write_megaface_report,
     )
     from robustface.evaluate.report import model_fingerprint
 
-    features, images = getattr(args, f"{role}_features"), getattr(args, f"{role}_images")
-    list_file = getattr(args, f"{role}_list")
-    if (features is None) == (images is None):
-        raise ValueError(f"give exactly one of --{role}-features and --{role}-images")
-    sha = model_fingerprint(args.model)["sha256"] if args.model is not None else None
-    if features is not None:
-        labels = args.probe_labels if role == "probe" else None
-        return load_feature_set(
-            features,
-            list_file=list_file,
-            file_ending=args.file_ending,
-            labels=labels,
-            model_sha256=sha,
-            progress=not args.quiet,
-        )
-    if model is None or list_file is None:
-        raise ValueError(f"--{role}-images needs a MODEL and --{role}-list")
-    paths, ids = read_devkit_list(list_file)
-    feats = embed_image_files(
-        model,
-        images,
-        paths,
-        input_size=input_size,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    if args.cache:
-        save_feature_cache(
-            args.cache / f"{role}.npz", feats, paths=paths, labels=ids, model_sha256=sha
-        )
-    return FeatureSet(feats, paths, ids)
-
-
-def _cmd_eval_megaface(args: argparse.Namespace) -> int:
-    import faiss
-
-    from robustface.evaluate.loading import load_backbone
-    from robustface.evaluate.megaface import (
-        evaluate_megaface,
-        format_megaface,
-        noise_mask,
-        read_noise_list,
-        write_megaface_report,
-    )
-
-    model, input_size = None, 0
+    embedder = None
     if args.model is not None and (args.probe_images or args.distractor_images):
         model, input_size = load_backbone(args.model, **model_args(args), device=args.device)
-    probe = _megaface_set(args, "probe", model, input_size)
-    distractors = _megaface_set(args, "distractor", model, input_size)
-    if probe.labels is None:
-        raise ValueError("the probe features have no identity labels: give --probe-labels")
-    masks = {}
-    for name, fs, noises, parts in (
-        ("probe", probe, args.facescrub_noises, 1),
-        ("distractor", distractors, args.megaface_noises, 3),
-    ):
-        if noises is not None:
-            if fs.paths is None:
-                raise ValueError(f"a noise list needs the {name} image paths (.npz or devkit list)")
-            masks[name] = noise_mask(fs.paths, read_noise_list(noises), parts)
-    results = evaluate_megaface(
-        probe.features,
-        probe.labels,
-        distractors.features,
+        embedder = ImageEmbedder(model, input_size, args.batch_size, args.device)
+    probe = FeatureSource(
+        args.probe_features,
+        args.probe_images,
+        args.probe_list,
+        args.probe_labels,
+        args.facescrub_noises,
+    )
+    distractors = FeatureSource(
+        args.distractor_features,
+        args.distractor_images,
+        args.distractor_list,
+        noises=args.megaface_noises,
+    )
+    run = run_megaface(
+        probe,
+        distractors,
+        embedder=embedder,
+        model_sha256=model_fingerprint(args.model)["sha256"] if args.model is not None else None,
+        file_ending=args.file_ending,
+        cache_dir=args.cache,
         sizes=args.sizes,
         max_rank=args.max_rank,
         far=args.far,
-        probe_noisy=masks.get("probe"),
-        distractor_noisy=masks.get("distractor"),
+        far_reading=args.far_reading,
         progress=not args.quiet,
     )
-    table = format_megaface(results, args.far_reading)
-    print(table)
+    print(run.table)
     if args.out:
-        keys = ("probe_features", "probe_images", "probe_list", "probe_labels")
-        keys += ("distractor_features", "distractor_images", "distractor_list", "file_ending")
-        keys += ("facescrub_noises", "megaface_noises", "sizes", "max_rank", "far", "far_reading")
-        config = {k: getattr(args, k) for k in keys} | {"faiss": faiss.__version__}
-        path = write_megaface_report(args.out, results, table, model=args.model, config=config)
+        path = write_megaface_report(
+            args.out, run.results, run.table, model=args.model, config=run.config
+        )
         print(f"wrote {path}")
     return 0
 
@@ -422,19 +368,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_ijb(args: argparse.Namespace) -> int:
-    from robustface.evaluate.ijb import evaluate_ijb
+    from robustface.data.ijb import read_ijb_meta
+    from robustface.evaluate.ijb import (
+        IJBSettings,
+        checkpoint_key,
+        embed_ijb,
+        read_ijb_1n_meta,
+        score_ijb,
+        write_ijb_report,
+    )
+    from robustface.evaluate.loading import load_backbone
 
-    out = args.out
-    if out is None:
-        out = (args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent) / "eval"
-    results = evaluate_ijb(
-        args.checkpoint,
-        args.data,
-        args.name,
-        out_dir=out,
-        **model_args(args),
-        batch_size=args.batch_size,
-        device=args.device,
+    settings = IJBSettings(
         aggregation=args.aggregation,
         far_mode=args.far_mode,
         far_reading=args.far_reading,
@@ -442,9 +387,34 @@ def _cmd_eval_ijb(args: argparse.Namespace) -> int:
         faceness=not args.no_faceness,
         align_rule=args.align_rule,
         score_dtype="float64" if args.float64 else "float32",
-        cache_dir=args.cache,
+        batch_size=args.batch_size,
+        device=args.device,
         workers=args.workers,
+    )
+    out = args.out
+    if out is None:
+        out = (args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent) / "eval"
+    meta = read_ijb_meta(args.data, args.name)
+    one_n = read_ijb_1n_meta(args.data, args.name)
+    model, input_size = load_backbone(args.checkpoint, **model_args(args), device=args.device)
+    embedded = embed_ijb(
+        model,
+        meta,
+        settings,
+        input_size=input_size,
+        model_key=checkpoint_key(args.checkpoint, args.backbone, args.color_order),
+        cache_dir=args.cache if args.cache is not None else out / "cache",
         show_progress=not args.quiet,
+    )
+    scores = score_ijb(embedded, meta, settings, one_n)
+    results = write_ijb_report(
+        out,
+        meta,
+        embedded,
+        scores,
+        settings,
+        label=args.checkpoint.stem,
+        checkpoint=args.checkpoint,
     )
     report = Path(results["report"])
     print(report.with_suffix(".md").read_text(encoding="utf-8"), end="")
@@ -747,20 +717,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``robustface`` console script."""
+    """Entry point of the ``robustface`` console script.
+
+    User errors (:class:`~robustface.errors.RobustfaceError`, which includes unknown registry
+    names, a ``ValueError`` for a bad parameter, a missing or existing path) are printed as one
+    line, exit status 2; any other exception is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (
-        RobustfaceError,
-        ValueError,
-        TypeError,
-        KeyError,
-        FileExistsError,
-        FileNotFoundError,
-    ) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"robustface {args.command}: error: {message}", file=sys.stderr)
+    except (RobustfaceError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"robustface {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -38,3 +38,8 @@ class DataFormatError(RobustfaceError, ValueError):
 
 class ConfigError(RobustfaceError, ValueError):
     """A config file or override is invalid; the message lists every problem found."""
+
+
+class ParameterTypeError(RobustfaceError, TypeError):
+    """A user-given parameter has the wrong type (``"abc"`` for a number): a user error, shown on
+    one line by the CLI, and still a ``TypeError`` for callers that catch one."""

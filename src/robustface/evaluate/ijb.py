@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from robustface.data.ijb import IJBMeta, read_ijb_meta
+from robustface.data.ijb import IJBMeta
 from robustface.data.image import decode_image
 from robustface.deploy.align import ARCFACE_TEMPLATE, TEMPLATE_RULES, align_face
 from robustface.errors import DataFormatError
@@ -73,15 +73,21 @@ __all__ = [
     "RANKS",
     "Aggregator",
     "IJB1NMeta",
+    "IJBEmbeddings",
+    "IJBScores",
+    "IJBSettings",
     "TemplateGroups",
+    "checkpoint_key",
+    "embed_ijb",
     "embed_ijb_images",
-    "evaluate_ijb",
     "fuse_views",
     "group_templates",
     "identification",
     "read_ijb_1n_meta",
+    "score_ijb",
     "score_pairs",
     "template_features",
+    "write_ijb_report",
 ]
 
 RANKS = (1, 5, 10)
@@ -751,167 +757,160 @@ def _plot_cmc(ident: dict[str, dict[str, Any]], title: str, path: Path) -> None:
     save_figure(fig, path)
 
 
-# ---- the whole evaluation -----------------------------------------------------------------------
+# ---- the evaluation: embed -> score -> report ---------------------------------------------------
 
 
-def evaluate_ijb(
-    model: nn.Module | str | Path,
-    ijb_dir: str | Path,
-    name: str = "IJBC",
-    *,
-    out_dir: str | Path,
-    backbone: str | None = None,
-    embedding_size: int | None = None,
-    width: float | None = None,
-    input_size: int | None = None,
-    color_order: str | None = None,
-    unsafe_legacy_load: bool = False,
-    batch_size: int = 128,
-    device: str | torch.device = "cpu",
-    aggregation: str = "norm_weighted",
-    far_mode: str = "closest",
-    far_reading: str = "measurable",
-    fars: Sequence[float] = FARS,
-    flip: bool = True,
-    faceness: bool = True,
-    align_rule: str = "scale",
-    score_dtype: str = "float32",
-    cache_dir: str | Path | None = None,
-    workers: int = 4,
-    label: str | None = None,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a model on an IJB set and write the report; returns the results.
+@dataclass(frozen=True)
+class IJBSettings:
+    """How an IJB set is embedded, scored and reported; checked on construction.
 
-    ``model`` is a module (in eval mode, on ``device``) taking normalised RGB ``N x 3 x H x W``
-    input, or a checkpoint for :func:`robustface.evaluate.loading.load_backbone` (``backbone``,
-    ``embedding_size``, ``width``, ``input_size``, ``color_order``, ``unsafe_legacy_load`` go
-    there). ``align_rule`` places the template at crop sizes
-    other than 112 (:func:`robustface.deploy.align.arcface_template`); ``score_dtype`` is the
-    precision of pair scoring (:func:`score_pairs`). ``far_reading`` says what the tables show at
-    a FAR below ``1 / impostor pairs`` and an FPIR below ``1 / non-mated probes``:
-    ``"measurable"`` ``n/m``, ``"insightface"`` insightface's reading marked ``*`` (the JSON
-    holds both). Embeddings are cached in ``cache_dir``
-    (default ``out_dir/cache``), one ``.npy`` per key (the model's content hash, the alignment,
-    ``flip`` and the image list), so a new ``aggregation``, ``faceness`` or ``far_mode`` reuses
-    them and several models can share one cache directory. Writes
-    ``out_dir/{name}.json`` (results, config, checkpoint hash, versions), ``{name}.md`` (TAR at
-    FAR per model, 1:N table when the 1:N files exist), ``{name}_roc.png`` and ``{name}_cmc.png``
-    (lower-case ``name``).
+    The defaults are insightface's. ``align_rule`` places the template at crop sizes other than
+    112 (:func:`robustface.deploy.align.arcface_template`); ``score_dtype`` is the precision of
+    pair scoring (:func:`score_pairs`); ``far_reading`` says what the tables show at a FAR below
+    ``1 / impostor pairs`` and an FPIR below ``1 / non-mated probes``: ``"measurable"`` ``n/m``,
+    ``"insightface"`` insightface's reading marked ``*`` (the JSON holds both). ``batch_size``,
+    ``device`` and ``workers`` (decoding threads) only change the speed.
     """
-    if far_mode not in FAR_MODES:
-        raise ValueError(f"far_mode must be one of {FAR_MODES}, got {far_mode!r}")
-    check_far_reading(far_reading)
-    if align_rule not in TEMPLATE_RULES:
-        raise ValueError(f"align_rule must be one of {TEMPLATE_RULES}, got {align_rule!r}")
-    if score_dtype not in SCORE_DTYPES:
-        raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {score_dtype!r}")
-    AGGREGATORS.get(aggregation)
-    fars = [float(f) for f in fars]
-    out_dir = Path(out_dir)
-    cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
-    meta = read_ijb_meta(ijb_dir, name)
-    one_n = read_ijb_1n_meta(ijb_dir, name)
 
-    checkpoint: Path | None = None
-    if isinstance(model, str | Path):
-        from robustface.evaluate.loading import load_backbone
+    aggregation: str = "norm_weighted"
+    far_mode: str = "closest"
+    far_reading: str = "measurable"
+    fars: tuple[float, ...] = FARS
+    flip: bool = True
+    faceness: bool = True
+    align_rule: str = "scale"
+    score_dtype: str = "float32"
+    batch_size: int = 128
+    device: str | torch.device = "cpu"
+    workers: int = 4
 
-        checkpoint = Path(model)
-        loaded, size = load_backbone(
-            checkpoint,
-            backbone=backbone,
-            embedding_size=embedding_size,
-            width=width,
-            input_size=input_size,
-            color_order=color_order,
-            unsafe_legacy_load=unsafe_legacy_load,
-            device=device,
-        )
-        model_key = {
-            "sha256": model_fingerprint(checkpoint)["sha256"],
-            "backbone": backbone,
-            "color_order": color_order,
-        }
-        embed_fn: Callable[[torch.Tensor], torch.Tensor] = loaded
-        label = label or checkpoint.stem
-    else:
-        meta_size = getattr(getattr(model, "meta", None), "input_size", None)
-        size = int(input_size or meta_size or 112)
-        if model.training:
-            raise ValueError("put the model in eval mode first (model.eval())")
+    def __post_init__(self) -> None:
+        if self.far_mode not in FAR_MODES:
+            raise ValueError(f"far_mode must be one of {FAR_MODES}, got {self.far_mode!r}")
+        check_far_reading(self.far_reading)
+        if self.align_rule not in TEMPLATE_RULES:
+            raise ValueError(f"align_rule must be one of {TEMPLATE_RULES}, got {self.align_rule!r}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
+        AGGREGATORS.get(self.aggregation)
+        object.__setattr__(self, "fars", tuple(float(f) for f in self.fars))
+
+
+@dataclass(frozen=True)
+class IJBEmbeddings:
+    """The raw embeddings ``(N, V, d)`` of an IJB set (:func:`embed_ijb`) and their origin."""
+
+    embeddings: np.ndarray
+    input_size: int
+    model_key: dict[str, Any]
+    cache_file: Path | None
+    reused: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class IJBScores:
+    """What :func:`score_ijb` measured: 1:1 ROC and the points read at ``fars``, 1:N results."""
+
+    templates: int
+    media: int
+    xnorm: float
+    pairs: int
+    roc: Roc
+    points: np.ndarray
+    identification: dict[str, dict[str, Any]] | None
+    seconds: float
+
+
+def checkpoint_key(
+    checkpoint: str | Path, backbone: str | None = None, color_order: str | None = None
+) -> dict[str, Any]:
+    """The model part of the embedding cache key of a checkpoint file loaded with ``backbone``
+    and ``color_order`` (the flags that change what the same file computes)."""
+    sha = model_fingerprint(checkpoint)["sha256"]
+    return {"sha256": sha, "backbone": backbone, "color_order": color_order}
+
+
+def embed_ijb(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    meta: IJBMeta,
+    settings: IJBSettings,
+    *,
+    input_size: int = 112,
+    model_key: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> IJBEmbeddings:
+    """Embed every image of ``meta`` at ``input_size`` px with ``model`` (in eval mode, on
+    ``settings.device``, taking normalised RGB ``N x 3 x H x W``).
+
+    With ``cache_dir`` the embeddings are cached there, one ``.npy`` per key: ``model_key``
+    (:func:`checkpoint_key` for a loaded checkpoint; default the module's content hash), the
+    alignment, ``flip`` and the image list. A new ``aggregation``, ``faceness`` or ``far_mode``
+    reuses them and several models can share one cache directory.
+    """
+    if isinstance(model, nn.Module) and model.training:
+        raise ValueError("put the model in eval mode first (model.eval())")
+    if model_key is None:
+        if not isinstance(model, nn.Module):
+            raise ValueError("give model_key for a model that is not an nn.Module")
         model_key = _module_fingerprint(model)
-        embed_fn = model
-        label = label or type(model).__name__
-    key = {
-        "format": CACHE_FORMAT,
-        "model": model_key,
-        "align": {
-            "template": ARCFACE_TEMPLATE,
-            "size": size,
-            "rule": align_rule,
-            "interpolation": "bilinear",
-        },
-        "flip": flip,
-        "images": int(meta.images.size),
-        "meta_sha256": _meta_digest(meta),
+    options: dict[str, Any] = {
+        "size": input_size,
+        "align_rule": settings.align_rule,
+        "batch_size": settings.batch_size,
+        "flip": settings.flip,
+        "device": settings.device,
+        "workers": settings.workers,
+        "show_progress": show_progress,
     }
-
     t0 = time.perf_counter()
-    embeddings, cache_file, reused = _load_or_embed(
-        embed_fn,
-        meta,
-        cache,
-        key,
-        size=size,
-        align_rule=align_rule,
-        batch_size=batch_size,
-        flip=flip,
-        device=device,
-        workers=workers,
-        show_progress=show_progress,
-    )
-    t1 = time.perf_counter()
-    features, xnorm = fuse_views(embeddings)
-    weights = meta.faceness if faceness else np.ones(meta.images.size, np.float32)
-    groups = group_templates(meta.templates, meta.medias)
-    feats = template_features(features, weights, groups, aggregation)
-    del features
-    scores = score_pairs(feats, groups.template_ids, meta.pairs, dtype=score_dtype)
-    roc = Roc.from_scores(scores, meta.pair_labels)
-    points = roc.operating_points(fars, far_mode)
-    grid = np.logspace(-6, 0, 61)
-    results: dict[str, Any] = {
-        "name": name,
-        "model": label,
-        "images": int(meta.images.size),
-        "templates": int(groups.template_ids.size),
-        "media": int(groups.media_counts.size),
-        "xnorm": xnorm,
-        "verification": {
-            "tar_at_far": roc.tar_at_far(fars, far_mode),
-            "tar_at_far_insightface": roc.tar_at_far(fars, far_mode, "insightface"),
-            "min_measurable_far": roc.min_measurable_far,
-            "far_mode": far_mode,
-            "far_reading": far_reading,
-            "operating_points": {
-                f: {
-                    "fpr": roc.fpr[i],
-                    "threshold": roc.thresholds[i],
-                    "measurable": far_measurable(f, roc.num_negatives),
-                }
-                for f, i in zip(fars, points.tolist(), strict=True)
+    if cache_dir is None:
+        embeddings, cache_file, reused = embed_ijb_images(model, meta, **options), None, False
+    else:
+        key = {
+            "format": CACHE_FORMAT,
+            "model": model_key,
+            "align": {
+                "template": ARCFACE_TEMPLATE,
+                "size": input_size,
+                "rule": settings.align_rule,
+                "interpolation": "bilinear",
             },
-            "pairs": int(scores.size),
-            "genuine": roc.num_positives,
-            "impostor": roc.num_negatives,
-            "roc": {"fpr": grid, "tpr": list(roc.tar_at_far(grid, "conservative").values())},
-        },
-    }
+            "flip": settings.flip,
+            "images": int(meta.images.size),
+            "meta_sha256": _meta_digest(meta),
+        }
+        embeddings, cache_file, reused = _load_or_embed(
+            model, meta, Path(cache_dir), key, **options
+        )
+    seconds = time.perf_counter() - t0
+    return IJBEmbeddings(embeddings, input_size, model_key, cache_file, reused, seconds)
+
+
+def score_ijb(
+    embedded: IJBEmbeddings,
+    meta: IJBMeta,
+    settings: IJBSettings,
+    one_n: IJB1NMeta | None = None,
+) -> IJBScores:
+    """Pool the embeddings into template features (faceness-weighted if ``settings.faceness``,
+    with ``settings.aggregation``), score the 1:1 pairs and, with ``one_n``
+    (:func:`read_ijb_1n_meta`), search every 1:N gallery with the probes."""
+    t0 = time.perf_counter()
+    features, xnorm = fuse_views(embedded.embeddings)
+    weights = meta.faceness if settings.faceness else np.ones(meta.images.size, np.float32)
+    groups = group_templates(meta.templates, meta.medias)
+    feats = template_features(features, weights, groups, settings.aggregation)
+    del features
+    scores = score_pairs(feats, groups.template_ids, meta.pairs, dtype=settings.score_dtype)
+    roc = Roc.from_scores(scores, meta.pair_labels)
+    points = roc.operating_points(settings.fars, settings.far_mode)
+    ident = None
     if one_n is not None:
         probe_templates, probe_subjects = one_n.probe
         probe_feats = feats[_rows_of(groups.template_ids, probe_templates, "1:N probe")]
-        results["identification"] = {
+        ident = {
             g: identification(
                 feats[_rows_of(groups.template_ids, g_templates, f"1:N gallery {g}")],
                 g_subjects,
@@ -920,36 +919,96 @@ def evaluate_ijb(
             )
             for g, (g_templates, g_subjects) in one_n.galleries.items()
         }
-    results["seconds"] = {"embedding": t1 - t0, "scoring": time.perf_counter() - t1}
-    results["embedding_cache"] = {"path": cache_file, "reused": reused}
+    return IJBScores(
+        templates=int(groups.template_ids.size),
+        media=int(groups.media_counts.size),
+        xnorm=xnorm,
+        pairs=int(scores.size),
+        roc=roc,
+        points=points,
+        identification=ident,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def write_ijb_report(
+    out_dir: str | Path,
+    meta: IJBMeta,
+    embedded: IJBEmbeddings,
+    scores: IJBScores,
+    settings: IJBSettings,
+    *,
+    label: str,
+    checkpoint: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write the report of model ``label`` and return its results (``"report"``: the JSON path).
+
+    Writes ``out_dir/{name}.json`` (results, settings, the hash of ``checkpoint``, versions),
+    ``{name}.md`` (TAR at FAR, the 1:N table when there are 1:N results), ``{name}_roc.png`` and
+    ``{name}_cmc.png`` (lower-case ``meta.name``).
+    """
+    out_dir = Path(out_dir)
+    name, roc, fars = meta.name, scores.roc, settings.fars
+    grid = np.logspace(-6, 0, 61)
+    results: dict[str, Any] = {
+        "name": name,
+        "model": label,
+        "images": int(meta.images.size),
+        "templates": scores.templates,
+        "media": scores.media,
+        "xnorm": scores.xnorm,
+        "verification": {
+            "tar_at_far": roc.tar_at_far(fars, settings.far_mode),
+            "tar_at_far_insightface": roc.tar_at_far(fars, settings.far_mode, "insightface"),
+            "min_measurable_far": roc.min_measurable_far,
+            "far_mode": settings.far_mode,
+            "far_reading": settings.far_reading,
+            "operating_points": {
+                f: {
+                    "fpr": roc.fpr[i],
+                    "threshold": roc.thresholds[i],
+                    "measurable": far_measurable(f, roc.num_negatives),
+                }
+                for f, i in zip(fars, scores.points.tolist(), strict=True)
+            },
+            "pairs": scores.pairs,
+            "genuine": roc.num_positives,
+            "impostor": roc.num_negatives,
+            "roc": {"fpr": grid, "tpr": list(roc.tar_at_far(grid, "conservative").values())},
+        },
+    }
+    if scores.identification is not None:
+        results["identification"] = scores.identification
+    results["seconds"] = {"embedding": embedded.seconds, "scoring": scores.seconds}
+    results["embedding_cache"] = {"path": embedded.cache_file, "reused": embedded.reused}
 
     stem = name.lower()
-    _plot_roc(
-        roc, points, far_mode, f"{name} 1:1 verification: {label}", out_dir / f"{stem}_roc.png"
-    )
+    title = f"{name} 1:1 verification: {label}"
+    _plot_roc(roc, scores.points, settings.far_mode, title, out_dir / f"{stem}_roc.png")
     if "identification" in results:
         _plot_cmc(results["identification"], f"{name} 1:N: {label}", out_dir / f"{stem}_cmc.png")
     else:  # a CMC of an earlier run must not sit beside these results
         (out_dir / f"{stem}_cmc.png").unlink(missing_ok=True)
+    cache = embedded.cache_file
     config = {
-        "data": str(Path(ijb_dir)),
+        "data": str(meta.root),
         "name": name,
-        "aggregation": aggregation,
-        "far_mode": far_mode,
-        "far_reading": far_reading,
-        "fars": fars,
-        "flip": flip,
-        "faceness": faceness,
-        "input_size": size,
-        "align_rule": align_rule,
-        "score_dtype": score_dtype,
-        "backbone": backbone,
-        "color_order": color_order,
-        "batch_size": batch_size,
-        "device": str(device),
-        "cache": str(cache),
+        "aggregation": settings.aggregation,
+        "far_mode": settings.far_mode,
+        "far_reading": settings.far_reading,
+        "fars": list(fars),
+        "flip": settings.flip,
+        "faceness": settings.faceness,
+        "input_size": embedded.input_size,
+        "align_rule": settings.align_rule,
+        "score_dtype": settings.score_dtype,
+        "backbone": embedded.model_key.get("backbone"),
+        "color_order": embedded.model_key.get("color_order"),
+        "batch_size": settings.batch_size,
+        "device": str(settings.device),
+        "cache": None if cache is None else str(cache.parent),
     }
-    table = _tables(label, name, results, far_reading)
+    table = _tables(label, name, results, settings.far_reading)
     results["report"] = write_evaluation(
         out_dir, stem, results, table, model=checkpoint, config=config
     )

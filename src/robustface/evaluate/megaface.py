@@ -70,6 +70,9 @@ from robustface.utils.table import markdown_table
 __all__ = [
     "DEFAULT_SIZES",
     "FeatureSet",
+    "FeatureSource",
+    "ImageEmbedder",
+    "MegafaceRun",
     "embed_image_files",
     "evaluate_megaface",
     "format_megaface",
@@ -80,7 +83,9 @@ __all__ = [
     "read_devkit_features",
     "read_devkit_list",
     "read_noise_list",
+    "run_megaface",
     "save_feature_cache",
+    "source_feature_set",
     "write_devkit_feature",
     "write_megaface_report",
 ]
@@ -591,3 +596,168 @@ def write_megaface_report(
 
     plot_megaface(results, Path(out_dir) / "megaface_cmc.png")
     return write_evaluation(out_dir, "megaface", results, table, model=model, config=config)
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """Where the probe (FaceScrub) or distractor (MegaFace) features of a run come from.
+
+    Exactly one of ``features`` (read with :func:`load_feature_set`: a ``.npz`` cache, a ``.npy``
+    matrix or a devkit directory) and ``images`` (aligned images, embedded by an
+    :class:`ImageEmbedder`, listed in the devkit JSON ``list_file``). ``labels`` gives the probe
+    identities (:func:`load_feature_set`), ``noises`` an insightface noise list.
+    """
+
+    features: Path | None = None
+    images: Path | None = None
+    list_file: Path | None = None
+    labels: Path | None = None
+    noises: Path | None = None
+
+
+@dataclass(frozen=True)
+class ImageEmbedder:
+    """A loaded model that embeds :attr:`FeatureSource.images` (see :func:`embed_image_files`)."""
+
+    model: Callable[[torch.Tensor], torch.Tensor]
+    input_size: int
+    batch_size: int = 256
+    device: str | torch.device = "cpu"
+
+
+@dataclass(frozen=True)
+class MegafaceRun:
+    """The outcome of :func:`run_megaface`: results, their table and the settings to record."""
+
+    results: dict[str, Any]
+    table: str
+    config: dict[str, Any]
+
+
+def source_feature_set(
+    role: str,
+    source: FeatureSource,
+    *,
+    embedder: ImageEmbedder | None = None,
+    file_ending: str | None = None,
+    model_sha256: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> FeatureSet:
+    """The ``role`` (``"probe"`` or ``"distractor"``) FeatureSet of ``source``: read, or embedded
+    with ``embedder`` and then cached as ``cache_dir/{role}.npz`` (with ``model_sha256``, which
+    also refuses a ``.npz`` cache of another model)."""
+    if (source.features is None) == (source.images is None):
+        raise ValueError(f"give exactly one of --{role}-features and --{role}-images")
+    if source.features is not None:
+        return load_feature_set(
+            source.features,
+            list_file=source.list_file,
+            file_ending=file_ending,
+            labels=source.labels if role == "probe" else None,
+            model_sha256=model_sha256,
+            progress=progress,
+        )
+    if embedder is None or source.list_file is None:
+        raise ValueError(f"--{role}-images needs a MODEL and --{role}-list")
+    paths, ids = read_devkit_list(source.list_file)
+    feats = embed_image_files(
+        embedder.model,
+        source.images,
+        paths,
+        input_size=embedder.input_size,
+        batch_size=embedder.batch_size,
+        device=embedder.device,
+        progress=progress,
+    )
+    if cache_dir is not None:
+        save_feature_cache(
+            Path(cache_dir) / f"{role}.npz",
+            feats,
+            paths=paths,
+            labels=ids,
+            model_sha256=model_sha256,
+        )
+    return FeatureSet(feats, paths, ids)
+
+
+def run_megaface(
+    probe: FeatureSource,
+    distractors: FeatureSource,
+    *,
+    embedder: ImageEmbedder | None = None,
+    model_sha256: str | None = None,
+    file_ending: str | None = None,
+    cache_dir: str | Path | None = None,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    max_rank: int = 10,
+    far: float = 1e-6,
+    far_reading: str = "measurable",
+    progress: bool = True,
+) -> MegafaceRun:
+    """Read or embed both feature sets (:func:`source_feature_set`), apply their noise lists and
+    run :func:`evaluate_megaface`; the table is :func:`format_megaface`'s. Write the report with
+    :func:`write_megaface_report` (``config=run.config``)."""
+    import faiss
+
+    probe_set = source_feature_set(
+        "probe",
+        probe,
+        embedder=embedder,
+        file_ending=file_ending,
+        model_sha256=model_sha256,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    distractor_set = source_feature_set(
+        "distractor",
+        distractors,
+        embedder=embedder,
+        file_ending=file_ending,
+        model_sha256=model_sha256,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    if probe_set.labels is None:
+        raise ValueError("the probe features have no identity labels: give --probe-labels")
+    masks = {}
+    for name, fs, noises, parts in (
+        ("probe", probe_set, probe.noises, 1),
+        ("distractor", distractor_set, distractors.noises, 3),
+    ):
+        if noises is not None:
+            if fs.paths is None:
+                raise ValueError(f"a noise list needs the {name} image paths (.npz or devkit list)")
+            masks[name] = noise_mask(fs.paths, read_noise_list(noises), parts)
+    results = evaluate_megaface(
+        probe_set.features,
+        probe_set.labels,
+        distractor_set.features,
+        sizes=sizes,
+        max_rank=max_rank,
+        far=far,
+        probe_noisy=masks.get("probe"),
+        distractor_noisy=masks.get("distractor"),
+        progress=progress,
+    )
+    config = {
+        "probe_features": probe.features,
+        "probe_images": probe.images,
+        "probe_list": probe.list_file,
+        "probe_labels": probe.labels,
+        "distractor_features": distractors.features,
+        "distractor_images": distractors.images,
+        "distractor_list": distractors.list_file,
+        "file_ending": file_ending,
+        "facescrub_noises": probe.noises,
+        "megaface_noises": distractors.noises,
+        "sizes": sizes,
+        "max_rank": max_rank,
+        "far": far,
+        "far_reading": far_reading,
+        "faiss": faiss.__version__,
+    }
+    return MegafaceRun(results, format_megaface(results, far_reading), config)

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from robustface.data.transforms import resize_to
 from robustface.data.verification import load_bin_images
+from robustface.errors import ParameterTypeError
 from robustface.evaluate.roc import (
     check_far_reading,
     far_measurable,
@@ -97,7 +98,7 @@ def _check_inputs(
             f"{int(bad.any(axis=1).sum())} rows (first at row {row}, pair {row // 2})"
         )
     if isinstance(nrof_folds, bool) or not isinstance(nrof_folds, int | np.integer):
-        raise TypeError(f"nrof_folds must be an int, got {type(nrof_folds).__name__}")
+        raise ParameterTypeError(f"nrof_folds must be an int, got {type(nrof_folds).__name__}")
     if not 2 <= nrof_folds <= same.size:
         raise ValueError(
             f"nrof_folds must be in [2, number of pairs = {same.size}], got {nrof_folds}"

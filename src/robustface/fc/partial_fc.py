@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from robustface.errors import ParameterTypeError
 from robustface.fc.full import (
     CLASSIFIERS,
     FCOutput,
@@ -154,7 +155,9 @@ class PartialFC(nn.Module):
         super().__init__()
         check_sizes(embedding_size, num_classes)
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
-            raise TypeError(f"sample_rate must be a number, got {type(sample_rate).__name__}")
+            raise ParameterTypeError(
+                f"sample_rate must be a number, got {type(sample_rate).__name__}"
+            )
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         rank, world_size = _group_info(group)

@@ -72,6 +72,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from robustface.errors import ParameterTypeError
 from robustface.utils.registry import Registry
 
 __all__ = [
@@ -223,7 +224,7 @@ def head_needs(name: str) -> HeadNeeds:
 def check_number(name: str, value: object) -> float:
     """``value`` as a float; ``TypeError`` unless a real number, ``ValueError`` unless finite."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        raise ParameterTypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)

@@ -22,11 +22,14 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from robustface.errors import RobustfaceError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
-    """``Registry.get`` was given a name that is not registered.
+class UnknownNameError(RobustfaceError, KeyError):
+    """``Registry.get`` was given a name that is not registered (a user error: a typo in a
+    config or a flag).
 
     A ``KeyError`` whose ``str()`` is the plain message (``KeyError`` would show it quoted).
     """

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -342,205 +343,319 @@ class _Model:
     """
 
 
-def _build_model(params: np.ndarray) -> _Model:
-    """The 3D model of the identity with genes ``params`` (see ``identity.PARAM_NAMES``)."""
-    g = {name: float(params[i]) for name, i in PARAM_INDEX.items()}
-    m = _Model()
-    a = _lerp(37.0, 47.0, g["head_width"])
-    c = _lerp(46.0, 55.0, g["head_depth"])
-    ey = _lerp(-3.0, 4.0, g["eye_height"])
-    nl = _lerp(16.0, 24.0, g["nose_length"])
-    mouth_y = ey + nl + _lerp(14.0, 21.0, g["mouth_height"])
-    b = max(_lerp(54.0, 66.0, g["head_height"]), mouth_y + 13.0)
-    kc = _lerp(0.86, 1.02, g["cheek_width"])
-    kj = _lerp(0.6, 0.93, g["jaw_width"])
-    kch = _lerp(0.15, 0.48, g["chin_width"])
-    cp = _lerp(-0.06, 0.08, g["chin_protrusion"])
-    # width, front depth and back depth of the rings at _RING_T, as fractions of a, c and c
-    jaw_mid = 0.5 * (kc + kj) + 0.03
-    low = [kc, jaw_mid, 0.5 * (jaw_mid + kj), kj, 0.5 * (kj + kch) + 0.04, 0.45 * kj + 0.55 * kch]
-    wk = np.concatenate([_CROWN, low, [0.2 * kj + 0.8 * kch, kch]])
-    fk = np.concatenate(
-        [_CROWN * 0.93, [0.93, 0.9, 0.88, 0.86, 0.83], np.array([0.8, 0.76, 0.7]) + cp]
-    )
-    bk = np.concatenate([_CROWN * 1.05, [0.9, 0.55, 0.4, 0.25, 0.0, -0.25, -0.38, -0.45]])
+class _HeadShape:
+    """The head's proportions and its surface: a stack of horizontal elliptic rings.
 
-    # half-width, depth centre and half-depth of the ring at each height of _RING_TABLE_T
-    f, k = c * np.interp(_RING_TABLE_T, _RING_T, fk), c * np.interp(_RING_TABLE_T, _RING_T, bk)
-    table = np.stack([a * np.interp(_RING_TABLE_T, _RING_T, wk), 0.5 * (f - k), 0.5 * (f + k)], 1)
+    ``half_width``, ``half_height`` and ``depth`` are the head's radii (``_Model.a``, ``b`` and the
+    depth scale), ``eye_y``, ``nose_length`` and ``mouth_y`` place the features; ``jaw`` is the
+    jaw width as a fraction of ``half_width``.
+    """
 
-    def ring(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __init__(self, genes: dict[str, float]) -> None:
+        half_width = _lerp(37.0, 47.0, genes["head_width"])
+        depth = _lerp(46.0, 55.0, genes["head_depth"])
+        eye_y = _lerp(-3.0, 4.0, genes["eye_height"])
+        nose_length = _lerp(16.0, 24.0, genes["nose_length"])
+        mouth_y = eye_y + nose_length + _lerp(14.0, 21.0, genes["mouth_height"])
+        half_height = max(_lerp(54.0, 66.0, genes["head_height"]), mouth_y + 13.0)
+        cheek = _lerp(0.86, 1.02, genes["cheek_width"])
+        jaw = _lerp(0.6, 0.93, genes["jaw_width"])
+        chin = _lerp(0.15, 0.48, genes["chin_width"])
+        chin_protrusion = _lerp(-0.06, 0.08, genes["chin_protrusion"])
+        # width, front depth and back depth of the rings at _RING_T, as fractions of the
+        # half-width, depth and depth
+        jaw_mid = 0.5 * (cheek + jaw) + 0.03
+        low = [
+            cheek,
+            jaw_mid,
+            0.5 * (jaw_mid + jaw),
+            jaw,
+            0.5 * (jaw + chin) + 0.04,
+            0.45 * jaw + 0.55 * chin,
+        ]
+        width_profile = np.concatenate([_CROWN, low, [0.2 * jaw + 0.8 * chin, chin]])
+        front_profile = np.concatenate(
+            [
+                _CROWN * 0.93,
+                [0.93, 0.9, 0.88, 0.86, 0.83],
+                np.array([0.8, 0.76, 0.7]) + chin_protrusion,
+            ]
+        )
+        back_profile = np.concatenate(
+            [_CROWN * 1.05, [0.9, 0.55, 0.4, 0.25, 0.0, -0.25, -0.38, -0.45]]
+        )
+        # half-width, depth centre and half-depth of the ring at each height of _RING_TABLE_T
+        front = depth * np.interp(_RING_TABLE_T, _RING_T, front_profile)
+        back = depth * np.interp(_RING_TABLE_T, _RING_T, back_profile)
+        half_widths = half_width * np.interp(_RING_TABLE_T, _RING_T, width_profile)
+        self._table = np.stack([half_widths, 0.5 * (front - back), 0.5 * (front + back)], 1)
+        self.half_width, self.half_height, self.depth = half_width, half_height, depth
+        self.eye_y, self.nose_length, self.mouth_y, self.jaw = eye_y, nose_length, mouth_y, jaw
+
+    def ring(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Half-width, depth centre and half-depth of the head's horizontal ring at height ``y``."""
-        i = np.rint((np.asarray(y) * (1.0 / b) + 1.0) * _RING_STEPS).astype(np.intp)
-        v = table[np.minimum(np.maximum(i, 0), len(table) - 1)]
-        return v[..., 0], v[..., 1], v[..., 2]
+        row = np.rint((np.asarray(y) * (1.0 / self.half_height) + 1.0) * _RING_STEPS)
+        row = row.astype(np.intp)
+        ring = self._table[np.minimum(np.maximum(row, 0), len(self._table) - 1)]
+        return ring[..., 0], ring[..., 1], ring[..., 2]
 
-    def surf(x: np.ndarray, y: np.ndarray, out: float | np.ndarray = 0.0) -> np.ndarray:
+    def front(self, x: np.ndarray, y: np.ndarray, out: float | np.ndarray = 0.0) -> np.ndarray:
         """Points on the front of the head at (x, y), pushed ``out`` towards the camera."""
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         if x.shape != y.shape:
             x, y = np.broadcast_arrays(x, y)
-        w, zc, dz = ring(y)
-        q = np.minimum(np.abs(x) / np.maximum(w, 1e-3), 1.0)
-        p = np.empty((*x.shape, 3))
-        p[..., 0], p[..., 1], p[..., 2] = x, y, zc + dz * np.sqrt(1.0 - q * q) + out
-        return p
+        half_width, centre, half_depth = self.ring(y)
+        across = np.minimum(np.abs(x) / np.maximum(half_width, 1e-3), 1.0)
+        points = np.empty((*x.shape, 3))
+        points[..., 0], points[..., 1] = x, y
+        points[..., 2] = centre + half_depth * np.sqrt(1.0 - across * across) + out
+        return points
 
-    def at_phi(phi: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    def around(self, phi: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """Points of the rings at heights ``y`` and angles ``phi`` (0 = front), scaled."""
         phi, y = np.asarray(phi, np.float64), np.asarray(y, np.float64)
         if phi.shape != y.shape:
             phi, y = np.broadcast_arrays(phi, y)
-        w, zc, dz = ring(y)
-        p = np.empty((*phi.shape, 3))
-        p[..., 0], p[..., 1], p[..., 2] = (
-            w * np.sin(phi) * scale,
+        half_width, centre, half_depth = self.ring(y)
+        points = np.empty((*phi.shape, 3))
+        points[..., 0], points[..., 1], points[..., 2] = (
+            half_width * np.sin(phi) * scale,
             y,
-            (zc + dz * np.cos(phi)) * scale,
+            (centre + half_depth * np.cos(phi)) * scale,
         )
-        return p
+        return points
 
-    def normal(p: np.ndarray) -> np.ndarray:
-        """Approximate outward unit normals of the head surface at points ``p``."""
-        w, zc, dz = ring(p[..., 1])
-        n = [p[..., 0] / np.maximum(w, 1e-3) ** 2, 0.6 * p[..., 1] / b**2, (p[..., 2] - zc) / dz**2]
+    def normal(self, points: np.ndarray) -> np.ndarray:
+        """Approximate outward unit normals of the head surface at ``points``."""
+        half_width, centre, half_depth = self.ring(points[..., 1])
+        n = [
+            points[..., 0] / np.maximum(half_width, 1e-3) ** 2,
+            0.6 * points[..., 1] / self.half_height**2,
+            (points[..., 2] - centre) / half_depth**2,
+        ]
         return _unit(np.stack(n, axis=-1))
 
-    m.a, m.b = a, b
-    static: list[np.ndarray] = []
-    count = 0
 
-    def add(p: np.ndarray) -> slice:
-        nonlocal count
-        p = np.asarray(p, np.float64).reshape(-1, 3)
-        static.append(p)
-        count += len(p)
-        return slice(count - len(p), count)
+class _PointStack:
+    """The model's static points, added part by part; each part gets its slice of the rows."""
 
-    # ---- colours -------------------------------------------------------------------------------
-    tone = g["skin_tone"] * (len(_SKIN) - 1)
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self._count = 0
+
+    def add(self, points: np.ndarray) -> slice:
+        points = np.asarray(points, np.float64).reshape(-1, 3)
+        self._parts.append(points)
+        self._count += len(points)
+        return slice(self._count - len(points), self._count)
+
+    def homogeneous(self) -> np.ndarray:
+        return _homogeneous(np.concatenate(self._parts))
+
+
+class _Hair(typing.NamedTuple):
+    style: str  # one of HAIR_STYLES
+    volume: float  # scale of the hair-covered crown rings
+    hairline_y: float
+
+
+class _Nose(typing.NamedTuple):
+    points: np.ndarray  # root l/r, mid l/r, tip, ala l/r, subnasale, junction with the cheek l/r
+    normals: list[np.ndarray]  # one per _NOSE_FACES
+    width: float
+    tip_y: float
+
+
+class _Eyes(typing.NamedTuple):
+    centres: np.ndarray  # (2, 3), image-left eye first
+    normals: np.ndarray  # (2, 3)
+    spacing: float
+    width: float
+
+
+@dataclass(frozen=True)
+class _MouthShape:
+    width: float
+    upper_lip: float
+    lower_lip: float
+    curvature: float
+
+    def points(self, head: _HeadShape, smile: float, opened: float) -> np.ndarray:
+        """Rows top lip (9), lip line (9), lower lip line (9), bottom lip (9), teeth (7)."""
+        x = _MOUTH_X * self.width / 2 * (1.0 + 0.12 * smile)
+        xs2 = _MOUTH_X**2
+        line = head.mouth_y - smile * 1.0 - (self.curvature + 3.5 * smile) * xs2
+        bow = np.sqrt(1.0 - xs2) * (1.0 - 0.3 * np.exp(-((_MOUTH_X / 0.2) ** 2)))
+        top = line - self.upper_lip * (1.0 - 0.3 * smile) * bow
+        gap = opened * 9.0 * (1.0 - xs2) ** 0.8
+        bottom = line + gap + self.lower_lip * (1.0 - 0.2 * smile) * (1.0 - xs2) ** 0.6
+        teeth = line[1:-1] + np.minimum(gap[1:-1], 2.5 + 0.5 * self.upper_lip)
+        out = 1.8 * (1.0 - xs2)
+        xx = np.concatenate([x, x, x, x, x[1:-1]])
+        yy = np.concatenate([top, line, line + gap, bottom, teeth])
+        return head.front(xx, yy, np.concatenate([out, out, out, out, out[1:-1] - 0.5]))
+
+
+def _set_colours(m: _Model, genes: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Set the skin, hair, lip, brow, iris... colours; returns the skin and hair RGB."""
+    tone = genes["skin_tone"] * (len(_SKIN) - 1)
     i0 = min(int(tone), len(_SKIN) - 2)
     skin = _SKIN[i0] + (_SKIN[i0 + 1] - _SKIN[i0]) * (tone - i0)
-    skin = skin + (g["skin_hue"] - 0.5) * np.array([14.0, 0.0, -14.0])
+    skin = skin + (genes["skin_hue"] - 0.5) * np.array([14.0, 0.0, -14.0])
     hair = np.clip(
-        _HAIR[_pick(_HAIR_P, g["hair_colour"])] * _lerp(0.8, 1.2, g["hair_shade"]), 10, 235
+        _HAIR[_pick(_HAIR_P, genes["hair_colour"])] * _lerp(0.8, 1.2, genes["hair_shade"]), 10, 235
     )
-    brow = hair + (np.array([35.0, 28.0, 24.0]) - hair) * _lerp(0.2, 0.85, g["brow_darkness"])
-    iris_kind = _pick(_IRIS_P, g["iris_colour"])
-    if iris_kind >= 3 and g["skin_tone"] > 0.45 and (g["iris_colour"] * 7.0) % 1.0 > 0.25:
+    brow = hair + (np.array([35.0, 28.0, 24.0]) - hair) * _lerp(0.2, 0.85, genes["brow_darkness"])
+    iris_kind = _pick(_IRIS_P, genes["iris_colour"])
+    if iris_kind >= 3 and genes["skin_tone"] > 0.45 and (genes["iris_colour"] * 7.0) % 1.0 > 0.25:
         iris_kind = 0  # light irises are rare with dark skin
-    lip = skin * np.array([0.93, 0.66, 0.66]) * _lerp(0.82, 1.0, g["lip_colour"]) + [18.0, 4.0, 8.0]
+    lip_shade = _lerp(0.82, 1.0, genes["lip_colour"])
+    lip = skin * np.array([0.93, 0.66, 0.66]) * lip_shade + np.array([18.0, 4.0, 8.0])
     m.c_skin, m.c_hair, m.c_lip = _tup(skin), _tup(hair), _tup(lip * 0.93)
-    m.c_brow = _tup(skin + (brow - skin) * _lerp(0.7, 0.95, g["brow_thickness"]))
-    m.c_iris = _tup(_IRIS[iris_kind] * _lerp(0.75, 1.2, g["iris_shade"]))
+    m.c_brow = _tup(skin + (brow - skin) * _lerp(0.7, 0.95, genes["brow_thickness"]))
+    m.c_iris = _tup(_IRIS[iris_kind] * _lerp(0.75, 1.2, genes["iris_shade"]))
     m.c_crease, m.c_mouth_line = _tup(skin * 0.72), _tup(lip * 0.55)
     m.c_ear, m.c_ear_in = _tup(skin * [0.96, 0.88, 0.86]), _tup(skin * [0.72, 0.66, 0.64])
     m.c_nostril, m.c_alae, m.c_neck = _tup(skin * 0.35), _tup(skin * 0.72), _tup(skin * 0.8)
     m.c_back = _tup(hair * 0.85)
     m.c_strand = _tup(hair + 30.0 if hair.mean() < 70 else hair * 0.72)
-    m.s_origin = add(np.zeros(3))
+    return skin, hair
 
-    # ---- head silhouette, skin region and hair -------------------------------------------------
-    style = HAIR_STYLES[_pick(_STYLE_P, g["hair_style"])]
+
+def _add_head_and_skin(
+    m: _Model,
+    genes: dict[str, float],
+    head: _HeadShape,
+    points: _PointStack,
+    skin: np.ndarray,
+    hair: np.ndarray,
+) -> _Hair:
+    """The head silhouette (hair-covered crown swollen by the hair volume) and the outline of
+    the skin region below the hairline."""
+    style = HAIR_STYLES[_pick(_STYLE_P, genes["hair_style"])]
     m.style = style
-    head = at_phi(_RING_PHI[None, :], b * _RING_T[1:, None])  # (rings, 16, 3)
-    volume = 1.0 if style in ("bald", "buzz") else _lerp(1.03, 1.1, g["hair_volume"])
+    outline = head.around(_RING_PHI[None, :], head.half_height * _RING_T[1:, None])
+    volume = 1.0 if style in ("bald", "buzz") else _lerp(1.03, 1.1, genes["hair_volume"])
     volume += 0.08 if style == "curly" else 0.0
     if style != "bald":
-        head[:5] *= volume
-        head[:5, :, 1] -= (volume - 1.0) * 6.0
-        nape = at_phi(_RING_PHI[[0, 1, 2, 14, 15]], np.full(5, 0.45 * b), volume)
-        head = np.concatenate([head.reshape(-1, 3), nape])
-    m.s_head = add(head)
+        outline[:5] *= volume
+        outline[:5, :, 1] -= (volume - 1.0) * 6.0
+        nape = head.around(
+            _RING_PHI[[0, 1, 2, 14, 15]], np.full(5, 0.45 * head.half_height), volume
+        )
+        outline = np.concatenate([outline.reshape(-1, 3), nape])
+    m.s_head = points.add(outline)
     cap = skin if style == "bald" else (0.45 * skin + 0.55 * hair if style == "buzz" else hair)
     m.c_cap = _tup(cap)
 
-    hl = ey - _lerp(30.0, 42.0, g["hairline"])
+    eye_y = head.eye_y
+    hairline_y = eye_y - _lerp(30.0, 42.0, genes["hairline"])
     m.s_skin = None
     if style != "bald":
         phi_h = np.linspace(-1.35, 1.35, 11)
-        hairline = at_phi(phi_h, hl + (ey - 12.0 - hl) * (np.abs(phi_h) / 1.35) ** 2.5)
+        hairline = head.around(
+            phi_h, hairline_y + (eye_y - 12.0 - hairline_y) * (np.abs(phi_h) / 1.35) ** 2.5
+        )
         side_phi = 1.2 if style == "long" else 1.75
-        side = at_phi(
-            np.repeat([-side_phi, side_phi], 3), np.tile(ey + np.array([-10.0, 6.0, 20.0]), 2)
+        side = head.around(
+            np.repeat([-side_phi, side_phi], 3), np.tile(eye_y + np.array([-10.0, 6.0, 20.0]), 2)
         )
         phi = _RING_PHI[::2] if style != "long" else _RING_PHI[np.abs(_RING_PHI) <= 1.3]
-        lower = at_phi(phi[None, :], b * _RING_T[6:, None])
-        m.s_skin = add(np.concatenate([hairline, side, lower.reshape(-1, 3)]))
+        lower = head.around(phi[None, :], head.half_height * _RING_T[6:, None])
+        m.s_skin = points.add(np.concatenate([hairline, side, lower.reshape(-1, 3)]))
+    return _Hair(style, volume, hairline_y)
 
-    # ---- ears ----------------------------------------------------------------------------------
-    eh = 27.0 * _lerp(0.85, 1.2, g["ear_size"])
-    flare = _lerp(0.35, 0.85, g["ear_flare"])
-    ear_y = ey + _lerp(5.0, 10.0, g["ear_height"])
-    w_e, zc_e, _ = ring(ear_y)
+
+def _add_ears(
+    m: _Model, genes: dict[str, float], head: _HeadShape, points: _PointStack, style: str
+) -> None:
+    """Outer and inner outline of both ears (hidden under long hair)."""
+    height = 27.0 * _lerp(0.85, 1.2, genes["ear_size"])
+    flare = _lerp(0.35, 0.85, genes["ear_flare"])
+    ear_y = head.eye_y + _lerp(5.0, 10.0, genes["ear_height"])
+    ring_half_width, ring_centre, _ = head.ring(ear_y)
     m.s_ears, m.s_ears_in = [], []
-    for s in (-1.0, 1.0):
-        base = np.array([s * float(w_e) * 0.95, ear_y, float(zc_e) - 0.06 * c])
-        e_out = np.array([s * math.sin(flare), 0.0, -math.cos(flare)]) * (0.55 * eh)
-        e_up = np.array([0.0, -eh, 0.0])
-        m.s_ears.append(add(base + _EAR[:, :1] * e_out + _EAR[:, 1:] * e_up))
-        m.s_ears_in.append(add(base + _EAR_INNER[:, :1] * e_out + _EAR_INNER[:, 1:] * e_up))
+    for side in (-1.0, 1.0):
+        base = np.array(
+            [side * float(ring_half_width) * 0.95, ear_y, float(ring_centre) - 0.06 * head.depth]
+        )
+        e_out = np.array([side * math.sin(flare), 0.0, -math.cos(flare)]) * (0.55 * height)
+        e_up = np.array([0.0, -height, 0.0])
+        m.s_ears.append(points.add(base + _EAR[:, :1] * e_out + _EAR[:, 1:] * e_up))
+        m.s_ears_in.append(points.add(base + _EAR_INNER[:, :1] * e_out + _EAR_INNER[:, 1:] * e_up))
     m.show_ears = style != "long"
 
-    # ---- nose ----------------------------------------------------------------------------------
-    nw = _lerp(14.0, 22.0, g["nose_width"])
-    prot = _lerp(8.0, 16.0, g["nose_protrusion"])
-    tip = _lerp(-1.5, 2.5, g["nose_tip"])
-    bw = _lerp(3.0, 6.5, g["nose_bridge"])
-    yt = ey + nl
+
+def _add_nose(m: _Model, genes: dict[str, float], head: _HeadShape, points: _PointStack) -> _Nose:
+    """The nose solid (10 points, 4 shaded faces), its nostrils and alae."""
+    width = _lerp(14.0, 22.0, genes["nose_width"])
+    protrusion = _lerp(8.0, 16.0, genes["nose_protrusion"])
+    tip = _lerp(-1.5, 2.5, genes["nose_tip"])
+    bridge = _lerp(3.0, 6.5, genes["nose_bridge"])
+    eye_y, length = head.eye_y, head.nose_length
+    tip_y = eye_y + length
 
     # root l/r, mid l/r, tip, ala l/r, subnasale, junction with the cheek l/r
-    nose = surf(
+    nose = head.front(
         np.array(
-            [-bw / 2, bw / 2, -bw * 0.4, bw * 0.4, 0.0, -nw / 2, nw / 2, 0.0, -nw * 0.3, nw * 0.3]
+            [-bridge / 2, bridge / 2, -bridge * 0.4, bridge * 0.4, 0.0,
+             -width / 2, width / 2, 0.0, -width * 0.3, width * 0.3]
         ),
         np.array(
-            [ey + 1, ey + 1, ey + nl * 0.6, ey + nl * 0.6, yt, yt, yt, yt + 3, ey + 8, ey + 8]
+            [eye_y + 1, eye_y + 1, eye_y + length * 0.6, eye_y + length * 0.6, tip_y,
+             tip_y, tip_y, tip_y + 3, eye_y + 8, eye_y + 8]
         ),
         np.array(
-            [1.0, 1.0, 0.55 * prot, 0.55 * prot, prot, 0.2 * prot, 0.2 * prot, 0.35 * prot, 0, 0]
+            [1.0, 1.0, 0.55 * protrusion, 0.55 * protrusion, protrusion,
+             0.2 * protrusion, 0.2 * protrusion, 0.35 * protrusion, 0, 0]
         ),
-    )
+    )  # fmt: skip
     nose[4, 1] -= tip * 0.3
     nose[[5, 6], 1] += 1.5
     nose[7, 1] -= tip * 0.4
-    m.s_nose = add(nose)
+    m.s_nose = points.add(nose)
     centroid = nose[[0, 1, 4, 5, 6, 7]].sum(axis=0) / 6.0 - np.array([0.0, 0.0, 3.0])
-    nose_n = []
-    for f in _NOSE_FACES:
-        p = nose[f]
+    normals = []
+    for face in _NOSE_FACES:
+        p = nose[face]
         (ux, uy, uz), (vx, vy, vz) = (p[1] - p[0]).tolist(), (p[-1] - p[0]).tolist()
-        nn = np.array([uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx])
-        nn /= math.sqrt(float(nn @ nn))
-        nose_n.append(nn if np.dot(nn, p.sum(axis=0) / len(p) - centroid) > 0 else -nn)
+        n = np.array([uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx])
+        n /= math.sqrt(float(n @ n))
+        normals.append(n if np.dot(n, p.sum(axis=0) / len(p) - centroid) > 0 else -n)
     down = _unit(nose[7] - nose[4])
     m.s_nostrils, m.s_alae = [], []
     ala_t = np.linspace(-1.2, 1.4, 5)
-    for s in (-1.0, 1.0):
-        ctr = np.array([s * nw * 0.2, yt + 2.2, 0.5 * (nose[4, 2] + nose[5, 2]) - 1.0])
-        ell = (
-            ctr
-            + np.outer(np.cos(_C8) * nw * 0.11, [1.0, 0.0, 0.0])
+    for side in (-1.0, 1.0):
+        centre = np.array([side * width * 0.2, tip_y + 2.2, 0.5 * (nose[4, 2] + nose[5, 2]) - 1.0])
+        nostril = (
+            centre
+            + np.outer(np.cos(_C8) * width * 0.11, [1.0, 0.0, 0.0])
             + np.outer(np.sin(_C8) * 1.3, down)
         )
-        m.s_nostrils.append(add(ell))
-        ax = s * (nw / 2 - 2.8 + 1.6 * np.cos(ala_t))
-        ay = yt + 1.0 + 2.6 * np.sin(ala_t)
-        m.s_alae.append(add(np.stack([ax, ay, np.full(5, nose[5, 2] + 0.8)], axis=-1)))
+        m.s_nostrils.append(points.add(nostril))
+        ala_x = side * (width / 2 - 2.8 + 1.6 * np.cos(ala_t))
+        ala_y = tip_y + 1.0 + 2.6 * np.sin(ala_t)
+        m.s_alae.append(points.add(np.stack([ala_x, ala_y, np.full(5, nose[5, 2] + 0.8)], axis=-1)))
+    return _Nose(nose, normals, width, tip_y)
 
-    # ---- eyes ----------------------------------------------------------------------------------
-    es = _lerp(30.0, 40.0, g["eye_spacing"])
-    ew = _lerp(12.5, 18.0, g["eye_width"])
-    opening = _lerp(0.28, 0.46, g["eye_opening"])
-    m.h_up, m.h_lo = ew * opening * 0.62, ew * opening * 0.38
-    shape = _lerp(0.45, 0.95, g["eye_shape"])
-    tilt = math.tan(_lerp(-0.12, 0.18, g["eye_tilt"]))
-    ri = ew * _lerp(0.25, 0.31, g["iris_size"])
-    centres = surf(np.array([-es / 2, es / 2]), np.array([ey, ey]), -1.5)
-    eye_n = normal(centres)
-    tx = _unit(np.stack([np.ones(2), np.zeros(2), -eye_n[:, 0] / eye_n[:, 2]], axis=-1))
-    ty = _unit(np.stack([np.zeros(2), -np.ones(2), eye_n[:, 1] / eye_n[:, 2]], axis=-1))
-    m.s_eyes = add(centres)
+
+def _add_eyes(m: _Model, genes: dict[str, float], head: _HeadShape, points: _PointStack) -> _Eyes:
+    """Eye centres, the lid, iris, pupil and crease outlines in eye-local coordinates, and the
+    glasses' lenses."""
+    spacing = _lerp(30.0, 40.0, genes["eye_spacing"])
+    width = _lerp(12.5, 18.0, genes["eye_width"])
+    opening = _lerp(0.28, 0.46, genes["eye_opening"])
+    m.h_up, m.h_lo = width * opening * 0.62, width * opening * 0.38
+    shape = _lerp(0.45, 0.95, genes["eye_shape"])
+    tilt = math.tan(_lerp(-0.12, 0.18, genes["eye_tilt"]))
+    iris_radius = width * _lerp(0.25, 0.31, genes["iris_size"])
+    centres = head.front(
+        np.array([-spacing / 2, spacing / 2]), np.array([head.eye_y, head.eye_y]), -1.5
+    )
+    normals = head.normal(centres)
+    tx = _unit(np.stack([np.ones(2), np.zeros(2), -normals[:, 0] / normals[:, 2]], axis=-1))
+    ty = _unit(np.stack([np.zeros(2), -np.ones(2), normals[:, 1] / normals[:, 2]], axis=-1))
+    m.s_eyes = points.add(centres)
 
     def lid_up(x: np.ndarray) -> np.ndarray:
         return (1.0 - x * x) ** shape * (1.0 - 0.12 * x)
@@ -550,17 +665,17 @@ def _build_model(params: np.ndarray) -> _Model:
 
     lower_x = _LID_X[-2:0:-1]
     m.pu, m.pl = lid_up(_LID_X), -lid_lo(lower_x)
-    v0 = 0.12 * ew * opening
-    iris_u, pupil_u = ri * np.cos(_C10), 0.42 * ri * np.cos(_C8)
+    v0 = 0.12 * width * opening
+    iris_u, pupil_u = iris_radius * np.cos(_C10), 0.42 * iris_radius * np.cos(_C8)
     # iris then pupil: v of a circle, clamped per sample between the lids at the same u
-    m.disc_v = v0 + ri * np.concatenate([np.sin(_C10), 0.42 * np.sin(_C8)])
-    disc_x = np.clip(np.concatenate([iris_u, pupil_u]) / (ew / 2), -0.98, 0.98)
+    m.disc_v = v0 + iris_radius * np.concatenate([np.sin(_C10), 0.42 * np.sin(_C8)])
+    disc_x = np.clip(np.concatenate([iris_u, pupil_u]) / (width / 2), -0.98, 0.98)
     m.disc_pu, m.disc_pl = lid_up(disc_x), -lid_lo(disc_x)
     crease_x = _LID_X[1:-1] * 0.92
-    m.crease_v = (m.h_up + 1.6 + 0.25 * ew * opening) * lid_up(crease_x)
+    m.crease_v = (m.h_up + 1.6 + 0.25 * width * opening) * lid_up(crease_x)
     # eye-local u (outer corner positive) of: sclera (7 upper, 5 lower), iris, pupil, crease
     u_local = np.concatenate(
-        [_LID_X * ew / 2, lower_x * ew / 2, iris_u, pupil_u, crease_x * ew / 2]
+        [_LID_X * width / 2, lower_x * width / 2, iris_u, pupil_u, crease_x * width / 2]
     )
     u_img = np.array([[-1.0], [1.0]]) * u_local  # the image-left eye's outer corner is on the left
     base = centres[:, None, :] + u_img[..., None] * tx[:, None, :]
@@ -569,229 +684,378 @@ def _build_model(params: np.ndarray) -> _Model:
     m.eye_ty = np.concatenate([ty, np.zeros((2, 1))], axis=1)[:, None, :]
     # glasses: lens outlines in front of the eyes, as base + size_u * lens_u + size_v * lens_v
     cu, su = np.cos(_C10), np.sin(_C10)
-    cu, su = np.sign(cu) * np.abs(cu) ** 0.6 * ew, np.sign(su) * np.abs(su) ** 0.6 * ew
-    m.lens = _homogeneous(np.repeat(centres[:, None, :] + 5.0 * eye_n[:, None, :], 10, axis=1))
+    cu, su = np.sign(cu) * np.abs(cu) ** 0.6 * width, np.sign(su) * np.abs(su) ** 0.6 * width
+    m.lens = _homogeneous(np.repeat(centres[:, None, :] + 5.0 * normals[:, None, :], 10, axis=1))
     m.lens_u = np.concatenate([cu[None, :, None] * tx[:, None, :], np.zeros((2, 10, 1))], axis=2)
     m.lens_v = np.concatenate([su[None, :, None] * ty[:, None, :], np.zeros((2, 10, 1))], axis=2)
+    return _Eyes(centres, normals, spacing, width)
 
-    # ---- brows ---------------------------------------------------------------------------------
-    bl = ew * _lerp(1.05, 1.45, g["brow_length"])
-    bh = _lerp(7.5, 11.5, g["brow_height"])
+
+def _brows(
+    genes: dict[str, float], head: _HeadShape, eyes: _Eyes
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(brow outlines, their raise basis, brow height above the eyes)``."""
+    length = eyes.width * _lerp(1.05, 1.45, genes["brow_length"])
+    height = _lerp(7.5, 11.5, genes["brow_height"])
     t = _BROW_T
-    mid = ey - bh - _lerp(0.3, 3.8, g["brow_arch"]) * np.sin(np.pi * t**0.8)
-    mid -= _lerp(-0.12, 0.16, g["brow_angle"]) * bl * (t - 0.3)
+    mid = head.eye_y - height - _lerp(0.3, 3.8, genes["brow_arch"]) * np.sin(np.pi * t**0.8)
+    mid -= _lerp(-0.12, 0.16, genes["brow_angle"]) * length * (t - 0.3)
     half = (
         0.5
-        * _lerp(1.6, 4.4, g["brow_thickness"])
+        * _lerp(1.6, 4.4, genes["brow_thickness"])
         * (1.0 - 0.55 * t)
         * (0.85 + 0.3 * np.sin(np.pi * t))
     )
-    bx = es / 2 - ew * 0.55 + bl * t
+    bx = eyes.spacing / 2 - eyes.width * 0.55 + length * t
     brow_y = np.concatenate([mid - half, (mid + half)[::-1]])
     brow_x = np.concatenate([bx, bx[::-1]])
-    brows = np.concatenate([surf(s * brow_x, brow_y, 0.4) for s in (-1.0, 1.0)])
+    brows = np.concatenate([head.front(side * brow_x, brow_y, 0.4) for side in (-1.0, 1.0)])
     brows_raise = np.zeros_like(brows)
     brows_raise[:, 1] = -3.0 * (1.0 - 0.4 * np.tile(np.concatenate([t, t[::-1]]), 2))
+    return brows, brows_raise, height
 
-    # ---- mouth ---------------------------------------------------------------------------------
-    mw = _lerp(24.0, 35.0, g["mouth_width"])
-    tu = _lerp(2.0, 4.2, g["upper_lip"])
-    tl = _lerp(2.8, 5.5, g["lower_lip"])
-    curv = _lerp(-1.8, 1.8, g["mouth_curvature"])
 
-    def mouth(smile: float, opened: float) -> np.ndarray:
-        x = _MOUTH_X * mw / 2 * (1.0 + 0.12 * smile)
-        xs2 = _MOUTH_X**2
-        line = mouth_y - smile * 1.0 - (curv + 3.5 * smile) * xs2
-        bow = np.sqrt(1.0 - xs2) * (1.0 - 0.3 * np.exp(-((_MOUTH_X / 0.2) ** 2)))
-        top = line - tu * (1.0 - 0.3 * smile) * bow
-        gap = opened * 9.0 * (1.0 - xs2) ** 0.8
-        bottom = line + gap + tl * (1.0 - 0.2 * smile) * (1.0 - xs2) ** 0.6
-        teeth = line[1:-1] + np.minimum(gap[1:-1], 2.5 + 0.5 * tu)
-        out = 1.8 * (1.0 - xs2)
-        xx = np.concatenate([x, x, x, x, x[1:-1]])
-        yy = np.concatenate([top, line, line + gap, bottom, teeth])
-        return surf(xx, yy, np.concatenate([out, out, out, out, out[1:-1] - 0.5]))
-
-    mouth0 = mouth(0.0, 0.0)
-    nb = len(brows)
+def _set_expression_bases(
+    m: _Model, head: _HeadShape, mouth: _MouthShape, brows: np.ndarray, brows_raise: np.ndarray
+) -> np.ndarray:
+    """Set the neutral brows + mouth (``dyn0``) and the smile, open and raise bases; returns the
+    neutral mouth."""
+    mouth0 = mouth.points(head, 0.0, 0.0)
+    num_brow = len(brows)
     m.dyn0 = _homogeneous(np.concatenate([brows, mouth0]))
-    zero_b, zero_m = np.zeros((nb, 4)), np.zeros((len(mouth0), 4))
-    m.dyn_smile = np.concatenate([zero_b, _homogeneous(mouth(1.0, 0.0)) - _homogeneous(mouth0)])
-    m.dyn_open = np.concatenate([zero_b, _homogeneous(mouth(0.0, 1.0)) - _homogeneous(mouth0)])
+    zero_b, zero_m = np.zeros((num_brow, 4)), np.zeros((len(mouth0), 4))
+    smile = _homogeneous(mouth.points(head, 1.0, 0.0)) - _homogeneous(mouth0)
+    m.dyn_smile = np.concatenate([zero_b, smile])
+    opened = _homogeneous(mouth.points(head, 0.0, 1.0)) - _homogeneous(mouth0)
+    m.dyn_open = np.concatenate([zero_b, opened])
     m.dyn_raise = np.concatenate([_homogeneous(brows_raise) - np.eye(4)[3], zero_m])
+    return mouth0
 
-    # ---- facial hair ---------------------------------------------------------------------------
-    beard = FACIAL_HAIR[_pick(_BEARD_P, g["facial_hair"])]
-    density = _lerp(0.45, 0.95, g["beard_density"])
+
+def _add_facial_hair(
+    m: _Model,
+    genes: dict[str, float],
+    head: _HeadShape,
+    points: _PointStack,
+    mouth: _MouthShape,
+    nose: _Nose,
+    colours: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Stubble or beard (per side), goatee and moustache outlines, and their colour."""
+    beard = FACIAL_HAIR[_pick(_BEARD_P, genes["facial_hair"])]
+    density = _lerp(0.45, 0.95, genes["beard_density"])
     m.s_beard = []
-    if beard != "none":
-        moustache = surf(
-            np.array([-mw / 2 - 1.0, -nw * 0.32, 0.0, nw * 0.32, mw / 2 + 1.0, 0.0]),
-            np.array([mouth_y, yt + 4.5, yt + 5.0, yt + 4.5, mouth_y, mouth_y]),
-            1.5,
-        )
-        if beard in ("stubble", "beard"):
-            for s in (-1.0, 1.0):
-                top = surf(
-                    s * np.array([0.74 * a, mw / 2 + 3.0, -1.0]),
-                    np.array([mouth_y - 9.0, mouth_y - 2.0, mouth_y + 4.0]),
-                    1.5,
-                )
-                jaw = at_phi(
-                    s * np.array([1.65, 1.3, 0.9, 0.45, -0.05]),
-                    b * np.array([0.25, 0.55, 0.8, 0.96, 1.0]),
-                    1.02 + 0.03 * density,
-                )
-                m.s_beard.append((add(np.concatenate([top, jaw])), int(s > 0)))
-        elif beard == "goatee":
-            chin = surf(
-                np.array([mw * 0.42, mw * 0.3, 0.0, -mw * 0.3, -mw * 0.42]),
-                np.array([mouth_y + 1.0, b - 5.0, b + 1.0, b - 5.0, mouth_y + 1.0]),
-                2.0,
+    if beard == "none":
+        return
+    half_height, mouth_y, mouth_w, nose_w = head.half_height, head.mouth_y, mouth.width, nose.width
+    moustache = head.front(
+        np.array([-mouth_w / 2 - 1.0, -nose_w * 0.32, 0.0, nose_w * 0.32, mouth_w / 2 + 1.0, 0.0]),
+        np.array([mouth_y, nose.tip_y + 4.5, nose.tip_y + 5.0, nose.tip_y + 4.5, mouth_y, mouth_y]),
+        1.5,
+    )
+    if beard in ("stubble", "beard"):
+        for side in (-1.0, 1.0):
+            top = head.front(
+                side * np.array([0.74 * head.half_width, mouth_w / 2 + 3.0, -1.0]),
+                np.array([mouth_y - 9.0, mouth_y - 2.0, mouth_y + 4.0]),
+                1.5,
             )
-            m.s_beard.append((add(chin), None))
-        m.s_beard.append((add(moustache), None))
-        stubble = skin * 0.84 + (hair - skin) * 0.12  # a shadow, darker than the skin
-        m.c_beard = _tup(stubble if beard == "stubble" else skin + (hair * 0.95 - skin) * density)
+            jaw = head.around(
+                side * np.array([1.65, 1.3, 0.9, 0.45, -0.05]),
+                half_height * np.array([0.25, 0.55, 0.8, 0.96, 1.0]),
+                1.02 + 0.03 * density,
+            )
+            m.s_beard.append((points.add(np.concatenate([top, jaw])), int(side > 0)))
+    elif beard == "goatee":
+        chin = head.front(
+            np.array([mouth_w * 0.42, mouth_w * 0.3, 0.0, -mouth_w * 0.3, -mouth_w * 0.42]),
+            np.array(
+                [mouth_y + 1.0, half_height - 5.0, half_height + 1.0, half_height - 5.0,
+                 mouth_y + 1.0]
+            ),
+            2.0,
+        )  # fmt: skip
+        m.s_beard.append((points.add(chin), None))
+    m.s_beard.append((points.add(moustache), None))
+    skin, hair = colours
+    stubble = skin * 0.84 + (hair - skin) * 0.12  # a shadow, darker than the skin
+    m.c_beard = _tup(stubble if beard == "stubble" else skin + (hair * 0.95 - skin) * density)
 
-    # ---- hair in front of the face -------------------------------------------------------------
-    part = g["hair_part"]
+
+def _add_front_hair(
+    m: _Model,
+    genes: dict[str, float],
+    head: _HeadShape,
+    points: _PointStack,
+    hair: _Hair,
+    brow_height: float,
+) -> None:
+    """Hair in front of the face (fringe, curls or a side part) or behind it (long hair)."""
+    part = genes["hair_part"]
+    style, volume, hairline_y, eye_y = hair.style, hair.volume, hair.hairline_y, head.eye_y
     m.s_fringe = m.s_back = None
     if style in ("fringe", "curly"):
         fx = np.linspace(-1.0, 1.0, 11)
         length = _lerp(12.0, 22.0, part) if style == "fringe" else _lerp(6.0, 12.0, part)
         jag = np.where(np.arange(11) % 2 == 0, 0.0, 2.5 if style == "fringe" else 4.0)
-        edge = np.minimum(hl + length * (1.0 - 0.6 * fx**4) + jag, ey - bh - 1.5)
-        top = at_phi(fx * 1.3, np.full(11, hl - 4.0), volume)
-        m.s_fringe = add(np.concatenate([top, at_phi(fx[::-1] * 1.3, edge[::-1], 1.02)]))
+        edge = np.minimum(
+            hairline_y + length * (1.0 - 0.6 * fx**4) + jag, eye_y - brow_height - 1.5
+        )
+        top = head.around(fx * 1.3, np.full(11, hairline_y - 4.0), volume)
+        m.s_fringe = points.add(
+            np.concatenate([top, head.around(fx[::-1] * 1.3, edge[::-1], 1.02)])
+        )
     elif style == "side_part":
-        sgn = 1.0 if part > 0.5 else -1.0
+        sign = 1.0 if part > 0.5 else -1.0
         k = np.linspace(0.0, 1.0, 8)
-        phi_top = sgn * (0.35 - 1.7 * k)
-        top = at_phi(phi_top, np.full(8, hl - 3.0), volume)
-        drop = hl + _lerp(4.0, 14.0, abs(part - 0.5) * 2) + (ey - 14.0 - hl) * k[::-1] ** 1.5
-        bottom = at_phi(phi_top[::-1], np.minimum(drop, ey - bh - 2.0), 1.02)
-        m.s_fringe = add(np.concatenate([top, bottom]))
+        phi_top = sign * (0.35 - 1.7 * k)
+        top = head.around(phi_top, np.full(8, hairline_y - 3.0), volume)
+        drop = (
+            hairline_y
+            + _lerp(4.0, 14.0, abs(part - 0.5) * 2)
+            + (eye_y - 14.0 - hairline_y) * k[::-1] ** 1.5
+        )
+        bottom = head.around(phi_top[::-1], np.minimum(drop, eye_y - brow_height - 2.0), 1.02)
+        m.s_fringe = points.add(np.concatenate([top, bottom]))
     elif style == "long":
-        length = b * _lerp(1.05, 1.7, part)
-        wide = a * volume + 4.0
+        half_height = head.half_height
+        length = half_height * _lerp(1.05, 1.7, part)
+        wide = head.half_width * volume + 4.0
         half = np.array(  # right half of the outline, top to bottom
-            [[0.0, -b * volume - 2.0], [wide * 0.7, -b * 0.8], [wide, -b * 0.3],
-             [wide + 2.0, b * 0.4], [wide + 7.0, length], [wide * 0.4, length + 4.0]]
+            [[0.0, -half_height * volume - 2.0], [wide * 0.7, -half_height * 0.8],
+             [wide, -half_height * 0.3], [wide + 2.0, half_height * 0.4], [wide + 7.0, length],
+             [wide * 0.4, length + 4.0]]
         )  # fmt: skip
         outline = np.concatenate([half, half[:0:-1] * [-1.0, 1.0]])
-        m.s_back = add(np.concatenate([outline, np.full((len(outline), 1), -0.3 * c)], axis=1))
+        depth = np.full((len(outline), 1), -0.3 * head.depth)
+        m.s_back = points.add(np.concatenate([outline, depth], axis=1))
 
-    # ---- texture: hair strands, moles, freckles, wrinkles --------------------------------------
-    trng = np.random.default_rng(int(g["texture_seed"] * (1 << 24)))
+
+def _add_strands(
+    m: _Model,
+    rng: np.random.Generator,
+    genes: dict[str, float],
+    head: _HeadShape,
+    points: _PointStack,
+    hair: _Hair,
+) -> None:
+    """Six hair strands above the hairline, flowing with the parting."""
     m.s_strands = []
-    if style not in ("bald", "buzz"):
-        flow = trng.normal(0.0, 0.08) + (0.12 if part > 0.5 else -0.12) * (style == "side_part")
-        phi0 = (np.linspace(-1.1, 1.1, 6) + trng.normal(0.0, 0.08, 6))[:, None]
-        ys = hl - 3.0 - np.array([0.0, 5.0, 10.0]) - 3.0 * trng.random((6, 1))
-        strands = at_phi(phi0 * 1.05 + flow * np.arange(3), ys, volume * 1.005)
-        m.s_strands = [add(strand) for strand in strands]
+    if hair.style in ("bald", "buzz"):
+        return
+    side_part = hair.style == "side_part"
+    flow = rng.normal(0.0, 0.08) + (0.12 if genes["hair_part"] > 0.5 else -0.12) * side_part
+    phi0 = (np.linspace(-1.1, 1.1, 6) + rng.normal(0.0, 0.08, 6))[:, None]
+    ys = hair.hairline_y - 3.0 - np.array([0.0, 5.0, 10.0]) - 3.0 * rng.random((6, 1))
+    strands = head.around(phi0 * 1.05 + flow * np.arange(3), ys, hair.volume * 1.005)
+    m.s_strands = [points.add(strand) for strand in strands]
+
+
+def _add_moles_and_freckles(
+    m: _Model,
+    rng: np.random.Generator,
+    genes: dict[str, float],
+    head: _HeadShape,
+    points: _PointStack,
+) -> np.ndarray:
+    """Moles (hexagons) in six skin zones and freckles across the cheeks; returns the mole
+    centres."""
     zones = np.array(
         [[-22.0, 22.0, -28.0, -16.0], [-36.0, -16.0, 8.0, 30.0], [16.0, 36.0, 8.0, 30.0],
          [-12.0, 12.0, 50.0, 56.0], [-30.0, -18.0, 34.0, 46.0], [18.0, 30.0, 34.0, 46.0]]
     )  # fmt: skip
-    n_moles = int(g["moles"] * 4.0)
-    zi = trng.integers(0, len(zones), size=n_moles)
-    zu = trng.random((n_moles, 2))
-    mole_c = surf(
-        zones[zi, 0] + (zones[zi, 1] - zones[zi, 0]) * zu[:, 0],
-        ey + zones[zi, 2] + (zones[zi, 3] - zones[zi, 2]) * zu[:, 1],
+    n_moles = int(genes["moles"] * 4.0)
+    zone = rng.integers(0, len(zones), size=n_moles)
+    within = rng.random((n_moles, 2))
+    mole_centres = head.front(
+        zones[zone, 0] + (zones[zone, 1] - zones[zone, 0]) * within[:, 0],
+        head.eye_y + zones[zone, 2] + (zones[zone, 3] - zones[zone, 2]) * within[:, 1],
         0.3,
     )
-    mole_r = 0.7 + 0.8 * trng.random(n_moles)
+    mole_radii = 0.7 + 0.8 * rng.random(n_moles)
     hexagon = np.concatenate([_HEX, np.zeros((6, 1))], axis=1)
-    m.s_moles = [add(poly) for poly in mole_c[:, None, :] + mole_r[:, None, None] * hexagon]
-    m.c_mole = _tup(skin * 0.55)
-    n_freckles = int(max(0.0, g["freckles"] - 0.82) / 0.18 * 45.0)
-    fxy = trng.normal(size=(n_freckles, 2)) * np.array([9.0, 4.5])
-    fxy[:, 0] += np.where(trng.random(n_freckles) < 0.5, -14.0, 14.0)
-    m.s_freckles = add(surf(fxy[:, 0], ey + 13.0 + fxy[:, 1], 0.3)) if n_freckles else None
-    age = g["age"]
-    m.s_wrinkles = []
-    if age > 0.6:
-        for k in range(1 + int((age - 0.6) / 0.15)):
-            yy = ey - bh - 9.0 - 5.0 * k
-            if yy < hl + 4.0:
-                break
-            half_w = a * (0.3 + 0.15 * trng.random())
-            xx = np.linspace(-half_w, half_w, 5)
-            wy = yy - 1.5 * np.cos(xx / half_w * 1.4) + trng.normal(0, 0.4, 5)
-            m.s_wrinkles.append(add(surf(xx, wy, 0.2)))
-        for s in (-1.0, 1.0):
-            xx = s * np.array([nw / 2 + 0.5, nw / 2 + 3.0, mw / 2 + 3.5, mw / 2 + 3.0])
-            yy = np.array([yt - 1.0, yt + 6.0, mouth_y - 3.0, mouth_y + 3.0])
-            m.s_wrinkles.append(add(surf(xx, yy, 0.2)))
-    m.c_wrinkle = _tup(skin * (1.0 - 0.25 * age))
+    moles = mole_centres[:, None, :] + mole_radii[:, None, None] * hexagon
+    m.s_moles = [points.add(poly) for poly in moles]
+    n_freckles = int(max(0.0, genes["freckles"] - 0.82) / 0.18 * 45.0)
+    fxy = rng.normal(size=(n_freckles, 2)) * np.array([9.0, 4.5])
+    fxy[:, 0] += np.where(rng.random(n_freckles) < 0.5, -14.0, 14.0)
+    freckles = head.front(fxy[:, 0], head.eye_y + 13.0 + fxy[:, 1], 0.3)
+    m.s_freckles = points.add(freckles) if n_freckles else None
+    return mole_centres
 
-    # ---- neck and shading blobs ----------------------------------------------------------------
-    m.s_chin = add(at_phi(0.0, b))
+
+def _add_wrinkles(
+    m: _Model,
+    rng: np.random.Generator,
+    genes: dict[str, float],
+    head: _HeadShape,
+    points: _PointStack,
+    *,
+    hairline_y: float,
+    brow_height: float,
+    nose: _Nose,
+    mouth: _MouthShape,
+) -> None:
+    """Forehead lines below the hairline and nasolabial folds, from ``age`` 0.6 on."""
+    age = genes["age"]
+    m.s_wrinkles = []
+    if age <= 0.6:
+        return
+    for k in range(1 + int((age - 0.6) / 0.15)):
+        line_y = head.eye_y - brow_height - 9.0 - 5.0 * k
+        if line_y < hairline_y + 4.0:
+            break
+        half_w = head.half_width * (0.3 + 0.15 * rng.random())
+        xx = np.linspace(-half_w, half_w, 5)
+        yy = line_y - 1.5 * np.cos(xx / half_w * 1.4) + rng.normal(0, 0.4, 5)
+        m.s_wrinkles.append(points.add(head.front(xx, yy, 0.2)))
+    nose_w, mouth_w, mouth_y = nose.width, mouth.width, head.mouth_y
+    for side in (-1.0, 1.0):
+        xx = side * np.array(
+            [nose_w / 2 + 0.5, nose_w / 2 + 3.0, mouth_w / 2 + 3.5, mouth_w / 2 + 3.0]
+        )
+        yy = np.array([nose.tip_y - 1.0, nose.tip_y + 6.0, mouth_y - 3.0, mouth_y + 3.0])
+        m.s_wrinkles.append(points.add(head.front(xx, yy, 0.2)))
+
+
+def _add_neck_and_blobs(
+    m: _Model,
+    head: _HeadShape,
+    points: _PointStack,
+    eyes: _Eyes,
+    nose: _Nose,
+    mouth: _MouthShape,
+) -> np.ndarray:
+    """The chin point, the neck (two hexagons) and the centres of the soft shading blobs; returns
+    the blob centres."""
+    half_width, half_height, depth = head.half_width, head.half_height, head.depth
+    m.s_chin = points.add(head.around(0.0, half_height))
     neck_phi = np.linspace(0.0, 2.0 * np.pi, 6, endpoint=False)
-    neck_x, neck_z = 0.55 * a * kj * np.sin(neck_phi), -0.15 * c + 0.4 * c * np.cos(neck_phi)
-    m.s_neck = add(
+    neck_x = 0.55 * half_width * head.jaw * np.sin(neck_phi)
+    neck_z = -0.15 * depth + 0.4 * depth * np.cos(neck_phi)
+    m.s_neck = points.add(
         np.concatenate(
-            [np.stack([neck_x, np.full(6, y), neck_z], axis=1) for y in (0.5 * b, 1.9 * b)]
+            [
+                np.stack([neck_x, np.full(6, y), neck_z], axis=1)
+                for y in (0.5 * half_height, 1.9 * half_height)
+            ]
         )
     )
     blobs = np.concatenate(
         [
-            centres + np.array([0.0, -1.5, 0.0]),
-            nose[7:8] + np.array([0.0, 2.5, -2.0]),
-            surf(0.0, mouth_y + tl + 4.0)[None],
-            surf(np.array([-0.55, 0.55]) * a, np.full(2, ey + 15.0)),
+            eyes.centres + np.array([0.0, -1.5, 0.0]),
+            nose.points[7:8] + np.array([0.0, 2.5, -2.0]),
+            head.front(0.0, head.mouth_y + mouth.lower_lip + 4.0)[None],
+            head.front(np.array([-0.55, 0.55]) * half_width, np.full(2, head.eye_y + 15.0)),
         ]
     )
-    m.s_blobs = add(blobs)
+    m.s_blobs = points.add(blobs)
     m.blob_inv = np.repeat(-0.5 / _BLOB_SIGMA**2, 2)[:, None]
     m.blob_gain = _BLOB_GAIN.tolist()
+    return blobs
 
-    # ---- face mask occluder: its top edge rises by mask_d as occlusion_params[1] goes 0 -> 1 ----
-    xs = np.linspace(-0.96, 0.96, 9) * a * 0.93
-    jaw = at_phi(
+
+def _set_mask(m: _Model, head: _HeadShape) -> None:
+    """The face mask occluder: its top edge rises by ``mask_d`` as occlusion_params[1] goes
+    0 -> 1."""
+    xs = np.linspace(-0.96, 0.96, 9) * head.half_width * 0.93
+    jaw = head.around(
         np.array([1.5, 1.1, 0.6, 0.0, -0.6, -1.1, -1.5]),
-        b * np.array([0.45, 0.75, 0.95, 1.03, 0.95, 0.75, 0.45]),
+        head.half_height * np.array([0.45, 0.75, 0.95, 1.03, 0.95, 0.75, 0.45]),
         1.04,
     )
     masks = []
     for lift in (0.0, 4.0):
-        top = surf(xs, np.full(9, ey + 8.0 + lift), 1.0)
+        top = head.front(xs, np.full(9, head.eye_y + 8.0 + lift), 1.0)
         top[:, 2] += np.maximum(0.0, 10.0 - np.abs(xs) * 0.9)
         masks.append(_homogeneous(np.concatenate([top, jaw])))
     m.mask, m.mask_d = masks[0], masks[1] - masks[0]
 
-    # ---- per-sample normals, landmarks, alignment ---------------------------------------------
-    sides = np.array([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-    on_face = normal(np.concatenate([surf(0.0, mouth_y)[None], blobs, mole_c.reshape(-1, 3)]))
-    m.normals = np.concatenate([eye_n, sides, np.array(nose_n), on_face])
-    m.static = _homogeneous(np.concatenate(static))
-    ns = len(m.static)
-    m.d_brows = [slice(ns, ns + nb // 2), slice(ns + nb // 2, ns + nb)]
-    mb = ns + nb  # mouth rows: top, line, low line, bottom (9 each), teeth (7)
+
+def _set_rows(m: _Model, num_brow: int) -> None:
+    """Row indices into ``static`` + ``dyn0`` + eyes that the drawing code needs."""
+    num_static = len(m.static)
+    m.d_brows = [
+        slice(num_static, num_static + num_brow // 2),
+        slice(num_static + num_brow // 2, num_static + num_brow),
+    ]
+    mouth_row = num_static + num_brow  # mouth rows: top, line, low line, bottom (9 each), teeth (7)
     r = np.arange(9)
-    m.i_lips = mb + np.concatenate([r, 27 + r[-2:0:-1]])
-    m.i_inner = mb + np.concatenate([9 + r, 18 + r[-2:0:-1]])
-    m.i_teeth = mb + np.concatenate([9 + r[1:-1], 36 + r[-3::-1]])
-    m.d_line = slice(mb + 9, mb + 18)
-    m.e0 = ns + len(m.dyn0)
+    m.i_lips = mouth_row + np.concatenate([r, 27 + r[-2:0:-1]])
+    m.i_inner = mouth_row + np.concatenate([9 + r, 18 + r[-2:0:-1]])
+    m.i_teeth = mouth_row + np.concatenate([9 + r[1:-1], 36 + r[-3::-1]])
+    m.d_line = slice(mouth_row + 9, mouth_row + 18)
+    m.e0 = num_static + len(m.dyn0)
     m.n_eye = m.eye_base.shape[1]
     m.i_landmarks = np.array(
-        [m.s_eyes.start, m.s_eyes.start + 1, m.s_nose.start + 4, mb + 9, mb + 17]
+        [m.s_eyes.start, m.s_eyes.start + 1, m.s_nose.start + 4, mouth_row + 9, mouth_row + 17]
     )
 
-    lms = np.stack([centres[0], centres[1], nose[4], mouth0[9], mouth0[17]])
-    mean = lms.sum(axis=0) / 5.0
-    p = lms[:, :2] - mean[:2]
+
+def _set_alignment(m: _Model, landmarks: np.ndarray) -> None:
+    """The pose pivot and the identity's similarity that puts its neutral frontal 5
+    ``landmarks`` (eyes, nose tip, mouth corners) on the ArcFace template."""
+    mean = landmarks.sum(axis=0) / 5.0
+    p = landmarks[:, :2] - mean[:2]
     s_id = float((p * (ARCFACE_TEMPLATE - _CENTRE)).sum() / (p * p).sum())
     m.s_id = s_id
     m.pivot = np.array([0.0, mean[1], _PIVOT_DEPTH * mean[2]])
     # the similarity x -> s_id x + t_id puts the neutral frontal landmarks on the template;
     # align_pivot is where it takes the pivot, relative to the template centre C
     m.align_pivot = s_id * (m.pivot[:2] - mean[:2])
+
+
+def _build_model(params: np.ndarray) -> _Model:
+    """The 3D model of the identity with genes ``params`` (see ``identity.PARAM_NAMES``)."""
+    genes = {name: float(params[i]) for name, i in PARAM_INDEX.items()}
+    m = _Model()
+    head = _HeadShape(genes)
+    m.a, m.b = head.half_width, head.half_height
+    points = _PointStack()
+    skin, hair_colour = _set_colours(m, genes)
+    m.s_origin = points.add(np.zeros(3))
+    hair = _add_head_and_skin(m, genes, head, points, skin, hair_colour)
+    _add_ears(m, genes, head, points, hair.style)
+    nose = _add_nose(m, genes, head, points)
+    eyes = _add_eyes(m, genes, head, points)
+    brows, brows_raise, brow_height = _brows(genes, head, eyes)
+    mouth = _MouthShape(
+        width=_lerp(24.0, 35.0, genes["mouth_width"]),
+        upper_lip=_lerp(2.0, 4.2, genes["upper_lip"]),
+        lower_lip=_lerp(2.8, 5.5, genes["lower_lip"]),
+        curvature=_lerp(-1.8, 1.8, genes["mouth_curvature"]),
+    )
+    mouth0 = _set_expression_bases(m, head, mouth, brows, brows_raise)
+    _add_facial_hair(m, genes, head, points, mouth, nose, (skin, hair_colour))
+    _add_front_hair(m, genes, head, points, hair, brow_height)
+    texture = np.random.default_rng(int(genes["texture_seed"] * (1 << 24)))
+    _add_strands(m, texture, genes, head, points, hair)
+    mole_centres = _add_moles_and_freckles(m, texture, genes, head, points)
+    m.c_mole = _tup(skin * 0.55)
+    _add_wrinkles(
+        m,
+        texture,
+        genes,
+        head,
+        points,
+        hairline_y=hair.hairline_y,
+        brow_height=brow_height,
+        nose=nose,
+        mouth=mouth,
+    )
+    m.c_wrinkle = _tup(skin * (1.0 - 0.25 * genes["age"]))
+    blobs = _add_neck_and_blobs(m, head, points, eyes, nose, mouth)
+    _set_mask(m, head)
+
+    sides = np.array([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    on_face = np.concatenate(
+        [head.front(0.0, head.mouth_y)[None], blobs, mole_centres.reshape(-1, 3)]
+    )
+    m.normals = np.concatenate([eyes.normals, sides, np.array(nose.normals), head.normal(on_face)])
+    m.static = points.homogeneous()
+    _set_rows(m, len(brows))
+    landmarks = np.stack([eyes.centres[0], eyes.centres[1], nose.points[4], mouth0[9], mouth0[17]])
+    _set_alignment(m, landmarks)
     return m
 
 

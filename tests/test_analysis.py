@@ -15,15 +15,18 @@ from robustface.train.analysis import (
     GROUP_KEYS,
     AngleProbe,
     ProbeRecord,
+    angle_axis_range,
     angle_summary,
     center_stats,
     histogram_overlap,
     mann_whitney_auc,
     plot_angle_distributions,
     plot_center_drift,
+    plot_run_angles,
     probe_cosines,
     probe_groups,
     select_probe,
+    stages_by_step,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -258,3 +261,68 @@ def test_sub_center_probe_uses_each_class_dominant_sub_center_and_state_round_tr
     assert restored.summaries == sub_probe.summaries and len(restored.records) == 2
     w = subs[0]
     assert restored.record(5, embed, sub_cos, w, k=k) == sub_probe.record(5, embed, sub_cos, w, k=k)
+
+
+def _captured_figures(monkeypatch) -> list:
+    """Figures the analysis module saves, kept open for inspection."""
+    import robustface.train.analysis as analysis
+
+    figures: list = []
+    original = analysis.save_figure
+
+    def keep(fig, path):
+        figures.append(fig)
+        original(fig, path)
+
+    monkeypatch.setattr(analysis, "save_figure", keep)
+    return figures
+
+
+def test_stages_are_spread_by_step_not_by_index():
+    steps = [10, 20, 30, 40, 50, 60, 70, 80, 90, 200]
+    # evenly spaced steps 10, 73.3, 136.7, 200: nearest stages 10, 70, 90 (46.7 away; 200 is
+    # 63.3 away), 200; spreading by index would give 10, 40, 70, 200
+    assert stages_by_step(steps, 4).tolist() == [0, 6, 8, 9]
+    assert stages_by_step([0, 50, 100, 150, 200, 250, 300], 4).tolist() == [0, 2, 4, 6]
+    assert stages_by_step([5, 300], 4).tolist() == [0, 1]  # each stage at most once
+    assert stages_by_step([7], 4).tolist() == [0]
+
+
+def test_angle_axis_fits_the_data_with_a_margin(monkeypatch, tmp_path):
+    # range 70..110 (40 degrees): 10% = 4 degrees each side
+    assert angle_axis_range([np.array([70.0, 90.0]), np.array([110.0, np.nan])]) == (66.0, 114.0)
+    assert angle_axis_range([np.array([89.5, 90.5])]) == (87.0, 93.0)  # at least 2 degrees
+    assert angle_axis_range([np.array([1.0, 179.0])]) == (0.0, 180.0)  # within [0, 180]
+    assert angle_axis_range([np.array([np.nan])]) == (0.0, 180.0)
+    figures = _captured_figures(monkeypatch)
+    groups = np.array([0] * 6 + [1] * 4)
+    cos = np.cos(np.radians(np.linspace(70.0, 110.0, 10))).astype(np.float32)
+    record = ProbeRecord(0, cos, cos[::-1].copy(), np.zeros(10, np.int64), cos)
+    plot_angle_distributions([record], groups, tmp_path / "angles.png")
+    lo, hi = figures[0].axes[0].get_xlim()  # float32 cosines: 70 and 110 up to rounding
+    assert lo == pytest.approx(66.0, abs=1.0) and hi == pytest.approx(114.0, abs=1.0)
+
+
+def test_run_comparison_plots_each_loss_on_its_own_axis(monkeypatch, tmp_path):
+    runs = {}
+    for name, scale in (("arcface", 20.0), ("robust", 2.0)):
+        run = tmp_path / name
+        (run / "analysis").mkdir(parents=True)
+        rows = [{"step": s, "loss": scale / s} for s in (1, 2, 3)] + [{"step": 3, "probe_x": 1.0}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cos = np.cos(np.radians([[80.0, 85.0, 100.0]]))
+        np.savez(run / "analysis" / "angles.npz", cos_label=cos, groups=np.array([0, 0, 1]),
+                 step=np.array([3]))  # fmt: skip
+        runs[name] = run
+    figures = _captured_figures(monkeypatch)
+    plot_run_angles(runs, tmp_path / "demo.png", "toy")
+    axes = figures[0].axes
+    assert len(axes) == 4  # a loss axis and an angle axis per run
+    for col, scale in enumerate((20.0, 2.0)):
+        (line,) = axes[col].get_lines()  # one loss per axis
+        np.testing.assert_allclose(line.get_ydata(), [scale, scale / 2, scale / 3])
+        assert axes[col].get_ylim()[1] < 1.2 * scale
+    # angles 80..100 in both runs: one axis, 2 degrees of margin (10% of 20) each side
+    assert axes[2].get_xlim() == axes[3].get_xlim()
+    np.testing.assert_allclose(axes[2].get_xlim(), (78.0, 102.0), atol=1.0)
+    assert (tmp_path / "demo.png").read_bytes().startswith(PNG_MAGIC)

@@ -102,12 +102,28 @@ def test_demo_writes_run_directory_and_reuses_data(tmp_path, capsys):
     assert results["synthface"]["train"]["samples"] == 12
     # 3 images per class: floor(3 * 0.34) = 1 closed-set and 1 open-set sample in each of 4
     assert results["noise"] == {"clean": 4, "closed": 4, "open": 4}
-    assert set(results["runs"]) == {"arcface", "robustface_stable"}
+    assert set(results["runs"]) == {"arcface", "robustface_stable", "arcface_clean"}
     for name, got in results["runs"].items():
         assert set(got["verification"]) == {"lfw", "cfp_fp", "lowq"}
         assert (run / name / "backbone.pth").is_file()
         with np.load(run / name / "analysis" / "angles.npz") as probe:
-            assert sorted(np.unique(probe["groups"]).tolist()) == [0, 1, 2]
+            kinds = [0, 3] if name == "arcface_clean" else [0, 1, 2]  # no noise, low quality
+            assert sorted(np.unique(probe["groups"]).tolist()) == kinds
+    # the clean-label ceiling trains on the clean set; gap closed as robustface experiment's
+    clean_cfg = yaml.safe_load((run / "arcface_clean" / "config.yaml").read_text())
+    assert clean_cfg["data"]["path"] == str(run / "synthface")
+    avg = {name: np.mean([v["accuracy_mean"] for v in got["verification"].values()])
+           for name, got in results["runs"].items()}  # fmt: skip
+    expected = (avg["robustface_stable"] - avg["arcface"]) / (avg["arcface_clean"] - avg["arcface"])
+    closed = results["headline"]["gap_closed"]
+    if avg["arcface_clean"] > avg["arcface"]:
+        assert closed["robustface_stable"] == pytest.approx(expected)
+        assert f"| {100 * expected:.0f}%" in first
+    else:
+        assert np.isnan(closed["robustface_stable"]) and "| n/a" in first
+    assert closed["arcface"] in (0.0,) or np.isnan(closed["arcface"])
+    assert "| arcface_clean     | clean (ceiling)" in first
+    assert results["seconds"]["wall"] > 0 and results["seconds"]["cpu"] > 0
     metrics = (run / "robustface_stable" / "metrics.jsonl").read_text().splitlines()
     logged = [json.loads(line) for line in metrics]
     assert any("head_last_noise" in row for row in logged)  # the head's counters are logged
@@ -115,6 +131,18 @@ def test_demo_writes_run_directory_and_reuses_data(tmp_path, capsys):
     assert (run / "synthface" / "preview.png").stat().st_size > 1000
     assert main(args) == 0
     assert "reusing the existing set" in capsys.readouterr().out
+
+
+def test_smoke_config_gets_the_demo_noise_at_its_rates():
+    """No 'n% noise instead of m%' warning in the smoke demo: every class is big enough for
+    floor(n_c * rate) to give the exact MS1MCON-0.20 rates (15% closed, 5% open)."""
+    from robustface.data.noise import parse_noise_setting, plan_label_noise
+
+    synth = yaml.safe_load(TINY.read_text())["synth"]
+    labels = np.repeat(np.arange(synth["identities"]), synth["images_per_identity"])
+    closed, open_ = parse_noise_setting("MS1MCON-0.20")
+    counts = plan_label_noise(labels, closed, open_, open_pool=100, seed=0).counts()
+    assert counts["closed"] == round(0.15 * labels.size) and counts["open"] == 0.05 * labels.size
 
 
 def test_convert_and_inspect(tmp_path, capsys):

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from robustface.config import load_config
+from robustface.config import load_config, save_config
 from robustface.errors import ConfigError
 from robustface.train import NonFiniteLossError, Trainer
 from robustface.train import checkpoint as ckpt
@@ -221,6 +223,78 @@ def test_outputs_and_verification_callback(synth_train_dir, tmp_path):
     assert result.best["step"] in (8, 16)
     state = torch.load(out / "backbone.pth", weights_only=True)
     assert "fc.weight" in state and "features.running_mean" in state  # bare backbone state_dict
+
+
+def test_final_evaluation_and_probe_report_progress(synth_train_dir, tmp_path, capsys):
+    extra = ["train.max_steps=2", "train.progress=true", "data.val_targets=[lfw, cfp_fp]",
+             "train.probe_every=5", "train.probe_samples=8"]  # fmt: skip
+    cfg = _cfg(tmp_path / "p", synth_train_dir, *extra)
+    Trainer(cfg).fit()
+    err = capsys.readouterr().err
+    order = [err.index(line) for line in ("verification 1/2: lfw, 80 images",
+             "verification 2/2: cfp_fp, 40 images", "final angle probe (8 samples)",
+             "saving the angle probe's arrays and plots")]  # fmt: skip
+    assert order == sorted(order)
+    assert "embedding" in err  # a bar per verification set
+    timing = json.loads((tmp_path / "p" / "train_results.json").read_text())["timing"]
+    assert timing["after_training_s"] <= timing["total_s"] and timing["evaluation_s"] > 0
+
+
+def test_resume_auto_on_a_finished_run_says_it_is_complete(synth_train_dir, tmp_path, capsys):
+    cfg = _cfg(tmp_path / "f", synth_train_dir, "train.max_steps=3", "data.val_targets=[lfw]")
+    first = Trainer(cfg).fit()
+    metrics = (tmp_path / "f" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    again = Trainer(_cfg(tmp_path / "f", synth_train_dir, "train.max_steps=3",
+                         "data.val_targets=[lfw]", "train.resume=auto")).fit()  # fmt: skip
+    assert "is already complete (step 3 of 3)" in capsys.readouterr().out
+    last_loss = [json.loads(r)["loss"] for r in metrics.splitlines() if '"loss"' in r][-1]
+    assert again.steps == 3 and again.loss == first.loss == last_loss  # not NaN
+    assert again.verification["lfw"]["accuracy_mean"] == first.verification["lfw"]["accuracy_mean"]
+    assert (tmp_path / "f" / "metrics.jsonl").read_text() == metrics  # nothing trained or evaluated
+
+
+def test_resumed_final_step_keeps_its_loss(synth_train_dir, tmp_path):
+    """A run stopped after its last checkpoint but before its results: the loss comes from the
+    metrics, not NaN."""
+    cfg = _cfg(tmp_path / "l", synth_train_dir, "train.max_steps=3", "data.val_targets=[]")
+    first = Trainer(cfg).fit()
+    (tmp_path / "l" / "train_results.json").unlink()
+    again = Trainer(_cfg(tmp_path / "l", synth_train_dir, "train.max_steps=3",
+                         "data.val_targets=[]", "train.resume=auto")).fit()  # fmt: skip
+    assert again.steps == 3 and again.loss == first.loss
+
+
+def test_same_config_and_seed_repeat_exactly_whatever_the_default_thread_count(
+    synth_train_dir, tmp_path
+):
+    """CPU kernels split their sums by thread: ``train.threads`` fixes the count, so two processes
+    whose PyTorch default differs (OMP_NUM_THREADS 1 and 2) end with identical weights."""
+    results = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"t{threads}"
+        cfg = _cfg(out, synth_train_dir, "train.max_steps=6", "data.val_targets=[lfw]",
+                   "train.threads=1", "data.flip=true")  # fmt: skip
+        save_config(cfg, tmp_path / f"t{threads}.yaml")
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": threads,
+            "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "robustface.cli",
+            "train",
+            str(tmp_path / f"t{threads}.yaml"),
+        ]
+        subprocess.run(command, check=True, env=env, capture_output=True)
+        saved = json.loads((out / "train_results.json").read_text())
+        assert saved["timing"]["threads"] == 1
+        results.append((saved, torch.load(out / "backbone.pth", weights_only=True)))
+    (a, wa), (b, wb) = results
+    assert a["loss"] == b["loss"] and a["verification"] == b["verification"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_refuses_to_mix_runs_in_one_output_dir(synth_train_dir, tmp_path):

@@ -272,6 +272,7 @@ class TrainConfig:
     progress: bool = True
     probe_every: int = 0  # steps between angle probes (0 = off; also probes at the end when on)
     probe_samples: int = 2000  # training samples probed, stratified by noise kind / quality
+    threads: int = 0  # PyTorch CPU threads (0 = PyTorch's default: one per core); see docs
 
     def check(self) -> list[str]:
         """Return the problems with these values (empty when valid)."""
@@ -288,6 +289,8 @@ class TrainConfig:
             problems.append(f"grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
         if self.probe_samples < 1:
             problems.append(f"probe_samples: must be >= 1, got {self.probe_samples}")
+        if self.threads < 0:
+            problems.append(f"threads: must be >= 0 (0 = PyTorch's default), got {self.threads}")
         return problems
 
 

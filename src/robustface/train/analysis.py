@@ -40,6 +40,7 @@ __all__ = [
     "GROUP_NAMES",
     "AngleProbe",
     "ProbeRecord",
+    "angle_axis_range",
     "angle_summary",
     "center_stats",
     "histogram_overlap",
@@ -50,6 +51,7 @@ __all__ = [
     "probe_cosines",
     "probe_groups",
     "select_probe",
+    "stages_by_step",
 ]
 
 LOW_QUALITY = 3  # the group after the noise kinds CLEAN, CLOSED, OPEN
@@ -352,6 +354,30 @@ def angle_summary(record: ProbeRecord, groups: np.ndarray) -> dict[str, float]:
     return out
 
 
+def angle_axis_range(values: Sequence[np.ndarray], margin: float = 0.1) -> tuple[float, float]:
+    """An angle axis (degrees) fitted to ``values``: their finite range widened by ``margin`` of
+    its width (at least 2 degrees) on each side, whole degrees, within [0, 180]."""
+    finite = [v[np.isfinite(v)] for v in map(np.asarray, values)]
+    finite = [v for v in finite if v.size]
+    if not finite:
+        return 0.0, 180.0
+    lo = min(float(v.min()) for v in finite)
+    hi = max(float(v.max()) for v in finite)
+    pad = max(margin * (hi - lo), 2.0)
+    return max(0.0, math.floor(lo - pad)), min(180.0, math.ceil(hi + pad))
+
+
+def stages_by_step(steps: Sequence[int], count: int) -> np.ndarray:
+    """Indices of at most ``count`` stages spread evenly over the training steps (not over the
+    stage indices): for each of ``count`` evenly spaced steps from the first to the last, the stage
+    nearest to it (ties: the earlier), each stage at most once; first and last always included."""
+    steps_arr = np.asarray(steps, dtype=np.float64)
+    if steps_arr.ndim != 1 or steps_arr.size == 0 or count < 1:
+        raise ValueError(f"need at least one step and count >= 1, got {len(steps)}, {count}")
+    targets = np.linspace(steps_arr[0], steps_arr[-1], min(count, steps_arr.size))
+    return np.unique([int(np.argmin(np.abs(steps_arr - t))) for t in targets])
+
+
 def plot_angle_distributions(
     records: Sequence[ProbeRecord], groups: np.ndarray, path: Path, title: str = ""
 ) -> None:
@@ -363,7 +389,8 @@ def plot_angle_distributions(
         raise ValueError("no records to plot")
     groups = np.asarray(groups)
     present = [c for c in range(len(GROUP_NAMES)) if (groups == c).any()]
-    bins = np.linspace(0.0, 180.0, 91)
+    lo, hi = angle_axis_range([v for r in records for v in (r.angle_label, r.angle_neg)])
+    bins = np.linspace(lo, hi, 61)
     fig, axes = plt.subplots(
         2, len(records), figsize=(4.2 * len(records), 6.6), squeeze=False, sharex=True
     )
@@ -395,7 +422,7 @@ def plot_angle_distributions(
     axes[0, 0].set_ylabel("density: angle to labelled centre")
     axes[1, 0].set_ylabel("density: angle to closest other centre")
     axes[0, 0].legend(loc="upper right", fontsize="small")
-    axes[0, 0].set_xlim(0, 180)
+    axes[0, 0].set_xlim(lo, hi)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -559,9 +586,9 @@ class AngleProbe:
 
     def save(self, out_dir: Path, *, max_plot_stages: int = 4) -> dict[str, Any]:
         """Write ``out_dir/analysis/``: ``angles.npz``, ``angles.png`` (at most
-        ``max_plot_stages`` stages, evenly spaced, first and last included), ``center_drift.png``
-        and ``summary.json`` (group sizes and every stage's summary with its step). Returns the
-        last stage's."""
+        ``max_plot_stages`` stages, evenly spaced in steps: :func:`stages_by_step`),
+        ``center_drift.png`` and ``summary.json`` (group sizes and every stage's summary with its
+        step). Returns the last stage's."""
         if not self.records:
             raise RuntimeError("no stage recorded yet")
         if max_plot_stages < 1:
@@ -581,12 +608,11 @@ class AngleProbe:
         }
         with atomic_path(out / "angles.npz") as tmp, tmp.open("wb") as fh:
             np.savez_compressed(fh, **arrays)
-        count = len(self.records)
-        shown = np.unique(np.linspace(0, count - 1, min(count, max_plot_stages)).round())
+        steps = [r.step for r in self.records]
+        shown = stages_by_step(steps, max_plot_stages)
         plot_angle_distributions(
             [self.records[int(i)] for i in shown], self.groups, out / "angles.png"
         )
-        steps = [r.step for r in self.records]
         plot_center_drift(steps, self.summaries, out / "center_drift.png")
         groups = {GROUP_NAMES[c]: int((self.groups == c).sum()) for c in range(len(GROUP_NAMES))}
         stages = [{"step": step, **s} for step, s in zip(steps, self.summaries, strict=True)]
@@ -596,37 +622,43 @@ class AngleProbe:
 
 
 def plot_run_angles(runs: Mapping[str, Path], path: Path, title: str = "") -> None:
-    """Side by side for several runs: their loss curves, and for each the angle to the labelled
-    class centre of clean and noisy training samples at its last probe (``analysis/angles.npz``).
-    """
+    """One column per run: its training loss (top; each run on its own axis, as the losses of
+    different heads are not on one scale) and the angle to the labelled class centre of its clean
+    and noisy training samples at its last probe (bottom, ``analysis/angles.npz``; one angle axis
+    fitted to every run's data)."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 1 + len(runs), figsize=(5.0 * (1 + len(runs)), 4.2))
-    bins = np.linspace(0, 180, 91)
-    for (name, run), ax in zip(runs.items(), axes[1:], strict=True):
+    fig, axes = plt.subplots(2, len(runs), figsize=(5.0 * len(runs), 7.6), squeeze=False)
+    probes: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
+    for name, run in runs.items():
+        if (run / "analysis" / "angles.npz").is_file():
+            with np.load(run / "analysis" / "angles.npz") as data:
+                angles = np.degrees(np.arccos(np.clip(data["cos_label"][-1], -1, 1)))
+                probes[name] = (angles, data["groups"], int(data["step"][-1]))
+    bins = np.linspace(*angle_axis_range([a for a, _, _ in probes.values()]), 61)
+    for col, (name, run) in enumerate(runs.items()):
+        ax_loss, ax = axes[0, col], axes[1, col]
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        axes[0].plot([r["step"] for r in rows if "loss" in r],
-                     [r["loss"] for r in rows if "loss" in r], label=name)  # fmt: skip
-        probe = run / "analysis" / "angles.npz"
-        if not probe.is_file():
+        ax_loss.plot([r["step"] for r in rows if "loss" in r],
+                     [r["loss"] for r in rows if "loss" in r], color=f"C{col}")  # fmt: skip
+        ax_loss.set(xlabel="step", ylabel=f"{name} training loss", title=name)
+        ax_loss.grid(alpha=0.3)
+        if name not in probes:
             ax.text(0.5, 0.5, f"{name}: no angle probe\n(train.probe_every = 0)", ha="center",
                     va="center", transform=ax.transAxes)  # fmt: skip
             ax.set_axis_off()
             continue
-        with np.load(probe) as data:
-            angles = np.degrees(np.arccos(np.clip(data["cos_label"][-1], -1, 1)))
-            groups, step = data["groups"], int(data["step"][-1])
+        angles, groups, step = probes[name]
         for code, label in ((0, "clean"), (1, "closed-set noise"), (2, "open-set noise")):
             mask = groups == code
             if mask.any():
                 ax.hist(angles[mask], bins=bins, density=True, histtype="step", linewidth=1.6,
                         label=f"{label} ({int(mask.sum())})")  # fmt: skip
         ax.set(xlabel="angle to the labelled class centre (degrees)", ylabel="density",
-               title=f"{name}, step {step}")  # fmt: skip
+               title=f"{name}, step {step}", xlim=(bins[0], bins[-1]))  # fmt: skip
         ax.legend(loc="upper left", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].set(xlabel="step", ylabel="training loss", title=title or "training loss")
-    axes[0].legend()
-    axes[0].grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)

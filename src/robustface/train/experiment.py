@@ -36,7 +36,7 @@ from robustface.utils.io import write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
 
-__all__ = ["CellResult", "ExperimentConfig", "run_experiment", "summarize"]
+__all__ = ["CellResult", "ExperimentConfig", "gap_closed", "run_experiment", "summarize"]
 
 
 @dataclasses.dataclass
@@ -239,6 +239,14 @@ def _pm(values: Sequence[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if len(values) > 1 else f"{100 * mean:.2f}"
 
 
+def gap_closed(accuracy: float, ref_noisy: float, ref_clean: float) -> float:
+    """Share of the reference's clean-vs-noisy gap that ``accuracy`` (on the noisy labels) closes:
+    ``(accuracy - ref_noisy) / (ref_clean - ref_noisy)``; NaN when there is no gap (clean <= noisy).
+    0 is the reference's own noisy accuracy, 1 its clean-label accuracy."""
+    gap = ref_clean - ref_noisy
+    return (accuracy - ref_noisy) / gap if gap > 0 else float("nan")
+
+
 def summarize(exp: ExperimentConfig, results: Sequence[CellResult]) -> dict[str, Any]:
     """Write results.md / results.csv / summary.csv / plots from ``results``; return the summary.
 
@@ -278,7 +286,6 @@ def summarize(exp: ExperimentConfig, results: Sequence[CellResult]) -> dict[str,
             if _is_clean(noise) or not avg.get((ref, noise)):
                 continue
             ref_noisy, ref_std = _stats(avg[(ref, noise)])
-            gap = ref_clean - ref_noisy
             for method in exp.methods:
                 vals = avg.get((method, noise))
                 if not vals:
@@ -286,7 +293,7 @@ def summarize(exp: ExperimentConfig, results: Sequence[CellResult]) -> dict[str,
                 mean, std = _stats(vals)
                 delta = mean - ref_noisy
                 spread = math.hypot(std, ref_std)
-                closed = delta / gap if gap > 0 else float("nan")
+                closed = gap_closed(mean, ref_noisy, ref_clean)
                 z = delta / spread if spread > 0 else float("nan")
                 gaps[f"{method}/{noise}"] = {"delta": delta, "gap_closed": closed, "z": z}
                 gap_rows.append([method, noise, f"{100 * delta:+.2f}", f"{100 * closed:.0f}%",
@@ -322,7 +329,7 @@ def summarize(exp: ExperimentConfig, results: Sequence[CellResult]) -> dict[str,
         runs = {m: _cell_dir(out, m, noise, exp.seeds[0]) for m in exp.methods}
         runs = {m: r for m, r in runs.items() if (r / "analysis" / "angles.npz").is_file()}
         if runs:
-            plot_run_angles(runs, out / f"angles_{noise}.png", f"training loss ({noise})")
+            plot_run_angles(runs, out / f"angles_{noise}.png", f"{noise} labels")
     print(report)
     return {"table": report, "gaps": gaps}
 

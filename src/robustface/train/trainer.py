@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -190,6 +191,8 @@ class Trainer:
         if self.info.is_main:
             prepare_run_dir(self.out, cfg, cfg.seed)
         barrier()
+        if cfg.train.threads:  # CPU results depend on the thread count: fix it for repeatable runs
+            torch.set_num_threads(cfg.train.threads)
         _seed_everything(cfg.seed + self.info.rank)
         self._check_names()
         root = self.out / "checkpoints"
@@ -209,6 +212,7 @@ class Trainer:
         self.consumed = 0  # global samples consumed in the current epoch
         self.best: dict[str, Any] = {}
         self.last_loss = float("nan")
+        self.seconds = {"probes": 0.0, "evaluation": 0.0}  # time spent outside training steps
         if cfg.train.resume:
             self._resume(cfg.train.resume)
 
@@ -404,6 +408,7 @@ class Trainer:
 
         was_training = self.backbone.training
         self.backbone.eval()
+        start = time.perf_counter()
         try:
             summary = self.probe.record(
                 self.global_step,
@@ -414,6 +419,7 @@ class Trainer:
             )
         finally:
             self.backbone.train(was_training)
+            self.seconds["probes"] += time.perf_counter() - start
         log({"step": self.global_step, "epoch": self.epoch, **summary})
 
     def _head_stats(self) -> dict[str, float]:
@@ -629,24 +635,37 @@ class Trainer:
         return float(mean_loss)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, dict[str, Any]]:
-        """Verification accuracy on every configured set (rank 0; others return an empty dict)."""
+    def evaluate(self, progress: bool = False) -> dict[str, dict[str, Any]]:
+        """Verification accuracy on every configured set (rank 0; others return an empty dict).
+
+        With ``progress`` a status line and an embedding bar per set."""
         results: dict[str, dict[str, Any]] = {}
         if not self.info.is_main or not self.val_sets:
             return results
+        start = time.perf_counter()
+        progress = progress and self.cfg.train.progress
         was_training = self.backbone.training
         self.backbone.eval()
-        for name, (images, issame) in self.val_sets.items():
+        for i, (name, (images, issame)) in enumerate(self.val_sets.items(), 1):
+            if progress:
+                self._status(f"verification {i}/{len(self.val_sets)}: {name}, {len(images)} images")
             embeddings, xnorm = embed_pairs(
                 images,
                 self.backbone,
                 batch_size=max(self.cfg.data.batch_size, 64),
                 device=self.device,
                 input_size=self.input_size,
+                show_progress=progress,
             )
             results[name] = {**evaluate(embeddings, issame), "xnorm": xnorm}
         self.backbone.train(was_training)
+        self.seconds["evaluation"] += time.perf_counter() - start
         return results
+
+    def _status(self, message: str) -> None:
+        """A status line on rank 0 when progress is shown (what the run is doing between bars)."""
+        if self.info.is_main and self.cfg.train.progress:
+            tqdm.write(f"  {message}", file=sys.stderr)
 
     def _after_eval(self, results: dict[str, dict[str, Any]], log: Any) -> None:
         if not results:
@@ -659,6 +678,36 @@ class Trainer:
             self.best = {"step": self.global_step, "val_mean_accuracy": mean_acc}
             self._save_backbone(self.out / "best_backbone.pth")
 
+    def _timing(self, started: float, final_start: float) -> dict[str, Any]:
+        """Where this session's time went (seconds), and the environment the numbers depend on."""
+        now = time.perf_counter()
+        return {
+            "total_s": round(now - started, 1),
+            "probes_s": round(self.seconds["probes"], 1),
+            "evaluation_s": round(self.seconds["evaluation"], 1),
+            "after_training_s": round(now - final_start, 1),
+            **_environment(),
+        }
+
+    def _finished_result(self) -> TrainResult:
+        """The saved results of a run that had already finished, announced as such."""
+        saved = json.loads((self.out / "train_results.json").read_text(encoding="utf-8"))
+        if self.info.is_main:
+            print(
+                f"{self.out} is already complete (step {self.global_step} of {self.total_steps}): "
+                f"nothing to train; its results (train_results.json) follow. Use another "
+                "output_dir, or raise train.epochs, to train more.",
+                flush=True,
+            )
+        return TrainResult(
+            self.out,
+            int(saved["steps"]),
+            float(saved["loss"]),
+            saved.get("verification", {}) if self.info.is_main else {},
+            saved.get("best", {}),
+            self.out / "backbone.pth",
+        )
+
     def _open_metrics(self) -> Any:
         """metrics.jsonl for appending; a resumed run first drops rows logged after its step."""
         path = self.out / "metrics.jsonl"
@@ -666,6 +715,8 @@ class Trainer:
         if self.global_step > 0 and path.is_file():
             lines = path.read_text(encoding="utf-8").splitlines()
             kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= self.global_step]
+            losses = [row["loss"] for row in map(json.loads, kept) if "loss" in row]
+            self.last_loss = losses[-1] if losses else self.last_loss  # the loss at resume
         write_text_atomic(path, "".join(line + "\n" for line in kept))
         return path.open("a", encoding="utf-8")
 
@@ -674,8 +725,14 @@ class Trainer:
             torch.save(self.backbone.state_dict(), tmp)
 
     def fit(self) -> TrainResult:
-        """Train until ``train.epochs`` (or ``train.max_steps``); return the results."""
+        """Train until ``train.epochs`` (or ``train.max_steps``); return the results.
+
+        A run resumed after it had finished (``train_results.json`` written at its last step)
+        trains and evaluates nothing: it says so and returns the saved results."""
         cfg, info = self.cfg, self.info
+        if self.global_step >= self.total_steps and (self.out / "train_results.json").is_file():
+            return self._finished_result()
+        started = time.perf_counter()
         writer = None
         metrics_file = None
         if info.is_main:
@@ -744,9 +801,12 @@ class Trainer:
                     self.save()
                 del batches
             self.save()  # no-op if this step is already saved
-            final = self.evaluate()
+            bar.close()  # the final steps below report themselves
+            final_start = time.perf_counter()
+            final = self.evaluate(progress=True)
             self._after_eval(final, log)
             if cfg.train.probe_every and self._last_probe_step != self.global_step:
+                self._status(f"final angle probe ({len(self.probe or ())} samples)")
                 self._run_probe(log)
         finally:
             bar.close()
@@ -759,19 +819,31 @@ class Trainer:
             self._save_backbone(backbone_path)
             if final:
                 write_text_atomic(self.out / "verification.md", format_results(final) + "\n")
-            summary = {
+            summary: dict[str, Any] = {
                 "steps": self.global_step,
                 "loss": self.last_loss,
                 "best": self.best,
                 "verification": {k: _jsonable(v) for k, v in final.items()},
             }
             if self.probe is not None and self.probe.records:
+                self._status("saving the angle probe's arrays and plots (analysis/)")
                 summary["analysis"] = self.probe.save(self.out)
+            summary["timing"] = self._timing(started, final_start)
             write_text_atomic(self.out / "train_results.json", json.dumps(summary, indent=2) + "\n")
         barrier()
         return TrainResult(
             self.out, self.global_step, self.last_loss, final, self.best, backbone_path
         )
+
+
+def _environment() -> dict[str, Any]:
+    """What CPU results depend on besides config and seed: PyTorch's version, its CPU thread count
+    and the vector instruction set its kernels use."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def _jsonable(result: dict[str, Any]) -> dict[str, Any]:

@@ -682,10 +682,10 @@ class Trainer:
         """Where this session's time went (seconds), and the environment the numbers depend on."""
         now = time.perf_counter()
         return {
-            "total_s": round(now - started, 1),
-            "probes_s": round(self.seconds["probes"], 1),
-            "evaluation_s": round(self.seconds["evaluation"], 1),
-            "after_training_s": round(now - final_start, 1),
+            "total_s": round(now - started, 3),
+            "probes_s": round(self.seconds["probes"], 3),
+            "evaluation_s": round(self.seconds["evaluation"], 3),
+            "after_training_s": round(now - final_start, 3),
             **_environment(),
         }
 

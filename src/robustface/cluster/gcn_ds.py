@@ -24,7 +24,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.base import CLUSTERERS, Clusterer, as_function
 from robustface.cluster.gcn_v import (
     _batches,
     _eval_mode,
@@ -55,6 +55,8 @@ from robustface.errors import DataFormatError
 __all__ = [
     "DSGCN",
     "DSGraphConv",
+    "GCNDClustering",
+    "GCNDSClustering",
     "deoverlap",
     "gcn_d_cluster",
     "gcn_ds_cluster",
@@ -535,18 +537,7 @@ def _proposals_for(
 
 
 @CLUSTERERS.register("gcn_d")
-def gcn_d_cluster(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    model: DSGCN | str | Path,
-    settings: str | Sequence[ProposalSetting | Mapping[str, Any]] = "test_2",
-    knn_method: Method = "flat",
-    min_score: float | None = None,
-    batch_size: int = 256,
-    device: Device | None = None,
-    show_progress: bool = True,
-) -> np.ndarray:
+class GCNDClustering(Clusterer):
     """GCN-D clustering: proposals (``settings``), predicted IoU, :func:`deoverlap`.
 
     ``model`` is a trained GCN-D or the path of a saved one; ``min_score`` drops proposals
@@ -555,76 +546,163 @@ def gcn_d_cluster(
     names another device (then a copy runs there). ``knn_method`` builds the kNN among
     super-vertex means of iterative settings.
     """
-    detector = _as_model(model, "det", device)
-    feats, knn, proposals = _proposals_for(features, knn, settings, knn_method, show_progress)
-    scores = predict_gcn_d(
-        detector,
-        feats,
-        knn,
-        proposals,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    return deoverlap(proposals, scores[:, 0], len(feats), min_score=min_score)
+
+    models: ClassVar[Mapping[str, str]] = {"model": "gcn_d"}
+
+    def __init__(
+        self,
+        *,
+        model: DSGCN | str | Path,
+        settings: str | Sequence[ProposalSetting | Mapping[str, Any]] = "test_2",
+        knn_method: Method = "flat",
+        min_score: float | None = None,
+        batch_size: int = 256,
+        device: Device | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.knn_method = knn_method
+        self.min_score = min_score
+        self.batch_size = batch_size
+        self.device = device
+        self.show_progress = show_progress
+
+    def _finish(self, state: Any) -> np.ndarray:
+        features, knn = state
+        model, settings, knn_method, min_score, batch_size, device, show_progress = (
+            self.model,
+            self.settings,
+            self.knn_method,
+            self.min_score,
+            self.batch_size,
+            self.device,
+            self.show_progress,
+        )
+        detector = _as_model(model, "det", device)
+        feats, knn, proposals = _proposals_for(features, knn, settings, knn_method, show_progress)
+        scores = predict_gcn_d(
+            detector,
+            feats,
+            knn,
+            proposals,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+        return deoverlap(proposals, scores[:, 0], len(feats), min_score=min_score)
+
+
+gcn_d_cluster = as_function(GCNDClustering, "gcn_d_cluster")
 
 
 @CLUSTERERS.register("gcn_ds")
-def gcn_ds_cluster(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    model: DSGCN | str | Path,
-    seg_model: DSGCN | str | Path,
-    settings: str | Sequence[ProposalSetting | Mapping[str, Any]] = "test_2",
-    knn_method: Method = "flat",
-    min_score: float | None = None,
-    seg_iop_range: tuple[float, float] = (0.1, 0.9),
-    inlier_threshold: float = 0.5,
-    keep_outliers: bool = True,
-    seed_node: SeedNode = "random",
-    random_state: int = 0,
-    batch_size: int = 256,
-    device: Device | None = None,
-    show_progress: bool = True,
-) -> np.ndarray:
+class GCNDSClustering(Clusterer):
     """GCN-D + GCN-S clustering: as ``gcn_d``, but proposals with predicted IoP in
     ``seg_iop_range`` are segmented first and lose members with in-probability below
     ``inlier_threshold`` (learn-to-cluster ``cfg_test_seg_ms1m``: 0.1-0.9, 0.5, outliers kept as
     low-priority clusters).
     """
-    detector = _as_model(model, "det", device)
-    segmenter = _as_model(seg_model, "seg", device)
-    low, high = seg_iop_range
-    if not low <= high:
-        raise ValueError(f"seg_iop_range must satisfy low <= high, got {seg_iop_range}")
-    feats, knn, proposals = _proposals_for(features, knn, settings, knn_method, show_progress)
-    scores = predict_gcn_d(
-        detector,
-        feats,
-        knn,
-        proposals,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    chosen = np.flatnonzero((scores[:, 1] >= low) & (scores[:, 1] <= high))
-    keep = np.ones(len(proposals.members), dtype=bool)
-    if len(chosen):
-        prob_in = predict_gcn_s(
-            segmenter,
+
+    models: ClassVar[Mapping[str, str]] = {"model": "gcn_d", "seg_model": "gcn_s"}
+
+    def __init__(
+        self,
+        *,
+        model: DSGCN | str | Path,
+        seg_model: DSGCN | str | Path,
+        settings: str | Sequence[ProposalSetting | Mapping[str, Any]] = "test_2",
+        knn_method: Method = "flat",
+        min_score: float | None = None,
+        seg_iop_range: tuple[float, float] = (0.1, 0.9),
+        inlier_threshold: float = 0.5,
+        keep_outliers: bool = True,
+        seed_node: SeedNode = "random",
+        random_state: int = 0,
+        batch_size: int = 256,
+        device: Device | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.seg_model = seg_model
+        self.settings = settings
+        self.knn_method = knn_method
+        self.min_score = min_score
+        self.seg_iop_range = seg_iop_range
+        self.inlier_threshold = inlier_threshold
+        self.keep_outliers = keep_outliers
+        self.seed_node = seed_node
+        self.random_state = random_state
+        self.batch_size = batch_size
+        self.device = device
+        self.show_progress = show_progress
+
+    def _finish(self, state: Any) -> np.ndarray:
+        features, knn = state
+        (
+            model,
+            seg_model,
+            settings,
+            knn_method,
+            min_score,
+            seg_iop_range,
+            inlier_threshold,
+            keep_outliers,
+            seed_node,
+            random_state,
+            batch_size,
+            device,
+            show_progress,
+        ) = (
+            self.model,
+            self.seg_model,
+            self.settings,
+            self.knn_method,
+            self.min_score,
+            self.seg_iop_range,
+            self.inlier_threshold,
+            self.keep_outliers,
+            self.seed_node,
+            self.random_state,
+            self.batch_size,
+            self.device,
+            self.show_progress,
+        )
+        detector = _as_model(model, "det", device)
+        segmenter = _as_model(seg_model, "seg", device)
+        low, high = seg_iop_range
+        if not low <= high:
+            raise ValueError(f"seg_iop_range must satisfy low <= high, got {seg_iop_range}")
+        feats, knn, proposals = _proposals_for(features, knn, settings, knn_method, show_progress)
+        scores = predict_gcn_d(
+            detector,
             feats,
             knn,
-            proposals.select(chosen),
-            seed_node=seed_node,
-            random_state=random_state,
+            proposals,
             batch_size=batch_size,
             show_progress=show_progress,
         )
-        keep[_member_positions(proposals, chosen)] = prob_in >= inlier_threshold
-    return deoverlap(
-        proposals,
-        scores[:, 0],
-        len(feats),
-        min_score=min_score,
-        keep_members=keep,
-        keep_outliers=keep_outliers,
-    )
+        chosen = np.flatnonzero((scores[:, 1] >= low) & (scores[:, 1] <= high))
+        keep = np.ones(len(proposals.members), dtype=bool)
+        if len(chosen):
+            prob_in = predict_gcn_s(
+                segmenter,
+                feats,
+                knn,
+                proposals.select(chosen),
+                seed_node=seed_node,
+                random_state=random_state,
+                batch_size=batch_size,
+                show_progress=show_progress,
+            )
+            keep[_member_positions(proposals, chosen)] = prob_in >= inlier_threshold
+        return deoverlap(
+            proposals,
+            scores[:, 0],
+            len(feats),
+            min_score=min_score,
+            keep_members=keep,
+            keep_outliers=keep_outliers,
+        )
+
+
+gcn_ds_cluster = as_function(GCNDSClustering, "gcn_ds_cluster")

@@ -20,9 +20,9 @@ Published state dict keys, equal to ours: ``conv{1..4}.weight``/``.bias``, ``cla
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS, SIM_GRID, TUNINGS, Tuning
+from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, as_function
 from robustface.cluster.gcn_v import (
     GCNV,
     ROW_BATCH,
@@ -57,6 +57,7 @@ from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, 
 
 __all__ = [
     "GCNE",
+    "GCNEClustering",
     "candidate_sets",
     "edge_rows",
     "gcn_e_cluster",
@@ -389,80 +390,76 @@ def gcn_e_inputs(
     return edge_feats, conf, edge_knn
 
 
-def _gcn_e_prepare(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    gcn_v_model: GCNV | str | Path,
-    gcn_e_model: GCNE | str | Path,
-    use_gcn_features: bool = True,
-    k: int = 80,
-    k_edge: int = K_EDGE,
-    ignore_ratio: float = 0.8,
-    knn_method: Method = "flat",
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    show_progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each sample's chosen link and its similarity (:func:`gcn_e_cluster` before ``tau``)."""
-    feats = check_features(features)
-    if knn is None:
-        knn = build_knn(feats, k=k, method=knn_method, show_progress=show_progress)
-    edge_feats, conf, edge_knn = gcn_e_inputs(
-        _as_gcn_v(gcn_v_model, device),
-        feats,
-        knn,
-        use_gcn_features=use_gcn_features,
-        k=k_edge,
-        knn_method=knn_method,
-        device=device,
-        show_progress=show_progress,
-    )
-    return predict_gcn_e(
-        _as_gcn_e(gcn_e_model, device),
-        edge_feats,
-        conf,
-        edge_knn,
-        device,
-        ignore_ratio=ignore_ratio,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-
-
-def _gcn_e_link(state: tuple[np.ndarray, np.ndarray], tau: float) -> np.ndarray:
-    return link_peaks(state[0], state[1], tau)
-
-
 @CLUSTERERS.register("gcn_e")
-def gcn_e_cluster(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    gcn_v_model: GCNV | str | Path,
-    gcn_e_model: GCNE | str | Path,
-    tau: float = TAU_GCN_FEATURES,
-    use_gcn_features: bool = True,
-    k: int = 80,
-    k_edge: int = K_EDGE,
-    ignore_ratio: float = 0.8,
-    knn_method: Method = "flat",
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    show_progress: bool = True,
-) -> np.ndarray:
+class GCNEClustering(Clusterer):
     """GCN-V + GCN-E clustering (learn-to-cluster ``test_gcn_e.py`` with ``cfg_test_gcne_ms1m``).
 
     GCN-V on the input kNN (built with ``k`` if ``knn`` is None) gives confidence and hidden
     features; GCN-E picks each sample's link on the ``k_edge`` kNN of the edge features; links
-    with similarity ``> tau`` form the clusters.
+    with similarity ``> tau`` form the clusters. The chosen links and their similarities are the
+    threshold-independent work kept for :meth:`relink`.
     """
-    state = _gcn_e_prepare(
-        features, knn, gcn_v_model=gcn_v_model, gcn_e_model=gcn_e_model,
-        use_gcn_features=use_gcn_features, k=k, k_edge=k_edge, ignore_ratio=ignore_ratio,
-        knn_method=knn_method, device=device, batch_size=batch_size, show_progress=show_progress,
-    )  # fmt: skip
-    return _gcn_e_link(state, tau)
+
+    tuned_param = "tau"
+    grid = SIM_GRID
+    models: ClassVar[Mapping[str, str]] = {"gcn_v_model": "gcn_v", "gcn_e_model": "gcn_e"}
+
+    def __init__(
+        self,
+        *,
+        gcn_v_model: GCNV | str | Path,
+        gcn_e_model: GCNE | str | Path,
+        tau: float = TAU_GCN_FEATURES,
+        use_gcn_features: bool = True,
+        k: int = 80,
+        k_edge: int = K_EDGE,
+        ignore_ratio: float = 0.8,
+        knn_method: Method = "flat",
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        show_progress: bool = True,
+    ) -> None:
+        self.gcn_v_model = gcn_v_model
+        self.gcn_e_model = gcn_e_model
+        self.tau = tau
+        self.use_gcn_features = use_gcn_features
+        self.k = k
+        self.k_edge = k_edge
+        self.ignore_ratio = ignore_ratio
+        self.knn_method = knn_method
+        self.device = device
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+
+    def _prepare(self, features: np.ndarray, knn: KnnGraph | None) -> tuple[np.ndarray, np.ndarray]:
+        """Each sample's chosen link and its similarity (before ``tau``)."""
+        feats = check_features(features)
+        device, progress = self.device, self.show_progress
+        if knn is None:
+            knn = build_knn(feats, k=self.k, method=self.knn_method, show_progress=progress)
+        edge_feats, conf, edge_knn = gcn_e_inputs(
+            _as_gcn_v(self.gcn_v_model, device),
+            feats,
+            knn,
+            use_gcn_features=self.use_gcn_features,
+            k=self.k_edge,
+            knn_method=self.knn_method,
+            device=device,
+            show_progress=progress,
+        )
+        return predict_gcn_e(
+            _as_gcn_e(self.gcn_e_model, device),
+            edge_feats,
+            conf,
+            edge_knn,
+            device,
+            ignore_ratio=self.ignore_ratio,
+            batch_size=self.batch_size,
+            show_progress=progress,
+        )
+
+    def _finish(self, state: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return link_peaks(state[0], state[1], self.tau)
 
 
-TUNINGS.register("gcn_e")(Tuning("tau", SIM_GRID, _gcn_e_prepare, _gcn_e_link))
+gcn_e_cluster = as_function(GCNEClustering, "gcn_e_cluster")

@@ -25,7 +25,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS, SIM_GRID, TUNINGS, Tuning
+from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, as_function
 from robustface.cluster.graph import components, knn_adjacency, knn_edges
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
 from robustface.errors import DataFormatError
@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_LR",
     "GCNV",
     "GCN_V_BATCH",
+    "GCNVClustering",
     "GraphConv",
     "Optimizer",
     "confidence_link",
@@ -676,66 +677,66 @@ def _as_gcn_v(model: GCNV | str | Path, device: str | torch.device) -> GCNV:
     raise TypeError(f"model must be a GCNV or a checkpoint path, got {type(model).__name__}")
 
 
-def _gcn_v_prepare(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    model: GCNV | str | Path,
-    use_gcn_features: bool = True,
-    k: int = 80,
-    knn_method: Method = "flat",
-    device: str | torch.device = "cpu",
-    batch_size: int = ROW_BATCH,
-    show_progress: bool = True,
-) -> tuple[KnnGraph, np.ndarray]:
-    """GCN-V's confidence and the kNN graph it is linked on (:func:`gcn_v_cluster`)."""
-    feats = check_features(features)
-    if knn is None:
-        knn = build_knn(feats, k=k, method=knn_method, show_progress=show_progress)
-    gcn = _as_gcn_v(model, device)
-    conf, hidden = predict_gcn_v(
-        gcn, feats, knn, device, batch_size=batch_size, return_hidden=use_gcn_features,
-        show_progress=show_progress,
-    )  # fmt: skip
-    if hidden is None:
-        return knn, conf
-    link_knn = build_knn(
-        unit_rows(hidden), k=knn.k, method=knn_method, normalize=False, show_progress=show_progress
-    )
-    return link_knn, conf
-
-
-def _gcn_v_link(state: tuple[KnnGraph, np.ndarray], tau: float) -> np.ndarray:
-    return confidence_link(state[0], state[1], tau)
-
-
 @CLUSTERERS.register("gcn_v")
-def gcn_v_cluster(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    model: GCNV | str | Path,
-    tau: float | None = None,
-    use_gcn_features: bool = True,
-    k: int = 80,
-    knn_method: Method = "flat",
-    device: str | torch.device = "cpu",
-    batch_size: int = ROW_BATCH,
-    show_progress: bool = True,
-) -> np.ndarray:
+class GCNVClustering(Clusterer):
     """GCN-V clustering (learn-to-cluster ``test_gcn_v.py``).
 
     Confidence from ``model`` on the input kNN graph (built with ``k`` if ``knn`` is None); with
     ``use_gcn_features`` the kNN is rebuilt (same k) on the L2-normalised hidden features and
-    linked with ``tau`` (default 0.8), otherwise the input kNN is linked (default 0.65).
+    linked with ``tau`` (default 0.8), otherwise the input kNN is linked (default 0.65). The
+    confidence and the linking graph are the threshold-independent work kept for
+    :meth:`relink`.
     """
-    if tau is None:
-        tau = TAU_GCN_FEATURES if use_gcn_features else TAU_INPUT_KNN
-    state = _gcn_v_prepare(
-        features, knn, model=model, use_gcn_features=use_gcn_features, k=k,
-        knn_method=knn_method, device=device, batch_size=batch_size, show_progress=show_progress,
-    )  # fmt: skip
-    return _gcn_v_link(state, tau)
+
+    tuned_param = "tau"
+    grid = SIM_GRID
+    models: ClassVar[Mapping[str, str]] = {"model": "gcn_v"}
+
+    def __init__(
+        self,
+        *,
+        model: GCNV | str | Path,
+        tau: float | None = None,
+        use_gcn_features: bool = True,
+        k: int = 80,
+        knn_method: Method = "flat",
+        device: str | torch.device = "cpu",
+        batch_size: int = ROW_BATCH,
+        show_progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.tau = tau
+        self.use_gcn_features = use_gcn_features
+        self.k = k
+        self.knn_method = knn_method
+        self.device = device
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+
+    def _prepare(self, features: np.ndarray, knn: KnnGraph | None) -> tuple[KnnGraph, np.ndarray]:
+        """GCN-V's confidence and the kNN graph it is linked on."""
+        feats = check_features(features)
+        progress = self.show_progress
+        if knn is None:
+            knn = build_knn(feats, k=self.k, method=self.knn_method, show_progress=progress)
+        gcn = _as_gcn_v(self.model, self.device)
+        conf, hidden = predict_gcn_v(
+            gcn, feats, knn, self.device, batch_size=self.batch_size,
+            return_hidden=self.use_gcn_features, show_progress=progress,
+        )  # fmt: skip
+        if hidden is None:
+            return knn, conf
+        link_knn = build_knn(
+            unit_rows(hidden), k=knn.k, method=self.knn_method, normalize=False,
+            show_progress=progress,
+        )  # fmt: skip
+        return link_knn, conf
+
+    def _finish(self, state: tuple[KnnGraph, np.ndarray]) -> np.ndarray:
+        tau = self.tau
+        if tau is None:
+            tau = TAU_GCN_FEATURES if self.use_gcn_features else TAU_INPUT_KNN
+        return confidence_link(state[0], state[1], tau)
 
 
-TUNINGS.register("gcn_v")(Tuning("tau", SIM_GRID, _gcn_v_prepare, _gcn_v_link))
+gcn_v_cluster = as_function(GCNVClustering, "gcn_v_cluster")

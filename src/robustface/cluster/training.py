@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.dataset import ClusterSet
 from robustface.cluster.gcn_ds import train_gcn_d, train_gcn_s
 from robustface.cluster.gcn_e import K_EDGE, gcn_e_inputs, train_gcn_e
@@ -32,12 +33,10 @@ __all__ = ["KINDS", "KINDS_FOR", "MODEL_PARAMS", "train_models"]
 
 KINDS: tuple[str, ...] = ("gcn_v", "gcn_e", "gcn_d", "gcn_s")
 MODEL_PARAMS: dict[str, dict[str, str]] = {
-    "gcn_v": {"model": "gcn_v"},
-    "gcn_e": {"gcn_v_model": "gcn_v", "gcn_e_model": "gcn_e"},
-    "gcn_d": {"model": "gcn_d"},
-    "gcn_ds": {"model": "gcn_d", "seg_model": "gcn_s"},
+    name: dict(CLUSTERERS.get(name).models) for name in CLUSTERERS if CLUSTERERS.get(name).models
 }
-"""Per learned clusterer: its keyword argument for each trained model it needs."""
+"""Per learned clusterer: its keyword argument for each trained model it needs (its
+estimator's ``models``)."""
 KINDS_FOR: dict[str, tuple[str, ...]] = {m: tuple(p.values()) for m, p in MODEL_PARAMS.items()}
 """The models each learned clusterer needs."""
 

@@ -159,7 +159,8 @@ def clusterer(method: str | type[Clusterer]) -> type[Clusterer]:
 
 
 def cluster(method: str, features: np.ndarray | None, knn: Any, **params: Any) -> np.ndarray:
-    """Labels of the method registered as ``method``: ``Cls(**params).fit_predict(features, knn)``."""
+    """Labels of the method registered as ``method``:
+    ``CLUSTERERS.get(method)(**params).fit_predict(features, knn)``."""
     return CLUSTERERS.get(method)(**params).fit_predict(features, knn)
 
 

@@ -50,6 +50,7 @@ from robustface.cluster.proposals import (
     generate_proposals,
     proposal_targets,
 )
+from robustface.cluster.train_settings import GCN_DS_TRAINING, TrainSettings, resolve_settings
 from robustface.errors import DataFormatError
 
 __all__ = [
@@ -249,33 +250,28 @@ def train_gcn_d(
     knn: KnnGraph,
     proposals: Proposals,
     labels: np.ndarray,
+    settings: TrainSettings | None = None,
     *,
     hidden_dims: Sequence[int] = (512, 64),
     dropout: float = 0.5,
-    epochs: int = 30,
-    batch_size: int = 32,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    lr_steps: Sequence[int] = (15, 24, 28),
-    lr_gamma: float = 0.1,
-    device: Device = "cpu",
-    seed: int = 0,
-    show_progress: bool = True,
+    **overrides: Any,
 ) -> tuple[DSGCN, list[float]]:
     """Train GCN-D to regress every proposal's (IoU, IoP) by mean squared error.
 
     Returns the model (in eval mode) and the mean loss of every epoch. The caller's random
-    state is left untouched (``seed`` drives initialisation, shuffling and dropout).
+    state is left untouched (``seed`` drives initialisation, shuffling and dropout). Optimiser
+    and run: :data:`~robustface.cluster.train_settings.GCN_DS_TRAINING`, changed by ``settings``
+    and ``overrides`` of its fields.
     """
+    run = resolve_settings("GCN-D", GCN_DS_TRAINING, settings, overrides)
+    dev = torch.device(run.device)
     feats = _check_inputs(features, knn, proposals, labels)
     if len(proposals) == 0:
         raise ValueError("proposals is empty: nothing to train GCN-D on")
     iou, iop = proposal_targets(proposals, np.asarray(labels))
     targets = torch.from_numpy(np.stack([iou, iop], axis=1))
-    dev = torch.device(device)
     with torch.random.fork_rng(devices=_rng_devices(dev)):
-        torch.manual_seed(seed)
+        torch.manual_seed(run.seed)
         model = DSGCN(feats.shape[1], hidden_dims, "det", dropout).to(dev)
 
         def step_loss(items: np.ndarray, _: np.random.Generator) -> torch.Tensor:
@@ -283,19 +279,7 @@ def train_gcn_d(
             return F.mse_loss(model(x, adj, mask), targets[items].to(dev))
 
         history = _train_loop(
-            model,
-            len(proposals),
-            step_loss,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            lr_steps=lr_steps,
-            lr_gamma=lr_gamma,
-            seed=seed,
-            show_progress=show_progress,
-            desc="GCN-D",
+            model, len(proposals), step_loss, run, lr_steps=run.lr_steps or (), desc="GCN-D"
         )
     return model, history
 
@@ -305,27 +289,22 @@ def train_gcn_s(
     knn: KnnGraph,
     proposals: Proposals,
     labels: np.ndarray,
+    settings: TrainSettings | None = None,
     *,
     iop_range: tuple[float, float] = (0.2, 0.8),
     hidden_dims: Sequence[int] = (512, 64),
     dropout: float = 0.5,
-    epochs: int = 30,
-    batch_size: int = 32,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    lr_steps: Sequence[int] = (15, 24, 28),
-    lr_gamma: float = 0.1,
-    device: Device = "cpu",
-    seed: int = 0,
-    show_progress: bool = True,
+    **overrides: Any,
 ) -> tuple[DSGCN, list[float]]:
     """Train GCN-S: a random seed member per proposal and step, every member labelled in/out
     of the seed's identity; the loss is each proposal's mean node NLL, averaged over the batch.
 
     Only proposals with ground-truth IoP in ``iop_range`` (those with outliers to find) are used,
     as learn-to-cluster's ``th_iop_min/max`` = 0.2/0.8. Returns the model and epoch losses.
+    Settings as :func:`train_gcn_d`.
     """
+    run = resolve_settings("GCN-S", GCN_DS_TRAINING, settings, overrides)
+    dev = torch.device(run.device)
     feats = _check_inputs(features, knn, proposals, labels)
     low, high = iop_range
     if not 0.0 <= low < high <= 1.0:
@@ -336,9 +315,8 @@ def train_gcn_s(
     if len(train) == 0:
         raise ValueError(f"no proposal has a ground-truth IoP in iop_range={iop_range}")
     sizes = train.sizes
-    dev = torch.device(device)
     with torch.random.fork_rng(devices=_rng_devices(dev)):
-        torch.manual_seed(seed)
+        torch.manual_seed(run.seed)
         model = DSGCN(feats.shape[1], hidden_dims, "seg", dropout).to(dev)
 
         def step_loss(items: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -355,19 +333,7 @@ def train_gcn_s(
             return per_proposal.mean()
 
         history = _train_loop(
-            model,
-            len(train),
-            step_loss,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            lr_steps=lr_steps,
-            lr_gamma=lr_gamma,
-            seed=seed,
-            show_progress=show_progress,
-            desc="GCN-S",
+            model, len(train), step_loss, run, lr_steps=run.lr_steps or (), desc="GCN-S"
         )
     return model, history
 

@@ -20,7 +20,7 @@ Published state dict keys, equal to ours: ``conv{1..4}.weight``/``.bias``, ``cla
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,6 +54,7 @@ from robustface.cluster.gcn_v import (
 )
 from robustface.cluster.graph import knn_adjacency
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
+from robustface.cluster.train_settings import GCN_E_TRAINING, TrainSettings, resolve_settings
 
 __all__ = [
     "GCNE",
@@ -211,20 +212,12 @@ def train_gcn_e(
     confidence: np.ndarray,
     labels: np.ndarray,
     knn: KnnGraph,
+    settings: TrainSettings | None = None,
     *,
-    epochs: int = 40,
     hidden: int = 512,
     dropout: float = 0.0,
-    batch_size: int = 32,
     ignore_ratio: float = 0.7,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-5,
-    lr_steps: Sequence[float] = (0.5, 0.8, 0.9),
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    show_progress: bool = True,
-    log_every: int = 100,
+    **overrides: Any,
 ) -> GCNE:
     """Train GCN-E on the subgraphs of :func:`edge_rows`; targets: candidate has the same label.
 
@@ -233,8 +226,12 @@ def train_gcn_e(
     40 epochs, SGD lr 0.1, momentum 0.9, weight decay 1e-5, lr x0.1 at 50/80/90 % of the epochs,
     one subgraph per forward with gradients of 32 averaged per step (here: batches of 32 padded
     subgraphs, loss = mean over subgraphs of the mean over candidates: the same value), training
-    ``ignore_ratio`` 0.7. Per-step losses are in ``model.loss_history``.
+    ``ignore_ratio`` 0.7 (:data:`~robustface.cluster.train_settings.GCN_E_TRAINING`, changed by
+    ``settings`` and ``overrides`` of its fields). Per-step losses are in ``model.loss_history``.
     """
+    run = resolve_settings("GCN-E", GCN_E_TRAINING, settings, overrides)
+    epochs, batch_size, log_every = run.epochs, run.batch_size, run.log_every
+    device, seed = run.device, run.seed
     feats, conf = _edge_inputs(features, confidence, knn)
     labels = _check_labels(labels, len(feats))
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
@@ -272,15 +269,8 @@ def train_gcn_e(
             model,
             len(rows),
             step_loss,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            lr_steps=_lr_milestones(epochs, lr_steps),
-            lr_gamma=0.1,
-            seed=seed,
-            show_progress=show_progress,
+            run,
+            lr_steps=_lr_milestones(epochs, run.lr_steps or ()),
             desc="GCN-E",
         )
     return model.eval()

@@ -25,7 +25,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,6 +37,12 @@ from tqdm import tqdm
 from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, as_function
 from robustface.cluster.graph import components, knn_adjacency, knn_edges
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
+from robustface.cluster.train_settings import (
+    GCN_V_TRAINING,
+    Optimizer,
+    TrainSettings,
+    resolve_settings,
+)
 from robustface.errors import DataFormatError
 from robustface.models.loading import load_weights
 from robustface.utils.io import atomic_path
@@ -72,10 +78,9 @@ GCN_FORMAT = "robustface.gcn"
 TAU_GCN_FEATURES = 0.8  # published ``tau``: linking on the kNN of GCN-V's hidden features
 TAU_INPUT_KNN = 0.65  # published ``tau_0``: linking on the input kNN
 ROW_BATCH = 65536  # rows per chunk of the vectorised per-sample passes
-Optimizer = Literal["sgd", "adamw"]
 DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adamw": 1e-3}
 """GCN-V's learning rate per optimiser when none is given (SGD's is the published one)."""
-GCN_V_BATCH = 1024  # default rows per GCN-V training step
+GCN_V_BATCH = GCN_V_TRAINING.batch_size  # default rows per GCN-V training step
 WARMUP_FRACTION = 0.05  # AdamW: linear warm-up over this share of the iterations, then cosine
 
 
@@ -338,16 +343,17 @@ def _lr_milestones(total: int, lr_steps: Sequence[float]) -> list[int]:
 
 
 def _lr_factor(
-    optimizer: str, iters: int, lr_steps: Sequence[float] | None
+    optimizer: str, iters: int, lr_steps: Sequence[float] | None, lr_gamma: float = 0.1
 ) -> Callable[[int], float]:
-    """GCN-V's learning-rate multiplier at each step (0-based): x0.1 at each of ``lr_steps``
-    (fractions of ``iters``; published 0.5/0.8/0.9) for SGD; for AdamW a linear warm-up over
-    :data:`WARMUP_FRACTION` of the steps, then a cosine from 1 to 0. Checks the arguments."""
+    """GCN-V's learning-rate multiplier at each step (0-based): x``lr_gamma`` at each of
+    ``lr_steps`` (fractions of ``iters``; published 0.5/0.8/0.9) for SGD; for AdamW a linear
+    warm-up over :data:`WARMUP_FRACTION` of the steps, then a cosine from 1 to 0. Checks the
+    arguments."""
     if optimizer not in DEFAULT_LR:
         raise ValueError(f"optimizer must be one of {', '.join(DEFAULT_LR)}, got {optimizer!r}")
     if optimizer == "sgd":
         milestones = _lr_milestones(iters, (0.5, 0.8, 0.9) if lr_steps is None else lr_steps)
-        return lambda step: 0.1 ** sum(step >= m for m in milestones)
+        return lambda step: lr_gamma ** sum(step >= m for m in milestones)
     if lr_steps is not None:
         raise ValueError("lr_steps is for optimizer='sgd'; AdamW warms up then anneals (cosine)")
     warmup = max(1, int(WARMUP_FRACTION * iters))
@@ -385,21 +391,18 @@ def _train_loop(
     model: nn.Module,
     num_items: int,
     step_loss: Callable[[np.ndarray, np.random.Generator], torch.Tensor],
+    settings: TrainSettings,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
     lr_steps: Sequence[int],
-    lr_gamma: float,
-    seed: int,
-    show_progress: bool,
     desc: str,
 ) -> list[float]:
-    """SGD (momentum, weight decay, lr x ``lr_gamma`` at the epochs ``lr_steps``) over shuffled
-    batches of item indices, ``step_loss(items, rng)`` giving each batch's loss; GCN-E, GCN-D
-    and GCN-S train with it. Returns the mean loss of every epoch; the model ends in eval mode."""
+    """SGD (``settings``: lr, momentum, weight decay, lr x ``lr_gamma`` at the epochs
+    ``lr_steps``) for ``settings.epochs`` over shuffled batches of item indices,
+    ``step_loss(items, rng)`` giving each batch's loss; GCN-E, GCN-D and GCN-S train with it.
+    Returns the mean loss of every epoch; the model ends in eval mode."""
+    epochs, batch_size, seed = settings.epochs, settings.batch_size, settings.seed
+    lr, momentum, weight_decay = settings.lr, settings.momentum, settings.weight_decay
+    lr_gamma, show_progress = settings.lr_gamma, settings.show_progress
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
@@ -446,22 +449,17 @@ def train_gcn_v(
     features: np.ndarray,
     labels: np.ndarray,
     knn: KnnGraph,
+    settings: TrainSettings | None = None,
     *,
-    iters: int = 12000,
     hidden: int = 512,
     dropout: float = 0.0,
-    optimizer: Optimizer = "adamw",
-    lr: float | None = None,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-5,
-    lr_steps: Sequence[float] | None = None,
-    batch_size: int | None = GCN_V_BATCH,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    show_progress: bool = True,
-    log_every: int = 100,
+    **overrides: Any,
 ) -> GCNV:
     """Train GCN-V, MSE to the confidence targets; one optimiser step per iteration.
+
+    ``settings`` (default :data:`~robustface.cluster.train_settings.GCN_V_TRAINING`) and
+    ``overrides`` of its fields (``iters=400``, ``optimizer="sgd"``, ...) set the optimiser and
+    the run (:class:`~robustface.cluster.train_settings.TrainSettings`).
 
     ``AX`` is computed once: the only graph operation acts on the fixed input features, so this
     equals aggregating in every iteration. That also makes GCN-V an MLP on the rows ``[X, AX]``,
@@ -480,6 +478,10 @@ def train_gcn_v(
     AdamW uses betas (0.9, 0.999). The per-iteration losses (of the step's rows) are in
     ``model.loss_history``; every ``log_every`` iterations the loss is logged and shown.
     """
+    run = resolve_settings("GCN-V", GCN_V_TRAINING, settings, overrides)
+    iters, optimizer, lr, lr_steps = run.iters, run.optimizer, run.lr, run.lr_steps
+    momentum, weight_decay, batch_size = run.momentum, run.weight_decay, run.batch_size
+    device, seed, show_progress, log_every = run.device, run.seed, run.show_progress, run.log_every
     feats = normalize_rows(features)
     num = len(feats)
     _check_knn(knn, num)
@@ -489,7 +491,7 @@ def train_gcn_v(
         raise ValueError(f"log_every must be >= 1, got {log_every}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-    lr_factor = _lr_factor(optimizer, iters, lr_steps)
+    lr_factor = _lr_factor(optimizer, iters, lr_steps, run.lr_gamma)
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")

@@ -170,6 +170,18 @@ def test_tuning_errors(sets, tmp_path) -> None:
                 self.min_sim = min_sim
 
 
+def test_tuned_run_whose_first_method_has_no_threshold(sets, tmp_path) -> None:
+    """The results are written after every method: after k-means alone the tuning table has no
+    rows yet (this crashed the default ``cluster benchmark --tune``, k-means first)."""
+    train, knn, test, test_knn = sets
+    grids = {"cc": [0.5, 0.7]}
+    results = run_methods(test, ["kmeans", "cc"], tmp_path, knn=test_knn, tune_on=train,
+                          tune_knn=knn, tune_grids=grids, show_progress=False)  # fmt: skip
+    assert [r.metrics is not None for r in results] == [True, True]
+    text = (tmp_path / "results.md").read_text()
+    assert "| cc " in text.split("## Thresholds picked on train")[1]
+
+
 def test_results_plot_labels_do_not_overlap(tmp_path, monkeypatch) -> None:
     """Methods with equal scores and times (cc = dbscan, gcn_d = gcn_ds, as tuned runs give)
     and near ones: every label is drawn, inside the figure, and no two labels overlap."""

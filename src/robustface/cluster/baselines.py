@@ -166,26 +166,19 @@ class KMeans(Clusterer):
 
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
-        num_clusters, init, iterations, seed, show_progress = (
-            self.num_clusters,
-            self.init,
-            self.iterations,
-            self.seed,
-            self.show_progress,
-        )
         feats = _check_features("kmeans", features)
         if knn is not None:
             _check_graph("kmeans", feats, knn)
-        if num_clusters is None:
+        if self.num_clusters is None:
             raise ValueError(
                 "kmeans needs num_clusters (the published baseline is given the true number of "
                 "identities)"
             )
-        num_clusters = _check_int("num_clusters", num_clusters, 1, len(feats))
-        if init not in KMEANS_INITS:
-            raise ValueError(f"init must be one of {', '.join(KMEANS_INITS)}, got {init!r}")
-        iterations = _check_int("iterations", iterations, 1)
-        seed = _check_seed(seed)
+        num_clusters = _check_int("num_clusters", self.num_clusters, 1, len(feats))
+        if self.init not in KMEANS_INITS:
+            raise ValueError(f"init must be one of {', '.join(KMEANS_INITS)}, got {self.init!r}")
+        iterations = _check_int("iterations", self.iterations, 1)
+        seed = _check_seed(self.seed)
         km = faiss.Kmeans(
             feats.shape[1],
             num_clusters,
@@ -196,8 +189,8 @@ class KMeans(Clusterer):
         )
         init_centroids = None
         with tqdm(total=3, desc=f"kmeans ({num_clusters} clusters)", unit="stage",
-                  disable=not show_progress) as bar:  # fmt: skip
-            if init == "k-means++":
+                  disable=not self.show_progress) as bar:  # fmt: skip
+            if self.init == "k-means++":
                 rng = np.random.default_rng(seed)
                 size = min(len(feats), max(3 * num_clusters, 10_000))
                 sample = feats[np.sort(rng.choice(len(feats), size, replace=False))]
@@ -249,10 +242,9 @@ class DBSCAN(Clusterer):
 
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
-        eps, min_samples = (self.eps, self.min_samples)
         graph = _check_graph("dbscan", features, knn)
-        eps = _check_float("eps", eps, 0.0, 2.0)
-        min_samples = _check_int("min_samples", min_samples, 1)
+        eps = _check_float("eps", self.eps, 0.0, 2.0)
+        min_samples = _check_int("min_samples", self.min_samples, 1)
         n = graph.num_samples
         src, dst, _ = knn_edges(graph, min_sim=1.0 - eps)
         pattern = sp.csr_matrix(
@@ -431,30 +423,25 @@ class HAC(Clusterer):
 
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
-        distance_threshold, num_clusters, linkage, missing_distance, max_pairs, show_progress = (
-            self.distance_threshold,
-            self.num_clusters,
-            self.linkage,
-            self.missing_distance,
-            self.max_pairs,
-            self.show_progress,
-        )
         graph = _check_graph("hac", features, knn)
-        if (distance_threshold is None) == (num_clusters is None):
+        if (self.distance_threshold is None) == (self.num_clusters is None):
             raise ValueError(
                 "hac needs exactly one of distance_threshold and num_clusters, got "
-                f"distance_threshold={distance_threshold!r}, num_clusters={num_clusters!r}"
+                f"distance_threshold={self.distance_threshold!r}, "
+                f"num_clusters={self.num_clusters!r}"
             )
-        if linkage not in LINKAGES:
-            raise ValueError(f"linkage must be one of {', '.join(LINKAGES)}, got {linkage!r}")
-        missing_distance = _check_float("missing_distance", missing_distance, 0.0, 2.0)
-        max_pairs = _check_int("max_pairs", max_pairs, 1)
+        if self.linkage not in LINKAGES:
+            raise ValueError(f"linkage must be one of {', '.join(LINKAGES)}, got {self.linkage!r}")
+        missing_distance = _check_float("missing_distance", self.missing_distance, 0.0, 2.0)
+        max_pairs = _check_int("max_pairs", self.max_pairs, 1)
         n = graph.num_samples
-        if distance_threshold is not None:
-            distance_threshold = _check_float("distance_threshold", distance_threshold, 0.0, 2.0)
+        if self.distance_threshold is not None:
+            distance_threshold = _check_float(
+                "distance_threshold", self.distance_threshold, 0.0, 2.0
+            )
             stop_distance, max_merges = distance_threshold, n - 1
         else:
-            num_clusters = _check_int("num_clusters", num_clusters, 1, n)
+            num_clusters = _check_int("num_clusters", self.num_clusters, 1, n)
             src, dst, _ = knn_edges(graph)
             num_comps = int(components(n, src, dst).max()) + 1
             if num_clusters < num_comps:
@@ -465,7 +452,13 @@ class HAC(Clusterer):
                 )
             stop_distance, max_merges = np.inf, n - num_clusters
         x, y = _graph_merges(
-            graph, linkage, missing_distance, max_pairs, stop_distance, max_merges, show_progress
+            graph,
+            self.linkage,
+            missing_distance,
+            max_pairs,
+            stop_distance,
+            max_merges,
+            self.show_progress,
         )
         return components(n, x, y)
 
@@ -607,9 +600,8 @@ class ConnectedComponents(Clusterer):
 
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
-        min_sim = self.min_sim
         graph = _check_graph("cc", features, knn)
-        min_sim = _check_float("min_sim", min_sim, -1.0, 1.0)
+        min_sim = _check_float("min_sim", self.min_sim, -1.0, 1.0)
         src, dst, _ = knn_edges(graph, min_sim=min_sim)
         return components(graph.num_samples, src, dst)
 
@@ -671,27 +663,20 @@ class ChineseWhispers(Clusterer):
 
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
-        min_sim, iterations, seed, num_blocks, show_progress = (
-            self.min_sim,
-            self.iterations,
-            self.seed,
-            self.num_blocks,
-            self.show_progress,
-        )
         graph = _check_graph("chinese_whispers", features, knn)
-        min_sim = _check_float("min_sim", min_sim, 0.0, 1.0)
+        min_sim = _check_float("min_sim", self.min_sim, 0.0, 1.0)
         if min_sim == 0.0:
             raise ValueError("min_sim must be > 0 (edge weights are similarities), got 0.0")
-        iterations = _check_int("iterations", iterations, 1)
-        seed = _check_seed(seed)
-        num_blocks = _check_int("num_blocks", num_blocks, 1)
+        iterations = _check_int("iterations", self.iterations, 1)
+        seed = _check_seed(self.seed)
+        num_blocks = _check_int("num_blocks", self.num_blocks, 1)
         n = graph.num_samples
         adj = knn_adjacency(graph, min_sim=min_sim, symmetric=True, weighted=True).astype(
             np.float64
         )
         labels = np.arange(n, dtype=np.int64)
         rng = np.random.default_rng(seed)
-        passes = tqdm(range(iterations), desc="chinese whispers", disable=not show_progress)
+        passes = tqdm(range(iterations), desc="chinese whispers", disable=not self.show_progress)
         for _ in passes:
             changed = 0
             for rows in np.array_split(rng.permutation(n), min(num_blocks, n)):
@@ -744,20 +729,19 @@ class Infomap(Clusterer):
 
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
-        k, min_sim, seed, num_trials = (self.k, self.min_sim, self.seed, self.num_trials)
         graph = _check_graph("infomap", features, knn)
-        if k is not None:
-            k = _check_int("k", k, 1)
+        if self.k is not None:
+            k = _check_int("k", self.k, 1)
             if k > graph.k:
                 raise ValueError(
                     f"k={k} exceeds the kNN graph's k={graph.k}; build it with k >= {k}"
                 )
             graph = graph.truncate(k)
-        min_sim = _check_float("min_sim", min_sim, 0.0, 1.0)
+        min_sim = _check_float("min_sim", self.min_sim, 0.0, 1.0)
         if min_sim == 0.0:
             raise ValueError("min_sim must be > 0 (link weights are similarities), got 0.0")
-        seed = _check_int("seed", seed, 1, 2**31 - 1)  # infomap's seeds start at 1
-        num_trials = _check_int("num_trials", num_trials, 1)
+        seed = _check_int("seed", self.seed, 1, 2**31 - 1)  # infomap's seeds start at 1
+        num_trials = _check_int("num_trials", self.num_trials, 1)
         adj = knn_adjacency(graph, min_sim=min_sim, symmetric=True, weighted=True)
         network = infomap.Network.from_scipy_sparse_matrix(adj)
         options = infomap.Options(

@@ -425,13 +425,6 @@ def run_methods(
     unknown = set(params or {}) - set(methods)
     if unknown:
         raise ValueError(f"params given for methods not run: {', '.join(sorted(unknown))}")
-    problems = [
-        f"{method}: {problem}"
-        for method, overrides in (params or {}).items()
-        for problem in check_params(method, overrides, require=False)
-    ]
-    if problems:
-        raise ValueError("bad method parameters:\n  " + "\n  ".join(problems))
     if tune_grids and tune_on is None:
         raise ValueError("tune_grids given without tune_on")
     untunable = set(tune_grids or {}) - (set(methods) & set(tunable()))
@@ -452,6 +445,9 @@ def run_methods(
         )
         for m in methods
     }
+    problems = [f"{m}: {problem}" for m in methods for problem in check_params(m, all_params[m])]
+    if problems:
+        raise ValueError("bad method parameters:\n  " + "\n  ".join(problems))
     out_dir = Path(out_dir)
     (out_dir / "labels").mkdir(parents=True, exist_ok=True)
     knn, knn_info = _graph(data, knn, knn_info, k, knn_method, show_progress)

@@ -536,26 +536,19 @@ class GCNDClustering(Clusterer):
 
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
-        model, settings, knn_method, min_score, batch_size, device, show_progress = (
-            self.model,
-            self.settings,
-            self.knn_method,
-            self.min_score,
-            self.batch_size,
-            self.device,
-            self.show_progress,
+        detector = _as_model(self.model, "det", self.device)
+        feats, knn, proposals = _proposals_for(
+            features, knn, self.settings, self.knn_method, self.show_progress
         )
-        detector = _as_model(model, "det", device)
-        feats, knn, proposals = _proposals_for(features, knn, settings, knn_method, show_progress)
         scores = predict_gcn_d(
             detector,
             feats,
             knn,
             proposals,
-            batch_size=batch_size,
-            show_progress=show_progress,
+            batch_size=self.batch_size,
+            show_progress=self.show_progress,
         )
-        return deoverlap(proposals, scores[:, 0], len(feats), min_score=min_score)
+        return deoverlap(proposals, scores[:, 0], len(feats), min_score=self.min_score)
 
 
 gcn_d_cluster = as_function(GCNDClustering, "gcn_d_cluster")
@@ -604,48 +597,21 @@ class GCNDSClustering(Clusterer):
 
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
-        (
-            model,
-            seg_model,
-            settings,
-            knn_method,
-            min_score,
-            seg_iop_range,
-            inlier_threshold,
-            keep_outliers,
-            seed_node,
-            random_state,
-            batch_size,
-            device,
-            show_progress,
-        ) = (
-            self.model,
-            self.seg_model,
-            self.settings,
-            self.knn_method,
-            self.min_score,
-            self.seg_iop_range,
-            self.inlier_threshold,
-            self.keep_outliers,
-            self.seed_node,
-            self.random_state,
-            self.batch_size,
-            self.device,
-            self.show_progress,
-        )
-        detector = _as_model(model, "det", device)
-        segmenter = _as_model(seg_model, "seg", device)
-        low, high = seg_iop_range
+        detector = _as_model(self.model, "det", self.device)
+        segmenter = _as_model(self.seg_model, "seg", self.device)
+        low, high = self.seg_iop_range
         if not low <= high:
-            raise ValueError(f"seg_iop_range must satisfy low <= high, got {seg_iop_range}")
-        feats, knn, proposals = _proposals_for(features, knn, settings, knn_method, show_progress)
+            raise ValueError(f"seg_iop_range must satisfy low <= high, got {self.seg_iop_range}")
+        feats, knn, proposals = _proposals_for(
+            features, knn, self.settings, self.knn_method, self.show_progress
+        )
         scores = predict_gcn_d(
             detector,
             feats,
             knn,
             proposals,
-            batch_size=batch_size,
-            show_progress=show_progress,
+            batch_size=self.batch_size,
+            show_progress=self.show_progress,
         )
         chosen = np.flatnonzero((scores[:, 1] >= low) & (scores[:, 1] <= high))
         keep = np.ones(len(proposals.members), dtype=bool)
@@ -655,19 +621,19 @@ class GCNDSClustering(Clusterer):
                 feats,
                 knn,
                 proposals.select(chosen),
-                seed_node=seed_node,
-                random_state=random_state,
-                batch_size=batch_size,
-                show_progress=show_progress,
+                seed_node=self.seed_node,
+                random_state=self.random_state,
+                batch_size=self.batch_size,
+                show_progress=self.show_progress,
             )
-            keep[_member_positions(proposals, chosen)] = prob_in >= inlier_threshold
+            keep[_member_positions(proposals, chosen)] = prob_in >= self.inlier_threshold
         return deoverlap(
             proposals,
             scores[:, 0],
             len(feats),
-            min_score=min_score,
+            min_score=self.min_score,
             keep_members=keep,
-            keep_outliers=keep_outliers,
+            keep_outliers=self.keep_outliers,
         )
 
 

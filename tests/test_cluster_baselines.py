@@ -11,8 +11,17 @@ from scipy.spatial.distance import squareform
 from sklearn.cluster import DBSCAN
 
 from cluster_reference import pairwise_f
-from robustface.cluster.base import CLUSTERERS
-from robustface.cluster.baselines import aro, aro_distances, cc, chinese_whispers, dbscan, hac
+from robustface.cluster.base import cluster
+from robustface.cluster.baselines import (
+    KMeans,
+    aro,
+    aro_distances,
+    cc,
+    chinese_whispers,
+    dbscan,
+    hac,
+    kmeans,
+)
 from robustface.cluster.graph import knn_adjacency, relabel
 from robustface.cluster.knn import KnnGraph, knn_brute_force
 
@@ -68,7 +77,7 @@ def data() -> tuple[np.ndarray, np.ndarray, KnnGraph]:
 @pytest.mark.parametrize("name", NAMES)
 def test_planted_clusters_recovered(name: str, data: tuple) -> None:
     x, gt, graph = data
-    labels = CLUSTERERS.get(name)(x, graph, **PARAMS[name])
+    labels = cluster(name, x, graph, **PARAMS[name])
     assert labels.dtype == np.int64 and labels.shape == gt.shape
     valid = labels[labels >= 0]
     assert valid.min() == 0 and np.array_equal(np.unique(valid), np.arange(valid.max() + 1))
@@ -79,16 +88,16 @@ def test_planted_clusters_recovered(name: str, data: tuple) -> None:
 def test_graph_and_features_must_match(name: str, data: tuple) -> None:
     x, _, graph = data
     with pytest.raises(ValueError, match=r"knn has \d+ samples but features has"):
-        CLUSTERERS.get(name)(x[:-1], graph, **PARAMS[name])
+        cluster(name, x[:-1], graph, **PARAMS[name])
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in ("kmeans", "hac")])
 def test_graph_methods_need_a_graph_only(name: str, data: tuple) -> None:
     x, _, graph = data
-    expected = CLUSTERERS.get(name)(x, graph, **PARAMS[name])
-    np.testing.assert_array_equal(CLUSTERERS.get(name)(None, graph, **PARAMS[name]), expected)
+    expected = cluster(name, x, graph, **PARAMS[name])
+    np.testing.assert_array_equal(cluster(name, None, graph, **PARAMS[name]), expected)
     with pytest.raises(ValueError, match="needs a kNN graph"):
-        CLUSTERERS.get(name)(x, None, **PARAMS[name])
+        cluster(name, x, None, **PARAMS[name])
 
 
 def test_knn_ids_out_of_range() -> None:
@@ -129,13 +138,13 @@ def test_knn_ids_out_of_range() -> None:
 def test_bad_parameters(name: str, params: dict, error: type, message: str, data: tuple) -> None:
     x, _, graph = data
     with pytest.raises(error, match=message):
-        CLUSTERERS.get(name)(x, graph, **params)
+        cluster(name, x, graph, **params)
 
 
 def test_feature_methods_need_features(data: tuple) -> None:
     _, _, graph = data
     with pytest.raises(ValueError, match="kmeans needs features"):
-        CLUSTERERS.get("kmeans")(None, None, num_clusters=3)
+        cluster("kmeans", None, None, num_clusters=3)
     assert hac(None, graph, num_clusters=14).max() == 13  # works on the graph alone
 
 
@@ -399,26 +408,26 @@ def test_chinese_whispers_deterministic_per_seed_and_a_fixed_point() -> None:
 def test_infomap_separates_cliques() -> None:
     graph = cliques([5, 7, 6], 0.9, [(4, 5, 0.6), (11, 12, 0.6), (0, 17, 0.6)])
     for seed in (1, 7):
-        labels = CLUSTERERS.get("infomap")(None, graph, k=None, seed=seed)
+        labels = cluster("infomap", None, graph, k=None, seed=seed)
         np.testing.assert_array_equal(labels, [0] * 5 + [1] * 7 + [2] * 6)
     # below min_sim the bridges vanish; an edgeless sample is its own module
     graph = cliques([4, 1], 0.9, [(0, 4, 0.5)])
-    np.testing.assert_array_equal(CLUSTERERS.get("infomap")(None, graph, k=None), [0] * 4 + [1])
+    np.testing.assert_array_equal(cluster("infomap", None, graph, k=None), [0] * 4 + [1])
 
 
 def test_kmeans_seeded_and_recovers_clusters() -> None:
     x, gt = planted(seed=7, num_clusters=8, outliers=0)
-    km = CLUSTERERS.get("kmeans")
-    np.testing.assert_array_equal(km(x, None, num_clusters=8), relabel(gt))
-    first, again = (km(x, None, num_clusters=8, seed=5, init="random") for _ in range(2))
+    km = KMeans(num_clusters=8)
+    np.testing.assert_array_equal(km.fit(x, None).labels_, relabel(gt))
+    first, again = (kmeans(x, None, num_clusters=8, seed=5, init="random") for _ in range(2))
     np.testing.assert_array_equal(first, again)
 
 
 def test_kmeans_shows_our_progress_not_the_faiss_log(capfd: pytest.CaptureFixture[str]) -> None:
     x, _ = planted(seed=7, num_clusters=8, outliers=0)
-    CLUSTERERS.get("kmeans")(x, None, num_clusters=8, show_progress=True)
+    cluster("kmeans", x, None, num_clusters=8, show_progress=True)
     out, err = capfd.readouterr()
     assert "objective=" not in out + err and "Clustering" not in out + err  # faiss's log
     assert "kmeans (8 clusters)" in err and "3/3" in err
-    CLUSTERERS.get("kmeans")(x, None, num_clusters=8, show_progress=False)
+    cluster("kmeans", x, None, num_clusters=8, show_progress=False)
     assert capfd.readouterr() == ("", "")

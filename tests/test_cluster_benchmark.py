@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from cluster_reference import pairwise_f, planted
-from robustface.cluster.base import CLUSTERERS, TUNINGS, Tuning
+from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, cluster, tunable
 from robustface.cluster.baselines import cc
 from robustface.cluster.benchmark import run_methods, tune_method
 from robustface.cluster.dataset import ClusterSet
@@ -60,24 +60,23 @@ def _params(method: str, models: dict) -> dict:
     }.get(method, {})
 
 
-@pytest.mark.parametrize("method", TUNINGS.names())
+@pytest.mark.parametrize("method", tunable())
 def test_every_grid_score_equals_the_method_called_directly(method, sets, models) -> None:
     """Whether the sweep runs the method per value or prepares once (GCN-V/E, ARO), each score
     is the brute-force pairwise F of the method called with that value, and the pick is the
     first best."""
     train, knn, _, _ = sets
-    tuning = TUNINGS.get(method)
-    grid = tuning.grid[::3]
+    param = CLUSTERERS.get(method).tuned_param
+    grid = CLUSTERERS.get(method).grid[::3]
     params = _params(method, models)
     result = tune_method(method, train, knn, params, grid=grid, show_progress=False)
-    fn = CLUSTERERS.get(method)
     expected = [
-        pairwise_f(train.labels, fn(train.features, knn, **params, **{tuning.param: v}))
+        pairwise_f(train.labels, cluster(method, train.features, knn, **params, **{param: v}))
         for v in grid
     ]
     np.testing.assert_allclose(result.scores, expected, rtol=1e-9)
     assert len(set(np.round(expected, 9))) > 1  # the value is used: scores move along the grid
-    assert result.grid == list(grid) and result.param == tuning.param
+    assert result.grid == list(grid) and result.param == param
     assert result.value == grid[int(np.argmax(expected))]
     assert result.set == "train" and result.metric == "pairwise_fscore"
 
@@ -151,12 +150,36 @@ def test_tuning_errors(sets, tmp_path) -> None:
         run_methods(test, ["cc"], tmp_path, tune_on=unlabelled, **common)
     with pytest.raises(ValueError, match="finite"):
         tune_method("cc", train, knn, grid=[0.5, float("nan")])
-    with pytest.raises(KeyError, match="unknown tuning 'kmeans'"):
+    with pytest.raises(ValueError, match="kmeans has no threshold to tune"):
         tune_method("kmeans", train, knn)
-    with pytest.raises(ValueError, match="grid is empty"):
-        Tuning("min_sim", ())
-    with pytest.raises(ValueError, match="both prepare and finish"):
-        Tuning("min_sim", (0.5,), prepare=lambda *a, **k: None)
+    with pytest.raises(ValueError, match="grid of 'min_sim' is empty"):
+
+        class NoGrid(Clusterer):
+            tuned_param = "min_sim"
+
+            def __init__(self, *, min_sim: float = 0.5) -> None:
+                self.min_sim = min_sim
+
+    with pytest.raises(TypeError, match="'tau' is not a parameter"):
+
+        class NoParam(Clusterer):
+            tuned_param = "tau"
+            grid = SIM_GRID
+
+            def __init__(self, *, min_sim: float = 0.5) -> None:
+                self.min_sim = min_sim
+
+
+def test_tuned_run_whose_first_method_has_no_threshold(sets, tmp_path) -> None:
+    """The results are written after every method: after k-means alone the tuning table has no
+    rows yet (this crashed the default ``cluster benchmark --tune``, k-means first)."""
+    train, knn, test, test_knn = sets
+    grids = {"cc": [0.5, 0.7]}
+    results = run_methods(test, ["kmeans", "cc"], tmp_path, knn=test_knn, tune_on=train,
+                          tune_knn=knn, tune_grids=grids, show_progress=False)  # fmt: skip
+    assert [r.metrics is not None for r in results] == [True, True]
+    text = (tmp_path / "results.md").read_text()
+    assert "| cc " in text.split("## Thresholds picked on train")[1]
 
 
 def test_results_plot_labels_do_not_overlap(tmp_path, monkeypatch) -> None:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster") / "bench"
     args = ["cluster", "simulate", str(root), "--train-identities", "25", "--test-identities"]
-    args += ["20", "--param", "mean_size=12", "--param", "max_size=40", "--quiet"]
+    args += ["20", "--set", "mean_size=12", "--param", "max_size=40", "--quiet"]
     assert main(args) == 0
     return root
 
@@ -30,9 +30,9 @@ def test_simulate_knn_run_eval(bench, tmp_path, capsys):
     assert (bench / "knns" / "part1_test" / "faiss_k_10.npz").is_file()  # learn-to-cluster name
     out = tmp_path / "cc"
     args = ["cluster", "run", "cc", str(bench), "part1_test", "--k", "10", "--out", str(out)]
-    assert main([*args, "--param", "min_sim=0.6", "--quiet"]) == 0
-    printed = capsys.readouterr().out
-    assert "| cc " in printed
+    assert main([*args, "--set", "cc.min_sim=0.6", "--quiet"]) == 0
+    printed, err = capsys.readouterr()
+    assert "| cc " in printed and "deprecated" not in err
     pred = read_meta(out / "part1_test_cc.meta")
     gt = read_meta(bench / "labels" / "part1_test.meta")
     result = json.loads((out / "results.json").read_text())["methods"][0]
@@ -168,3 +168,39 @@ def test_benchmark_tunes_thresholds_on_train(bench, tmp_path, capsys):
     picked = (0.5, 0.6, 0.7, 0.8)[int(np.argmax(expected))]
     assert rows["cc"]["params"]["min_sim"] == tuning["value"] == picked
     assert "tuning" not in rows["kmeans"]["extra"]  # k-means has no threshold: not tuned
+
+
+def test_set_is_the_override_syntax_and_old_flags_are_aliases(bench, tmp_path, capsys):
+    def results(out):
+        doc = json.loads((out / "results.json").read_text())
+        return {m["method"]: (m["params"], m["metrics"]) for m in doc["methods"]}
+
+    run = ["cluster", "run", "cc", str(bench), "part1_test", "--k", "10", "--quiet", "--out"]
+    assert main([*run, str(tmp_path / "new"), "--set", "cc.min_sim=0.6"]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert main([*run, str(tmp_path / "old"), "--param", "min_sim=0.6"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--param is deprecated" in err and "--set cc.NAME=VALUE" in err
+    assert results(tmp_path / "new") == results(tmp_path / "old")
+
+    bench_args = ["cluster", "benchmark", str(bench), "--k", "10", "--quiet"]
+    bench_args += ["--methods", "cc", "infomap", "--out"]
+    new = ["--set", "infomap.k=null", "--set", "infomap.min_sim=0.5", "--set", "cc.min_sim=0.8"]
+    assert main([*bench_args, str(tmp_path / "bnew"), *new]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    old = ["--params", '{"infomap": {"k": null, "min_sim": 0.5}, "cc": {"min_sim": 0.8}}']
+    assert main([*bench_args, str(tmp_path / "bold"), *old]) == 0
+    assert "--params is deprecated" in capsys.readouterr().err
+    assert results(tmp_path / "bnew") == results(tmp_path / "bold")
+    assert results(tmp_path / "bnew")["infomap"][0] == {"k": None, "min_sim": 0.5}
+
+    # every problem at once, before any work
+    bad = ["--set", "cc.min_simm=0.5", "--set", "kmeans.num_clusters=3", "--set", "k=3"]
+    assert main([*bench_args, str(tmp_path / "bad"), *bad]) == 2
+    err = capsys.readouterr().err
+    assert "cc: unknown parameter 'min_simm' (did you mean 'min_sim'?)" in err
+    assert "parameters given for 'kmeans', which is not run" in err
+    assert "--set 'k=3': expected METHOD.PARAM=VALUE" in err
+    assert not (tmp_path / "bad").exists()
+    assert main([*run, str(tmp_path / "bad"), "--set", "infomap.k=3"]) == 2
+    assert "parameters given for 'infomap', which is not run" in capsys.readouterr().err

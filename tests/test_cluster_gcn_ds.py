@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cluster_reference import pairwise_f
-from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.base import CLUSTERERS, cluster
 from robustface.cluster.gcn_ds import (
     DSGCN,
     DSGraphConv,
@@ -306,8 +306,8 @@ def test_save_load_round_trip(trained: dict, tmp_path: Path) -> None:
         predict_gcn_d(loaded, feats, graph, props, show_progress=False),
         predict_gcn_d(trained["det"], feats, graph, props, show_progress=False),
     )
-    via_path = CLUSTERERS.get("gcn_d")(
-        feats, graph, model=str(path), settings=SETTINGS, show_progress=False
+    via_path = cluster(
+        "gcn_d", feats, graph, model=str(path), settings=SETTINGS, show_progress=False
     )
     direct = gcn_d_cluster(
         feats, graph, model=trained["det"], settings=SETTINGS, show_progress=False

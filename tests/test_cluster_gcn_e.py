@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cluster_reference import dense_weights, pairwise_f, planted
-from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.base import cluster
 from robustface.cluster.gcn_e import (
     GCNE,
     candidate_sets,
@@ -181,7 +181,8 @@ def test_training_reduces_loss(pipeline: dict) -> None:
 
 def test_end_to_end_beats_connected_components(pipeline: dict) -> None:
     x, y, graph = pipeline["xte"], pipeline["yte"], pipeline["kte"]
-    labels = CLUSTERERS.get("gcn_e")(
+    labels = cluster(
+        "gcn_e",
         x,
         graph,
         gcn_v_model=pipeline["gcn_v"],

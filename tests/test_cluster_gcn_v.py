@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cluster_reference import dense_weights, pairwise_f, planted
-from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.base import cluster
 from robustface.cluster.gcn_v import (
     GCNV,
     GraphConv,
@@ -266,8 +266,8 @@ def test_end_to_end_beats_connected_components(trained: dict) -> None:
     conf, _ = predict_gcn_v(model, x, graph, show_progress=False)
     # the confidence learned on the other split follows this split's targets
     assert np.corrcoef(conf, confidence_targets(y, graph))[0, 1] > 0.2
-    labels = CLUSTERERS.get("gcn_v")(
-        x, graph, model=model, tau=0.5, use_gcn_features=False, show_progress=False
+    labels = cluster(
+        "gcn_v", x, graph, model=model, tau=0.5, use_gcn_features=False, show_progress=False
     )
     f_gcn = pairwise_f(y, labels)
     thresholds = np.arange(0.3, 0.96, 0.05)
@@ -277,7 +277,7 @@ def test_end_to_end_beats_connected_components(trained: dict) -> None:
     assert f_gcn > 0.6
     assert f_gcn > max(f_cc)  # connected components at their best threshold
     assert f_gcn > f_random  # the learned confidence matters, not just one link per sample
-    on_gcn = CLUSTERERS.get("gcn_v")(x, graph, model=model, tau=0.5, show_progress=False)
+    on_gcn = cluster("gcn_v", x, graph, model=model, tau=0.5, show_progress=False)
     assert pairwise_f(y, on_gcn) > 0.5
 
 
@@ -300,9 +300,7 @@ def test_save_load_round_trip(trained: dict, tmp_path: Path) -> None:
         "hidden": 32,
         "dropout": 0.0,
     }
-    by_path = CLUSTERERS.get("gcn_v")(
-        x, graph, model=path, use_gcn_features=False, show_progress=False
-    )
+    by_path = cluster("gcn_v", x, graph, model=path, use_gcn_features=False, show_progress=False)
     want = confidence_link(graph, predict_gcn_v(model, x, graph, show_progress=False)[0], 0.65)
     np.testing.assert_array_equal(by_path, want)
     with pytest.raises(ValueError, match="contradicts"):
@@ -497,5 +495,5 @@ def test_a_knn_file_with_shuffled_rows_clusters_as_the_sorted_one(tmp_path: Path
     params = {"cc": {}, "dbscan": {}, "aro": {}, "chinese_whispers": {},
               "hac": {"distance_threshold": 0.6}, "infomap": {"k": None}}  # fmt: skip
     for name, kwargs in params.items():
-        fn = CLUSTERERS.get(name)
-        np.testing.assert_array_equal(fn(x, got, **kwargs), fn(x, want, **kwargs), err_msg=name)
+        got_labels, want_labels = (cluster(name, x, g, **kwargs) for g in (got, want))
+        np.testing.assert_array_equal(got_labels, want_labels, err_msg=name)

@@ -3,12 +3,19 @@ the package so that other commands start without importing faiss, sklearn and in
 
 Data sets are named as in learn-to-cluster: ``ROOT`` holds ``features/NAME.bin`` (or ``.npy``),
 ``labels/NAME.meta`` (or ``.npy``) and kNN caches in ``knns/NAME/``.
+
+Parameters are overridden as in every other command, ``--set KEY=VALUE`` with values read as YAML
+by :func:`robustface.config.parse_override`: ``--set METHOD.PARAM=VALUE`` for ``run`` and
+``benchmark`` (checked against the method's estimator, every problem reported at once),
+``--set PARAM=VALUE`` for ``simulate``. The older ``--param NAME=VALUE`` and ``--params JSON``
+still work for one release and print a deprecation note.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +36,54 @@ def _key_values(items: Sequence[str], what: str) -> dict[str, Any]:
             raise ValueError(f"{what} must look like NAME=VALUE, got {item!r}")
         out[key] = yaml.safe_load(value)
     return out
+
+
+def _deprecated(flag: str, instead: str) -> None:
+    print(
+        f"robustface cluster: {flag} is deprecated and goes in the next release; use {instead}",
+        file=sys.stderr,
+    )
+
+
+def _simulation_params(args: argparse.Namespace) -> dict[str, Any]:
+    """``simulate``'s ``--set NAME=VALUE`` (and the deprecated ``--param``) as a dict."""
+    from robustface.config import parse_override
+
+    if args.param:
+        _deprecated("--param", "--set NAME=VALUE")
+    params = _key_values(args.param, "--param")
+    for item in args.set:
+        parts, value = parse_override(item)
+        if len(parts) != 1:
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE (a simulator parameter)")
+        params[parts[0]] = value
+    return params
+
+
+def _method_params(
+    args: argparse.Namespace, methods: Sequence[str], old: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per method, its parameters from ``--set METHOD.PARAM=VALUE`` over ``old`` (those of the
+    deprecated flags); every unknown method or parameter is reported in one error."""
+    from robustface.cluster.base import check_params
+    from robustface.config import parse_override
+
+    params = {method: dict(values) for method, values in old.items()}
+    problems = []
+    for item in args.set:
+        parts, value = parse_override(item)
+        if len(parts) != 2:
+            problems.append(f"--set {item!r}: expected METHOD.PARAM=VALUE, e.g. cc.min_sim=0.8")
+            continue
+        params.setdefault(parts[0], {})[parts[1]] = value
+    for method, values in params.items():
+        if method not in methods:
+            problems.append(f"parameters given for {method!r}, which is not run")
+            continue
+        problems += [f"{method}: {p}" for p in check_params(method, values, require=False)]
+    if problems:
+        raise ValueError("bad method parameters:\n  " + "\n  ".join(problems))
+    return {method: values for method, values in params.items() if values}
 
 
 def _load(args: argparse.Namespace, name: str, require_labels: bool = False):
@@ -67,7 +122,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         show_progress=not args.quiet,
-        **_key_values(args.param, "--param"),
+        **_simulation_params(args),
     )
     print(json.dumps(meta["sets"], indent=2))
     print(f"wrote {args.out}")
@@ -136,14 +191,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from robustface.cluster.base import CLUSTERERS
+    from robustface.cluster.base import CLUSTERERS, param_names
     from robustface.cluster.benchmark import method_params, run_methods
     from robustface.data.ltc import write_meta
 
-    CLUSTERERS.get(args.method)
+    cls = CLUSTERERS.get(args.method)
+    if args.param:
+        _deprecated("--param", f"--set {args.method}.NAME=VALUE")
+    old = {args.method: _key_values(args.param, "--param")}
+    overrides = _method_params(args, [args.method], old).get(args.method, {})
     data = _load(args, args.name)
     models = _key_values(args.model, "--model")
-    overrides = _key_values(args.param, "--param")
     graph, info = _knn(args, data)
     if data.labels is not None:
         results = run_methods(
@@ -165,10 +223,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         params = method_params(
             args.method, None, models, overrides, device=args.device, knn_method=args.knn_method
         )
-        fn = CLUSTERERS.get(args.method)
-        if "show_progress" in fn.__code__.co_varnames:
+        if "show_progress" in param_names(cls):
             params.setdefault("show_progress", not args.quiet)
-        labels = fn(data.features, graph, **params)
+        labels = cls(**params).fit_predict(data.features, graph)
     write_meta(Path(args.out) / f"{data.name}_{args.method}.meta", np.asarray(labels))
     print(
         f"{len(np.unique(labels))} clusters -> {Path(args.out) / f'{data.name}_{args.method}.meta'}"
@@ -194,14 +251,15 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     methods = list(args.methods or (*BASELINES, *LEARNED))
     for method in methods:  # every check before hours of training
         CLUSTERERS.get(method)
+    if args.params is not None:
+        _deprecated("--params", "--set METHOD.PARAM=VALUE")
     try:
-        params = json.loads(args.params or "{}")
+        old = json.loads(args.params or "{}")
     except json.JSONDecodeError as exc:
         raise ValueError(f"--params is not valid JSON: {exc}") from None
-    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+    if not isinstance(old, dict) or not all(isinstance(v, dict) for v in old.values()):
         raise ValueError('--params must map method names to objects, e.g. {"cc": {"min_sim": 0.8}}')
-    if set(params) - set(methods):
-        raise ValueError(f"--params names methods not run: {sorted(set(params) - set(methods))}")
+    params = _method_params(args, methods, old)
     grids = _tune_grids(args.tune_grid)
     if grids and not args.tune:
         raise ValueError("--tune-grid needs --tune")
@@ -293,8 +351,20 @@ def add_cluster_parser(sub: Any) -> None:
     q.add_argument("--train-identities", type=int, default=8573)
     q.add_argument("--test-identities", type=int, default=8573, help="identities per scale unit")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="simulator parameter (SimulationParams), repeatable")  # fmt: skip
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="simulator parameter (SimulationParams), e.g. --set dim=64 (repeatable)",
+    )
+    q.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="deprecated alias of --set NAME=VALUE (goes in the next release)",
+    )
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=_cmd_simulate)
@@ -332,8 +402,20 @@ def add_cluster_parser(sub: Any) -> None:
     q.add_argument("--device", default="cpu", help="device of the learned methods")
     q.add_argument("--model", action="append", default=[], metavar="KIND=PATH",
                    help="trained model: gcn_v=..., gcn_e=..., gcn_d=..., gcn_s=...")  # fmt: skip
-    q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="method parameter, e.g. min_sim=0.7 (repeatable)")  # fmt: skip
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.PARAM=VALUE",
+        help="method parameter, e.g. --set cc.min_sim=0.7 (repeatable)",
+    )
+    q.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="deprecated alias of --set METHOD.NAME=VALUE (goes in the next release)",
+    )
     q.set_defaults(func=_cmd_run)
 
     q = cs.add_parser("eval", help="pairwise / BCubed P,R,F and NMI of predicted labels")
@@ -348,7 +430,16 @@ def add_cluster_parser(sub: Any) -> None:
     q.add_argument("--methods", nargs="+", help="default: every baseline and GCN")
     q.add_argument("--model", action="append", default=[], metavar="KIND=PATH",
                    help="use this trained model instead of training one")  # fmt: skip
-    q.add_argument("--params", help='JSON overrides per method, e.g. \'{"cc": {"min_sim": 0.8}}\'')
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.PARAM=VALUE",
+        help="method parameter, e.g. --set cc.min_sim=0.8 (repeatable)",
+    )
+    q.add_argument("--params", metavar="JSON",
+                   help="deprecated alias of --set: JSON overrides per method, e.g. "
+                   '\'{"cc": {"min_sim": 0.8}}\' (goes in the next release)')  # fmt: skip
     q.add_argument("--tune", action="store_true",
                    help="pick each method's threshold on --train first (cc, chinese_whispers, "
                    "infomap, dbscan, aro, gcn_v, gcn_e)")  # fmt: skip

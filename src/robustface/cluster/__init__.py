@@ -2,11 +2,12 @@
 
 Importing the package registers every method in :data:`CLUSTERERS` (``kmeans``, ``hac``,
 ``dbscan``, ``aro``, ``cc``, ``chinese_whispers``, ``infomap``, ``gcn_v``, ``gcn_e``, ``gcn_d``,
-``gcn_ds``); each is ``fn(features, knn, **params) -> labels``.
+``gcn_ds``); each is a :class:`Clusterer` estimator, ``CLUSTERERS.get(name)(**params).fit(features,
+knn).labels_``, with a function form ``fn(features, knn, **params) -> labels`` in its module.
 """
 
 from robustface.cluster import baselines, gcn_ds, gcn_e, gcn_v  # noqa: F401 - registration
-from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.base import CLUSTERERS, Clusterer
 from robustface.cluster.dataset import ClusterSet, load_cluster_set, save_cluster_set
 from robustface.cluster.knn import KnnGraph, build_knn, load_or_build_knn
 from robustface.cluster.metrics import bcubed, evaluate_clustering, nmi, pairwise
@@ -14,6 +15,7 @@ from robustface.cluster.metrics import bcubed, evaluate_clustering, nmi, pairwis
 __all__ = [
     "CLUSTERERS",
     "ClusterSet",
+    "Clusterer",
     "KnnGraph",
     "bcubed",
     "build_knn",

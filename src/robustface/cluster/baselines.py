@@ -1,11 +1,14 @@
 """Classic face-clustering baselines, registered in :data:`~robustface.cluster.base.CLUSTERERS`.
 
-``kmeans`` (faiss), ``dbscan`` (kNN-DBSCAN), ``hac`` (average-linkage agglomerative on the kNN
-graph), ``aro`` (approximate rank-order), ``cc`` (connected components above a similarity),
-``chinese_whispers`` and ``infomap``. Each is ``fn(features, knn, **params) -> labels`` with
-``labels`` an ``(N,)`` int64 array of ids ``0..C-1`` (``-1`` for DBSCAN noise); methods that work on
-the graph alone accept ``features=None``. Defaults follow learn-to-cluster's baseline scripts
-(``scripts/baseline/*.sh``) unless a docstring says otherwise.
+``kmeans`` (faiss, :class:`KMeans`), ``dbscan`` (kNN-DBSCAN, :class:`DBSCAN`), ``hac``
+(average-linkage agglomerative on the kNN graph, :class:`HAC`), ``aro`` (approximate rank-order,
+:class:`ARO`), ``cc`` (connected components above a similarity, :class:`ConnectedComponents`),
+``chinese_whispers`` (:class:`ChineseWhispers`) and ``infomap`` (:class:`Infomap`). Each is a
+:class:`~robustface.cluster.base.Clusterer` (``Cls(**params).fit(features, knn).labels_``, an
+``(N,)`` int64 array of ids ``0..C-1``, ``-1`` for DBSCAN noise) with a function form under the
+registered name (``fn(features, knn, **params) -> labels``; ``infomap_clustering`` for Infomap);
+methods that work on the graph alone accept ``features=None``. Defaults follow learn-to-cluster's
+baseline scripts (``scripts/baseline/*.sh``) unless a docstring says otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import heapq
 import numbers
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import infomap
@@ -24,11 +27,18 @@ from sklearn.cluster import kmeans_plusplus
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS, SIM_GRID, TUNINGS, Tuning
+from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, as_function
 from robustface.cluster.graph import components, knn_adjacency, knn_edges, relabel
 from robustface.cluster.knn import KnnGraph, check_features
 
 __all__ = [
+    "ARO",
+    "DBSCAN",
+    "HAC",
+    "ChineseWhispers",
+    "ConnectedComponents",
+    "Infomap",
+    "KMeans",
     "aro",
     "aro_distances",
     "cc",
@@ -117,16 +127,7 @@ def _check_seed(seed: object) -> int:
 
 
 @CLUSTERERS.register("kmeans")
-def kmeans(
-    features: np.ndarray,
-    knn: KnnGraph | None = None,
-    *,
-    num_clusters: int | None = None,
-    init: KmeansInit = "k-means++",
-    iterations: int = 25,
-    seed: int = 0,
-    show_progress: bool = True,
-) -> np.ndarray:
+class KMeans(Clusterer):
     """K-means (Lloyd's iterations by faiss ``Kmeans``, Euclidean on the L2-normalised features).
 
     The published baseline (learn-to-cluster ``baseline/sklearn_cluster.py``, sklearn ``KMeans``,
@@ -145,44 +146,67 @@ def kmeans(
     iterations against 15-17 s for ``MiniBatchKMeans`` (batch 1000 or 4096, early stopping),
     at a similar adjusted Rand index.
     """
-    feats = _check_features("kmeans", features)
-    if knn is not None:
-        _check_graph("kmeans", feats, knn)
-    if num_clusters is None:
-        raise ValueError(
-            "kmeans needs num_clusters (the published baseline is given the true number of "
-            "identities)"
+
+    true_count = "num_clusters"
+
+    def __init__(
+        self,
+        *,
+        num_clusters: int | None = None,
+        init: KmeansInit = "k-means++",
+        iterations: int = 25,
+        seed: int = 0,
+        show_progress: bool = True,
+    ) -> None:
+        self.num_clusters = num_clusters
+        self.init = init
+        self.iterations = iterations
+        self.seed = seed
+        self.show_progress = show_progress
+
+    def _finish(self, state: Any) -> np.ndarray:
+        features, knn = state
+        feats = _check_features("kmeans", features)
+        if knn is not None:
+            _check_graph("kmeans", feats, knn)
+        if self.num_clusters is None:
+            raise ValueError(
+                "kmeans needs num_clusters (the published baseline is given the true number of "
+                "identities)"
+            )
+        num_clusters = _check_int("num_clusters", self.num_clusters, 1, len(feats))
+        if self.init not in KMEANS_INITS:
+            raise ValueError(f"init must be one of {', '.join(KMEANS_INITS)}, got {self.init!r}")
+        iterations = _check_int("iterations", self.iterations, 1)
+        seed = _check_seed(self.seed)
+        km = faiss.Kmeans(
+            feats.shape[1],
+            num_clusters,
+            niter=iterations,
+            seed=seed,
+            min_points_per_centroid=1,  # clusters of a few faces are the norm, not a warning
+            verbose=False,  # its log would land in the middle of the benchmark's output
         )
-    num_clusters = _check_int("num_clusters", num_clusters, 1, len(feats))
-    if init not in KMEANS_INITS:
-        raise ValueError(f"init must be one of {', '.join(KMEANS_INITS)}, got {init!r}")
-    iterations = _check_int("iterations", iterations, 1)
-    seed = _check_seed(seed)
-    km = faiss.Kmeans(
-        feats.shape[1],
-        num_clusters,
-        niter=iterations,
-        seed=seed,
-        min_points_per_centroid=1,  # clusters of a few faces are the norm, not a warning
-        verbose=False,  # its log would land in the middle of the benchmark's output
-    )
-    init_centroids = None
-    with tqdm(total=3, desc=f"kmeans ({num_clusters} clusters)", unit="stage",
-              disable=not show_progress) as bar:  # fmt: skip
-        if init == "k-means++":
-            rng = np.random.default_rng(seed)
-            size = min(len(feats), max(3 * num_clusters, 10_000))
-            sample = feats[np.sort(rng.choice(len(feats), size, replace=False))]
-            # k-means++ is sequential small GEMMs: threads only contend (50 s vs 3.6 s on
-            # 10K x 64, 730 centroids, 2 cores).
-            with threadpool_limits(1):
-                init_centroids, _ = kmeans_plusplus(sample, num_clusters, random_state=seed)
-        bar.update()
-        km.train(feats, init_centroids=init_centroids)
-        bar.update()
-        _, assign = km.index.search(feats, 1)
-        bar.update()
-    return relabel(assign[:, 0])
+        init_centroids = None
+        with tqdm(total=3, desc=f"kmeans ({num_clusters} clusters)", unit="stage",
+                  disable=not self.show_progress) as bar:  # fmt: skip
+            if self.init == "k-means++":
+                rng = np.random.default_rng(seed)
+                size = min(len(feats), max(3 * num_clusters, 10_000))
+                sample = feats[np.sort(rng.choice(len(feats), size, replace=False))]
+                # k-means++ is sequential small GEMMs: threads only contend (50 s vs 3.6 s on
+                # 10K x 64, 730 centroids, 2 cores).
+                with threadpool_limits(1):
+                    init_centroids, _ = kmeans_plusplus(sample, num_clusters, random_state=seed)
+            bar.update()
+            km.train(feats, init_centroids=init_centroids)
+            bar.update()
+            _, assign = km.index.search(feats, 1)
+            bar.update()
+        return relabel(assign[:, 0])
+
+
+kmeans = as_function(KMeans, "kmeans")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,13 +215,7 @@ def kmeans(
 
 
 @CLUSTERERS.register("dbscan")
-def dbscan(
-    features: np.ndarray | None,
-    knn: KnnGraph,
-    *,
-    eps: float = 0.25,
-    min_samples: int = 1,
-) -> np.ndarray:
+class DBSCAN(Clusterer):
     """DBSCAN (Ester et al., KDD 1996) on the kNN graph: neighbours within cosine distance ``eps``.
 
     The eps-neighbourhood of a sample is itself plus every sample linked to it by a kNN edge
@@ -209,29 +227,44 @@ def dbscan(
     distances. Defaults ``eps=0.25``, ``min_samples=1`` are learn-to-cluster's
     ``scripts/baseline/dbscan.sh`` (k=80; with ``min_samples=1`` every sample is core).
     """
-    graph = _check_graph("dbscan", features, knn)
-    eps = _check_float("eps", eps, 0.0, 2.0)
-    min_samples = _check_int("min_samples", min_samples, 1)
-    n = graph.num_samples
-    src, dst, _ = knn_edges(graph, min_sim=1.0 - eps)
-    pattern = sp.csr_matrix(
-        (np.ones(2 * len(src), dtype=np.int8), (np.r_[src, dst], np.r_[dst, src])), shape=(n, n)
-    )
-    pattern.sum_duplicates()
-    core = np.diff(pattern.indptr) + 1 >= min_samples
-    rows = np.repeat(np.arange(n), np.diff(pattern.indptr))
-    cols = pattern.indices
-    both = core[rows] & core[cols]
-    # Clusters numbered by their lowest core sample: the order in which sklearn creates them.
-    cluster = relabel(np.where(core, components(n, rows[both], cols[both]), -1))
-    border = ~core[rows] & core[cols]
-    best = np.full(n, n, dtype=np.int64)
-    np.minimum.at(best, rows[border], cluster[cols[border]])
-    labels = np.where(core, cluster, np.where(best < n, best, -1))
-    return relabel(labels)
+
+    tuned_param = "eps"
+    grid = tuple(round(0.10 + 0.05 * i, 2) for i in range(17))
+
+    def __init__(
+        self,
+        *,
+        eps: float = 0.25,
+        min_samples: int = 1,
+    ) -> None:
+        self.eps = eps
+        self.min_samples = min_samples
+
+    def _finish(self, state: Any) -> np.ndarray:
+        features, knn = state
+        graph = _check_graph("dbscan", features, knn)
+        eps = _check_float("eps", self.eps, 0.0, 2.0)
+        min_samples = _check_int("min_samples", self.min_samples, 1)
+        n = graph.num_samples
+        src, dst, _ = knn_edges(graph, min_sim=1.0 - eps)
+        pattern = sp.csr_matrix(
+            (np.ones(2 * len(src), dtype=np.int8), (np.r_[src, dst], np.r_[dst, src])), shape=(n, n)
+        )
+        pattern.sum_duplicates()
+        core = np.diff(pattern.indptr) + 1 >= min_samples
+        rows = np.repeat(np.arange(n), np.diff(pattern.indptr))
+        cols = pattern.indices
+        both = core[rows] & core[cols]
+        # Clusters numbered by their lowest core sample: the order in which sklearn creates them.
+        cluster = relabel(np.where(core, components(n, rows[both], cols[both]), -1))
+        border = ~core[rows] & core[cols]
+        best = np.full(n, n, dtype=np.int64)
+        np.minimum.at(best, rows[border], cluster[cols[border]])
+        labels = np.where(core, cluster, np.where(best < n, best, -1))
+        return relabel(labels)
 
 
-TUNINGS.register("dbscan")(Tuning("eps", tuple(round(0.10 + 0.05 * i, 2) for i in range(17))))
+dbscan = as_function(DBSCAN, "dbscan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,17 +367,7 @@ def _graph_merges(
 
 
 @CLUSTERERS.register("hac")
-def hac(
-    features: np.ndarray | None,
-    knn: KnnGraph,
-    *,
-    distance_threshold: float | None = None,
-    num_clusters: int | None = None,
-    linkage: Linkage = "average",
-    missing_distance: float = 1.0,
-    max_pairs: int = HAC_MAX_PAIRS,
-    show_progress: bool = True,
-) -> np.ndarray:
+class HAC(Clusterer):
     """Agglomerative clustering on the kNN graph: exact ``linkage`` on the dissimilarity that is
     the cosine distance ``1 - sim`` on kNN edges and ``missing_distance`` on every other pair.
 
@@ -375,34 +398,72 @@ def hac(
     (70.63 pairwise-F on part1_test) used ``fastcluster`` single linkage with a distance
     threshold on the full data.
     """
-    graph = _check_graph("hac", features, knn)
-    if (distance_threshold is None) == (num_clusters is None):
-        raise ValueError(
-            "hac needs exactly one of distance_threshold and num_clusters, got "
-            f"distance_threshold={distance_threshold!r}, num_clusters={num_clusters!r}"
-        )
-    if linkage not in LINKAGES:
-        raise ValueError(f"linkage must be one of {', '.join(LINKAGES)}, got {linkage!r}")
-    missing_distance = _check_float("missing_distance", missing_distance, 0.0, 2.0)
-    max_pairs = _check_int("max_pairs", max_pairs, 1)
-    n = graph.num_samples
-    if distance_threshold is not None:
-        distance_threshold = _check_float("distance_threshold", distance_threshold, 0.0, 2.0)
-        stop_distance, max_merges = distance_threshold, n - 1
-    else:
-        num_clusters = _check_int("num_clusters", num_clusters, 1, n)
-        src, dst, _ = knn_edges(graph)
-        num_comps = int(components(n, src, dst).max()) + 1
-        if num_clusters < num_comps:
+
+    true_count = "num_clusters"
+    # its merge loop is Python: 96,590 samples at k=80 took 131 s and 2.3 GB (5.2M kNN pairs)
+    max_samples = 100_000
+    max_samples_reason = "hac's merge loop is too slow there"
+
+    def __init__(
+        self,
+        *,
+        distance_threshold: float | None = None,
+        num_clusters: int | None = None,
+        linkage: Linkage = "average",
+        missing_distance: float = 1.0,
+        max_pairs: int = HAC_MAX_PAIRS,
+        show_progress: bool = True,
+    ) -> None:
+        self.distance_threshold = distance_threshold
+        self.num_clusters = num_clusters
+        self.linkage = linkage
+        self.missing_distance = missing_distance
+        self.max_pairs = max_pairs
+        self.show_progress = show_progress
+
+    def _finish(self, state: Any) -> np.ndarray:
+        features, knn = state
+        graph = _check_graph("hac", features, knn)
+        if (self.distance_threshold is None) == (self.num_clusters is None):
             raise ValueError(
-                f"num_clusters={num_clusters} is below the {num_comps} connected components of "
-                "the kNN graph; merges never cross components (use a larger k or fewer clusters)"
+                "hac needs exactly one of distance_threshold and num_clusters, got "
+                f"distance_threshold={self.distance_threshold!r}, "
+                f"num_clusters={self.num_clusters!r}"
             )
-        stop_distance, max_merges = np.inf, n - num_clusters
-    x, y = _graph_merges(
-        graph, linkage, missing_distance, max_pairs, stop_distance, max_merges, show_progress
-    )
-    return components(n, x, y)
+        if self.linkage not in LINKAGES:
+            raise ValueError(f"linkage must be one of {', '.join(LINKAGES)}, got {self.linkage!r}")
+        missing_distance = _check_float("missing_distance", self.missing_distance, 0.0, 2.0)
+        max_pairs = _check_int("max_pairs", self.max_pairs, 1)
+        n = graph.num_samples
+        if self.distance_threshold is not None:
+            distance_threshold = _check_float(
+                "distance_threshold", self.distance_threshold, 0.0, 2.0
+            )
+            stop_distance, max_merges = distance_threshold, n - 1
+        else:
+            num_clusters = _check_int("num_clusters", self.num_clusters, 1, n)
+            src, dst, _ = knn_edges(graph)
+            num_comps = int(components(n, src, dst).max()) + 1
+            if num_clusters < num_comps:
+                raise ValueError(
+                    f"num_clusters={num_clusters} is below the {num_comps} connected components "
+                    "of the kNN graph; merges never cross components (use a larger k or fewer "
+                    "clusters)"
+                )
+            stop_distance, max_merges = np.inf, n - num_clusters
+        x, y = _graph_merges(
+            graph,
+            self.linkage,
+            missing_distance,
+            max_pairs,
+            stop_distance,
+            max_merges,
+            self.show_progress,
+        )
+        return components(n, x, y)
+
+
+hac = as_function(HAC, "hac")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,50 +536,43 @@ def _back_ranks(nbrs: np.ndarray) -> np.ndarray:
     return out
 
 
-def _aro_prepare(
-    features: np.ndarray | None, knn: KnnGraph, *, show_progress: bool = True
-) -> tuple[KnnGraph, np.ndarray]:
-    graph = _check_graph("aro", features, knn)
-    return graph, aro_distances(graph, show_progress=show_progress)
-
-
-def _aro_link(state: tuple[KnnGraph, np.ndarray], threshold: float) -> np.ndarray:
-    graph, dist = state
-    threshold = _check_float("threshold", threshold, 0.0, float(2 * graph.k))
-    src = np.repeat(np.arange(graph.num_samples), graph.k)
-    link = (dist.reshape(-1) <= threshold) & (graph.nbrs.reshape(-1) >= 0)
-    return components(graph.num_samples, src[link], graph.nbrs.reshape(-1)[link])
-
-
 @CLUSTERERS.register("aro")
-def aro(
-    features: np.ndarray | None,
-    knn: KnnGraph,
-    *,
-    threshold: float = 1.0,
-    show_progress: bool = True,
-) -> np.ndarray:
+class ARO(Clusterer):
     """Approximate rank-order clustering (Otto et al., TPAMI 2018): link every pair whose
     rank-order distance (:func:`aro_distances`) is at most ``threshold``, then take connected
     components. ``threshold=1.0`` is learn-to-cluster's ``scripts/baseline/aro.sh``
-    (``th_sim=0``, threshold ``1 - th_sim``), with the graph's k (80 there).
+    (``th_sim=0``, threshold ``1 - th_sim``), with the graph's k (80 there). The distances are
+    the threshold-independent work kept by :meth:`prepare` for :meth:`relink`.
 
     Deviation: learn-to-cluster's ``baseline/aro.py`` divides by ``min(r_i(j), r_j(i) + 1)``,
     which makes ``D(i, j) != D(j, i)``; this uses the paper's symmetric ``min(r_i(j), r_j(i))``.
     """
-    graph = _check_graph("aro", features, knn)
-    _check_float("threshold", threshold, 0.0, float(2 * graph.k))  # before the distances
-    return _aro_link(_aro_prepare(None, graph, show_progress=show_progress), threshold)
+
+    tuned_param = "threshold"
+    grid = (0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5, 2.0)
+
+    def __init__(self, *, threshold: float = 1.0, show_progress: bool = True) -> None:
+        self.threshold = threshold
+        self.show_progress = show_progress
+
+    def fit(self, features: np.ndarray | None, knn: KnnGraph) -> ARO:
+        graph = _check_graph("aro", features, knn)
+        _check_float("threshold", self.threshold, 0.0, float(2 * graph.k))  # before the distances
+        return super().fit(features, knn)  # type: ignore[return-value]
+
+    def _prepare(self, features: np.ndarray | None, knn: KnnGraph) -> tuple[KnnGraph, np.ndarray]:
+        graph = _check_graph("aro", features, knn)
+        return graph, aro_distances(graph, show_progress=self.show_progress)
+
+    def _finish(self, state: tuple[KnnGraph, np.ndarray]) -> np.ndarray:
+        graph, dist = state
+        threshold = _check_float("threshold", self.threshold, 0.0, float(2 * graph.k))
+        src = np.repeat(np.arange(graph.num_samples), graph.k)
+        link = (dist.reshape(-1) <= threshold) & (graph.nbrs.reshape(-1) >= 0)
+        return components(graph.num_samples, src[link], graph.nbrs.reshape(-1)[link])
 
 
-TUNINGS.register("aro")(
-    Tuning(
-        "threshold",
-        (0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5, 2.0),
-        _aro_prepare,
-        _aro_link,
-    )
-)
+aro = as_function(ARO, "aro")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,19 +581,32 @@ TUNINGS.register("aro")(
 
 
 @CLUSTERERS.register("cc")
-def cc(features: np.ndarray | None, knn: KnnGraph, *, min_sim: float = 0.7) -> np.ndarray:
+class ConnectedComponents(Clusterer):
     """Connected components of the kNN edges with cosine similarity ``>= min_sim``.
 
     ``min_sim=0.7`` is the first threshold of learn-to-cluster's super-vertex proposals
     (``scripts/generate_basic_proposals.sh``, ``th_knn=0.7``, k=80).
     """
-    graph = _check_graph("cc", features, knn)
-    min_sim = _check_float("min_sim", min_sim, -1.0, 1.0)
-    src, dst, _ = knn_edges(graph, min_sim=min_sim)
-    return components(graph.num_samples, src, dst)
+
+    tuned_param = "min_sim"
+    grid = SIM_GRID
+
+    def __init__(
+        self,
+        *,
+        min_sim: float = 0.7,
+    ) -> None:
+        self.min_sim = min_sim
+
+    def _finish(self, state: Any) -> np.ndarray:
+        features, knn = state
+        graph = _check_graph("cc", features, knn)
+        min_sim = _check_float("min_sim", self.min_sim, -1.0, 1.0)
+        src, dst, _ = knn_edges(graph, min_sim=min_sim)
+        return components(graph.num_samples, src, dst)
 
 
-TUNINGS.register("cc")(Tuning("min_sim", SIM_GRID))
+cc = as_function(ConnectedComponents, "cc")
 
 
 def _best_label(
@@ -559,16 +626,7 @@ def _best_label(
 
 
 @CLUSTERERS.register("chinese_whispers")
-def chinese_whispers(
-    features: np.ndarray | None,
-    knn: KnnGraph,
-    *,
-    min_sim: float = 0.6,
-    iterations: int = 20,
-    seed: int = 0,
-    num_blocks: int = 100,
-    show_progress: bool = True,
-) -> np.ndarray:
+class ChineseWhispers(Clusterer):
     """Chinese whispers (Biemann, TextGraphs 2006) on the symmetric kNN graph, weighted by
     cosine similarity, edges with similarity ``>= min_sim`` (0 < min_sim).
 
@@ -584,48 +642,65 @@ def chinese_whispers(
     among the heaviest (other ties at random), so a pass that changes nothing is a fixed point
     and the loop stops there.
     """
-    graph = _check_graph("chinese_whispers", features, knn)
-    min_sim = _check_float("min_sim", min_sim, 0.0, 1.0)
-    if min_sim == 0.0:
-        raise ValueError("min_sim must be > 0 (edge weights are similarities), got 0.0")
-    iterations = _check_int("iterations", iterations, 1)
-    seed = _check_seed(seed)
-    num_blocks = _check_int("num_blocks", num_blocks, 1)
-    n = graph.num_samples
-    adj = knn_adjacency(graph, min_sim=min_sim, symmetric=True, weighted=True).astype(np.float64)
-    labels = np.arange(n, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    passes = tqdm(range(iterations), desc="chinese whispers", disable=not show_progress)
-    for _ in passes:
-        changed = 0
-        for rows in np.array_split(rng.permutation(n), min(num_blocks, n)):
-            sub = adj[rows]
-            if sub.nnz == 0:
-                continue
-            local = np.repeat(np.arange(len(rows)), np.diff(sub.indptr))
-            votes = sp.csr_matrix((sub.data, (local, labels[sub.indices])), shape=(len(rows), n))
-            votes.sum_duplicates()
-            voted, best = _best_label(votes, labels[rows], rng)
-            changed += int(np.count_nonzero(labels[rows[voted]] != best))
-            labels[rows[voted]] = best
-        if changed == 0:
-            break
-    return relabel(labels)
+
+    tuned_param = "min_sim"
+    grid = SIM_GRID
+
+    def __init__(
+        self,
+        *,
+        min_sim: float = 0.6,
+        iterations: int = 20,
+        seed: int = 0,
+        num_blocks: int = 100,
+        show_progress: bool = True,
+    ) -> None:
+        self.min_sim = min_sim
+        self.iterations = iterations
+        self.seed = seed
+        self.num_blocks = num_blocks
+        self.show_progress = show_progress
+
+    def _finish(self, state: Any) -> np.ndarray:
+        features, knn = state
+        graph = _check_graph("chinese_whispers", features, knn)
+        min_sim = _check_float("min_sim", self.min_sim, 0.0, 1.0)
+        if min_sim == 0.0:
+            raise ValueError("min_sim must be > 0 (edge weights are similarities), got 0.0")
+        iterations = _check_int("iterations", self.iterations, 1)
+        seed = _check_seed(self.seed)
+        num_blocks = _check_int("num_blocks", self.num_blocks, 1)
+        n = graph.num_samples
+        adj = knn_adjacency(graph, min_sim=min_sim, symmetric=True, weighted=True).astype(
+            np.float64
+        )
+        labels = np.arange(n, dtype=np.int64)
+        rng = np.random.default_rng(seed)
+        passes = tqdm(range(iterations), desc="chinese whispers", disable=not self.show_progress)
+        for _ in passes:
+            changed = 0
+            for rows in np.array_split(rng.permutation(n), min(num_blocks, n)):
+                sub = adj[rows]
+                if sub.nnz == 0:
+                    continue
+                local = np.repeat(np.arange(len(rows)), np.diff(sub.indptr))
+                votes = sp.csr_matrix(
+                    (sub.data, (local, labels[sub.indices])), shape=(len(rows), n)
+                )
+                votes.sum_duplicates()
+                voted, best = _best_label(votes, labels[rows], rng)
+                changed += int(np.count_nonzero(labels[rows[voted]] != best))
+                labels[rows[voted]] = best
+            if changed == 0:
+                break
+        return relabel(labels)
 
 
-TUNINGS.register("chinese_whispers")(Tuning("min_sim", SIM_GRID))
+chinese_whispers = as_function(ChineseWhispers, "chinese_whispers")
 
 
 @CLUSTERERS.register("infomap")
-def infomap_clustering(
-    features: np.ndarray | None,
-    knn: KnnGraph,
-    *,
-    k: int | None = 50,
-    min_sim: float = 0.58,
-    seed: int = 123,
-    num_trials: int = 1,
-) -> np.ndarray:
+class Infomap(Clusterer):
     """Infomap (Rosvall & Bergstrom, PNAS 2008; the ``infomap`` package) on the kNN graph.
 
     The first ``k`` entries of each list (self included; ``None``: the whole graph) with cosine
@@ -635,27 +710,48 @@ def infomap_clustering(
     ``k=50``, ``min_sim=0.58`` are the Infomap-on-kNN anchor reported with FaceMap (93.98
     pairwise-F on part1_test).
     """
-    graph = _check_graph("infomap", features, knn)
-    if k is not None:
-        k = _check_int("k", k, 1)
-        if k > graph.k:
-            raise ValueError(f"k={k} exceeds the kNN graph's k={graph.k}; build it with k >= {k}")
-        graph = graph.truncate(k)
-    min_sim = _check_float("min_sim", min_sim, 0.0, 1.0)
-    if min_sim == 0.0:
-        raise ValueError("min_sim must be > 0 (link weights are similarities), got 0.0")
-    seed = _check_int("seed", seed, 1, 2**31 - 1)  # infomap's seeds start at 1
-    num_trials = _check_int("num_trials", num_trials, 1)
-    adj = knn_adjacency(graph, min_sim=min_sim, symmetric=True, weighted=True)
-    network = infomap.Network.from_scipy_sparse_matrix(adj)
-    options = infomap.Options(
-        two_level=True, flow_model="undirected", seed=seed, num_trials=num_trials
-    )
-    modules = infomap.run(network, options=options).modules()
-    labels = np.full(graph.num_samples, -1, dtype=np.int64)
-    ids = np.fromiter(modules.keys(), dtype=np.int64, count=len(modules))
-    labels[ids] = np.fromiter(modules.values(), dtype=np.int64, count=len(modules))
-    return relabel(labels)
+
+    tuned_param = "min_sim"
+    grid = SIM_GRID
+
+    def __init__(
+        self,
+        *,
+        k: int | None = 50,
+        min_sim: float = 0.58,
+        seed: int = 123,
+        num_trials: int = 1,
+    ) -> None:
+        self.k = k
+        self.min_sim = min_sim
+        self.seed = seed
+        self.num_trials = num_trials
+
+    def _finish(self, state: Any) -> np.ndarray:
+        features, knn = state
+        graph = _check_graph("infomap", features, knn)
+        if self.k is not None:
+            k = _check_int("k", self.k, 1)
+            if k > graph.k:
+                raise ValueError(
+                    f"k={k} exceeds the kNN graph's k={graph.k}; build it with k >= {k}"
+                )
+            graph = graph.truncate(k)
+        min_sim = _check_float("min_sim", self.min_sim, 0.0, 1.0)
+        if min_sim == 0.0:
+            raise ValueError("min_sim must be > 0 (link weights are similarities), got 0.0")
+        seed = _check_int("seed", self.seed, 1, 2**31 - 1)  # infomap's seeds start at 1
+        num_trials = _check_int("num_trials", self.num_trials, 1)
+        adj = knn_adjacency(graph, min_sim=min_sim, symmetric=True, weighted=True)
+        network = infomap.Network.from_scipy_sparse_matrix(adj)
+        options = infomap.Options(
+            two_level=True, flow_model="undirected", seed=seed, num_trials=num_trials
+        )
+        modules = infomap.run(network, options=options).modules()
+        labels = np.full(graph.num_samples, -1, dtype=np.int64)
+        ids = np.fromiter(modules.keys(), dtype=np.int64, count=len(modules))
+        labels[ids] = np.fromiter(modules.values(), dtype=np.int64, count=len(modules))
+        return relabel(labels)
 
 
-TUNINGS.register("infomap")(Tuning("min_sim", SIM_GRID))
+infomap_clustering = as_function(Infomap, "infomap_clustering")

@@ -1,6 +1,6 @@
 """Run several clustering methods on one labelled set and write the comparison table.
 
-:func:`run_methods` builds (or reads) the kNN graph once, runs each method through the
+:func:`run_methods` builds (or reads) the kNN graph once, runs each method's estimator from the
 :data:`~robustface.cluster.base.CLUSTERERS` registry, scores it against the ground truth with
 :func:`~robustface.cluster.metrics.evaluate_clustering` and times it. The kNN time is reported
 once, apart from the methods' own times (as learn-to-cluster reports them). A method that fails
@@ -9,8 +9,8 @@ is recorded with its error and the others still run. Outputs (``out_dir``): ``re
 against time).
 
 Thresholds published for MS1M features rarely suit other features. With ``tune_on`` (a labelled
-training set), each method registered in :data:`~robustface.cluster.base.TUNINGS` first gets its
-threshold picked on that set (:func:`tune_method`: the grid value of best training score); the
+training set), each method with a threshold (its estimator's ``tuned_param``) first gets it
+picked on that set (:func:`tune_method`: the grid value of best training score); the
 test set is then clustered once at that value. The picks, with every grid score, are written to
 ``results.md``/``results.json`` and plotted in ``tuning.png``.
 """
@@ -30,11 +30,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS, TUNINGS
+from robustface.cluster.base import CLUSTERERS, check_params, param_names, tunable
 from robustface.cluster.dataset import ClusterSet
 from robustface.cluster.knn import KnnGraph, Method, build_knn
 from robustface.cluster.metrics import bcubed, evaluate_clustering, nmi, pairwise
-from robustface.cluster.training import MODEL_PARAMS
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
@@ -60,8 +59,6 @@ BASELINES: tuple[str, ...] = (
     "infomap",
 )
 LEARNED: tuple[str, ...] = ("gcn_d", "gcn_ds", "gcn_v", "gcn_e")
-# hac's merge loop is Python: 96,590 samples at k=80 took 131 s and 2.3 GB (5.2M kNN pairs)
-HAC_MAX_SAMPLES = 100_000
 TUNE_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "pairwise_fscore": lambda gt, pred: pairwise(gt, pred)[2],
     "bcubed_fscore": lambda gt, pred: bcubed(gt, pred)[2],
@@ -106,42 +103,38 @@ def tune_method(
     metric: str = "pairwise_fscore",
     show_progress: bool = True,
 ) -> TuneResult:
-    """Pick ``method``'s threshold (its :class:`~robustface.cluster.base.Tuning`) on the
-    labelled ``data``: cluster at each ``grid`` value (default: the method's grid) with the other
-    ``params`` fixed and keep the value of best ``metric`` (a :data:`TUNE_METRICS` name).
+    """Pick ``method``'s threshold (its estimator's ``tuned_param``) on the labelled ``data``:
+    cluster at each ``grid`` value (default: the estimator's ``grid``) with the other ``params``
+    fixed and keep the value of best ``metric`` (a :data:`TUNE_METRICS` name).
 
-    The threshold-independent work (GCN-V/E inference, ARO distances) is done once.
+    The threshold-independent work (GCN-V/E inference, ARO distances) is done once
+    (:meth:`~robustface.cluster.base.Clusterer.prepare`, then one
+    :meth:`~robustface.cluster.base.Clusterer.relink` per value).
     """
-    tuning = TUNINGS.get(method)
+    cls = CLUSTERERS.get(method)
+    param = cls.tuned_param
+    if param is None:
+        raise ValueError(
+            f"{method} has no threshold to tune; tunable methods: {', '.join(tunable())}"
+        )
     if data.labels is None:
         raise ValueError(f"set {data.name!r} has no labels: tuning needs the ground truth")
     if metric not in TUNE_METRICS:
         raise ValueError(f"metric must be one of {', '.join(TUNE_METRICS)}, got {metric!r}")
-    values = [float(v) for v in (tuning.grid if grid is None else grid)]
+    values = [float(v) for v in (cls.grid if grid is None else grid)]
     if not values or not np.all(np.isfinite(values)):
-        raise ValueError(f"{method}: the {tuning.param} grid must be finite values, got {grid}")
-    fixed = {key: value for key, value in (params or {}).items() if key != tuning.param}
+        raise ValueError(f"{method}: the {param} grid must be finite values, got {grid}")
+    fixed = {key: value for key, value in (params or {}).items() if key != param}
     t0 = time.perf_counter()
-    if tuning.prepare is not None and tuning.finish is not None:
-        state = tuning.prepare(data.features, knn, **fixed)
-        finish = tuning.finish
-
-        def cluster_at(value: float) -> np.ndarray:
-            return finish(state, value)
-    else:
-        fn = CLUSTERERS.get(method)
-
-        def cluster_at(value: float) -> np.ndarray:
-            return fn(data.features, knn, **fixed, **{tuning.param: value})
-
+    estimator = cls(**fixed).prepare(data.features, knn)
     score = TUNE_METRICS[metric]
     scores = [
-        float(score(data.labels, np.asarray(cluster_at(value))))
+        float(score(data.labels, estimator.relink(value)))
         for value in tqdm(values, desc=f"tune {method}", disable=not show_progress)
     ]
     return TuneResult(
         set=data.name,
-        param=tuning.param,
+        param=param,
         value=values[int(np.argmax(scores))],
         metric=metric,
         grid=values,
@@ -162,13 +155,15 @@ def method_params(
     """Keyword arguments of ``method``: with ground-truth ``labels``, ``kmeans`` and ``hac`` get
     the true number of identities (as the published baselines); learned methods get their model
     files from ``models`` (``gcn_v``, ``gcn_e``, ``gcn_d``, ``gcn_s``), ``device`` and the
-    ``knn_method`` of the graphs they build; ``overrides`` win."""
+    ``knn_method`` of the graphs they build; ``overrides`` win. (What a method gets is read
+    from its estimator class: ``true_count`` and ``models``.)"""
+    cls = CLUSTERERS.get(method)
     params: dict[str, Any] = {}
-    if method in MODEL_PARAMS:
+    if cls.models:
         params.update(device=device, knn_method=knn_method)
-    if method in ("kmeans", "hac") and labels is not None:
-        params["num_clusters"] = int(np.unique(labels[labels >= 0]).size)
-    for param, kind in MODEL_PARAMS.get(method, {}).items():
+    if cls.true_count is not None and labels is not None:
+        params[cls.true_count] = int(np.unique(labels[labels >= 0]).size)
+    for param, kind in cls.models.items():
         if not models or kind not in models:
             raise ValueError(f"method {method!r} needs a trained {kind} model (models[{kind!r}])")
         params[param] = str(models[kind])
@@ -416,11 +411,12 @@ def run_methods(
 
     ``knn`` is used when given, with ``knn_info`` (``method``, ``seconds``, ``source``) saying how
     it was made; otherwise it is built with ``k`` and ``knn_method``. ``params`` maps a method to
-    keyword overrides; learned methods run on ``device``. ``hac`` is skipped above
-    :data:`HAC_MAX_SAMPLES` samples. With ``tune_on`` (and its ``tune_knn``, built like ``knn``
-    when None), tunable methods first get their threshold picked there (:func:`tune_method`,
-    ``tune_grids`` overriding the default grids, scored by ``tune_metric``); a tuning failure
-    is recorded as the method's error.
+    keyword overrides, checked against each estimator's parameters before any work (every
+    problem in one error); learned methods run on ``device``. A method is skipped above its
+    estimator's ``max_samples`` (``hac``: 100,000). With ``tune_on`` (and its ``tune_knn``, built
+    like ``knn`` when None), tunable methods first get their threshold picked there
+    (:func:`tune_method`, ``tune_grids`` overriding the default grids, scored by
+    ``tune_metric``); a tuning failure is recorded as the method's error.
     """
     if data.labels is None:
         raise ValueError(f"set {data.name!r} has no labels: a benchmark needs the ground truth")
@@ -431,11 +427,11 @@ def run_methods(
         raise ValueError(f"params given for methods not run: {', '.join(sorted(unknown))}")
     if tune_grids and tune_on is None:
         raise ValueError("tune_grids given without tune_on")
-    untunable = set(tune_grids or {}) - (set(methods) & set(TUNINGS))
+    untunable = set(tune_grids or {}) - (set(methods) & set(tunable()))
     if untunable:
         raise ValueError(
             f"tune_grids names methods that are not run or have no threshold to tune: "
-            f"{', '.join(sorted(untunable))} (tunable: {', '.join(TUNINGS.names())})"
+            f"{', '.join(sorted(untunable))} (tunable: {', '.join(tunable())})"
         )
     if tune_metric not in TUNE_METRICS:
         raise ValueError(
@@ -449,6 +445,9 @@ def run_methods(
         )
         for m in methods
     }
+    problems = [f"{m}: {problem}" for m in methods for problem in check_params(m, all_params[m])]
+    if problems:
+        raise ValueError("bad method parameters:\n  " + "\n  ".join(problems))
     out_dir = Path(out_dir)
     (out_dir / "labels").mkdir(parents=True, exist_ok=True)
     knn, knn_info = _graph(data, knn, knn_info, k, knn_method, show_progress)
@@ -461,26 +460,29 @@ def run_methods(
     for method in methods:
         kwargs = all_params[method]
         shown = {key: value for key, value in kwargs.items() if key != "show_progress"}
-        if method == "hac" and len(data.features) > HAC_MAX_SAMPLES:
-            reason = f"skipped: N > {HAC_MAX_SAMPLES:,} (hac's merge loop is too slow there)"
+        cls = CLUSTERERS.get(method)
+        if cls.max_samples is not None and len(data.features) > cls.max_samples:
+            reason = f"skipped: N > {cls.max_samples:,} ({cls.max_samples_reason})"
             results.append(MethodResult(method, shown, None, None, skipped=reason))
             continue
-        fn = CLUSTERERS.get(method)
-        if "show_progress" in fn.__code__.co_varnames:
+        if "show_progress" in param_names(cls):
             kwargs = {"show_progress": show_progress, **kwargs}
         extra: dict[str, Any] = {}
         try:
-            if tune_on is not None and method in TUNINGS:
-                param = TUNINGS.get(method).param
-                if param not in (params or {}).get(method, {}):
-                    tuned = tune_method(method, tune_on, tune_knn, kwargs,
+            param = cls.tuned_param
+            if (
+                tune_on is not None
+                and param is not None
+                and param not in (params or {}).get(method, {})
+            ):
+                tuned = tune_method(method, tune_on, tune_knn, kwargs,
                                         grid=(tune_grids or {}).get(method), metric=tune_metric,
                                         show_progress=show_progress)  # fmt: skip
-                    extra["tuning"] = asdict(tuned)
-                    kwargs = {**kwargs, param: tuned.value}
-                    shown = {**shown, param: tuned.value}
+                extra["tuning"] = asdict(tuned)
+                kwargs = {**kwargs, param: tuned.value}
+                shown = {**shown, param: tuned.value}
             t0 = time.perf_counter()
-            labels = np.asarray(fn(data.features, knn, **kwargs))
+            labels = cls(**kwargs).fit_predict(data.features, knn)
         except Exception as exc:  # one failing method must not lose the others' results
             extra["traceback"] = traceback.format_exc()
             error = f"{type(exc).__name__}: {exc}"

@@ -24,7 +24,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS
+from robustface.cluster.base import CLUSTERERS, Clusterer, as_function
 from robustface.cluster.gcn_v import (
     _batches,
     _eval_mode,
@@ -50,11 +50,14 @@ from robustface.cluster.proposals import (
     generate_proposals,
     proposal_targets,
 )
+from robustface.cluster.train_settings import GCN_DS_TRAINING, TrainSettings, resolve_settings
 from robustface.errors import DataFormatError
 
 __all__ = [
     "DSGCN",
     "DSGraphConv",
+    "GCNDClustering",
+    "GCNDSClustering",
     "deoverlap",
     "gcn_d_cluster",
     "gcn_ds_cluster",
@@ -247,33 +250,28 @@ def train_gcn_d(
     knn: KnnGraph,
     proposals: Proposals,
     labels: np.ndarray,
+    settings: TrainSettings | None = None,
     *,
     hidden_dims: Sequence[int] = (512, 64),
     dropout: float = 0.5,
-    epochs: int = 30,
-    batch_size: int = 32,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    lr_steps: Sequence[int] = (15, 24, 28),
-    lr_gamma: float = 0.1,
-    device: Device = "cpu",
-    seed: int = 0,
-    show_progress: bool = True,
+    **overrides: Any,
 ) -> tuple[DSGCN, list[float]]:
     """Train GCN-D to regress every proposal's (IoU, IoP) by mean squared error.
 
     Returns the model (in eval mode) and the mean loss of every epoch. The caller's random
-    state is left untouched (``seed`` drives initialisation, shuffling and dropout).
+    state is left untouched (``seed`` drives initialisation, shuffling and dropout). Optimiser
+    and run: :data:`~robustface.cluster.train_settings.GCN_DS_TRAINING`, changed by ``settings``
+    and ``overrides`` of its fields.
     """
+    run = resolve_settings("GCN-D", GCN_DS_TRAINING, settings, overrides)
+    dev = torch.device(run.device)
     feats = _check_inputs(features, knn, proposals, labels)
     if len(proposals) == 0:
         raise ValueError("proposals is empty: nothing to train GCN-D on")
     iou, iop = proposal_targets(proposals, np.asarray(labels))
     targets = torch.from_numpy(np.stack([iou, iop], axis=1))
-    dev = torch.device(device)
     with torch.random.fork_rng(devices=_rng_devices(dev)):
-        torch.manual_seed(seed)
+        torch.manual_seed(run.seed)
         model = DSGCN(feats.shape[1], hidden_dims, "det", dropout).to(dev)
 
         def step_loss(items: np.ndarray, _: np.random.Generator) -> torch.Tensor:
@@ -281,19 +279,7 @@ def train_gcn_d(
             return F.mse_loss(model(x, adj, mask), targets[items].to(dev))
 
         history = _train_loop(
-            model,
-            len(proposals),
-            step_loss,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            lr_steps=lr_steps,
-            lr_gamma=lr_gamma,
-            seed=seed,
-            show_progress=show_progress,
-            desc="GCN-D",
+            model, len(proposals), step_loss, run, lr_steps=run.lr_steps or (), desc="GCN-D"
         )
     return model, history
 
@@ -303,27 +289,22 @@ def train_gcn_s(
     knn: KnnGraph,
     proposals: Proposals,
     labels: np.ndarray,
+    settings: TrainSettings | None = None,
     *,
     iop_range: tuple[float, float] = (0.2, 0.8),
     hidden_dims: Sequence[int] = (512, 64),
     dropout: float = 0.5,
-    epochs: int = 30,
-    batch_size: int = 32,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    lr_steps: Sequence[int] = (15, 24, 28),
-    lr_gamma: float = 0.1,
-    device: Device = "cpu",
-    seed: int = 0,
-    show_progress: bool = True,
+    **overrides: Any,
 ) -> tuple[DSGCN, list[float]]:
     """Train GCN-S: a random seed member per proposal and step, every member labelled in/out
     of the seed's identity; the loss is each proposal's mean node NLL, averaged over the batch.
 
     Only proposals with ground-truth IoP in ``iop_range`` (those with outliers to find) are used,
     as learn-to-cluster's ``th_iop_min/max`` = 0.2/0.8. Returns the model and epoch losses.
+    Settings as :func:`train_gcn_d`.
     """
+    run = resolve_settings("GCN-S", GCN_DS_TRAINING, settings, overrides)
+    dev = torch.device(run.device)
     feats = _check_inputs(features, knn, proposals, labels)
     low, high = iop_range
     if not 0.0 <= low < high <= 1.0:
@@ -334,9 +315,8 @@ def train_gcn_s(
     if len(train) == 0:
         raise ValueError(f"no proposal has a ground-truth IoP in iop_range={iop_range}")
     sizes = train.sizes
-    dev = torch.device(device)
     with torch.random.fork_rng(devices=_rng_devices(dev)):
-        torch.manual_seed(seed)
+        torch.manual_seed(run.seed)
         model = DSGCN(feats.shape[1], hidden_dims, "seg", dropout).to(dev)
 
         def step_loss(items: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -353,19 +333,7 @@ def train_gcn_s(
             return per_proposal.mean()
 
         history = _train_loop(
-            model,
-            len(train),
-            step_loss,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            lr_steps=lr_steps,
-            lr_gamma=lr_gamma,
-            seed=seed,
-            show_progress=show_progress,
-            desc="GCN-S",
+            model, len(train), step_loss, run, lr_steps=run.lr_steps or (), desc="GCN-S"
         )
     return model, history
 
@@ -535,18 +503,7 @@ def _proposals_for(
 
 
 @CLUSTERERS.register("gcn_d")
-def gcn_d_cluster(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    model: DSGCN | str | Path,
-    settings: str | Sequence[ProposalSetting | Mapping[str, Any]] = "test_2",
-    knn_method: Method = "flat",
-    min_score: float | None = None,
-    batch_size: int = 256,
-    device: Device | None = None,
-    show_progress: bool = True,
-) -> np.ndarray:
+class GCNDClustering(Clusterer):
     """GCN-D clustering: proposals (``settings``), predicted IoU, :func:`deoverlap`.
 
     ``model`` is a trained GCN-D or the path of a saved one; ``min_score`` drops proposals
@@ -555,76 +512,129 @@ def gcn_d_cluster(
     names another device (then a copy runs there). ``knn_method`` builds the kNN among
     super-vertex means of iterative settings.
     """
-    detector = _as_model(model, "det", device)
-    feats, knn, proposals = _proposals_for(features, knn, settings, knn_method, show_progress)
-    scores = predict_gcn_d(
-        detector,
-        feats,
-        knn,
-        proposals,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    return deoverlap(proposals, scores[:, 0], len(feats), min_score=min_score)
+
+    models: ClassVar[Mapping[str, str]] = {"model": "gcn_d"}
+
+    def __init__(
+        self,
+        *,
+        model: DSGCN | str | Path,
+        settings: str | Sequence[ProposalSetting | Mapping[str, Any]] = "test_2",
+        knn_method: Method = "flat",
+        min_score: float | None = None,
+        batch_size: int = 256,
+        device: Device | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.knn_method = knn_method
+        self.min_score = min_score
+        self.batch_size = batch_size
+        self.device = device
+        self.show_progress = show_progress
+
+    def _finish(self, state: Any) -> np.ndarray:
+        features, knn = state
+        detector = _as_model(self.model, "det", self.device)
+        feats, knn, proposals = _proposals_for(
+            features, knn, self.settings, self.knn_method, self.show_progress
+        )
+        scores = predict_gcn_d(
+            detector,
+            feats,
+            knn,
+            proposals,
+            batch_size=self.batch_size,
+            show_progress=self.show_progress,
+        )
+        return deoverlap(proposals, scores[:, 0], len(feats), min_score=self.min_score)
+
+
+gcn_d_cluster = as_function(GCNDClustering, "gcn_d_cluster")
 
 
 @CLUSTERERS.register("gcn_ds")
-def gcn_ds_cluster(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    model: DSGCN | str | Path,
-    seg_model: DSGCN | str | Path,
-    settings: str | Sequence[ProposalSetting | Mapping[str, Any]] = "test_2",
-    knn_method: Method = "flat",
-    min_score: float | None = None,
-    seg_iop_range: tuple[float, float] = (0.1, 0.9),
-    inlier_threshold: float = 0.5,
-    keep_outliers: bool = True,
-    seed_node: SeedNode = "random",
-    random_state: int = 0,
-    batch_size: int = 256,
-    device: Device | None = None,
-    show_progress: bool = True,
-) -> np.ndarray:
+class GCNDSClustering(Clusterer):
     """GCN-D + GCN-S clustering: as ``gcn_d``, but proposals with predicted IoP in
     ``seg_iop_range`` are segmented first and lose members with in-probability below
     ``inlier_threshold`` (learn-to-cluster ``cfg_test_seg_ms1m``: 0.1-0.9, 0.5, outliers kept as
     low-priority clusters).
     """
-    detector = _as_model(model, "det", device)
-    segmenter = _as_model(seg_model, "seg", device)
-    low, high = seg_iop_range
-    if not low <= high:
-        raise ValueError(f"seg_iop_range must satisfy low <= high, got {seg_iop_range}")
-    feats, knn, proposals = _proposals_for(features, knn, settings, knn_method, show_progress)
-    scores = predict_gcn_d(
-        detector,
-        feats,
-        knn,
-        proposals,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    chosen = np.flatnonzero((scores[:, 1] >= low) & (scores[:, 1] <= high))
-    keep = np.ones(len(proposals.members), dtype=bool)
-    if len(chosen):
-        prob_in = predict_gcn_s(
-            segmenter,
+
+    models: ClassVar[Mapping[str, str]] = {"model": "gcn_d", "seg_model": "gcn_s"}
+
+    def __init__(
+        self,
+        *,
+        model: DSGCN | str | Path,
+        seg_model: DSGCN | str | Path,
+        settings: str | Sequence[ProposalSetting | Mapping[str, Any]] = "test_2",
+        knn_method: Method = "flat",
+        min_score: float | None = None,
+        seg_iop_range: tuple[float, float] = (0.1, 0.9),
+        inlier_threshold: float = 0.5,
+        keep_outliers: bool = True,
+        seed_node: SeedNode = "random",
+        random_state: int = 0,
+        batch_size: int = 256,
+        device: Device | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.seg_model = seg_model
+        self.settings = settings
+        self.knn_method = knn_method
+        self.min_score = min_score
+        self.seg_iop_range = seg_iop_range
+        self.inlier_threshold = inlier_threshold
+        self.keep_outliers = keep_outliers
+        self.seed_node = seed_node
+        self.random_state = random_state
+        self.batch_size = batch_size
+        self.device = device
+        self.show_progress = show_progress
+
+    def _finish(self, state: Any) -> np.ndarray:
+        features, knn = state
+        detector = _as_model(self.model, "det", self.device)
+        segmenter = _as_model(self.seg_model, "seg", self.device)
+        low, high = self.seg_iop_range
+        if not low <= high:
+            raise ValueError(f"seg_iop_range must satisfy low <= high, got {self.seg_iop_range}")
+        feats, knn, proposals = _proposals_for(
+            features, knn, self.settings, self.knn_method, self.show_progress
+        )
+        scores = predict_gcn_d(
+            detector,
             feats,
             knn,
-            proposals.select(chosen),
-            seed_node=seed_node,
-            random_state=random_state,
-            batch_size=batch_size,
-            show_progress=show_progress,
+            proposals,
+            batch_size=self.batch_size,
+            show_progress=self.show_progress,
         )
-        keep[_member_positions(proposals, chosen)] = prob_in >= inlier_threshold
-    return deoverlap(
-        proposals,
-        scores[:, 0],
-        len(feats),
-        min_score=min_score,
-        keep_members=keep,
-        keep_outliers=keep_outliers,
-    )
+        chosen = np.flatnonzero((scores[:, 1] >= low) & (scores[:, 1] <= high))
+        keep = np.ones(len(proposals.members), dtype=bool)
+        if len(chosen):
+            prob_in = predict_gcn_s(
+                segmenter,
+                feats,
+                knn,
+                proposals.select(chosen),
+                seed_node=self.seed_node,
+                random_state=self.random_state,
+                batch_size=self.batch_size,
+                show_progress=self.show_progress,
+            )
+            keep[_member_positions(proposals, chosen)] = prob_in >= self.inlier_threshold
+        return deoverlap(
+            proposals,
+            scores[:, 0],
+            len(feats),
+            min_score=self.min_score,
+            keep_members=keep,
+            keep_outliers=self.keep_outliers,
+        )
+
+
+gcn_ds_cluster = as_function(GCNDSClustering, "gcn_ds_cluster")

@@ -20,9 +20,9 @@ Published state dict keys, equal to ours: ``conv{1..4}.weight``/``.bias``, ``cla
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS, SIM_GRID, TUNINGS, Tuning
+from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, as_function
 from robustface.cluster.gcn_v import (
     GCNV,
     ROW_BATCH,
@@ -54,9 +54,11 @@ from robustface.cluster.gcn_v import (
 )
 from robustface.cluster.graph import knn_adjacency
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
+from robustface.cluster.train_settings import GCN_E_TRAINING, TrainSettings, resolve_settings
 
 __all__ = [
     "GCNE",
+    "GCNEClustering",
     "candidate_sets",
     "edge_rows",
     "gcn_e_cluster",
@@ -210,20 +212,12 @@ def train_gcn_e(
     confidence: np.ndarray,
     labels: np.ndarray,
     knn: KnnGraph,
+    settings: TrainSettings | None = None,
     *,
-    epochs: int = 40,
     hidden: int = 512,
     dropout: float = 0.0,
-    batch_size: int = 32,
     ignore_ratio: float = 0.7,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-5,
-    lr_steps: Sequence[float] = (0.5, 0.8, 0.9),
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    show_progress: bool = True,
-    log_every: int = 100,
+    **overrides: Any,
 ) -> GCNE:
     """Train GCN-E on the subgraphs of :func:`edge_rows`; targets: candidate has the same label.
 
@@ -232,8 +226,12 @@ def train_gcn_e(
     40 epochs, SGD lr 0.1, momentum 0.9, weight decay 1e-5, lr x0.1 at 50/80/90 % of the epochs,
     one subgraph per forward with gradients of 32 averaged per step (here: batches of 32 padded
     subgraphs, loss = mean over subgraphs of the mean over candidates: the same value), training
-    ``ignore_ratio`` 0.7. Per-step losses are in ``model.loss_history``.
+    ``ignore_ratio`` 0.7 (:data:`~robustface.cluster.train_settings.GCN_E_TRAINING`, changed by
+    ``settings`` and ``overrides`` of its fields). Per-step losses are in ``model.loss_history``.
     """
+    run = resolve_settings("GCN-E", GCN_E_TRAINING, settings, overrides)
+    epochs, batch_size, log_every = run.epochs, run.batch_size, run.log_every
+    device, seed = run.device, run.seed
     feats, conf = _edge_inputs(features, confidence, knn)
     labels = _check_labels(labels, len(feats))
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
@@ -271,15 +269,8 @@ def train_gcn_e(
             model,
             len(rows),
             step_loss,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            lr_steps=_lr_milestones(epochs, lr_steps),
-            lr_gamma=0.1,
-            seed=seed,
-            show_progress=show_progress,
+            run,
+            lr_steps=_lr_milestones(epochs, run.lr_steps or ()),
             desc="GCN-E",
         )
     return model.eval()
@@ -389,80 +380,76 @@ def gcn_e_inputs(
     return edge_feats, conf, edge_knn
 
 
-def _gcn_e_prepare(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    gcn_v_model: GCNV | str | Path,
-    gcn_e_model: GCNE | str | Path,
-    use_gcn_features: bool = True,
-    k: int = 80,
-    k_edge: int = K_EDGE,
-    ignore_ratio: float = 0.8,
-    knn_method: Method = "flat",
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    show_progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each sample's chosen link and its similarity (:func:`gcn_e_cluster` before ``tau``)."""
-    feats = check_features(features)
-    if knn is None:
-        knn = build_knn(feats, k=k, method=knn_method, show_progress=show_progress)
-    edge_feats, conf, edge_knn = gcn_e_inputs(
-        _as_gcn_v(gcn_v_model, device),
-        feats,
-        knn,
-        use_gcn_features=use_gcn_features,
-        k=k_edge,
-        knn_method=knn_method,
-        device=device,
-        show_progress=show_progress,
-    )
-    return predict_gcn_e(
-        _as_gcn_e(gcn_e_model, device),
-        edge_feats,
-        conf,
-        edge_knn,
-        device,
-        ignore_ratio=ignore_ratio,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-
-
-def _gcn_e_link(state: tuple[np.ndarray, np.ndarray], tau: float) -> np.ndarray:
-    return link_peaks(state[0], state[1], tau)
-
-
 @CLUSTERERS.register("gcn_e")
-def gcn_e_cluster(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    gcn_v_model: GCNV | str | Path,
-    gcn_e_model: GCNE | str | Path,
-    tau: float = TAU_GCN_FEATURES,
-    use_gcn_features: bool = True,
-    k: int = 80,
-    k_edge: int = K_EDGE,
-    ignore_ratio: float = 0.8,
-    knn_method: Method = "flat",
-    device: str | torch.device = "cpu",
-    batch_size: int = 64,
-    show_progress: bool = True,
-) -> np.ndarray:
+class GCNEClustering(Clusterer):
     """GCN-V + GCN-E clustering (learn-to-cluster ``test_gcn_e.py`` with ``cfg_test_gcne_ms1m``).
 
     GCN-V on the input kNN (built with ``k`` if ``knn`` is None) gives confidence and hidden
     features; GCN-E picks each sample's link on the ``k_edge`` kNN of the edge features; links
-    with similarity ``> tau`` form the clusters.
+    with similarity ``> tau`` form the clusters. The chosen links and their similarities are the
+    threshold-independent work kept for :meth:`relink`.
     """
-    state = _gcn_e_prepare(
-        features, knn, gcn_v_model=gcn_v_model, gcn_e_model=gcn_e_model,
-        use_gcn_features=use_gcn_features, k=k, k_edge=k_edge, ignore_ratio=ignore_ratio,
-        knn_method=knn_method, device=device, batch_size=batch_size, show_progress=show_progress,
-    )  # fmt: skip
-    return _gcn_e_link(state, tau)
+
+    tuned_param = "tau"
+    grid = SIM_GRID
+    models: ClassVar[Mapping[str, str]] = {"gcn_v_model": "gcn_v", "gcn_e_model": "gcn_e"}
+
+    def __init__(
+        self,
+        *,
+        gcn_v_model: GCNV | str | Path,
+        gcn_e_model: GCNE | str | Path,
+        tau: float = TAU_GCN_FEATURES,
+        use_gcn_features: bool = True,
+        k: int = 80,
+        k_edge: int = K_EDGE,
+        ignore_ratio: float = 0.8,
+        knn_method: Method = "flat",
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        show_progress: bool = True,
+    ) -> None:
+        self.gcn_v_model = gcn_v_model
+        self.gcn_e_model = gcn_e_model
+        self.tau = tau
+        self.use_gcn_features = use_gcn_features
+        self.k = k
+        self.k_edge = k_edge
+        self.ignore_ratio = ignore_ratio
+        self.knn_method = knn_method
+        self.device = device
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+
+    def _prepare(self, features: np.ndarray, knn: KnnGraph | None) -> tuple[np.ndarray, np.ndarray]:
+        """Each sample's chosen link and its similarity (before ``tau``)."""
+        feats = check_features(features)
+        device, progress = self.device, self.show_progress
+        if knn is None:
+            knn = build_knn(feats, k=self.k, method=self.knn_method, show_progress=progress)
+        edge_feats, conf, edge_knn = gcn_e_inputs(
+            _as_gcn_v(self.gcn_v_model, device),
+            feats,
+            knn,
+            use_gcn_features=self.use_gcn_features,
+            k=self.k_edge,
+            knn_method=self.knn_method,
+            device=device,
+            show_progress=progress,
+        )
+        return predict_gcn_e(
+            _as_gcn_e(self.gcn_e_model, device),
+            edge_feats,
+            conf,
+            edge_knn,
+            device,
+            ignore_ratio=self.ignore_ratio,
+            batch_size=self.batch_size,
+            show_progress=progress,
+        )
+
+    def _finish(self, state: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return link_peaks(state[0], state[1], self.tau)
 
 
-TUNINGS.register("gcn_e")(Tuning("tau", SIM_GRID, _gcn_e_prepare, _gcn_e_link))
+gcn_e_cluster = as_function(GCNEClustering, "gcn_e_cluster")

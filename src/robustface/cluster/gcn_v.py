@@ -25,7 +25,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,9 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from robustface.cluster.base import CLUSTERERS, SIM_GRID, TUNINGS, Tuning
+from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, as_function
 from robustface.cluster.graph import components, knn_adjacency, knn_edges
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
+from robustface.cluster.train_settings import (
+    GCN_V_TRAINING,
+    Optimizer,
+    TrainSettings,
+    resolve_settings,
+)
 from robustface.errors import DataFormatError
 from robustface.models.loading import load_weights
 from robustface.utils.io import atomic_path
@@ -45,6 +51,7 @@ __all__ = [
     "DEFAULT_LR",
     "GCNV",
     "GCN_V_BATCH",
+    "GCNVClustering",
     "GraphConv",
     "Optimizer",
     "confidence_link",
@@ -71,10 +78,9 @@ GCN_FORMAT = "robustface.gcn"
 TAU_GCN_FEATURES = 0.8  # published ``tau``: linking on the kNN of GCN-V's hidden features
 TAU_INPUT_KNN = 0.65  # published ``tau_0``: linking on the input kNN
 ROW_BATCH = 65536  # rows per chunk of the vectorised per-sample passes
-Optimizer = Literal["sgd", "adamw"]
 DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adamw": 1e-3}
 """GCN-V's learning rate per optimiser when none is given (SGD's is the published one)."""
-GCN_V_BATCH = 1024  # default rows per GCN-V training step
+GCN_V_BATCH = GCN_V_TRAINING.batch_size  # default rows per GCN-V training step
 WARMUP_FRACTION = 0.05  # AdamW: linear warm-up over this share of the iterations, then cosine
 
 
@@ -337,16 +343,17 @@ def _lr_milestones(total: int, lr_steps: Sequence[float]) -> list[int]:
 
 
 def _lr_factor(
-    optimizer: str, iters: int, lr_steps: Sequence[float] | None
+    optimizer: str, iters: int, lr_steps: Sequence[float] | None, lr_gamma: float = 0.1
 ) -> Callable[[int], float]:
-    """GCN-V's learning-rate multiplier at each step (0-based): x0.1 at each of ``lr_steps``
-    (fractions of ``iters``; published 0.5/0.8/0.9) for SGD; for AdamW a linear warm-up over
-    :data:`WARMUP_FRACTION` of the steps, then a cosine from 1 to 0. Checks the arguments."""
+    """GCN-V's learning-rate multiplier at each step (0-based): x``lr_gamma`` at each of
+    ``lr_steps`` (fractions of ``iters``; published 0.5/0.8/0.9) for SGD; for AdamW a linear
+    warm-up over :data:`WARMUP_FRACTION` of the steps, then a cosine from 1 to 0. Checks the
+    arguments."""
     if optimizer not in DEFAULT_LR:
         raise ValueError(f"optimizer must be one of {', '.join(DEFAULT_LR)}, got {optimizer!r}")
     if optimizer == "sgd":
         milestones = _lr_milestones(iters, (0.5, 0.8, 0.9) if lr_steps is None else lr_steps)
-        return lambda step: 0.1 ** sum(step >= m for m in milestones)
+        return lambda step: lr_gamma ** sum(step >= m for m in milestones)
     if lr_steps is not None:
         raise ValueError("lr_steps is for optimizer='sgd'; AdamW warms up then anneals (cosine)")
     warmup = max(1, int(WARMUP_FRACTION * iters))
@@ -384,21 +391,18 @@ def _train_loop(
     model: nn.Module,
     num_items: int,
     step_loss: Callable[[np.ndarray, np.random.Generator], torch.Tensor],
+    settings: TrainSettings,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
     lr_steps: Sequence[int],
-    lr_gamma: float,
-    seed: int,
-    show_progress: bool,
     desc: str,
 ) -> list[float]:
-    """SGD (momentum, weight decay, lr x ``lr_gamma`` at the epochs ``lr_steps``) over shuffled
-    batches of item indices, ``step_loss(items, rng)`` giving each batch's loss; GCN-E, GCN-D
-    and GCN-S train with it. Returns the mean loss of every epoch; the model ends in eval mode."""
+    """SGD (``settings``: lr, momentum, weight decay, lr x ``lr_gamma`` at the epochs
+    ``lr_steps``) for ``settings.epochs`` over shuffled batches of item indices,
+    ``step_loss(items, rng)`` giving each batch's loss; GCN-E, GCN-D and GCN-S train with it.
+    Returns the mean loss of every epoch; the model ends in eval mode."""
+    epochs, batch_size, seed = settings.epochs, settings.batch_size, settings.seed
+    lr, momentum, weight_decay = settings.lr, settings.momentum, settings.weight_decay
+    lr_gamma, show_progress = settings.lr_gamma, settings.show_progress
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
@@ -445,22 +449,17 @@ def train_gcn_v(
     features: np.ndarray,
     labels: np.ndarray,
     knn: KnnGraph,
+    settings: TrainSettings | None = None,
     *,
-    iters: int = 12000,
     hidden: int = 512,
     dropout: float = 0.0,
-    optimizer: Optimizer = "adamw",
-    lr: float | None = None,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-5,
-    lr_steps: Sequence[float] | None = None,
-    batch_size: int | None = GCN_V_BATCH,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    show_progress: bool = True,
-    log_every: int = 100,
+    **overrides: Any,
 ) -> GCNV:
     """Train GCN-V, MSE to the confidence targets; one optimiser step per iteration.
+
+    ``settings`` (default :data:`~robustface.cluster.train_settings.GCN_V_TRAINING`) and
+    ``overrides`` of its fields (``iters=400``, ``optimizer="sgd"``, ...) set the optimiser and
+    the run (:class:`~robustface.cluster.train_settings.TrainSettings`).
 
     ``AX`` is computed once: the only graph operation acts on the fixed input features, so this
     equals aggregating in every iteration. That also makes GCN-V an MLP on the rows ``[X, AX]``,
@@ -479,6 +478,10 @@ def train_gcn_v(
     AdamW uses betas (0.9, 0.999). The per-iteration losses (of the step's rows) are in
     ``model.loss_history``; every ``log_every`` iterations the loss is logged and shown.
     """
+    run = resolve_settings("GCN-V", GCN_V_TRAINING, settings, overrides)
+    iters, optimizer, lr, lr_steps = run.iters, run.optimizer, run.lr, run.lr_steps
+    momentum, weight_decay, batch_size = run.momentum, run.weight_decay, run.batch_size
+    device, seed, show_progress, log_every = run.device, run.seed, run.show_progress, run.log_every
     feats = normalize_rows(features)
     num = len(feats)
     _check_knn(knn, num)
@@ -488,7 +491,7 @@ def train_gcn_v(
         raise ValueError(f"log_every must be >= 1, got {log_every}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-    lr_factor = _lr_factor(optimizer, iters, lr_steps)
+    lr_factor = _lr_factor(optimizer, iters, lr_steps, run.lr_gamma)
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
@@ -676,66 +679,66 @@ def _as_gcn_v(model: GCNV | str | Path, device: str | torch.device) -> GCNV:
     raise TypeError(f"model must be a GCNV or a checkpoint path, got {type(model).__name__}")
 
 
-def _gcn_v_prepare(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    model: GCNV | str | Path,
-    use_gcn_features: bool = True,
-    k: int = 80,
-    knn_method: Method = "flat",
-    device: str | torch.device = "cpu",
-    batch_size: int = ROW_BATCH,
-    show_progress: bool = True,
-) -> tuple[KnnGraph, np.ndarray]:
-    """GCN-V's confidence and the kNN graph it is linked on (:func:`gcn_v_cluster`)."""
-    feats = check_features(features)
-    if knn is None:
-        knn = build_knn(feats, k=k, method=knn_method, show_progress=show_progress)
-    gcn = _as_gcn_v(model, device)
-    conf, hidden = predict_gcn_v(
-        gcn, feats, knn, device, batch_size=batch_size, return_hidden=use_gcn_features,
-        show_progress=show_progress,
-    )  # fmt: skip
-    if hidden is None:
-        return knn, conf
-    link_knn = build_knn(
-        unit_rows(hidden), k=knn.k, method=knn_method, normalize=False, show_progress=show_progress
-    )
-    return link_knn, conf
-
-
-def _gcn_v_link(state: tuple[KnnGraph, np.ndarray], tau: float) -> np.ndarray:
-    return confidence_link(state[0], state[1], tau)
-
-
 @CLUSTERERS.register("gcn_v")
-def gcn_v_cluster(
-    features: np.ndarray,
-    knn: KnnGraph | None,
-    *,
-    model: GCNV | str | Path,
-    tau: float | None = None,
-    use_gcn_features: bool = True,
-    k: int = 80,
-    knn_method: Method = "flat",
-    device: str | torch.device = "cpu",
-    batch_size: int = ROW_BATCH,
-    show_progress: bool = True,
-) -> np.ndarray:
+class GCNVClustering(Clusterer):
     """GCN-V clustering (learn-to-cluster ``test_gcn_v.py``).
 
     Confidence from ``model`` on the input kNN graph (built with ``k`` if ``knn`` is None); with
     ``use_gcn_features`` the kNN is rebuilt (same k) on the L2-normalised hidden features and
-    linked with ``tau`` (default 0.8), otherwise the input kNN is linked (default 0.65).
+    linked with ``tau`` (default 0.8), otherwise the input kNN is linked (default 0.65). The
+    confidence and the linking graph are the threshold-independent work kept for
+    :meth:`relink`.
     """
-    if tau is None:
-        tau = TAU_GCN_FEATURES if use_gcn_features else TAU_INPUT_KNN
-    state = _gcn_v_prepare(
-        features, knn, model=model, use_gcn_features=use_gcn_features, k=k,
-        knn_method=knn_method, device=device, batch_size=batch_size, show_progress=show_progress,
-    )  # fmt: skip
-    return _gcn_v_link(state, tau)
+
+    tuned_param = "tau"
+    grid = SIM_GRID
+    models: ClassVar[Mapping[str, str]] = {"model": "gcn_v"}
+
+    def __init__(
+        self,
+        *,
+        model: GCNV | str | Path,
+        tau: float | None = None,
+        use_gcn_features: bool = True,
+        k: int = 80,
+        knn_method: Method = "flat",
+        device: str | torch.device = "cpu",
+        batch_size: int = ROW_BATCH,
+        show_progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.tau = tau
+        self.use_gcn_features = use_gcn_features
+        self.k = k
+        self.knn_method = knn_method
+        self.device = device
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+
+    def _prepare(self, features: np.ndarray, knn: KnnGraph | None) -> tuple[KnnGraph, np.ndarray]:
+        """GCN-V's confidence and the kNN graph it is linked on."""
+        feats = check_features(features)
+        progress = self.show_progress
+        if knn is None:
+            knn = build_knn(feats, k=self.k, method=self.knn_method, show_progress=progress)
+        gcn = _as_gcn_v(self.model, self.device)
+        conf, hidden = predict_gcn_v(
+            gcn, feats, knn, self.device, batch_size=self.batch_size,
+            return_hidden=self.use_gcn_features, show_progress=progress,
+        )  # fmt: skip
+        if hidden is None:
+            return knn, conf
+        link_knn = build_knn(
+            unit_rows(hidden), k=knn.k, method=self.knn_method, normalize=False,
+            show_progress=progress,
+        )  # fmt: skip
+        return link_knn, conf
+
+    def _finish(self, state: tuple[KnnGraph, np.ndarray]) -> np.ndarray:
+        tau = self.tau
+        if tau is None:
+            tau = TAU_GCN_FEATURES if self.use_gcn_features else TAU_INPUT_KNN
+        return confidence_link(state[0], state[1], tau)
 
 
-TUNINGS.register("gcn_v")(Tuning("tau", SIM_GRID, _gcn_v_prepare, _gcn_v_link))
+gcn_v_cluster = as_function(GCNVClustering, "gcn_v_cluster")

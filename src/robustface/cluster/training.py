@@ -14,30 +14,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.dataset import ClusterSet
 from robustface.cluster.gcn_ds import train_gcn_d, train_gcn_s
 from robustface.cluster.gcn_e import K_EDGE, gcn_e_inputs, train_gcn_e
-from robustface.cluster.gcn_v import (
-    DEFAULT_LR,
-    GCN_V_BATCH,
-    Optimizer,
-    load_gcn_v,
-    save_gcn,
-    train_gcn_v,
-)
+from robustface.cluster.gcn_v import DEFAULT_LR, load_gcn_v, save_gcn, train_gcn_v
 from robustface.cluster.knn import KnnGraph
 from robustface.cluster.proposals import generate_proposals
+from robustface.cluster.train_settings import (
+    GCN_DS_TRAINING,
+    GCN_E_TRAINING,
+    GCN_V_TRAINING,
+    Optimizer,
+)
 
 __all__ = ["KINDS", "KINDS_FOR", "MODEL_PARAMS", "train_models"]
 
 KINDS: tuple[str, ...] = ("gcn_v", "gcn_e", "gcn_d", "gcn_s")
 MODEL_PARAMS: dict[str, dict[str, str]] = {
-    "gcn_v": {"model": "gcn_v"},
-    "gcn_e": {"gcn_v_model": "gcn_v", "gcn_e_model": "gcn_e"},
-    "gcn_d": {"model": "gcn_d"},
-    "gcn_ds": {"model": "gcn_d", "seg_model": "gcn_s"},
+    name: dict(CLUSTERERS.get(name).models) for name in CLUSTERERS if CLUSTERERS.get(name).models
 }
-"""Per learned clusterer: its keyword argument for each trained model it needs."""
+"""Per learned clusterer: its keyword argument for each trained model it needs (its
+estimator's ``models``)."""
 KINDS_FOR: dict[str, tuple[str, ...]] = {m: tuple(p.values()) for m, p in MODEL_PARAMS.items()}
 """The models each learned clusterer needs."""
 
@@ -49,7 +47,7 @@ def train_models(
     kinds: Sequence[str] = KINDS,
     knn: KnnGraph,
     iters: int | None = None,
-    batch_size: int | None = GCN_V_BATCH,
+    batch_size: int | None = GCN_V_TRAINING.batch_size,
     optimizer: Optimizer = "adamw",
     lr: float | None = None,
     epochs: int | None = None,
@@ -63,10 +61,12 @@ def train_models(
 ) -> dict[str, Path]:
     """Train ``kinds`` on ``data`` (labels required) with its kNN graph ``knn``.
 
-    ``iters`` overrides GCN-V's iteration count (None: the module's), ``batch_size`` its rows per
+    Each model trains with its :mod:`~robustface.cluster.train_settings` defaults, changed here
+    by: ``iters`` GCN-V's iteration count (None: the default), ``batch_size`` its rows per
     step (None: the whole graph), ``optimizer`` and ``lr`` its optimiser (see
-    :func:`~robustface.cluster.gcn_v.train_gcn_v`; ``lr`` None: the optimiser's default) and
-    ``epochs`` the epochs of GCN-E, GCN-D and GCN-S (None: the modules' defaults).
+    :func:`~robustface.cluster.gcn_v.train_gcn_v`; ``lr`` None: the optimiser's default),
+    ``epochs`` the epochs of GCN-E, GCN-D and GCN-S (None: the defaults), and ``device``,
+    ``seed``, ``show_progress`` for all.
     GCN-E learns on the outputs of ``gcn_v`` when given (a trained GCN-V file), else of the GCN-V
     trained here, which ``kinds`` must then include; its edge features are GCN-V's hidden ones
     (``gcn_e_features="gcn"``, published) or the input features (``"input"``: the input kNN is
@@ -86,15 +86,17 @@ def train_models(
     paths: dict[str, Path] = {}
     common = {"device": device, "seed": seed, "show_progress": show_progress}
     epoch_kw = {} if epochs is None else {"epochs": epochs}
+    v_settings = GCN_V_TRAINING.replace(
+        batch_size=batch_size, optimizer=optimizer, lr=lr, **common,
+        **({} if iters is None else {"iters": iters}),
+    )  # fmt: skip
+    e_settings = GCN_E_TRAINING.replace(**epoch_kw, **common)
+    ds_settings = GCN_DS_TRAINING.replace(**epoch_kw, **common)
     meta = {"trained_on": data.name, "samples": data.num_samples, "k": knn.k}
     if "gcn_e" in kinds and gcn_v is None and "gcn_v" not in kinds:
         raise ValueError("training gcn_e needs a GCN-V: add gcn_v to kinds or pass gcn_v=FILE")
     if "gcn_v" in kinds:
-        iter_kw = {} if iters is None else {"iters": iters}
-        model = train_gcn_v(
-            data.features, data.labels, knn, batch_size=batch_size, optimizer=optimizer, lr=lr,
-            **iter_kw, **common,
-        )  # fmt: skip
+        model = train_gcn_v(data.features, data.labels, knn, v_settings)
         v_meta = {
             **meta, "iters": len(model.loss_history), "batch_size": batch_size,
             "optimizer": optimizer, "lr": DEFAULT_LR[optimizer] if lr is None else lr,
@@ -111,14 +113,14 @@ def train_models(
             device=device, show_progress=show_progress,
         )  # fmt: skip
         e_meta = {**meta, "k": edge_knn.k, "gcn_v": str(source), "use_gcn_features": use_gcn}
-        model = train_gcn_e(edge_feats, conf, data.labels, edge_knn, **epoch_kw, **common)
+        model = train_gcn_e(edge_feats, conf, data.labels, edge_knn, e_settings)
         save_gcn(model, out_dir / "gcn_e.pth", e_meta)
         paths["gcn_e"] = out_dir / "gcn_e.pth"
     if "gcn_d" in kinds or "gcn_s" in kinds:
         props = generate_proposals(knn, proposals, data.features, show_progress=show_progress)
         for kind, train in (("gcn_d", train_gcn_d), ("gcn_s", train_gcn_s)):
             if kind in kinds:
-                model, _ = train(data.features, knn, props, data.labels, **epoch_kw, **common)
+                model, _ = train(data.features, knn, props, data.labels, ds_settings)
                 model.save(out_dir / f"{kind}.pth", {**meta, "proposals": proposals})
                 paths[kind] = out_dir / f"{kind}.pth"
     return paths

@@ -13,12 +13,13 @@ def _cell(value: Any) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table with columns padded to equal width (readable as plain text too)."""
+    """A Markdown table with columns padded to equal width (readable as plain text too); with no
+    rows, the header and its rule."""
     cells = [[_cell(v) for v in row] for row in rows]
     for row in cells:
         if len(row) != len(headers):
             raise ValueError(f"row {row} has {len(row)} cells, expected {len(headers)}")
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = [

@@ -204,3 +204,7 @@ def test_set_is_the_override_syntax_and_old_flags_are_aliases(bench, tmp_path, c
     assert not (tmp_path / "bad").exists()
     assert main([*run, str(tmp_path / "bad"), "--set", "infomap.k=3"]) == 2
     assert "parameters given for 'infomap', which is not run" in capsys.readouterr().err
+    # a value of the wrong type is the user's error: one line, no traceback
+    assert main([*run, str(tmp_path / "bad"), "--set", "cc.min_sim=abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "min_sim must be a number, got str 'abc'" in err

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, as_function
 from robustface.cluster.graph import components, knn_adjacency, knn_edges, relabel
 from robustface.cluster.knn import KnnGraph, check_features
+from robustface.errors import ParameterTypeError
 
 __all__ = [
     "ARO",
@@ -70,7 +71,7 @@ HAC_MAX_PAIRS = 8_000_000
 
 def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise ParameterTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = int(value)
     if value < minimum or (maximum is not None and value > maximum):
         upper = "" if maximum is None else f" and <= {maximum}"
@@ -80,7 +81,7 @@ def _check_int(name: str, value: object, minimum: int, maximum: int | None = Non
 
 def _check_float(name: str, value: object, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        raise ParameterTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")

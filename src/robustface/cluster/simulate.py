@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import robustface
 from robustface.cluster.dataset import ClusterSet, feature_path, label_path
+from robustface.errors import ParameterTypeError
 from robustface.utils.io import atomic_directory, atomic_path, check_output_dir, write_text_atomic
 
 __all__ = [
@@ -277,7 +278,7 @@ class _Simulator:
 
 def _check_count(num_identities: int, name: str = "num_identities") -> None:
     if isinstance(num_identities, bool) or not isinstance(num_identities, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(num_identities).__name__}")
+        raise ParameterTypeError(f"{name} must be an int, got {type(num_identities).__name__}")
     if num_identities < 1:
         raise ValueError(f"{name} must be >= 1, got {num_identities}")
 

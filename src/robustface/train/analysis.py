@@ -587,7 +587,7 @@ class AngleProbe:
 
     def save(self, out_dir: Path, *, max_plot_stages: int = 4) -> dict[str, Any]:
         """Write the analysis directory of run directory ``out_dir`` (paths:
-        :class:`robustface.utils.run.RunDir`): the arrays (``angles.npz``), the angle plot (at
+        :class:`robustface.utils.run.RunDir`): the arrays (``angles_file``), the angle plot (at
         most ``max_plot_stages`` stages, evenly spaced in steps: :func:`stages_by_step`), the
         centre drift plot and the summary (group sizes and every stage's summary with its step).
         Returns the last stage's."""

@@ -80,7 +80,7 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
 def load_main(path: str | Path, *, unsafe_legacy_load: bool = False) -> dict[str, Any]:
     """Load rank 0's main file of a checkpoint directory (on the CPU, weights-only: see
     :func:`robustface.models.loading.load_weights` for ``unsafe_legacy_load``)."""
-    file = Checkpoint(Path(path)).main_file
+    file = Checkpoint(path).main_file
     if not file.is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no {file.name})")
     return load_weights(file, unsafe_legacy_load=unsafe_legacy_load)
@@ -92,7 +92,7 @@ def load_rank_states(
     """Load every rank's file of a checkpoint written by ``world_size`` ranks (memory-mapped,
     weights-only as :func:`load_main`)."""
     states = []
-    checkpoint = Checkpoint(Path(path))
+    checkpoint = Checkpoint(path)
     for r in range(world_size):
         file = checkpoint.rank_file(r)
         if not file.is_file():

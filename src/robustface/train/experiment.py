@@ -7,10 +7,11 @@ Layout of ``output_dir``::
     runs/<method>/<noise>/s<seed>/  one training run per cell (its own config, metrics, analysis)
     results.md  results.csv  summary.csv  experiment.png  angles_<noise>.png (first seed)
 
-Cells are independent and resumable: a finished cell (``train_results.json``) is skipped, an
-interrupted one resumes from its last checkpoint, and a failed one writes ``FAILED`` (the
-traceback) and the grid goes on. Re-running the same command completes what is missing and
-rebuilds the tables from every finished cell.
+Cells are independent and resumable: a finished cell (its run directory's results written:
+:attr:`robustface.utils.run.RunDir.is_finished`) is skipped, an interrupted one resumes from its
+last checkpoint, and a failed one writes ``FAILED`` (the traceback) and the grid goes on.
+Re-running the same command completes what is missing and rebuilds the tables from every
+finished cell.
 """
 
 from __future__ import annotations

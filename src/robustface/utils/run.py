@@ -86,6 +86,9 @@ class Checkpoint:
 
     path: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
     @classmethod
     def at(cls, root: str | Path, step: int) -> Checkpoint:
         """The checkpoint taken after optimizer step ``step`` under ``root``."""

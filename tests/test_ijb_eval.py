@@ -29,11 +29,11 @@ from robustface.evaluate.ijb import (
     template_features,
     write_ijb_report,
 )
-from robustface.evaluate.loading import load_backbone
 from robustface.evaluate.report import model_fingerprint, write_evaluation
 from robustface.evaluate.roc import FARS, Roc, roc_curve, tar_at_far
 from robustface.evaluate.verification import embed_pairs
 from robustface.models import build_backbone
+from robustface.models.loading import load_backbone
 
 # ---- brute-force references ---------------------------------------------------------------------
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from robustface.errors import DataFormatError
-from robustface.evaluate.loading import load_backbone
 from robustface.models import build_backbone
-from robustface.models.loading import infer_architecture
+from robustface.models.loading import infer_architecture, load_backbone
 
 KW = {"input_size": 32, "width": 0.125, "embedding_size": 16}
 

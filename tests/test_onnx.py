@@ -13,9 +13,9 @@ from onnx import TensorProto, helper
 
 from robustface.cli import main
 from robustface.deploy.onnx import INPUT_NAME, OUTPUT_NAME, OnnxBackbone, export_onnx
-from robustface.evaluate.loading import load_backbone
 from robustface.evaluate.megaface import load_feature_set
 from robustface.models import build_backbone
+from robustface.models.loading import load_backbone
 
 KW = {"input_size": 32, "width": 0.125, "embedding_size": 16}
 

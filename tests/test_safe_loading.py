@@ -15,8 +15,8 @@ import torch
 from robustface.cli import main
 from robustface.cluster.gcn_v import load_gcn_v
 from robustface.errors import DataFormatError
-from robustface.evaluate.loading import load_backbone
 from robustface.models import build_backbone
+from robustface.models.loading import load_backbone
 from robustface.train import checkpoint as ckpt
 
 REFUSED = "refused to unpickle posix.system"

@@ -22,6 +22,7 @@ from robustface import __version__
 from robustface.cli_cluster import add_cluster_parser
 from robustface.config import Config, SynthConfig, load_config
 from robustface.errors import RobustfaceError
+from robustface.utils.run import RunDir
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -232,8 +233,9 @@ def _verification_dirs(checkpoint: Path, data_dir: Path | None) -> list[tuple[Pa
     if data_dir is not None:
         return [(data_dir, "--data-dir")]
     dirs = []
-    if (checkpoint / "config.yaml").is_file():
-        found = load_config(checkpoint / "config.yaml").data.verification_dir(checkpoint)
+    run = RunDir(checkpoint)
+    if run.is_run:
+        found = run.config().data.verification_dir(checkpoint)
         if found is not None:
             dirs.append((found, "the run's data.val_dir / data.path"))
     return [*dirs, (Path("."), "the current directory")]
@@ -253,8 +255,8 @@ def _find_verification_set(name: str, dirs: list[tuple[Path, str]]) -> Path:
 def _cmd_eval_verification(args: argparse.Namespace) -> int:
     import json
 
-    from robustface.evaluate.loading import load_backbone
     from robustface.evaluate.verification import format_results, verify_bin
+    from robustface.models.loading import load_backbone
     from robustface.utils.io import write_text_atomic
 
     model, input_size = load_backbone(args.checkpoint, **model_args(args), device=args.device)
@@ -284,7 +286,6 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_megaface(args: argparse.Namespace) -> int:
-    from robustface.evaluate.loading import load_backbone
     from robustface.evaluate.megaface import (
         FeatureSource,
         ImageEmbedder,
@@ -292,6 +293,7 @@ def _cmd_eval_megaface(args: argparse.Namespace) -> int:
         write_megaface_report,
     )
     from robustface.evaluate.report import model_fingerprint
+    from robustface.models.loading import load_backbone
 
     embedder = None
     if args.model is not None and (args.probe_images or args.distractor_images):
@@ -377,7 +379,7 @@ def _cmd_eval_ijb(args: argparse.Namespace) -> int:
         score_ijb,
         write_ijb_report,
     )
-    from robustface.evaluate.loading import load_backbone
+    from robustface.models.loading import load_backbone
 
     settings = IJBSettings(
         aggregation=args.aggregation,

@@ -35,7 +35,7 @@ from robustface.train.analysis import plot_run_angles
 from robustface.train.experiment import gap_closed
 from robustface.utils.io import write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
-from robustface.utils.run import prepare_run_dir
+from robustface.utils.run import RunDir
 from robustface.utils.table import markdown_table
 
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
@@ -108,10 +108,10 @@ def _synthface_table(summary: dict[str, Any]) -> str:
 def plot_training(
     run_dir: Path, verification: dict[str, dict[str, Any]], path: Path, head: str = "arcface"
 ) -> None:
-    """Save the loss curve (from ``metrics.jsonl``) and one ROC curve per verification set."""
+    """Save the loss curve (from the run's metrics) and one ROC curve per verification set."""
     plt = pyplot()
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(run_dir).metrics()
     steps = [r["step"] for r in rows if "loss" in r]
     losses = [r["loss"] for r in rows if "loss" in r]
     fig, (ax_loss, ax_roc) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -153,7 +153,7 @@ def run_demo(
     if robust_head == cfg.head.name:
         raise ValueError(f"robust_head {robust_head!r} is the config's head: nothing to compare")
     started, cpu_started = time.perf_counter(), _cpu_seconds()
-    out = prepare_run_dir(cfg.output_dir, cfg, cfg.seed)
+    out = RunDir.create(cfg.output_dir, cfg, cfg.seed).path
     data_dir = out / "synthface"
     print(f"[1/4] SynthFace in {data_dir} ...", flush=True)
     summary, info = ensure_synthface(data_dir, cfg.synth, workers=workers, progress=progress)
@@ -206,7 +206,7 @@ def run_demo(
         result = trainer.fit()
         runs[name] = train_dir
         verification[name] = result.verification
-        saved = json.loads((train_dir / "train_results.json").read_text(encoding="utf-8"))
+        saved = RunDir(train_dir).results()
         analysis[name] = saved.get("analysis", {})
         results["runs"][name] = {
             "head": head.name,
@@ -220,7 +220,7 @@ def run_demo(
             },
         }
         if result.verification:
-            plot_training(train_dir, result.verification, train_dir / "training.png", name)
+            plot_training(train_dir, result.verification, RunDir(train_dir).training_plot, name)
             title = (
                 f"## {head.name} on {noise if labels == 'noisy' else 'clean'} labels, "
                 f"{cfg.model.backbone}, verification\n\n"

@@ -25,15 +25,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from robustface.config import Config, load_config
+from robustface.config import Config
 from robustface.data.noise import KIND_NAMES, NOISE_LIST, noise_list_for, save_noise_list
 from robustface.data.recordio import RecordIODataset
 from robustface.data.subset import link_verification_sets, write_rec_subset
 from robustface.data.transforms import EvalTransform
-from robustface.evaluate.loading import load_backbone
+from robustface.models.loading import load_backbone
 from robustface.train import checkpoint as ckpt
 from robustface.utils.io import atomic_directory, check_output_dir, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
+from robustface.utils.run import RunDir
 from robustface.utils.table import markdown_table
 
 __all__ = [
@@ -277,17 +278,15 @@ def _plot_angles(path: Path, angle: np.ndarray, threshold: float, kind: np.ndarr
 
 
 def _load_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
-    """The run's config and the ``main.pt`` of its last checkpoint; checks the classifier."""
-    cfg = load_config(run_dir / "config.yaml")
+    """The run's config and the main state of its last checkpoint; checks the classifier."""
+    run = RunDir(run_dir)
+    cfg = run.config()
     if cfg.fc.name != "subcenter":
         raise ValueError(
             f"{run_dir}: the run used fc.name={cfg.fc.name!r}; the sub-center drop needs a run "
             "trained with fc.name: subcenter (sub-center FC, not sharded by partial_fc)"
         )
-    found = ckpt.list_checkpoints(run_dir / "checkpoints")
-    if not found:
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no complete checkpoint")
-    return cfg, ckpt.load_main(found[-1])
+    return cfg, ckpt.load_main(run.last_checkpoint().path)
 
 
 def _default_data(cfg: Config, run_dir: Path) -> Path:

@@ -28,8 +28,8 @@ from robustface.data.ltc import read_meta, write_features, write_meta
 from robustface.data.recordio import RecordIODataset
 from robustface.data.transforms import resize_to
 from robustface.errors import DataFormatError
-from robustface.evaluate.loading import load_backbone
 from robustface.evaluate.verification import embed_views
+from robustface.models.loading import load_backbone
 
 __all__ = [
     "ClusterSet",
@@ -315,7 +315,7 @@ def extract_synthface_features(
 ) -> ClusterSet:
     """Embed a SynthFace split with a model: a :class:`ClusterSet` of unit features and labels.
 
-    ``model_path`` is anything :func:`robustface.evaluate.loading.load_backbone` reads (a run
+    ``model_path`` is anything :func:`robustface.models.loading.load_backbone` reads (a run
     directory, a state_dict (its architecture inferred, or checked against ``backbone`` and the
     size arguments; ``color_order`` and ``unsafe_legacy_load`` as there), or an ``.onnx``).
     ``split``: ``open_set`` (``open_set/open_set.rec``, identities never trained on, the natural

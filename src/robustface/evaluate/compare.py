@@ -1,14 +1,15 @@
 """Combine evaluation results of several runs into one Markdown comparison table.
 
 Each argument of :func:`combine` is a JSON file or a directory; a directory contributes every
-``*.json`` directly inside it whose shape is recognised (others, such as ``meta.json``, are
+``*.json`` directly inside it whose shape is recognised (others, such as a run's metadata, are
 skipped). The row of a directory is named after it; the row of a file is ``parent/stem``.
 Results that land in the same row are merged; a metric may appear only once per row.
 
 Recognised JSON shapes:
 
 * ``robustface eval verification --out FILE``: ``{set: {"accuracy_mean": a, ...}, ...}``, and
-  a training run's ``train_results.json``: ``{"verification": {set: {"accuracy_mean": ...}}}``.
+  a training run's results (:attr:`robustface.utils.run.RunDir.results_file`):
+  ``{"verification": {set: {"accuracy_mean": ...}}}``.
   Columns: one per set, the mean 10-fold accuracy in percent; when every row has the same sets
   (two or more) an ``avg (%)`` column follows them.
 * :func:`robustface.evaluate.report.write_evaluation` output, ``{"kind": K, "results": R, ...}``:

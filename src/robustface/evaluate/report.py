@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from robustface.utils.io import write_text_atomic
-from robustface.utils.run import run_metadata
+from robustface.utils.run import RunDir, run_metadata
 
 __all__ = ["model_fingerprint", "to_jsonable", "write_evaluation"]
 
@@ -37,32 +37,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _run_dir_files(run_dir: Path) -> list[Path]:
-    """The files :func:`robustface.evaluate.loading.load_backbone` reads from a run directory."""
-    weights = run_dir / "best_backbone.pth"
-    if not weights.is_file():
-        weights = run_dir / "backbone.pth"
-    files = [p for p in (run_dir / "config.yaml", weights) if p.is_file()]
-    if not files:
-        raise FileNotFoundError(f"{run_dir}: no config.yaml, best_backbone.pth or backbone.pth")
-    return files
-
-
 def model_fingerprint(path: str | Path) -> dict[str, Any]:
     """Identify a checkpoint by content: ``{"path", "size", "sha256"}``.
 
     For a file (``.pth``, ``.onnx``, ...), ``size`` is its byte size and ``sha256`` its hash. For a
-    run directory the files that ``load_backbone`` reads are hashed (``config.yaml`` and
-    ``best_backbone.pth``, else ``backbone.pth``): ``files`` maps each name to its ``size`` and
-    ``sha256``, ``size`` is their total and ``sha256`` hashes the sorted ``name:sha256`` lines, so
-    it changes when the weights or the architecture change.
+    run directory the files that ``load_backbone`` reads are hashed (its config and best backbone,
+    else its last: :meth:`robustface.utils.run.RunDir.model_files`): ``files`` maps each name to
+    its ``size`` and ``sha256``, ``size`` is their total and ``sha256`` hashes the sorted
+    ``name:sha256`` lines, so it changes when the weights or the architecture change.
     """
     path = Path(path)
     if path.is_file():
         return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": _sha256(path)}
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _run_dir_files(path)}
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in RunDir(path).model_files()
+    }
     lines = "".join(f"{name}:{info['sha256']}\n" for name, info in sorted(files.items()))
     return {
         "path": str(path.resolve()),

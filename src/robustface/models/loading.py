@@ -18,6 +18,9 @@ to that side (``ceil(input_size / 16)``: 97 to 112 px all give 7x7), so it comes
 ``input_size`` or the backbone's default (112, or a preset's: ``r18_tiny`` 56) when that gives the
 file's side; otherwise the error says to set it. Given values that contradict the file fail with
 an error naming the flag.
+
+**Backbones to evaluate.** :func:`load_backbone` turns a run directory, a weights file or an
+``.onnx`` model into a module in eval mode that takes RGB input (BGR weights are wrapped).
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from robustface.errors import DataFormatError
 from robustface.models.ir import adaface_backbone_state
 from robustface.models.meta import BACKBONES, FaceBackbone, final_map_size
+from robustface.models.onnx import OnnxBackbone
+from robustface.utils.run import RunDir
 
 UNSAFE_FLAG = "--unsafe-legacy-load"
 
@@ -45,6 +51,7 @@ __all__ = [
     "backbone_state_dict",
     "build_from_state_dict",
     "infer_architecture",
+    "load_backbone",
     "load_weights",
 ]
 
@@ -284,3 +291,82 @@ def _load_strict(
             "--embedding-size and --input-size to match the file",
         ) from None
     return model
+
+
+class _BGRInput(nn.Module):
+    """Feed a BGR-trained backbone from RGB input (channel flip; mean/std are channel-symmetric)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed RGB images ``x`` (N x 3 x H x W) with the wrapped BGR backbone."""
+        return self.backbone(x.flip(1))
+
+
+def load_backbone(
+    source: str | Path,
+    *,
+    backbone: str | None = None,
+    embedding_size: int | None = None,
+    input_size: int | None = None,
+    width: float | None = None,
+    color_order: str | None = None,
+    unsafe_legacy_load: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, int]:
+    """Return ``(model in eval mode taking RGB input, input size)``.
+
+    ``source`` is a run directory (its config names the architecture, read through
+    :meth:`robustface.utils.run.RunDir.config`; the best backbone is used if present, else the
+    last: :meth:`~robustface.utils.run.RunDir.weights_file`) or a checkpoint file: a bare state_dict
+    (arcface_torch's ``backbone.pth``) or an AdaFace checkpoint (``model.``-prefixed keys). The
+    architecture of a file is read from its weights where they determine it, and explicit
+    arguments (and a run's config) must agree with them: see
+    :func:`robustface.models.loading.build_from_state_dict`. Files are read weights-only;
+    ``unsafe_legacy_load`` unpickles them in full (runs any code they contain: trusted files only).
+    ``color_order`` is the channel order the weights expect: robustface runs are RGB; a bare file
+    defaults to its family's published convention (BGR for IR / AdaFace, RGB for IResNet). BGR
+    models are wrapped so that callers always pass RGB.
+
+    An ``.onnx`` file becomes a :class:`robustface.models.onnx.OnnxBackbone` (onnxruntime on the
+    CPU, insightface input convention). Its input size comes from the graph (``input_size`` is
+    needed only where that is dynamic), ``color_order`` defaults to RGB, and ``backbone``,
+    ``embedding_size`` and ``width`` are refused.
+    """
+    source = Path(source)
+    if source.suffix.lower() == ".onnx":
+        given = {"backbone": backbone, "embedding_size": embedding_size, "width": width}
+        if any(v is not None for v in given.values()):
+            named = ", ".join(k for k, v in given.items() if v is not None)
+            raise ValueError(f"{source}: an ONNX model has a fixed architecture; drop {named}")
+        onnx_model = OnnxBackbone(source, input_size=input_size, color_order=color_order or "RGB")
+        return onnx_model.eval(), onnx_model.input_size
+    arch: dict[str, Any] = {
+        "embedding_size": embedding_size,
+        "input_size": input_size,
+        "width": width,
+    }
+    if source.is_dir():
+        run = RunDir(source)
+        model_cfg = run.config().model
+        backbone = backbone or model_cfg.backbone
+        for key, value in arch.items():
+            if value is None:
+                arch[key] = getattr(model_cfg, key)
+        color_order = color_order or "RGB"
+        weights = run.weights_file()
+    else:
+        if not source.is_file():
+            raise FileNotFoundError(f"{source}: no such checkpoint")
+        weights = source
+    state = backbone_state_dict(
+        load_weights(weights, unsafe_legacy_load=unsafe_legacy_load), weights
+    )
+    model = build_from_state_dict(state, weights, backbone=backbone, **arch)
+    color_order = color_order or model.meta.color_order
+    if color_order not in ("RGB", "BGR"):
+        raise ValueError(f"color_order must be 'RGB' or 'BGR', got {color_order!r}")
+    wrapped: nn.Module = _BGRInput(model) if color_order == "BGR" else model
+    return wrapped.to(device).eval(), int(model.meta.input_size)

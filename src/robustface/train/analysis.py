@@ -34,6 +34,7 @@ from robustface.data.noise import CLEAN, CLOSED, OPEN
 from robustface.data.transforms import resize_to, to_tensor_normalized
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
+from robustface.utils.run import RunDir
 
 __all__ = [
     "GROUP_KEYS",
@@ -585,16 +586,17 @@ class AngleProbe:
         self._previous_weight = _to_numpy(state["previous_weight"])
 
     def save(self, out_dir: Path, *, max_plot_stages: int = 4) -> dict[str, Any]:
-        """Write ``out_dir/analysis/``: ``angles.npz``, ``angles.png`` (at most
-        ``max_plot_stages`` stages, evenly spaced in steps: :func:`stages_by_step`),
-        ``center_drift.png`` and ``summary.json`` (group sizes and every stage's summary with its
-        step). Returns the last stage's."""
+        """Write the analysis directory of run directory ``out_dir`` (paths:
+        :class:`robustface.utils.run.RunDir`): the arrays (``angles_file``), the angle plot (at
+        most ``max_plot_stages`` stages, evenly spaced in steps: :func:`stages_by_step`), the
+        centre drift plot and the summary (group sizes and every stage's summary with its step).
+        Returns the last stage's."""
         if not self.records:
             raise RuntimeError("no stage recorded yet")
         if max_plot_stages < 1:
             raise ValueError(f"max_plot_stages must be positive, got {max_plot_stages}")
-        out = Path(out_dir) / "analysis"
-        out.mkdir(parents=True, exist_ok=True)
+        run = RunDir(out_dir)
+        run.analysis_dir.mkdir(parents=True, exist_ok=True)
         arrays = {
             "step": np.array([r.step for r in self.records], dtype=np.int64),
             "cos_label": np.stack([r.cos_label for r in self.records]),
@@ -606,39 +608,39 @@ class AngleProbe:
             "true_labels": self.true_labels,
             "indices": self.indices,
         }
-        with atomic_path(out / "angles.npz") as tmp, tmp.open("wb") as fh:
+        with atomic_path(run.angles_file) as tmp, tmp.open("wb") as fh:
             np.savez_compressed(fh, **arrays)
         steps = [r.step for r in self.records]
         shown = stages_by_step(steps, max_plot_stages)
         plot_angle_distributions(
-            [self.records[int(i)] for i in shown], self.groups, out / "angles.png"
+            [self.records[int(i)] for i in shown], self.groups, run.angles_plot
         )
-        plot_center_drift(steps, self.summaries, out / "center_drift.png")
+        plot_center_drift(steps, self.summaries, run.center_drift_plot)
         groups = {GROUP_NAMES[c]: int((self.groups == c).sum()) for c in range(len(GROUP_NAMES))}
         stages = [{"step": step, **s} for step, s in zip(steps, self.summaries, strict=True)]
         payload = {"groups": groups, "stages": stages}
-        write_text_atomic(out / "summary.json", json.dumps(payload, indent=2) + "\n")
+        write_text_atomic(run.analysis_summary, json.dumps(payload, indent=2) + "\n")
         return stages[-1]
 
 
 def plot_run_angles(runs: Mapping[str, Path], path: Path, title: str = "") -> None:
     """One column per run: its training loss (top; each run on its own axis, as the losses of
     different heads are not on one scale) and the angle to the labelled class centre of its clean
-    and noisy training samples at its last probe (bottom, ``analysis/angles.npz``; one angle axis
+    and noisy training samples at its last probe (bottom, the run's ``angles_file``; one angle axis
     fitted to every run's data)."""
     plt = pyplot()
 
     fig, axes = plt.subplots(2, len(runs), figsize=(5.0 * len(runs), 7.6), squeeze=False)
     probes: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
     for name, run in runs.items():
-        if (run / "analysis" / "angles.npz").is_file():
-            with np.load(run / "analysis" / "angles.npz") as data:
+        if RunDir(run).angles_file.is_file():
+            with np.load(RunDir(run).angles_file) as data:
                 angles = np.degrees(np.arccos(np.clip(data["cos_label"][-1], -1, 1)))
                 probes[name] = (angles, data["groups"], int(data["step"][-1]))
     bins = np.linspace(*angle_axis_range([a for a, _, _ in probes.values()]), 61)
     for col, (name, run) in enumerate(runs.items()):
         ax_loss, ax = axes[0, col], axes[1, col]
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = RunDir(run).metrics()
         ax_loss.plot([r["step"] for r in rows if "loss" in r],
                      [r["loss"] for r in rows if "loss" in r], color=f"C{col}")  # fmt: skip
         ax_loss.set(xlabel="step", ylabel=f"{name} training loss", title=name)

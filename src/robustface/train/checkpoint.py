@@ -1,9 +1,10 @@
 """Atomic, sharded training checkpoints.
 
-A checkpoint is a directory ``checkpoints/step_00001234/`` holding ``main.pt`` (backbone, head,
-backbone optimizer, schedulers, scaler, progress; written by rank 0) and one ``rank{r}.pt`` per
-rank (its RNG states and its class shard of the classifier with the shard's optimizer state). The
-directory is written as ``step_XXXXXXXX.tmp`` and renamed when every rank has finished, so a crash
+A checkpoint is a directory of the run's ``checkpoints/`` (its file names:
+:class:`robustface.utils.run.Checkpoint`) holding rank 0's main file (backbone, head, backbone
+optimizer, schedulers, scaler, progress) and one file per rank (its RNG states and its class shard
+of the classifier with the shard's optimizer state). The directory is written under a staging name
+and renamed when every rank has finished, so a crash
 never leaves a checkpoint that looks complete but is not. Class shards are saved per rank, so no
 rank ever holds the whole 10M-class weight. Resuming on another world size re-cuts the rows.
 All ranks must see the same file system (the usual shared run directory of multi-node training).
@@ -14,7 +15,6 @@ with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,13 @@ import torch
 from robustface.models.loading import load_weights
 from robustface.train.distributed import DistInfo, barrier
 from robustface.utils.io import atomic_path
-
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+from robustface.utils.run import Checkpoint
+from robustface.utils.run import list_checkpoints as _list_checkpoints
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
     """The directory of the checkpoint taken after optimizer step ``step``."""
-    return Path(root) / f"step_{step:08d}"
+    return Checkpoint.at(root, step).path
 
 
 def save_checkpoint(
@@ -41,22 +41,22 @@ def save_checkpoint(
     info: DistInfo,
 ) -> Path:
     """Write this rank's part of checkpoint ``step``; rank 0 adds ``main_state`` and publishes."""
-    final = checkpoint_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
+    checkpoint = Checkpoint.at(root, step)
+    final, staging, tmp = checkpoint.path, checkpoint.staging, checkpoint.staging.path
     if info.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    with atomic_path(tmp / f"rank{info.rank}.pt") as path:
+    with atomic_path(staging.rank_file(info.rank)) as path:
         torch.save(rank_state, path)
     if info.is_main:
-        with atomic_path(tmp / "main.pt") as path:
+        with atomic_path(staging.main_file) as path:
             torch.save({**(main_state or {}), "world_size": info.world_size}, path)
     barrier()
     if info.is_main:
         # replace an older checkpoint of this step without a moment where none is complete
-        old = final.with_name(final.name + ".old")
+        old = checkpoint.replaced.path
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -68,11 +68,7 @@ def save_checkpoint(
 
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "main.pt").is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return [c.path for c in _list_checkpoints(root)]
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
@@ -82,23 +78,23 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
 
 
 def load_main(path: str | Path, *, unsafe_legacy_load: bool = False) -> dict[str, Any]:
-    """Load ``main.pt`` of a checkpoint directory (on the CPU, weights-only: see
+    """Load rank 0's main file of a checkpoint directory (on the CPU, weights-only: see
     :func:`robustface.models.loading.load_weights` for ``unsafe_legacy_load``)."""
-    path = Path(path)
-    file = path / "main.pt"
+    file = Checkpoint(path).main_file
     if not file.is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no main.pt)")
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no {file.name})")
     return load_weights(file, unsafe_legacy_load=unsafe_legacy_load)
 
 
 def load_rank_states(
     path: str | Path, world_size: int, *, unsafe_legacy_load: bool = False
 ) -> list[dict[str, Any]]:
-    """Load every ``rank{r}.pt`` of a checkpoint written by ``world_size`` ranks (memory-mapped,
+    """Load every rank's file of a checkpoint written by ``world_size`` ranks (memory-mapped,
     weights-only as :func:`load_main`)."""
     states = []
+    checkpoint = Checkpoint(path)
     for r in range(world_size):
-        file = Path(path) / f"rank{r}.pt"
+        file = checkpoint.rank_file(r)
         if not file.is_file():
             raise FileNotFoundError(
                 f"{path}: missing {file.name} (checkpoint of {world_size} ranks)"

@@ -7,10 +7,11 @@ Layout of ``output_dir``::
     runs/<method>/<noise>/s<seed>/  one training run per cell (its own config, metrics, analysis)
     results.md  results.csv  summary.csv  experiment.png  angles_<noise>.png (first seed)
 
-Cells are independent and resumable: a finished cell (``train_results.json``) is skipped, an
-interrupted one resumes from its last checkpoint, and a failed one writes ``FAILED`` (the
-traceback) and the grid goes on. Re-running the same command completes what is missing and
-rebuilds the tables from every finished cell.
+Cells are independent and resumable: a finished cell (its run directory's results written:
+:attr:`robustface.utils.run.RunDir.is_finished`) is skipped, an interrupted one resumes from its
+last checkpoint, and a failed one writes ``FAILED`` (the traceback) and the grid goes on.
+Re-running the same command completes what is missing and rebuilds the tables from every
+finished cell.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 
 from robustface.config import Config, apply_overrides, save_config, to_dict
 from robustface.train.analysis import plot_run_angles
 from robustface.utils.io import write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
+from robustface.utils.run import RunDir
 from robustface.utils.table import markdown_table
 
 __all__ = ["CellResult", "ExperimentConfig", "gap_closed", "run_experiment", "summarize"]
@@ -143,12 +144,11 @@ def _training_set(exp: ExperimentConfig, noise: str, seed: int, progress: bool) 
 
 
 def _read_cell(run: Path, method: str, noise: str, seed: int) -> CellResult | None:
-    file = run / "train_results.json"
     if (run / "FAILED").is_file():
         return CellResult(method, noise, seed, {}, error=(run / "FAILED").read_text()[-2000:])
-    if not file.is_file():
+    if not RunDir(run).is_finished:
         return None
-    data = json.loads(file.read_text(encoding="utf-8"))
+    data = RunDir(run).results()
     accuracy = {k: float(v["accuracy_mean"]) for k, v in data.get("verification", {}).items()}
     return CellResult(
         method, noise, seed, accuracy, data.get("seconds"), data.get("analysis"), None
@@ -187,7 +187,7 @@ def run_experiment(
             cfg = cell_config(exp, method, noise, seed, data)
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=progress))
             Trainer(cfg).fit()
-            _add_seconds(run / "train_results.json", time.perf_counter() - start)
+            _add_seconds(RunDir(run), time.perf_counter() - start)
         except KeyboardInterrupt:
             raise
         except Exception:  # a failed cell must not lose the others
@@ -205,11 +205,10 @@ def _check_same_config(
     run: Path, exp: ExperimentConfig, method: str, noise: str, seed: int
 ) -> None:
     """Refuse to reuse a finished cell that was trained from another config."""
-    saved = run / "config.yaml"
-    if not saved.is_file():
+    if not RunDir(run).is_run:
         return
     want = to_dict(cell_config(exp, method, noise, seed, Path(".")))
-    have = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    have = to_dict(RunDir(run).config())
     for section in (want, have):  # where the data lives and progress display do not matter
         section["data"].pop("path", None)
         section["train"].pop("progress", None)
@@ -220,10 +219,10 @@ def _check_same_config(
         )
 
 
-def _add_seconds(path: Path, seconds: float) -> None:
-    data = json.loads(path.read_text(encoding="utf-8"))
+def _add_seconds(run: RunDir, seconds: float) -> None:
+    data = run.results()
     data["seconds"] = round(seconds, 1)
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(run.results_file, json.dumps(data, indent=2) + "\n")
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:
@@ -327,7 +326,7 @@ def summarize(exp: ExperimentConfig, results: Sequence[CellResult]) -> dict[str,
         plot_experiment(exp, avg, out / "experiment.png")
     for noise in exp.noise:  # what each method's model sees, first seed
         runs = {m: _cell_dir(out, m, noise, exp.seeds[0]) for m in exp.methods}
-        runs = {m: r for m, r in runs.items() if (r / "analysis" / "angles.npz").is_file()}
+        runs = {m: r for m, r in runs.items() if RunDir(r).angles_file.is_file()}
         if runs:
             plot_run_angles(runs, out / f"angles_{noise}.png", f"{noise} labels")
     print(report)

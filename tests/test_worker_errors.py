@@ -96,3 +96,15 @@ def test_data_format_error_pickles_with_its_message_and_fields():
     assert type(copy) is DataFormatError
     assert str(copy) == "/data/train.rec [record 50]: bad magic"
     assert (copy.path, copy.key) == ("/data/train.rec", 50)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_cleaning_embeddings_report_a_bad_record_as_without_workers(bad_rec, workers):
+    from robustface.clean.subcenter import embed_dataset
+    from robustface.models import build_backbone
+
+    model = build_backbone("r18_tiny", embedding_size=8, width=0.125, input_size=32)
+    with pytest.raises(DataFormatError) as exc:
+        embed_dataset(model, RecordIODataset(bad_rec), input_size=32, batch_size=4,
+                      num_workers=workers, progress=False)  # fmt: skip
+    assert (exc.value.path, exc.value.key) == (str(bad_rec / "train.rec"), 10)

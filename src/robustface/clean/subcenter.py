@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from robustface.config import Config
+from robustface.data.loader import user_error_batches
 from robustface.data.noise import KIND_NAMES, NOISE_LIST, noise_list_for, save_noise_list
 from robustface.data.recordio import RecordIODataset
 from robustface.data.subset import link_verification_sets, write_rec_subset
@@ -181,7 +182,7 @@ def embed_dataset(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    loader = DataLoader(
+    count, batches = user_error_batches(
         _Evaluated(dataset, input_size),
         batch_size=batch_size,
         num_workers=num_workers,
@@ -192,7 +193,8 @@ def embed_dataset(
     out = []
     try:
         with torch.inference_mode():
-            for images in tqdm(loader, desc="embedding", unit="batch", disable=not progress):
+            bar = tqdm(batches, total=count, desc="embedding", unit="batch", disable=not progress)
+            for images in bar:
                 emb = backbone(images.to(device, non_blocking=True)).float()
                 out.append(F.normalize(emb, dim=1).cpu().numpy())
     finally:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from robustface.data.loader import user_error_batches
 from robustface.data.ltc import read_meta, write_features, write_meta
 from robustface.data.recordio import RecordIODataset
 from robustface.data.transforms import resize_to
@@ -340,10 +340,12 @@ def extract_synthface_features(
     dataset = RecordIODataset(rec, transform=functools.partial(resize_to, size=size))
     labels = dataset.labels
     _check_manifest(rec, labels)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    count, batches = user_error_batches(dataset, batch_size=batch_size, num_workers=num_workers)
     chunks = []
-    batches = tqdm(loader, desc=f"embedding {split}", unit="batch", disable=not show_progress)
-    for images, _ in batches:
+    bar = tqdm(
+        batches, total=count, desc=f"embedding {split}", unit="batch", disable=not show_progress
+    )
+    for images, _ in bar:
         views = embed_views(images, model, flip=flip, device=device)
         chunks.append(views.sum(axis=1, dtype=np.float32))
     feats = np.concatenate(chunks)

@@ -11,17 +11,20 @@ with the worker's traceback::
     loader = DataLoader(CarryUserErrors(dataset), collate_fn=collate, num_workers=4, ...)
     for batch in loader:
         images, labels = unwrap(batch)
+
+:func:`user_error_batches` does both for a loop that only reads batches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from robustface.errors import RobustfaceError
 
-__all__ = ["USER_ERRORS", "CarryUserErrors", "collate", "unwrap"]
+__all__ = ["USER_ERRORS", "CarryUserErrors", "collate", "unwrap", "user_error_batches"]
 
 USER_ERRORS = (RobustfaceError, FileNotFoundError)
 """Exceptions caused by the user's data: a malformed record, a missing image file."""
@@ -70,3 +73,10 @@ def unwrap(batch: Any) -> Any:
     if isinstance(batch, _Carried):
         raise batch.error
     return batch
+
+
+def user_error_batches(dataset: Dataset, **loader_kwargs: Any) -> tuple[int, Iterator[Any]]:
+    """``(number of batches, batches)`` of a ``DataLoader(dataset, **loader_kwargs)`` whose workers
+    report user errors as the main process does (``collate_fn`` is :func:`collate`)."""
+    loader = DataLoader(CarryUserErrors(dataset), collate_fn=collate, **loader_kwargs)
+    return len(loader), (unwrap(batch) for batch in loader)

@@ -190,12 +190,11 @@ def test_help_has_no_fuse_command_and_every_option_is_described():
     assert {"demo", "synth", "eval", "inspect", "cluster"} <= commands
     undocumented, no_default = [], []
     for path, parser, action in _walk(top):
-        if path[0] == "cluster":  # documented in cli_cluster.py
-            continue
         name = " ".join([*path, action.option_strings[0] if action.option_strings else action.dest])
         if not action.help:
             undocumented.append(name)
-        if action.default not in (None, False, [], argparse.SUPPRESS):
+        default = action.default
+        if not (default is None or default is False or default in ([], argparse.SUPPRESS)):
             text = parser._get_formatter()._expand_help(action)  # as --help prints it
             if "default" not in text:
                 no_default.append(name)

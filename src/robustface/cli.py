@@ -33,7 +33,9 @@ class _HelpFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             "(default" in text
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is False  # a flag; a default of 0 (== False) is shown
+            or default == argparse.SUPPRESS
             or (isinstance(default, list) and not default)
         ):
             return text

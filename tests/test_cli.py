@@ -129,8 +129,25 @@ def test_demo_writes_run_directory_and_reuses_data(tmp_path, capsys):
     assert any("head_last_noise" in row for row in logged)  # the head's counters are logged
     assert (run / "demo.png").stat().st_size > 10_000
     assert (run / "synthface" / "preview.png").stat().st_size > 1000
-    assert main(args) == 0
-    assert "reusing the existing set" in capsys.readouterr().out
+    for name in results["runs"]:  # the final printout names the plots each run has
+        assert f"{run / name} (analysis/angles.png, training.png)\n" in first
+    assert main([*args, "--set", "train.probe_every=0"]) == 0
+    again = capsys.readouterr().out
+    assert "reusing the existing set" in again
+    for name in results["runs"]:  # no probe this time: no angles plot listed
+        assert not (run / name / "analysis").exists()
+        assert f"{run / name} (training.png)\n" in again
+
+
+def test_demo_printout_lists_only_the_plots_a_run_has(tmp_path):
+    from robustface.demo import run_plots
+
+    assert run_plots(tmp_path) == ""
+    (tmp_path / "training.png").write_bytes(b"png")
+    assert run_plots(tmp_path) == " (training.png)"
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "angles.png").write_bytes(b"png")
+    assert run_plots(tmp_path) == " (analysis/angles.png, training.png)"
 
 
 def test_smoke_config_gets_the_demo_noise_at_its_rates():
@@ -190,12 +207,11 @@ def test_help_has_no_fuse_command_and_every_option_is_described():
     assert {"demo", "synth", "eval", "inspect", "cluster"} <= commands
     undocumented, no_default = [], []
     for path, parser, action in _walk(top):
-        if path[0] == "cluster":  # documented in cli_cluster.py
-            continue
         name = " ".join([*path, action.option_strings[0] if action.option_strings else action.dest])
         if not action.help:
             undocumented.append(name)
-        if action.default not in (None, False, [], argparse.SUPPRESS):
+        default = action.default
+        if not (default is None or default is False or default in ([], argparse.SUPPRESS)):
             text = parser._get_formatter()._expand_help(action)  # as --help prints it
             if "default" not in text:
                 no_default.append(name)
@@ -226,9 +242,16 @@ def test_train_then_eval_verification(synth_train_dir, tmp_path, capsys):
     # --targets are found where training found them (the run's data.path), without --data-dir
     args = ["eval", "verification", str(run), "--targets", "lfw", "cfp_fp"]
     assert main([*args, "--out", str(report)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "| lfw" in text and "| cfp_fp" in text
+    assert "embedding" in captured.err  # a progress bar per set, unless --quiet
+    # the run's best backbone is evaluated (not its last), and the output says so
+    best = run / "best_backbone.pth"
+    assert best.is_file() and (run / "backbone.pth").is_file()
+    assert f"weights: {best}\n" in text
     results = json.loads(report.read_text())
+    assert {r["weights"] for r in results.values()} == {str(best.resolve())}
     train_acc = json.loads((run / "train_results.json").read_text())["verification"]["lfw"]
     assert results["lfw"]["accuracy_mean"] == train_acc["accuracy_mean"]
     # the small set's training splits hold too few impostor pairs to measure VAL@FAR=1e-3
@@ -252,6 +275,10 @@ def test_train_then_eval_verification(synth_train_dir, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
     assert main([*bare, "--targets", "lfw", "--input-size", "32", "--out", str(report)]) == 0
     assert json.loads(report.read_text())["lfw"]["accuracy_mean"] == train_acc["accuracy_mean"]
+    assert f"weights: {run / 'backbone.pth'}\n" in capsys.readouterr().out
+    assert json.loads(report.read_text())["lfw"]["weights"] == str((run / "backbone.pth").resolve())
+    assert main([*bare, "--targets", "lfw", "--input-size", "32", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""  # no progress bars
     assert main([*bare, "--targets", "lfw", "--input-size", "32", "--width", "0.25"]) == 2
     assert "--width 0.25 does not fit its weights (--width 0.125)" in capsys.readouterr().err
 

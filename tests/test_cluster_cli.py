@@ -208,3 +208,18 @@ def test_set_is_the_override_syntax_and_old_flags_are_aliases(bench, tmp_path, c
     assert main([*run, str(tmp_path / "bad"), "--set", "cc.min_sim=abc"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "min_sim must be a number, got str 'abc'" in err
+
+
+def test_method_names_in_the_help_are_the_registered_clusterers(capsys):
+    """``run METHOD`` and ``benchmark --methods`` list every registered clusterer (the parser
+    names them without importing robustface.cluster)."""
+    import robustface.cluster  # noqa: F401  (registers every clusterer)
+    from robustface.cli_cluster import _METHODS
+    from robustface.cluster.base import CLUSTERERS
+
+    assert sorted(_METHODS.split(", ")) == sorted(CLUSTERERS.names())
+    for command in ("run", "benchmark"):
+        with pytest.raises(SystemExit):
+            main(["cluster", command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert _METHODS in text, command

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from robustface.config import load_config
 from robustface.errors import DataFormatError
 from robustface.models import build_backbone
-from robustface.models.loading import infer_architecture, load_backbone
+from robustface.models.loading import infer_architecture, load_backbone, weights_file
+from robustface.utils.run import RunDir
 
 KW = {"input_size": 32, "width": 0.125, "embedding_size": 16}
 
@@ -108,3 +110,21 @@ def test_flags_that_contradict_the_weights(tmp_path, flags, message):
     with pytest.raises(DataFormatError, match=re.escape(message)) as info:
         load_backbone(path, **flags)
     assert str(info.value).startswith(str(path))
+
+
+def test_weights_file_is_the_file_load_backbone_reads(tmp_path):
+    """A run's best backbone if present, else its last; a file is itself."""
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in KW.items()] + ["model.backbone=r18"])
+    run = RunDir.create(tmp_path / "run", cfg, seed=0)
+    last, best = build_backbone("r18", **KW).eval(), build_backbone("r18", **KW).eval()
+    with pytest.raises(FileNotFoundError, match=re.escape("no best_backbone.pth or backbone.pth")):
+        weights_file(run.path)
+    torch.save(last.state_dict(), run.backbone_file)
+    assert weights_file(run.path) == run.backbone_file
+    torch.save(best.state_dict(), run.best_backbone_file)
+    assert weights_file(run.path) == run.best_backbone_file
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(load_backbone(run.path)[0](x), best(x))
+    assert weights_file(run.backbone_file) == run.backbone_file
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        weights_file(tmp_path / "missing.pth")

@@ -33,7 +33,9 @@ class _HelpFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             "(default" in text
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is False  # a flag; a default of 0 (== False) is shown
+            or default == argparse.SUPPRESS
             or (isinstance(default, list) and not default)
         ):
             return text
@@ -256,10 +258,11 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
     import json
 
     from robustface.evaluate.verification import format_results, verify_bin
-    from robustface.models.loading import load_backbone
+    from robustface.models.loading import load_backbone, weights_file
     from robustface.utils.io import write_text_atomic
 
     model, input_size = load_backbone(args.checkpoint, **model_args(args), device=args.device)
+    weights = weights_file(args.checkpoint)
     files = [Path(b) for b in args.bins]
     if args.targets:
         dirs = _verification_dirs(args.checkpoint, args.data_dir)
@@ -273,14 +276,24 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
         if not file.is_file():
             raise FileNotFoundError(f"{file}: verification set not found")
         results[file.stem] = verify_bin(
-            file, model, batch_size=args.batch_size, device=args.device, input_size=input_size
+            file,
+            model,
+            batch_size=args.batch_size,
+            device=args.device,
+            input_size=input_size,
+            show_progress=not args.quiet,
         )
+    print(f"weights: {weights}")
     print(format_results(results, args.far_reading))
     if args.out:
         keep = ("accuracy_mean", "accuracy_std", "threshold", "val", "val_std", "far", "xnorm")
         keep += ("val_insightface", "val_std_insightface", "val_impostor_pairs")
         keep += ("min_measurable_far", "far_target")
-        slim = {k: {m: v[m] for m in keep if m in v} for k, v in results.items()}
+        # the weights file in each set's entry: a top-level key would not be a set for `report`
+        slim = {
+            k: {**{m: v[m] for m in keep if m in v}, "weights": str(weights.resolve())}
+            for k, v in results.items()
+        }
         write_text_atomic(args.out, json.dumps(slim, indent=2) + "\n")
     return 0
 
@@ -553,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--out", type=Path, help="write the results as JSON")
     _add_far_reading(q, "VAL")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_eval_verification)
 
     q = eval_sub.add_parser(

@@ -26,6 +26,10 @@ import yaml
 
 __all__ = ["add_cluster_parser"]
 
+# the names registered in robustface.cluster.base.CLUSTERERS, written out so that the parser is
+# built without importing the clusterers (torch, faiss); a test checks that they agree
+_METHODS = "kmeans, hac, dbscan, aro, cc, chinese_whispers, infomap, gcn_v, gcn_e, gcn_d, gcn_ds"
+
 
 def _key_values(items: Sequence[str], what: str) -> dict[str, Any]:
     """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (values read as YAML scalars)."""
@@ -334,8 +338,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="GCN-E edge features: GCN-V's hidden ones (published) or the input ones "
                    "(reuses the input kNN; cluster with use_gcn_features=false)")  # fmt: skip
     p.add_argument("--k-edge", type=int, default=160, help="GCN-E graph k (published 160)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device of the GCNs, e.g. cpu, cuda")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the GCN training")
 
 
 def add_cluster_parser(sub: Any) -> None:
@@ -346,11 +350,13 @@ def add_cluster_parser(sub: Any) -> None:
     cs = p.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
 
     q = cs.add_parser("simulate", help="write a simulated learn-to-cluster benchmark")
-    q.add_argument("out", type=Path)
+    q.add_argument("out", type=Path, help="data root to write features/, labels/ and meta.json")
     q.add_argument("--scales", type=int, nargs="+", default=[1], help="test sets: 1 3 5 7 9")
-    q.add_argument("--train-identities", type=int, default=8573)
+    q.add_argument(
+        "--train-identities", type=int, default=8573, help="identities of the training set"
+    )
     q.add_argument("--test-identities", type=int, default=8573, help="identities per scale unit")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="random seed of the simulation")
     q.add_argument(
         "--set",
         action="append",
@@ -365,20 +371,22 @@ def add_cluster_parser(sub: Any) -> None:
         metavar="NAME=VALUE",
         help="deprecated alias of --set NAME=VALUE (goes in the next release)",
     )
-    q.add_argument("--overwrite", action="store_true")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_simulate)
 
     q = cs.add_parser("extract", help="embed a SynthFace split into a clustering set")
     q.add_argument("model", type=Path, help="run directory, backbone .pth or .onnx")
     q.add_argument("synth", type=Path, help="SynthFace directory")
     q.add_argument("--out", required=True, type=Path, help="data root to write features/labels")
-    q.add_argument("--name", default="synthface_open_set")
-    q.add_argument("--split", choices=["open_set", "train"], default="open_set")
+    q.add_argument("--name", default="synthface_open_set", help="name of the written set")
+    q.add_argument(
+        "--split", choices=["open_set", "train"], default="open_set", help="SynthFace split"
+    )
     add_model_args(q)
-    q.add_argument("--batch-size", type=int, default=256)
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_extract)
 
     q = cs.add_parser("knn", help="build (or check) the cached kNN graph of a set")
@@ -388,17 +396,21 @@ def add_cluster_parser(sub: Any) -> None:
     q = cs.add_parser("train", help="train GCN-V / GCN-E / GCN-D / GCN-S on a labelled set")
     _data_args(q)
     q.add_argument("--out", required=True, type=Path, help="directory for the model files")
-    q.add_argument("--kinds", nargs="+", default=["gcn_v", "gcn_e", "gcn_d", "gcn_s"],
-                   choices=["gcn_v", "gcn_e", "gcn_d", "gcn_s"])  # fmt: skip
+    kinds = ["gcn_v", "gcn_e", "gcn_d", "gcn_s"]
+    q.add_argument("--kinds", nargs="+", default=kinds, choices=kinds, help="models to train")
     q.add_argument("--gcn-v", type=Path, help="trained GCN-V for GCN-E (instead of training one)")
     _train_args(q)
     q.set_defaults(func=_cmd_train)
 
     q = cs.add_parser("run", help="cluster a set with one method")
-    q.add_argument("method", help="kmeans, hac, dbscan, aro, cc, chinese_whispers, infomap, "
-                   "gcn_v, gcn_e, gcn_d, gcn_ds")  # fmt: skip
+    q.add_argument("method", help=_METHODS)
     _data_args(q)
-    q.add_argument("--out", required=True, type=Path)
+    q.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="directory for NAME_METHOD.meta (and, with ground truth, results.md/.json)",
+    )
     q.add_argument("--device", default="cpu", help="device of the learned methods")
     q.add_argument("--model", action="append", default=[], metavar="KIND=PATH",
                    help="trained model: gcn_v=..., gcn_e=..., gcn_d=..., gcn_s=...")  # fmt: skip
@@ -426,8 +438,9 @@ def add_cluster_parser(sub: Any) -> None:
     q = cs.add_parser("benchmark", help="every method on a test set, one table (trains GCNs)")
     _data_args(q, name=False)
     q.add_argument("--train", default="part0_train", help="training set for the GCNs")
-    q.add_argument("--test", default="part1_test")
-    q.add_argument("--methods", nargs="+", help="default: every baseline and GCN")
+    q.add_argument("--test", default="part1_test", help="set to cluster and score")
+    q.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help=f"{_METHODS} (default: all)")  # fmt: skip
     q.add_argument("--model", action="append", default=[], metavar="KIND=PATH",
                    help="use this trained model instead of training one")  # fmt: skip
     q.add_argument(
@@ -446,7 +459,10 @@ def add_cluster_parser(sub: Any) -> None:
     q.add_argument("--tune-grid", action="append", default=[], metavar="METHOD=V1,V2,...",
                    help="a threshold grid instead of the default (repeatable)")  # fmt: skip
     q.add_argument("--tune-metric", default="pairwise_fscore",
-                   choices=["pairwise_fscore", "bcubed_fscore", "nmi"])  # fmt: skip
-    q.add_argument("--out", required=True, type=Path)
+                   choices=["pairwise_fscore", "bcubed_fscore", "nmi"],
+                   help="metric maximised by --tune")  # fmt: skip
+    q.add_argument(
+        "--out", required=True, type=Path, help="directory for results.*, labels/ and models/"
+    )
     _train_args(q)
     q.set_defaults(func=_cmd_benchmark)

@@ -132,6 +132,14 @@ def plot_training(
     save_figure(fig, path)
 
 
+def run_plots(run_dir: Path) -> str:
+    """``" (analysis/angles.png, training.png)"``: the plots a run has, for the final printout
+    (no angles plot without the probe, no training plot without verification); ``""`` if none."""
+    run = RunDir(run_dir)
+    found = [p for p in (run.angles_plot, run.training_plot) if p.is_file()]
+    return f" ({', '.join(p.relative_to(run.path).as_posix() for p in found)})" if found else ""
+
+
 def run_demo(
     cfg: Config,
     *,
@@ -247,7 +255,7 @@ def run_demo(
     print(f"sample grid (rows = identities):  {data_dir / 'preview.png'}")
     print(f"loss and angle distributions:     {plot_path}")
     for name, run in runs.items():
-        print(f"{name + ' run:':<33} {run} (analysis/angles.png, training.png)")
+        print(f"{name + ' run:':<33} {run}{run_plots(run)}")
     sec = results["seconds"]
     print(f"\ndemo time: {sec['wall'] / 60:.1f} min wall, {sec['cpu']:.0f} s of CPU")
     print(

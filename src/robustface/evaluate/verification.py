@@ -318,12 +318,18 @@ def verify_bin(
     device: str | torch.device = "cpu",
     input_size: int | None = None,
     nrof_folds: int = 10,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``embed_fn`` on a ``.bin`` pair set: :func:`evaluate` plus ``xnorm``, ``name``."""
     path = Path(path)
     images, issame = load_bin_images(path)
     embeddings, xnorm = embed_pairs(
-        images, embed_fn, batch_size=batch_size, device=device, input_size=input_size
+        images,
+        embed_fn,
+        batch_size=batch_size,
+        device=device,
+        input_size=input_size,
+        show_progress=show_progress,
     )
     results = evaluate(embeddings, issame, nrof_folds=nrof_folds)
     results.update(xnorm=xnorm, name=path.stem)

@@ -305,6 +305,18 @@ class _BGRInput(nn.Module):
         return self.backbone(x.flip(1))
 
 
+def weights_file(source: str | Path) -> Path:
+    """The file :func:`load_backbone` reads the weights of ``source`` from: a run directory's
+    :meth:`~robustface.utils.run.RunDir.weights_file` (``best_backbone.pth`` if present, else
+    ``backbone.pth``), else ``source`` itself (a checkpoint or ``.onnx`` file)."""
+    source = Path(source)
+    if source.is_dir():
+        return RunDir(source).weights_file()
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such checkpoint")
+    return source
+
+
 def load_backbone(
     source: str | Path,
     *,
@@ -320,7 +332,7 @@ def load_backbone(
 
     ``source`` is a run directory (its config names the architecture, read through
     :meth:`robustface.utils.run.RunDir.config`; the best backbone is used if present, else the
-    last: :meth:`~robustface.utils.run.RunDir.weights_file`) or a checkpoint file: a bare state_dict
+    last: :func:`weights_file`) or a checkpoint file: a bare state_dict
     (arcface_torch's ``backbone.pth``) or an AdaFace checkpoint (``model.``-prefixed keys). The
     architecture of a file is read from its weights where they determine it, and explicit
     arguments (and a run's config) must agree with them: see
@@ -356,11 +368,7 @@ def load_backbone(
             if value is None:
                 arch[key] = getattr(model_cfg, key)
         color_order = color_order or "RGB"
-        weights = run.weights_file()
-    else:
-        if not source.is_file():
-            raise FileNotFoundError(f"{source}: no such checkpoint")
-        weights = source
+    weights = weights_file(source)
     state = backbone_state_dict(
         load_weights(weights, unsafe_legacy_load=unsafe_legacy_load), weights
     )

@@ -248,17 +248,21 @@ class RunDir:
 
     def weights_file(self) -> Path:
         """The backbone to evaluate: ``best_backbone.pth`` if present, else ``backbone.pth``."""
-        for file in (self.best_backbone_file, self.backbone_file):
-            if file.is_file():
-                return file
-        raise FileNotFoundError(f"{self.path}: no best_backbone.pth or backbone.pth")
+        weights = self._present_weights()
+        if weights is None:
+            raise FileNotFoundError(f"{self.path}: no best_backbone.pth or backbone.pth")
+        return weights
+
+    def _present_weights(self) -> Path | None:
+        """``best_backbone.pth`` if present, else ``backbone.pth`` if present, else None."""
+        files = (self.best_backbone_file, self.backbone_file)
+        return next((file for file in files if file.is_file()), None)
 
     def model_files(self) -> list[Path]:
         """The files :func:`robustface.models.loading.load_backbone` reads, those present: the
         config and the best backbone, else the last one."""
-        best = self.best_backbone_file
-        weights = best if best.is_file() else self.backbone_file
-        files = [p for p in (self.config_file, weights) if p.is_file()]
+        weights = self._present_weights()
+        files = [p for p in (self.config_file, weights) if p is not None and p.is_file()]
         if not files:
             raise FileNotFoundError(
                 f"{self.path}: no config.yaml, best_backbone.pth or backbone.pth"

@@ -535,20 +535,29 @@ class GCNDClustering(Clusterer):
         self.show_progress = show_progress
 
     def _finish(self, state: Any) -> np.ndarray:
-        features, knn = state
-        detector = _as_model(self.model, "det", self.device)
-        feats, knn, proposals = _proposals_for(
-            features, knn, self.settings, self.knn_method, self.show_progress
-        )
-        scores = predict_gcn_d(
-            detector,
-            feats,
-            knn,
-            proposals,
-            batch_size=self.batch_size,
-            show_progress=self.show_progress,
-        )
+        feats, _, proposals, scores = _detect(self, state)
         return deoverlap(proposals, scores[:, 0], len(feats), min_score=self.min_score)
+
+
+def _detect(
+    clusterer: GCNDClustering | GCNDSClustering, state: Any
+) -> tuple[np.ndarray, KnnGraph, Proposals, np.ndarray]:
+    """The proposals of ``clusterer.settings`` on ``state`` (features, kNN) and GCN-D's scores
+    of them: ``(features, kNN, proposals, scores)`` (the features and kNN of the last setting)."""
+    features, knn = state
+    detector = _as_model(clusterer.model, "det", clusterer.device)
+    feats, knn, proposals = _proposals_for(
+        features, knn, clusterer.settings, clusterer.knn_method, clusterer.show_progress
+    )
+    scores = predict_gcn_d(
+        detector,
+        feats,
+        knn,
+        proposals,
+        batch_size=clusterer.batch_size,
+        show_progress=clusterer.show_progress,
+    )
+    return feats, knn, proposals, scores
 
 
 gcn_d_cluster = as_function(GCNDClustering, "gcn_d_cluster")
@@ -596,23 +605,11 @@ class GCNDSClustering(Clusterer):
         self.show_progress = show_progress
 
     def _finish(self, state: Any) -> np.ndarray:
-        features, knn = state
-        detector = _as_model(self.model, "det", self.device)
-        segmenter = _as_model(self.seg_model, "seg", self.device)
         low, high = self.seg_iop_range
         if not low <= high:
             raise ValueError(f"seg_iop_range must satisfy low <= high, got {self.seg_iop_range}")
-        feats, knn, proposals = _proposals_for(
-            features, knn, self.settings, self.knn_method, self.show_progress
-        )
-        scores = predict_gcn_d(
-            detector,
-            feats,
-            knn,
-            proposals,
-            batch_size=self.batch_size,
-            show_progress=self.show_progress,
-        )
+        segmenter = _as_model(self.seg_model, "seg", self.device)
+        feats, knn, proposals, scores = _detect(self, state)
         chosen = np.flatnonzero((scores[:, 1] >= low) & (scores[:, 1] <= high))
         keep = np.ones(len(proposals.members), dtype=bool)
         if len(chosen):

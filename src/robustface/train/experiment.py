@@ -23,6 +23,7 @@ import math
 import shutil
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from robustface.config import Config, apply_overrides, save_config, to_dict
+from robustface.config import Config, apply_overrides, load_config, save_config, to_dict
 from robustface.train.analysis import plot_run_angles
 from robustface.utils.io import write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
@@ -208,16 +209,30 @@ def _check_same_config(
     saved = run / "config.yaml"
     if not saved.is_file():
         return
-    want = to_dict(cell_config(exp, method, noise, seed, Path(".")))
+    want_cfg = cell_config(exp, method, noise, seed, Path("."))
+    want = to_dict(want_cfg)
     have = yaml.safe_load(saved.read_text(encoding="utf-8"))
     for section in (want, have):  # where the data lives and progress display do not matter
         section["data"].pop("path", None)
         section["train"].pop("progress", None)
+    # the classifier as built: fc.params and the deprecated fc.k / fc.sample_rate (which older
+    # versions wrote for every classifier) compare equal when they build the same classifier
+    want["fc"] = _classifier(want_cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        have["fc"] = _classifier(load_config(saved))
     if want != have:
         raise ValueError(
             f"{run} was trained with another config than this experiment's cell "
             f"{method}/{noise}/s{seed}; use a new output_dir, or delete {run} to rerun it"
         )
+
+
+def _classifier(cfg: Config) -> dict[str, Any]:
+    """The classifier's name and every parameter it is built with."""
+    from robustface.train.components import classifier_settings
+
+    return {"name": cfg.fc.name, "params": classifier_settings(cfg)}
 
 
 def _add_seconds(path: Path, seconds: float) -> None:

@@ -193,3 +193,11 @@ def test_deprecated_classifier_aliases():
     # a run directory's config.yaml written before fc.params existed
     old = load_config(None, ["fc.name=full", "fc.sample_rate=1.0", "fc.k=3"])
     assert classifier_kwargs(old) == ({}, [])
+
+
+def test_string_params_reach_the_head_and_are_checked_there():
+    """head.params may hold strings (BoundaryFace's formula); the head's constructor checks them."""
+    cfg = load_config(None, ["head.name=boundaryface", "head.params.formula=paper"])
+    assert cfg.head.params == {"formula": "paper"}
+    with pytest.raises(ConfigError, match=r"head\.params: .*formula"):
+        load_config(None, ["head.name=boundaryface", "head.params.formula=papr"])

@@ -211,7 +211,7 @@ class ClassifierConfig:
     """
 
     name: str = "partial_fc"
-    params: dict[str, int | float | bool] = dataclasses.field(default_factory=dict)
+    params: dict[str, int | float | bool | str] = dataclasses.field(default_factory=dict)
     sample_rate: float | None = None  # deprecated: fc.params.sample_rate
     k: int | None = None  # deprecated: fc.params.k
 
@@ -241,7 +241,7 @@ class HeadConfig:
     """Margin head (see ``robustface.heads.list_heads()``); ``params`` go to its constructor."""
 
     name: str = "arcface"
-    params: dict[str, int | float | bool] = dataclasses.field(default_factory=dict)
+    params: dict[str, int | float | bool | str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

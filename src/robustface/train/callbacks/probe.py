@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from torch import Tensor
 from robustface.data import RecordIODataset
 from robustface.train.analysis import AngleProbe, probe_groups, select_probe
 from robustface.train.callbacks.base import CALLBACKS, Callback
+
+if TYPE_CHECKING:
+    from robustface.train.trainer import Trainer
 
 
 @CALLBACKS.register("probe")
@@ -25,7 +28,7 @@ class Probe(Callback):
 
     state_key = "probe"
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, trainer: Trainer) -> None:
         super().__init__(trainer)
         self.probe = self._build()
         self.last_step = -1  # on every rank: the final probe is a collective

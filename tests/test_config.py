@@ -98,6 +98,7 @@ SHIPPED = [*sorted((REPO / "configs").glob("*.yaml")), REPO / "src/robustface/re
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.filterwarnings("error::FutureWarning")  # no deprecated keys in what we ship
 def test_shipped_configs_load(path):
     if path.name.startswith("experiment"):
         exp = load_config(path, cls=ExperimentConfig)
@@ -133,3 +134,70 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_components_checked_against_their_registries_all_at_once():
+    """Names and params of every component are checked inside load_config, with the other
+    problems, each naming its key."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["fc.name=partail_fc", "model.backbone=r18_tinny", "data.source=recc",
+                           "data.path=x", "head.params.margn=0.3", "seed=-1"])  # fmt: skip
+    lines = str(err.value).splitlines()[1:]
+    joined = "\n".join(lines)
+    assert len(lines) == 5, joined
+    assert "fc.name: unknown classifier 'partail_fc' (did you mean 'partial_fc'?)" in joined
+    assert "model.backbone: unknown backbone 'r18_tinny' (did you mean 'r18_tiny'?)" in joined
+    assert "data.source: unknown data source 'recc' (did you mean 'rec'?)" in joined
+    assert "head.params: head 'arcface': got an unexpected keyword argument 'margn'" in joined
+    assert "seed: must be >= 0" in joined
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["head.name=arcfase", "fc.name=full", "fc.params.sample_rate=0.5"])
+    msg = str(err.value)
+    assert "head.name: unknown head 'arcfase'" in msg
+    assert "fc.params: classifier 'full': got an unexpected keyword argument 'sample_rate'" in msg
+
+
+def test_classifier_params_values_and_trainer_supplied_keys():
+    cfg = load_config(None, ["fc.name=subcenter", "fc.params.k=2"])
+    assert cfg.fc.params == {"k": 2}
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["fc.params.sample_rate=1.5", "fc.params.num_classes=3"])
+    msg = str(err.value)
+    assert "fc.params: sample_rate must be in (0, 1], got 1.5" in msg
+    assert "fc.params.num_classes: set by the trainer" in msg
+    with pytest.raises(ConfigError, match=r"head\.params\.num_classes: set by the trainer"):
+        load_config(None, ["head.name=centerbiasface", "head.params.num_classes=3"])
+    with pytest.raises(ConfigError, match=r"use fc\.name full or partial_fc, not subcenter"):
+        load_config(None, ["head.name=centerbiasface", "fc.name=subcenter"])
+
+
+def test_deprecated_classifier_aliases():
+    """fc.sample_rate / fc.k still read (into params, with a deprecation note) for a classifier
+    that takes them, are an error for one that does not, and their old defaults (which older
+    versions wrote for every classifier) are dropped."""
+    from robustface.train.components import classifier_kwargs
+
+    with pytest.warns(FutureWarning, match=r"fc\.sample_rate is deprecated.*fc\.params\.sample"):
+        cfg = load_config(None, ["fc.name=partial_fc", "fc.sample_rate=0.5"])
+    assert classifier_kwargs(cfg) == ({"sample_rate": 0.5}, [])
+    with pytest.warns(FutureWarning, match=r"fc\.k is deprecated"):
+        cfg = load_config(None, ["fc.name=subcenter", "fc.k=2"])
+    assert classifier_kwargs(cfg)[0] == {"k": 2}
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["fc.name=full", "fc.sample_rate=0.5", "fc.k=2"])
+    msg = str(err.value)
+    assert "fc.sample_rate: classifier 'full' has no parameter 'sample_rate'" in msg
+    assert "fc.k: classifier 'full' has no parameter 'k'" in msg
+    with pytest.raises(ConfigError, match=r"fc\.k: given twice, here and as params\.k"):
+        load_config(None, ["fc.name=subcenter", "fc.k=2", "fc.params.k=4"])
+    # a run directory's config.yaml written before fc.params existed
+    old = load_config(None, ["fc.name=full", "fc.sample_rate=1.0", "fc.k=3"])
+    assert classifier_kwargs(old) == ({}, [])
+
+
+def test_string_params_reach_the_head_and_are_checked_there():
+    """head.params may hold strings (BoundaryFace's formula); the head's constructor checks them."""
+    cfg = load_config(None, ["head.name=boundaryface", "head.params.formula=paper"])
+    assert cfg.head.params == {"formula": "paper"}
+    with pytest.raises(ConfigError, match=r"head\.params: .*formula"):
+        load_config(None, ["head.name=boundaryface", "head.params.formula=papr"])

@@ -137,3 +137,25 @@ def test_cell_config_of_the_batch_protocol(tmp_path):
     assert cfg.data.open_source == str(tmp_path / "b" / "synthface" / "open_set")
     assert cfg.head.name == "robustface_stable" and cfg.seed == 1
     assert cfg.output_dir == str(tmp_path / "b" / "runs" / "stable" / "C34O34" / "s1")
+
+
+def test_cell_config_check_reads_configs_written_before_fc_params(tmp_path):
+    """A finished cell whose config.yaml has the old fc layout (sample_rate and k written for
+    every classifier) is the same config when it builds the same classifier."""
+    import yaml
+
+    from robustface.config import to_dict
+    from robustface.train.experiment import _check_same_config, cell_config
+
+    exp = load_config(REPO / "configs" / "experiment_noise.yaml", cls=ExperimentConfig)
+    noise, seed = exp.noise[0], exp.seeds[0]
+    for method in ("arcface", "subcenter_arcface"):
+        old = to_dict(cell_config(exp, method, noise, seed, tmp_path))
+        params = old["fc"].pop("params")
+        old["fc"] = {"name": old["fc"]["name"], "sample_rate": 1.0, "k": params.get("k", 3)}
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+        _check_same_config(tmp_path, exp, method, noise, seed)  # the same classifier
+    old["fc"]["k"] = 5  # subcenter_arcface with other sub-centers per class
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(ValueError, match="trained with another config"):
+        _check_same_config(tmp_path, exp, "subcenter_arcface", noise, seed)

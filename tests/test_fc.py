@@ -226,3 +226,37 @@ def test_half_precision_paths_return_float32():
     loss = distributed_cross_entropy(logits, labels)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, F.cross_entropy(logits.float(), labels, reduction="none"))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "sharded", "rows_per_class"),
+    [("full", {}, False, 1), ("subcenter", {"k": 2}, False, 2), ("partial_fc", {}, True, 1)],
+)
+def test_classifier_base_describes_layout_centres_and_state(name, kwargs, sharded, rows_per_class):
+    """What the trainer knows of a classifier: the Classifier base, nothing concrete."""
+    from robustface.fc import Classifier
+
+    torch.manual_seed(0)
+    fc = build_classifier(name, 4, 5, **kwargs)
+    assert isinstance(fc, Classifier) and fc.sharded is sharded
+    assert fc.class_range == ((0, 5) if sharded else None)  # one process: a single shard
+    assert fc.centres_per_class == rows_per_class
+    assert fc.one_row_per_class is (rows_per_class == 1)
+    centres = fc.class_centres()
+    assert centres.shape == (5 * rows_per_class, 4) and not centres.requires_grad
+    torch.testing.assert_close(centres, fc.weight.detach(), rtol=0, atol=0)
+    opt = torch.optim.SGD(fc.parameters(), lr=0.1, momentum=0.9)
+    fc(torch.randn(3, 4), torch.tensor([0, 1, 4])).cosine.sum().backward()
+    opt.step()
+    head_rows = {"centers": torch.ones(5, 4)} if sharded else {}
+    state = fc.shard_state(opt, head_rows)
+    assert set(state) == ({"start", "count", "module", "optim", "head"} if sharded
+                          else {"module", "optim"})  # fmt: skip
+    other = build_classifier(name, 4, 5, **kwargs)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    assert other.load_shard_state(state, other_opt) == head_rows
+    assert torch.equal(other.weight, fc.weight)
+    assert torch.equal(
+        other_opt.state_dict()["state"][0]["momentum_buffer"],
+        opt.state_dict()["state"][0]["momentum_buffer"],
+    )

@@ -320,17 +320,90 @@ def test_metrics_after_the_checkpoint_are_dropped_on_resume(synth_train_dir, tmp
 
 
 def test_bad_config_errors(synth_train_dir, tmp_path):
-    with pytest.raises(KeyError, match="r18_tiny"):
+    # component names and parameters are checked when the config is loaded (load_config)
+    with pytest.raises(ConfigError, match="r18_tiny"):
         Trainer(_cfg(tmp_path / "x", synth_train_dir, "model.backbone=r18_tinny"))
     with pytest.raises(FileNotFoundError, match=r"agedb_30\.bin"):
         Trainer(_cfg(tmp_path / "y", synth_train_dir, "data.val_targets=[agedb_30]"))
-    with pytest.raises(TypeError, match="margn"):
+    with pytest.raises(ConfigError, match="margn"):
         Trainer(_cfg(tmp_path / "z", synth_train_dir, "head.params.margn=0.3"))
     # a SynthFace directory built from other values is never silently regenerated
     bad = ["data.source=synthface", f"data.path={synth_train_dir}", "synth.identities=9"]
     with pytest.raises(ValueError, match=r"synth\.identities"):
         Trainer(_cfg(tmp_path / "w", synth_train_dir, *bad))
     assert (synth_train_dir / "train.rec").is_file()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("fc.name", "partail_fc", r"fc\.name: unknown classifier 'partail_fc' \(did you mean"),
+        ("model.backbone", "r18_tinny", r"model\.backbone: unknown backbone"),
+        ("data.source", "recc", r"data\.source: unknown data source"),
+        ("head.name", "arcfase", r"head\.name: unknown head"),
+    ],
+)
+def test_invalid_config_in_code_writes_nothing(synth_train_dir, tmp_path, key, value, message):
+    """A config built in code (not through load_config) is checked before the run directory,
+    its meta.json and config.yaml, or a SynthFace set are written."""
+    cfg = _cfg(tmp_path / "run", synth_train_dir, "data.source=synthface", "data.path=null")
+    section, field = key.split(".")
+    setattr(getattr(cfg, section), field, value)
+    with pytest.raises(ConfigError, match=message):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_callbacks_run_at_fixed_points(synth_train_dir, tmp_path, monkeypatch):
+    """A new callback is one class registered in CALLBACKS plus its name in the order; the
+    trainer calls its hooks at fixed points, on the step and epoch they name."""
+    from robustface.train import trainer as trainer_module
+    from robustface.train.callbacks import CALLBACK_ORDER, CALLBACKS, Callback
+
+    events: list[tuple[str, int, int]] = []
+
+    class Recorder(Callback):
+        def _note(self, name: str) -> None:
+            events.append((name, self.trainer.global_step, self.trainer.epoch))
+
+        def on_train_start(self) -> None:
+            self._note("start")
+
+        def on_step_end(self) -> None:
+            self._note("step")
+
+        def on_epoch_end(self) -> None:
+            self._note("epoch")
+
+        def on_loop_end(self) -> None:
+            self._note("loop_end")
+
+        def on_train_end(self) -> None:
+            self._note("end")
+
+        def summarize(self, summary: dict) -> None:
+            summary["recorded"] = len(events)
+
+        def close(self) -> None:
+            self._note("close")
+
+    if "test_recorder" not in CALLBACKS:
+        CALLBACKS.register("test_recorder")(Recorder)
+    monkeypatch.setattr(trainer_module, "CALLBACK_ORDER", (*CALLBACK_ORDER, "test_recorder"))
+    cfg = _cfg(tmp_path / "cb", synth_train_dir, "data.val_targets=[]", "train.max_steps=10")
+    trainer = Trainer(cfg)
+    per_epoch = trainer.steps_per_epoch
+    assert per_epoch < 10  # the run crosses an epoch boundary
+    trainer.fit()
+    want = [("start", 0, 0)]
+    for step in range(1, 11):
+        want.append(("step", step, step > per_epoch))
+        if step == per_epoch:
+            want.append(("epoch", step, 1))
+    want += [("loop_end", 10, 1), ("end", 10, 1), ("close", 10, 1)]
+    assert events == want
+    results = json.loads((tmp_path / "cb" / "train_results.json").read_text())
+    assert results["recorded"] == len(want)  # summarized after close, on success
 
 
 # ----------------------------------------------------------------------------- DDP on gloo

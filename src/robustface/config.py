@@ -105,7 +105,7 @@ class SynthConfig:
 class DataConfig:
     """Training data and verification targets."""
 
-    source: Literal["synthface", "rec", "folder"] = "synthface"
+    source: str = "synthface"  # a registered data source: robustface.data.sources.DATA_SOURCES
     path: str | None = None
     batch_size: int = 128
     num_workers: int = 2
@@ -201,20 +201,39 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class ClassifierConfig:
-    """Classifier layer: ``full``, ``subcenter`` or ``partial_fc`` (class-sharded over ranks)."""
+    """Classifier (see ``robustface.fc.list_classifiers()``); ``params`` go to its constructor
+    (``partial_fc``: ``sample_rate``; ``subcenter``: ``k``).
+
+    ``sample_rate`` and ``k`` are deprecated aliases of ``params.sample_rate`` / ``params.k``
+    (kept readable for one release); given for a classifier that does not take them they are an
+    error, except their old defaults (1.0 and 3), which older versions wrote into every run's
+    ``config.yaml`` and which are dropped.
+    """
 
     name: str = "partial_fc"
-    sample_rate: float = 1.0
-    k: int = 3
+    params: dict[str, int | float | bool | str] = dataclasses.field(default_factory=dict)
+    sample_rate: float | None = None  # deprecated: fc.params.sample_rate
+    k: int | None = None  # deprecated: fc.params.k
 
-    def check(self) -> list[str]:
-        """Return the problems with these values (empty when valid)."""
+    def kwargs(self, accepted: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+        """The classifier's keyword arguments (``params`` plus the deprecated aliases), given the
+        parameter names it ``accepted``, and the problems with the aliases."""
+        out: dict[str, Any] = dict(self.params)
         problems = []
-        if not 0.0 < self.sample_rate <= 1.0:
-            problems.append(f"sample_rate: must be in (0, 1], got {self.sample_rate}")
-        if self.k < 1:
-            problems.append(f"k: must be >= 1, got {self.k}")
-        return problems
+        for alias, old_default in (("sample_rate", 1.0), ("k", 3)):
+            value = getattr(self, alias)
+            if value is None:
+                continue
+            if alias not in accepted:
+                if value != old_default:
+                    problems.append(
+                        f"{alias}: classifier {self.name!r} has no parameter {alias!r}; remove it"
+                    )
+            elif alias in self.params:
+                problems.append(f"{alias}: given twice, here and as params.{alias}; keep params")
+            else:
+                out[alias] = value
+        return out, problems
 
 
 @dataclasses.dataclass
@@ -222,7 +241,7 @@ class HeadConfig:
     """Margin head (see ``robustface.heads.list_heads()``); ``params`` go to its constructor."""
 
     name: str = "arcface"
-    params: dict[str, int | float | bool] = dataclasses.field(default_factory=dict)
+    params: dict[str, int | float | bool | str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -309,11 +328,15 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def check(self) -> list[str]:
-        """Return the problems with these values (empty when valid)."""
+        """Return the problems with these values (empty when valid), including every component's
+        name and parameters checked against its registry
+        (:func:`robustface.train.components.component_problems`)."""
+        from robustface.train.components import component_problems
+
         problems = [] if self.output_dir else ["output_dir: must not be empty"]
         if self.seed < 0:
             problems.append(f"seed: must be >= 0, got {self.seed}")
-        return problems
+        return problems + component_problems(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,6 +501,15 @@ def load_config(
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def check_config(cfg: Any) -> None:
+    """Raise :class:`ConfigError` listing every problem with ``cfg``'s values (its sections'
+    ``check()``, components included), as :func:`load_config` does: for configs built in code."""
+    errors: list[str] = []
+    _check_tree(cfg, "", errors)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 def apply_overrides(cfg: T, values: Mapping[str, Any], source: str) -> T:

@@ -33,6 +33,7 @@ from robustface.data.subset import link_verification_sets, write_rec_subset
 from robustface.data.transforms import EvalTransform
 from robustface.models.loading import load_backbone
 from robustface.train import checkpoint as ckpt
+from robustface.train.components import classifier_settings
 from robustface.utils.io import atomic_directory, check_output_dir, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.run import RunDir
@@ -328,7 +329,7 @@ def subcenter_drop(
     if not 0 < threshold_deg <= 180:
         raise ValueError(f"threshold_deg must be in (0, 180], got {threshold_deg}")
     cfg, main = _load_run(run_dir)
-    k = cfg.fc.k
+    k = int(classifier_settings(cfg)["k"])
     weight = main["fc"]["module"]["weight"].float()
     num_classes = int(main["num_classes"])
     if weight.shape[0] != num_classes * k:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
-from robustface.fc.full import CLASSIFIERS, FCOutput, FullFC, SubCenterFC
+from robustface.fc.base import CLASSIFIERS, TRAINER_SUPPLIED, Classifier, FCOutput
+from robustface.fc.full import FullFC, SubCenterFC
 from robustface.fc.loss import distributed_cross_entropy
 from robustface.fc.partial_fc import PartialFC, gather_rows, reshard_rows, shard_bounds
 
 __all__ = [
     "CLASSIFIERS",
+    "TRAINER_SUPPLIED",
+    "Classifier",
     "FCOutput",
     "FullFC",
     "PartialFC",
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 
-def build_classifier(name: str, embedding_size: int, num_classes: int, **kw: Any) -> nn.Module:
+def build_classifier(name: str, embedding_size: int, num_classes: int, **kw: Any) -> Classifier:
     """The classifier registered as ``name`` (``full``, ``subcenter``, ``partial_fc``).
 
     Unknown names raise ``KeyError`` listing close matches; unknown keyword arguments raise

@@ -1,22 +1,17 @@
 """Single-process classifiers: the full cosine FC and the sub-center FC.
 
-A classifier owns the class-centre weights and turns raw embeddings into the cosine matrix a
-margin head (:mod:`robustface.heads`) consumes. Its output, :class:`FCOutput`, carries everything a
-head may need: cosines, local labels, the shard context, the raw embeddings and norms of every row
-and the class weights; :meth:`FCOutput.apply_head` hands a head the part of it that the head
-declares (``head.needs``).
+The classifier contract (:class:`~robustface.fc.base.Classifier`, :class:`~robustface.fc.base.
+FCOutput` and the ``CLASSIFIERS`` registry) lives in :mod:`robustface.fc.base`.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustface.heads.base import HEAD_CONTEXT, LOCAL, HeadOutput, MarginHead, ShardContext
-from robustface.utils.registry import Registry
+from robustface.fc.base import CLASSIFIERS, Classifier, FCOutput
+from robustface.heads.base import LOCAL
 
 __all__ = [
     "CLASSIFIERS",
@@ -28,49 +23,6 @@ __all__ = [
     "check_sizes",
     "normalized_cosine",
 ]
-
-CLASSIFIERS: Registry[type[nn.Module]] = Registry("classifier")
-"""Registered classifiers, each built as ``cls(embedding_size, num_classes, **kw)``."""
-
-
-@dataclasses.dataclass
-class FCOutput:
-    """A classifier's output, in the head's terms (see :mod:`robustface.heads.base`).
-
-    ``cosine`` (B x C_local) and ``labels`` (B,) local columns, -1 where the class is not among
-    them; ``shard`` how to reach the other shards; ``embeddings`` (B x d) the raw embeddings the
-    cosines were computed from (gathered from every rank under Partial FC) and ``norms`` (B,)
-    their L2 norms; ``weight`` (count x d) the class weights of every class of this shard (not
-    only the sampled columns), ``None`` where a class has no single weight row (sub-center).
-    Nothing is detached.
-    """
-
-    cosine: Tensor
-    labels: Tensor
-    shard: ShardContext
-    embeddings: Tensor
-    norms: Tensor
-    weight: Tensor | None = None
-
-    def apply_head(self, head: MarginHead, **progress: int) -> HeadOutput:
-        """``head`` on these cosines, given ``shard`` and only the context it declares.
-
-        ``progress``: the training position, ``step`` and ``epoch``, for heads that declare them.
-        ``ValueError`` names what a head declares and this output or ``progress`` lacks.
-        """
-        unknown = sorted(set(progress) - {"step", "epoch"})
-        if unknown:
-            raise TypeError(f"progress must be step and/or epoch, got {unknown}")
-        available = {"norms": self.norms, "embeddings": self.embeddings, "weight": self.weight}
-        available.update(progress)
-        missing = [name for name in head.needs.context if available.get(name) is None]
-        if missing:
-            raise ValueError(
-                f"head {type(head).__name__} needs {missing} "
-                f"({'; '.join(HEAD_CONTEXT[name] for name in missing)}), which were not given"
-            )
-        context = {name: available[name] for name in head.needs.context}
-        return head(self.cosine, self.labels, shard=self.shard, **context)
 
 
 def check_embeddings(embeddings: Tensor, embedding_size: int) -> None:
@@ -123,7 +75,7 @@ def check_sizes(embedding_size: int, num_classes: int) -> None:
 
 
 @CLASSIFIERS.register("full")
-class FullFC(nn.Module):
+class FullFC(Classifier):
     """All classes in one process: ``cosine = normalize(x) @ normalize(W).T``, W (C x d)."""
 
     def __init__(
@@ -160,11 +112,13 @@ class FullFC(nn.Module):
 
 
 @CLASSIFIERS.register("subcenter")
-class SubCenterFC(nn.Module):
+class SubCenterFC(Classifier):
     """Sub-center FC (Deng et al., ECCV 2020): K centres per class, class cosine = max over them.
 
     ``weight`` is (C*K x d), class-major: row ``c * k + i`` is sub-center ``i`` of class ``c``.
     """
+
+    one_row_per_class = False
 
     def __init__(
         self,
@@ -182,6 +136,7 @@ class SubCenterFC(nn.Module):
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.k = k
+        self.centres_per_class = k
         self.weight = nn.Parameter(
             torch.empty(num_classes * k, embedding_size, device=device, dtype=dtype).normal_(
                 0, 0.01

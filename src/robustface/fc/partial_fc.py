@@ -31,9 +31,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from robustface.errors import ParameterTypeError
+from robustface.fc.base import CLASSIFIERS, Classifier, FCOutput
 from robustface.fc.full import (
-    CLASSIFIERS,
-    FCOutput,
     check_embeddings,
     check_global_labels,
     check_sizes,
@@ -132,7 +131,7 @@ def gather_rows(local: Tensor, num_classes: int, group: Any = None) -> Tensor | 
 
 
 @CLASSIFIERS.register("partial_fc")
-class PartialFC(nn.Module):
+class PartialFC(Classifier):
     """Class-sharded cosine classifier with sampled negatives (see the module docstring).
 
     ``group``: the process group sharing the classes (``None``: the default group). Without an
@@ -141,6 +140,7 @@ class PartialFC(nn.Module):
     """
 
     shard_bounds = staticmethod(shard_bounds)
+    sharded = True
 
     def __init__(
         self,
@@ -222,6 +222,15 @@ class PartialFC(nn.Module):
         scores = torch.rand(self.num_local, device=self.weight.device)
         scores[positives] = 2.0
         return torch.topk(scores, self.num_sample).indices.sort().values
+
+    @property
+    def class_range(self) -> tuple[int, int]:
+        """``(class_start, num_local)``: the classes this rank owns."""
+        return self.class_start, self.num_local
+
+    def class_centres(self) -> Tensor | None:
+        """The full (C x d) weight on rank 0 of the group, ``None`` elsewhere (a collective)."""
+        return self.gather_full_weight()
 
     def gather_full_weight(self) -> Tensor | None:
         """The full (C x d) weight on rank 0 of the group, ``None`` elsewhere (a collective)."""

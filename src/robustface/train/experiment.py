@@ -24,6 +24,7 @@ import math
 import shutil
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -207,16 +208,29 @@ def _check_same_config(
     """Refuse to reuse a finished cell that was trained from another config."""
     if not RunDir(run).is_run:
         return
-    want = to_dict(cell_config(exp, method, noise, seed, Path(".")))
-    have = to_dict(RunDir(run).config())
+    want_cfg = cell_config(exp, method, noise, seed, Path("."))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        have_cfg = RunDir(run).config()
+    want, have = to_dict(want_cfg), to_dict(have_cfg)
     for section in (want, have):  # where the data lives and progress display do not matter
         section["data"].pop("path", None)
         section["train"].pop("progress", None)
+    # the classifier as built: fc.params and the deprecated fc.k / fc.sample_rate (which older
+    # versions wrote for every classifier) compare equal when they build the same classifier
+    want["fc"], have["fc"] = _classifier(want_cfg), _classifier(have_cfg)
     if want != have:
         raise ValueError(
             f"{run} was trained with another config than this experiment's cell "
             f"{method}/{noise}/s{seed}; use a new output_dir, or delete {run} to rerun it"
         )
+
+
+def _classifier(cfg: Config) -> dict[str, Any]:
+    """The classifier's name and every parameter it is built with."""
+    from robustface.train.components import classifier_settings
+
+    return {"name": cfg.fc.name, "params": classifier_settings(cfg)}
 
 
 def _add_seconds(run: RunDir, seconds: float) -> None:

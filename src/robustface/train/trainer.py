@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import sys
 import time
@@ -32,28 +31,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from robustface.config import Config, to_dict
-from robustface.data import ImageFolderDataset, RecordIODataset, TrainTransform, load_bin_images
+from robustface.config import Config, check_config, to_dict
+from robustface.data import RecordIODataset, TrainTransform, load_bin_images
 from robustface.data.loader import CarryUserErrors, collate, unwrap
+from robustface.data.sources import DATA_SOURCES
 from robustface.errors import RobustfaceError
-from robustface.evaluate.verification import embed_pairs, evaluate, format_results
-from robustface.fc import (
-    CLASSIFIERS,
-    PartialFC,
-    SubCenterFC,
-    build_classifier,
-    distributed_cross_entropy,
-)
-from robustface.heads import build_head, head_needs
-from robustface.models import BACKBONES, build_backbone
+from robustface.evaluate.verification import embed_pairs, evaluate
+from robustface.fc import build_classifier, distributed_cross_entropy
+from robustface.heads import build_head
+from robustface.models import build_backbone
 from robustface.train import checkpoint as ckpt
-from robustface.train.analysis import AngleProbe, probe_groups, select_probe
+from robustface.train import run_files
+from robustface.train.callbacks import CALLBACK_ORDER, CALLBACKS, Callback
+from robustface.train.components import classifier_kwargs, head_params
 from robustface.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from robustface.train.sampler import ResumableSampler
 from robustface.train.schedule import warmup_poly
@@ -181,10 +176,22 @@ def _seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Trains a backbone + classifier + margin head from a :class:`~robustface.config.Config`."""
+    """Trains a backbone + classifier + margin head from a :class:`~robustface.config.Config`.
+
+    The components come from their registries (:mod:`robustface.train.components`), the
+    training set from ``DATA_SOURCES``; logging, evaluation, probes and checkpoints are
+    callbacks (:mod:`robustface.train.callbacks`) called at fixed points of :meth:`fit`. Nothing
+    is written before the whole config is valid (``ConfigError``)."""
 
     def __init__(self, cfg: Config, info: DistInfo | None = None) -> None:
+        check_config(cfg)  # before anything is written, rendered or initialised
         self.cfg = cfg
+        root = Path(cfg.output_dir) / run_files.CHECKPOINTS
+        if not cfg.train.resume and ckpt.list_checkpoints(root):
+            raise FileExistsError(
+                f"{root} already holds checkpoints of another run; set train.resume=auto to "
+                "continue it, or choose another output_dir"
+            )
         self.info = info or init_distributed(cfg.train.device)
         self.device = self.info.device
         self.out = Path(cfg.output_dir)
@@ -194,80 +201,30 @@ class Trainer:
         if cfg.train.threads:  # CPU results depend on the thread count: fix it for repeatable runs
             torch.set_num_threads(cfg.train.threads)
         _seed_everything(cfg.seed + self.info.rank)
-        self._check_names()
-        root = self.out / "checkpoints"
-        if not cfg.train.resume and ckpt.list_checkpoints(root):
-            raise FileExistsError(
-                f"{root} already holds checkpoints of another run; set train.resume=auto to "
-                "continue it, or choose another output_dir"
-            )
         self._last_saved = -1
         self._build_data()
         self._build_model()
         self._build_optim()
-        self.probe = self._build_probe()
-        self._last_probe_step = -1  # on every rank: the final probe is a collective
+        self.seconds = {"probes": 0.0, "evaluation": 0.0}  # time spent outside training steps
+        self.final_verification: dict[str, dict[str, Any]] = {}  # set by the final evaluation
+        self.callbacks: list[Callback] = [CALLBACKS.get(name)(self) for name in CALLBACK_ORDER]
         self.global_step = 0
         self.epoch = 0
         self.consumed = 0  # global samples consumed in the current epoch
         self.best: dict[str, Any] = {}
         self.last_loss = float("nan")
-        self.seconds = {"probes": 0.0, "evaluation": 0.0}  # time spent outside training steps
         if cfg.train.resume:
             self._resume(cfg.train.resume)
 
     # ------------------------------------------------------------------------------------ set-up
-    def _check_names(self) -> None:
-        """Fail on an unknown backbone / classifier / head (or bad head params) before any work."""
-        cfg = self.cfg
-        BACKBONES.get(cfg.model.backbone)
-        CLASSIFIERS.get(cfg.fc.name)
-        build_head(cfg.head.name, **self._head_params(1))
-
-    def _head_params(
-        self, num_classes: int, class_range: tuple[int, int] | None = None
-    ) -> dict[str, Any]:
-        """``head.params`` plus the class layout for a head that declares it (``needs.classes``):
-        the global ``num_classes``, ``embedding_size`` and this rank's ``class_range``."""
-        params: dict[str, Any] = dict(self.cfg.head.params)
-        if not head_needs(self.cfg.head.name).classes:
-            return params
-        supplied = {
-            "num_classes": num_classes,
-            "embedding_size": self.cfg.model.embedding_size,
-            "class_range": class_range,
-        }
-        for name, value in supplied.items():
-            if name in params:
-                raise ValueError(
-                    f"head.params.{name}: set by the trainer from the data and model; remove it"
-                )
-            params[name] = value
-        if self.cfg.fc.name == "subcenter":
-            raise ValueError(
-                f"head {self.cfg.head.name!r} keeps one statistic per class weight row: use "
-                "fc.name full or partial_fc, not subcenter"
-            )
-        return params
-
     def _build_data(self) -> None:
         cfg, data = self.cfg, self.cfg.data
         val_dir = data.verification_dir(self.out)
-        if data.source == "synthface":
-            from robustface.data.synth.builder import check_synthface, ensure_synthface
-
-            path = Path(data.path) if data.path else self.out / "synthface"
-            if self.info.is_main:
-                if data.path and (path / "synthface.json").is_file():
-                    check_synthface(path, cfg.synth)  # never regenerate a directory we were given
-                else:
-                    ensure_synthface(path, cfg.synth, progress=cfg.train.progress)
-            barrier()
-            base: Dataset = RecordIODataset(path)
-        elif data.source == "rec":
-            base = RecordIODataset(data.path)
-        else:
-            base = ImageFolderDataset(data.path)
+        source = DATA_SOURCES.get(data.source)(data, cfg.synth, self.out)
+        if self.info.is_main:
+            source.prepare(progress=cfg.train.progress)
+        barrier()
+        base = source.dataset()
         self.base = base
         self.num_classes = int(base.num_classes)
         transform = TrainTransform(
@@ -281,8 +238,8 @@ class Trainer:
         if data.batch_noise_open > 0:
             if data.open_source:
                 open_source = RecordIODataset(data.open_source)
-            elif data.source == "synthface":
-                open_source = RecordIODataset(path / "open_set")
+            else:
+                open_source = source.open_set()
         self.trainset = TrainSet(
             base,
             transform,
@@ -329,17 +286,13 @@ class Trainer:
         self.backbone.meta = dataclasses.replace(self.backbone.meta, color_order="RGB")
         self.input_size = int(self.backbone.meta.input_size)
         self.trainset.transform.input_size = self.input_size
-        fc_kwargs: dict[str, Any] = {}
-        if cfg.fc.name == "partial_fc":
-            fc_kwargs["sample_rate"] = cfg.fc.sample_rate
-        elif cfg.fc.name == "subcenter":
-            fc_kwargs["k"] = cfg.fc.k
+        fc_kwargs = classifier_kwargs(cfg)[0]
         self.fc = build_classifier(cfg.fc.name, m.embedding_size, self.num_classes, **fc_kwargs).to(
             self.device
         )
-        self.sharded = isinstance(self.fc, PartialFC)
-        class_range = (self.fc.class_start, self.fc.num_local) if self.sharded else None
-        self.head = build_head(cfg.head.name, **self._head_params(self.num_classes, class_range))
+        self.sharded = self.fc.sharded
+        params = head_params(cfg, self.num_classes, self.fc.class_range)
+        self.head = build_head(cfg.head.name, **params)
         self.head.to(self.device)
         self.model: nn.Module = self.backbone
         self.fc_model: nn.Module = self.fc
@@ -351,78 +304,7 @@ class Trainer:
             else:
                 self.fc_model = DistributedDataParallel(self.fc, device_ids=ids)
 
-    def _build_probe(self) -> AngleProbe | None:
-        """The angle probe (rank 0, ``train.probe_every > 0``): a stratified training subset.
-
-        Noise kinds and true labels come from the noise list beside the ``.rec`` (written by
-        ``robustface noise``), quality from it or from a SynthFace manifest; without them every
-        sample counts as clean.
-        """
-        cfg = self.cfg
-        if not (cfg.train.probe_every and self.info.is_main):
-            return None
-        from robustface.data.noise import manifest_quality, noise_list_for
-
-        n = len(self.base)  # type: ignore[arg-type]
-        labels = np.asarray(self.base.labels, dtype=np.int64)  # type: ignore[attr-defined]
-        kind, true, quality = np.zeros(n, np.int8), None, None
-        if isinstance(self.base, RecordIODataset):
-            plan = noise_list_for(self.base.rec_path)
-            if plan is not None:
-                kind, true, quality = plan.kind, plan.original_label, plan.quality
-            else:
-                quality = manifest_quality(self.base.rec_path.parent, n)
-        if quality is not None and not np.isfinite(quality[kind == 0]).all():
-            quality = None
-        groups = probe_groups(kind, quality)
-        index = select_probe(groups, cfg.train.probe_samples, cfg.seed)
-        images = np.stack([self.base[int(i)][0] for i in index])
-        return AngleProbe(
-            images,
-            labels[index],
-            groups[index],
-            true_labels=None if true is None else true[index],
-            indices=index,
-            input_size=self.input_size,
-        )
-
-    def _class_centres(self) -> Tensor | None:
-        """Every class's weight (C x d or, sub-center, C*K x d) on rank 0; a collective."""
-        if self.sharded:
-            return self.fc.gather_full_weight()
-        return self.fc.weight.detach() if self.info.is_main else None
-
-    @torch.no_grad()
-    def _run_probe(self, log: Any) -> None:
-        """Probe the model at the current step (every rank calls it: Partial FC gathers)."""
-        self._last_probe_step = self.global_step
-        weight = self._class_centres()
-        if self.probe is None or weight is None:
-            return
-        weight = F.normalize(weight.float(), dim=1)
-        k = self.fc.k if isinstance(self.fc, SubCenterFC) else 1
-
-        def cosine_fn(embeddings: Tensor) -> Tensor:
-            cos = embeddings.to(weight) @ weight.T
-            return cos.view(cos.size(0), -1, k).amax(2)
-
-        was_training = self.backbone.training
-        self.backbone.eval()
-        start = time.perf_counter()
-        try:
-            summary = self.probe.record(
-                self.global_step,
-                lambda x: self.backbone(x.to(self.device)).float(),
-                cosine_fn,
-                weight.cpu().numpy(),
-                k=k,
-            )
-        finally:
-            self.backbone.train(was_training)
-            self.seconds["probes"] += time.perf_counter() - start
-        log({"step": self.global_step, "epoch": self.epoch, **summary})
-
-    def _head_stats(self) -> dict[str, float]:
+    def head_stats(self) -> dict[str, float]:
         """The head's :meth:`~robustface.heads.MarginHead.stats` for the log, as ``head_*``."""
         return {f"head_{name}": value for name, value in self.head.stats().items()}
 
@@ -485,25 +367,18 @@ class Trainer:
             "config": to_dict(self.cfg),
             "num_classes": self.num_classes,
         }
-        if self.probe is not None:
-            state["probe"] = self.probe.state_dict()
+        for callback in self.callbacks:
+            saved = callback.state_dict() if callback.state_key else None
+            if saved is not None:
+                state[callback.state_key] = saved
         if not self.sharded:
-            state["fc"] = {"module": self.fc.state_dict(), "optim": self.opt_fc.state_dict()}
+            state["fc"] = self.fc.shard_state(self.opt_fc, {})
         return state
 
     def _rank_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"rng": _rng_state(self.device)}
         if self.sharded:
-            start, count = PartialFC.shard_bounds(
-                self.num_classes, self.info.rank, self.info.world_size
-            )
-            state["fc"] = {
-                "start": start,
-                "count": count,
-                "module": self.fc.state_dict(),
-                "optim": self.opt_fc.state_dict(),
-                "head": self._head_state(per_class=True),
-            }
+            state["fc"] = self.fc.shard_state(self.opt_fc, self._head_state(per_class=True))
         elif self.info.distributed:
             # data-parallel with a replicated classifier: each rank's head statistics follow its
             # own batches (as in the reference code), so each rank keeps its own copy
@@ -517,7 +392,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (all ranks must call this; once per step)."""
-        root = self.out / "checkpoints"
+        root = self.out / run_files.CHECKPOINTS
         if self._last_saved == self.global_step:
             return ckpt.checkpoint_dir(root, self.global_step)
         self._last_saved = self.global_step
@@ -529,7 +404,9 @@ class Trainer:
 
     def _resume(self, where: str) -> None:
         if where == "auto":
-            found = ckpt.list_checkpoints(self.out / "checkpoints") if self.info.is_main else []
+            found = (
+                ckpt.list_checkpoints(self.out / run_files.CHECKPOINTS) if self.info.is_main else []
+            )
             choice = [str(found[-1]) if found else None]
             if self.info.distributed:  # every rank resumes from rank 0's choice
                 dist.broadcast_object_list(choice, src=0)
@@ -553,23 +430,19 @@ class Trainer:
         self.sched_fc.load_state_dict(main["sched_fc"])
         self.scaler.load_state_dict(main["scaler"])
         if self.sharded:
-            start, count = PartialFC.shard_bounds(
-                self.num_classes, self.info.rank, self.info.world_size
-            )
+            start, count = self.fc.class_range
             shards = [(r["fc"]["start"], r["fc"]) for r in ranks]
             rows = [r["fc"]["count"] for r in ranks]
             mine = ckpt.rows_from_shards(shards, start, count, rows)
-            self.fc.load_state_dict(mine["module"])
-            self.opt_fc.load_state_dict(mine["optim"])
-            head_state.update(mine.get("head", {}))
+            head_state.update(self.fc.load_shard_state(mine, self.opt_fc))
         else:
-            self.fc.load_state_dict(main["fc"]["module"])
-            self.opt_fc.load_state_dict(main["fc"]["optim"])
+            self.fc.load_shard_state(main["fc"], self.opt_fc)
             if old_world == self.info.world_size and "head" in ranks[self.info.rank]:
                 head_state = dict(ranks[self.info.rank]["head"])
         self.head.load_state_dict(head_state)
-        if self.probe is not None and "probe" in main:
-            self.probe.load_state_dict(main["probe"])
+        for callback in self.callbacks:
+            if callback.state_key and callback.state_key in main:
+                callback.load_state_dict(main[callback.state_key])
         progress = main["progress"]
         self.global_step = progress["global_step"]
         self._last_saved = self.global_step
@@ -616,7 +489,7 @@ class Trainer:
         if not torch.isfinite(mean_loss):
             raise NonFiniteLossError(
                 f"loss is {mean_loss.item()} at step {self.global_step + 1} (epoch {self.epoch}); "
-                f"stopped. The last good checkpoint is in {self.out / 'checkpoints'}"
+                f"stopped. The last good checkpoint is in {self.out / run_files.CHECKPOINTS}"
             )
         if self.cfg.train.grad_clip > 0:
             self.scaler.unscale_(self.opt_body)
@@ -648,7 +521,7 @@ class Trainer:
         self.backbone.eval()
         for i, (name, (images, issame)) in enumerate(self.val_sets.items(), 1):
             if progress:
-                self._status(f"verification {i}/{len(self.val_sets)}: {name}, {len(images)} images")
+                self.status(f"verification {i}/{len(self.val_sets)}: {name}, {len(images)} images")
             embeddings, xnorm = embed_pairs(
                 images,
                 self.backbone,
@@ -662,21 +535,10 @@ class Trainer:
         self.seconds["evaluation"] += time.perf_counter() - start
         return results
 
-    def _status(self, message: str) -> None:
+    def status(self, message: str) -> None:
         """A status line on rank 0 when progress is shown (what the run is doing between bars)."""
         if self.info.is_main and self.cfg.train.progress:
             tqdm.write(f"  {message}", file=sys.stderr)
-
-    def _after_eval(self, results: dict[str, dict[str, Any]], log: Any) -> None:
-        if not results:
-            return
-        mean_acc = float(np.mean([r["accuracy_mean"] for r in results.values()]))
-        row = {"step": self.global_step, "epoch": self.epoch, "val_mean_accuracy": mean_acc}
-        row.update({f"val_{k}_accuracy": v["accuracy_mean"] for k, v in results.items()})
-        log(row)
-        if mean_acc > self.best.get("val_mean_accuracy", -1.0):
-            self.best = {"step": self.global_step, "val_mean_accuracy": mean_acc}
-            self._save_backbone(self.out / "best_backbone.pth")
 
     def _timing(self, started: float, final_start: float) -> dict[str, Any]:
         """Where this session's time went (seconds), and the environment the numbers depend on."""
@@ -691,7 +553,7 @@ class Trainer:
 
     def _finished_result(self) -> TrainResult:
         """The saved results of a run that had already finished, announced as such."""
-        saved = json.loads((self.out / "train_results.json").read_text(encoding="utf-8"))
+        saved = json.loads((self.out / run_files.RESULTS).read_text(encoding="utf-8"))
         if self.info.is_main:
             print(
                 f"{self.out} is already complete (step {self.global_step} of {self.total_steps}): "
@@ -705,66 +567,40 @@ class Trainer:
             float(saved["loss"]),
             saved.get("verification", {}) if self.info.is_main else {},
             saved.get("best", {}),
-            self.out / "backbone.pth",
+            self.out / run_files.BACKBONE,
         )
 
-    def _open_metrics(self) -> Any:
-        """metrics.jsonl for appending; a resumed run first drops rows logged after its step."""
-        path = self.out / "metrics.jsonl"
-        kept = []
-        if self.global_step > 0 and path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= self.global_step]
-            losses = [row["loss"] for row in map(json.loads, kept) if "loss" in row]
-            self.last_loss = losses[-1] if losses else self.last_loss  # the loss at resume
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-        return path.open("a", encoding="utf-8")
+    def log(self, row: dict[str, Any]) -> None:
+        """Log a metrics row (``step``, ``epoch`` and values): every callback's ``on_log``."""
+        for callback in self.callbacks:
+            callback.on_log(row)
 
-    def _save_backbone(self, path: Path) -> None:
+    def save_backbone(self, path: Path) -> None:
+        """Write the backbone's state_dict to ``path`` (atomically)."""
         with atomic_path(path) as tmp:
             torch.save(self.backbone.state_dict(), tmp)
+
+    def _emit(self, event: str) -> None:
+        """Call hook ``event`` of every callback, in order."""
+        for callback in self.callbacks:
+            getattr(callback, event)()
 
     def fit(self) -> TrainResult:
         """Train until ``train.epochs`` (or ``train.max_steps``); return the results.
 
-        A run resumed after it had finished (``train_results.json`` written at its last step)
-        trains and evaluates nothing: it says so and returns the saved results."""
+        The callbacks run at fixed points (see :mod:`robustface.train.callbacks.base`). A run
+        resumed after it had finished (``train_results.json`` written at its last step) trains and
+        evaluates nothing: it says so and returns the saved results."""
         cfg, info = self.cfg, self.info
-        if self.global_step >= self.total_steps and (self.out / "train_results.json").is_file():
+        if self.global_step >= self.total_steps and (self.out / run_files.RESULTS).is_file():
             return self._finished_result()
         started = time.perf_counter()
-        writer = None
-        metrics_file = None
-        if info.is_main:
-            metrics_file = self._open_metrics()
-            if cfg.train.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(str(self.out / "tb"))
-
-        def log(row: dict[str, Any]) -> None:
-            if metrics_file is None:
-                return
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            if writer is not None:
-                for key, value in row.items():
-                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                        writer.add_scalar(key, value, row["step"])
-
         per_step = self.sampler.global_batch * cfg.train.grad_accum
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.global_step,
-            disable=not (info.is_main and cfg.train.progress),
-            unit="step",
-            dynamic_ncols=True,
-        )
-        self.backbone.train()
-        self.fc.train()
-        self.head.train()
-        t_log, n_log = time.perf_counter(), 0
         try:
+            self._emit("on_train_start")
+            self.backbone.train()
+            self.fc.train()
+            self.head.train()
             while self.global_step < self.total_steps and self.epoch < cfg.train.epochs:
                 self.sampler.set_epoch(self.epoch, self.consumed)
                 self.trainset.epoch = self.epoch
@@ -775,64 +611,37 @@ class Trainer:
                     self.last_loss = self._train_step(batches)
                     self.global_step += 1
                     self.consumed += per_step
-                    n_log += 1
-                    bar.update(1)
-                    if self.global_step % cfg.train.log_every == 0 or self.global_step == 1:
-                        rate = n_log * per_step / max(time.perf_counter() - t_log, 1e-9)
-                        lr = self.sched_body.get_last_lr()[0]
-                        bar.set_postfix(
-                            loss=f"{self.last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}"
-                        )
-                        log({"step": self.global_step, "epoch": self.epoch, "loss": self.last_loss,
-                             "lr": lr, "samples_per_s": rate, **self._head_stats()})  # fmt: skip
-                        t_log, n_log = time.perf_counter(), 0
-                    if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0:
-                        self._after_eval(self.evaluate(), log)
-                    if cfg.train.probe_every and self.global_step % cfg.train.probe_every == 0:
-                        self._run_probe(log)
-                    if (
-                        cfg.train.checkpoint_every
-                        and self.global_step % cfg.train.checkpoint_every == 0
-                    ):
-                        self.save()
+                    self._emit("on_step_end")
                 else:
                     self.epoch += 1
                     self.consumed = 0
-                    self.save()
+                    self._emit("on_epoch_end")
                 del batches
-            self.save()  # no-op if this step is already saved
-            bar.close()  # the final steps below report themselves
+            self._emit("on_loop_end")
             final_start = time.perf_counter()
-            final = self.evaluate(progress=True)
-            self._after_eval(final, log)
-            if cfg.train.probe_every and self._last_probe_step != self.global_step:
-                self._status(f"final angle probe ({len(self.probe or ())} samples)")
-                self._run_probe(log)
+            self._emit("on_train_end")
         finally:
-            bar.close()
-            if metrics_file is not None:
-                metrics_file.close()
-            if writer is not None:
-                writer.close()
-        backbone_path = self.out / "backbone.pth"
+            self._emit("close")
+        backbone_path = self.out / run_files.BACKBONE
         if info.is_main:
-            self._save_backbone(backbone_path)
-            if final:
-                write_text_atomic(self.out / "verification.md", format_results(final) + "\n")
+            self.save_backbone(backbone_path)
             summary: dict[str, Any] = {
                 "steps": self.global_step,
                 "loss": self.last_loss,
                 "best": self.best,
-                "verification": {k: _jsonable(v) for k, v in final.items()},
             }
-            if self.probe is not None and self.probe.records:
-                self._status("saving the angle probe's arrays and plots (analysis/)")
-                summary["analysis"] = self.probe.save(self.out)
+            for callback in self.callbacks:
+                callback.summarize(summary)
             summary["timing"] = self._timing(started, final_start)
-            write_text_atomic(self.out / "train_results.json", json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(self.out / run_files.RESULTS, json.dumps(summary, indent=2) + "\n")
         barrier()
         return TrainResult(
-            self.out, self.global_step, self.last_loss, final, self.best, backbone_path
+            self.out,
+            self.global_step,
+            self.last_loss,
+            self.final_verification,
+            self.best,
+            backbone_path,
         )
 
 
@@ -844,22 +653,6 @@ def _environment() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-
-
-def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
-    """The scalar and list entries of a verification result (arrays become lists)."""
-    out: dict[str, Any] = {}
-    for key, value in result.items():
-        if isinstance(value, np.ndarray):
-            if value.size > 1000:
-                continue
-            value = value.tolist()
-        if isinstance(value, (np.floating, np.integer)):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        out[key] = value
-    return out
 
 
 def train(cfg: Config) -> TrainResult:

@@ -46,14 +46,13 @@ from robustface.fc import build_classifier, distributed_cross_entropy
 from robustface.heads import build_head
 from robustface.models import build_backbone
 from robustface.train import checkpoint as ckpt
-from robustface.train import run_files
 from robustface.train.callbacks import CALLBACK_ORDER, CALLBACKS, Callback
 from robustface.train.components import classifier_kwargs, head_params
 from robustface.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from robustface.train.sampler import ResumableSampler
 from robustface.train.schedule import warmup_poly
 from robustface.utils.io import atomic_path, write_text_atomic
-from robustface.utils.run import prepare_run_dir
+from robustface.utils.run import RunDir
 
 
 class NonFiniteLossError(RobustfaceError, FloatingPointError):
@@ -186,7 +185,7 @@ class Trainer:
     def __init__(self, cfg: Config, info: DistInfo | None = None) -> None:
         check_config(cfg)  # before anything is written, rendered or initialised
         self.cfg = cfg
-        root = Path(cfg.output_dir) / run_files.CHECKPOINTS
+        root = RunDir(cfg.output_dir).checkpoints_dir
         if not cfg.train.resume and ckpt.list_checkpoints(root):
             raise FileExistsError(
                 f"{root} already holds checkpoints of another run; set train.resume=auto to "
@@ -195,8 +194,9 @@ class Trainer:
         self.info = info or init_distributed(cfg.train.device)
         self.device = self.info.device
         self.out = Path(cfg.output_dir)
+        self.run = RunDir(self.out)
         if self.info.is_main:
-            prepare_run_dir(self.out, cfg, cfg.seed)
+            RunDir.create(self.out, cfg, cfg.seed)
         barrier()
         if cfg.train.threads:  # CPU results depend on the thread count: fix it for repeatable runs
             torch.set_num_threads(cfg.train.threads)
@@ -392,7 +392,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (all ranks must call this; once per step)."""
-        root = self.out / run_files.CHECKPOINTS
+        root = self.run.checkpoints_dir
         if self._last_saved == self.global_step:
             return ckpt.checkpoint_dir(root, self.global_step)
         self._last_saved = self.global_step
@@ -404,9 +404,7 @@ class Trainer:
 
     def _resume(self, where: str) -> None:
         if where == "auto":
-            found = (
-                ckpt.list_checkpoints(self.out / run_files.CHECKPOINTS) if self.info.is_main else []
-            )
+            found = ckpt.list_checkpoints(self.run.checkpoints_dir) if self.info.is_main else []
             choice = [str(found[-1]) if found else None]
             if self.info.distributed:  # every rank resumes from rank 0's choice
                 dist.broadcast_object_list(choice, src=0)
@@ -489,7 +487,7 @@ class Trainer:
         if not torch.isfinite(mean_loss):
             raise NonFiniteLossError(
                 f"loss is {mean_loss.item()} at step {self.global_step + 1} (epoch {self.epoch}); "
-                f"stopped. The last good checkpoint is in {self.out / run_files.CHECKPOINTS}"
+                f"stopped. The last good checkpoint is in {self.run.checkpoints_dir}"
             )
         if self.cfg.train.grad_clip > 0:
             self.scaler.unscale_(self.opt_body)
@@ -553,7 +551,7 @@ class Trainer:
 
     def _finished_result(self) -> TrainResult:
         """The saved results of a run that had already finished, announced as such."""
-        saved = json.loads((self.out / run_files.RESULTS).read_text(encoding="utf-8"))
+        saved = self.run.results()
         if self.info.is_main:
             print(
                 f"{self.out} is already complete (step {self.global_step} of {self.total_steps}): "
@@ -567,7 +565,7 @@ class Trainer:
             float(saved["loss"]),
             saved.get("verification", {}) if self.info.is_main else {},
             saved.get("best", {}),
-            self.out / run_files.BACKBONE,
+            self.run.backbone_file,
         )
 
     def log(self, row: dict[str, Any]) -> None:
@@ -592,7 +590,7 @@ class Trainer:
         resumed after it had finished (``train_results.json`` written at its last step) trains and
         evaluates nothing: it says so and returns the saved results."""
         cfg, info = self.cfg, self.info
-        if self.global_step >= self.total_steps and (self.out / run_files.RESULTS).is_file():
+        if self.global_step >= self.total_steps and self.run.is_finished:
             return self._finished_result()
         started = time.perf_counter()
         per_step = self.sampler.global_batch * cfg.train.grad_accum
@@ -622,7 +620,7 @@ class Trainer:
             self._emit("on_train_end")
         finally:
             self._emit("close")
-        backbone_path = self.out / run_files.BACKBONE
+        backbone_path = self.run.backbone_file
         if info.is_main:
             self.save_backbone(backbone_path)
             summary: dict[str, Any] = {
@@ -633,7 +631,7 @@ class Trainer:
             for callback in self.callbacks:
                 callback.summarize(summary)
             summary["timing"] = self._timing(started, final_start)
-            write_text_atomic(self.out / run_files.RESULTS, json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(self.run.results_file, json.dumps(summary, indent=2) + "\n")
         barrier()
         return TrainResult(
             self.out,

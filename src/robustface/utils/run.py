@@ -279,9 +279,3 @@ class RunDir:
         if not found:
             raise FileNotFoundError(f"{self.checkpoints_dir}: no complete checkpoint")
         return found[-1]
-
-
-def prepare_run_dir(output_dir: str | Path, cfg: Any, seed: int) -> Path:
-    """Create ``output_dir`` and write the resolved config and the run's metadata into it
-    (:meth:`RunDir.create`); returns its path."""
-    return RunDir.create(output_dir, cfg, seed).path

@@ -8,7 +8,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from robustface.train import run_files
 from robustface.train.callbacks.base import CALLBACKS, Callback
 from robustface.utils.io import write_text_atomic
 
@@ -28,7 +27,7 @@ class TrainLog(Callback):
             if cfg.train.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(t.out / run_files.TENSORBOARD))
+                self.writer = SummaryWriter(str(t.run.tensorboard_dir))
         self.per_step = t.sampler.global_batch * cfg.train.grad_accum
         self.bar = tqdm(
             total=t.total_steps,
@@ -42,7 +41,7 @@ class TrainLog(Callback):
     def _open_metrics(self) -> Any:
         """metrics.jsonl for appending; a resumed run first drops rows logged after its step."""
         t = self.trainer
-        path = t.out / run_files.METRICS
+        path = t.run.metrics_file
         kept = []
         if t.global_step > 0 and path.is_file():
             lines = path.read_text(encoding="utf-8").splitlines()

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from robustface.evaluate.verification import format_results
-from robustface.train import run_files
 from robustface.train.callbacks.base import CALLBACKS, Callback
 from robustface.utils.io import write_text_atomic
 
@@ -39,13 +38,13 @@ class Verification(Callback):
         t.log(row)
         if mean_acc > t.best.get("val_mean_accuracy", -1.0):
             t.best = {"step": t.global_step, "val_mean_accuracy": mean_acc}
-            t.save_backbone(t.out / run_files.BEST_BACKBONE)
+            t.save_backbone(t.run.best_backbone_file)
 
     def summarize(self, summary: dict[str, Any]) -> None:
         t = self.trainer
         final = t.final_verification
         if final:
-            write_text_atomic(t.out / run_files.VERIFICATION, format_results(final) + "\n")
+            write_text_atomic(t.run.verification_report, format_results(final) + "\n")
         summary["verification"] = {k: _jsonable(v) for k, v in final.items()}
 
 

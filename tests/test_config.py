@@ -155,6 +155,10 @@ def test_components_checked_against_their_registries_all_at_once():
     msg = str(err.value)
     assert "head.name: unknown head 'arcfase'" in msg
     assert "fc.params: classifier 'full': got an unexpected keyword argument 'sample_rate'" in msg
+    # the model section is checked against its backbone's constructor (on the meta device)
+    with pytest.raises(ConfigError, match=r"model: .*unexpected keyword argument 'dropout'"):
+        load_config(None, ["model.backbone=mbf", "model.dropout=0.3"])
+    assert load_config(None, ["model.backbone=ir_50", "model.dropout=0.3"]).model.dropout == 0.3
 
 
 def test_classifier_params_values_and_trainer_supplied_keys():

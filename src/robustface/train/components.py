@@ -110,6 +110,12 @@ def component_problems(cfg: Config) -> list[str]:
                 registry.get(name)
             except KeyError as err:
                 problems.append(f"{key}: {err}")
+    if cfg.model.backbone in BACKBONES:
+        try:  # on the meta device: checks the arguments, allocates nothing
+            with torch.device("meta"):
+                BACKBONES.build(cfg.model.backbone, **cfg.model.kwargs())
+        except (TypeError, ValueError) as err:
+            problems.append(f"model: {err}")
     fc_known = cfg.fc.name in CLASSIFIERS
     if fc_known:
         kwargs, fc_problems = classifier_kwargs(cfg)

@@ -97,7 +97,8 @@ def head_params(
 def component_problems(cfg: Config) -> list[str]:
     """Every problem with the components of ``cfg``: unknown names (with close matches),
     parameters a factory does not take, and values its constructor rejects (checked by building
-    the classifier and head once at a tiny size, leaving the RNG untouched)."""
+    the backbone on the meta device, and the classifier and head once at a tiny size, leaving the
+    RNG untouched)."""
     problems: list[str] = []
     for key, registry, name in (
         ("model.backbone", BACKBONES, cfg.model.backbone),

@@ -39,11 +39,11 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
     check_scale,
     target_positions,
 )
 from robustface.heads.margin import ACOS_EPS
+from robustface.utils.guards import check_real
 
 __all__ = ["AdaFaceHead"]
 
@@ -74,8 +74,8 @@ class AdaFaceHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, h = check_number("margin", margin), check_number("h", h)
-        t_alpha, eps = check_number("t_alpha", t_alpha), check_number("eps", eps)
+        margin, h = check_real("margin", margin), check_real("h", h)
+        t_alpha, eps = check_real("t_alpha", t_alpha), check_real("eps", eps)
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         if h <= 0:

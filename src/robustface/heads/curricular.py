@@ -37,12 +37,12 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
     check_scale,
     row_thresholds,
     target_positions,
 )
 from robustface.heads.margin import combined_margin_target
+from robustface.utils.guards import check_real
 
 __all__ = ["CurricularFaceHead"]
 
@@ -60,8 +60,8 @@ class CurricularFaceHead(MarginHead):
     def __init__(self, scale: float = 64.0, margin: float = 0.5, momentum: float = 0.01) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin = check_number("margin", margin)
-        momentum = check_number("momentum", momentum)
+        margin = check_real("margin", margin)
+        momentum = check_real("momentum", momentum)
         if not 0 <= margin < math.pi:
             raise ValueError(
                 f"margin (additive angular margin) must be in [0, pi) radians, got {margin}"

@@ -40,10 +40,10 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
     check_scale,
     target_positions,
 )
+from robustface.utils.guards import check_real
 
 __all__ = [
     "CombinedMarginHead",
@@ -127,7 +127,7 @@ class CombinedMarginHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        m1, m2, m3 = check_number("m1", m1), check_number("m2", m2), check_number("m3", m3)
+        m1, m2, m3 = check_real("m1", m1), check_real("m2", m2), check_real("m3", m3)
         if m1 <= 0:
             raise ValueError(f"m1 (angle factor) must be > 0, got {m1}")
         if not 0 <= m2 < math.pi:

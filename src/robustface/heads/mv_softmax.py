@@ -31,12 +31,12 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
     check_scale,
     row_thresholds,
     target_positions,
 )
 from robustface.heads.margin import combined_margin_target
+from robustface.utils.guards import check_real
 
 __all__ = ["MVSoftmaxHead", "mv_arc"]
 
@@ -57,7 +57,7 @@ class MVSoftmaxHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, t = check_number("margin", margin), check_number("t", t)
+        margin, t = check_real("margin", margin), check_real("t", t)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if variant == "am" and margin < 0:

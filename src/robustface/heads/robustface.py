@@ -61,12 +61,12 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
     check_scale,
     row_thresholds,
     target_positions,
 )
 from robustface.heads.margin import ACOS_EPS, combined_margin_target
+from robustface.utils.guards import check_real
 
 __all__ = ["RobustFaceHead", "RobustFaceStableHead", "noise_boundary"]
 
@@ -105,11 +105,11 @@ class RobustFaceHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, m1 = check_number("margin", margin), check_number("m1", m1)
-        t, gamma = check_number("t", t), check_number("gamma", gamma)
+        margin, m1 = check_real("margin", margin), check_real("m1", m1)
+        t, gamma = check_real("t", t), check_real("gamma", gamma)
         noise_rate, momentum = (
-            check_number("noise_rate", noise_rate),
-            check_number("momentum", momentum),
+            check_real("noise_rate", noise_rate),
+            check_real("momentum", momentum),
         )
         if not 0 <= margin < math.pi:
             raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
@@ -218,7 +218,7 @@ class RobustFaceStableHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, m1, t = check_number("margin", margin), check_number("m1", m1), check_number("t", t)
+        margin, m1, t = check_real("margin", margin), check_real("m1", m1), check_real("t", t)
         if not 0 <= margin < math.pi:
             raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
         if not -math.pi < m1 < math.pi:

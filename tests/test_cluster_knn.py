@@ -21,7 +21,7 @@ from robustface.cluster.knn import (
     normalize_rows,
 )
 from robustface.data.ltc import read_features, write_features
-from robustface.errors import DataFormatError
+from robustface.errors import DataFormatError, ParameterTypeError
 
 
 @pytest.fixture(autouse=True)
@@ -301,10 +301,12 @@ def test_bad_features_name_the_row():
         (dict(k=0), "k must be >= 1, got 0"),
         (dict(batch_size=0), "batch_size must be >= 1, got 0"),
         (dict(shard_size=0), "shard_size must be >= 1 or None, got 0"),
-        (dict(method="lsh"), "unknown kNN method 'lsh'; choose one of flat, ivf, hnsw"),
+        (dict(method="lsh"), "method must be one of flat, ivf, hnsw, got 'lsh'"),
     ]:
         with pytest.raises(ValueError, match=message):
             build_knn(x, **{"k": 5, **kwargs})
+    with pytest.raises(ParameterTypeError, match=r"k must be an integer, got float 5\.0"):
+        build_knn(x, 5.0)
 
 
 def test_knn_recall():

@@ -62,6 +62,7 @@ from robustface.evaluate.roc import (
     unmeasurable_note,
 )
 from robustface.evaluate.verification import embed_views
+from robustface.utils.guards import check_choice
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.registry import Registry
@@ -264,8 +265,7 @@ def score_pairs(
     templates or by gathering the two rows of each pair, whichever costs less; memory stays at
     one ``block_rows x T`` block (or ``65536 x d`` gathered rows) beyond the index arrays.
     """
-    if dtype not in SCORE_DTYPES:
-        raise ValueError(f"dtype must be one of {SCORE_DTYPES}, got {dtype!r}")
+    check_choice("dtype", dtype, SCORE_DTYPES)
     feats = np.ascontiguousarray(template_feats, dtype=dtype)
     template_ids = np.asarray(template_ids)
     pairs = np.asarray(pairs)
@@ -785,13 +785,10 @@ class IJBSettings:
     workers: int = 4
 
     def __post_init__(self) -> None:
-        if self.far_mode not in FAR_MODES:
-            raise ValueError(f"far_mode must be one of {FAR_MODES}, got {self.far_mode!r}")
+        check_choice("far_mode", self.far_mode, FAR_MODES)
         check_far_reading(self.far_reading)
-        if self.align_rule not in TEMPLATE_RULES:
-            raise ValueError(f"align_rule must be one of {TEMPLATE_RULES}, got {self.align_rule!r}")
-        if self.score_dtype not in SCORE_DTYPES:
-            raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
+        check_choice("align_rule", self.align_rule, TEMPLATE_RULES)
+        check_choice("score_dtype", self.score_dtype, SCORE_DTYPES)
         AGGREGATORS.get(self.aggregation)
         object.__setattr__(self, "fars", tuple(float(f) for f in self.fars))
 

@@ -72,7 +72,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from robustface.utils.guards import check_int, check_real
+from robustface.utils.guards import check_choice, check_int, check_real
 from robustface.utils.registry import Registry
 
 __all__ = [
@@ -121,8 +121,7 @@ class ShardContext:
         Returns a new, detached tensor; ``tensor`` itself is untouched. In one process it is a
         copy. Every rank must call it with a tensor of the same shape, in the same order.
         """
-        if op not in _REDUCE_OPS:
-            raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
+        check_choice("op", op, sorted(_REDUCE_OPS))
         out = tensor.detach().clone()
         if self.distributed:
             dist.all_reduce(out, op=_REDUCE_OPS[op], group=self.group)

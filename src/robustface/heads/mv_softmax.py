@@ -36,7 +36,7 @@ from robustface.heads.base import (
     target_positions,
 )
 from robustface.heads.margin import combined_margin_target
-from robustface.utils.guards import check_real
+from robustface.utils.guards import check_choice, check_real
 
 __all__ = ["MVSoftmaxHead", "mv_arc"]
 
@@ -58,8 +58,7 @@ class MVSoftmaxHead(MarginHead):
         super().__init__()
         self.scale = check_scale(scale)
         margin, t = check_real("margin", margin), check_real("t", t)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        check_choice("variant", variant, VARIANTS)
         if variant == "am" and margin < 0:
             raise ValueError(f"margin (additive cosine margin) must be >= 0, got {margin}")
         if variant == "arc" and not 0 <= margin < math.pi:

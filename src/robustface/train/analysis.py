@@ -32,6 +32,7 @@ from torch import Tensor
 
 from robustface.data.noise import CLEAN, CLOSED, OPEN
 from robustface.data.transforms import resize_to, to_tensor_normalized
+from robustface.utils.guards import check_int
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.run import RunDir
@@ -108,8 +109,7 @@ def select_probe(groups: np.ndarray, n: int, seed: int) -> np.ndarray:
     groups = np.asarray(groups)
     if groups.ndim != 1:
         raise ValueError(f"groups must be 1-D, got shape {groups.shape}")
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    n = check_int("n", n, 1)
     codes, sizes = np.unique(groups, return_counts=True)
     order = np.lexsort((codes, sizes))  # by size, then code
     budget = min(n, groups.size)

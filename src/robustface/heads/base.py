@@ -85,6 +85,7 @@ __all__ = [
     "ShardContext",
     "check_class_range",
     "check_head_inputs",
+    "check_margin",
     "check_scale",
     "head_needs",
 ]
@@ -222,6 +223,14 @@ def head_needs(name: str) -> HeadNeeds:
 def check_scale(scale: float) -> float:
     """``scale`` as a float, or raise unless it is a finite number > 0."""
     return check_real("scale", scale, 0.0, open_low=True)
+
+
+def check_margin(name: str, value: object) -> float:
+    """``value`` as a float, or raise unless an angle in ``[0, pi)`` radians (an angular margin)."""
+    value = check_real(name, value)
+    if not 0 <= value < math.pi:
+        raise ValueError(f"{name} must be in [0, pi) radians, got {value}")
+    return value
 
 
 def check_class_range(class_range: tuple[int, int] | None, num_classes: int) -> tuple[int, int]:

@@ -66,6 +66,7 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
+    check_margin,
     check_scale,
     target_positions,
 )
@@ -138,10 +139,8 @@ class BoundaryFaceHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, lam = check_real("margin", margin), check_real("lam", lam)
-        if not 0 <= margin < math.pi:
-            raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
-        self.margin, self.lam = margin, check_real("lam (boundary weight)", lam, 0.0)
+        self.margin = check_margin("margin", margin)
+        self.lam = check_real("lam (boundary weight)", lam, 0)
         self.epoch_start = check_int("epoch_start", epoch_start, 0)
         self.formula = check_choice("formula", formula, FORMULAS)
         self.last_corrected = 0

@@ -104,16 +104,12 @@ class CenterBiasFaceHead(MarginHead):
         self.embedding_size = check_int("embedding_size", embedding_size, 1)
         self.class_range = check_class_range(class_range, self.num_classes)
         self.scale = check_scale(scale)
-        margin, margin_max = check_real("margin", margin), check_real("margin_max", margin_max)
-        momentum = check_real("momentum", momentum)
+        margin, margin_max = check_real("margin", margin), check_real("margin_max", margin_max, 0)
+        momentum = check_real("momentum", momentum, 0, 1, open_low=True)
         if margin < 0 or margin + margin_max >= math.pi:
             raise ValueError(
                 f"margin must be >= 0 with margin + margin_max < pi radians, got {margin}"
             )
-        if margin_max < 0:
-            raise ValueError(f"margin_max must be >= 0, got {margin_max}")
-        if not 0 < momentum <= 1:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.margin, self.margin_max, self.momentum = margin, margin_max, momentum
         self.register_buffer("centers", torch.zeros(self.class_range[1], embedding_size))
         self.register_buffer("t", torch.zeros(()))

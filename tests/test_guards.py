@@ -84,3 +84,25 @@ def test_check_choice() -> None:
         check_choice("mode", "c", ("a", "b"))
     with pytest.raises(ValueError, match=r"^mode must be one of a, got \['a'\]$"):
         check_choice("mode", ["a"], {"a"})  # unhashable: not a choice, no bare TypeError
+
+
+def test_call_sites_use_the_shared_guards() -> None:
+    """A few of the package's parameters now checked by these guards: types as well as ranges."""
+    from robustface.data.image import encode_image
+    from robustface.data.synth.identity import make_identities
+    from robustface.train.schedule import warmup_poly
+
+    with pytest.raises(ValueError, match=r"^warmup_steps must be >= 0 and <= 10, got 11$"):
+        warmup_poly(10, 11)
+    with pytest.raises(ParameterTypeError, match=r"^total_steps must be an integer, got float"):
+        warmup_poly(10.0)
+    assert warmup_poly(np.int64(10), np.int64(2))(1) == pytest.approx(0.5)
+    image = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ParameterTypeError, match=r"^quality must be an integer, got float 95\.5$"):
+        encode_image(image, quality=95.5)
+    with pytest.raises(ValueError, match=r"^quality must be >= 1 and <= 100, got 0$"):
+        encode_image(image, quality=0)
+    with pytest.raises(ValueError, match=r"^sibling_rate must be in \[0, 1\], got 1\.5$"):
+        make_identities(0, 0, 2, sibling_rate=1.5)
+    with pytest.raises(ParameterTypeError, match=r"^count must be an integer, got float 2\.0$"):
+        make_identities(0, 0, 2.0)

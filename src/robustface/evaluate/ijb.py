@@ -62,7 +62,7 @@ from robustface.evaluate.roc import (
     unmeasurable_note,
 )
 from robustface.evaluate.verification import embed_views
-from robustface.utils.guards import check_choice
+from robustface.utils.guards import check_choice, check_int
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.registry import Registry
@@ -276,8 +276,7 @@ def score_pairs(
         )
     if pairs.ndim != 2 or pairs.shape[1] != 2:
         raise ValueError(f"pairs must have shape (P, 2), got {pairs.shape}")
-    if block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    block_rows = check_int("block_rows", block_rows, 1)
     rows = _rows_of(template_ids, pairs, "pairs")
     order = np.argsort(rows[:, 0], kind="stable")
     first, second = rows[order, 0], rows[order, 1]
@@ -545,8 +544,7 @@ def embed_ijb_images(
     RGB; ``workers`` threads decode and align. With ``out_path`` the array is written there as
     ``.npy`` batch by batch (atomically) and returned memory-mapped, so memory stays at one batch.
     """
-    if batch_size < 1 or workers < 1:
-        raise ValueError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
+    batch_size, workers = check_int("batch_size", batch_size, 1), check_int("workers", workers, 1)
     n = meta.images.size
     batches = _iter_embeddings(
         embed_fn,

@@ -289,8 +289,7 @@ def embed_pairs(
         )
     if images.shape[0] == 0:
         raise ValueError("images is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     if input_size is not None and input_size < 1:
         raise ValueError(f"input_size must be >= 1 or None, got {input_size}")
     fused, norm_sum, norm_count = [], 0.0, 0

@@ -348,3 +348,12 @@ def test_normalize_rows_copies_unless_asked_not_to() -> None:
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="row 3"):
         normalize_rows(bad, copy=False)
+
+
+def test_truncate_checks_k():
+    graph = KnnGraph(np.array([[0, 1, 2], [1, 0, 2]]), np.ones((2, 3), np.float32))
+    assert graph.truncate(np.int64(2)).k == 2
+    with pytest.raises(ValueError, match=r"^k must be >= 1 and <= 3, got 4$"):
+        graph.truncate(4)
+    with pytest.raises(ParameterTypeError, match=r"^k must be an integer, got float 2\.0$"):
+        graph.truncate(2.0)

@@ -83,8 +83,7 @@ class KnnGraph:
 
     def truncate(self, k: int) -> KnnGraph:
         """The first ``k`` neighbours of each sample."""
-        if not 1 <= k <= self.k:
-            raise ValueError(f"k must be in [1, {self.k}], got {k}")
+        k = check_int("k", k, 1, self.k)
         return KnnGraph(self.nbrs[:, :k].copy(), self.sims[:, :k].copy())
 
     def save(self, path: str | Path) -> None:

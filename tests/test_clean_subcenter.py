@@ -21,6 +21,7 @@ from robustface.cli import main
 from robustface.config import load_config
 from robustface.data.recordio import RecordIODataset, unpack_record, write_flat_rec
 from robustface.data.subset import dataset_keys
+from robustface.errors import ParameterTypeError
 from robustface.train import Trainer
 
 
@@ -95,6 +96,11 @@ def test_drop_decisions_match_brute_force():
         drop_decisions(emb, np.full(200, 7), weight, k)
     with pytest.raises(ValueError, match="weight must be"):
         drop_decisions(emb, labels, weight[:-1], k)
+    with pytest.raises(ParameterTypeError, match=r"k \(sub-centers per class\) must be an integer"):
+        drop_decisions(emb, labels, weight, float(k))
+    assert drop_decisions(emb, labels, weight, np.int64(k)).keep.shape == (200,)  # numpy ok
+    with pytest.raises(ValueError, match=r"threshold_deg must be in \(0, 180\], got 0\.0"):
+        drop_decisions(emb, labels, weight, k, threshold_deg=0.0)
 
 
 def _toward(a: int, b: int, degrees: float, d: int = 4) -> np.ndarray:

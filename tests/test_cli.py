@@ -71,18 +71,18 @@ def test_a_user_error_inside_a_command_is_one_line(monkeypatch, capsys):
     assert err.startswith("robustface eval: error: unknown template aggregator 'max'")
     assert err.count("\n") == 1
     # a parameter of the wrong type is the user's error (though still a TypeError): one line
-    from robustface.heads.base import check_number
+    from robustface.utils.guards import check_real
 
     def bad_param(args: argparse.Namespace) -> int:
-        check_number("margin", "abc")
+        check_real("margin", "abc")
         return 0
 
     monkeypatch.setattr(cli, "_cmd_report", bad_param)
     assert main(["report", "run"]) == 2
     err = capsys.readouterr().err
-    assert err == "robustface report: error: margin must be a number, got str\n"
+    assert err == "robustface report: error: margin must be a number, got str 'abc'\n"
     with pytest.raises(TypeError):
-        check_number("margin", "abc")
+        check_real("margin", "abc")
 
 
 @pytest.mark.slow

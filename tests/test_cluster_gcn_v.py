@@ -28,7 +28,7 @@ from robustface.cluster.gcn_v import (
 )
 from robustface.cluster.graph import components, knn_edges
 from robustface.cluster.knn import KnnGraph, knn_brute_force
-from robustface.errors import DataFormatError
+from robustface.errors import DataFormatError, ParameterTypeError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -448,6 +448,10 @@ def test_optimizer_arguments_are_checked() -> None:
         train_gcn_v(xtr, ytr, graph, lr=0.0, **kw)
     with pytest.raises(ValueError, match="lr_steps must be fractions"):
         train_gcn_v(xtr, ytr, graph, optimizer="sgd", lr_steps=(2,), **kw)
+    with pytest.raises(ValueError, match="lr must be finite, got nan"):
+        train_gcn_v(xtr, ytr, graph, lr=float("nan"), **kw)
+    with pytest.raises(ParameterTypeError, match=r"iters must be an integer, got float 1\.5"):
+        train_gcn_v(xtr, ytr, graph, **{**kw, "iters": 1.5})
 
 
 def test_mini_batch_training_clusters_like_full_graph_training(trained: dict) -> None:

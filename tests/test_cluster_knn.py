@@ -21,7 +21,7 @@ from robustface.cluster.knn import (
     normalize_rows,
 )
 from robustface.data.ltc import read_features, write_features
-from robustface.errors import DataFormatError
+from robustface.errors import DataFormatError, ParameterTypeError
 
 
 @pytest.fixture(autouse=True)
@@ -301,10 +301,12 @@ def test_bad_features_name_the_row():
         (dict(k=0), "k must be >= 1, got 0"),
         (dict(batch_size=0), "batch_size must be >= 1, got 0"),
         (dict(shard_size=0), "shard_size must be >= 1 or None, got 0"),
-        (dict(method="lsh"), "unknown kNN method 'lsh'; choose one of flat, ivf, hnsw"),
+        (dict(method="lsh"), "method must be one of flat, ivf, hnsw, got 'lsh'"),
     ]:
         with pytest.raises(ValueError, match=message):
             build_knn(x, **{"k": 5, **kwargs})
+    with pytest.raises(ParameterTypeError, match=r"k must be an integer, got float 5\.0"):
+        build_knn(x, 5.0)
 
 
 def test_knn_recall():
@@ -346,3 +348,12 @@ def test_normalize_rows_copies_unless_asked_not_to() -> None:
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="row 3"):
         normalize_rows(bad, copy=False)
+
+
+def test_truncate_checks_k():
+    graph = KnnGraph(np.array([[0, 1, 2], [1, 0, 2]]), np.ones((2, 3), np.float32))
+    assert graph.truncate(np.int64(2)).k == 2
+    with pytest.raises(ValueError, match=r"^k must be >= 1 and <= 3, got 4$"):
+        graph.truncate(4)
+    with pytest.raises(ParameterTypeError, match=r"^k must be an integer, got float 2\.0$"):
+        graph.truncate(2.0)

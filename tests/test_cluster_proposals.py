@@ -19,6 +19,7 @@ from robustface.cluster.proposals import (
     resolve_settings,
     super_vertices,
 )
+from robustface.errors import ParameterTypeError
 
 
 def graph_from_edges(num_nodes: int, edges: dict[tuple[int, int], float]) -> KnnGraph:
@@ -145,8 +146,12 @@ def test_super_vertices_bad_input() -> None:
         super_vertices(graph, 1.5, 3)
     with pytest.raises(ValueError, match="max_size"):
         super_vertices(graph, 0.5, 0)
-    with pytest.raises(ValueError, match="step"):
+    with pytest.raises(ValueError, match=r"step must be in \(0, 1\), got 1\.0"):
         super_vertices(graph, 0.5, 3, step=1.0)
+    with pytest.raises(ValueError, match=r"th \(cosine similarity\) must be finite, got nan"):
+        super_vertices(graph, float("nan"), 3)
+    with pytest.raises(ParameterTypeError, match=r"max_size must be an integer, got float 3\.0"):
+        super_vertices(graph, 0.5, 3.0)
     assert (super_vertices(graph, 0.95, 3) == -1).all()  # no edge that high
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from heads_reference import arc_target, run_sharded, train_loss_falls
+from robustface.errors import ParameterTypeError
 from robustface.heads import ShardContext, build_head
 from robustface.heads.centerbias import CenterBiasFaceHead, ema_rows
 
@@ -163,6 +164,8 @@ def test_centerbias_class_range_is_this_ranks_share_of_the_global_classes():
     np.testing.assert_allclose(out.logits.numpy(), want, atol=1e-10)
     with pytest.raises(ValueError, match=r"class_offset.*\(3\), got 0"):
         head(cos, labels, embeddings=emb, weight=weight)
-    for bad in [(5, 4), (0, 0), (-1, 2), (1.0, 2), (3,), "03"]:
+    for bad in [(5, 4), (0, 0), (-1, 2), (3,), "03"]:
         with pytest.raises(ValueError, match="class_range"):
             CenterBiasFaceHead(7, 5, class_range=bad)
+    with pytest.raises(ParameterTypeError, match="class_range first must be an integer, got float"):
+        CenterBiasFaceHead(7, 5, class_range=(1.0, 2))

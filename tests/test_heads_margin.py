@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from robustface.errors import ParameterTypeError
 from robustface.fc import FullFC, SubCenterFC
 from robustface.heads import (
     HEAD_CONTEXT,
@@ -25,6 +26,7 @@ from robustface.heads import (
     head_needs,
     list_heads,
 )
+from robustface.heads.base import check_margin, check_scale
 
 
 def reference_logits(cos, labels, scale, m1=1.0, m2=0.0, m3=0.0, easy_margin=False):
@@ -379,3 +381,17 @@ def test_stats_are_the_scalar_state_and_last_step_counters(name):
         "robustface_stable": {"last_noise"},
     }
     assert set(stats) == expected.get(name, set())
+
+
+def test_head_guards_name_parameter_expectation_and_value():
+    assert check_margin("m", 0.0) == 0.0 and check_scale(np.float32(2)) == 2.0
+    with pytest.raises(ValueError, match=r"^m2 \(additive angular margin\) must be in \[0, pi\) "):
+        CombinedMarginHead(m2=3.2)
+    with pytest.raises(ParameterTypeError, match=r"^m1 \(angle factor\) must be a number, got str"):
+        CombinedMarginHead(m1="1")
+    with pytest.raises(ValueError, match=r"^m1 \(angle factor\) must be > 0, got 0\.0$"):
+        CombinedMarginHead(m1=0)
+    with pytest.raises(ValueError, match=r"^scale must be finite, got inf$"):
+        check_scale(math.inf)
+    with pytest.raises(ValueError, match=r"^scale must be > 0\.0, got -1\.0$"):
+        check_scale(-1)

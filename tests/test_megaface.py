@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from robustface.cli import main
-from robustface.errors import DataFormatError
+from robustface.errors import DataFormatError, ParameterTypeError
 from robustface.evaluate.megaface import (
     FeatureSource,
     evaluate_megaface,
@@ -140,8 +140,12 @@ def test_bad_inputs():
         evaluate_megaface(probes, ids[:-1], distractors)
     with pytest.raises(ValueError, match="distractor_feats must be D x 16"):
         evaluate_megaface(probes, ids, distractors[:, :8])
-    with pytest.raises(ValueError, match="far must be in"):
+    with pytest.raises(ValueError, match=r"far must be in \(0, 1\), got 0\.0"):
         evaluate_megaface(probes, ids, distractors, far=0.0)
+    with pytest.raises(ParameterTypeError, match="max_rank must be an integer, got str '1'"):
+        evaluate_megaface(probes, ids, distractors, max_rank="1")
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        evaluate_megaface(probes, ids, distractors, batch_size=0)
     with pytest.raises(ValueError, match="no probe identity has two"):
         evaluate_megaface(probes[:3], np.arange(3), distractors)
     bad = distractors.copy()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustface.errors import ParameterTypeError
 from robustface.models import (
     BACKBONES,
     AdaFaceOutput,
@@ -16,6 +18,7 @@ from robustface.models import (
     load_adaface_checkpoint,
     split_norm,
 )
+from robustface.models.meta import check_stages
 from robustface.utils.registry import Registry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -248,6 +251,19 @@ def test_tiny_preset():
 def test_bad_arguments_name_the_parameter(kwargs, param):
     with pytest.raises(ValueError, match=param):
         build_backbone("r18", **kwargs)
+
+
+def test_argument_types_are_checked():
+    with pytest.raises(ParameterTypeError, match="embedding_size must be an integer, got float"):
+        build_backbone("r18", embedding_size=128.0)
+    with pytest.raises(ParameterTypeError, match=r"blocks\[1\] must be an integer, got bool"):
+        check_stages("blocks", (1, True, 1, 1))
+    with pytest.raises(ValueError, match=r"blocks\[3\] must be >= 1, got 0"):
+        check_stages("blocks", [1, 1, 1, 0])
+    with pytest.raises(ValueError, match=r"blocks must be 4 positive ints, got \(1, 1\)"):
+        check_stages("blocks", [1, 1])
+    assert check_stages("units", [1, np.int64(2), 1, 1]) == (1, 2, 1, 1)
+    assert on_meta("mbf", embedding_size=np.int64(64)).embedding_size == 64
 
 
 # ---------------------------------------------------------------- mixed precision

@@ -14,6 +14,7 @@ from robustface.data.transforms import (
     _color_jitter,
     to_tensor_normalized,
 )
+from robustface.errors import ParameterTypeError
 
 
 def random_image(h: int = 12, w: int = 10, seed: int = 0) -> np.ndarray:
@@ -120,24 +121,25 @@ def test_color_jitter_factors():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "error", "message"),
     [
-        ({"flip_p": 1.5}, "flip_p must be a probability in \\[0, 1\\], got 1.5"),
-        ({"blur": -0.1}, "blur must be a probability in \\[0, 1\\], got -0.1"),
-        ({"color_jitter": "high"}, "color_jitter .* got 'high'"),
-        ({"grayscale": 2}, "grayscale .* got 2"),
-        ({"resize_down_up": True}, "resize_down_up .* got True"),
-        ({"input_size": 0}, "input_size must be a positive int or None, got 0"),
-        ({"seed": -1}, "seed must be a non-negative int or None, got -1"),
+        ({"flip_p": 1.5}, ValueError, r"flip_p must be in \[0, 1\], got 1.5"),
+        ({"blur": -0.1}, ValueError, r"blur must be in \[0, 1\], got -0.1"),
+        ({"color_jitter": "high"}, ParameterTypeError, "color_jitter .* got str 'high'"),
+        ({"grayscale": 2}, ValueError, "grayscale .* got 2"),
+        ({"resize_down_up": True}, ParameterTypeError, "resize_down_up .* got bool True"),
+        ({"input_size": 0}, ValueError, "input_size must be >= 1, got 0"),
+        ({"seed": -1}, ValueError, "seed must be >= 0, got -1"),
+        ({"seed": 1.0}, ParameterTypeError, r"seed must be an integer, got float 1\.0"),
     ],
 )
-def test_parameter_validation(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_parameter_validation(kwargs, error, message):
+    with pytest.raises(error, match=message):
         TrainTransform(**kwargs)
 
 
 def test_eval_transform_validation():
-    with pytest.raises(ValueError, match=r"input_size .* got 3.5"):
+    with pytest.raises(ParameterTypeError, match=r"input_size must be an integer, got float 3.5"):
         EvalTransform(input_size=3.5)
 
 

@@ -34,6 +34,7 @@ from robustface.data.transforms import EvalTransform
 from robustface.models.loading import load_backbone
 from robustface.train import checkpoint as ckpt
 from robustface.train.components import classifier_settings
+from robustface.utils.guards import check_int, check_real
 from robustface.utils.io import atomic_directory, check_output_dir, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.run import RunDir
@@ -87,8 +88,7 @@ def subcenter_assignments(
     cosines are float64 if either input is, else float32.
     """
     emb, w = _numpy(embeddings), _numpy(weight)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (sub-centers per class) must be a positive integer, got {k!r}")
+    k = check_int("k (sub-centers per class)", k, 1)
     if w.ndim != 2 or w.shape[0] % k:
         raise ValueError(f"weight must be (C*K x d) with K={k}, got shape {w.shape}")
     if emb.ndim != 2 or emb.shape[1] != w.shape[1]:
@@ -141,8 +141,7 @@ def drop_decisions(
     threshold_deg: float = 75.0,
 ) -> DropResult:
     """Keep a sample iff its angle to its class's dominant sub-center is < ``threshold_deg``."""
-    if not 0.0 < threshold_deg <= 180.0:
-        raise ValueError(f"threshold_deg must be in (0, 180], got {threshold_deg}")
+    threshold_deg = check_real("threshold_deg", threshold_deg, 0, 180, open_low=True)
     nearest, cosine = subcenter_assignments(embeddings, labels, weight, k)
     labels = np.asarray(_numpy(labels), dtype=np.int64)
     dominant = dominant_subcenter(nearest, labels, _numpy(weight).shape[0] // k, k)
@@ -181,8 +180,7 @@ def embed_dataset(
     transform. Images are resized and normalised by :class:`EvalTransform` (no flip); the
     backbone runs in eval mode (its previous mode is restored).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     count, batches = user_error_batches(
         _Evaluated(dataset, input_size),
         batch_size=batch_size,
@@ -326,8 +324,7 @@ def subcenter_drop(
     record order. A class that would lose every sample keeps its closest one ("rescued").
     """
     run_dir, out = Path(run_dir), Path(out_dir)
-    if not 0 < threshold_deg <= 180:
-        raise ValueError(f"threshold_deg must be in (0, 180], got {threshold_deg}")
+    threshold_deg = check_real("threshold_deg", threshold_deg, 0, 180, open_low=True)
     cfg, main = _load_run(run_dir)
     k = int(classifier_settings(cfg)["k"])
     weight = main["fc"]["module"]["weight"].float()

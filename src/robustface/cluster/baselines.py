@@ -14,7 +14,6 @@ baseline scripts (``scripts/baseline/*.sh``) unless a docstring says otherwise.
 from __future__ import annotations
 
 import heapq
-import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, as_function
 from robustface.cluster.graph import components, knn_adjacency, knn_edges, relabel
 from robustface.cluster.knn import KnnGraph, check_features
-from robustface.errors import ParameterTypeError
+from robustface.utils.guards import check_choice, check_int, check_real
 
 __all__ = [
     "ARO",
@@ -69,25 +68,6 @@ HAC_MAX_PAIRS = 8_000_000
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ParameterTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{name} must be >= {minimum}{upper}, got {value}")
-    return value
-
-
-def _check_float(name: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ParameterTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
-
 def _check_features(method: str, features: np.ndarray | None) -> np.ndarray:
     if features is None:
         raise ValueError(f"{method} needs features, got None")
@@ -116,10 +96,6 @@ def _check_graph(method: str, features: np.ndarray | None, knn: KnnGraph | None)
             f"knn.nbrs holds ids outside [-1, {n}) (min {knn.nbrs.min()}, max {knn.nbrs.max()})"
         )
     return knn
-
-
-def _check_seed(seed: object) -> int:
-    return _check_int("seed", seed, 0, 2**31 - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,11 +151,10 @@ class KMeans(Clusterer):
                 "kmeans needs num_clusters (the published baseline is given the true number of "
                 "identities)"
             )
-        num_clusters = _check_int("num_clusters", self.num_clusters, 1, len(feats))
-        if self.init not in KMEANS_INITS:
-            raise ValueError(f"init must be one of {', '.join(KMEANS_INITS)}, got {self.init!r}")
-        iterations = _check_int("iterations", self.iterations, 1)
-        seed = _check_seed(self.seed)
+        num_clusters = check_int("num_clusters", self.num_clusters, 1, len(feats))
+        check_choice("init", self.init, KMEANS_INITS)
+        iterations = check_int("iterations", self.iterations, 1)
+        seed = check_int("seed", self.seed, 0, 2**31 - 1)
         km = faiss.Kmeans(
             feats.shape[1],
             num_clusters,
@@ -244,8 +219,8 @@ class DBSCAN(Clusterer):
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
         graph = _check_graph("dbscan", features, knn)
-        eps = _check_float("eps", self.eps, 0.0, 2.0)
-        min_samples = _check_int("min_samples", self.min_samples, 1)
+        eps = check_real("eps", self.eps, 0.0, 2.0)
+        min_samples = check_int("min_samples", self.min_samples, 1)
         n = graph.num_samples
         src, dst, _ = knn_edges(graph, min_sim=1.0 - eps)
         pattern = sp.csr_matrix(
@@ -431,18 +406,15 @@ class HAC(Clusterer):
                 f"distance_threshold={self.distance_threshold!r}, "
                 f"num_clusters={self.num_clusters!r}"
             )
-        if self.linkage not in LINKAGES:
-            raise ValueError(f"linkage must be one of {', '.join(LINKAGES)}, got {self.linkage!r}")
-        missing_distance = _check_float("missing_distance", self.missing_distance, 0.0, 2.0)
-        max_pairs = _check_int("max_pairs", self.max_pairs, 1)
+        check_choice("linkage", self.linkage, LINKAGES)
+        missing_distance = check_real("missing_distance", self.missing_distance, 0.0, 2.0)
+        max_pairs = check_int("max_pairs", self.max_pairs, 1)
         n = graph.num_samples
         if self.distance_threshold is not None:
-            distance_threshold = _check_float(
-                "distance_threshold", self.distance_threshold, 0.0, 2.0
-            )
+            distance_threshold = check_real("distance_threshold", self.distance_threshold, 0.0, 2.0)
             stop_distance, max_merges = distance_threshold, n - 1
         else:
-            num_clusters = _check_int("num_clusters", self.num_clusters, 1, n)
+            num_clusters = check_int("num_clusters", self.num_clusters, 1, n)
             src, dst, _ = knn_edges(graph)
             num_comps = int(components(n, src, dst).max()) + 1
             if num_clusters < num_comps:
@@ -558,7 +530,7 @@ class ARO(Clusterer):
 
     def fit(self, features: np.ndarray | None, knn: KnnGraph) -> ARO:
         graph = _check_graph("aro", features, knn)
-        _check_float("threshold", self.threshold, 0.0, float(2 * graph.k))  # before the distances
+        check_real("threshold", self.threshold, 0.0, float(2 * graph.k))  # before the distances
         return super().fit(features, knn)  # type: ignore[return-value]
 
     def _prepare(self, features: np.ndarray | None, knn: KnnGraph) -> tuple[KnnGraph, np.ndarray]:
@@ -567,7 +539,7 @@ class ARO(Clusterer):
 
     def _finish(self, state: tuple[KnnGraph, np.ndarray]) -> np.ndarray:
         graph, dist = state
-        threshold = _check_float("threshold", self.threshold, 0.0, float(2 * graph.k))
+        threshold = check_real("threshold", self.threshold, 0.0, float(2 * graph.k))
         src = np.repeat(np.arange(graph.num_samples), graph.k)
         link = (dist.reshape(-1) <= threshold) & (graph.nbrs.reshape(-1) >= 0)
         return components(graph.num_samples, src[link], graph.nbrs.reshape(-1)[link])
@@ -602,7 +574,7 @@ class ConnectedComponents(Clusterer):
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
         graph = _check_graph("cc", features, knn)
-        min_sim = _check_float("min_sim", self.min_sim, -1.0, 1.0)
+        min_sim = check_real("min_sim", self.min_sim, -1.0, 1.0)
         src, dst, _ = knn_edges(graph, min_sim=min_sim)
         return components(graph.num_samples, src, dst)
 
@@ -665,12 +637,12 @@ class ChineseWhispers(Clusterer):
     def _finish(self, state: Any) -> np.ndarray:
         features, knn = state
         graph = _check_graph("chinese_whispers", features, knn)
-        min_sim = _check_float("min_sim", self.min_sim, 0.0, 1.0)
+        min_sim = check_real("min_sim", self.min_sim, 0.0, 1.0)
         if min_sim == 0.0:
             raise ValueError("min_sim must be > 0 (edge weights are similarities), got 0.0")
-        iterations = _check_int("iterations", self.iterations, 1)
-        seed = _check_seed(self.seed)
-        num_blocks = _check_int("num_blocks", self.num_blocks, 1)
+        iterations = check_int("iterations", self.iterations, 1)
+        seed = check_int("seed", self.seed, 0, 2**31 - 1)
+        num_blocks = check_int("num_blocks", self.num_blocks, 1)
         n = graph.num_samples
         adj = knn_adjacency(graph, min_sim=min_sim, symmetric=True, weighted=True).astype(
             np.float64
@@ -732,17 +704,17 @@ class Infomap(Clusterer):
         features, knn = state
         graph = _check_graph("infomap", features, knn)
         if self.k is not None:
-            k = _check_int("k", self.k, 1)
+            k = check_int("k", self.k, 1)
             if k > graph.k:
                 raise ValueError(
                     f"k={k} exceeds the kNN graph's k={graph.k}; build it with k >= {k}"
                 )
             graph = graph.truncate(k)
-        min_sim = _check_float("min_sim", self.min_sim, 0.0, 1.0)
+        min_sim = check_real("min_sim", self.min_sim, 0.0, 1.0)
         if min_sim == 0.0:
             raise ValueError("min_sim must be > 0 (link weights are similarities), got 0.0")
-        seed = _check_int("seed", self.seed, 1, 2**31 - 1)  # infomap's seeds start at 1
-        num_trials = _check_int("num_trials", self.num_trials, 1)
+        seed = check_int("seed", self.seed, 1, 2**31 - 1)  # infomap's seeds start at 1
+        num_trials = check_int("num_trials", self.num_trials, 1)
         adj = knn_adjacency(graph, min_sim=min_sim, symmetric=True, weighted=True)
         network = infomap.Network.from_scipy_sparse_matrix(adj)
         options = infomap.Options(

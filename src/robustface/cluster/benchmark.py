@@ -34,6 +34,7 @@ from robustface.cluster.base import CLUSTERERS, check_params, param_names, tunab
 from robustface.cluster.dataset import ClusterSet
 from robustface.cluster.knn import KnnGraph, Method, build_knn
 from robustface.cluster.metrics import bcubed, evaluate_clustering, nmi, pairwise
+from robustface.utils.guards import check_choice
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
@@ -119,8 +120,7 @@ def tune_method(
         )
     if data.labels is None:
         raise ValueError(f"set {data.name!r} has no labels: tuning needs the ground truth")
-    if metric not in TUNE_METRICS:
-        raise ValueError(f"metric must be one of {', '.join(TUNE_METRICS)}, got {metric!r}")
+    check_choice("metric", metric, TUNE_METRICS)
     values = [float(v) for v in (cls.grid if grid is None else grid)]
     if not values or not np.all(np.isfinite(values)):
         raise ValueError(f"{method}: the {param} grid must be finite values, got {grid}")
@@ -433,10 +433,7 @@ def run_methods(
             f"tune_grids names methods that are not run or have no threshold to tune: "
             f"{', '.join(sorted(untunable))} (tunable: {', '.join(tunable())})"
         )
-    if tune_metric not in TUNE_METRICS:
-        raise ValueError(
-            f"tune_metric must be one of {', '.join(TUNE_METRICS)}, got {tune_metric!r}"
-        )
+    check_choice("tune_metric", tune_metric, TUNE_METRICS)
     if tune_on is not None and tune_on.labels is None:
         raise ValueError(f"set {tune_on.name!r} has no labels: tuning needs the ground truth")
     all_params = {

@@ -30,6 +30,7 @@ from robustface.data.transforms import resize_to
 from robustface.errors import DataFormatError
 from robustface.evaluate.verification import embed_views
 from robustface.models.loading import load_backbone
+from robustface.utils.guards import check_choice, check_int
 
 __all__ = [
     "ClusterSet",
@@ -112,8 +113,7 @@ def knn_file_method(index: str) -> str:
 
 def knn_path(root: str | Path, name: str, k: int, method: str = "faiss") -> Path:
     """``root/knns/<name>/<method>_k_<k>.npz``, learn-to-cluster's kNN file name."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = check_int("k", k, 1)
     return Path(root) / "knns" / name / f"{method}_k_{k}.npz"
 
 
@@ -162,8 +162,8 @@ def load_features(
         raise FileNotFoundError(f"feature file not found: {path}")
     if path.suffix not in FEATURE_SUFFIXES:
         raise ValueError(f"{path}: feature files must end in {' or '.join(FEATURE_SUFFIXES)}")
-    if dim is not None and dim < 1:
-        raise ValueError(f"dim must be positive, got {dim}")
+    if dim is not None:
+        dim = check_int("dim", dim, 1)
     if path.suffix == ".bin":
         if dim is None:
             raise ValueError(f"{path}: a raw .bin file needs dim (its row width)")
@@ -274,8 +274,7 @@ def save_cluster_set(root: str | Path, cs: ClusterSet) -> tuple[Path, Path | Non
 
 
 def _synthface_rec(synth_dir: Path, split: str) -> Path:
-    if split not in SYNTHFACE_SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SYNTHFACE_SPLITS)}, got {split!r}")
+    check_choice("split", split, SYNTHFACE_SPLITS)
     rec = synth_dir / "train.rec" if split == "train" else synth_dir / "open_set" / "open_set.rec"
     if not rec.is_file():
         why = " (built with open_set_identities=0?)" if split == "open_set" else ""
@@ -324,8 +323,7 @@ def extract_synthface_features(
     ``normalize(e + e_flip)`` with ``flip`` (insightface's evaluation convention), else
     ``normalize(e)``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     rec = _synthface_rec(Path(synth_dir), split)
     model, size = load_backbone(
         model_path,

@@ -52,6 +52,7 @@ from robustface.cluster.proposals import (
 )
 from robustface.cluster.train_settings import GCN_DS_TRAINING, TrainSettings, resolve_settings
 from robustface.errors import DataFormatError
+from robustface.utils.guards import check_choice, check_int, check_real
 
 __all__ = [
     "DSGCN",
@@ -110,15 +111,12 @@ class DSGCN(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        if stage not in STAGE_KIND:
-            raise ValueError(f"stage must be 'det' or 'seg', got {stage!r}")
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
+        check_choice("stage", stage, STAGE_KIND)
+        feature_dim = check_int("feature_dim", feature_dim, 1)
         hidden = [int(h) for h in hidden_dims]
         if not hidden or min(hidden) < 1:
             raise ValueError(f"hidden_dims must be positive sizes, at least one, got {hidden_dims}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        dropout = check_real("dropout", dropout, 0, 1, open_high=True)
         self.config: dict[str, Any] = {
             "feature_dim": int(feature_dim),
             "hidden_dims": hidden,
@@ -150,8 +148,7 @@ class DSGCN(nn.Module):
     @classmethod
     def load(cls, path: str | Path, stage: Stage, device: Device = "cpu") -> DSGCN:
         """Read a model written by :meth:`save`; a file of the other stage is refused."""
-        if stage not in STAGE_KIND:
-            raise ValueError(f"stage must be 'det' or 'seg', got {stage!r}")
+        check_choice("stage", stage, STAGE_KIND)
         state, meta = read_gcn_checkpoint(path, STAGE_KIND[stage])
         names = ("feature_dim", "hidden_dims", "stage", "dropout")
         if any(name not in meta for name in names):
@@ -362,8 +359,7 @@ def predict_gcn_d(
     (batches of proposals of similar sizes)."""
     feats = _check_inputs(features, knn, proposals)
     _check_model(model, "det", feats.shape[1])
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     dev = next(model.parameters()).device
     out = np.zeros((len(proposals), 2), dtype=np.float32)
     order = np.argsort(proposals.sizes, kind="stable")
@@ -395,10 +391,8 @@ def predict_gcn_s(
     """
     feats = _check_inputs(features, knn, proposals)
     _check_model(model, "seg", feats.shape[1])
-    if seed_node not in ("random", "max_degree"):
-        raise ValueError(f"seed_node must be 'random' or 'max_degree', got {seed_node!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_choice("seed_node", seed_node, ("random", "max_degree"))
+    batch_size = check_int("batch_size", batch_size, 1)
     dev = next(model.parameters()).device
     rng = np.random.default_rng(random_state)
     random_seeds = (rng.random(len(proposals)) * proposals.sizes).astype(np.int64)

@@ -55,6 +55,7 @@ from robustface.cluster.gcn_v import (
 from robustface.cluster.graph import knn_adjacency
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
 from robustface.cluster.train_settings import GCN_E_TRAINING, TrainSettings, resolve_settings
+from robustface.utils.guards import check_int, check_real
 
 __all__ = [
     "GCNE",
@@ -86,8 +87,7 @@ class GCNE(nn.Module):
 
     def __init__(self, feature_dim: int, hidden: int = 512, dropout: float = 0.0) -> None:
         super().__init__()
-        if hidden < 2:
-            raise ValueError(f"hidden must be >= 2, got {hidden}")
+        hidden = check_int("hidden", hidden, 2)
         half = hidden // 2
         self.feature_dim, self.hidden = feature_dim, hidden
         self.conv1 = GraphConv(feature_dim, hidden, dropout)
@@ -139,8 +139,7 @@ def edge_rows(knn: KnnGraph, confidence: np.ndarray, ignore_ratio: float) -> np.
     """Samples GCN-E decides for: at least two candidates and not among the ``ignore_ratio``
     fraction of lowest confidence (learn-to-cluster's ``ignore_set``, ``ignore_small_confs``)."""
     conf = _check_confidence(confidence, knn.num_samples)
-    if not 0.0 <= ignore_ratio <= 1.0:
-        raise ValueError(f"ignore_ratio must be in [0, 1], got {ignore_ratio}")
+    ignore_ratio = check_real("ignore_ratio", ignore_ratio, 0, 1)
     num = knn.num_samples
     ignored = np.zeros(num, dtype=bool)
     ignored[np.argsort(conf, kind="stable")[: int(num * ignore_ratio)]] = True
@@ -234,9 +233,8 @@ def train_gcn_e(
     device, seed = run.device, run.seed
     feats, conf = _edge_inputs(features, confidence, knn)
     labels = _check_labels(labels, len(feats))
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    epochs, batch_size = check_int("epochs", epochs, 1), check_int("batch_size", batch_size, 1)
+    log_every = check_int("log_every", log_every, 1)
     rows = edge_rows(knn, conf, ignore_ratio)
     if len(rows) == 0:
         raise ValueError(
@@ -300,8 +298,7 @@ def predict_gcn_e(
         raise ValueError(
             f"features are {feats.shape[1]}-d but the model takes {model.feature_dim}-d"
         )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     peak, sim = nearest_higher(knn, conf)
     rows = edge_rows(knn, conf, ignore_ratio)
     rows = rows[np.argsort(_candidate_counts(knn, conf)[rows], kind="stable")]

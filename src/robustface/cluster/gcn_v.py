@@ -45,6 +45,7 @@ from robustface.cluster.train_settings import (
 )
 from robustface.errors import DataFormatError
 from robustface.models.loading import load_weights
+from robustface.utils.guards import check_choice, check_int, check_real
 from robustface.utils.io import atomic_path
 
 __all__ = [
@@ -93,10 +94,8 @@ class GraphConv(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        if in_dim < 1 or out_dim < 1:
-            raise ValueError(f"in_dim and out_dim must be >= 1, got {in_dim} and {out_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        in_dim, out_dim = check_int("in_dim", in_dim, 1), check_int("out_dim", out_dim, 1)
+        dropout = check_real("dropout", dropout, 0, 1, open_high=True)
         self.in_dim, self.out_dim, self.dropout = in_dim, out_dim, dropout
         self.weight = nn.Parameter(torch.empty(2 * in_dim, out_dim))
         self.bias = nn.Parameter(torch.zeros(out_dim))
@@ -349,8 +348,7 @@ def _lr_factor(
     ``lr_steps`` (fractions of ``iters``; published 0.5/0.8/0.9) for SGD; for AdamW a linear
     warm-up over :data:`WARMUP_FRACTION` of the steps, then a cosine from 1 to 0. Checks the
     arguments."""
-    if optimizer not in DEFAULT_LR:
-        raise ValueError(f"optimizer must be one of {', '.join(DEFAULT_LR)}, got {optimizer!r}")
+    check_choice("optimizer", optimizer, DEFAULT_LR)
     if optimizer == "sgd":
         milestones = _lr_milestones(iters, (0.5, 0.8, 0.9) if lr_steps is None else lr_steps)
         return lambda step: lr_gamma ** sum(step >= m for m in milestones)
@@ -403,10 +401,7 @@ def _train_loop(
     epochs, batch_size, seed = settings.epochs, settings.batch_size, settings.seed
     lr, momentum, weight_decay = settings.lr, settings.momentum, settings.weight_decay
     lr_gamma, show_progress = settings.lr_gamma, settings.show_progress
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    epochs, batch_size = check_int("epochs", epochs, 1), check_int("batch_size", batch_size, 1)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
@@ -485,16 +480,12 @@ def train_gcn_v(
     feats = normalize_rows(features)
     num = len(feats)
     _check_knn(knn, num)
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    if log_every < 1:
-        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    iters, log_every = check_int("iters", iters, 1), check_int("log_every", log_every, 1)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     lr_factor = _lr_factor(optimizer, iters, lr_steps, run.lr_gamma)
     lr = DEFAULT_LR[optimizer] if lr is None else lr
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    lr = check_real("lr", lr, 0, open_low=True)
     targets = confidence_targets(labels, knn)
     agg = np.empty_like(feats)
     for start, stop, rows in gcn_adjacency_blocks(knn):
@@ -561,8 +552,7 @@ def predict_gcn_v(
         raise ValueError(
             f"features are {feats.shape[1]}-d but the model takes {model.feature_dim}-d"
         )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     device = torch.device(device)
     x = torch.from_numpy(feats).to(device)
     conf = np.empty(num, dtype=np.float32)

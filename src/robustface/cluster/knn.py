@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from robustface.data.ltc import read_knn, write_knn
 from robustface.errors import DataFormatError
+from robustface.utils.guards import check_choice, check_int
 from robustface.utils.io import write_text_atomic
 
 __all__ = [
@@ -82,8 +83,7 @@ class KnnGraph:
 
     def truncate(self, k: int) -> KnnGraph:
         """The first ``k`` neighbours of each sample."""
-        if not 1 <= k <= self.k:
-            raise ValueError(f"k must be in [1, {self.k}], got {k}")
+        k = check_int("k", k, 1, self.k)
         return KnnGraph(self.nbrs[:, :k].copy(), self.sims[:, :k].copy())
 
     def save(self, path: str | Path) -> None:
@@ -175,8 +175,8 @@ def ivf_nlist(num_rows: int, nlist: int | None = None) -> int:
     least 1) so that k-means has at least 39 training points per list, below which faiss warns
     that the clustering is unreliable.
     """
-    if nlist is not None and nlist < 1:
-        raise ValueError(f"nlist must be >= 1, got {nlist}")
+    if nlist is not None:
+        nlist = check_int("nlist", nlist, 1)
     wanted = nlist if nlist is not None else min(4096, int(8 * np.sqrt(num_rows)))
     return max(1, min(wanted, num_rows // 39))
 
@@ -275,12 +275,8 @@ def build_knn(
     ``timings``, if given, receives the seconds spent building indexes (``"index"``) and searching
     (``"search"``).
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if method not in METHODS:
-        raise ValueError(f"unknown kNN method {method!r}; choose one of {', '.join(METHODS)}")
+    k, batch_size = check_int("k", k, 1), check_int("batch_size", batch_size, 1)
+    check_choice("method", method, METHODS)
     feats = _matrix(features)
     n = len(feats)
     if n == 0:
@@ -357,8 +353,7 @@ def _cache_key(features: np.ndarray, k: int, method: str, kwargs: dict[str, Any]
     unknown = sorted(set(kwargs) - set(_BUILD_OPTIONS))
     if unknown:
         raise TypeError(f"load_or_build_knn got unknown build_knn argument(s): {unknown}")
-    if method not in METHODS:
-        raise ValueError(f"unknown kNN method {method!r}; choose one of {', '.join(METHODS)}")
+    check_choice("method", method, METHODS)
     params = {}
     for name in _PARAMS_BY_METHOD[method]:
         value = kwargs.get(name, _BUILD_OPTIONS[name])

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from robustface.cluster.graph import knn_edges
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features
+from robustface.utils.guards import check_int, check_real
 
 __all__ = [
     "PRESETS",
@@ -198,14 +199,10 @@ def super_vertices(
     A sample cut loose by a raised threshold becomes a singleton super vertex. After ``max_iter``
     raises, the components left are kept as they are.
     """
-    if not -1.0 <= th <= 1.0:
-        raise ValueError(f"th must be a cosine similarity in [-1, 1], got {th}")
-    if max_size < 1:
-        raise ValueError(f"max_size must be >= 1, got {max_size}")
-    if not 0.0 < step < 1.0:
-        raise ValueError(f"step must be in (0, 1), got {step}")
-    if max_iter < 0:
-        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    th = check_real("th (cosine similarity)", th, -1, 1)
+    max_size = check_int("max_size", max_size, 1)
+    step = check_real("step", step, 0, 1, open_low=True, open_high=True)
+    max_iter = check_int("max_iter", max_iter, 0)
     n = graph.num_samples
     labels = np.full(n, -1, dtype=np.int64)
     a, b, sim = _unique_pairs(graph, th)

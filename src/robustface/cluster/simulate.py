@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import robustface
 from robustface.cluster.dataset import ClusterSet, feature_path, label_path
-from robustface.errors import ParameterTypeError
+from robustface.utils.guards import check_choice, check_int
 from robustface.utils.io import atomic_directory, atomic_path, check_output_dir, write_text_atomic
 
 __all__ = [
@@ -176,8 +176,7 @@ class _Simulator:
     """Identity-by-identity generation for one split."""
 
     def __init__(self, params: SimulationParams, seed: int, split: str) -> None:
-        if split not in SPLIT_STREAMS:
-            raise ValueError(f"split must be one of {', '.join(SPLIT_STREAMS)}, got {split!r}")
+        check_choice("split", split, SPLIT_STREAMS)
         self.p, self.seed, self.stream = params, seed, SPLIT_STREAMS[split]
         self.log_mean = params.size_log_mean()
         p, rng = params, np.random.default_rng([seed, _GLOBAL])
@@ -263,8 +262,7 @@ class _Simulator:
         self, num_identities: int, chunk_identities: int, show_progress: bool, desc: str
     ) -> Iterator[tuple[int, list[int], np.ndarray]]:
         """``(first identity, sizes, features)`` for consecutive chunks of identities."""
-        if chunk_identities < 1:
-            raise ValueError(f"chunk_identities must be >= 1, got {chunk_identities}")
+        check_int("chunk_identities", chunk_identities, 1)
         with tqdm(total=num_identities, desc=desc, unit="id", disable=not show_progress) as bar:
             for start in range(0, num_identities, chunk_identities):
                 stop = min(start + chunk_identities, num_identities)
@@ -274,13 +272,6 @@ class _Simulator:
                 ]
                 yield start, [d.size for d in idents], np.concatenate(feats)
                 bar.update(stop - start)
-
-
-def _check_count(num_identities: int, name: str = "num_identities") -> None:
-    if isinstance(num_identities, bool) or not isinstance(num_identities, int | np.integer):
-        raise ParameterTypeError(f"{name} must be an int, got {type(num_identities).__name__}")
-    if num_identities < 1:
-        raise ValueError(f"{name} must be >= 1, got {num_identities}")
 
 
 def simulate_features(
@@ -298,7 +289,7 @@ def simulate_features(
     ``split`` picks the identity stream: ``train`` and ``test`` identities are disjoint draws.
     Deterministic for a seed; identical to what :func:`write_simulated` streams to disk.
     """
-    _check_count(num_identities)
+    num_identities = check_int("num_identities", num_identities, 1)
     sim = _Simulator(SimulationParams(**params), seed, split)
     sizes = np.array([sim.identity(i).size for i in range(num_identities)], dtype=np.int64)
     feats = np.empty((int(sizes.sum()), sim.p.dim), dtype=np.float32)
@@ -360,7 +351,7 @@ def write_simulated(
     Memory is one chunk (about ``chunk_identities * mean_size * dim * 4`` bytes), so millions of
     samples can be written. The files equal :func:`simulate_features` with the same arguments.
     """
-    _check_count(num_identities)
+    num_identities = check_int("num_identities", num_identities, 1)
     sim = _Simulator(SimulationParams(**params), seed, split)
     return _write_split(Path(root), {name: num_identities}, sim, chunk_identities, show_progress)[
         name
@@ -406,8 +397,8 @@ def write_benchmark(
     68). ``root`` appears whole or not at all; an existing ``root`` is replaced only with
     ``overwrite`` and when it holds our ``meta.json``. Returns what ``meta.json`` records.
     """
-    _check_count(train_identities, "train_identities")
-    _check_count(test_identities, "test_identities")
+    train_identities = check_int("train_identities", train_identities, 1)
+    test_identities = check_int("test_identities", test_identities, 1)
     if not scales or len(set(scales)) != len(scales) or not set(scales) <= set(PUBLISHED_SCALES):
         raise ValueError(
             f"scales must be distinct values from {sorted(PUBLISHED_SCALES)} (the published "

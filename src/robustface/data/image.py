@@ -9,6 +9,7 @@ import numpy as np
 import simplejpeg
 
 from robustface.errors import DataFormatError
+from robustface.utils.guards import check_int
 
 JPEG_MAGIC = b"\xff\xd8"  # SOI marker: the first two bytes of every JPEG
 
@@ -37,8 +38,7 @@ def encode_image(image: np.ndarray, fmt: str = "jpg", quality: int = 95) -> byte
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
     if fmt in ("jpg", "jpeg"):
-        if not 1 <= quality <= 100:
-            raise ValueError(f"quality must be in [1, 100], got {quality}")
+        quality = check_int("quality", quality, 1, 100)
         image = np.ascontiguousarray(image)
         return simplejpeg.encode_jpeg(image, quality=quality, colorspace="RGB")
     if fmt == "png":

@@ -18,6 +18,7 @@ import numpy as np
 
 from robustface.data.recordio import _is_int
 from robustface.errors import DataFormatError
+from robustface.utils.guards import check_int
 from robustface.utils.io import atomic_path, write_bytes_atomic, write_text_atomic
 
 __all__ = [
@@ -41,8 +42,7 @@ def read_features(
     ``normalize=False``: write L2-normalised features once (:func:`write_features`) and map those.
     """
     path = Path(path)
-    if dim <= 0:
-        raise ValueError(f"dim must be positive, got {dim}")
+    dim = check_int("dim", dim, 1)
     if mmap and normalize:
         raise ValueError(
             "mmap=True needs normalize=False (a memory map is read-only); write normalised "
@@ -209,8 +209,7 @@ def write_knn(
         raise ValueError(
             f"nbrs and dists must be (N, k) arrays of one shape, got {nbrs.shape} and {dists.shape}"
         )
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    chunk_rows = check_int("chunk_rows", chunk_rows, 1)
     small = nbrs.size == 0 or int(np.abs(nbrs).max()) < FLOAT32_EXACT_IDS
     dtype = np.dtype(np.float32 if small else np.float64)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,

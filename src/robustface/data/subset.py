@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from robustface.data.recordio import RecordIODataset, unpack_record, write_insightface_rec
+from robustface.utils.guards import check_int
 from robustface.utils.io import link_or_copy
 
 __all__ = ["dataset_keys", "write_rec_subset"]
@@ -74,8 +75,7 @@ def write_rec_subset(
         raise ValueError(f"picks has {len(picks)} rows but labels has {len(labels)}")
     if len(picks) == 0:
         raise ValueError("picks is empty: nothing to write")
-    if num_classes <= 0:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    num_classes = check_int("num_classes", num_classes, 1)
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise ValueError(

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from robustface.utils.guards import check_int, check_real
+
 __all__ = ["EvalTransform", "TrainTransform", "to_tensor_normalized"]
 
 _SCALE = np.float32(2.0 / 255.0)
@@ -81,9 +83,7 @@ def resize_to(image: np.ndarray, size: int) -> np.ndarray:
 def _check_input_size(input_size: int | None) -> int | None:
     if input_size is None:
         return None
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
-        raise ValueError(f"input_size must be a positive int or None, got {input_size!r}")
-    return input_size
+    return check_int("input_size", input_size, 1)
 
 
 class TrainTransform:
@@ -111,23 +111,13 @@ class TrainTransform:
         input_size: int | None = None,
         seed: int | None = None,
     ) -> None:
-        probabilities = {
-            "flip_p": flip_p,
-            "resize_down_up": resize_down_up,
-            "blur": blur,
-            "color_jitter": color_jitter,
-            "grayscale": grayscale,
-        }
-        for name, value in probabilities.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-        self.flip_p = float(flip_p)
-        self.resize_down_up = float(resize_down_up)
-        self.blur = float(blur)
-        self.color_jitter = float(color_jitter)
-        self.grayscale = float(grayscale)
+        self.flip_p = check_real("flip_p", flip_p, 0, 1)
+        self.resize_down_up = check_real("resize_down_up", resize_down_up, 0, 1)
+        self.blur = check_real("blur", blur, 0, 1)
+        self.color_jitter = check_real("color_jitter", color_jitter, 0, 1)
+        self.grayscale = check_real("grayscale", grayscale, 0, 1)
+        if seed is not None:
+            seed = check_int("seed", seed, 0)
         self.input_size = _check_input_size(input_size)
         self.seed = seed
         self._rng: np.random.Generator | None = None

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from robustface.data.image import ARCFACE_TEMPLATE
+from robustface.utils.guards import check_choice, check_int
 
 __all__ = [
     "ARCFACE_TEMPLATE",
@@ -91,10 +92,8 @@ def arcface_template(size: int = TEMPLATE_SIZE, rule: str = "scale") -> np.ndarr
     ``estimate_norm``: for a multiple of 112 the same; otherwise scaled by ``size / 128`` and
     shifted right by ``8 * size / 128`` (its 128 px crop). Both agree at 112, 224, ...
     """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    if rule not in TEMPLATE_RULES:
-        raise ValueError(f"rule must be one of {TEMPLATE_RULES}, got {rule!r}")
+    size = check_int("size", size, 1)
+    check_choice("rule", rule, TEMPLATE_RULES)
     template = ARCFACE_TEMPLATE.astype(np.float64)
     if rule == "scale" or size % TEMPLATE_SIZE == 0:
         return template * (size / TEMPLATE_SIZE)

@@ -26,6 +26,7 @@ import torch
 
 from robustface.models.loading import load_backbone
 from robustface.models.onnx import INPUT_METADATA_KEY, OnnxBackbone, onnx_session
+from robustface.utils.guards import check_int
 from robustface.utils.io import atomic_path
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ExportReport", "OnnxBackbone", "export_onnx"]
@@ -89,8 +90,7 @@ def export_onnx(
     """
     import onnx
 
-    if opset < 11:
-        raise ValueError(f"opset must be >= 11, got {opset}")
+    opset = check_int("opset", opset, 11)
     out_path = Path(out_path)
     if Path(checkpoint).suffix.lower() == ".onnx":
         raise ValueError(f"{checkpoint}: already an ONNX model; export takes a PyTorch checkpoint")

@@ -62,6 +62,7 @@ from robustface.evaluate.roc import (
     unmeasurable_note,
 )
 from robustface.evaluate.verification import embed_views
+from robustface.utils.guards import check_choice, check_int
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.registry import Registry
@@ -264,8 +265,7 @@ def score_pairs(
     templates or by gathering the two rows of each pair, whichever costs less; memory stays at
     one ``block_rows x T`` block (or ``65536 x d`` gathered rows) beyond the index arrays.
     """
-    if dtype not in SCORE_DTYPES:
-        raise ValueError(f"dtype must be one of {SCORE_DTYPES}, got {dtype!r}")
+    check_choice("dtype", dtype, SCORE_DTYPES)
     feats = np.ascontiguousarray(template_feats, dtype=dtype)
     template_ids = np.asarray(template_ids)
     pairs = np.asarray(pairs)
@@ -276,8 +276,7 @@ def score_pairs(
         )
     if pairs.ndim != 2 or pairs.shape[1] != 2:
         raise ValueError(f"pairs must have shape (P, 2), got {pairs.shape}")
-    if block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    block_rows = check_int("block_rows", block_rows, 1)
     rows = _rows_of(template_ids, pairs, "pairs")
     order = np.argsort(rows[:, 0], kind="stable")
     first, second = rows[order, 0], rows[order, 1]
@@ -545,8 +544,7 @@ def embed_ijb_images(
     RGB; ``workers`` threads decode and align. With ``out_path`` the array is written there as
     ``.npy`` batch by batch (atomically) and returned memory-mapped, so memory stays at one batch.
     """
-    if batch_size < 1 or workers < 1:
-        raise ValueError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
+    batch_size, workers = check_int("batch_size", batch_size, 1), check_int("workers", workers, 1)
     n = meta.images.size
     batches = _iter_embeddings(
         embed_fn,
@@ -785,13 +783,10 @@ class IJBSettings:
     workers: int = 4
 
     def __post_init__(self) -> None:
-        if self.far_mode not in FAR_MODES:
-            raise ValueError(f"far_mode must be one of {FAR_MODES}, got {self.far_mode!r}")
+        check_choice("far_mode", self.far_mode, FAR_MODES)
         check_far_reading(self.far_reading)
-        if self.align_rule not in TEMPLATE_RULES:
-            raise ValueError(f"align_rule must be one of {TEMPLATE_RULES}, got {self.align_rule!r}")
-        if self.score_dtype not in SCORE_DTYPES:
-            raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
+        check_choice("align_rule", self.align_rule, TEMPLATE_RULES)
+        check_choice("score_dtype", self.score_dtype, SCORE_DTYPES)
         AGGREGATORS.get(self.aggregation)
         object.__setattr__(self, "fars", tuple(float(f) for f in self.fars))
 

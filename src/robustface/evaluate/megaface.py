@@ -64,6 +64,7 @@ from robustface.evaluate.roc import (
     unmeasurable_note,
 )
 from robustface.evaluate.verification import embed_pairs
+from robustface.utils.guards import check_int, check_real
 from robustface.utils.io import atomic_path
 from robustface.utils.table import markdown_table
 
@@ -433,12 +434,9 @@ def evaluate_megaface(
     total = int(distractor_feats.shape[0])
     if total == 0:
         raise ValueError("distractor_feats is empty")
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
-    if not 0.0 < far < 1.0:
-        raise ValueError(f"far must be in (0, 1), got {far}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    max_rank = check_int("max_rank", max_rank, 1)
+    far = check_real("far", far, 0, 1, open_low=True, open_high=True)
+    batch_size = check_int("batch_size", batch_size, 1)
     if not sizes or any(int(s) < 1 for s in sizes):
         raise ValueError(f"sizes must be positive ints, got {list(sizes)}")
     capped = sorted({min(int(s), total) for s in sizes})

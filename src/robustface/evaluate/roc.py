@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from robustface.utils.guards import check_choice
+
 __all__ = [
     "FARS",
     "FAR_MODES",
@@ -80,8 +82,7 @@ def unmeasurable_note(reading: str, detail: str) -> str:
 
 def check_far_reading(reading: str) -> None:
     """Raise ValueError unless ``reading`` is one of :data:`FAR_READINGS`."""
-    if reading not in FAR_READINGS:
-        raise ValueError(f"far reading must be one of {FAR_READINGS}, got {reading!r}")
+    check_choice("far reading", reading, FAR_READINGS)
 
 
 def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,8 +160,7 @@ class Roc:
     def operating_points(self, fars: Iterable[float] = FARS, mode: str = "closest") -> np.ndarray:
         """Index of the ROC point read for each FAR target with ``mode`` (see the module)."""
         targets = np.asarray([float(f) for f in fars], dtype=np.float64)
-        if mode not in FAR_MODES:
-            raise ValueError(f"mode must be one of {FAR_MODES}, got {mode!r}")
+        check_choice("mode", mode, FAR_MODES)
         if np.any((targets < 0.0) | (targets > 1.0)):
             raise ValueError(f"fars must lie in [0, 1], got {targets.tolist()}")
         fpr = self.fpr

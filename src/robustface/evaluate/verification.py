@@ -46,13 +46,13 @@ from tqdm import tqdm
 
 from robustface.data.transforms import resize_to
 from robustface.data.verification import load_bin_images
-from robustface.errors import ParameterTypeError
 from robustface.evaluate.roc import (
     check_far_reading,
     far_measurable,
     unmeasurable_cell,
     unmeasurable_note,
 )
+from robustface.utils.guards import check_int, check_real
 from robustface.utils.table import markdown_table
 
 __all__ = ["embed_pairs", "evaluate", "format_results", "verify_bin"]
@@ -97,14 +97,12 @@ def _check_inputs(
             f"embeddings contain {int(bad.sum())} NaN/inf values in "
             f"{int(bad.any(axis=1).sum())} rows (first at row {row}, pair {row // 2})"
         )
-    if isinstance(nrof_folds, bool) or not isinstance(nrof_folds, int | np.integer):
-        raise ParameterTypeError(f"nrof_folds must be an int, got {type(nrof_folds).__name__}")
+    nrof_folds = check_int("nrof_folds", nrof_folds)
     if not 2 <= nrof_folds <= same.size:
         raise ValueError(
             f"nrof_folds must be in [2, number of pairs = {same.size}], got {nrof_folds}"
         )
-    if not 0.0 <= far_target <= 1.0:
-        raise ValueError(f"far_target must be in [0, 1], got {far_target}")
+    check_real("far_target", far_target, 0, 1)
     return emb, same.astype(bool)
 
 
@@ -291,8 +289,7 @@ def embed_pairs(
         )
     if images.shape[0] == 0:
         raise ValueError("images is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     if input_size is not None and input_size < 1:
         raise ValueError(f"input_size must be >= 1 or None, got {input_size}")
     fused, norm_sum, norm_count = [], 0.0, 0

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from robustface.fc.base import CLASSIFIERS, Classifier, FCOutput
 from robustface.heads.base import LOCAL
+from robustface.utils.guards import check_int
 
 __all__ = [
     "CLASSIFIERS",
@@ -69,9 +70,8 @@ def normalized_cosine(embeddings: Tensor, weight: Tensor) -> Tensor:
 
 def check_sizes(embedding_size: int, num_classes: int) -> None:
     """Raise unless both sizes are positive integers."""
-    for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int("embedding_size", embedding_size, 1)
+    check_int("num_classes", num_classes, 1)
 
 
 @CLASSIFIERS.register("full")
@@ -131,8 +131,7 @@ class SubCenterFC(Classifier):
     ) -> None:
         super().__init__()
         check_sizes(embedding_size, num_classes)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k (sub-centers per class) must be a positive integer, got {k!r}")
+        k = check_int("k (sub-centers per class)", k, 1)
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.k = k

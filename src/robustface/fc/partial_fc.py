@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from robustface.errors import ParameterTypeError
 from robustface.fc.base import CLASSIFIERS, Classifier, FCOutput
 from robustface.fc.full import (
     check_embeddings,
@@ -39,6 +38,7 @@ from robustface.fc.full import (
     normalized_cosine,
 )
 from robustface.heads.base import ShardContext
+from robustface.utils.guards import check_real
 
 __all__ = ["PartialFC", "gather_rows", "reshard_rows", "shard_bounds"]
 
@@ -154,12 +154,7 @@ class PartialFC(Classifier):
     ) -> None:
         super().__init__()
         check_sizes(embedding_size, num_classes)
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
-            raise ParameterTypeError(
-                f"sample_rate must be a number, got {type(sample_rate).__name__}"
-            )
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        sample_rate = check_real("sample_rate", sample_rate, 0, 1, open_low=True)
         rank, world_size = _group_info(group)
         if num_classes < world_size:
             raise ValueError(

@@ -39,11 +39,11 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
     check_scale,
     target_positions,
 )
 from robustface.heads.margin import ACOS_EPS
+from robustface.utils.guards import check_real
 
 __all__ = ["AdaFaceHead"]
 
@@ -74,16 +74,12 @@ class AdaFaceHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, h = check_number("margin", margin), check_number("h", h)
-        t_alpha, eps = check_number("t_alpha", t_alpha), check_number("eps", eps)
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
-        if h <= 0:
-            raise ValueError(f"h (concentration of the norm score) must be > 0, got {h}")
-        if not 0 < t_alpha <= 1:
-            raise ValueError(
-                f"t_alpha (EMA weight of the batch statistics) must be in (0, 1], got {t_alpha}"
-            )
+        margin = check_real("margin", margin, 0)
+        h = check_real("h (concentration of the norm score)", h, 0, open_low=True)
+        t_alpha = check_real(
+            "t_alpha (EMA weight of the batch statistics)", t_alpha, 0, 1, open_low=True
+        )
+        eps = check_real("eps", eps)
         if not 0 < eps < math.pi / 2:
             raise ValueError(f"eps must be in (0, pi/2), got {eps}")
         self.margin, self.h, self.t_alpha, self.eps = margin, h, t_alpha, eps

@@ -72,7 +72,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from robustface.errors import ParameterTypeError
+from robustface.utils.guards import check_choice, check_int, check_real
 from robustface.utils.registry import Registry
 
 __all__ = [
@@ -85,7 +85,7 @@ __all__ = [
     "ShardContext",
     "check_class_range",
     "check_head_inputs",
-    "check_number",
+    "check_margin",
     "check_scale",
     "head_needs",
 ]
@@ -122,8 +122,7 @@ class ShardContext:
         Returns a new, detached tensor; ``tensor`` itself is untouched. In one process it is a
         copy. Every rank must call it with a tensor of the same shape, in the same order.
         """
-        if op not in _REDUCE_OPS:
-            raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
+        check_choice("op", op, sorted(_REDUCE_OPS))
         out = tensor.detach().clone()
         if self.distributed:
             dist.all_reduce(out, op=_REDUCE_OPS[op], group=self.group)
@@ -221,21 +220,17 @@ def head_needs(name: str) -> HeadNeeds:
     return getattr(HEADS.get(name), "needs", HeadNeeds())
 
 
-def check_number(name: str, value: object) -> float:
-    """``value`` as a float; ``TypeError`` unless a real number, ``ValueError`` unless finite."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ParameterTypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
 def check_scale(scale: float) -> float:
-    """``scale`` as a float, or ``ValueError`` unless it is finite and > 0."""
-    scale = check_number("scale", scale)
-    if scale <= 0:
-        raise ValueError(f"scale must be finite and > 0, got {scale}")
-    return scale
+    """``scale`` as a float, or raise unless it is a finite number > 0."""
+    return check_real("scale", scale, 0.0, open_low=True)
+
+
+def check_margin(name: str, value: object) -> float:
+    """``value`` as a float, or raise unless an angle in ``[0, pi)`` radians (an angular margin)."""
+    value = check_real(name, value)
+    if not 0 <= value < math.pi:
+        raise ValueError(f"{name} must be in [0, pi) radians, got {value}")
+    return value
 
 
 def check_class_range(class_range: tuple[int, int] | None, num_classes: int) -> tuple[int, int]:
@@ -244,10 +239,8 @@ def check_class_range(class_range: tuple[int, int] | None, num_classes: int) -> 
         return 0, num_classes
     if not isinstance(class_range, (tuple, list)) or len(class_range) != 2:
         raise ValueError(f"class_range must be a (first, count) pair, got {class_range!r}")
-    first, count = class_range
-    for name, value in (("first", first), ("count", count)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"class_range {name} must be an integer, got {value!r}")
+    first = check_int("class_range first", class_range[0])
+    count = check_int("class_range count", class_range[1])
     if first < 0 or count < 1 or first + count > num_classes:
         raise ValueError(
             f"class_range (first, count) must have first >= 0, count >= 1 and first + count <= "

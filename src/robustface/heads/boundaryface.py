@@ -66,11 +66,12 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
+    check_margin,
     check_scale,
     target_positions,
 )
 from robustface.heads.margin import combined_margin_target
+from robustface.utils.guards import check_choice, check_int, check_real
 
 __all__ = ["BoundaryFaceHead", "global_row_max"]
 
@@ -138,17 +139,10 @@ class BoundaryFaceHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, lam = check_number("margin", margin), check_number("lam", lam)
-        if not 0 <= margin < math.pi:
-            raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
-        if lam < 0:
-            raise ValueError(f"lam (boundary weight) must be >= 0, got {lam}")
-        if isinstance(epoch_start, bool) or not isinstance(epoch_start, int) or epoch_start < 0:
-            raise ValueError(f"epoch_start must be an integer >= 0, got {epoch_start!r}")
-        if formula not in FORMULAS:
-            raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
-        self.margin, self.lam, self.epoch_start = margin, lam, epoch_start
-        self.formula = formula
+        self.margin = check_margin("margin", margin)
+        self.lam = check_real("lam (boundary weight)", lam, 0)
+        self.epoch_start = check_int("epoch_start", epoch_start, 0)
+        self.formula = check_choice("formula", formula, FORMULAS)
         self.last_corrected = 0
 
     def forward(

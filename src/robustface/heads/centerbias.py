@@ -43,11 +43,11 @@ from robustface.heads.base import (
     ShardContext,
     check_class_range,
     check_head_inputs,
-    check_number,
     check_scale,
     target_positions,
 )
 from robustface.heads.margin import combined_margin_target
+from robustface.utils.guards import check_int, check_real
 
 __all__ = ["CenterBiasFaceHead", "ema_rows"]
 
@@ -75,12 +75,6 @@ def ema_rows(state: Tensor, rows: Tensor, values: Tensor, momentum: float) -> Te
     return out.index_add(0, rows, coef.unsqueeze(1) * values.to(state.dtype))
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 @HEADS.register("centerbiasface")
 class CenterBiasFaceHead(MarginHead):
     """CenterBiasFace: ArcFace with a per-class margin from the class-centre / weight bias.
@@ -106,20 +100,16 @@ class CenterBiasFaceHead(MarginHead):
         class_range: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        self.num_classes = _positive_int("num_classes", num_classes)
-        self.embedding_size = _positive_int("embedding_size", embedding_size)
+        self.num_classes = check_int("num_classes", num_classes, 1)
+        self.embedding_size = check_int("embedding_size", embedding_size, 1)
         self.class_range = check_class_range(class_range, self.num_classes)
         self.scale = check_scale(scale)
-        margin, margin_max = check_number("margin", margin), check_number("margin_max", margin_max)
-        momentum = check_number("momentum", momentum)
+        margin, margin_max = check_real("margin", margin), check_real("margin_max", margin_max, 0)
+        momentum = check_real("momentum", momentum, 0, 1, open_low=True)
         if margin < 0 or margin + margin_max >= math.pi:
             raise ValueError(
                 f"margin must be >= 0 with margin + margin_max < pi radians, got {margin}"
             )
-        if margin_max < 0:
-            raise ValueError(f"margin_max must be >= 0, got {margin_max}")
-        if not 0 < momentum <= 1:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.margin, self.margin_max, self.momentum = margin, margin_max, momentum
         self.register_buffer("centers", torch.zeros(self.class_range[1], embedding_size))
         self.register_buffer("t", torch.zeros(()))

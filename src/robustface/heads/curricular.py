@@ -24,7 +24,6 @@ receives each row's (detached) target through one ``all_reduce`` per call, in ev
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -37,12 +36,13 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
+    check_margin,
     check_scale,
     row_thresholds,
     target_positions,
 )
 from robustface.heads.margin import combined_margin_target
+from robustface.utils.guards import check_real
 
 __all__ = ["CurricularFaceHead"]
 
@@ -60,16 +60,10 @@ class CurricularFaceHead(MarginHead):
     def __init__(self, scale: float = 64.0, margin: float = 0.5, momentum: float = 0.01) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin = check_number("margin", margin)
-        momentum = check_number("momentum", momentum)
-        if not 0 <= margin < math.pi:
-            raise ValueError(
-                f"margin (additive angular margin) must be in [0, pi) radians, got {margin}"
-            )
-        if not 0 < momentum <= 1:
-            raise ValueError(
-                f"momentum (EMA weight of the batch mean) must be in (0, 1], got {momentum}"
-            )
+        margin = check_margin("margin (additive angular margin)", margin)
+        momentum = check_real(
+            "momentum (EMA weight of the batch mean)", momentum, 0, 1, open_low=True
+        )
         self.margin, self.momentum = margin, momentum
         self.register_buffer("t", torch.zeros(()))
 

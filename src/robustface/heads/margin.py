@@ -40,10 +40,11 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
+    check_margin,
     check_scale,
     target_positions,
 )
+from robustface.utils.guards import check_real
 
 __all__ = [
     "CombinedMarginHead",
@@ -127,11 +128,9 @@ class CombinedMarginHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        m1, m2, m3 = check_number("m1", m1), check_number("m2", m2), check_number("m3", m3)
-        if m1 <= 0:
-            raise ValueError(f"m1 (angle factor) must be > 0, got {m1}")
-        if not 0 <= m2 < math.pi:
-            raise ValueError(f"m2 (additive angular margin) must be in [0, pi) radians, got {m2}")
+        m1 = check_real("m1 (angle factor)", m1, 0, open_low=True)
+        m2 = check_margin("m2 (additive angular margin)", m2)
+        m3 = check_real("m3", m3)
         self.m1, self.m2, self.m3 = m1, m2, m3
         self.easy_margin = bool(easy_margin)
 

@@ -18,7 +18,6 @@ negatives may sit on ranks that do not own its target, so every rank receives ea
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -31,12 +30,13 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
+    check_margin,
     check_scale,
     row_thresholds,
     target_positions,
 )
 from robustface.heads.margin import combined_margin_target
+from robustface.utils.guards import check_choice, check_real
 
 __all__ = ["MVSoftmaxHead", "mv_arc"]
 
@@ -57,17 +57,12 @@ class MVSoftmaxHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, t = check_number("margin", margin), check_number("t", t)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if variant == "am" and margin < 0:
-            raise ValueError(f"margin (additive cosine margin) must be >= 0, got {margin}")
-        if variant == "arc" and not 0 <= margin < math.pi:
-            raise ValueError(
-                f"margin (additive angular margin) must be in [0, pi) radians, got {margin}"
-            )
-        if t < 0:
-            raise ValueError(f"t (weight of mis-classified negatives) must be >= 0, got {t}")
+        check_choice("variant", variant, VARIANTS)
+        if variant == "am":
+            margin = check_real("margin (additive cosine margin)", margin, 0)
+        else:
+            margin = check_margin("margin (additive angular margin)", margin)
+        t = check_real("t (weight of mis-classified negatives)", t, 0)
         self.margin, self.t, self.variant = margin, t, variant
 
     def forward(

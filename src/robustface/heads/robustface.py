@@ -61,12 +61,13 @@ from robustface.heads.base import (
     MarginHead,
     ShardContext,
     check_head_inputs,
-    check_number,
+    check_margin,
     check_scale,
     row_thresholds,
     target_positions,
 )
 from robustface.heads.margin import ACOS_EPS, combined_margin_target
+from robustface.utils.guards import check_real
 
 __all__ = ["RobustFaceHead", "RobustFaceStableHead", "noise_boundary"]
 
@@ -82,6 +83,15 @@ def noise_boundary(cos_target: Tensor, m1: float | Tensor) -> Tensor:
     eps = max(ACOS_EPS, torch.finfo(cos_target.dtype).eps)
     theta = torch.acos(cos_target.clamp(-1.0 + eps, 1.0 - eps))
     return torch.cos((theta + m1).clamp(min=0.0))
+
+
+def _check_arc_params(margin: object, m1: object, t: object) -> tuple[float, float, float]:
+    """The ``margin``, noise margin ``m1`` and hard-negative boost ``t`` both heads take."""
+    margin = check_margin("margin", margin)
+    m1 = check_real("m1 (noise margin)", m1)
+    if not -math.pi < m1 < math.pi:
+        raise ValueError(f"m1 (noise margin) must be in (-pi, pi) radians, got {m1}")
+    return margin, m1, check_real("t (hard-negative boost)", t, 0)
 
 
 @HEADS.register("robustface")
@@ -105,24 +115,10 @@ class RobustFaceHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, m1 = check_number("margin", margin), check_number("m1", m1)
-        t, gamma = check_number("t", t), check_number("gamma", gamma)
-        noise_rate, momentum = (
-            check_number("noise_rate", noise_rate),
-            check_number("momentum", momentum),
-        )
-        if not 0 <= margin < math.pi:
-            raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
-        if not -math.pi < m1 < math.pi:
-            raise ValueError(f"m1 (noise margin) must be in (-pi, pi) radians, got {m1}")
-        if t < 0:
-            raise ValueError(f"t (hard-negative boost) must be >= 0, got {t}")
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        if not 0 <= noise_rate < 1:
-            raise ValueError(f"noise_rate (mu) must be in [0, 1), got {noise_rate}")
-        if not 0 < momentum <= 1:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        margin, m1, t = _check_arc_params(margin, m1, t)
+        gamma = check_real("gamma", gamma, 0)
+        noise_rate = check_real("noise_rate (mu)", noise_rate, 0, 1, open_high=True)
+        momentum = check_real("momentum", momentum, 0, 1, open_low=True)
         self.margin, self.t, self.gamma = margin, t, gamma
         self.noise_rate, self.momentum = noise_rate, momentum
         self.register_buffer("phi", torch.zeros((), dtype=torch.float64))
@@ -218,13 +214,7 @@ class RobustFaceStableHead(MarginHead):
     ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
-        margin, m1, t = check_number("margin", margin), check_number("m1", m1), check_number("t", t)
-        if not 0 <= margin < math.pi:
-            raise ValueError(f"margin must be in [0, pi) radians, got {margin}")
-        if not -math.pi < m1 < math.pi:
-            raise ValueError(f"m1 (noise margin) must be in (-pi, pi) radians, got {m1}")
-        if t < 0:
-            raise ValueError(f"t (hard-negative boost) must be >= 0, got {t}")
+        margin, m1, t = _check_arc_params(margin, m1, t)
         self.margin, self.m1, self.t = margin, m1, t
         self.last_noise: Tensor | int = 0
 

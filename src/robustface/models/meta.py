@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from robustface.utils.guards import check_int, check_real
 from robustface.utils.registry import Registry
 
 BACKBONES: Registry[Callable[..., FaceBackbone]] = Registry("backbone")
@@ -94,23 +95,20 @@ def final_map_size(input_size: int, downsamplings: int = 4) -> int:
 def check_common_args(
     *, embedding_size: int, input_size: int, width: float, dropout: float = 0.0
 ) -> None:
-    """Raise ``ValueError`` naming the first out-of-range backbone argument."""
-    if not isinstance(embedding_size, int) or embedding_size < 1:
-        raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
-    if not isinstance(input_size, int) or input_size < 1:
-        raise ValueError(f"input_size must be a positive int (square side), got {input_size!r}")
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    """Raise naming the first backbone argument of the wrong type (``ParameterTypeError``) or out
+    of range (``ValueError``)."""
+    check_int("embedding_size", embedding_size, 1)
+    check_int("input_size (square side)", input_size, 1)
+    check_real("width", width, 0, open_low=True)
+    check_real("dropout", dropout, 0, 1, open_high=True)
 
 
 def check_stages(name: str, counts: Sequence[int]) -> tuple[int, ...]:
-    """``counts`` (blocks per stage of the four stages) as a tuple, or ``ValueError`` naming
-    ``name`` unless they are 4 positive ints."""
-    if len(counts) != 4 or any(not isinstance(n, int) or n < 1 for n in counts):
+    """``counts`` (blocks per stage of the four stages) as a tuple of ints; raises naming
+    ``name`` unless they are 4 positive integers."""
+    if len(counts) != 4:
         raise ValueError(f"{name} must be 4 positive ints, got {tuple(counts)!r}")
-    return tuple(counts)
+    return tuple(check_int(f"{name}[{i}]", n, 1) for i, n in enumerate(counts))
 
 
 class FaceBackbone(nn.Module, ABC):

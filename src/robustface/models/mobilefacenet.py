@@ -22,9 +22,11 @@ from robustface.models.meta import (
     BackboneMeta,
     FaceBackbone,
     check_common_args,
+    check_stages,
     final_map_size,
     scaled_channels,
 )
+from robustface.utils.guards import check_int
 
 
 class ConvBlock(nn.Module):
@@ -143,10 +145,8 @@ class MobileFaceNet(FaceBackbone):
         amp_dtype: torch.dtype | None = None,
     ) -> None:
         check_common_args(embedding_size=embedding_size, input_size=input_size, width=width)
-        if len(blocks) != 4 or any(not isinstance(b, int) or b < 1 for b in blocks):
-            raise ValueError(f"blocks must be 4 positive ints, got {tuple(blocks)!r}")
-        if not isinstance(scale, int) or scale < 1:
-            raise ValueError(f"scale must be a positive int, got {scale!r}")
+        blocks = check_stages("blocks", blocks)
+        scale = check_int("scale", scale, 1)
         super().__init__(
             embedding_size=embedding_size, input_size=input_size, fp16=fp16, amp_dtype=amp_dtype
         )

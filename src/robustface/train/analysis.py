@@ -32,6 +32,7 @@ from torch import Tensor
 
 from robustface.data.noise import CLEAN, CLOSED, OPEN
 from robustface.data.transforms import resize_to, to_tensor_normalized
+from robustface.utils.guards import check_int, check_real
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.run import RunDir
@@ -79,8 +80,7 @@ def probe_groups(
     kind = np.asarray(kind)
     if kind.ndim != 1 or not np.isin(kind, (CLEAN, CLOSED, OPEN)).all():
         raise ValueError("kind must be a 1-D array of noise kinds in {0, 1, 2}")
-    if not 0.0 <= low_quality_fraction <= 1.0:
-        raise ValueError(f"low_quality_fraction must be in [0, 1], got {low_quality_fraction!r}")
+    low_quality_fraction = check_real("low_quality_fraction", low_quality_fraction, 0, 1)
     groups = kind.astype(np.int64)
     if quality is None:
         return groups
@@ -108,8 +108,7 @@ def select_probe(groups: np.ndarray, n: int, seed: int) -> np.ndarray:
     groups = np.asarray(groups)
     if groups.ndim != 1:
         raise ValueError(f"groups must be 1-D, got shape {groups.shape}")
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    n = check_int("n", n, 1)
     codes, sizes = np.unique(groups, return_counts=True)
     order = np.lexsort((codes, sizes))  # by size, then code
     budget = min(n, groups.size)
@@ -593,8 +592,7 @@ class AngleProbe:
         Returns the last stage's."""
         if not self.records:
             raise RuntimeError("no stage recorded yet")
-        if max_plot_stages < 1:
-            raise ValueError(f"max_plot_stages must be positive, got {max_plot_stages}")
+        max_plot_stages = check_int("max_plot_stages", max_plot_stages, 1)
         run = RunDir(out_dir)
         run.analysis_dir.mkdir(parents=True, exist_ok=True)
         arrays = {

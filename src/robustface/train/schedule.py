@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from robustface.utils.guards import check_int
+
 
 def warmup_poly(
     total_steps: int, warmup_steps: int = 0, power: float = 1.0
@@ -13,10 +15,8 @@ def warmup_poly(
     ``step / warmup_steps`` during warmup, then
     ``(1 - (step - warmup) / (total - warmup)) ** power``, reaching 0 at ``total_steps``.
     """
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be in [0, {total_steps}], got {warmup_steps}")
+    total_steps = check_int("total_steps", total_steps, 1)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:

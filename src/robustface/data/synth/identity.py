@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from robustface.utils.guards import check_int, check_real
+
 PARAM_NAMES: tuple[str, ...] = (
     # face shape
     "head_width", "head_height", "head_depth", "cheek_width", "jaw_width", "chin_width",
@@ -118,12 +120,8 @@ def make_identities(seed: int, start: int, count: int, sibling_rate: float = 0.1
     recursively, and never reach across ``start``: with the same ``start``, a longer range extends
     a shorter one, and a non-sibling identity is the same in every range that contains it.
     """
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
-    if not 0.0 <= sibling_rate <= 1.0:
-        raise ValueError(f"sibling_rate must be in [0, 1], got {sibling_rate}")
+    count, start = check_int("count", count, 0), check_int("start", start, 0)
+    sibling_rate = check_real("sibling_rate", sibling_rate, 0, 1)
     out: list[Identity] = []
     genes = np.zeros(len(PARAM_NAMES))
     for i in range(start, start + count):

@@ -28,6 +28,7 @@ import numpy as np
 
 from robustface.data.image import ARCFACE_TEMPLATE
 from robustface.data.synth.identity import PARAM_INDEX, Identity
+from robustface.utils.guards import check_choice, check_int, check_real
 
 PROFILES = ("train", "frontal", "profile", "low_quality", "clean")
 OCCLUSIONS = ("none", "glasses", "sunglasses", "mask", "bar", "hand")
@@ -189,10 +190,8 @@ def sample_nuisance(
     magnitude (pose, expression, light, colour cast, blur, noise, resolution loss, JPEG loss and
     occlusion rate); ``profile``'s own yaw range and the ``clean`` profile are not scaled.
     """
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}")
-    if not difficulty >= 0.0:
-        raise ValueError(f"difficulty must be >= 0, got {difficulty}")
+    check_choice("profile", profile, PROFILES)
+    difficulty = check_real("difficulty", difficulty, 0)
     u = rng.random(26).tolist()
     z = rng.standard_normal(12).tolist()
     occ = tuple(rng.random(4).tolist())
@@ -1465,8 +1464,7 @@ class Rendered:
 
 
 def _check_size(size: int) -> None:
-    if not 16 <= size <= 1024:
-        raise ValueError(f"size must be in [16, 1024], got {size}")
+    check_int("size", size, 16, 1024)
 
 
 def _landmarks(m: _Model, fr: _Frame) -> np.ndarray:

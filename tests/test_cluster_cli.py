@@ -122,6 +122,7 @@ def test_given_models_are_used_and_gcn_e_trains_on_them(bench, tmp_path, capsys)
     assert not (models / "gcn_v.pth").exists()  # nothing trained behind the user's back
 
     out = tmp_path / "b"
+    assert main(["cluster", "knn", str(bench), "part1_test", "--k", "10", "--quiet"]) == 0
     args = ["cluster", "benchmark", str(bench), "--k", "10", "--out", str(out), "--quiet"]
     args += ["--methods", "gcn_v", "gcn_e", "--model", f"gcn_v={mine}", "--epochs", "1"]
     assert main(args) == 0
@@ -132,7 +133,7 @@ def test_given_models_are_used_and_gcn_e_trains_on_them(bench, tmp_path, capsys)
     assert rows["gcn_e"]["params"]["gcn_v_model"] == str(mine)
     assert rows["gcn_e"]["params"]["gcn_e_model"] == str(out / "models" / "gcn_e.pth")
     assert not (out / "models" / "gcn_v.pth").exists()
-    assert doc["knn"]["source"].startswith("read from")  # built by an earlier test
+    assert doc["knn"]["source"].startswith("read from")  # the kNN built above
 
 
 def test_knn_time_is_reported_when_built(bench, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,3 +41,14 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def collect_garbage_between_modules() -> Iterator[None]:
+    """Free each module's cyclic garbage in this process before the next module runs.
+
+    Otherwise an onnxruntime session left in a reference cycle (say by a failed assertion's
+    traceback in tests/test_onnx.py) may be collected inside a DataLoader worker forked by a later
+    module, where its destructor waits forever on a lock held by a thread that was not forked."""
+    yield
+    gc.collect()

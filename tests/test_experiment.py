@@ -93,7 +93,8 @@ def test_grid_tables_resume_and_failures(tmp_path, capsys):
                  *(x for o in bad for x in ("--set", o))])  # fmt: skip
     assert code == 1
     assert (out / "runs" / "broken" / "clean" / "s0" / "FAILED").is_file()
-    assert "head.params: scale must be > 0.0, got -1.0" in (out / "runs/broken/clean/s0/FAILED").read_text()
+    failure = (out / "runs/broken/clean/s0/FAILED").read_text()
+    assert "head.params: scale must be > 0.0, got -1.0" in failure
     report = (out / "results.md").read_text()
     assert "## Failed cells" in report and "broken/C34O34/s1" in report
     assert "| stable" in report

@@ -11,7 +11,8 @@ its helper layout (see :mod:`robustface.data.ijb`):
    ``2d`` columns and adds the two halves). Without flip only ``e`` is embedded (``V = 1``).
 3. Each image is weighted by its faceness score (insightface's default, ``faceness=False`` turns
    it off) and the template feature is built by an aggregator from :data:`AGGREGATORS`: media
-   pooling, then template pooling, then L2 normalisation.
+   pooling, then template pooling, then L2 normalisation. ``mean`` and ``norm_weighted`` pool the
+   per-image terms of the fusion aggregators of the same names (:mod:`robustface.fuse.baselines`).
 4. A pair's score is the cosine of its two template features; TAR at FAR comes from the ROC
    (:mod:`robustface.evaluate.roc`, reading ``"closest"`` or ``"conservative"``). A FAR below
    ``1 / impostor pairs`` is not measurable: its TAR is null in the JSON's ``tar_at_far`` and
@@ -62,6 +63,7 @@ from robustface.evaluate.roc import (
     unmeasurable_note,
 )
 from robustface.evaluate.verification import embed_views
+from robustface.fuse.baselines import LinearAggregator, MeanAggregator, NormWeightedAggregator
 from robustface.utils.guards import check_choice, check_int
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
@@ -156,18 +158,16 @@ AGGREGATORS: Registry[Aggregator] = Registry("template aggregator")
 
 
 def _media_template_pool(
-    features: np.ndarray, weights: np.ndarray, groups: TemplateGroups, unit: bool
+    features: np.ndarray, weights: np.ndarray, groups: TemplateGroups, fusion: LinearAggregator
 ) -> np.ndarray:
-    """Weighted (optionally unit-norm) images averaged per media, media summed per template."""
+    """``fusion``'s per-image terms, weighted, averaged per media, media summed per template."""
     d = features.shape[1]
     media = torch.zeros((groups.media_counts.size, d), dtype=torch.float32)
     for start in range(0, features.shape[0], _ROW_CHUNK):
         x = torch.from_numpy(np.asarray(features[start : start + _ROW_CHUNK], dtype=np.float32))
         w = torch.from_numpy(np.asarray(weights[start : start + _ROW_CHUNK], dtype=np.float32))
-        if unit:
-            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         index = torch.from_numpy(groups.image_media[start : start + _ROW_CHUNK])
-        media.index_add_(0, index, x * w[:, None])
+        media.index_add_(0, index, fusion.terms(x) * w[:, None])
     media /= torch.from_numpy(groups.media_counts).to(torch.float32)[:, None]
     templates = torch.zeros((groups.template_ids.size, d), dtype=torch.float32)
     templates.index_add_(0, torch.from_numpy(groups.media_template), media)
@@ -179,8 +179,8 @@ def mean_aggregation(
     features: np.ndarray, weights: np.ndarray, groups: TemplateGroups
 ) -> np.ndarray:
     """Directions only: each image feature L2-normalised and weighted, averaged within a media,
-    media summed (insightface with ``use_norm_score=False``)."""
-    return _media_template_pool(features, weights, groups, unit=True)
+    media summed (insightface with ``use_norm_score=False``; the ``mean`` fusion's terms)."""
+    return _media_template_pool(features, weights, groups, MeanAggregator())
 
 
 @AGGREGATORS.register("norm_weighted")
@@ -188,8 +188,9 @@ def norm_weighted_aggregation(
     features: np.ndarray, weights: np.ndarray, groups: TemplateGroups
 ) -> np.ndarray:
     """Each image's direction weighted by its feature norm (a quality proxy) and its weight, i.e.
-    raw features averaged within a media, media summed (insightface's default)."""
-    return _media_template_pool(features, weights, groups, unit=False)
+    raw features averaged within a media, media summed (insightface's default; the
+    ``norm_weighted`` fusion's terms)."""
+    return _media_template_pool(features, weights, groups, NormWeightedAggregator())
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -86,7 +86,7 @@ def _model(seed: int = 0) -> CAFace:
     torch.manual_seed(seed)
     model = CAFace()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             scale = 0.3 if p.ndim < 2 else 1.0 / math.sqrt(p.shape[-1])
             p.add_(torch.randn_like(p) * scale)
         model.style_maker.bn.running_mean.normal_()
@@ -142,7 +142,7 @@ def _reference(sd, f, s):
     nb = "norm_emb.norm_bn."
     nz = (norm[:, 0] - sd[nb + "running_mean"]) / torch.sqrt(sd[nb + "running_var"] + 1e-5)
     nz = torch.clamp(nz, -3, 3) * 10
-    idx = [int(math.trunc(v)) + 30 for v in nz.tolist()]
+    idx = [math.trunc(v) + 30 for v in nz.tolist()]
     emb = torch.zeros(t, 64)
     for r, pos in enumerate(idx):
         for i in range(32):
@@ -331,7 +331,7 @@ def test_checkpoint_errors_name_file_and_keys(tmp_path):
         load_caface_checkpoint(path)
     path = tmp_path / "none.ckpt"
     torch.save({"state_dict": {"model.x": torch.zeros(1)}}, path)
-    with pytest.raises(DataFormatError, match="none.ckpt.*no 'aggregator"):
+    with pytest.raises(DataFormatError, match=r"none\.ckpt.*no 'aggregator"):
         load_caface_checkpoint(path)
 
 

@@ -289,6 +289,8 @@ def test_memory_detached_in_eval_kept_in_training():
     f, s = _inputs(2, 6)
     f.requires_grad_(True)
     assert not model(f, s).memory.features.requires_grad
+    _, frame = model.fuse_sequential(f, s, chunk_size=2)
+    assert not frame.requires_grad  # no chunk's graph is kept alive
     model.train()
     assert model(f, s).memory.features.requires_grad
 
@@ -350,6 +352,12 @@ def test_checkpoint_errors_name_file_and_keys(tmp_path):
             torch.full((1, 3, 512), float("nan")),
             torch.randn(1, 3, 384, 2),
             "features: contains NaN",
+        ),
+        (torch.randn(1, 3, 512), torch.full((1, 3, 384, 2), float("inf")), "styles: contains NaN"),
+        (
+            torch.cat([torch.randn(1, 2, 512), torch.zeros(1, 1, 512)], dim=1),
+            torch.randn(1, 3, 384, 2),
+            "set 0, image 2 has a zero-norm feature",
         ),
     ],
 )

@@ -26,8 +26,9 @@ chunks, but it does depend on how the set is chunked (attention mixes images wit
 
 Deliberate deviations from the official code:
 
-- A frame with a non-finite feature or style raises ``ValueError`` (upstream drops NaN frames
-  per chunk, and only when the set is longer than a chunk; elsewhere they poison the result).
+- A frame with a non-finite feature or style, or a zero feature, raises ``ValueError``
+  (upstream drops NaN frames per chunk, and only when the set is longer than a chunk; elsewhere
+  they poison the result).
 - The per-frame weights (for plots) of a chunk use that chunk's aggregation weights.
 """
 
@@ -290,6 +291,10 @@ class CAFace(nn.Module):
         for name, tensor in (("features", features), ("styles", styles)):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{name}: contains NaN or infinite values")
+        zero = (features.norm(dim=-1) == 0).nonzero()
+        if len(zero):
+            set_index, frame = zero[0].tolist()
+            raise ValueError(f"features: set {set_index}, image {frame} has a zero-norm feature")
 
     def forward(
         self,
@@ -336,7 +341,8 @@ class CAFace(nn.Module):
             start, stop = int(part[0]), int(part[-1]) + 1
             out = self(features[:, start:stop], styles[:, start:stop], memory)
             memory = out.memory
-            frame_weights.append(out.frame_weights)
+            # in eval nothing of a finished chunk stays in the graph: memory constant in T
+            frame_weights.append(out.frame_weights if self.training else out.frame_weights.detach())
         return out.fused, torch.cat(frame_weights, dim=1)
 
 

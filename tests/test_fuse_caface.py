@@ -197,7 +197,7 @@ def _reference(sd, f, s):
     w = _lin(sd, "fusion_net.conf_mlp.2.fc2", _gelu(_lin(sd, "fusion_net.conf_mlp.2.fc1", u)))
     w = _softmax(w, dim=0)  # (4, 512), over the clusters per channel
     fused = (w * mu).sum(0)
-    frame = (anorm * w.mean(1, keepdim=True)).sum(0)
+    frame = (attn / attn.sum(1, keepdim=True) * w.mean(1, keepdim=True)).sum(0)
     return fused, frame
 
 
@@ -226,6 +226,7 @@ def test_forward_matches_formula_reference():
         torch.testing.assert_close(
             out.frame_weights[i], frame, rtol=1e-6, atol=1e-8
         )  # pe is a float32 table
+    torch.testing.assert_close(out.frame_weights.sum(1), torch.ones(2, dtype=torch.float64))
     # the norm buckets span the clipped range and the attention differs per set
     assert not torch.allclose(out.fused[0], out.fused[1])
 
@@ -277,10 +278,17 @@ def test_memory_is_the_count_weighted_mean_and_order_invariant():
             results.append(out.fused)
             torch.testing.assert_close(memory.features, mean_features, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(memory.counts, total)
-        seq, _ = model.fuse_sequential(f, s, chunk_size=12)
+        seq, frame = model.fuse_sequential(f, s, chunk_size=12)
+        # per-frame weights as the official demo: all assignments over the total soft counts,
+        # with the last chunk's aggregation weights
+        assign = torch.cat([o.assign for o in outs], dim=-1)
+        last_w = out.weights.mean(-1, keepdim=True)  # order [1, 2, 0]: w does not depend on order
+        expected = (assign / assign.sum(-1, keepdim=True) * last_w).sum(1)
     for r in results[1:]:
         torch.testing.assert_close(r, results[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seq, results[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(frame, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(frame.sum(1), torch.ones(2))
     assert not torch.allclose(seq, model(f, s).fused.detach(), atol=1e-4)  # chunking matters
 
 
@@ -288,9 +296,13 @@ def test_memory_detached_in_eval_kept_in_training():
     model = _model()
     f, s = _inputs(2, 6)
     f.requires_grad_(True)
+    s.requires_grad_(True)
     assert not model(f, s).memory.features.requires_grad
-    _, frame = model.fuse_sequential(f, s, chunk_size=2)
-    assert not frame.requires_grad  # no chunk's graph is kept alive
+    fused, frame = model.fuse_sequential(f, s, chunk_size=2)
+    # only the last chunk's graph is kept alive (frame weights sum to 1: weigh them)
+    (fused.sum() + (frame * torch.arange(6.0)).sum()).backward()
+    for grad in (f.grad, s.grad):
+        assert bool((grad[:, :4] == 0).all()) and bool((grad[:, 4:] != 0).any())
     model.train()
     assert model(f, s).memory.features.requires_grad
 

@@ -16,6 +16,9 @@ parameters), with module names that give the released checkpoint's state-dict ke
 - **Aggregation Network** (``fusion_net.conf_mlp``): 2 MixerBlocks (one LayerNorm each, used
   before both mixings; gate on the token skip) and an Mlp 256->256->512; softmax over the
   clusters per channel; ``fused = sum_m w_m * mu_m`` (not normalised: callers L2-normalise).
+- **Per-frame weights** (for plots, as the official demo): ``sum_m A[m,n] / S_m * mean_c w_m``
+  with ``S_m`` the cluster's soft count over the whole set and ``w`` the final (last chunk's)
+  aggregation weights; they sum to 1.
 
 **Sequential memory** (:meth:`CAFace.fuse_sequential`): the set is cut into near-equal
 ``array_split`` parts of at most ``chunk_size`` images, processed one by one; the running cluster
@@ -29,7 +32,6 @@ Deliberate deviations from the official code:
 - A frame with a non-finite feature or style, or a zero feature, raises ``ValueError``
   (upstream drops NaN frames per chunk, and only when the set is longer than a chunk; elsewhere
   they poison the result).
-- The per-frame weights (for plots) of a chunk use that chunk's aggregation weights.
 """
 
 from __future__ import annotations
@@ -246,14 +248,24 @@ class CAFaceMemory:
 
 @dataclass
 class CAFaceOutput:
-    """One forward pass: ``fused`` (B,512, not normalised), ``frame_weights`` (B,T), the cluster
-    ``weights`` (B,M,512), the assignment ``assign`` (B,M,T, softmax over M) and the memory."""
+    """One forward pass: ``fused`` (B,512, not normalised), ``frame_weights`` (B,T: this chunk's
+    frames over the soft counts so far), the cluster ``weights`` (B,M,512), the assignment
+    ``assign`` (B,M,T, softmax over M) and the updated memory."""
 
     fused: torch.Tensor
     frame_weights: torch.Tensor
     weights: torch.Tensor
     assign: torch.Tensor
     memory: CAFaceMemory
+
+
+def _frame_weights(
+    assign: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Per-frame weight for plots, as the official demo: ``sum_m A[m,n] / S_m * mean_c w[m,c]``
+    with ``S_m`` the soft count of cluster m over all frames so far; the weights sum to 1."""
+    influence = assign / torch.clip(counts, min=1e-12)
+    return (influence * weights.mean(-1, keepdim=True)).sum(1)
 
 
 def _running_mean(
@@ -318,8 +330,7 @@ class CAFace(nn.Module):
             counts = counts + memory.counts
         weights = self.fusion_net.conf_mlp(torch.cat([tokens, cluster_style], dim=-1))
         weights = weights.softmax(dim=1)
-        normed = attn / torch.clip(attn.sum(-1, keepdim=True), min=1.0)
-        frame_weights = (normed * weights.mean(-1, keepdim=True)).sum(1)
+        frame_weights = _frame_weights(attn, counts, weights)
         new_memory = CAFaceMemory(mu, cluster_style, counts)
         if not self.training:
             new_memory = CAFaceMemory(mu.detach(), cluster_style.detach(), counts.detach())
@@ -330,20 +341,22 @@ class CAFace(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fuse sets of T images chunk by chunk with the memory: ``ceil(T / chunk_size)``
         near-equal parts (T=75, size 8: 8,8,8,8,8,7,7,7,7,7). Activations are held for one chunk
-        at a time. Returns (fused (B,512), per-frame weights (B,T))."""
+        at a time. Returns (fused (B,512), per-frame weights (B,T): every frame's assignment over
+        the total soft counts, with the last chunk's aggregation weights, as the official demo)."""
         chunk_size = check_int("chunk_size", chunk_size, minimum=1)
         self._check(features, styles)
         t = features.shape[1]
         parts = np.array_split(np.arange(t), math.ceil(t / chunk_size))
         memory: CAFaceMemory | None = None
-        frame_weights = []
+        assign = []
         for part in parts:
             start, stop = int(part[0]), int(part[-1]) + 1
             out = self(features[:, start:stop], styles[:, start:stop], memory)
             memory = out.memory
             # in eval nothing of a finished chunk stays in the graph: memory constant in T
-            frame_weights.append(out.frame_weights if self.training else out.frame_weights.detach())
-        return out.fused, torch.cat(frame_weights, dim=1)
+            assign.append(out.assign if self.training else out.assign.detach())
+        frames = _frame_weights(torch.cat(assign, dim=-1), out.memory.counts, out.weights)
+        return out.fused, frames
 
 
 @dataclass

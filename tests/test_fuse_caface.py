@@ -3,6 +3,7 @@ checkpoint loading and input errors."""
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -325,6 +326,16 @@ def test_checkpoint_round_trip(tmp_path):
     f, s = _inputs(1, 5)
     with torch.no_grad():
         assert torch.equal(ckpt.aggregator(f, s).fused, model(f, s).fused)
+
+
+def test_checkpoint_with_namespace_hyper_parameters_needs_the_opt_in(tmp_path):
+    state = {f"aggregator.{k}": v for k, v in CAFace().state_dict().items()}
+    path = tmp_path / "ns.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": argparse.Namespace(arch="ir_101")}, path)
+    with pytest.raises(DataFormatError, match=r"ns\.ckpt: refused to unpickle .*Namespace"):
+        load_caface_checkpoint(path)
+    ckpt = load_caface_checkpoint(path, unsafe_legacy_load=True)
+    assert ckpt.hyper_parameters == {"arch": "ir_101"}
 
 
 def test_checkpoint_errors_name_file_and_keys(tmp_path):

@@ -403,7 +403,7 @@ def load_caface_checkpoint(
     aggregator.load_state_dict(agg)
     aggregator.eval()
     backbone = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    hyper = obj.get("hyper_parameters", {})
-    return CAFaceCheckpoint(
-        aggregator, backbone, state.get("center.weight"), dict(hyper) if hyper else {}
-    )
+    hyper = obj.get("hyper_parameters") or {}
+    # an argparse.Namespace (older Lightning) loads only with unsafe_legacy_load
+    hyper = dict(hyper) if isinstance(hyper, Mapping) else dict(vars(hyper))
+    return CAFaceCheckpoint(aggregator, backbone, state.get("center.weight"), hyper)

@@ -32,6 +32,8 @@ Deliberate deviations from the official code:
 - A frame with a non-finite feature or style, or a zero feature, raises ``ValueError``
   (upstream drops NaN frames per chunk, and only when the set is longer than a chunk; elsewhere
   they poison the result).
+- The per-frame weights divide by ``clip(S_m, 1e-12)`` (upstream by ``S_m``: 0/0 if a cluster's
+  soft count underflows to 0).
 """
 
 from __future__ import annotations

@@ -396,3 +396,27 @@ def test_bad_chunk_size():
     f, s = _inputs(1, 3)
     with pytest.raises(ValueError, match="chunk_size"):
         CAFace().eval().fuse_sequential(f, s, chunk_size=0)
+
+
+def test_caface_behind_the_aggregator_interface(tmp_path):
+    from robustface.fuse import AGGREGATORS, CAFaceAggregator
+
+    model = _model(seed=4)
+    f, s = _inputs(1, 30, seed=5)
+    agg = AGGREGATORS.build("caface", model=model, chunk_size=8)
+    assert isinstance(agg, CAFaceAggregator) and agg.needs_styles
+    with torch.no_grad():
+        want, _ = model.fuse_sequential(f, s, 8)  # 8,8,7,7
+    want = torch.nn.functional.normalize(want[0], dim=0)
+    torch.testing.assert_close(agg.fuse(f[0], s[0]), want, rtol=0, atol=1e-6)
+    memory = agg.memory()  # the same chunks, fed as a stream
+    for start, stop in ((0, 8), (8, 16), (16, 23), (23, 30)):
+        memory.update(f[0, start:stop], s[0, start:stop])
+    torch.testing.assert_close(memory.result(), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="styles"):
+        agg.fuse(f[0])
+    # a released checkpoint's path works as the model
+    path = tmp_path / "CAFace.ckpt"
+    torch.save({"state_dict": {f"aggregator.{k}": v for k, v in model.state_dict().items()}}, path)
+    from_file = AGGREGATORS.build("caface", model=path, chunk_size=8)
+    torch.testing.assert_close(from_file.fuse(f[0], s[0]), want, rtol=0, atol=1e-6)

@@ -50,11 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustface.errors import DataFormatError
+from robustface.fuse.base import AGGREGATORS, Aggregator, FusionMemory
 from robustface.models.loading import load_weights
 from robustface.utils.guards import check_int
 
 __all__ = [
     "CAFace",
+    "CAFaceAggregator",
     "CAFaceCheckpoint",
     "CAFaceMemory",
     "CAFaceOutput",
@@ -409,3 +411,61 @@ def load_caface_checkpoint(
     # an argparse.Namespace (older Lightning) loads only with unsafe_legacy_load
     hyper = dict(hyper) if isinstance(hyper, Mapping) else dict(vars(hyper))
     return CAFaceCheckpoint(aggregator, backbone, state.get("center.weight"), hyper)
+
+
+@AGGREGATORS.register("caface")
+class CAFaceAggregator(Aggregator):
+    """CAFace behind the :class:`~robustface.fuse.base.Aggregator` interface.
+
+    ``model`` is a :class:`CAFace` network or the path of a released checkpoint (read by
+    :func:`load_caface_checkpoint`). :meth:`fuse` runs the whole set in chunks of ``chunk_size``
+    (near-equal parts, as :meth:`CAFace.fuse_sequential`; the official demo uses 512); a
+    :meth:`memory` takes chunks as they come. Styles are per image, ``(n, 384, 2)``.
+    """
+
+    needs_styles = True
+
+    def __init__(
+        self,
+        model: CAFace | str | Path,
+        *,
+        chunk_size: int = 512,
+        unsafe_legacy_load: bool = False,
+    ) -> None:
+        super().__init__(dim=FEATURE_DIM)
+        if isinstance(model, (str, Path)):
+            model = load_caface_checkpoint(model, unsafe_legacy_load=unsafe_legacy_load).aggregator
+        if not isinstance(model, CAFace):
+            raise TypeError(f"model must be a CAFace or a checkpoint path, got {type(model)}")
+        self.model = model.eval()
+        self.chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+
+    def memory(self) -> _CAFaceFusionMemory:
+        return _CAFaceFusionMemory(self)
+
+    @torch.inference_mode()
+    def fuse(self, features: Any, styles: Any = None) -> torch.Tensor:
+        x, s = self.check(features, styles)
+        fused, _ = self.model.fuse_sequential(x[None], s[None], self.chunk_size)
+        return F.normalize(fused[0], dim=0)
+
+
+class _CAFaceFusionMemory(FusionMemory):
+    """CAFace's running cluster features, styles and soft counts over the chunks given so far."""
+
+    aggregator: CAFaceAggregator
+
+    def __init__(self, aggregator: CAFaceAggregator) -> None:
+        super().__init__(aggregator)
+        self.state: CAFaceMemory | None = None
+        self.fused: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def _update(self, features: torch.Tensor, styles: torch.Tensor | None) -> None:
+        out = self.aggregator.model(features[None], styles[None], self.state)
+        self.state, self.fused = out.memory, out.fused[0]
+
+    def result(self) -> torch.Tensor:
+        self._check_not_empty()
+        assert self.fused is not None  # set by the first update
+        return F.normalize(self.fused, dim=0)

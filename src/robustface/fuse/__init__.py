@@ -5,6 +5,7 @@ from __future__ import annotations
 from robustface.fuse.base import AGGREGATORS, Aggregator, FusionMemory
 from robustface.fuse.baselines import MeanAggregator, NormWeightedAggregator
 from robustface.fuse.caface import CAFace, CAFaceAggregator, load_caface_checkpoint
+from robustface.fuse.styles import embed_with_styles, style_channels
 
 __all__ = [
     "AGGREGATORS",
@@ -14,5 +15,7 @@ __all__ = [
     "FusionMemory",
     "MeanAggregator",
     "NormWeightedAggregator",
+    "embed_with_styles",
     "load_caface_checkpoint",
+    "style_channels",
 ]

@@ -9,7 +9,7 @@ from torch import nn
 from robustface.fuse.caface import STYLE_CHANNELS, CAFace, CAFaceAggregator
 from robustface.fuse.styles import embed_with_styles, style_channels, styles_from_maps
 from robustface.models import build_backbone
-from robustface.models.loading import _BGRInput
+from robustface.models.loading import BGRInput
 
 
 def manual_style(fmap: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_r18_tiny_styles_and_features_match_hooks_and_model():
 def test_bgr_wrapper_flips_the_input_as_the_model_does():
     torch.manual_seed(0)
     backbone = build_backbone("ir_18", input_size=56, width=0.25, embedding_size=32).eval()
-    wrapped = _BGRInput(backbone).eval()  # what load_backbone returns for AdaFace/CAFace weights
+    wrapped = BGRInput(backbone).eval()  # what load_backbone returns for AdaFace/CAFace weights
     images = torch.randn(3, 3, 56, 56)
     feats, styles = embed_with_styles(wrapped, images)
     blocks = [backbone.feature_aliases["stage2"], backbone.feature_aliases["stage3"]]
@@ -79,7 +79,7 @@ def test_ir_101_styles_are_the_published_384_channels():
         model = build_backbone("ir_101")
     assert style_channels(model) == STYLE_CHANNELS == 384
     assert style_channels(model, ("body.15", "body.45")) == 384
-    assert style_channels(_BGRInput(model), ("stage2",)) == 128
+    assert style_channels(BGRInput(model), ("stage2",)) == 128
 
 
 def test_styles_from_maps_order_is_mean_then_std():
@@ -116,7 +116,7 @@ def test_end_to_end_ir_18_styles_feed_caface():
     # CAFace layout, from a backbone small enough for the CPU
     torch.manual_seed(0)
     backbone = build_backbone("ir_18", embedding_size=512)
-    model = _BGRInput(backbone).eval()
+    model = BGRInput(backbone).eval()
     images = torch.randn(6, 3, 112, 112)
     feats, styles = embed_with_styles(model, images, batch_size=4)
     assert feats.shape == (6, 512) and styles.shape == (6, STYLE_CHANNELS, 2)

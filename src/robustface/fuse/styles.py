@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from robustface.models.loading import _BGRInput
+from robustface.models.loading import BGRInput
 from robustface.models.meta import FaceBackbone
 from robustface.utils.guards import check_int
 
@@ -42,7 +42,7 @@ DEFAULT_STYLE_BLOCKS = (("stage2", "stage3"), ("layer2", "layer3"))
 
 def _unwrap(model: nn.Module) -> tuple[FaceBackbone, bool]:
     """The backbone inside ``model`` and whether its input channels are flipped (BGR weights)."""
-    flip = isinstance(model, _BGRInput)
+    flip = isinstance(model, BGRInput)
     backbone = model.backbone if flip else model
     if not isinstance(backbone, FaceBackbone):
         raise ValueError(

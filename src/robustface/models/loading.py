@@ -46,6 +46,7 @@ from robustface.utils.run import RunDir
 UNSAFE_FLAG = "--unsafe-legacy-load"
 
 __all__ = [
+    "BGRInput",
     "UNSAFE_FLAG",
     "StateDictArchitecture",
     "backbone_state_dict",
@@ -293,7 +294,7 @@ def _load_strict(
     return model
 
 
-class _BGRInput(nn.Module):
+class BGRInput(nn.Module):
     """Feed a BGR-trained backbone from RGB input (channel flip; mean/std are channel-symmetric)."""
 
     def __init__(self, backbone: nn.Module) -> None:
@@ -376,5 +377,5 @@ def load_backbone(
     color_order = color_order or model.meta.color_order
     if color_order not in ("RGB", "BGR"):
         raise ValueError(f"color_order must be 'RGB' or 'BGR', got {color_order!r}")
-    wrapped: nn.Module = _BGRInput(model) if color_order == "BGR" else model
+    wrapped: nn.Module = BGRInput(model) if color_order == "BGR" else model
     return wrapped.to(device).eval(), int(model.meta.input_size)

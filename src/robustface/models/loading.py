@@ -46,8 +46,8 @@ from robustface.utils.run import RunDir
 UNSAFE_FLAG = "--unsafe-legacy-load"
 
 __all__ = [
-    "BGRInput",
     "UNSAFE_FLAG",
+    "BGRInput",
     "StateDictArchitecture",
     "backbone_state_dict",
     "build_from_state_dict",

@@ -135,3 +135,11 @@ def test_tiny_backbone_default_blocks_and_own_channel_count():
     assert styles.shape == (2, c, 2)
     with pytest.raises(ValueError, match="styles: expected shape"):
         CAFaceAggregator(CAFace()).fuse(torch.randn(2, 512), styles)
+    # a CAFace built for that channel count takes them (features stay 512-d, as published)
+    small = CAFace(style_channels=c)
+    # per style channel: cfc (2 values) and one column of the 64-unit Linear
+    assert sum(p.numel() for p in small.parameters()) == 786_524 - (2 + 64) * (STYLE_CHANNELS - c)
+    fused = CAFaceAggregator(small).fuse(torch.randn(2, 512), styles)
+    torch.testing.assert_close(fused.norm(), torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="style_channels must be >= 1"):
+        CAFace(style_channels=0)

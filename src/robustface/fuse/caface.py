@@ -279,16 +279,19 @@ def _running_mean(
 
 
 class CAFace(nn.Module):
-    """The CAFace aggregator (published config ``catv9_g4_conf512_small``)."""
+    """The CAFace aggregator (published config ``catv9_g4_conf512_small``).
 
-    def __init__(self) -> None:
+    ``style_channels``: the channels of the per-image styles, 384 as published (IR-101's blocks
+    15 and 45); a smaller backbone's blocks give fewer (see :mod:`robustface.fuse.styles`)."""
+
+    def __init__(self, style_channels: int = STYLE_CHANNELS) -> None:
         super().__init__()
-        self.style_maker = StyleInputMaker()
+        self.style_channels = check_int("style_channels", style_channels, minimum=1)
+        self.style_maker = StyleInputMaker(self.style_channels)
         self.fusion_net = FusionNet()
         self.norm_emb = NormEmbedding()
 
-    @staticmethod
-    def _check(features: torch.Tensor, styles: torch.Tensor | None) -> None:
+    def _check(self, features: torch.Tensor, styles: torch.Tensor | None) -> None:
         if features.ndim != 3 or features.shape[-1] != FEATURE_DIM:
             raise ValueError(
                 f"features: expected shape (sets, images, {FEATURE_DIM}), "
@@ -299,9 +302,9 @@ class CAFace(nn.Module):
         if styles is None:
             raise ValueError(
                 "styles: CAFace needs the per-image styles (sets, images, "
-                f"{STYLE_CHANNELS}, 2); got None"
+                f"{self.style_channels}, 2); got None"
             )
-        expected = (*features.shape[:2], STYLE_CHANNELS, 2)
+        expected = (*features.shape[:2], self.style_channels, 2)
         if tuple(styles.shape) != expected:
             raise ValueError(f"styles: expected shape {expected}, got {tuple(styles.shape)}")
         for name, tensor in (("features", features), ("styles", styles)):
@@ -324,7 +327,7 @@ class CAFace(nn.Module):
         b, t, _ = features.shape
         norm = features.norm(dim=-1, keepdim=True)
         unit = features / (norm + 1e-5)
-        style = self.style_maker(styles.reshape(b * t, STYLE_CHANNELS, 2)).reshape(b, t, -1)
+        style = self.style_maker(styles.reshape(b * t, self.style_channels, 2)).reshape(b, t, -1)
         x = torch.cat([style, self.norm_emb(norm)], dim=-1)
         mu, tokens, attn, cluster_style = self.fusion_net.clustering_layer(x, unit)
         counts = attn.sum(-1, keepdim=True)

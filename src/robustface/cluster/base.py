@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -48,7 +49,7 @@ __all__ = [
 SIM_GRID: tuple[float, ...] = tuple(round(0.10 + 0.05 * i, 2) for i in range(17))
 
 
-class Clusterer:
+class Clusterer(ABC):
     """Base of the clustering estimators (module docstring).
 
     Class attributes a method may set: ``tuned_param`` (the name of its threshold) with its
@@ -130,9 +131,9 @@ class Clusterer:
         """The threshold-independent work; by default none (the inputs are the state)."""
         return features, knn
 
+    @abstractmethod
     def _finish(self, state: Any) -> np.ndarray:
         """The labels from the state of :meth:`_prepare` at the current parameters."""
-        raise NotImplementedError
 
 
 CLUSTERERS: Registry[type[Clusterer]] = Registry("clusterer")

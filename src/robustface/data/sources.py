@@ -11,6 +11,7 @@ Adding a source: one module with a ``DataSource`` subclass decorated with
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["DATA_SOURCES", "DataSource", "FolderSource", "RecSource", "SynthFaceSource"]
 
 
-class DataSource:
+class DataSource(ABC):
     """A training set named by ``data.source``; ``data.path`` is where it lives."""
 
     def __init__(self, data: DataConfig, synth: SynthConfig, run_dir: Path) -> None:
@@ -32,12 +33,12 @@ class DataSource:
         self.synth = synth
         self.run_dir = Path(run_dir)
 
-    def prepare(self, progress: bool = True) -> None:
+    def prepare(self, progress: bool = True) -> None:  # noqa: B027  (an optional hook)
         """Make or check the data before any rank reads it (rank 0 only; default: nothing)."""
 
+    @abstractmethod
     def dataset(self) -> Dataset:
         """The training set: a dataset of ``(image, label)`` with ``num_classes`` and ``labels``."""
-        raise NotImplementedError
 
     def open_set(self) -> Dataset | None:
         """Outside images for on-the-fly open-set noise when ``data.open_source`` is not given."""

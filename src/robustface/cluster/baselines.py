@@ -205,7 +205,7 @@ class DBSCAN(Clusterer):
     """
 
     tuned_param = "eps"
-    grid = tuple(round(0.10 + 0.05 * i, 2) for i in range(17))
+    grid = SIM_GRID
 
     def __init__(
         self,
@@ -260,7 +260,8 @@ def _linkage_value(linkage: str, missing: float) -> Callable[[list[float], int],
 
 
 def _graph_merges(
-    graph: KnnGraph,
+    n: int,
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray],
     linkage: str,
     missing: float,
     max_pairs: int,
@@ -268,13 +269,13 @@ def _graph_merges(
     max_merges: int,
     show_progress: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Merges ``(x, y)`` (one sample of each cluster), in order, of agglomerative clustering on
-    the dissimilarity that is ``1 - sim`` on the kNN edges and ``missing`` elsewhere, joining
+    """Merges ``(x, y)`` (one sample of each cluster), in order, of agglomerative clustering of
+    ``n`` samples on the dissimilarity that is ``1 - sim`` on the kNN ``edges`` (``knn_edges``:
+    sources, targets, similarities) and ``missing`` elsewhere, joining
     only clusters linked by an edge; stops before a merge at ``stop_distance`` or after
     ``max_merges``. Exact and deterministic (ties by the lower sample ids): a heap of candidate
     merges with lazy deletion, each cluster's edge summaries in a dict; memory O(pairs)."""
-    n = graph.num_samples
-    src, dst, sim = knn_edges(graph)
+    src, dst, sim = edges
     lo, hi = np.minimum(src, dst), np.maximum(src, dst)
     keys, first = np.unique(lo * n + hi, return_index=True)
     if len(keys) > max_pairs:
@@ -410,13 +411,13 @@ class HAC(Clusterer):
         missing_distance = check_real("missing_distance", self.missing_distance, 0.0, 2.0)
         max_pairs = check_int("max_pairs", self.max_pairs, 1)
         n = graph.num_samples
+        edges = knn_edges(graph)
         if self.distance_threshold is not None:
             distance_threshold = check_real("distance_threshold", self.distance_threshold, 0.0, 2.0)
             stop_distance, max_merges = distance_threshold, n - 1
         else:
             num_clusters = check_int("num_clusters", self.num_clusters, 1, n)
-            src, dst, _ = knn_edges(graph)
-            num_comps = int(components(n, src, dst).max()) + 1
+            num_comps = int(components(n, edges[0], edges[1]).max()) + 1
             if num_clusters < num_comps:
                 raise ValueError(
                     f"num_clusters={num_clusters} is below the {num_comps} connected components "
@@ -425,7 +426,8 @@ class HAC(Clusterer):
                 )
             stop_distance, max_merges = np.inf, n - num_clusters
         x, y = _graph_merges(
-            graph,
+            n,
+            edges,
             self.linkage,
             missing_distance,
             max_pairs,

@@ -51,7 +51,6 @@ from robustface.utils.io import atomic_path
 __all__ = [
     "DEFAULT_LR",
     "GCNV",
-    "GCN_V_BATCH",
     "GCNVClustering",
     "GraphConv",
     "Optimizer",
@@ -61,6 +60,7 @@ __all__ = [
     "gcn_adjacency_blocks",
     "gcn_adjacency_rows",
     "gcn_v_cluster",
+    "gcn_v_lr",
     "link_peaks",
     "load_gcn_v",
     "nearest_higher",
@@ -81,7 +81,13 @@ TAU_INPUT_KNN = 0.65  # published ``tau_0``: linking on the input kNN
 ROW_BATCH = 65536  # rows per chunk of the vectorised per-sample passes
 DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adamw": 1e-3}
 """GCN-V's learning rate per optimiser when none is given (SGD's is the published one)."""
-GCN_V_BATCH = GCN_V_TRAINING.batch_size  # default rows per GCN-V training step
+
+
+def gcn_v_lr(settings: TrainSettings) -> float:
+    """The learning rate GCN-V trains with: ``settings.lr``, else its optimiser's default."""
+    return DEFAULT_LR[settings.optimizer] if settings.lr is None else settings.lr
+
+
 WARMUP_FRACTION = 0.05  # AdamW: linear warm-up over this share of the iterations, then cosine
 
 
@@ -484,8 +490,7 @@ def train_gcn_v(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     lr_factor = _lr_factor(optimizer, iters, lr_steps, run.lr_gamma)
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    lr = check_real("lr", lr, 0, open_low=True)
+    lr = check_real("lr", gcn_v_lr(run), 0, open_low=True)
     targets = confidence_targets(labels, knn)
     agg = np.empty_like(feats)
     for start, stop, rows in gcn_adjacency_blocks(knn):

@@ -18,7 +18,7 @@ from robustface.cluster.base import CLUSTERERS
 from robustface.cluster.dataset import ClusterSet
 from robustface.cluster.gcn_ds import train_gcn_d, train_gcn_s
 from robustface.cluster.gcn_e import K_EDGE, gcn_e_inputs, train_gcn_e
-from robustface.cluster.gcn_v import DEFAULT_LR, load_gcn_v, save_gcn, train_gcn_v
+from robustface.cluster.gcn_v import gcn_v_lr, load_gcn_v, save_gcn, train_gcn_v
 from robustface.cluster.knn import KnnGraph
 from robustface.cluster.proposals import generate_proposals
 from robustface.cluster.train_settings import (
@@ -99,7 +99,7 @@ def train_models(
         model = train_gcn_v(data.features, data.labels, knn, v_settings)
         v_meta = {
             **meta, "iters": len(model.loss_history), "batch_size": batch_size,
-            "optimizer": optimizer, "lr": DEFAULT_LR[optimizer] if lr is None else lr,
+            "optimizer": optimizer, "lr": gcn_v_lr(v_settings),
         }  # fmt: skip
         save_gcn(model, out_dir / "gcn_v.pth", v_meta)
         paths["gcn_v"] = out_dir / "gcn_v.pth"

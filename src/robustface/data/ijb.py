@@ -17,7 +17,7 @@ import numpy as np
 from robustface.errors import DataFormatError
 from robustface.utils.io import atomic_path
 
-__all__ = ["IJBMeta", "read_ijb_meta", "write_ijb_meta"]
+__all__ = ["IJBMeta", "ijb_meta_paths", "read_ijb_meta", "write_ijb_meta"]
 
 _ROWS_PER_CHUNK = 1 << 18
 
@@ -46,7 +46,8 @@ class IJBMeta:
         return [self.image_dir / name for name in self.images.tolist()]
 
 
-def _meta_paths(root: Path, name: str) -> tuple[Path, Path, Path]:
+def ijb_meta_paths(root: Path, name: str) -> tuple[Path, Path, Path]:
+    """The meta files of set ``name`` under ``root``: template/media, pairs, 5 points."""
     meta = root / "meta"
     stem = name.lower()
     return (
@@ -79,7 +80,7 @@ def _load_columns(
 def read_ijb_meta(root: str | Path, name: str = "IJBC") -> IJBMeta:
     """Read the IJB meta files under ``root/meta`` for dataset ``name`` (``IJBB`` or ``IJBC``)."""
     root = Path(root)
-    tid_path, pair_path, pts_path = _meta_paths(root, name)
+    tid_path, pair_path, pts_path = ijb_meta_paths(root, name)
     for p in (tid_path, pair_path, pts_path):
         if not p.is_file():
             raise FileNotFoundError(f"IJB meta file not found: {p}")
@@ -160,7 +161,7 @@ def write_ijb_meta(
             raise ValueError(f"{arg} must have shape {shape}, got {value.shape}")
     if any(len(s.split()) != 1 for s in images.tolist()):
         raise ValueError("image names must be non-empty and contain no whitespace")
-    tid_path, pair_path, pts_path = _meta_paths(root, name)
+    tid_path, pair_path, pts_path = ijb_meta_paths(root, name)
     _write_rows(tid_path, "%s %d %d\n", [images, templates, medias])
     coords = landmarks.reshape(n, 10)
     _write_rows(

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from robustface.data.ijb import read_ijb_meta
+from robustface.data.ijb import ijb_meta_paths, read_ijb_meta
 from robustface.data.image import decode_image
 from robustface.data.recordio import RecordIODataset
 from robustface.data.verification import load_bin
@@ -90,11 +90,14 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
 def _check_rec(path: Path, problems: _Problems, quick: bool, progress: bool) -> str:
     ds = RecordIODataset(path)
     head = f"RecordIO training set {ds.rec_path} ({ds.layout} layout)"
-    try:  # from the identity records (insightface layout) or every image header (flat)
-        labels: np.ndarray | None = ds.labels
-    except DataFormatError as exc:  # still check every image record
-        problems.add(exc)
-        labels = None
+    labels: np.ndarray | None = None
+    # from the identity records, or from every image header: in a full check of a set without
+    # identity records the loop below reads every header anyway (labels from ``read``)
+    if quick or ds.has_identity_records:
+        try:
+            labels = ds.labels
+        except DataFormatError as exc:  # still check every image record
+            problems.add(exc)
     sizes: Counter[tuple[int, int]] = Counter()
     n = 1 if quick else len(ds)
     read = np.full(n, -1, dtype=np.int64)  # the label of each record that reads
@@ -174,8 +177,7 @@ def _check_bin(path: Path, problems: _Problems, quick: bool, progress: bool) -> 
 
 def _check_ijb(path: Path, name: str, problems: _Problems, quick: bool, progress: bool) -> str:
     meta = read_ijb_meta(path, name)
-    tid_file = path / "meta" / f"{name.lower()}_face_tid_mid.txt"
-    pair_file = path / "meta" / f"{name.lower()}_template_pair_label.txt"
+    tid_file, pair_file, _ = ijb_meta_paths(path, name)
     templates = np.unique(meta.templates)
     # a pair whose template has no image, or whose label is not 0/1, breaks the 1:1 protocol
     known = np.isin(meta.pairs, templates)

@@ -573,6 +573,11 @@ class RecordIODataset(torch.utils.data.Dataset):
         """``"insightface"`` (header record at key 0) or ``"flat"``."""
         return "flat" if self._identity_range is None else "insightface"
 
+    @property
+    def has_identity_records(self) -> bool:
+        """Whether :attr:`labels` comes from identity records (else from every image header)."""
+        return bool(self._num_identities)
+
     def __len__(self) -> int:
         return int(self._image_keys.size)
 

@@ -946,6 +946,9 @@ def write_ijb_report(
     out_dir = Path(out_dir)
     name, roc, fars = meta.name, scores.roc, settings.fars
     grid = np.logspace(-6, 0, 61)
+    # the points score_ijb read for every FAR: insightface's reading, None where not measurable
+    every = dict(zip(map(float, fars), roc.tpr[scores.points].tolist(), strict=True))
+    measured = {f: t if far_measurable(f, roc.num_negatives) else None for f, t in every.items()}
     results: dict[str, Any] = {
         "name": name,
         "model": label,
@@ -954,8 +957,8 @@ def write_ijb_report(
         "media": scores.media,
         "xnorm": scores.xnorm,
         "verification": {
-            "tar_at_far": roc.tar_at_far(fars, settings.far_mode),
-            "tar_at_far_insightface": roc.tar_at_far(fars, settings.far_mode, "insightface"),
+            "tar_at_far": measured,
+            "tar_at_far_insightface": every,
             "min_measurable_far": roc.min_measurable_far,
             "far_mode": settings.far_mode,
             "far_reading": settings.far_reading,

@@ -530,13 +530,9 @@ class ARO(Clusterer):
         self.threshold = threshold
         self.show_progress = show_progress
 
-    def fit(self, features: np.ndarray | None, knn: KnnGraph) -> ARO:
-        graph = _check_graph("aro", features, knn)
-        check_real("threshold", self.threshold, 0.0, float(2 * graph.k))  # before the distances
-        return super().fit(features, knn)  # type: ignore[return-value]
-
     def _prepare(self, features: np.ndarray | None, knn: KnnGraph) -> tuple[KnnGraph, np.ndarray]:
         graph = _check_graph("aro", features, knn)
+        check_real("threshold", self.threshold, 0.0, float(2 * graph.k))  # before the distances
         return graph, aro_distances(graph, show_progress=self.show_progress)
 
     def _finish(self, state: tuple[KnnGraph, np.ndarray]) -> np.ndarray:

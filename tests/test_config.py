@@ -205,3 +205,15 @@ def test_string_params_reach_the_head_and_are_checked_there():
     assert cfg.head.params == {"formula": "paper"}
     with pytest.raises(ConfigError, match=r"head\.params: .*formula"):
         load_config(None, ["head.name=boundaryface", "head.params.formula=papr"])
+
+
+def test_verification_dir_comes_from_the_data_source(tmp_path):
+    def where(*overrides):
+        return load_config(None, list(overrides)).data.verification_dir(tmp_path)
+
+    assert where("data.source=synthface") == tmp_path / "synthface"
+    assert where("data.source=synthface", "data.path=/s") == Path("/s")
+    assert where("data.source=rec", "data.path=/d/train.rec") == Path("/d")
+    assert where("data.source=rec", "data.path=/d") == Path("/d")
+    assert where("data.source=folder", "data.path=/f", "data.val_targets=[]") is None
+    assert where("data.source=folder", "data.path=/f", "data.val_dir=/v") == Path("/v")

@@ -125,17 +125,15 @@ class DataConfig:
 
     def verification_dir(self, run_dir: str | Path) -> Path | None:
         """Where named ``val_targets`` (``lfw`` -> ``lfw.bin``) are found for a run in
-        ``run_dir``: ``val_dir``, else the SynthFace directory (``path``, or the run's
-        ``synthface/``), else the ``.rec``'s directory; ``None`` for a folder without ``val_dir``.
+        ``run_dir``: ``val_dir``, else what the data source says
+        (:meth:`robustface.data.sources.DataSource.verification_dir`: the SynthFace directory, the
+        ``.rec``'s directory; ``None`` for a folder).
         """
         if self.val_dir:
             return Path(self.val_dir)
-        if self.source == "synthface":
-            return Path(self.path) if self.path else Path(run_dir) / "synthface"
-        if self.source == "rec" and self.path:
-            rec = Path(self.path)
-            return rec.parent if rec.suffix == ".rec" else rec
-        return None
+        from robustface.data.sources import DATA_SOURCES
+
+        return DATA_SOURCES.get(self.source)(self, None, Path(run_dir)).verification_dir()
 
     def check(self) -> list[str]:
         """Return the problems with these values (empty when valid)."""

@@ -28,7 +28,7 @@ __all__ = ["DATA_SOURCES", "DataSource", "FolderSource", "RecSource", "SynthFace
 class DataSource(ABC):
     """A training set named by ``data.source``; ``data.path`` is where it lives."""
 
-    def __init__(self, data: DataConfig, synth: SynthConfig, run_dir: Path) -> None:
+    def __init__(self, data: DataConfig, synth: SynthConfig | None, run_dir: Path) -> None:
         self.data = data
         self.synth = synth
         self.run_dir = Path(run_dir)
@@ -44,6 +44,10 @@ class DataSource(ABC):
         """Outside images for on-the-fly open-set noise when ``data.open_source`` is not given."""
         return None
 
+    def verification_dir(self) -> Path | None:
+        """Where named ``val_targets`` are found without ``data.val_dir`` (default: nowhere)."""
+        return None
+
 
 DATA_SOURCES: Registry[type[DataSource]] = Registry("data source")
 """Registered training-data sources, each built as ``cls(data, synth, run_dir)``."""
@@ -57,6 +61,13 @@ class RecSource(DataSource):
         from robustface.data.recordio import RecordIODataset
 
         return RecordIODataset(self.data.path)
+
+    def verification_dir(self) -> Path | None:
+        """The ``.rec``'s directory."""
+        if not self.data.path:
+            return None
+        rec = Path(self.data.path)
+        return rec.parent if rec.suffix == ".rec" else rec
 
 
 @DATA_SOURCES.register("folder")
@@ -97,3 +108,7 @@ class SynthFaceSource(DataSource):
         from robustface.data.recordio import RecordIODataset
 
         return RecordIODataset(self.path / "open_set")
+
+    def verification_dir(self) -> Path | None:
+        """The SynthFace directory, which holds its pair sets."""
+        return self.path

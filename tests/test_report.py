@@ -219,3 +219,27 @@ def test_eval_directories_are_named_after_their_run(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| arcface") or
             line.startswith("| stable")]  # fmt: skip
     assert len(rows) == 2 and "91.00" in rows[0] and "95.00" in rows[1]
+
+
+def test_fingerprint_hashes_once_and_follows_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from robustface.evaluate import report
+
+    path = tmp_path / "m.pth"
+    path.write_bytes(b"weights one")
+    first = report.model_fingerprint(path)["sha256"]
+    assert first == hashlib.sha256(b"weights one").hexdigest()
+    opened = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert report.model_fingerprint(path)["sha256"] == first and opened == []  # not read again
+    path.write_bytes(b"weights two")
+    os.utime(path, ns=(1, 1))  # another modification time: hashed again
+    assert report.model_fingerprint(path)["sha256"] == hashlib.sha256(b"weights two").hexdigest()

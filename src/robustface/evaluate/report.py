@@ -12,6 +12,7 @@ NumPy scalars and arrays, paths and tuples become plain JSON values; non-finite 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -30,8 +31,16 @@ _HASH_CHUNK = 1 << 22
 
 
 def _sha256(path: Path) -> str:
+    """The file's sha256, hashed once per process for a given path, size and modification time
+    (a command fingerprints its model for a cache key and again for its report)."""
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

@@ -45,8 +45,10 @@ class TrainLog(Callback):
         kept = []
         if t.global_step > 0 and path.is_file():
             lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= t.global_step]
-            losses = [row["loss"] for row in map(json.loads, kept) if "loss" in row]
+            rows = [(ln, json.loads(ln)) for ln in lines if ln]
+            rows = [(ln, row) for ln, row in rows if row["step"] <= t.global_step]
+            kept = [ln for ln, _ in rows]
+            losses = [row["loss"] for _, row in rows if "loss" in row]
             t.last_loss = losses[-1] if losses else t.last_loss  # the loss at resume
         write_text_atomic(path, "".join(line + "\n" for line in kept))
         return path.open("a", encoding="utf-8")

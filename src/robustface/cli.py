@@ -386,25 +386,31 @@ def _cmd_eval_ijb(args: argparse.Namespace) -> int:
     from robustface.data.ijb import read_ijb_meta
     from robustface.evaluate.ijb import (
         IJBSettings,
+        build_fusion,
         checkpoint_key,
         embed_ijb,
+        is_fusion_aggregation,
         read_ijb_1n_meta,
         score_ijb,
         write_ijb_report,
     )
+    from robustface.fuse.build import check_fusion_model
     from robustface.models.loading import load_backbone
 
     settings = IJBSettings(
         aggregation=args.aggregation,
         far_mode=args.far_mode,
         far_reading=args.far_reading,
-        flip=not args.no_flip,
-        faceness=not args.no_faceness,
+        flip=args.flip,
+        faceness=args.faceness,
         align_rule=args.align_rule,
         score_dtype="float64" if args.float64 else "float32",
         batch_size=args.batch_size,
         device=args.device,
         workers=args.workers,
+        fusion_model=args.fusion_model,
+        fusion_chunk_size=args.fusion_chunk_size,
+        style_blocks=args.style_blocks,
     )
     out = args.out
     if out is None:
@@ -412,6 +418,16 @@ def _cmd_eval_ijb(args: argparse.Namespace) -> int:
     meta = read_ijb_meta(args.data, args.name)
     one_n = read_ijb_1n_meta(args.data, args.name)
     model, input_size = load_backbone(args.checkpoint, **model_args(args), device=args.device)
+    fusion = None
+    if is_fusion_aggregation(settings.aggregation):  # checked before the long embedding
+        fusion = build_fusion(settings, unsafe_legacy_load=args.unsafe_legacy_load)
+        check_fusion_model(
+            fusion,
+            model,
+            input_size,
+            style_blocks=settings.style_blocks,
+            fusion_model=settings.fusion_model,
+        )
     embedded = embed_ijb(
         model,
         meta,
@@ -421,7 +437,7 @@ def _cmd_eval_ijb(args: argparse.Namespace) -> int:
         cache_dir=args.cache if args.cache is not None else out / "cache",
         show_progress=not args.quiet,
     )
-    scores = score_ijb(embedded, meta, settings, one_n)
+    scores = score_ijb(embedded, meta, settings, one_n, fusion=fusion, show_progress=not args.quiet)
     results = write_ijb_report(
         out,
         meta,
@@ -584,7 +600,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--aggregation",
         default="norm_weighted",
-        help="template aggregation: norm_weighted (insightface's default) or mean",
+        help="template aggregation: norm_weighted (insightface's default) or mean, pooled per "
+        "media then template; caface: each template's images fused at once (needs "
+        "--fusion-model)",
+    )
+    q.add_argument(
+        "--fusion-model", type=Path, help="CAFace checkpoint (.ckpt) for --aggregation caface"
+    )
+    q.add_argument(
+        "--fusion-chunk-size",
+        type=int,
+        help="caface: fuse a template in chunks of this many frames with the memory "
+        "(default: the whole template at once, as upstream's IJB evaluation)",
+    )
+    q.add_argument(
+        "--style-blocks",
+        nargs="+",
+        help="caface: backbone blocks whose maps give the styles (default: the ends of stages "
+        "2 and 3, IR-101's body.15 and body.45)",
     )
     q.add_argument(
         "--far-mode",
@@ -593,8 +626,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="TAR@FAR reading: closest ROC point (insightface) or best TPR with FPR <= FAR",
     )
     _add_far_reading(q, "TAR", tpir=True)
-    q.add_argument("--no-flip", action="store_true", help="do not add the flipped image")
-    q.add_argument("--no-faceness", action="store_true", help="do not weight by faceness")
+    q.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="add the flipped image (default: on for mean/norm_weighted, off for caface; with "
+        "caface each mirror is one more frame of the set)",
+    )
+    q.add_argument(
+        "--faceness",
+        action=argparse.BooleanOptionalAction,
+        help="weight images by faceness (default: on for mean/norm_weighted; caface cannot)",
+    )
     q.add_argument(
         "--align-rule",
         choices=["scale", "insightface"],

@@ -29,11 +29,27 @@ its helper layout (see :mod:`robustface.data.ijb`):
 
 insightface's defaults (flip summed, faceness weighting, raw norms kept) are ``flip=True,
 faceness=True, aggregation="norm_weighted"``.
+
+**Fusion aggregators** (:data:`robustface.fuse.AGGREGATORS` names that are not template poolers
+here, i.e. ``caface``) replace steps 2-3 by :func:`fused_template_features`: every template's
+images are fused at once by the aggregator's ``fuse``, media ignored, as CAFace's official IJB
+evaluation does (``mk-minchul/caface``). Their defaults are upstream's: no flip and no faceness
+(``flip=None``/``faceness=None`` in :class:`IJBSettings` pick them). With ``flip=True`` the
+mirror of every image is one more frame of the set (2 frames per image; the raw features are not
+summed, since CAFace reads each frame's norm); faceness cannot be used (CAFace takes no
+per-image weights). Aggregators with ``needs_styles`` get their styles from the same forward pass
+(:func:`robustface.fuse.styles.embed_with_styles`), cached beside the embeddings under a key that
+includes the style blocks. ``caface`` needs ``fusion_model``, a CAFace checkpoint (read
+weights-only by :func:`robustface.fuse.caface.load_caface_checkpoint`), whose style channels and
+512-d features must match the backbone's; ``fusion_chunk_size`` fuses a template in chunks with
+CAFace's memory instead of at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -62,12 +78,20 @@ from robustface.evaluate.roc import (
     unmeasurable_cell,
     unmeasurable_note,
 )
-from robustface.evaluate.verification import embed_views
+from robustface.evaluate.verification import embed_views, pixel_views
+from robustface.fuse.base import AGGREGATORS as FUSION_AGGREGATORS
+from robustface.fuse.base import Aggregator as FusionAggregator
 from robustface.fuse.baselines import LinearAggregator, MeanAggregator, NormWeightedAggregator
+from robustface.fuse.build import (
+    build_aggregator,
+    check_fusion_options,
+    check_fusion_shapes,
+)
+from robustface.fuse.styles import embed_with_styles, style_block_names
 from robustface.utils.guards import check_choice, check_int
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
-from robustface.utils.registry import Registry
+from robustface.utils.registry import Registry, UnknownNameError
 from robustface.utils.table import markdown_table
 
 __all__ = [
@@ -80,12 +104,16 @@ __all__ = [
     "IJBScores",
     "IJBSettings",
     "TemplateGroups",
+    "build_fusion",
     "checkpoint_key",
     "embed_ijb",
     "embed_ijb_images",
+    "embed_ijb_images_with_styles",
     "fuse_views",
+    "fused_template_features",
     "group_templates",
     "identification",
+    "is_fusion_aggregation",
     "read_ijb_1n_meta",
     "score_ijb",
     "score_pairs",
@@ -215,6 +243,73 @@ def template_features(
     if pooled.shape != expected:
         raise ValueError(f"aggregator {aggregation!r} returned {pooled.shape}, expected {expected}")
     return _l2_normalize(pooled)
+
+
+# ---- fusion aggregators (robustface.fuse): one set per template ----------------------------------
+
+
+def is_fusion_aggregation(name: str) -> bool:
+    """Whether ``name`` is fused per template by a :mod:`robustface.fuse` aggregator (``caface``)
+    rather than pooled per media and template (the names of :data:`AGGREGATORS`, which win);
+    an unknown name raises ``UnknownNameError`` listing both kinds."""
+    if name in AGGREGATORS:
+        return False
+    if name in FUSION_AGGREGATORS:
+        return True
+    valid = sorted({*AGGREGATORS.names(), *FUSION_AGGREGATORS.names()})
+    raise UnknownNameError(f"unknown template aggregator {name!r}; valid names: {', '.join(valid)}")
+
+
+def build_fusion(settings: IJBSettings, *, unsafe_legacy_load: bool = False) -> FusionAggregator:
+    """The fusion aggregator of ``settings`` (:func:`robustface.fuse.build.build_aggregator`:
+    ``caface`` from its ``fusion_model`` checkpoint, chunked by ``fusion_chunk_size``)."""
+    return build_aggregator(
+        settings.aggregation,
+        fusion_model=settings.fusion_model,
+        chunk_size=settings.fusion_chunk_size,
+        unsafe_legacy_load=unsafe_legacy_load,
+    )
+
+
+def fused_template_features(
+    embeddings: np.ndarray,
+    styles: np.ndarray | None,
+    groups: TemplateGroups,
+    fusion: FusionAggregator,
+    *,
+    source: str | Path | None = None,
+    show_progress: bool = False,
+) -> np.ndarray:
+    """L2-normalised ``(T, d)`` float32 template features, row ``t`` = ``template_ids[t]``:
+    ``fusion.fuse`` of all the template's images at once, media ignored. The ``V`` views of each
+    image (``embeddings`` ``(N, V, d)`` raw, ``styles`` ``(N, V, C, 2)`` or None) are ``V``
+    frames, in image order then view order. Bad rows (NaN, wrong width) raise ``ValueError``
+    naming the template and ``source`` (the cache file)."""
+    n, views, d = embeddings.shape
+    if groups.image_template.size != n:
+        raise ValueError(f"embeddings must have {groups.image_template.size} rows, got {n}")
+    if fusion.needs_styles and (styles is None or styles.shape[:2] != (n, views)):
+        got = None if styles is None else styles.shape
+        raise ValueError(
+            f"styles: the {fusion.name} aggregator needs ({n}, {views}, C, 2), got {got}"
+        )
+    order = np.argsort(groups.image_template, kind="stable")
+    bounds = np.searchsorted(groups.image_template[order], np.arange(groups.template_ids.size + 1))
+    out = np.empty((groups.template_ids.size, d), dtype=np.float32)
+    ids = tqdm(groups.template_ids, desc="template fusion", disable=not show_progress)
+    for t, template in enumerate(ids):
+        rows = order[bounds[t] : bounds[t + 1]]
+        x = np.asarray(embeddings[rows], dtype=np.float32).reshape(-1, d)
+        s = None
+        if fusion.needs_styles:
+            assert styles is not None
+            s = np.asarray(styles[rows], dtype=np.float32).reshape(-1, *styles.shape[2:])
+        try:
+            out[t] = fusion.fuse(x, s).float().numpy()
+        except ValueError as exc:
+            where = "" if source is None else f"{source}: "
+            raise ValueError(f"{where}template {int(template)}: {exc}") from None
+    return out  # fuse returns unit features
 
 
 # ---- 1:1 scoring --------------------------------------------------------------------------------
@@ -493,19 +588,17 @@ def _read_aligned(path: Path, landmarks: np.ndarray, size: int, rule: str) -> np
 
 
 def _iter_embeddings(
-    embed_fn: Callable[[torch.Tensor], torch.Tensor],
+    embed_batch: Callable[[np.ndarray], tuple[np.ndarray, ...]],
     meta: IJBMeta,
     *,
     size: int,
     rule: str,
     batch_size: int,
-    flip: bool,
-    device: str | torch.device,
     workers: int,
     show_progress: bool,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(start, (b, V, d) float32)`` batches; ``workers`` threads decode and align the
-    next batch while this one runs."""
+) -> Iterator[tuple[int, tuple[np.ndarray, ...]]]:
+    """Yield ``(start, embed_batch(aligned uint8 crops))`` per batch; ``workers`` threads decode
+    and align the next batch while this one runs."""
     paths = meta.image_paths()
     starts = range(0, len(paths), batch_size)
     with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
@@ -522,7 +615,38 @@ def _iter_embeddings(
             crops = np.stack([f.result() for f in pending])
             if i + 1 < len(starts):
                 pending = submit(starts[i + 1])
-            yield start, embed_views(crops, embed_fn, flip=flip, device=device)
+            yield start, embed_batch(crops)
+
+
+def _collect(
+    batches: Iterator[tuple[int, tuple[np.ndarray, ...]]],
+    n: int,
+    out_paths: Sequence[str | Path] | None,
+) -> tuple[np.ndarray, ...]:
+    """Stack the batches' arrays into ``n``-row arrays, in memory or, with ``out_paths`` (one
+    per array), written there as ``.npy`` batch by batch (atomically) and returned
+    memory-mapped, so memory stays at one batch."""
+    first = next(batches)
+    shapes = [(n, *a.shape[1:]) for a in first[1]]
+    if out_paths is None:
+        outs = [np.empty(shape, dtype=np.float32) for shape in shapes]
+        for start, arrays in itertools.chain([first], batches):
+            for out, a in zip(outs, arrays, strict=True):
+                out[start : start + len(a)] = a
+        return tuple(outs)
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(p)) for p in out_paths]
+        mms = [
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            for tmp, shape in zip(tmps, shapes, strict=True)
+        ]
+        for start, arrays in itertools.chain([first], batches):
+            for mm, a in zip(mms, arrays, strict=True):
+                mm[start : start + len(a)] = a
+        for mm in mms:
+            mm.flush()
+        del mms
+    return tuple(np.load(p, mmap_mode="r") for p in out_paths)
 
 
 def embed_ijb_images(
@@ -546,34 +670,60 @@ def embed_ijb_images(
     ``.npy`` batch by batch (atomically) and returned memory-mapped, so memory stays at one batch.
     """
     batch_size, workers = check_int("batch_size", batch_size, 1), check_int("workers", workers, 1)
-    n = meta.images.size
     batches = _iter_embeddings(
-        embed_fn,
+        lambda crops: (embed_views(crops, embed_fn, flip=flip, device=device),),
         meta,
         size=size,
         rule=align_rule,
         batch_size=batch_size,
-        flip=flip,
-        device=device,
         workers=workers,
         show_progress=show_progress,
     )
-    start, first = next(batches)
-    shape = (n, *first.shape[1:])
-    if out_path is None:
-        out = np.empty(shape, dtype=np.float32)
-        out[: len(first)] = first
-        for start, emb in batches:
-            out[start : start + len(emb)] = emb
-        return out
-    with atomic_path(out_path) as tmp:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        mm[: len(first)] = first
-        for start, emb in batches:
-            mm[start : start + len(emb)] = emb
-        mm.flush()
-        del mm
-    return np.load(out_path, mmap_mode="r")
+    (out,) = _collect(batches, meta.images.size, None if out_path is None else [out_path])
+    return out
+
+
+def embed_ijb_images_with_styles(
+    model: nn.Module,
+    meta: IJBMeta,
+    *,
+    blocks: Sequence[str] | None = None,
+    size: int = 112,
+    align_rule: str = "scale",
+    batch_size: int = 128,
+    flip: bool = True,
+    device: str | torch.device = "cpu",
+    workers: int = 4,
+    show_progress: bool = False,
+    out_paths: tuple[str | Path, str | Path] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`embed_ijb_images` plus the CAFace styles of the same views from the same forward
+    pass (:func:`robustface.fuse.styles.embed_with_styles`, ``blocks`` as there): ``(N, V, d)``
+    and ``(N, V, C, 2)`` float32, written to ``out_paths`` (embeddings, styles) when given."""
+    batch_size, workers = check_int("batch_size", batch_size, 1), check_int("workers", workers, 1)
+    names = style_block_names(model, blocks)
+
+    def embed_batch(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        views = [
+            embed_with_styles(model, v, names, batch_size=v.shape[0], device=device)
+            for v in pixel_views(crops, flip=flip, device=device)
+        ]
+        return (
+            np.stack([f.numpy() for f, _ in views], axis=1),
+            np.stack([st.numpy() for _, st in views], axis=1),
+        )
+
+    batches = _iter_embeddings(
+        embed_batch,
+        meta,
+        size=size,
+        rule=align_rule,
+        batch_size=batch_size,
+        workers=workers,
+        show_progress=show_progress,
+    )
+    emb, styles = _collect(batches, meta.images.size, out_paths)
+    return emb, styles
 
 
 def _module_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -597,21 +747,27 @@ def _load_or_embed(
     meta: IJBMeta,
     cache_dir: Path,
     key: dict[str, Any],
+    style_blocks: list[str] | None = None,
     **kwargs: Any,
-) -> tuple[np.ndarray, Path, bool]:
-    """``(embeddings, cache file, reused)``: the cached ``.npy`` if its key matches ``key``.
+) -> tuple[np.ndarray, np.ndarray | None, Path, bool]:
+    """``(embeddings, styles, cache file, reused)``: the cached ``.npy`` if its key matches ``key``.
 
-    Each key (model, alignment, flip setting, image list) has its own file,
-    ``{name}_{sha256(key)[:16]}_embeddings.npy`` with the key beside it in ``.json``, so caches
-    of several models or settings live side by side in one directory. A key file that differs
-    from ``key`` (a hash collision or an edited file) is refused, never overwritten; an ``.npy``
-    without its key file (an interrupted write) is redone.
+    Each key (model, alignment, flip setting, image list; with ``style_blocks`` also the style
+    blocks) has its own file, ``{name}_{sha256(key)[:16]}_embeddings.npy`` with the key beside it
+    in ``.json`` (and the styles in ``..._styles.npy``), so caches of several models or settings
+    live side by side in one directory. A key file that differs from ``key`` (a hash collision or
+    an edited file) is refused, never overwritten; an ``.npy`` without its key file or its styles
+    (an interrupted write) is redone. Without ``style_blocks`` styles is None.
     """
+    if style_blocks is not None:
+        key = {**key, "styles": {"blocks": list(style_blocks)}}
     key = json.loads(json.dumps(to_jsonable(key)))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    stem = f"{meta.name.lower()}_{digest}_embeddings"
-    npy, key_file = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
-    if npy.is_file() and key_file.is_file():
+    stem = f"{meta.name.lower()}_{digest}"
+    npy, key_file = cache_dir / f"{stem}_embeddings.npy", cache_dir / f"{stem}_embeddings.json"
+    styles_npy = None if style_blocks is None else cache_dir / f"{stem}_styles.npy"
+    complete = styles_npy is None or styles_npy.is_file()
+    if npy.is_file() and key_file.is_file() and complete:
         stored = json.loads(key_file.read_text(encoding="utf-8"))
         differ = sorted(k for k in key.keys() | stored.keys() if key.get(k) != stored.get(k))
         if differ:
@@ -622,11 +778,25 @@ def _load_or_embed(
         emb = np.load(npy, mmap_mode="r")
         if emb.ndim != 3 or emb.shape[0] != meta.images.size:
             raise DataFormatError(npy, f"expected ({meta.images.size}, V, d), got {emb.shape}")
-        return emb, npy, True
+        styles = None
+        if styles_npy is not None:
+            styles = np.load(styles_npy, mmap_mode="r")
+            if styles.ndim != 4 or styles.shape[:2] != emb.shape[:2] or styles.shape[3] != 2:
+                raise DataFormatError(
+                    styles_npy,
+                    f"expected ({emb.shape[0]}, {emb.shape[1]}, C, 2), got {styles.shape}",
+                )
+        return emb, styles, npy, True
     key_file.unlink(missing_ok=True)
-    emb = embed_ijb_images(embed_fn, meta, out_path=npy, **kwargs)
+    if styles_npy is None:
+        emb, styles = embed_ijb_images(embed_fn, meta, out_path=npy, **kwargs), None
+    else:
+        assert isinstance(embed_fn, nn.Module)
+        emb, styles = embed_ijb_images_with_styles(
+            embed_fn, meta, blocks=style_blocks, out_paths=(npy, styles_npy), **kwargs
+        )
     write_text_atomic(key_file, json.dumps(key, indent=2) + "\n")
-    return emb, npy, False
+    return emb, styles, npy, False
 
 
 def fuse_views(embeddings: np.ndarray) -> tuple[np.ndarray, float]:
@@ -725,6 +895,22 @@ def _tables(label: str, name: str, results: dict[str, Any], far_reading: str) ->
     return "\n".join(text) + "\n"
 
 
+def _aggregation_note(settings: IJBSettings, fusion_model: dict[str, Any] | None) -> str:
+    """One Markdown line saying how the template features were made."""
+    views = "image + flip" if settings.flip else "no flip"
+    if not is_fusion_aggregation(settings.aggregation):
+        weights = "faceness-weighted" if settings.faceness else "unweighted"
+        return (
+            f"Templates: `{settings.aggregation}` pooling (media, then template), {weights}, "
+            f"{views}."
+        )
+    text = f"Templates: `{settings.aggregation}` fusion of all images of a template (media ignored)"
+    if fusion_model is not None:
+        chunks = settings.fusion_chunk_size or "the whole template"
+        text += f", model sha256 `{fusion_model['sha256'][:16]}`, chunks of {chunks}"
+    return f"{text}, {views} (with flip each mirror is one more frame)."
+
+
 def _plot_roc(roc: Roc, points: np.ndarray, mode: str, title: str, path: Path) -> None:
     """The ROC on a log FPR axis, with the operating points read for the TAR@FAR table."""
     plt = pyplot()
@@ -769,32 +955,71 @@ class IJBSettings:
     ``1 / impostor pairs`` and an FPIR below ``1 / non-mated probes``: ``"measurable"`` ``n/m``,
     ``"insightface"`` insightface's reading marked ``*`` (the JSON holds both). ``batch_size``,
     ``device`` and ``workers`` (decoding threads) only change the speed.
+
+    ``aggregation`` is a template pooler (:data:`AGGREGATORS`) or a fusion aggregator
+    (:func:`is_fusion_aggregation`: ``caface``). ``flip`` and ``faceness`` left at ``None``
+    become the aggregation's default: on for the poolers (insightface), off for fusion
+    (upstream CAFace); faceness with a fusion aggregator is an error. ``fusion_model`` (the
+    CAFace checkpoint, required by ``caface`` and refused by the others), ``fusion_chunk_size``
+    (``None``: each template at once) and ``style_blocks`` (``None``: the backbone family's
+    default) configure fusion only.
     """
 
     aggregation: str = "norm_weighted"
     far_mode: str = "closest"
     far_reading: str = "measurable"
     fars: tuple[float, ...] = FARS
-    flip: bool = True
-    faceness: bool = True
+    flip: bool | None = None
+    faceness: bool | None = None
     align_rule: str = "scale"
     score_dtype: str = "float32"
     batch_size: int = 128
     device: str | torch.device = "cpu"
     workers: int = 4
+    fusion_model: str | Path | None = None
+    fusion_chunk_size: int | None = None
+    style_blocks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_choice("far_mode", self.far_mode, FAR_MODES)
         check_far_reading(self.far_reading)
         check_choice("align_rule", self.align_rule, TEMPLATE_RULES)
         check_choice("score_dtype", self.score_dtype, SCORE_DTYPES)
-        AGGREGATORS.get(self.aggregation)
+        fusion = is_fusion_aggregation(self.aggregation)
         object.__setattr__(self, "fars", tuple(float(f) for f in self.fars))
+        for name in ("flip", "faceness"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, not fusion)
+        if fusion and self.faceness:
+            raise ValueError(
+                f"faceness: the {self.aggregation!r} aggregation takes no per-image weights "
+                "(CAFace's IJB evaluation ignores faceness); leave faceness off (--no-faceness)"
+            )
+        check_fusion_options(self.aggregation, self.fusion_model, self.fusion_chunk_size)
+        if self.fusion_chunk_size is not None:
+            check_int("fusion_chunk_size", self.fusion_chunk_size, 1)
+        if self.style_blocks is not None:
+            needs = fusion and FUSION_AGGREGATORS.get(self.aggregation).needs_styles
+            if not needs:
+                raise ValueError(
+                    f"style_blocks: the {self.aggregation!r} aggregation uses no styles"
+                )
+            blocks = self.style_blocks
+            names = [blocks] if isinstance(blocks, str) else blocks
+            object.__setattr__(self, "style_blocks", tuple(names))
+
+    @property
+    def needs_styles(self) -> bool:
+        """Whether the aggregation fuses styles, computed while embedding."""
+        return is_fusion_aggregation(self.aggregation) and bool(
+            FUSION_AGGREGATORS.get(self.aggregation).needs_styles
+        )
 
 
 @dataclass(frozen=True)
 class IJBEmbeddings:
-    """The raw embeddings ``(N, V, d)`` of an IJB set (:func:`embed_ijb`) and their origin."""
+    """The raw embeddings ``(N, V, d)`` of an IJB set (:func:`embed_ijb`) and their origin; the
+    styles ``(N, V, C, 2)`` of the same views (None unless the aggregation needs them)."""
 
     embeddings: np.ndarray
     input_size: int
@@ -802,6 +1027,8 @@ class IJBEmbeddings:
     cache_file: Path | None
     reused: bool
     seconds: float
+    styles: np.ndarray | None = None
+    style_blocks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -843,7 +1070,9 @@ def embed_ijb(
     With ``cache_dir`` the embeddings are cached there, one ``.npy`` per key: ``model_key``
     (:func:`checkpoint_key` for a loaded checkpoint; default the module's content hash), the
     alignment, ``flip`` and the image list. A new ``aggregation``, ``faceness`` or ``far_mode``
-    reuses them and several models can share one cache directory.
+    reuses them and several models can share one cache directory. An aggregation that needs
+    styles (``caface``) computes them in the same pass (``model`` must be a robustface backbone,
+    not ONNX) and caches them beside the embeddings, keyed by the style blocks too.
     """
     if isinstance(model, nn.Module) and model.training:
         raise ValueError("put the model in eval mode first (model.eval())")
@@ -860,9 +1089,19 @@ def embed_ijb(
         "workers": settings.workers,
         "show_progress": show_progress,
     }
+    blocks = None
+    if settings.needs_styles:
+        if not isinstance(model, nn.Module):
+            raise ValueError("model: styles need a robustface backbone module")
+        blocks = style_block_names(model, settings.style_blocks)
     t0 = time.perf_counter()
     if cache_dir is None:
-        embeddings, cache_file, reused = embed_ijb_images(model, meta, **options), None, False
+        cache_file, reused = None, False
+        if blocks is None:
+            embeddings, styles = embed_ijb_images(model, meta, **options), None
+        else:
+            assert isinstance(model, nn.Module)
+            embeddings, styles = embed_ijb_images_with_styles(model, meta, blocks=blocks, **options)
     else:
         key = {
             "format": CACHE_FORMAT,
@@ -877,11 +1116,20 @@ def embed_ijb(
             "images": int(meta.images.size),
             "meta_sha256": _meta_digest(meta),
         }
-        embeddings, cache_file, reused = _load_or_embed(
-            model, meta, Path(cache_dir), key, **options
+        embeddings, styles, cache_file, reused = _load_or_embed(
+            model, meta, Path(cache_dir), key, blocks, **options
         )
     seconds = time.perf_counter() - t0
-    return IJBEmbeddings(embeddings, input_size, model_key, cache_file, reused, seconds)
+    return IJBEmbeddings(
+        embeddings,
+        input_size,
+        model_key,
+        cache_file,
+        reused,
+        seconds,
+        styles,
+        None if blocks is None else tuple(blocks),
+    )
 
 
 def score_ijb(
@@ -889,16 +1137,25 @@ def score_ijb(
     meta: IJBMeta,
     settings: IJBSettings,
     one_n: IJB1NMeta | None = None,
+    *,
+    fusion: FusionAggregator | None = None,
+    show_progress: bool = False,
 ) -> IJBScores:
     """Pool the embeddings into template features (faceness-weighted if ``settings.faceness``,
     with ``settings.aggregation``), score the 1:1 pairs and, with ``one_n``
-    (:func:`read_ijb_1n_meta`), search every 1:N gallery with the probes."""
+    (:func:`read_ijb_1n_meta`), search every 1:N gallery with the probes. A fusion aggregation
+    fuses each template with ``fusion`` (default :func:`build_fusion` of ``settings``)."""
     t0 = time.perf_counter()
     features, xnorm = fuse_views(embedded.embeddings)
-    weights = meta.faceness if settings.faceness else np.ones(meta.images.size, np.float32)
     groups = group_templates(meta.templates, meta.medias)
-    feats = template_features(features, weights, groups, settings.aggregation)
-    del features
+    if is_fusion_aggregation(settings.aggregation):
+        del features
+        fusion = build_fusion(settings) if fusion is None else fusion
+        feats = _fuse_templates(embedded, groups, settings, fusion, show_progress)
+    else:
+        weights = meta.faceness if settings.faceness else np.ones(meta.images.size, np.float32)
+        feats = template_features(features, weights, groups, settings.aggregation)
+        del features
     scores = score_pairs(feats, groups.template_ids, meta.pairs, dtype=settings.score_dtype)
     roc = Roc.from_scores(scores, meta.pair_labels)
     points = roc.operating_points(settings.fars, settings.far_mode)
@@ -924,6 +1181,36 @@ def score_ijb(
         points=points,
         identification=ident,
         seconds=time.perf_counter() - t0,
+    )
+
+
+def _fuse_templates(
+    embedded: IJBEmbeddings,
+    groups: TemplateGroups,
+    settings: IJBSettings,
+    fusion: FusionAggregator,
+    show_progress: bool,
+) -> np.ndarray:
+    """:func:`fused_template_features` of ``embedded`` after checking that ``fusion`` fits its
+    feature width and style channels (errors name the fusion model and the cache file)."""
+    source = "embeddings" if embedded.cache_file is None else str(embedded.cache_file)
+    if fusion.needs_styles and embedded.styles is None:
+        raise ValueError(
+            f"styles: the {fusion.name} aggregator needs styles, but {source} has none "
+            "(embed with this aggregation's settings)"
+        )
+    channels = None if embedded.styles is None else int(embedded.styles.shape[2])
+    where = f"the embeddings of {source}"
+    check_fusion_shapes(
+        fusion, int(embedded.embeddings.shape[2]), channels, where, settings.fusion_model
+    )
+    return fused_template_features(
+        embedded.embeddings,
+        embedded.styles,
+        groups,
+        fusion,
+        source=embedded.cache_file,
+        show_progress=show_progress,
     )
 
 
@@ -989,10 +1276,16 @@ def write_ijb_report(
     else:  # a CMC of an earlier run must not sit beside these results
         (out_dir / f"{stem}_cmc.png").unlink(missing_ok=True)
     cache = embedded.cache_file
+    fusion_model = None
+    if settings.fusion_model is not None:
+        fusion_model = model_fingerprint(settings.fusion_model)
     config = {
         "data": str(meta.root),
         "name": name,
         "aggregation": settings.aggregation,
+        "fusion_model": fusion_model,
+        "fusion_chunk_size": settings.fusion_chunk_size,
+        "style_blocks": embedded.style_blocks,
         "far_mode": settings.far_mode,
         "far_reading": settings.far_reading,
         "fars": list(fars),
@@ -1008,6 +1301,7 @@ def write_ijb_report(
         "cache": None if cache is None else str(cache.parent),
     }
     table = _tables(label, name, results, settings.far_reading)
+    table += "\n" + _aggregation_note(settings, fusion_model) + "\n"
     results["report"] = write_evaluation(
         out_dir, stem, results, table, model=checkpoint, config=config
     )

@@ -248,13 +248,22 @@ def embed_views(
     """Raw embeddings ``(b, V, d)`` float32 of a ``b x H x W x 3`` uint8 RGB batch: the image and,
     with ``flip``, its mirror (V = 2). Pixels become ``(x / 255 - 0.5) / 0.5`` in NCHW float32
     on ``device``; ``embed_fn`` runs under ``torch.inference_mode()``."""
+    with torch.inference_mode():
+        views = pixel_views(batch, flip=flip, device=device)
+        return np.stack([_embed_batch(embed_fn, v, v.shape[0]) for v in views], axis=1)
+
+
+def pixel_views(
+    batch: np.ndarray | torch.Tensor, *, flip: bool = True, device: str | torch.device = "cpu"
+) -> list[torch.Tensor]:
+    """The model inputs of a ``b x H x W x 3`` uint8 RGB batch: ``(x / 255 - 0.5) / 0.5`` NCHW
+    float32 on ``device``, and with ``flip`` its horizontal mirror too (what :func:`embed_views`
+    embeds)."""
     if isinstance(batch, np.ndarray):  # per batch: a strided view is copied piecewise
         batch = torch.from_numpy(np.ascontiguousarray(batch))
-    with torch.inference_mode():
-        x = batch.to(device).permute(0, 3, 1, 2).float()
-        x = (x / 255 - 0.5) / 0.5
-        views = [x, torch.flip(x, dims=[3])] if flip else [x]
-        return np.stack([_embed_batch(embed_fn, v, x.shape[0]) for v in views], axis=1)
+    x = batch.to(device).permute(0, 3, 1, 2).float()
+    x = (x / 255 - 0.5) / 0.5
+    return [x, torch.flip(x, dims=[3])] if flip else [x]
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:

@@ -72,6 +72,16 @@ class Aggregator(ABC):
         memory.update(features, styles)
         return memory.result()
 
+    def fuse_sets(self, features: Any, styles: Any = None) -> torch.Tensor:
+        """``(B, d)`` unit features of ``B`` sets of equal length (``features`` ``(B, T, d)``
+        raw, ``styles`` ``(B, T, ...)``): :meth:`fuse` of each set, unless an aggregator
+        batches them (CAFace: one forward pass for all)."""
+        x = _as_float_tensor(features)
+        if x.ndim != 3:
+            raise ValueError(f"features must be a 3-D (B, T, d) array, got shape {tuple(x.shape)}")
+        s = None if styles is None or not self.needs_styles else _as_float_tensor(styles)
+        return torch.stack([self.fuse(x[b], None if s is None else s[b]) for b in range(len(x))])
+
     def check(
         self, features: Any, styles: Any = None, dim: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

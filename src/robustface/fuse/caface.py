@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -344,24 +343,36 @@ class CAFace(nn.Module):
         return CAFaceOutput((mu * weights).sum(1), frame_weights, weights, attn, new_memory)
 
     def fuse_sequential(
-        self, features: torch.Tensor, styles: torch.Tensor | None, chunk_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        features: torch.Tensor,
+        styles: torch.Tensor | None,
+        chunk_size: int,
+        *,
+        frame_weights: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fuse sets of T images chunk by chunk with the memory: ``ceil(T / chunk_size)``
         near-equal parts (T=75, size 8: 8,8,8,8,8,7,7,7,7,7). Activations are held for one chunk
         at a time. Returns (fused (B,512), per-frame weights (B,T): every frame's assignment over
-        the total soft counts, with the last chunk's aggregation weights, as the official demo)."""
+        the total soft counts, with the last chunk's aggregation weights, as the official demo).
+        ``frame_weights=False`` returns ``None`` for them and keeps nothing per frame: the working
+        memory beyond the inputs is then one chunk's, whatever T."""
         chunk_size = check_int("chunk_size", chunk_size, minimum=1)
         self._check(features, styles)
         t = features.shape[1]
-        parts = np.array_split(np.arange(t), math.ceil(t / chunk_size))
+        parts = math.ceil(t / chunk_size)
+        size, longer = divmod(t, parts)  # np.array_split: the first `longer` parts get one more
         memory: CAFaceMemory | None = None
         assign = []
-        for part in parts:
-            start, stop = int(part[0]), int(part[-1]) + 1
+        start = 0
+        for part in range(parts):
+            stop = start + size + (part < longer)
             out = self(features[:, start:stop], styles[:, start:stop], memory)
-            memory = out.memory
-            # in eval nothing of a finished chunk stays in the graph: memory constant in T
-            assign.append(out.assign if self.training else out.assign.detach())
+            memory, start = out.memory, stop
+            if frame_weights:
+                # in eval nothing of a finished chunk stays in the graph
+                assign.append(out.assign if self.training else out.assign.detach())
+        if not frame_weights:
+            return out.fused, None
         frames = _frame_weights(torch.cat(assign, dim=-1), out.memory.counts, out.weights)
         return out.fused, frames
 
@@ -381,8 +392,9 @@ def load_caface_checkpoint(
     path: str | Path, *, unsafe_legacy_load: bool = False
 ) -> CAFaceCheckpoint:
     """Read a CAFace ``.ckpt`` (``state_dict`` with ``model.*``, ``aggregator.*``,
-    ``center.weight``; ``hyper_parameters``) weights-only. Missing or unexpected aggregator keys
-    and wrong shapes raise :class:`DataFormatError` naming the file and the keys."""
+    ``center.weight``; ``hyper_parameters``) weights-only. The style channel count is read from
+    ``style_maker.cfc`` (384 as published). Missing or unexpected aggregator keys and wrong
+    shapes raise :class:`DataFormatError` naming the file and the keys."""
     obj = load_weights(path, unsafe_legacy_load=unsafe_legacy_load)
     if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
         raise DataFormatError(path, "not a CAFace checkpoint: no 'state_dict' mapping")
@@ -390,7 +402,10 @@ def load_caface_checkpoint(
     agg = {k[len("aggregator.") :]: v for k, v in state.items() if k.startswith("aggregator.")}
     if not agg:
         raise DataFormatError(path, "not a CAFace checkpoint: no 'aggregator.*' keys")
-    aggregator = CAFace()
+    cfc = agg.get("style_maker.cfc")
+    # the style channel count is the checkpoint's (384 as published; fewer for small backbones)
+    channels = cfc.shape[0] if isinstance(cfc, torch.Tensor) and cfc.ndim == 2 else STYLE_CHANNELS
+    aggregator = CAFace(style_channels=channels)
     expected = aggregator.state_dict()
     missing = sorted(set(expected) - set(agg))
     unexpected = sorted(set(agg) - set(expected))
@@ -422,17 +437,19 @@ class CAFaceAggregator(Aggregator):
 
     ``model`` is a :class:`CAFace` network or the path of a released checkpoint (read by
     :func:`load_caface_checkpoint`). :meth:`fuse` runs the whole set in chunks of ``chunk_size``
-    (near-equal parts, as :meth:`CAFace.fuse_sequential`; the official demo uses 512); a
-    :meth:`memory` takes chunks as they come. Styles are per image, ``(n, 384, 2)``.
+    (near-equal parts, as :meth:`CAFace.fuse_sequential`; the official demo uses 512), or with
+    ``chunk_size=None`` in one forward pass (the official IJB evaluation); a :meth:`memory` takes
+    chunks as they come. Styles are per image, ``(n, C, 2)`` (``C = model.style_channels``).
     """
 
+    name = "caface"
     needs_styles = True
 
     def __init__(
         self,
         model: CAFace | str | Path,
         *,
-        chunk_size: int = 512,
+        chunk_size: int | None = 512,
         unsafe_legacy_load: bool = False,
     ) -> None:
         super().__init__(dim=FEATURE_DIM)
@@ -441,7 +458,7 @@ class CAFaceAggregator(Aggregator):
         if not isinstance(model, CAFace):
             raise TypeError(f"model must be a CAFace or a checkpoint path, got {type(model)}")
         self.model = model.eval()
-        self.chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, 1)
 
     def memory(self) -> _CAFaceFusionMemory:
         return _CAFaceFusionMemory(self)
@@ -449,8 +466,34 @@ class CAFaceAggregator(Aggregator):
     @torch.inference_mode()
     def fuse(self, features: Any, styles: Any = None) -> torch.Tensor:
         x, s = self.check(features, styles)
-        fused, _ = self.model.fuse_sequential(x[None], s[None], self.chunk_size)
+        if self.chunk_size is None:
+            fused = self.model(x[None], s[None]).fused
+        else:
+            fused, _ = self.model.fuse_sequential(
+                x[None], s[None], self.chunk_size, frame_weights=False
+            )
         return F.normalize(fused[0], dim=0)
+
+    @torch.inference_mode()
+    def fuse_sets(self, features: Any, styles: Any = None) -> torch.Tensor:
+        """All ``B`` sets in one batch (BN in eval mode and per-set attention: the same as
+        :meth:`fuse` per set)."""
+        x = torch.as_tensor(features)
+        if x.ndim != 3:
+            raise ValueError(f"features must be a 3-D (B, T, d) array, got shape {tuple(x.shape)}")
+        b, t = x.shape[:2]
+        s = None if styles is None else torch.as_tensor(styles)
+        if s is not None and s.shape[:2] != (b, t):
+            raise ValueError(f"styles must be ({b}, {t}, ...), got shape {tuple(s.shape)}")
+        x, s = self.check(
+            x.reshape(b * t, -1), None if s is None else s.reshape(b * t, *s.shape[2:])
+        )
+        x, s = x.reshape(b, t, -1), s.reshape(b, t, *s.shape[1:])
+        if self.chunk_size is None:
+            fused = self.model(x, s).fused
+        else:
+            fused, _ = self.model.fuse_sequential(x, s, self.chunk_size, frame_weights=False)
+        return F.normalize(fused, dim=1)
 
 
 class _CAFaceFusionMemory(FusionMemory):

@@ -33,7 +33,13 @@ from robustface.models.loading import BGRInput
 from robustface.models.meta import FaceBackbone
 from robustface.utils.guards import check_int
 
-__all__ = ["DEFAULT_STYLE_BLOCKS", "embed_with_styles", "style_channels", "styles_from_maps"]
+__all__ = [
+    "DEFAULT_STYLE_BLOCKS",
+    "embed_with_styles",
+    "style_block_names",
+    "style_channels",
+    "styles_from_maps",
+]
 
 # the ends of stages 2 and 3 under each family's aliases: IR (IR-101: body.15 and body.45, CAFace's
 # style_index 3 and 5), then IResNet
@@ -69,6 +75,12 @@ def _check_blocks(backbone: FaceBackbone, blocks: Sequence[str] | None) -> list[
         if name not in valid:
             raise ValueError(f"blocks: unknown block name {name!r}; valid: {', '.join(valid)}")
     return names
+
+
+def style_block_names(model: nn.Module, blocks: Sequence[str] | None = None) -> list[str]:
+    """The block names ``blocks`` stands for on ``model`` (``None``: the family's default, e.g.
+    ``["stage2", "stage3"]``); unknown names raise ``ValueError`` listing the valid ones."""
+    return _check_blocks(_unwrap(model)[0], blocks)
 
 
 def styles_from_maps(maps: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:

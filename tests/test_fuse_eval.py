@@ -1,0 +1,326 @@
+"""Fusion aggregators in the evaluations: ``eval ijb --aggregation caface`` and MegaFace's views."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustface.cli import main
+from robustface.data.ijb import read_ijb_meta
+from robustface.data.image import decode_image
+from robustface.data.synth.builder import build_synthface
+from robustface.deploy import align_face
+from robustface.evaluate.ijb import (
+    IJBSettings,
+    embed_ijb,
+    fused_template_features,
+    group_templates,
+    score_ijb,
+)
+from robustface.evaluate.roc import FARS, Roc
+from robustface.fuse import AGGREGATORS, CAFace, CAFaceAggregator, embed_with_styles
+from robustface.models import build_backbone
+from robustface.models.loading import load_backbone
+
+TINY_CHANNELS = 96  # r18_tiny: layer2 (32) + layer3 (64)
+
+
+def _caface(channels: int = TINY_CHANNELS, seed: int = 0) -> CAFace:
+    """A CAFace in eval mode with every parameter and BN statistic moved off its init."""
+    torch.manual_seed(seed)
+    model = CAFace(style_channels=channels)
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = 0.3 if p.ndim < 2 else 1.0 / math.sqrt(p.shape[-1])
+            p.add_(torch.randn_like(p) * scale)
+        model.style_maker.bn.running_mean.normal_()
+        model.style_maker.bn.running_var.uniform_(0.5, 2.0)
+        model.norm_emb.norm_bn.running_mean.fill_(3.0)
+        model.norm_emb.norm_bn.running_var.fill_(1.0)
+    return model.eval()
+
+
+def _save(model: CAFace, path: Path) -> Path:
+    """A checkpoint with the released layout: ``state_dict`` of ``aggregator.*`` keys."""
+    state = {f"aggregator.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"arch": "ir_101"}}, path)
+    return path
+
+
+IJB_SYNTH = dict(
+    identities=2,
+    images_per_identity=1,
+    open_set_identities=0,
+    test_identities=20,
+    lfw_pairs=0,
+    cfp_fp_pairs=0,
+    lowq_pairs=0,
+    ijb_identities=4,
+    ijb_templates_per_identity=3,
+    ijb_max_media_per_template=2,
+    ijb_max_images_per_media=2,
+    ijb_impostor_ratio=3,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    from robustface.config import SynthConfig
+
+    root = tmp_path_factory.mktemp("fuse_ijb")
+    synth = build_synthface(root / "synth", SynthConfig(**IJB_SYNTH), workers=1, progress=False)
+    torch.manual_seed(0)
+    weights = root / "tiny.pth"
+    torch.save(build_backbone("r18_tiny").state_dict(), weights)
+    ijb_dir = synth.path / "IJBS"
+    # the protocol by hand: aligned crops, both views embedded with their styles
+    meta = read_ijb_meta(ijb_dir, "IJBS")
+    model, size = load_backbone(weights, backbone="r18_tiny")
+    crops = np.stack(
+        [
+            align_face(decode_image(p.read_bytes()), lm, size)
+            for p, lm in zip(meta.image_paths(), meta.landmarks, strict=True)
+        ]
+    )
+    x = (torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    views = [embed_with_styles(model, v, batch_size=7) for v in (x, x.flip(3))]
+    return {
+        "ijb_dir": ijb_dir,
+        "weights": weights,
+        "ckpt": _save(_caface(), root / "caface.ckpt"),
+        "meta": meta,
+        "feats": torch.stack([f for f, _ in views], 1),  # (N, 2, 512)
+        "styles": torch.stack([s for _, s in views], 1),  # (N, 2, 96, 2)
+    }
+
+
+def _by_hand(
+    setup: dict, chunk_size: int | None = None, flip: bool = False
+) -> dict[int, np.ndarray]:
+    """Template id -> the aggregator called by hand on the template's images (and mirrors)."""
+    agg = CAFaceAggregator(_caface(), chunk_size=chunk_size)
+    meta, views = setup["meta"], 2 if flip else 1
+    out = {}
+    for t in np.unique(meta.templates).tolist():
+        rows = np.flatnonzero(meta.templates == t)
+        f = setup["feats"][rows, :views].reshape(-1, 512)  # image 0, its mirror, image 1, ...
+        s = setup["styles"][rows, :views].reshape(-1, TINY_CHANNELS, 2)
+        out[t] = agg.fuse(f, s).numpy()
+    return out
+
+
+def _pair_scores(meta, templates: dict[int, np.ndarray]) -> np.ndarray:
+    return np.array([templates[a] @ templates[b] for a, b in meta.pairs.tolist()])
+
+
+@pytest.mark.slow
+def test_ijb_caface_from_the_cli(setup, tmp_path, capsys):
+    ijb_dir, weights, ckpt, meta = setup["ijb_dir"], setup["weights"], setup["ckpt"], setup["meta"]
+    out = tmp_path / "out"
+    base = ["eval", "ijb", str(weights), "--backbone", "r18_tiny", "--data", str(ijb_dir)]
+    base += ["--name", "IJBS", "--quiet", "--batch-size", "5", "--workers", "1", "--out", str(out)]
+    caface = [*base, "--aggregation", "caface", "--fusion-model", str(ckpt)]
+    assert main(caface) == 0
+    printed = capsys.readouterr().out
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert "Templates: `caface` fusion of all images of a template (media ignored)" in printed
+    assert f"sha256 `{sha[:16]}`, chunks of the whole template, no flip" in printed
+    report = json.loads((out / "ijbs.json").read_text())
+    config = report["config"]
+    assert config["aggregation"] == "caface" and config["fusion_model"]["sha256"] == sha
+    assert config["flip"] is False and config["faceness"] is False  # upstream's IJB protocol
+    assert config["style_blocks"] == ["layer2", "layer3"] and config["fusion_chunk_size"] is None
+
+    # the numbers: cosine scores of templates fused by hand, read at every FAR
+    scores = _pair_scores(meta, _by_hand(setup))
+    roc = Roc.from_scores(scores, meta.pair_labels.astype(bool))
+    want = dict(zip(FARS, roc.tpr[roc.operating_points(FARS, "closest")].tolist(), strict=True))
+    ver = report["results"]["verification"]
+    assert ver["tar_at_far_insightface"] == {f"{f:g}": pytest.approx(want[f]) for f in FARS}
+    nw = _pair_scores(meta, {t: v / np.linalg.norm(v) for t, v in _norm_weighted(setup).items()})
+    assert np.abs(nw - scores).max() > 1e-3  # CAFace is not the norm-weighted mean here
+
+    # styles are cached beside the embeddings, keyed by the blocks, and reused
+    cache = Path(report["results"]["embedding_cache"]["path"])
+    styles_file = cache.with_name(cache.name.replace("_embeddings.npy", "_styles.npy"))
+    assert np.load(styles_file).shape == (meta.images.size, 1, TINY_CHANNELS, 2)
+    key = json.loads(cache.with_suffix(".json").read_text())
+    assert key["styles"] == {"blocks": ["layer2", "layer3"]} and key["flip"] is False
+    assert main(caface) == 0
+    capsys.readouterr()
+    again = json.loads((out / "ijbs.json").read_text())["results"]
+    assert again["embedding_cache"]["reused"] is True
+    assert again["verification"] == report["results"]["verification"]
+    # a stale key (other blocks recorded) is refused; a missing styles file is recomputed
+    key["styles"]["blocks"] = ["layer1", "layer3"]
+    cache.with_suffix(".json").write_text(json.dumps(key))
+    assert main(caface) == 2
+    assert "records other styles than this run's" in capsys.readouterr().err
+    key["styles"]["blocks"] = ["layer2", "layer3"]
+    cache.with_suffix(".json").write_text(json.dumps(key))
+    styles_file.unlink()
+    assert main(caface) == 0
+    capsys.readouterr()
+    assert (
+        json.loads((out / "ijbs.json").read_text())["results"]["embedding_cache"]["reused"] is False
+    )
+    # the default mean/norm_weighted runs do not see the styles cache
+    assert main(base) == 0
+    capsys.readouterr()
+    default = json.loads((out / "ijbs.json").read_text())
+    assert default["config"]["fusion_model"] is None and default["config"]["flip"] is True
+    assert default["results"]["embedding_cache"]["reused"] is False
+
+
+def _norm_weighted(setup: dict) -> dict[int, np.ndarray]:
+    meta = setup["meta"]
+    feats = setup["feats"][:, 0].numpy()
+    return {t: feats[meta.templates == t].sum(0) for t in np.unique(meta.templates).tolist()}
+
+
+@pytest.mark.slow
+def test_ijb_caface_bad_options_are_one_line_errors(setup, tmp_path, capsys):
+    ijb_dir, weights, ckpt = setup["ijb_dir"], setup["weights"], setup["ckpt"]
+    base = ["eval", "ijb", str(weights), "--backbone", "r18_tiny", "--data", str(ijb_dir)]
+    base += ["--name", "IJBS", "--quiet", "--workers", "1", "--out", str(tmp_path)]
+    published = _save(_caface(channels=384), tmp_path / "published.ckpt")
+    cases = [
+        (["--aggregation", "caface"], "fusion_model: the 'caface' aggregation needs a CAFace"),
+        (["--fusion-model", str(ckpt)], "fusion_model: only the caface aggregation takes"),
+        (["--aggregation", "mean", "--fusion-chunk-size", "4"], "fusion_chunk_size: only the"),
+        (
+            ["--aggregation", "caface", "--fusion-model", str(ckpt), "--faceness"],
+            "faceness: the 'caface' aggregation takes no per-image weights",
+        ),
+        (
+            ["--aggregation", "caface", "--fusion-model", str(published)],
+            f"fusion_model {published}: the CAFace checkpoint takes 384 style channels, the "
+            "backbone's style blocks layer2, layer3 gives 96",
+        ),
+        (
+            ["--aggregation", "caface", "--fusion-model", str(ckpt), "--style-blocks", "layer3"],
+            "takes 96 style channels, the backbone's style blocks layer3 gives 64",
+        ),
+        (
+            ["--aggregation", "caface", "--fusion-model", str(ckpt), "--style-blocks", "body.9"],
+            "blocks: unknown block name 'body.9'",
+        ),
+        (["--aggregation", "max"], "unknown template aggregator 'max'; valid names: caface, mean"),
+        (
+            ["--aggregation", "caface", "--fusion-model", str(weights)],
+            f"{weights}: not a CAFace checkpoint",
+        ),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not (tmp_path / "cache").exists()  # refused before any embedding
+
+
+def test_ijb_fused_templates_equal_the_aggregator_by_hand(setup):
+    """Python steps: flip frames and chunked fusion, template by template; NaN names the file."""
+    meta, weights = setup["meta"], setup["weights"]
+    model, size = load_backbone(weights, backbone="r18_tiny")
+    settings = IJBSettings(
+        aggregation="caface", fusion_model=setup["ckpt"], flip=True, batch_size=5, workers=1
+    )
+    assert settings.faceness is False
+    embedded = embed_ijb(model, meta, settings, input_size=size, show_progress=False)
+    assert embedded.styles.shape == (meta.images.size, 2, TINY_CHANNELS, 2)
+    torch.testing.assert_close(torch.from_numpy(embedded.embeddings), setup["feats"])
+    torch.testing.assert_close(torch.from_numpy(embedded.styles), setup["styles"])
+    groups = group_templates(meta.templates, meta.medias)
+    for chunk in (None, 3):
+        agg = CAFaceAggregator(_caface(), chunk_size=chunk)
+        got = fused_template_features(embedded.embeddings, embedded.styles, groups, agg)
+        want = _by_hand(setup, chunk_size=chunk, flip=True)
+        np.testing.assert_allclose(
+            got, np.stack([want[t] for t in groups.template_ids.tolist()]), rtol=0, atol=1e-6
+        )
+    assert (
+        np.abs(
+            got
+            - fused_template_features(
+                embedded.embeddings, embedded.styles, groups, CAFaceAggregator(_caface())
+            )
+        ).max()
+        > 1e-4
+    )  # chunking changes CAFace, so the loop above has teeth
+    scores = score_ijb(embedded, meta, settings)
+    assert scores.templates == groups.template_ids.size
+    bad = np.array(embedded.embeddings)
+    bad[3, 1, 0] = np.nan
+    with pytest.raises(
+        ValueError, match=rf"^cache.npy: template {meta.templates[3]}: features row"
+    ):
+        fused_template_features(bad, embedded.styles, groups, agg, source="cache.npy")
+    with pytest.raises(ValueError, match="styles: the caface aggregator needs"):
+        fused_template_features(embedded.embeddings, None, groups, agg)
+    wide = np.concatenate([embedded.embeddings, embedded.embeddings], axis=2)
+    with pytest.raises(ValueError, match="features must have dimension 512, got 1024"):
+        fused_template_features(wide, embedded.styles, groups, agg)
+
+
+# ---------------------------------------------------------------------- constant memory in T
+
+
+def test_sequential_fusion_keeps_nothing_per_frame(monkeypatch):
+    """fuse_sequential without frame weights holds no finished chunk's tensors, and a fusion
+    memory's state has the same size after 10 or 1,000 frames."""
+    model = _caface(channels=8)
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(1, 200, 512, generator=g) * 5
+    s = torch.randn(1, 200, 8, 2, generator=g)
+    alive: list[int] = []
+    refs: list[weakref.ref] = []
+    forward = CAFace.forward
+
+    def spy(self, *args, **kwargs):
+        alive.append(sum(r() is not None for r in refs))
+        out = forward(self, *args, **kwargs)
+        refs.append(weakref.ref(out.assign))
+        return out
+
+    monkeypatch.setattr(CAFace, "forward", spy)
+    with torch.inference_mode():
+        fused, frames = model.fuse_sequential(f, s, 10, frame_weights=False)
+    # at most the previous chunk's output is alive while a chunk runs (was: all earlier chunks')
+    assert frames is None and len(alive) == 20 and max(alive) <= 1
+    monkeypatch.setattr(CAFace, "forward", forward)
+    with torch.inference_mode():
+        want, frames = model.fuse_sequential(f, s, 10)
+    torch.testing.assert_close(fused, want, rtol=0, atol=0)
+    assert frames.shape == (1, 200)
+
+    agg = CAFaceAggregator(model)
+    sizes = []
+    for chunks in (1, 100):
+        memory = agg.memory()
+        for _ in range(chunks):
+            memory.update(f[0, :10], s[0, :10])
+        tensors = [memory.fused, *vars(memory.state).values()]
+        sizes.append(sum(t.numel() for t in tensors))
+    assert sizes[0] == sizes[1]
+
+
+def test_fuse_sets_batches_like_fuse():
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(5, 6, 512, generator=g) * 4
+    s = torch.randn(5, 6, 8, 2, generator=g)
+    for agg in (
+        CAFaceAggregator(_caface(channels=8), chunk_size=None),
+        CAFaceAggregator(_caface(channels=8), chunk_size=4),
+        AGGREGATORS.build("mean"),
+    ):
+        want = torch.stack([agg.fuse(f[b], s[b]) for b in range(5)])
+        torch.testing.assert_close(agg.fuse_sets(f, s), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="styles are required"):
+        CAFaceAggregator(_caface(channels=8)).fuse_sets(f)

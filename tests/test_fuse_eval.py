@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from robustface.cli import main
 from robustface.data.ijb import read_ijb_meta
@@ -324,3 +325,94 @@ def test_fuse_sets_batches_like_fuse():
         torch.testing.assert_close(agg.fuse_sets(f, s), want, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="styles are required"):
         CAFaceAggregator(_caface(channels=8)).fuse_sets(f)
+
+
+# ---------------------------------------------------------------------- MegaFace: the two views
+
+
+def _megaface_dirs(tmp_path: Path) -> tuple[list[str], np.ndarray, list[str], dict]:
+    """Random 56-px 'aligned' images: 3 probe identities x 2 images, 5 distractors."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    probe_paths = [f"id{i}/id{i}_{k}.png" for i in range(3) for k in range(2)]
+    ids = np.repeat(np.arange(3), 2)
+    mf_paths = [f"0/owner{k}/{k}_0.png" for k in range(5)]
+    images = {}
+    for root, rel in (("fs", probe_paths), ("mf", mf_paths)):
+        for path in rel:
+            image = rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
+            file = tmp_path / root / path
+            file.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(file), image[:, :, ::-1])  # stored BGR, decoded RGB
+            images[(root, path)] = image
+    (tmp_path / "fs.json").write_text(json.dumps({"path": probe_paths, "id": ids.tolist()}))
+    (tmp_path / "mf.json").write_text(json.dumps({"path": mf_paths}))
+    return probe_paths, ids, mf_paths, images
+
+
+@pytest.mark.slow
+def test_megaface_fuses_each_image_with_its_mirror(tmp_path, capsys):
+    from robustface.evaluate.megaface import evaluate_megaface
+
+    probe_paths, ids, mf_paths, images = _megaface_dirs(tmp_path)
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pth"
+    torch.save(build_backbone("r18_tiny").state_dict(), weights)
+    ckpt = _save(_caface(seed=3), tmp_path / "caface.ckpt")
+    model, _ = load_backbone(weights, backbone="r18_tiny")
+
+    def by_hand(root: str, paths: list[str], how: str) -> np.ndarray:
+        batch = np.stack([images[(root, p)] for p in paths])
+        x = (torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+        (f0, s0), (f1, s1) = (embed_with_styles(model, v) for v in (x, x.flip(3)))
+        if how == "mean":
+            return F.normalize(F.normalize(f0, dim=1) + F.normalize(f1, dim=1), dim=1).numpy()
+        agg = CAFaceAggregator(_caface(seed=3), chunk_size=None)
+        return np.stack(
+            [
+                agg.fuse(torch.stack([f0[i], f1[i]]), torch.stack([s0[i], s1[i]])).numpy()
+                for i in range(len(paths))
+            ]
+        )
+
+    flags = ["eval", "megaface", str(weights), "--backbone", "r18_tiny", "--quiet"]
+    flags += ["--sizes", "5", "--far", "0.1", "--max-rank", "3"]
+    for name in ("fs", "mf"):
+        role = "probe" if name == "fs" else "distractor"
+        flags += [f"--{role}-images", str(tmp_path / name), f"--{role}-list"]
+        flags += [str(tmp_path / f"{name}.json")]
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    for how, extra in (("caface", ["--fusion-model", str(ckpt)]), ("mean", [])):
+        out, cache = tmp_path / f"out_{how}", tmp_path / f"cache_{how}"
+        args = [*flags, "--aggregation", how, *extra, "--out", str(out), "--cache", str(cache)]
+        assert main(args) == 0
+        capsys.readouterr()
+        probes, distractors = by_hand("fs", probe_paths, how), by_hand("mf", mf_paths, how)
+        with np.load(cache / "probe.npz") as npz:
+            np.testing.assert_allclose(npz["features"], probes, rtol=0, atol=2e-6)
+            record = json.loads(str(npz["fusion"]))
+        assert record == {"aggregation": how, "fusion_model_sha256": sha if extra else None}
+        with np.load(cache / "distractor.npz") as npz:
+            np.testing.assert_allclose(npz["features"], distractors, rtol=0, atol=2e-6)
+        report = json.loads((out / "megaface.json").read_text())
+        assert report["config"]["aggregation"] == how
+        want = evaluate_megaface(probes, ids, distractors, sizes=(5,), max_rank=3, far=0.1)
+        got = report["results"]["sizes"]["5"]
+        assert got["cmc"] == pytest.approx(want["sizes"][5]["cmc"])
+        assert got["tar_insightface"] == pytest.approx(want["sizes"][5]["tar_insightface"])
+
+    # a cache fused one way is refused for another; so are devkit/.npy features for caface
+    cached = ["eval", "megaface", "--probe-features", str(tmp_path / "cache_mean/probe.npz")]
+    cached += ["--distractor-features", str(tmp_path / "cache_mean/distractor.npz")]
+    cached += ["--sizes", "5", "--far", "0.1", "--quiet"]
+    assert main([*cached, "--aggregation", "mean"]) == 0
+    capsys.readouterr()
+    assert main(cached) == 2
+    assert "probe.npz: features whose image and mirror were fused with 'mean', not " in (
+        capsys.readouterr().err
+    )
+    assert main([*cached, "--aggregation", "caface"]) == 2
+    assert "fusion_model: the 'caface' aggregation needs" in capsys.readouterr().err
+    assert main([*cached, "--aggregation", "mean", "--fusion-model", str(ckpt)]) == 2
+    assert "fusion_model: only the caface aggregation" in capsys.readouterr().err

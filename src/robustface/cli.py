@@ -302,16 +302,33 @@ def _cmd_eval_megaface(args: argparse.Namespace) -> int:
     from robustface.evaluate.megaface import (
         FeatureSource,
         ImageEmbedder,
+        fusion_record,
         run_megaface,
         write_megaface_report,
     )
     from robustface.evaluate.report import model_fingerprint
+    from robustface.fuse.build import build_aggregator, check_fusion_model
     from robustface.models.loading import load_backbone
 
+    fusion = None  # norm_weighted: image + flip summed, as insightface
+    record = fusion_record(args.aggregation)
+    if args.aggregation != "norm_weighted" or args.fusion_model is not None:
+        fusion = build_aggregator(
+            args.aggregation,
+            fusion_model=args.fusion_model,
+            unsafe_legacy_load=args.unsafe_legacy_load,
+        )
+        if args.fusion_model is not None:
+            record = fusion_record(args.aggregation, model_fingerprint(args.fusion_model)["sha256"])
     embedder = None
     if args.model is not None and (args.probe_images or args.distractor_images):
         model, input_size = load_backbone(args.model, **model_args(args), device=args.device)
-        embedder = ImageEmbedder(model, input_size, args.batch_size, args.device)
+        blocks = None if args.style_blocks is None else tuple(args.style_blocks)
+        if fusion is not None:
+            check_fusion_model(
+                fusion, model, input_size, style_blocks=blocks, fusion_model=args.fusion_model
+            )
+        embedder = ImageEmbedder(model, input_size, args.batch_size, args.device, fusion, blocks)
     probe = FeatureSource(
         args.probe_features,
         args.probe_images,
@@ -337,6 +354,7 @@ def _cmd_eval_megaface(args: argparse.Namespace) -> int:
         far=args.far,
         far_reading=args.far_reading,
         progress=not args.quiet,
+        fusion=record,
     )
     print(run.table)
     if args.out:
@@ -687,6 +705,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--far", type=float, default=1e-6, help="FAR of the verification TAR")
     q.add_argument("--max-rank", type=int, default=10, help="last rank of the CMC")
     q.add_argument("--cache", type=Path, help="save embedded images as probe.npz/distractor.npz")
+    q.add_argument(
+        "--aggregation",
+        default="norm_weighted",
+        help="how an embedded image and its mirror become one feature: norm_weighted (summed, "
+        "insightface's gen_megaface), mean, or caface (needs --fusion-model)",
+    )
+    q.add_argument("--fusion-model", type=Path, help="CAFace checkpoint for --aggregation caface")
+    q.add_argument(
+        "--style-blocks",
+        nargs="+",
+        help="caface: backbone blocks of the styles (default: stages 2, 3)",
+    )
     add_model_args(q, "a .pth MODEL")
     q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")

@@ -34,6 +34,17 @@ FaceX-Zoo and checked there against the devkit's binaries):
   (``folder/owner/image.jpg``) for MegaFace; ``#`` lines are comments and a tab-separated line
   uses its last field.
 
+**Fusion of the two views** (``aggregation``): MegaFace compares single images (a probe image
+against one gallery image and the distractors), so the only set to fuse is an image and its
+horizontal mirror. ``norm_weighted`` (the default) is insightface's ``gen_megaface.py``: the two
+raw embeddings summed (unchanged, bit for bit). Any other aggregator of
+:data:`robustface.fuse.AGGREGATORS` fuses the two views as a set of two frames
+(:func:`fuse_flip_views`): ``mean`` averages their unit features, ``caface`` runs the CAFace
+network on them with their styles (a ``fusion_model`` checkpoint; no published MegaFace
+protocol exists for CAFace). The aggregation (and the fusion model's sha256) is recorded in the
+``.npz`` caches and the report; a cache or feature file fused otherwise is refused (devkit and
+``.npy`` features count as ``norm_weighted``).
+
 Feature inputs: the devkit's per-image files (``{root}/{list path}{file_ending}``, e.g.
 ``_insightface.bin``: four native-endian int32 ``rows, cols, elem_size, cv_type`` = ``d, 1, 4,
 5`` (``CV_32FC1``) followed by ``rows * cols`` float32, as OpenCV's matrix serialisation in the
@@ -63,7 +74,9 @@ from robustface.evaluate.roc import (
     unmeasurable_cell,
     unmeasurable_note,
 )
-from robustface.evaluate.verification import embed_pairs
+from robustface.evaluate.verification import _resize, embed_pairs, pixel_views
+from robustface.fuse.base import Aggregator
+from robustface.fuse.styles import embed_with_styles
 from robustface.utils.guards import check_int, check_real
 from robustface.utils.io import atomic_path
 from robustface.utils.table import markdown_table
@@ -77,6 +90,8 @@ __all__ = [
     "embed_image_files",
     "evaluate_megaface",
     "format_megaface",
+    "fuse_flip_views",
+    "fusion_record",
     "load_feature_set",
     "noise_mask",
     "plot_megaface",
@@ -95,6 +110,8 @@ DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
 """The devkit's distractor set sizes."""
 _HEADER = np.dtype("<i4")
 _CV_32FC1 = 5
+DEFAULT_FUSION = {"aggregation": "norm_weighted", "fusion_model_sha256": None}
+"""How the devkit's and insightface's features fuse an image with its mirror: summed."""
 _MAX_TOPK_ENTRIES = 400_000_000
 """Largest probes x k score matrix the verification search may hold (1.6 GB of float32)."""
 
@@ -189,9 +206,11 @@ def save_feature_cache(
     paths: Sequence[str] | None = None,
     labels: np.ndarray | Sequence[Any] | None = None,
     model_sha256: str | None = None,
+    fusion: dict[str, Any] | None = None,
 ) -> None:
-    """Write a feature cache ``.npz`` (``features`` float32, ``paths``, ``labels`` and the
-    ``model`` sha256 that made them) atomically."""
+    """Write a feature cache ``.npz`` (``features`` float32, ``paths``, ``labels``, the
+    ``model`` sha256 that made them and the ``fusion`` of the views, :func:`fusion_record`)
+    atomically."""
     feats = np.asarray(features, dtype=np.float32)
     if feats.ndim != 2 or feats.shape[0] == 0:
         raise ValueError(f"features must be a non-empty N x d array, got shape {feats.shape}")
@@ -204,6 +223,8 @@ def save_feature_cache(
             arrays[name] = arr
     if model_sha256 is not None:
         arrays["model"] = np.asarray(model_sha256)
+    if fusion is not None:
+        arrays["fusion"] = np.asarray(json.dumps(fusion, sort_keys=True))
     with atomic_path(path) as tmp, tmp.open("wb") as fh:
         np.savez(fh, **arrays)
 
@@ -223,6 +244,7 @@ def load_feature_set(
     file_ending: str | None = None,
     labels: str | Path | None = None,
     model_sha256: str | None = None,
+    fusion: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> FeatureSet:
     """Read features from a ``.npz`` cache, a ``.npy`` matrix (memory-mapped) or a devkit folder.
@@ -230,9 +252,11 @@ def load_feature_set(
     A devkit feature directory needs ``list_file`` (the devkit JSON list, whose ``id`` entries
     become the labels) and ``file_ending`` (e.g. ``_insightface.bin``). ``labels`` (``.npy``, or
     text with one label per line) gives or replaces the labels. With ``model_sha256``, a ``.npz``
-    cache made by another model is refused.
+    cache made by another model is refused; with ``fusion`` (:func:`fusion_record`), features
+    whose views were fused otherwise (a cache's record; :data:`DEFAULT_FUSION` for the others).
     """
     source = Path(source)
+    made_with = DEFAULT_FUSION
     if source.is_dir():
         if list_file is None or file_ending is None:
             raise ValueError(
@@ -252,6 +276,8 @@ def load_feature_set(
                     f"{source}: features of another model (sha256 {made_by[:12]}...), "
                     f"not of MODEL ({model_sha256[:12]}...)"
                 )
+            if "fusion" in npz:
+                made_with = json.loads(str(npz["fusion"]))
             result = FeatureSet(
                 npz["features"],
                 npz["paths"].tolist() if "paths" in npz else None,
@@ -265,12 +291,61 @@ def load_feature_set(
         raise ValueError(f"{source}: expected a .npz cache, a .npy matrix or a devkit directory")
     if result.features.ndim != 2:
         raise DataFormatError(source, f"features must be N x d, got {result.features.shape}")
+    if fusion is not None and made_with != fusion:
+        raise ValueError(
+            f"{source}: features whose image and mirror were fused with "
+            f"{_describe(made_with)}, not {_describe(fusion)} (--aggregation); embed the images "
+            "with this aggregation (--*-images with MODEL)"
+        )
     if labels is not None:
         result.labels = _read_labels(Path(labels))
     n = result.features.shape[0]
     if result.labels is not None and result.labels.shape != (n,):
         raise ValueError(f"{source}: {result.labels.shape} labels for {n} feature rows")
     return result
+
+
+def fusion_record(aggregation: str, fusion_model_sha256: str | None = None) -> dict[str, Any]:
+    """What a cache records about how an image and its mirror were fused."""
+    return {"aggregation": aggregation, "fusion_model_sha256": fusion_model_sha256}
+
+
+def _describe(record: dict[str, Any]) -> str:
+    sha = record.get("fusion_model_sha256")
+    return repr(record.get("aggregation")) + ("" if sha is None else f" (model {sha[:12]}...)")
+
+
+def fuse_flip_views(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    fusion: Aggregator,
+    *,
+    input_size: int,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    style_blocks: Sequence[str] | None = None,
+) -> np.ndarray:
+    """``(N, d)`` unit features of ``N x H x W x 3`` uint8 RGB images: each image and its mirror
+    embedded (resized and normalised as :func:`~robustface.evaluate.verification.embed_pairs`
+    does) and fused by ``fusion`` as a set of two frames (:meth:`Aggregator.fuse_sets`), with
+    the styles of ``style_blocks`` where it needs them."""
+    parts = []
+    for start in range(0, len(images), batch_size):
+        batch = _resize(np.asarray(images[start : start + batch_size]), input_size)
+        views = pixel_views(batch, flip=True, device=device)
+        styles = None
+        if fusion.needs_styles:
+            pairs = [
+                embed_with_styles(model, v, style_blocks, batch_size=len(v), device=device)
+                for v in views
+            ]
+            feats = torch.stack([f for f, _ in pairs], 1)
+            styles = torch.stack([st for _, st in pairs], 1)
+        else:
+            with torch.inference_mode():
+                feats = torch.stack([model(v).float().cpu() for v in views], 1)
+        parts.append(fusion.fuse_sets(feats, styles).float().numpy())
+    return np.concatenate(parts)
 
 
 def embed_image_files(
@@ -282,9 +357,12 @@ def embed_image_files(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    fusion: Aggregator | None = None,
+    style_blocks: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Embed aligned face images ``root / path`` as insightface's ``gen_megaface.py``: image +
-    flip summed (:func:`robustface.evaluate.verification.embed_pairs`); returns ``N x d``."""
+    flip summed (:func:`robustface.evaluate.verification.embed_pairs`), or with ``fusion`` the
+    two views fused by it (:func:`fuse_flip_views`); returns ``N x d``."""
     root = Path(root)
     if not paths:
         raise ValueError(f"{root}: no images to embed")
@@ -301,9 +379,20 @@ def embed_image_files(
         shapes = {im.shape for im in images}
         if len(shapes) != 1:
             raise ValueError(f"{root}: images of different sizes {sorted(shapes)}; align them")
-        emb, _ = embed_pairs(
-            np.stack(images), model, batch_size=batch_size, device=device, input_size=input_size
-        )
+        if fusion is None:
+            emb, _ = embed_pairs(
+                np.stack(images), model, batch_size=batch_size, device=device, input_size=input_size
+            )
+        else:
+            emb = fuse_flip_views(
+                model,  # type: ignore[arg-type]
+                np.stack(images),
+                fusion,
+                input_size=input_size,
+                batch_size=batch_size,
+                device=device,
+                style_blocks=style_blocks,
+            )
         if out is None:
             out = np.empty((len(paths), emb.shape[1]), dtype=np.float32)
         out[start : start + len(emb)] = emb
@@ -618,12 +707,15 @@ class FeatureSource:
 
 @dataclass(frozen=True)
 class ImageEmbedder:
-    """A loaded model that embeds :attr:`FeatureSource.images` (see :func:`embed_image_files`)."""
+    """A loaded model that embeds :attr:`FeatureSource.images` (see :func:`embed_image_files`);
+    ``fusion`` fuses each image with its mirror (None: summed, insightface's way)."""
 
     model: Callable[[torch.Tensor], torch.Tensor]
     input_size: int
     batch_size: int = 256
     device: str | torch.device = "cpu"
+    fusion: Aggregator | None = None
+    style_blocks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -644,10 +736,12 @@ def source_feature_set(
     model_sha256: str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    fusion: dict[str, Any] | None = None,
 ) -> FeatureSet:
     """The ``role`` (``"probe"`` or ``"distractor"``) FeatureSet of ``source``: read, or embedded
     with ``embedder`` and then cached as ``cache_dir/{role}.npz`` (with ``model_sha256``, which
-    also refuses a ``.npz`` cache of another model)."""
+    also refuses a ``.npz`` cache of another model, and the ``fusion`` record, which refuses
+    features fused otherwise)."""
     if (source.features is None) == (source.images is None):
         raise ValueError(f"give exactly one of --{role}-features and --{role}-images")
     if source.features is not None:
@@ -657,6 +751,7 @@ def source_feature_set(
             file_ending=file_ending,
             labels=source.labels if role == "probe" else None,
             model_sha256=model_sha256,
+            fusion=fusion,
             progress=progress,
         )
     if embedder is None or source.list_file is None:
@@ -670,6 +765,8 @@ def source_feature_set(
         batch_size=embedder.batch_size,
         device=embedder.device,
         progress=progress,
+        fusion=embedder.fusion,
+        style_blocks=embedder.style_blocks,
     )
     if cache_dir is not None:
         save_feature_cache(
@@ -678,6 +775,7 @@ def source_feature_set(
             paths=paths,
             labels=ids,
             model_sha256=model_sha256,
+            fusion=fusion,
         )
     return FeatureSet(feats, paths, ids)
 
@@ -695,11 +793,20 @@ def run_megaface(
     far: float = 1e-6,
     far_reading: str = "measurable",
     progress: bool = True,
+    fusion: dict[str, Any] | None = None,
 ) -> MegafaceRun:
     """Read or embed both feature sets (:func:`source_feature_set`), apply their noise lists and
     run :func:`evaluate_megaface`; the table is :func:`format_megaface`'s. Write the report with
-    :func:`write_megaface_report` (``config=run.config``)."""
+    :func:`write_megaface_report` (``config=run.config``). ``fusion`` (:func:`fusion_record`,
+    default :data:`DEFAULT_FUSION`) says how ``embedder.fusion`` fuses an image with its mirror;
+    features fused otherwise are refused."""
     import faiss
+
+    fusion = DEFAULT_FUSION if fusion is None else fusion
+    if embedder is not None and (embedder.fusion is None) != (fusion == DEFAULT_FUSION):
+        raise ValueError(
+            f"fusion: the record {_describe(fusion)} does not describe the embedder's fusion"
+        )
 
     probe_set = source_feature_set(
         "probe",
@@ -709,6 +816,7 @@ def run_megaface(
         model_sha256=model_sha256,
         cache_dir=cache_dir,
         progress=progress,
+        fusion=fusion,
     )
     distractor_set = source_feature_set(
         "distractor",
@@ -718,6 +826,7 @@ def run_megaface(
         model_sha256=model_sha256,
         cache_dir=cache_dir,
         progress=progress,
+        fusion=fusion,
     )
     if probe_set.labels is None:
         raise ValueError("the probe features have no identity labels: give --probe-labels")
@@ -756,6 +865,8 @@ def run_megaface(
         "max_rank": max_rank,
         "far": far,
         "far_reading": far_reading,
+        "aggregation": fusion["aggregation"],
+        "fusion_model_sha256": fusion["fusion_model_sha256"],
         "faiss": faiss.__version__,
     }
     return MegafaceRun(results, format_megaface(results, far_reading), config)

@@ -416,3 +416,20 @@ def test_megaface_fuses_each_image_with_its_mirror(tmp_path, capsys):
     assert "fusion_model: the 'caface' aggregation needs" in capsys.readouterr().err
     assert main([*cached, "--aggregation", "mean", "--fusion-model", str(ckpt)]) == 2
     assert "fusion_model: only the caface aggregation" in capsys.readouterr().err
+
+
+def test_settings_defaults_follow_the_aggregation(tmp_path):
+    from robustface.fuse.build import check_fusion_model
+
+    plain = IJBSettings()
+    assert (plain.flip, plain.faceness, plain.needs_styles) == (True, True, False)
+    caface = IJBSettings(aggregation="caface", fusion_model="x.ckpt", fusion_chunk_size=64)
+    assert (caface.flip, caface.faceness, caface.needs_styles) == (False, False, True)
+    assert IJBSettings(aggregation="caface", fusion_model="x.ckpt", flip=True).flip is True
+    with pytest.raises(ValueError, match="style_blocks: the 'mean' aggregation uses no styles"):
+        IJBSettings(aggregation="mean", style_blocks=("layer2",))
+    with pytest.raises(ValueError, match="fusion_chunk_size must be"):
+        IJBSettings(aggregation="caface", fusion_model="x.ckpt", fusion_chunk_size=0)
+    agg = CAFaceAggregator(_caface(channels=8))
+    with pytest.raises(ValueError, match="model: styles need a robustface backbone"):
+        check_fusion_model(agg, torch.nn.Linear(3, 512), 4)

@@ -99,10 +99,11 @@ def check_fusion_model(
     """Check, before a long embedding, that ``fusion`` fits ``model``'s features and (where it
     needs styles) the styles of ``style_blocks``, from one image's forward pass; a one-line
     ``ValueError`` names the fusion model file and the blocks."""
-    param = next(model.parameters())
-    x = torch.zeros(1, 3, input_size, input_size, device=param.device)
-    if fusion.needs_styles:
-        blocks = style_block_names(model, style_blocks)
+    blocks = style_block_names(model, style_blocks) if fusion.needs_styles else None
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    device = next(params, torch.empty(0)).device  # an ONNX model has no parameters
+    x = torch.zeros(1, 3, input_size, input_size, device=device)
+    if blocks is not None:
         feats, styles = embed_with_styles(model, x, blocks)
         source = f"the backbone's style blocks {', '.join(blocks)}"
         check_fusion_shapes(fusion, feats.shape[1], styles.shape[1], source, fusion_model)

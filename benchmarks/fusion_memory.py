@@ -54,10 +54,16 @@ def _chunks(length: int, size: int, seed: int = 0) -> Iterator[tuple[Any, Any]]:
 
 
 def _whole_set(length: int) -> tuple[Any, Any]:
+    """The set held in memory, ``(1, T, 512)`` and ``(1, T, 384, 2)``, filled chunk by chunk (no
+    transient second copy, which fusion could reuse and so hide its own memory)."""
     import torch
 
-    features, styles = zip(*_chunks(length, BASELINE_CHUNK), strict=True)
-    return torch.cat(features)[None], torch.cat(styles)[None]
+    features, styles = torch.empty(1, length, DIM), torch.empty(1, length, CHANNELS, 2)
+    start = 0
+    for f, s in _chunks(length, BASELINE_CHUNK):
+        features[0, start : start + len(f)], styles[0, start : start + len(f)] = f, s
+        start += len(f)
+    return features, styles
 
 
 def worker(method: str, length: int) -> dict[str, float]:
@@ -71,9 +77,7 @@ def worker(method: str, length: int) -> dict[str, float]:
     caface = CAFace().eval()
     seconds = 0.0
     with torch.inference_mode():
-        if method in ("none-stream", "mean", "norm_weighted") or method.startswith(
-            "caface-stream"
-        ):
+        if method in ("none-stream", "mean", "norm_weighted") or method.startswith("caface-stream"):
             if method.startswith("caface-stream"):
                 size = int(method.rsplit("-", 1)[1])
                 memory = CAFaceAggregator(caface, chunk_size=size).memory()

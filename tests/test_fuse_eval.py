@@ -433,3 +433,32 @@ def test_settings_defaults_follow_the_aggregation(tmp_path):
     agg = CAFaceAggregator(_caface(channels=8))
     with pytest.raises(ValueError, match="model: styles need a robustface backbone"):
         check_fusion_model(agg, torch.nn.Linear(3, 512), 4)
+
+
+def test_value_checks_work_in_blocks_and_name_the_frame(monkeypatch):
+    """Long sets are checked block by block (no temporary of the set's size); the errors still
+    name the first bad row or frame of the whole set."""
+    import robustface.fuse.base as base
+
+    monkeypatch.setattr(base, "_CHECK_ROWS", 3)
+    agg = CAFaceAggregator(_caface(channels=8), chunk_size=4)
+    g = torch.Generator().manual_seed(2)
+    f, s = torch.randn(12, 512, generator=g), torch.randn(12, 8, 2, generator=g)
+    for row, what, message in (
+        (7, "nan", "features row 7 has NaN"),
+        (5, "zero", "features row 5 has zero norm"),
+        (8, "style", r"styles have NaN or infinite values \(row 8\)"),
+    ):
+        bad_f, bad_s = f.clone(), s.clone()
+        if what == "nan":
+            bad_f[row, 3] = float("nan")
+        elif what == "zero":
+            bad_f[row] = 0
+        else:
+            bad_s[row, 1, 0] = float("inf")
+        with pytest.raises(ValueError, match=message):
+            agg.fuse(bad_f, bad_s)
+    zero = f.clone()[None]
+    zero[0, 9] = 0
+    with pytest.raises(ValueError, match="features: set 0, image 9 has a zero-norm feature"):
+        _caface(channels=8).fuse_sequential(zero, s[None], 4)

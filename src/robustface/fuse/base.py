@@ -44,6 +44,19 @@ from robustface.utils.registry import Registry
 __all__ = ["AGGREGATORS", "Aggregator", "FusionMemory"]
 
 
+_CHECK_ROWS = 4096
+"""Rows checked at a time, so that checking a long set makes no temporary of its size."""
+
+
+def _first_bad_row(x: torch.Tensor, bad: Any) -> int | None:
+    """The first row ``i`` of ``x`` where ``bad(block)[i - start]`` holds, or None."""
+    for start in range(0, x.shape[0], _CHECK_ROWS):
+        hits = bad(x[start : start + _CHECK_ROWS])
+        if bool(hits.any()):
+            return start + int(hits.nonzero()[0])
+    return None
+
+
 def _as_float_tensor(value: Any) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -96,13 +109,12 @@ class Aggregator(ABC):
             raise ValueError("features: empty set (0 rows); fusion needs at least one feature")
         if dim is not None and x.shape[1] != dim:
             raise ValueError(f"features must have dimension {dim}, got {x.shape[1]}")
-        finite = torch.isfinite(x).all(dim=1)
-        if not bool(finite.all()):
-            row = int((~finite).nonzero()[0])
+        row = _first_bad_row(x, lambda b: ~torch.isfinite(b).all(dim=1))
+        if row is not None:
             raise ValueError(f"features row {row} has NaN or infinite values")
-        zero = (x == 0).all(dim=1)
-        if bool(zero.any()):
-            raise ValueError(f"features row {int(zero.nonzero()[0])} has zero norm")
+        row = _first_bad_row(x, lambda b: (b == 0).all(dim=1))
+        if row is not None:
+            raise ValueError(f"features row {row} has zero norm")
         if not self.needs_styles:
             return x, None
         if styles is None:
@@ -112,8 +124,9 @@ class Aggregator(ABC):
             raise ValueError(
                 f"styles must have one row per feature ({x.shape[0]}), got shape {tuple(s.shape)}"
             )
-        if not bool(torch.isfinite(s).all()):
-            raise ValueError("styles have NaN or infinite values")
+        row = _first_bad_row(s, lambda b: ~torch.isfinite(b).reshape(len(b), -1).all(dim=1))
+        if row is not None:
+            raise ValueError(f"styles have NaN or infinite values (row {row})")
         return x, s
 
 

@@ -290,7 +290,10 @@ class CAFace(nn.Module):
         self.fusion_net = FusionNet()
         self.norm_emb = NormEmbedding()
 
-    def _check(self, features: torch.Tensor, styles: torch.Tensor | None) -> None:
+    def _check(
+        self, features: torch.Tensor, styles: torch.Tensor | None, *, values: bool = True
+    ) -> None:
+        """Shapes, then (with ``values``) :meth:`_check_values`."""
         if features.ndim != 3 or features.shape[-1] != FEATURE_DIM:
             raise ValueError(
                 f"features: expected shape (sets, images, {FEATURE_DIM}), "
@@ -306,13 +309,21 @@ class CAFace(nn.Module):
         expected = (*features.shape[:2], self.style_channels, 2)
         if tuple(styles.shape) != expected:
             raise ValueError(f"styles: expected shape {expected}, got {tuple(styles.shape)}")
+        if values:
+            self._check_values(features, styles)
+
+    @staticmethod
+    def _check_values(features: torch.Tensor, styles: torch.Tensor, offset: int = 0) -> None:
+        """No NaN/inf and no zero feature in these frames (numbered from ``offset``)."""
         for name, tensor in (("features", features), ("styles", styles)):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{name}: contains NaN or infinite values")
         zero = (features.norm(dim=-1) == 0).nonzero()
         if len(zero):
             set_index, frame = zero[0].tolist()
-            raise ValueError(f"features: set {set_index}, image {frame} has a zero-norm feature")
+            raise ValueError(
+                f"features: set {set_index}, image {offset + frame} has a zero-norm feature"
+            )
 
     def forward(
         self,
@@ -357,7 +368,8 @@ class CAFace(nn.Module):
         ``frame_weights=False`` returns ``None`` for them and keeps nothing per frame: the working
         memory beyond the inputs is then one chunk's, whatever T."""
         chunk_size = check_int("chunk_size", chunk_size, minimum=1)
-        self._check(features, styles)
+        self._check(features, styles, values=False)  # values per chunk: no (B, T, ...) temporaries
+        assert styles is not None
         t = features.shape[1]
         parts = math.ceil(t / chunk_size)
         size, longer = divmod(t, parts)  # np.array_split: the first `longer` parts get one more
@@ -366,6 +378,7 @@ class CAFace(nn.Module):
         start = 0
         for part in range(parts):
             stop = start + size + (part < longer)
+            self._check_values(features[:, start:stop], styles[:, start:stop], offset=start)
             out = self(features[:, start:stop], styles[:, start:stop], memory)
             memory, start = out.memory, stop
             if frame_weights:

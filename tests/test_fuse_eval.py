@@ -296,6 +296,14 @@ def test_sequential_fusion_keeps_nothing_per_frame(monkeypatch):
     # at most the previous chunk's output is alive while a chunk runs (was: all earlier chunks')
     assert frames is None and len(alive) == 20 and max(alive) <= 1
     monkeypatch.setattr(CAFace, "forward", forward)
+    # the value checks look at one chunk at a time (was: isfinite of the whole set)
+    checked: list[int] = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda x: checked.append(x.numel()) or isfinite(x))
+    with torch.inference_mode():
+        model.fuse_sequential(f, s, 10, frame_weights=False)
+    assert checked and max(checked) == 10 * 512  # one chunk of features (the set: 200 x 512)
+    monkeypatch.setattr(torch, "isfinite", isfinite)
     with torch.inference_mode():
         want, frames = model.fuse_sequential(f, s, 10)
     torch.testing.assert_close(fused, want, rtol=0, atol=0)

@@ -361,7 +361,7 @@ def _megaface_dirs(tmp_path: Path) -> tuple[list[str], np.ndarray, list[str], di
 
 @pytest.mark.slow
 def test_megaface_fuses_each_image_with_its_mirror(tmp_path, capsys):
-    from robustface.evaluate.megaface import evaluate_megaface
+    from robustface.evaluate.megaface import evaluate_megaface, fuse_flip_views
 
     probe_paths, ids, mf_paths, images = _megaface_dirs(tmp_path)
     torch.manual_seed(0)
@@ -391,39 +391,45 @@ def test_megaface_fuses_each_image_with_its_mirror(tmp_path, capsys):
         flags += [f"--{role}-images", str(tmp_path / name), f"--{role}-list"]
         flags += [str(tmp_path / f"{name}.json")]
     sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    for how, extra in (("caface", ["--fusion-model", str(ckpt)]), ("mean", [])):
-        out, cache = tmp_path / f"out_{how}", tmp_path / f"cache_{how}"
-        args = [*flags, "--aggregation", how, *extra, "--out", str(out), "--cache", str(cache)]
-        assert main(args) == 0
-        capsys.readouterr()
-        probes, distractors = by_hand("fs", probe_paths, how), by_hand("mf", mf_paths, how)
-        with np.load(cache / "probe.npz") as npz:
-            np.testing.assert_allclose(npz["features"], probes, rtol=0, atol=2e-6)
-            record = json.loads(str(npz["fusion"]))
-        assert record == {"aggregation": how, "fusion_model_sha256": sha if extra else None}
-        with np.load(cache / "distractor.npz") as npz:
-            np.testing.assert_allclose(npz["features"], distractors, rtol=0, atol=2e-6)
-        report = json.loads((out / "megaface.json").read_text())
-        assert report["config"]["aggregation"] == how
-        want = evaluate_megaface(probes, ids, distractors, sizes=(5,), max_rank=3, far=0.1)
-        got = report["results"]["sizes"]["5"]
-        assert got["cmc"] == pytest.approx(want["sizes"][5]["cmc"])
-        assert got["tar_insightface"] == pytest.approx(want["sizes"][5]["tar_insightface"])
-
-    # a cache fused one way is refused for another; so are devkit/.npy features for caface
-    cached = ["eval", "megaface", "--probe-features", str(tmp_path / "cache_mean/probe.npz")]
-    cached += ["--distractor-features", str(tmp_path / "cache_mean/distractor.npz")]
-    cached += ["--sizes", "5", "--far", "0.1", "--quiet"]
-    assert main([*cached, "--aggregation", "mean"]) == 0
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = [*flags, "--aggregation", "caface", "--fusion-model", str(ckpt)]
+    assert main([*args, "--out", str(out), "--cache", str(cache)]) == 0
     capsys.readouterr()
-    assert main(cached) == 2
-    assert "probe.npz: features whose image and mirror were fused with 'mean', not " in (
-        capsys.readouterr().err
-    )
-    assert main([*cached, "--aggregation", "caface"]) == 2
-    assert "fusion_model: the 'caface' aggregation needs" in capsys.readouterr().err
-    assert main([*cached, "--aggregation", "mean", "--fusion-model", str(ckpt)]) == 2
-    assert "fusion_model: only the caface aggregation" in capsys.readouterr().err
+    probes, distractors = by_hand("fs", probe_paths, "caface"), by_hand("mf", mf_paths, "caface")
+    with np.load(cache / "probe.npz") as npz:
+        np.testing.assert_allclose(npz["features"], probes, rtol=0, atol=2e-6)
+        assert json.loads(str(npz["fusion"])) == {
+            "aggregation": "caface",
+            "fusion_model_sha256": sha,
+        }
+    with np.load(cache / "distractor.npz") as npz:
+        np.testing.assert_allclose(npz["features"], distractors, rtol=0, atol=2e-6)
+    report = json.loads((out / "megaface.json").read_text())
+    assert report["config"]["aggregation"] == "caface"
+    assert report["config"]["fusion_model_sha256"] == sha
+    want = evaluate_megaface(probes, ids, distractors, sizes=(5,), max_rank=3, far=0.1)
+    got = report["results"]["sizes"]["5"]
+    assert got["cmc"] == pytest.approx(want["sizes"][5]["cmc"])
+    assert got["tar_insightface"] == pytest.approx(want["sizes"][5]["tar_insightface"])
+    # mean, from Python: the two unit features averaged
+    batch = np.stack([images[("fs", p)] for p in probe_paths])
+    mean = fuse_flip_views(model, batch, AGGREGATORS.build("mean"), input_size=56, batch_size=4)
+    np.testing.assert_allclose(mean, by_hand("fs", probe_paths, "mean"), rtol=0, atol=2e-6)
+
+    # the cache is reused with the same fusion only; a fusion model needs caface
+    cached = ["eval", "megaface", "--probe-features", str(cache / "probe.npz")]
+    cached += ["--distractor-features", str(cache / "distractor.npz")]
+    cached += ["--sizes", "5", "--far", "0.1", "--max-rank", "3", "--quiet"]
+    assert main([*cached, "--aggregation", "caface", "--fusion-model", str(ckpt)]) == 0
+    assert "| 5 " in capsys.readouterr().out
+    for extra, message in (
+        ([], "probe.npz: features whose image and mirror were fused with 'caface' (model "),
+        (["--aggregation", "mean"], "fused with 'caface' (model"),
+        (["--aggregation", "caface"], "fusion_model: the 'caface' aggregation needs"),
+        (["--fusion-model", str(ckpt)], "fusion_model: only the caface aggregation"),
+    ):
+        assert main([*cached, *extra]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_settings_defaults_follow_the_aggregation(tmp_path):

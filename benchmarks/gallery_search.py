@@ -1,4 +1,4 @@
-"""Gallery search (``robustface gallery``): build time, memory, queries/s and recall@1 of each index.
+"""Gallery search (``robustface gallery``): build time, memory, queries/s, recall@1 per index.
 
 Run: ``PYTHONPATH=src .venv/bin/python benchmarks/gallery_search.py [--sizes 100000 1000000]
 [--dim 512] [--queries 2000] [--indexes flat,ivf,hnsw] [--threads 2] [--repeats 3]``.
@@ -30,10 +30,9 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cluster_knn import fake_features  # noqa: E402
-
-from robustface.deploy.gallery import IndexSpec, build_index  # noqa: E402
-from robustface.utils.table import markdown_table  # noqa: E402
+from cluster_knn import fake_features
+from robustface.deploy.gallery import IndexSpec, build_index
+from robustface.utils.table import markdown_table
 
 
 def peak_rss_gib() -> float:

@@ -89,9 +89,10 @@ def test_recognizer_metadata_bgr_and_size_checks(weights: Path, rec: Recognizer)
 def test_landmarks_align_as_eval_ijb_and_bad_landmarks_are_named(rec: Recognizer, faces):
     canvas = np.zeros((160, 160, 3), np.uint8)
     canvas[20:132, 30:142] = faces[0]
-    template = np.array([[38.29, 51.70], [73.53, 51.50], [56.03, 71.74], [41.55, 92.37],
-                         [70.73, 92.20]])
-    marks = template + [30, 20]
+    template = np.array(
+        [[38.29, 51.70], [73.53, 51.50], [56.03, 71.74], [41.55, 92.37], [70.73, 92.20]]
+    )
+    marks = template + np.array([30, 20])
     crop = align_face(canvas, marks, 56)  # what eval ijb feeds the model
     np.testing.assert_array_equal(
         rec.embed(canvas, marks, normalize=False), rec.embed(crop, normalize=False)
@@ -114,7 +115,9 @@ def test_embed_dir_folder_fp16_list_and_sources(rec: Recognizer, faces, tmp_path
     raw = rec.embed(order, normalize=False)
     np.testing.assert_allclose(norms, np.linalg.norm(raw, axis=1), rtol=1e-6)
     np.testing.assert_allclose(emb * norms[:, None], raw, rtol=1e-5, atol=1e-6)
-    assert [s["path"] for s in sources] == [p.relative_to(tmp_path / "in").as_posix() for p in order]
+    assert [s["path"] for s in sources] == [
+        p.relative_to(tmp_path / "in").as_posix() for p in order
+    ]
     assert result.rows == 10 and not result.bad
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["model"]["sha256"] == rec.info.sha256 and manifest["rows"] == 10
@@ -122,8 +125,14 @@ def test_embed_dir_folder_fp16_list_and_sources(rec: Recognizer, faces, tmp_path
     (tmp_path / "list.txt").write_text(
         "# faces\n" + "".join(f"in/{s['path']}\n" for s in sources), encoding="utf-8"
     )
-    embed_to_dir(rec, open_inputs(tmp_path / "list.txt"), tmp_path / "out16", dtype="float16",
-                 show_progress=False, log=lambda s: None)
+    embed_to_dir(
+        rec,
+        open_inputs(tmp_path / "list.txt"),
+        tmp_path / "out16",
+        dtype="float16",
+        show_progress=False,
+        log=lambda s: None,
+    )
     emb16, _, _ = read_embeddings(tmp_path / "out16")
     assert emb16.dtype == np.float16
     np.testing.assert_allclose(emb16.astype(np.float32), emb, atol=2e-3)
@@ -138,13 +147,17 @@ def test_embed_dir_bad_inputs_are_named_counted_and_skipped_only_on_request(
     (tmp_path / "in" / "id0" / "notes.txt").write_text("not an image")
     (tmp_path / "in" / "id1" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     inputs = open_inputs(tmp_path / "in")
-    with pytest.raises(DataFormatError, match=r"2 of 8 inputs cannot be used: id0/notes\.txt: "
-                       r".*cannot decode.*id1/broken\.jpg: .*--skip-bad"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"2 of 8 inputs cannot be used: id0/notes\.txt: "
+        r".*cannot decode.*id1/broken\.jpg: .*--skip-bad",
+    ):
         embed_to_dir(rec, inputs, tmp_path / "out", show_progress=False, log=lambda s: None)
     assert not (tmp_path / "out").exists() and (tmp_path / "out.partial").is_dir()
     logs: list[str] = []
-    result = embed_to_dir(rec, inputs, tmp_path / "out", skip_bad=True, show_progress=False,
-                          log=logs.append)
+    result = embed_to_dir(
+        rec, inputs, tmp_path / "out", skip_bad=True, show_progress=False, log=logs.append
+    )
     assert result.resumed_from == 8 and result.rows == 6 and len(result.bad) == 2
     bad = (tmp_path / "out" / "bad.tsv").read_text().splitlines()
     assert len(bad) == 3 and "id0/notes.txt" in bad[1] and "id1/broken.jpg" in bad[2]
@@ -157,8 +170,9 @@ def test_embed_dir_resume_gives_identical_files(rec: Recognizer, faces, tmp_path
     _write_faces(tmp_path / "in", faces)
     (tmp_path / "in" / "id2" / "zz_bad.png").write_bytes(b"garbage")
     inputs = open_inputs(tmp_path / "in")
-    rec4 = Recognizer(rec.model, rec.input_size, path=rec.info.path, sha256=rec.info.sha256,
-                      batch_size=4)
+    rec4 = Recognizer(
+        rec.model, rec.input_size, path=rec.info.path, sha256=rec.info.sha256, batch_size=4
+    )
     quiet = {"show_progress": False, "log": lambda s: None, "skip_bad": True}
     embed_to_dir(rec4, inputs, tmp_path / "whole", **quiet)
     first = embed_to_dir(rec4, inputs, tmp_path / "resumed", stop_after=2, **quiet)
@@ -166,7 +180,9 @@ def test_embed_dir_resume_gives_identical_files(rec: Recognizer, faces, tmp_path
     second = embed_to_dir(rec4, inputs, tmp_path / "resumed", **quiet)
     assert second.resumed_from == 8
     for name in ("embeddings.npy", "norms.npy", "sources.tsv", "bad.tsv"):
-        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+        assert (tmp_path / "whole" / name).read_bytes() == (
+            tmp_path / "resumed" / name
+        ).read_bytes()
     # an interrupted run of another model is not resumed into
     embed_to_dir(rec4, inputs, tmp_path / "other", stop_after=1, **quiet)
     other = Recognizer(rec.model, rec.input_size, sha256="0" * 64, batch_size=4)

@@ -275,9 +275,9 @@ def _add_index_args(p: argparse.ArgumentParser) -> None:
         "--index",
         choices=INDEX_TYPES,
         default="auto",
-        help=f"faiss index: auto = exact (flat) up to {EXACT_MAX:,} identities, HNSW above",
+        help=f"faiss index: auto = exact (flat) up to {EXACT_MAX:,} identities, IVF above",
     )
-    p.add_argument("--nlist", type=int, help="IVF lists (default: min(4096, 8 sqrt(n)))")
+    p.add_argument("--nlist", type=int, help="IVF lists (default: sqrt(n))")
     p.add_argument("--hnsw-m", type=int, help="HNSW links per node (default: 32)")
     p.add_argument("--ef-construction", type=int, help="HNSW build breadth (default: 80)")
 

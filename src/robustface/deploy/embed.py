@@ -106,7 +106,9 @@ def _folder_inputs(root: Path) -> InputSet:
     )
     if not files:
         raise DataFormatError(root, "no files below this directory")
-    return InputSet("folder", root, ("path",), [(f,) for f in files], lambda i: (root / files[i], None))
+    return InputSet(
+        "folder", root, ("path",), [(f,) for f in files], lambda i: (root / files[i], None)
+    )
 
 
 def _list_inputs(path: Path) -> InputSet:
@@ -244,7 +246,9 @@ def embed_to_dir(
             if stop_after is not None and batches >= stop_after:
                 break
             stop = min(start + bs, n)
-            results = list(pool.map(lambda i: _read_crop(recognizer, inputs, i), range(start, stop)))
+            results = list(
+                pool.map(lambda i: _read_crop(recognizer, inputs, i), range(start, stop))
+            )
             crops = [r for r in results if isinstance(r, np.ndarray)]
             for i, r in zip(range(start, stop), results, strict=True):
                 if isinstance(r, str):

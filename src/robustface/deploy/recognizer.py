@@ -147,7 +147,9 @@ class Recognizer:
         """Dimension of the embeddings."""
         return self.info.embedding_size
 
-    def crop(self, face: Face, landmarks: np.ndarray | None = None, name: str = "image") -> np.ndarray:
+    def crop(
+        self, face: Face, landmarks: np.ndarray | None = None, name: str = "image"
+    ) -> np.ndarray:
         """The model's ``S x S x 3`` uint8 input crop of one face.
 
         Without ``landmarks`` the face must be an aligned square crop (resized to S if needed);

@@ -132,7 +132,9 @@ def find_calibration(
     ]
     if len(found) > 1:
         sets = ", ".join(e["set"] for e in found)
-        raise ValueError(f"calibrations at FAR {far:g} on several sets ({sets}): give --calibration")
+        raise ValueError(
+            f"calibrations at FAR {far:g} on several sets ({sets}): give --calibration"
+        )
     return found[0] if found else None
 
 
@@ -142,7 +144,11 @@ def record_calibration(recognizer: Recognizer, entry: dict[str, Any]) -> Path:
     path = calibration_file(recognizer.info.path)
     record = _read_record(path)
     if record is None or record.get("model_sha256") != recognizer.info.sha256:
-        record = {"model": recognizer.info.path, "model_sha256": recognizer.info.sha256, "entries": []}
+        record = {
+            "model": recognizer.info.path,
+            "model_sha256": recognizer.info.sha256,
+            "entries": [],
+        }
     same = ("set_sha256", "far", "flip")
     record["entries"] = [
         e for e in record["entries"] if any(e.get(k) != entry[k] for k in same)

@@ -214,3 +214,56 @@ def test_calibration_threshold_far_and_record(rec: Recognizer, synth_train_dir: 
     assert find_calibration(mine, 0.5) is None
     stale = Recognizer(rec.model, rec.input_size, path=model, sha256="b" * 64)
     assert find_calibration(stale, far) is None  # other weights: never reused
+
+
+def test_embed_dir_ijb_layout_matches_eval_ijb_and_rec_input(
+    rec: Recognizer, faces, synth_train_dir: Path, tmp_path
+):
+    from robustface.data.ijb import read_ijb_meta, write_ijb_meta
+    from robustface.data.recordio import RecordIODataset
+    from robustface.evaluate.ijb import embed_ijb_images
+
+    root = tmp_path / "IJBX"
+    (root / "loose_crop").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    template = np.array(
+        [[38.29, 51.70], [73.53, 51.50], [56.03, 71.74], [41.55, 92.37], [70.73, 92.20]]
+    )
+    names, marks = [], []
+    for i, face in enumerate(faces[:6]):
+        dx, dy = rng.integers(0, 40, 2)
+        canvas = np.zeros((160, 160, 3), np.uint8)
+        canvas[dy : dy + 112, dx : dx + 112] = face
+        (root / "loose_crop" / f"{i}.png").write_bytes(encode_image(canvas, "png"))
+        names.append(f"{i}.png")
+        marks.append(template + np.array([dx, dy]))
+    write_ijb_meta(
+        root,
+        "IJBX",
+        np.array(names),
+        np.arange(6) // 2,
+        np.arange(6),
+        np.array(marks),
+        np.ones(6),
+        np.array([[0, 1]]),
+        np.array([0]),
+    )
+    inputs = open_inputs(root)
+    assert inputs.kind == "ijb" and inputs.columns == ("image", "template", "media")
+    embed_to_dir(rec, inputs, tmp_path / "out", show_progress=False, log=lambda s: None)
+    emb, norms, sources = read_embeddings(tmp_path / "out")
+    views = embed_ijb_images(
+        rec.model, read_ijb_meta(root, "IJBX"), size=rec.input_size, batch_size=16, workers=1
+    )  # eval ijb's embedding
+    raw = views.sum(axis=1)
+    np.testing.assert_allclose(emb * norms[:, None], raw, rtol=1e-5, atol=1e-4)
+    assert [s["template"] for s in sources] == ["0", "0", "1", "1", "2", "2"]
+
+    ds = RecordIODataset(synth_train_dir / "train.rec")
+    inputs = open_inputs(ds.rec_path)
+    assert inputs.kind == "rec" and len(inputs) == len(ds)
+    embed_to_dir(rec, inputs, tmp_path / "rec", show_progress=False, log=lambda s: None)
+    emb, _, sources = read_embeddings(tmp_path / "rec")
+    expected = rec.embed([ds[i][0] for i in range(len(ds))])
+    np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-6)
+    assert [int(s["label"]) for s in sources] == ds.labels.tolist()

@@ -133,3 +133,39 @@ def test_interrupted_add_leaves_the_gallery_readable_and_unchanged(tmp_path, mon
     reopened.add(["new"], feats[:1])  # the leftover partial version is cleaned up
     assert Gallery.open(tmp_path / "g").names[-1] == "new"
     assert not [p for p in os.listdir(tmp_path / "g") if p.endswith(".partial")]
+
+
+def test_caface_gallery_with_styles(tmp_path):
+    import torch
+
+    from robustface.fuse.caface import CAFace, CAFaceAggregator
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "caface.ckpt"
+    state = {f"aggregator.{k}": v for k, v in CAFace().state_dict().items()}
+    torch.save({"state_dict": state}, ckpt)
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(5, 512)).astype(np.float32)
+    styles = rng.normal(size=(5, 384, 2)).astype(np.float32)
+    model = {**MODEL, "embedding_size": 512}
+    names = ["a", "a", "a", "b", "b"]
+    g = Gallery.create(
+        tmp_path / "g",
+        model,
+        names,
+        feats,
+        styles=styles,
+        aggregator="caface",
+        aggregator_params={"model": str(ckpt)},
+    )
+    agg = CAFaceAggregator(ckpt)
+    for row, rows in ((0, slice(0, 3)), (1, slice(3, 5))):
+        expected = agg.fuse(feats[rows], styles[rows]).numpy()
+        np.testing.assert_allclose(g.vectors[row], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'caface' aggregator needs per-image styles"):
+        g.add(["c"], feats[:1])
+    g.add(["a"], feats[3:4], styles[3:4])  # re-fused with all of a's images and styles
+    expected = agg.fuse(feats[[0, 1, 2, 3]], styles[[0, 1, 2, 3]]).numpy()
+    np.testing.assert_allclose(
+        Gallery.open(tmp_path / "g").vectors[0], expected, rtol=1e-5, atol=1e-6
+    )

@@ -54,9 +54,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pair_scores(recognizer: Recognizer, bin_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, issame)`` of the pairs of a ``.bin``, embedded as ``eval verification`` does."""
-    images, issame = load_bin_images(Path(bin_path))
+def _scores(recognizer: Recognizer, images: np.ndarray) -> np.ndarray:
+    """Cosine scores of the pairs (rows 2i, 2i+1) of ``images``, embedded as ``eval
+    verification`` embeds them."""
     emb, _ = embed_pairs(
         images,
         recognizer.model,
@@ -66,22 +66,32 @@ def pair_scores(recognizer: Recognizer, bin_path: str | Path) -> tuple[np.ndarra
         input_size=recognizer.input_size,
     )
     unit = l2_normalize(emb).astype(np.float64)
-    return np.sum(unit[0::2] * unit[1::2], axis=1), np.asarray(issame, dtype=bool)
+    return np.sum(unit[0::2] * unit[1::2], axis=1)
+
+
+def pair_scores(recognizer: Recognizer, bin_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, issame)`` of the pairs of a ``.bin``, embedded as ``eval verification`` does."""
+    images, issame = load_bin_images(Path(bin_path))
+    return _scores(recognizer, images), np.asarray(issame, dtype=bool)
 
 
 def calibrate(recognizer: Recognizer, bin_path: str | Path, far: float) -> dict[str, Any]:
     """The threshold at false-accept rate ``far`` on the pairs of ``bin_path``, with what it
-    gives there: ``threshold``, ``tar``, ``far_reached``, pair counts, the set's sha256."""
+    gives there: ``threshold``, ``tar``, ``far_reached``, pair counts, the set's sha256. A FAR
+    the set cannot measure is refused before anything is embedded."""
     check_real("far", far, 0, 1)
     bin_path = Path(bin_path)
-    scores, issame = pair_scores(recognizer, bin_path)
-    roc = Roc.from_scores(scores, issame)
-    if not far_measurable(far, roc.num_negatives):
+    images, issame = load_bin_images(bin_path)
+    issame = np.asarray(issame, dtype=bool)
+    impostors = int(np.count_nonzero(~issame))
+    if not far_measurable(far, impostors):
+        least = f"FAR >= {1 / impostors:.3g} is" if impostors else "no FAR is"
         raise DataFormatError(
             bin_path,
-            f"FAR {far:g} is not measurable with its {roc.num_negatives} impostor pairs "
-            f"(FAR >= {1 / roc.num_negatives:.3g} is): choose a larger --far or a larger set",
+            f"FAR {far:g} is not measurable with its {impostors} impostor pairs ({least}): "
+            "choose a larger --far or a larger set",
         )
+    roc = Roc.from_scores(_scores(recognizer, images), issame)
     point = int(roc.operating_points([far], mode="conservative")[0])
     threshold = float(roc.thresholds[point])
     if not np.isfinite(threshold):

@@ -125,6 +125,8 @@ def test_interrupted_add_leaves_the_gallery_readable_and_unchanged(tmp_path, mon
     monkeypatch.setattr(gallery_mod.faiss, "write_index", crash)
     with pytest.raises(KeyboardInterrupt):
         g.add(["new"], feats[:1])
+    with pytest.raises(KeyboardInterrupt):  # an interrupted rebuild over it, too
+        Gallery.create(tmp_path / "g", MODEL, ["x"], feats[:1], overwrite=True)
     monkeypatch.undo()
     assert (tmp_path / "g" / "manifest.json").read_bytes() == before
     reopened = Gallery.open(tmp_path / "g", MODEL)

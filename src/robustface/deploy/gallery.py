@@ -431,7 +431,10 @@ class Gallery:
         else:  # only new identities, appended: add them to a copy of the index
             state.index = faiss.clone_index(self._state.index)
             state.index.add(np.ascontiguousarray(state.vectors[appended:]))
-        current = self.manifest.get("version")
+        # the version the manifest on disk names (an overwritten gallery's too) stays until the
+        # new manifest replaces it
+        on_disk = self.root / MANIFEST
+        current = self._read_manifest(self.root)["version"] if on_disk.is_file() else None
         number = 1 + max(
             [int(m.group(1)) for m in map(_VERSION.match, self._versions()) if m] + [0]
         )

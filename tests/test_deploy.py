@@ -64,7 +64,7 @@ def test_recognizer_embeds_as_eval_verification(rec: Recognizer, weights: Path, 
     model, size = load_backbone(weights)
     expected, _ = embed_pairs(faces, model, batch_size=16, input_size=size)  # eval's path
     assert (rec.input_size, rec.embedding_size, rec.info.color_order) == (56, 32, "RGB")
-    np.testing.assert_array_equal(rec.embed(list(faces), normalize=False), expected)
+    np.testing.assert_array_equal(rec.embed(faces, normalize=False), expected)
     paths = _write_faces(tmp_path, faces)
     np.testing.assert_array_equal(rec.embed(paths, normalize=False), expected)
     pil = [Image.fromarray(f) for f in faces[:2]]

@@ -171,3 +171,10 @@ def test_caface_gallery_with_styles(tmp_path):
     np.testing.assert_allclose(
         Gallery.open(tmp_path / "g").vectors[0], expected, rtol=1e-5, atol=1e-6
     )
+
+
+def test_cli_constants_agree_with_the_gallery():
+    from robustface import cli_deploy
+
+    assert cli_deploy._INDEX_TYPES == gallery_mod.INDEX_TYPES
+    assert cli_deploy._EXACT_MAX == gallery_mod.EXACT_MAX

@@ -16,6 +16,10 @@ from typing import Any
 __all__ = ["add_deploy_parser"]
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# robustface.deploy.gallery's INDEX_TYPES and EXACT_MAX, written out so that building the parser
+# imports neither faiss nor torch; a test checks that they agree
+_INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+_EXACT_MAX = 100_000
 
 
 def _recognizer(args: argparse.Namespace) -> Any:
@@ -269,15 +273,13 @@ def _cmd_gallery_search(args: argparse.Namespace) -> int:
 
 
 def _add_index_args(p: argparse.ArgumentParser) -> None:
-    from robustface.deploy.gallery import EXACT_MAX, INDEX_TYPES
-
     p.add_argument(
         "--index",
-        choices=INDEX_TYPES,
+        choices=_INDEX_TYPES,
         default="auto",
-        help=f"faiss index: auto = exact (flat) up to {EXACT_MAX:,} identities, IVF above",
+        help=f"faiss index: auto = exact (flat) up to {_EXACT_MAX:,} identities, IVF above",
     )
-    p.add_argument("--nlist", type=int, help="IVF lists (default: sqrt(n))")
+    p.add_argument("--nlist", type=int, help="IVF lists (default: 4 sqrt(n))")
     p.add_argument("--hnsw-m", type=int, help="HNSW links per node (default: 32)")
     p.add_argument("--ef-construction", type=int, help="HNSW build breadth (default: 80)")
 

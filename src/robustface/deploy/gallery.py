@@ -56,6 +56,8 @@ LOCK = ".lock"
 INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
 EXACT_MAX = 100_000
 """``index="auto"`` searches exactly up to this many identities and uses IVF above."""
+IVF_TRAIN_PER_LIST = 64
+"""IVF k-means training points per list (a random sample; faiss warns below 39)."""
 _VERSION = re.compile(r"^v(\d+)$")
 
 
@@ -68,7 +70,7 @@ class IndexSpec:
     """Which faiss index to build and how to search it (unset: the defaults below)."""
 
     type: str = "auto"
-    nlist: int | None = None  # IVF lists (default: sqrt(n), capped by cluster.knn.ivf_nlist)
+    nlist: int | None = None  # IVF lists (default: 4 sqrt(n), capped by cluster.knn.ivf_nlist)
     nprobe: int = 64  # IVF lists searched
     hnsw_m: int = 32  # HNSW links per node
     ef_construction: int = 80
@@ -93,11 +95,12 @@ def build_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
-        lists = ivf_nlist(n, spec.nlist or max(1, int(np.sqrt(n))))
+        lists = ivf_nlist(n, spec.nlist or max(1, int(4 * np.sqrt(n))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, lists, faiss.METRIC_INNER_PRODUCT)
         rows = np.arange(n)
-        if n > 256 * lists:  # faiss uses at most 256 training points per list
-            rows = np.sort(np.random.default_rng(0).choice(n, 256 * lists, replace=False))
+        if n > IVF_TRAIN_PER_LIST * lists:
+            rows = np.random.default_rng(0).choice(n, IVF_TRAIN_PER_LIST * lists, replace=False)
+            rows = np.sort(rows)
         index.train(np.ascontiguousarray(vectors[rows]))
     else:
         index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)

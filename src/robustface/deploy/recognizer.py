@@ -185,13 +185,16 @@ class Recognizer:
         normalize: bool = True,
         show_progress: bool = False,
     ) -> np.ndarray:
-        """Embeddings ``(N, d)`` float32 of ``faces`` (one face gives ``(d,)``).
+        """Embeddings ``(N, d)`` float32 of ``faces``: a list, or an ``N x H x W x 3`` uint8
+        array (one face gives ``(d,)``).
 
         ``landmarks``: ``None`` (aligned crops), or one ``(5, 2)`` array (or ``None``) per face.
         ``normalize`` returns unit vectors (a zero embedding stays zero); otherwise the raw
         embeddings, whose norm is a quality cue (``robustface.fuse``'s ``norm_weighted``).
         ``show_progress`` shows a progress bar over the batches.
         """
+        if isinstance(faces, np.ndarray) and faces.ndim == 4:  # an N x H x W x 3 batch
+            faces = list(faces)
         single = not isinstance(faces, (list, tuple))
         items = [faces] if single else list(faces)
         if not items:

@@ -128,6 +128,8 @@ def _enrolment(path: Path, rec: Any) -> tuple[list[str], Any]:
     """``(identity of each row, raw embeddings)`` from a folder tree (one sub-folder per
     identity), a list of ``identity<TAB>path`` lines, or an ``embed`` output directory of a
     folder tree (identity: the first part of each path)."""
+    import json
+
     import numpy as np
 
     from robustface.deploy.embed import MANIFEST, open_inputs, read_embeddings
@@ -135,15 +137,13 @@ def _enrolment(path: Path, rec: Any) -> tuple[list[str], Any]:
 
     if (path / MANIFEST).is_file():
         emb, norms, sources = read_embeddings(path)
-        import json
-
         built = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["model"]
         if built["sha256"] != rec.info.sha256:
             raise ValueError(
                 f"{path}: embedded by {built['path']} (sha256 {built['sha256'][:12]}), not by "
                 f"{rec.info.path} (sha256 {rec.info.sha256[:12]})"
             )
-        if "path" not in sources[0] or any("/" not in s["path"] for s in sources):
+        if not sources or "path" not in sources[0] or any("/" not in s["path"] for s in sources):
             raise DataFormatError(path, "rows must come from a folder tree IDENTITY/IMAGE")
         names = [s["path"].split("/", 1)[0] for s in sources]
         return names, np.asarray(emb, np.float32) * norms[:, None]

@@ -9,11 +9,11 @@ the ones it has: the gallery keeps every enrolment embedding.
 **Search.** Queries are compared by cosine similarity with the identities' fused vectors; the
 top ``k`` identities come with their scores, and a query whose best score is below ``threshold``
 is rejected as unknown (open set). The index is picked by gallery size (``index="auto"``): exact
-``IndexFlatIP`` up to :data:`EXACT_MAX` identities, ``IndexIVFFlat`` above (``sqrt(n)`` lists,
-``nprobe`` 64: recall@1 1.0 against exact search at 100K and 1M in docs/benchmarks.md, 3x the
-queries/s of exact search at 100K); ``flat``, ``ivf`` (``nlist``, ``nprobe``) and ``hnsw``
+``IndexFlatIP`` up to :data:`EXACT_MAX` identities, ``IndexIVFFlat`` above (``4 sqrt(n)`` lists,
+``nprobe`` 64; recall@1 against exact search 1.000 at 100K and 0.984 at 1M, at 2.5x and 13.7x its
+queries/s on 2 cores: docs/benchmarks.md); ``flat``, ``ivf`` (``nlist``, ``nprobe``) and ``hnsw``
 (``hnsw_m``, ``ef_construction``, ``ef_search``) can be asked for. HNSW is not the default: on 2
-CPU cores at 512-d it built 2x slower than IVF and searched no faster than exact search at 100K.
+CPU cores at 512-d it built 2-4x slower than IVF and searched only 1.1x faster than exact search.
 
 **On disk.** ``GALLERY/manifest.json`` (format, model fingerprint, embedding size, aggregator,
 index, current version) names a version directory ``GALLERY/vN/`` holding ``names.txt``,

@@ -178,3 +178,22 @@ def test_cli_constants_agree_with_the_gallery():
 
     assert cli_deploy._INDEX_TYPES == gallery_mod.INDEX_TYPES
     assert cli_deploy._EXACT_MAX == gallery_mod.EXACT_MAX
+
+
+def test_ivf_keeps_its_trained_lists_within_a_factor_two(tmp_path):
+    names, feats = _data(n_ids=120, per=1)
+    g = Gallery.create(tmp_path / "g", MODEL, names, feats, index=IndexSpec(type="ivf", nlist=2))
+
+    def centroids(gallery: Gallery) -> np.ndarray:
+        quantizer = gallery_mod.faiss.downcast_index(gallery._state.index.quantizer)
+        return gallery_mod.faiss.rev_swig_ptr(quantizer.get_xb(), 2 * 8).copy()
+
+    before = centroids(g)
+    g.remove([f"p{i}" for i in range(50)])  # 70 left: refilled, not retrained
+    reopened = Gallery.open(tmp_path / "g")
+    np.testing.assert_array_equal(centroids(reopened), before)
+    exact = _unit(feats[50:]) @ reopened.vectors.T
+    hits = reopened.search(feats[50:], k=1, nprobe=2).names
+    assert [h[0] for h in hits] == [reopened.names[j] for j in exact.argmax(1)]
+    reopened.remove([f"p{i}" for i in range(50, 90)])  # 30 left, below half of 120: retrained
+    assert Gallery.open(tmp_path / "g").manifest["index_trained_on"] == 30

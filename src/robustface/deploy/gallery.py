@@ -14,6 +14,9 @@ is rejected as unknown (open set). The index is picked by gallery size (``index=
 queries/s on 2 cores: docs/benchmarks.md); ``flat``, ``ivf`` (``nlist``, ``nprobe``) and ``hnsw``
 (``hnsw_m``, ``ef_construction``, ``ef_search``) can be asked for. HNSW is not the default: on 2
 CPU cores at 512-d it built 2-4x slower than IVF and searched only 1.1x faster than exact search.
+An IVF index keeps its trained lists through ``add`` and ``remove`` while the gallery stays within
+a factor 2 of the size they were trained at (the lists are refilled, not retrained); beyond that,
+or when ``auto`` switches type, the index is built anew.
 
 **On disk.** ``GALLERY/manifest.json`` (format, model fingerprint, embedding size, aggregator,
 index, current version) names a version directory ``GALLERY/vN/`` holding ``names.txt``,
@@ -428,11 +431,23 @@ class Gallery:
     def _write(self, state: _State, *, rebuild: bool, appended: int = 0) -> None:
         """Write ``state`` as the next version (call with the lock held)."""
         spec = IndexSpec(**self.manifest["index"])
-        kind = spec.resolved(len(state.names))
-        if rebuild or self._state.index is None or kind != self.manifest.get("index_type"):
+        n = len(state.names)
+        kind = spec.resolved(n)
+        old = self._state.index
+        trained = int(self.manifest.get("index_trained_on") or 0)
+        same = old is not None and kind == self.manifest.get("index_type")
+        if same and kind == "ivf" and trained / 2 <= n <= 2 * trained:
+            # keep the trained lists (k-means is most of an IVF build) while the gallery stays
+            # within a factor 2 of the size they were trained at; refill or extend them
+            state.index = faiss.clone_index(old)
+            if rebuild:
+                state.index.reset()
+            state.index.add(np.ascontiguousarray(state.vectors[0 if rebuild else appended :]))
+        elif rebuild or not same:
             state.index = build_index(state.vectors, IndexSpec(**{**asdict(spec), "type": kind}))
+            trained = n
         else:  # only new identities, appended: add them to a copy of the index
-            state.index = faiss.clone_index(self._state.index)
+            state.index = faiss.clone_index(old)
             state.index.add(np.ascontiguousarray(state.vectors[appended:]))
         # the version the manifest on disk names (an overwritten gallery's too) stays until the
         # new manifest replaces it
@@ -459,6 +474,7 @@ class Gallery:
             **self.manifest,
             "version": version,
             "index_type": kind,
+            "index_trained_on": trained,
             "identities": len(state.names),
             "images": int(state.owners.size),
         }

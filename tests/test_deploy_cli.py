@@ -19,7 +19,7 @@ from robustface.deploy.recognizer import Recognizer
 from robustface.evaluate.ijb import identification
 from robustface.models import build_backbone
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -285,7 +285,7 @@ def embed_to_dir(
             f"{progress['rows']} rows embedded are kept in {partial}",
         )
     _finish(partial, out, inputs, progress, key)
-    rate = (n - resumed) / seconds if seconds else float("inf")
+    rate = n / seconds if seconds else float("inf")  # over every session of a resumed run
     log(
         f"embedded {progress['rows']} of {n} inputs ({len(bad)} bad) in {seconds:.1f} s, "
         f"{rate:.1f} images/s -> {out}"

@@ -84,12 +84,19 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    replace_directory(partial, out)
+
+
+def replace_directory(new: str | Path, out: str | Path) -> None:
+    """Move the finished directory ``new`` to ``out``, replacing an existing ``out`` by renames
+    (``out`` is never missing for longer than two renames; the old one is then removed)."""
+    new, out = Path(new), Path(out)
     old = out.with_name(out.name + ".old")
     if old.exists():
         shutil.rmtree(old)
     if out.exists():
-        os.replace(out, old)  # out is never missing for longer than two renames
-    os.replace(partial, out)
+        os.replace(out, old)
+    os.replace(new, out)
     if old.exists():
         shutil.rmtree(old)
 

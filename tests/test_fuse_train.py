@@ -222,14 +222,16 @@ def test_checkpoint_of_another_size_with_missing_keys_is_named(tmp_path):
     del state["aggregator.style_maker.linear.bias"]
     path = tmp_path / "small.ckpt"
     torch.save({"state_dict": state}, path)
-    with pytest.raises(DataFormatError, match=r"small\.ckpt.*missing \['style_maker\.linear\.bias'\]"):
+    match = r"small\.ckpt.*missing \['style_maker\.linear\.bias'\]"
+    with pytest.raises(DataFormatError, match=match):
         load_caface_checkpoint(path)
 
 
 def test_cli_train_with_overrides(features, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps(tiny_config(features, tmp_path / "unused")))
-    argv = ["fuse", "train", str(config), "--set", "train.max_steps=1", "--out", str(tmp_path / "r")]
+    argv = ["fuse", "train", str(config), "--set", "train.max_steps=1"]
+    argv += ["--out", str(tmp_path / "r")]
     assert main([*argv, "--quiet"]) == 0
     assert "trained CAFace" in capsys.readouterr().out
     assert (tmp_path / "r" / "caface.ckpt").is_file()

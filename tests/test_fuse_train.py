@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,3 +238,13 @@ def test_cli_train_with_overrides(features, tmp_path, capsys):
     assert (tmp_path / "r" / "caface.ckpt").is_file()
     assert main(["fuse", "extract", "m.onnx", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "is an ONNX model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["caface_published", "caface_synthface"])
+def test_shipped_configs_load(name):
+    path = Path(__file__).resolve().parents[1] / "configs" / "fuse" / f"{name}.yaml"
+    cfg = load_fuse_config(path, ["features=feats"])
+    assert cfg.sets.size == 32 and cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 5e-4
+    if name == "caface_published":
+        assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.milestones) == (10, 512, [6, 9])
+        assert cfg.sets.per_epoch is None and cfg.loss.memory_scale == "mean"

@@ -248,3 +248,19 @@ def test_shipped_configs_load(name):
     if name == "caface_published":
         assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.milestones) == (10, 512, [6, 9])
         assert cfg.sets.per_epoch is None and cfg.loss.memory_scale == "mean"
+
+
+def test_caface_of_another_feature_dim_differs_only_in_the_last_linear():
+    published, small = CAFace().state_dict(), CAFace(CHANNELS, DIM).state_dict()
+    differ = sorted(k for k in published if published[k].shape != small[k].shape)
+    assert differ == [
+        "fusion_net.conf_mlp.2.fc2.bias",
+        "fusion_net.conf_mlp.2.fc2.weight",
+        "style_maker.cfc",
+        "style_maker.cfcs.0",
+        "style_maker.linear.weight",
+    ]
+    count = sum(p.numel() for p in CAFace(CHANNELS, DIM).parameters())
+    assert count == 786_524 - (2 + 64) * (384 - CHANNELS) - (256 + 1) * (512 - DIM)
+    with pytest.raises(ValueError, match=r"features: expected shape \(sets, images, 64\)"):
+        CAFace(CHANNELS, DIM)(torch.randn(1, 3, 512), torch.randn(1, 3, CHANNELS, 2))

@@ -114,10 +114,13 @@ def test_sets_follow_the_published_sampler():
     assert not np.array_equal(rows, other[0])
 
 
-def test_one_step_is_adamw_on_the_loss_and_the_checkpoint_loads(features, tmp_path):
-    cfg = tiny_config(features, tmp_path / "run", max_steps=1)
-    path = train_caface(cfg)
-    assert path == tmp_path / "run" / "caface.ckpt"
+def test_one_step_is_adamw_on_the_loss_and_the_checkpoint_loads(features, tmp_path, capsys):
+    config = tmp_path / "c.yaml"  # through the command line, with an override
+    config.write_text(json.dumps(tiny_config(features, tmp_path / "unused")))
+    argv = ["fuse", "train", str(config), "--set", "train.max_steps=1"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    path = tmp_path / "run" / "caface.ckpt"
+    assert f"trained CAFace: {path}" in capsys.readouterr().out
     data = FusionFeatures.open(features)
     # centres written out: normalised mean of the unit clean features per class
     clean = torch.from_numpy(data.clean.astype(np.float64))
@@ -228,16 +231,10 @@ def test_checkpoint_of_another_size_with_missing_keys_is_named(tmp_path):
         load_caface_checkpoint(path)
 
 
-def test_cli_train_with_overrides(features, tmp_path, capsys):
-    config = tmp_path / "c.yaml"
-    config.write_text(json.dumps(tiny_config(features, tmp_path / "unused")))
-    argv = ["fuse", "train", str(config), "--set", "train.max_steps=1"]
-    argv += ["--out", str(tmp_path / "r")]
-    assert main([*argv, "--quiet"]) == 0
-    assert "trained CAFace" in capsys.readouterr().out
-    assert (tmp_path / "r" / "caface.ckpt").is_file()
+def test_cli_refuses_an_onnx_model_in_one_line(tmp_path, capsys):
     assert main(["fuse", "extract", "m.onnx", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
-    assert "is an ONNX model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is an ONNX model" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["caface_published", "caface_synthface"])

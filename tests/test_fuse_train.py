@@ -118,6 +118,8 @@ def test_one_step_is_adamw_on_the_loss_and_the_checkpoint_loads(features, tmp_pa
     config = tmp_path / "c.yaml"  # through the command line, with an override
     config.write_text(json.dumps(tiny_config(features, tmp_path / "unused")))
     argv = ["fuse", "train", str(config), "--set", "train.max_steps=1"]
+    (tmp_path / "run").mkdir()  # rows of a run stopped before its first checkpoint are dropped
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 7, "loss": 9.0}\n')
     assert main([*argv, "--out", str(tmp_path / "run"), "--quiet"]) == 0
     path = tmp_path / "run" / "caface.ckpt"
     assert f"trained CAFace: {path}" in capsys.readouterr().out

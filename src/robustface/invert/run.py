@@ -69,24 +69,28 @@ def plot_grid(
     cols = min(n, GRID_COLUMNS)
     blocks = -(-n // cols)
     rows_per_block = 2 if targets.images is not None else 1
-    cell = side + max(2, side // 8)  # the gap between tiles
-    mosaic = np.full((blocks * rows_per_block * cell, cols * cell, 3), 255, dtype=np.uint8)
-    fig = plt.figure(figsize=(0.9 * cols, 0.95 * blocks * rows_per_block + 0.4))
-    ax = fig.add_axes((0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    gap, label_gap = max(2, side // 8), max(6, side // 4)  # between tiles, under each block
+    cell_w, block_h = side + gap, rows_per_block * (side + gap) + label_gap
+    mosaic = np.full((blocks * block_h, cols * cell_w, 3), 255, dtype=np.uint8)
     for i in range(n):
         block, col = divmod(i, cols)
-        top = block * rows_per_block * cell
         tiles = [inversions[i]] if targets.images is None else [targets.images[i], inversions[i]]
         for r, tile in enumerate(tiles):
-            y = top + r * cell
-            mosaic[y : y + side, col * cell : col * cell + side] = tile
-        label = targets.names[i] if cosines is None else f"{cosines[i]:.2f}"
-        y = top + (rows_per_block - 1) * cell + side
-        ax.text(col * cell + side / 2, y, label, ha="center", va="top", fontsize=5)
+            y = block * block_h + r * (side + gap)
+            mosaic[y : y + side, col * cell_w : col * cell_w + side] = tile
+    inches = 0.9 / cell_w  # per mosaic pixel
+    title_h = 0.35
+    fig = plt.figure(figsize=(mosaic.shape[1] * inches, mosaic.shape[0] * inches + title_h))
+    ax = fig.add_axes((0, 0, 1, 1 - title_h / fig.get_figheight()))
     ax.imshow(mosaic, interpolation="nearest")
+    for i in range(n):
+        block, col = divmod(i, cols)
+        y = block * block_h + rows_per_block * (side + gap) - gap + 1
+        label = targets.names[i] if cosines is None else f"{cosines[i]:.2f}"
+        ax.text(col * cell_w + side / 2, y, label, ha="center", va="top", fontsize=5)
     ax.axis("off")
     text = title + ("" if targets.images is None else "\ntop: targets, below: inversions")
-    fig.suptitle(text, fontsize=7, y=0.995)
+    fig.suptitle(text, fontsize=7, y=0.99, va="top")
     save_figure(fig, path, dpi=150)
 
 

@@ -76,6 +76,9 @@ def _train(data: Path, out: Path, seed: int, epochs: int) -> Path:
 
 
 def _invert(model: Path, scorer: Path, out: Path, seed: int, bn: float, args: Any, **target: Any):
+    """The results of one inversion run (reused when ``out`` holds a finished one)."""
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text(encoding="utf-8"))
     cfg = InvertConfig(
         seed=seed,
         output_dir=str(out),
@@ -88,6 +91,28 @@ def _invert(model: Path, scorer: Path, out: Path, seed: int, bn: float, args: An
     cfg.optim = dataclasses.replace(cfg.optim, steps=args.steps, lr=args.lr)
     cfg.eval = dataclasses.replace(cfg.eval, model=str(scorer))
     return run_inversion(cfg, overwrite=True)
+
+
+def _bn_distance(results: dict[str, Any], out: Path, model: Path, data: Path) -> tuple[float, ...]:
+    """BN distance of (16 inversions, 16 real lfw.bin faces) as batches, under the inverted model
+    (the checkpoint's backbone for class targets, as the run inverted)."""
+    from robustface.data.image import decode_image
+    from robustface.data.transforms import to_tensor_normalized
+    from robustface.data.verification import load_bin_images
+    from robustface.invert.priors import bn_distance
+    from robustface.invert.targets import load_invertible, load_run_classifier
+
+    if results["target"] == "class":
+        net, size = load_run_classifier(model).backbone, results["input_size"]
+    else:
+        net, size = load_invertible(model)
+    files = [out / t["image"] for t in results["targets"]][:16]
+    images = np.stack([decode_image(f.read_bytes(), f) for f in files])
+    real = load_bin_images(data / "lfw.bin", image_size=(size, size))[0][: len(images)]
+    return (
+        bn_distance(net, to_tensor_normalized(images)),
+        bn_distance(net, to_tensor_normalized(np.ascontiguousarray(real))),
+    )
 
 
 def _cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
@@ -164,10 +189,14 @@ def main() -> None:
                 ("pairs", {"kind": "pairs", "path": str(data / "lfw.bin"), "count": args.pairs}),
             ):
                 out = args.out / f"{kind}_{'bn' if bn else 'nobn'}_seed{seed}"
-                res = _invert(model, scorer, out, seed, bn, args, **target)["scores"]
+                results = _invert(model, scorer, out, seed, bn, args, **target)
+                res = results["scores"]
                 if kind == "class" and seed == 0:
                     picture_runs[setting] = out
                 cell = scores.setdefault(setting, {}).setdefault(kind, {})
+                inverted_bn, real_bn = _bn_distance(results, out, model, data)
+                cell.setdefault("bn_distance", []).append(inverted_bn)
+                cell.setdefault("bn_distance_real", []).append(real_bn)
                 for role in ("inverted", "independent"):
                     cell.setdefault(f"cos_{role}", []).append(res[role]["cosine"]["mean"])
                 if kind == "class":
@@ -185,18 +214,22 @@ def main() -> None:
             _cell(c["top1"], 100, 1) + f" (chance {100 * c['chance'][0]:.1f})",
             _cell(o["cos_inverted"]), _cell(o["cos_independent"]),
             _cell(o["ver_real"], 100, 1), _cell(o["ver_inv"], 100, 1),
+            _cell(c["bn_distance"], 1, 0), _cell(o["bn_distance"], 1, 0),
         ])  # fmt: skip
+    real_bn = [v for kinds in scores.values() for v in kinds["class"]["bn_distance_real"]]
     headers = [
         "setting", "close-set cos (inverted)", "close-set cos (independent)",
         "close-set top-1 % (independent)", "open-set cos (inverted)",
         "open-set cos (independent)", "verif. real % (indep.)",
-        "verif. one side inverted % (indep.)",
+        "verif. one side inverted % (indep.)", "BN distance close-set", "BN distance open-set",
     ]  # fmt: skip
     table = markdown_table(headers, rows)
     minutes = (time.perf_counter() - started) / 60
     note = (
         f"{args.seeds} seeds (mean ± std), {args.steps} steps, {args.classes} classes, "
-        f"{args.pairs} pairs of lfw.bin; {minutes:.1f} min on {args.threads} thread(s)"
+        f"{args.pairs} pairs of lfw.bin; {minutes:.1f} min on {args.threads} thread(s). "
+        "BN distance: the BN-statistics term (every layer weighted 1) of 16 inversions as one "
+        f"batch under the inverted model; 16 real lfw.bin faces: {_cell(real_bn, 1, 0)}"
     )
     write_text_atomic(args.out / "results.md", table + "\n\n" + note + "\n")
     write_text_atomic(args.out / "results.json", json.dumps(scores, indent=2) + "\n")

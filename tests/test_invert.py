@@ -269,6 +269,8 @@ def test_pairs_targets_score_verification_with_one_side_inverted(
         assert ver["pairs"] == 20
         assert 0 <= ver["inverted"]["accuracy_mean"] <= 1 and 0 <= ver["real"]["accuracy_mean"] <= 1
         assert len(scores[role]["cosine"]["per_target"]) == 20
+    assert scores["inverted"]["bn_distance"] > 0 and scores["inverted"]["bn_distance_targets"] > 0
+    assert "bn_distance" not in scores["independent"]  # the prior is the inverted model's
 
 
 def test_select_pairs_is_balanced_over_folds_and_kinds():

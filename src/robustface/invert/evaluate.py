@@ -12,6 +12,10 @@ seed or another head):
   (no image to embed), the independent score is ``None``.
 * **top-1** (``class``): the share of inversions whose nearest class centre is their target's,
   against chance ``1 / num_classes``.
+* **BN distance** (the inverted model only): the BN-statistics term, every layer weighted 1, of
+  the first ``batch_size`` inversions as one batch (``bn_distance``) and, for image and pair
+  targets, of the target images (``bn_distance_targets``): how far from natural to the model the
+  inversions' statistics are, against real faces. A stand-in for the paper's FID.
 * **verification** (``pairs``): the 10-fold accuracy of insightface's protocol on the chosen
   pairs with real images (``real``) and with the first image of each pair replaced by its
   inversion (``inverted``).
@@ -29,8 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from robustface.data.transforms import to_tensor_normalized
 from robustface.evaluate.verification import embed_pairs, evaluate
 from robustface.fc import Classifier
+from robustface.invert.priors import batchnorm_layers, bn_distance
 from robustface.invert.targets import Targets, load_run_classifier
 from robustface.models.loading import load_backbone
 
@@ -39,6 +45,10 @@ __all__ = ["check_independent", "score_inversions", "score_model"]
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _batch(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    return to_tensor_normalized(np.ascontiguousarray(images)).to(device)
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
@@ -98,6 +108,11 @@ def score_model(
     else:
         return {"cosine": None, "note": "embedding targets: no image for this model to embed"}
     out["cosine"] = {**_summary(per_target), "per_target": per_target.tolist()}
+    if own_targets and batchnorm_layers(model):  # on one batch: the statistics are per batch
+        out["bn_distance"] = bn_distance(model, _batch(images[:batch_size], device))
+        if targets.images is not None:
+            first = targets.images[:batch_size]
+            out["bn_distance_targets"] = bn_distance(model, _batch(first, device))
     if targets.other_images is not None and targets.issame is not None:  # pairs
         other = embed(targets.other_images)
         accuracy = {}

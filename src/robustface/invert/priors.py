@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BNStatistics", "batchnorm_layers", "pixel_l2", "total_variation"]
+__all__ = ["BNStatistics", "batchnorm_layers", "bn_distance", "pixel_l2", "total_variation"]
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -98,3 +98,12 @@ def total_variation(x: Tensor) -> Tensor:
 def pixel_l2(x: Tensor) -> Tensor:
     """Mean over the batch of each image's pixel L2 norm."""
     return x.flatten(1).norm(dim=1).mean()
+
+
+def bn_distance(model: nn.Module, images: Tensor) -> float:
+    """The BN-statistics term (every layer weighted 1) of a batch of ``images`` (``N x 3 x H x W``
+    in ``[-1, 1]``) under ``model`` in eval mode: how far the batch's statistics are from those the
+    model saw in training (lower: more natural to the model)."""
+    with torch.no_grad(), BNStatistics(model) as prior:
+        model(images)
+        return float(prior.loss())

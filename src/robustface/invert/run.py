@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from robustface.config import save_config, to_dict
-from robustface.data.image import encode_image
+from robustface.config import load_config, save_config, to_dict
+from robustface.data.image import decode_image, encode_image
 from robustface.invert.config import InvertConfig
 from robustface.invert.evaluate import check_independent, score_inversions
 from robustface.invert.inversion import (
@@ -43,7 +43,7 @@ from robustface.utils.io import (
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
 
-__all__ = ["format_scores", "plot_grid", "plot_losses", "run_inversion"]
+__all__ = ["format_scores", "plot_grid", "plot_losses", "rescore", "run_inversion"]
 
 GRID_COLUMNS = 16
 """Targets per row block of ``grid.png``; at most ``4 * GRID_COLUMNS`` are drawn."""
@@ -236,9 +236,6 @@ def _load_inverted(cfg: InvertConfig) -> tuple[Any, int, Any]:
 def rescore(out_dir: str | Path, independent: str | Path) -> dict[str, Any]:
     """Score the inversions of a finished output directory with another ``independent`` model;
     writes ``scores_<model name>.json`` there and returns the scores."""
-    from robustface.config import load_config
-    from robustface.data.image import decode_image
-
     out = Path(out_dir)
     results_file = out / "results.json"
     if not results_file.is_file():

@@ -317,6 +317,14 @@ def test_class_out_of_range_and_embedding_of_the_wrong_size(tmp_path):
     np.save(tmp_path / "e.npy", np.full((2, 16), np.nan, dtype=np.float32))
     with pytest.raises(DataFormatError, match="NaN"):
         build_targets(cfg, LossConfig(), model, 32)
+    rows = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
+    np.save(tmp_path / "e.npy", rows)
+    cfg.count = 2
+    targets, loss = build_targets(cfg, LossConfig(open_set="l2"), model, 32)
+    assert targets.keys.tolist() == [0, 1] and targets.images is None
+    emb = torch.zeros(2, 16)
+    expected = (torch.from_numpy(rows[[1, 0]]) ** 2).sum(dim=1)  # ||0 - t||^2
+    torch.testing.assert_close(loss(emb, torch.tensor([1, 0])), expected)
 
 
 def test_onnx_model_is_refused_clearly(tmp_path, capsys):
@@ -370,7 +378,7 @@ def test_config_errors_name_the_key(tmp_path):
         assert expected in text
 
 
-def test_the_independent_model_must_not_be_the_inverted_one(tiny_runs, tmp_path):
-    model, _ = tiny_runs
+def test_the_independent_model_must_not_be_the_inverted_one(tmp_path):
+    model = tmp_path / "run"  # refused before anything is read
     with pytest.raises(ValueError, match=r"eval.model .* is the inverted model"):
-        run_inversion(_cfg(tmp_path / "o", model, f"eval.model={model}", "optim.steps=1"))
+        run_inversion(_cfg(tmp_path / "o", model, f"eval.model={tmp_path / '.' / 'run'}"))

@@ -2,7 +2,8 @@
 without the BN-statistics prior (the ArcFace paper's ablation).
 
 Run: ``PYTHONPATH=src .venv/bin/python benchmarks/inversion.py [--out runs/bench_inversion]
-[--seeds 3] [--steps 600] [--classes 16] [--pairs 20]`` (about 15 minutes on one CPU thread).
+[--seeds 3] [--steps 600] [--classes 16] [--pairs 20]`` (59 minutes on one thread of a shared
+2-core machine under a load of about 14: 3 trainings and 12 inversion runs).
 
 1. A SynthFace set (``--identities`` x 20 images, 56 px, an LFW-like ``lfw.bin``) and one tiny
    IResNet (``r18_tiny``, 128-d, ArcFace) per seed, trained on it with that seed (reused when the
@@ -13,7 +14,9 @@ Run: ``PYTHONPATH=src .venv/bin/python benchmarks/inversion.py [--out runs/bench
    the inversions are scored by the model of seed ``s + 1`` (mod ``--seeds``): an independent
    model trained on the same classes.
 3. The table (mean ± standard deviation over the seeds) goes to ``OUT/results.md`` and the
-   with/without picture of seed 0 to ``OUT/inversion_grid.png`` (``--doc-image`` copies it).
+   picture to ``OUT/inversion_grid.png``: a training image of each of the first 8 classes, then
+   seed 0's inversions of them with the BN prior, then without; written to
+   ``--doc-image`` too. Finished runs in ``OUT`` are reused.
 """
 
 from __future__ import annotations
@@ -33,8 +36,7 @@ from robustface.config import SynthConfig, load_config
 from robustface.data.synth.builder import ensure_synthface
 from robustface.invert import InvertConfig, run_inversion
 from robustface.train import Trainer
-from robustface.utils.io import write_text_atomic
-from robustface.utils.plot import pyplot, save_figure
+from robustface.utils.io import write_bytes_atomic, write_text_atomic
 from robustface.utils.run import RunDir
 from robustface.utils.table import markdown_table
 
@@ -120,28 +122,29 @@ def _cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
 
 
-def _picture(out: Path, runs: dict[str, Path]) -> Path:
-    """Seed 0's class inversions with and without the BN prior, one row each."""
-    from robustface.data.image import decode_image
+def _picture(out: Path, runs: dict[str, Path], data: Path, count: int = 8) -> Path:
+    """A training image of each of the first ``count`` classes, then seed 0's inversions of them,
+    one row per setting (in ``runs`` order), as a mosaic PNG at the images' own resolution
+    (noise-like images compress badly)."""
+    from robustface.data.image import decode_image, encode_image
+    from robustface.data.recordio import RecordIODataset
 
-    plt = pyplot()
-    rows = {}
-    for name, run in runs.items():
+    train = RecordIODataset(data)
+    first = [int(np.flatnonzero(train.labels == c)[0]) for c in range(count)]
+    rows = [[train[i][0] for i in first]]
+    for run in runs.values():
         results = json.loads((run / "results.json").read_text(encoding="utf-8"))
-        files = [run / t["image"] for t in results["targets"]][:10]
-        rows[name] = [decode_image(f.read_bytes(), f) for f in files]
-    cols = len(next(iter(rows.values())))
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.0 * cols, 1.15 * len(rows)), squeeze=False)
-    for r, (name, images) in enumerate(rows.items()):
+        files = [run / t["image"] for t in results["targets"]][:count]
+        rows.append([decode_image(f.read_bytes(), f) for f in files])
+    side, gap = rows[0][0].shape[0], 2
+    mosaic = np.full(
+        (len(rows) * (side + gap) - gap, count * (side + gap) - gap, 3), 255, dtype=np.uint8
+    )
+    for r, images in enumerate(rows):
         for c, image in enumerate(images):
-            axes[r, c].imshow(image)
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-            if c == 0:
-                axes[r, c].set_ylabel(name.replace(" BN", "\nBN"), fontsize=7)
-    fig.tight_layout()
+            mosaic[r * (side + gap) : r * (side + gap) + side, c * (side + gap) :][:, :side] = image
     path = out / "inversion_grid.png"
-    save_figure(fig, path, dpi=80)
+    write_bytes_atomic(path, encode_image(mosaic, "png"))
     return path
 
 
@@ -233,7 +236,7 @@ def main() -> None:
     )
     write_text_atomic(args.out / "results.md", table + "\n\n" + note + "\n")
     write_text_atomic(args.out / "results.json", json.dumps(scores, indent=2) + "\n")
-    picture = _picture(args.out, picture_runs)
+    picture = _picture(args.out, picture_runs, data)
     if args.doc_image:
         args.doc_image.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(picture, args.doc_image)

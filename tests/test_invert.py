@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -367,15 +368,20 @@ def test_nan_stops_names_the_step_and_keeps_the_last_good_images(tmp_path, monke
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as err:
-        load_config(
-            None,
-            ["target.kind=embedding", "loss.bn_weight=-1", "optim.steps=0", "augment.jiter=2"],
-            cls=InvertConfig,
-        )
+        bad = ["target.kind=embedding", "loss.bn_weight=-1", "optim.steps=0", "augment.jiter=2"]
+        load_config(None, [*bad, "loss.head=boundaryface"], cls=InvertConfig)
     text = str(err.value)
     for expected in ("model: required", "target.path: required", "loss.bn_weight: must be >= 0",
-                     "optim.steps: must be >= 1", "did you mean 'augment.jitter'"):  # fmt: skip
+                     "optim.steps: must be >= 1", "did you mean 'augment.jitter'",
+                     "loss.head: 'boundaryface' depends on the training epoch"):  # fmt: skip
         assert expected in text
+    for extra, expected in (
+        ("loss.head=centerbiasface", "loss.head: 'centerbiasface' depends on per-class state"),
+        ("loss.head=arcfce", "loss.head: unknown head 'arcfce'"),
+        ("loss.head_params={scale: 16, margn: 0.5}", "loss.head_params: "),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_config(None, ["model=m.pth", extra], cls=InvertConfig)
 
 
 def test_the_independent_model_must_not_be_the_inverted_one(tmp_path):

@@ -78,9 +78,31 @@ class LossConfig:
     l2_weight: float = 1e-4
 
     def check(self) -> list[str]:
-        """Return the problems with these values (empty when valid)."""
+        """Return the problems with these values (empty when valid), the head checked against
+        the ``HEADS`` registry (built once; a head that needs the training's state is refused)."""
+        from robustface.heads import build_head, head_needs
+
         names = ("bn_weight", "first_bn_weight", "tv_weight", "l2_weight")
-        return [f"{n}: must be >= 0, got {getattr(self, n)}" for n in names if getattr(self, n) < 0]
+        problems = [
+            f"{n}: must be >= 0, got {getattr(self, n)}" for n in names if getattr(self, n) < 0
+        ]
+        try:
+            needs = head_needs(self.head)
+        except KeyError as err:
+            return [*problems, f"head: {err.args[0]}"]
+        training_state = sorted({"step", "epoch"} & set(needs.context))
+        if needs.classes or training_state:
+            what = "per-class state" if needs.classes else f"the training {training_state[0]}"
+            return [
+                *problems,
+                f"head: {self.head!r} depends on {what}; use a head without it "
+                "(arcface, cosface, softmax, ...)",
+            ]
+        try:
+            build_head(self.head, **self.head_params)
+        except (TypeError, ValueError) as err:
+            problems.append(f"head_params: {err}")
+        return problems
 
 
 @dataclasses.dataclass

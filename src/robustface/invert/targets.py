@@ -28,7 +28,7 @@ from robustface.data.transforms import resize_to, to_tensor_normalized
 from robustface.data.verification import load_bin_images
 from robustface.errors import DataFormatError
 from robustface.fc import Classifier, build_classifier
-from robustface.heads import build_head, head_needs
+from robustface.heads import build_head
 from robustface.invert.config import LossConfig, TargetConfig
 from robustface.invert.inversion import ClassTargetLoss, EmbeddingTargetLoss
 from robustface.models.loading import load_backbone
@@ -180,11 +180,6 @@ def build_targets(
             raise ValueError(
                 f"target.classes: class {bad[0]} is out of range for a classifier of "
                 f"{num_classes} classes (0..{num_classes - 1})"
-            )
-        if head_needs(loss.head).classes:
-            raise ValueError(
-                f"loss.head {loss.head!r} keeps per-class state learnt in training; use a head "
-                "without it (arcface, cosface, softmax, ...)"
             )
         head = build_head(loss.head, **loss.head_params)
         keys = torch.tensor(classes, dtype=torch.long)

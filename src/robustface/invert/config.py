@@ -30,7 +30,8 @@ class TargetConfig:
     (open-set: the first image of pairs of a verification ``.bin``; the evaluation then replaces
     that side of each pair by its inversion). ``classes``: the class ids (``class``; empty: the
     first ``count`` classes). ``path``: the ``.npy``, image(s) or ``.bin``. ``count``: at most this
-    many targets (0: all; ``pairs``: the pairs kept, balanced over folds and same/different).
+    many targets (0: all; ``pairs``: the pairs kept, balanced over the 10 folds and same /
+    different, so rounded down to a multiple of 20, at least 20).
     """
 
     kind: Literal["class", "embedding", "image", "pairs"] = "class"

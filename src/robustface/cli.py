@@ -22,6 +22,7 @@ from robustface import __version__
 from robustface.cli_cluster import add_cluster_parser
 from robustface.cli_deploy import add_deploy_parser
 from robustface.cli_fuse import add_fuse_parser
+from robustface.cli_invert import add_invert_parser
 from robustface.config import Config, SynthConfig, load_config
 from robustface.errors import RobustfaceError
 from robustface.utils.run import RunDir
@@ -799,6 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_parser(sub)
     add_deploy_parser(sub)
     add_fuse_parser(sub)
+    add_invert_parser(sub)
 
     p = sub.add_parser("report", help="combine evaluation results of several runs in one table")
     p.add_argument("runs", nargs="+", type=Path, help="run directories or result JSON files")

@@ -132,3 +132,15 @@ def rows_from_shards(
                 pieces.append(tensor[lo - s : hi - s])
         return torch.cat(pieces).clone()
     return first
+
+
+def classifier_weight(path: str | Path, main: dict[str, Any] | None = None) -> torch.Tensor:
+    """The whole classifier weight (rows class-major, as the classifier holds them) of the
+    checkpoint directory ``path``: from rank 0's main file, or joined from every rank's class
+    shard when the classifier was sharded (Partial FC). ``main``: the already loaded main file."""
+    main = load_main(path) if main is None else main
+    if "fc" in main:
+        return main["fc"]["module"]["weight"]
+    ranks = load_rank_states(path, int(main["world_size"]))
+    shards = sorted(ranks, key=lambda r: int(r["fc"]["start"]))
+    return torch.cat([r["fc"]["module"]["weight"] for r in shards])

@@ -8,6 +8,7 @@ import pytest
 
 from robustface.clean.dirty import (
     DIRTY_PRESETS,
+    HARD_QUALITY,
     TRUTH_KINDS,
     DirtySpec,
     load_truth,
@@ -103,7 +104,7 @@ def test_truth_matches_the_records(dirty):
             assert canon == person  # the label names the person shown (either of its labels)
             assert (kind == "duplicate") == (truth.duplicate_of[labels[i]] >= 0)
         assert truth.true_label[i] == (-1 if kind == "nonface" else person)
-    assert np.array_equal(truth.hard, (truth.kind == 0) & (truth.quality < 0.1))
+    assert np.array_equal(truth.hard, (truth.kind == 0) & (truth.quality < HARD_QUALITY))
     csv_rows = (dirty.train / "truth.csv").read_text().splitlines()
     assert len(csv_rows) == 121 and csv_rows[0].startswith("index,kind,label")
 

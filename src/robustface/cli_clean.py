@@ -58,6 +58,61 @@ def _cmd_dirty(args: argparse.Namespace) -> int:
     return 0
 
 
+def _thresholds(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--threshold must look like NAME=VALUE, got {item!r}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--threshold {key}: not a number: {value!r}") from None
+    return out
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from robustface.clean.evaluate import evaluation_table
+    from robustface.clean.score import flags_table, score_to_dir
+
+    summary = score_to_dir(
+        args.run_dir,
+        args.out,
+        data=args.data,
+        thresholds=_thresholds(args.threshold),
+        knn=args.knn,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(flags_table(summary["flags"]))
+    print(f"merge candidates: {len(summary['merges'])}, split candidates: {len(summary['splits'])}")
+    if "evaluation" in summary:
+        print("\nagainst the truth (not used to choose anything):\n")
+        print(evaluation_table(summary["evaluation"]))
+    print(f"wrote {args.out} (flags.csv, scores.npz, score.json, angles.png)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from robustface.clean.dirty import load_truth
+    from robustface.clean.evaluate import evaluate_flags, evaluation_table
+    from robustface.clean.score import FLAGS_CSV, SCORE_JSON, read_flags_csv
+
+    truth = load_truth(args.truth)
+    path = args.flags / FLAGS_CSV if args.flags.is_dir() else args.flags
+    flag, suggested = read_flags_csv(path, len(truth))
+    merges = None
+    summary = path.parent / SCORE_JSON
+    if summary.is_file():
+        merges = [tuple(m) for m in json.loads(summary.read_text(encoding="utf-8"))["merges"]]
+    print(evaluation_table(evaluate_flags(flag, suggested, truth, merges)))
+    return 0
+
+
 def add_clean_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``robustface clean ...`` on the top-level subparsers ``sub``."""
     from robustface.cli import _add_config_args, _add_synth_flags
@@ -105,3 +160,30 @@ def add_clean_parser(sub: argparse._SubParsersAction) -> None:
     _add_config_args(q)
     _add_synth_flags(q)
     q.set_defaults(func=_cmd_dirty)
+
+    q = clean_sub.add_parser(
+        "score",
+        help="score and flag every sample of a training set with a run trained on it",
+    )
+    q.add_argument("run_dir", type=Path, help="run trained with fc.name: full or subcenter")
+    q.add_argument("--out", required=True, type=Path, help="output directory")
+    q.add_argument("--data", type=Path, help="training .rec to score (default: the run's)")
+    q.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="fix a threshold instead of reading it off the scores (angle_own, angle_hard, "
+        "angle_any, norm_low, norm_floor, stroke, stroke_soft, knn_share); repeatable",
+    )
+    q.add_argument("--knn", type=int, default=10, help="neighbours of the kNN label purity")
+    q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_score)
+
+    q = clean_sub.add_parser("evaluate", help="score a flags file against a dirty set's truth")
+    q.add_argument("flags", type=Path, help="flags.csv (or the directory of clean score)")
+    q.add_argument("--truth", required=True, type=Path, help="truth.npz or its directory")
+    q.set_defaults(func=_cmd_evaluate)

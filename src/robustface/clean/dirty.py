@@ -52,7 +52,7 @@ __all__ = [
 
 TRUTH_KINDS = ("clean", "closed", "open", "low_quality", "sketch", "nonface", "duplicate")
 """Ground-truth sample kinds, in code order (``Truth.kind`` holds the index)."""
-HARD_QUALITY = 0.1
+HARD_QUALITY = 0.02
 """A clean face whose rendered quality score is below this is "hard" (kept by a good cleaner)."""
 TRUTH_FILE = "truth.npz"
 DIRTY_JSON = "dirty.json"

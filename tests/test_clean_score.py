@@ -128,13 +128,13 @@ def test_each_flag_on_a_planted_case():
 
 def test_thresholds_out_of_range_are_clear_errors():
     scores, _ = _planted()
-    with pytest.raises(ValueError, match="thresholds.angle_own"):
+    with pytest.raises(ValueError, match=r"thresholds\.angle_own"):
         choose_thresholds(scores, {"angle_own": 200})
-    with pytest.raises(ValueError, match="angle_hard .* must be <= .*angle_own"):
+    with pytest.raises(ValueError, match=r"angle_hard .* must be <= .*angle_own"):
         choose_thresholds(scores, {"angle_own": 30, "angle_hard": 50})
     with pytest.raises(ValueError, match="unknown threshold 'angel_own'"):
         choose_thresholds(scores, {"angel_own": 30})
-    with pytest.raises(ValueError, match="thresholds.knn_share"):
+    with pytest.raises(ValueError, match=r"thresholds\.knn_share"):
         choose_thresholds(scores, {"knn_share": 1.5})
 
 

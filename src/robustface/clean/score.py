@@ -285,13 +285,13 @@ class Thresholds:
 def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None) -> Thresholds:
     """Thresholds read off the score distributions (never the truth), then ``overrides``.
 
-    ``angle_own``: the crossing of a 2-component mixture on the angles to the own centre (else
-    the robust bound median + 3 MAD, as for the others); ``angle_hard``: median + 2 MAD of the angles below
+    ``angle_own``: the crossing of a 2-component mixture on the angles to the own centre (else the
+    robust bound median + 3 MAD); ``angle_hard``: median + 2 MAD of the angles below
     ``angle_own`` (the members), capped at ``angle_own``; ``angle_any``: the mixture crossing on
-    the angle to the nearest centre of any class (else median + 3 MAD); ``norm_low`` / ``norm_floor``: the mixture
-    crossing on log norms of the members, and their robust lower bound (median - 3 MAD);
-    ``stroke`` / ``stroke_soft``: the mixture crossing on the stroke energy if it separates a mode
-    above the bulk, else median + 2.5 MAD, and median + 1.5 MAD.
+    the angle to the nearest centre of any class (else median + 3 MAD); ``norm_low`` /
+    ``norm_floor``: the mixture crossing on log norms of the members, and their robust lower
+    bound (median - 3 MAD); ``stroke`` / ``stroke_soft``: the mixture crossing on the stroke
+    energy if it separates a mode above the bulk, else median + 2.5 MAD, and median + 1.5 MAD.
     """
     source: dict[str, str] = {}
     own = gmm_crossing(scores.angle_own)

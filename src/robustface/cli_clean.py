@@ -113,6 +113,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from robustface.clean.loop import CleanConfig, clean_loop
+    from robustface.config import load_config
+
+    cfg = load_config(args.config, args.overrides, cls=CleanConfig)
+    summary = clean_loop(cfg, progress=not args.quiet)
+    out = Path(cfg.output_dir)
+    print((out / "report.md").read_text(encoding="utf-8"), end="")
+    print(
+        f"cleaned set: {summary['final']}; flags: {out / 'flags.csv'}; report: {out / 'report.md'}"
+    )
+    return 0
+
+
 def add_clean_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``robustface clean ...`` on the top-level subparsers ``sub``."""
     from robustface.cli import _add_config_args, _add_synth_flags
@@ -182,6 +196,14 @@ def add_clean_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_score)
+
+    q = clean_sub.add_parser(
+        "run",
+        help="the loop: train, score, clean, retrain until little changes (resumable)",
+    )
+    _add_config_args(q, positional=True)
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_run)
 
     q = clean_sub.add_parser("evaluate", help="score a flags file against a dirty set's truth")
     q.add_argument("flags", type=Path, help="flags.csv (or the directory of clean score)")

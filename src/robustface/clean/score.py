@@ -709,15 +709,15 @@ def score_to_dir(
         num_workers=num_workers,
         progress=progress,
     )
+    extra: dict[str, Any] = {"run_dir": str(run_dir), "data": str(dataset.rec_path)}
+    # the truth is read only now, after every threshold and flag was chosen
+    truth = truth_for(dataset.rec_path.parent, len(dataset))
     with atomic_directory(out) as partial:
-        summary = write_score_outputs(
-            result, partial, {"run_dir": str(run_dir), "data": str(dataset.rec_path)}
-        )
-        truth = truth_for(dataset.rec_path.parent, len(dataset))
         if truth is not None:
             evaluation = evaluate_flags(result.flags.flag, result.flags.suggested, truth,
                                         result.merges)  # fmt: skip
             write_text_atomic(partial / "evaluation.json", json.dumps(evaluation, indent=2) + "\n")
             write_text_atomic(partial / "evaluation.md", evaluation_table(evaluation) + "\n")
-            summary["evaluation"] = evaluation
+            extra["evaluation"] = evaluation
+        summary = write_score_outputs(result, partial, extra)
     return summary

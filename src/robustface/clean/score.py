@@ -46,14 +46,20 @@ from robustface.utils.table import markdown_table
 __all__ = [
     "FLAGS",
     "REMOVED",
+    "Flags",
+    "ScoreResult",
     "Scores",
     "Thresholds",
     "choose_thresholds",
     "compute_scores",
     "flag_samples",
+    "flags_csv",
     "gmm_crossing",
     "image_stats",
     "merge_candidates",
+    "read_flags_csv",
+    "score_to_dir",
+    "score_training_set",
     "split_candidates",
 ]
 

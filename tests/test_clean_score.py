@@ -106,8 +106,8 @@ def _planted() -> tuple[Scores, Thresholds]:
         crfiqa=np.zeros(n, np.float32),
         stroke=values[:, 5].astype(np.float32),
     )
-    t = Thresholds(angle_own=60, angle_hard=35, angle_any=90, norm_low=5, norm_floor=4,
-                   stroke=4.0, stroke_soft=3.0, knn_share=0.5)  # fmt: skip
+    t = Thresholds(angle_own=60, angle_hard=35, angle_member=30, angle_any=90, norm_low=5,
+                   norm_floor=4, stroke=4.0, stroke_soft=3.0, knn_share=0.5)  # fmt: skip
     return scores, t
 
 
@@ -120,10 +120,12 @@ def test_each_flag_on_a_planted_case():
     # an off-centre sample with a low norm is low quality, not open-set
     scores.norm[3] = 3
     assert flag_samples(scores, t).names()[3] == "low_quality"
-    # the kNN majority alone names a mislabel and its class
+    # the kNN majority alone names a mislabel when it is also the nearest other class
     scores.angle_other[2] = 70
     flags = flag_samples(scores, t)
     assert flags.names()[2] == "mislabeled" and flags.suggested[2] == 3
+    scores.other_class[2] = 4
+    assert flag_samples(scores, t).names()[2] == "open_set"
 
 
 def test_thresholds_out_of_range_are_clear_errors():
@@ -131,7 +133,7 @@ def test_thresholds_out_of_range_are_clear_errors():
     with pytest.raises(ValueError, match=r"thresholds\.angle_own"):
         choose_thresholds(scores, {"angle_own": 200})
     with pytest.raises(ValueError, match=r"angle_hard .* must be <= .*angle_own"):
-        choose_thresholds(scores, {"angle_own": 30, "angle_hard": 50})
+        choose_thresholds(scores, {"angle_own": 30, "angle_hard": 50, "angle_member": 20})
     with pytest.raises(ValueError, match="unknown threshold 'angel_own'"):
         choose_thresholds(scores, {"angel_own": 30})
     with pytest.raises(ValueError, match=r"thresholds\.knn_share"):

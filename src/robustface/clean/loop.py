@@ -52,8 +52,8 @@ CONFIG_FILE = "clean_config.yaml"
 ROUND_JSON = "round.json"
 CLEANED_JSON = "cleaned.json"
 _THRESHOLD_NAMES = (
-    "angle_own", "angle_hard", "angle_any", "norm_low", "norm_floor", "stroke", "stroke_soft",
-    "knn_share",
+    "angle_own", "angle_hard", "angle_member", "angle_any", "norm_low", "norm_floor", "stroke",
+    "stroke_soft", "knn_share",
 )  # fmt: skip
 
 

@@ -205,13 +205,16 @@ def compute_scores(
     )
 
 
-def gmm_crossing(values: np.ndarray, *, seed: int = 0, min_weight: float = 0.005) -> float | None:
+def gmm_crossing(
+    values: np.ndarray, *, seed: int = 0, min_weight: float = 0.005, max_upper: float = 0.5
+) -> float | None:
     """Where a two-component 1-D Gaussian mixture fitted to ``values`` changes its most likely
     component between the two means (the threshold between a bulk and its tail).
 
-    None when the mixture does not separate two groups: fewer than 20 finite values, a component
-    holding under ``min_weight`` of the values, means closer than the larger spread, or a
-    Bayesian information criterion no better (by 10) than one Gaussian's.
+    None when the mixture does not separate a bulk from a tail: fewer than 20 finite values, a
+    component holding under ``min_weight`` of the values, an upper component holding more than
+    ``max_upper`` (noise is the minority), means closer than the larger spread, or a Bayesian
+    information criterion no better (by 10) than one Gaussian's.
     """
     from sklearn.mixture import GaussianMixture
 
@@ -224,6 +227,8 @@ def gmm_crossing(values: np.ndarray, *, seed: int = 0, min_weight: float = 0.005
     means = gmm.means_[:, 0]
     sds = np.sqrt(gmm.covariances_.reshape(2))
     if gmm.weights_.min() < min_weight or abs(means[0] - means[1]) < max(sds):
+        return None
+    if gmm.weights_[int(np.argmax(means))] > max_upper:
         return None
     if gmm.bic(x[:, None]) > one.bic(x[:, None]) - 10:
         return None
@@ -247,9 +252,10 @@ def _robust_bound(values: np.ndarray, z: float, upper: bool) -> float:
 class Thresholds:
     """The decision thresholds of :func:`flag_samples` (degrees for angles; None: never flag).
 
-    ``angle_own``: above, a sample does not belong to its label's centre; ``angle_hard``: the
-    radius of a class's members: above it (and below ``angle_own``) a kept sample is "hard", and an
-    off-centre sample within it of another class is a mislabel; ``angle_any``: above, a sample is
+    ``angle_own``: above, a sample does not belong to its label's centre; ``angle_hard``: above it
+    (and below ``angle_own``) a kept sample is "hard"; ``angle_member``: a typical member's angle
+    to its centre: an off-centre sample this near another class's centre is a mislabel;
+    ``angle_any``: above, a sample is
     far from every class centre (a non-face); ``norm_low``: below, an off-centre face is low
     quality; ``norm_floor``: below, any face is low quality; ``stroke``: above, a sample is a
     sketch; ``stroke_soft``: above, an off-centre sample is a sketch; ``knn_share``: the least
@@ -258,6 +264,7 @@ class Thresholds:
 
     angle_own: float
     angle_hard: float
+    angle_member: float
     angle_any: float | None = None
     norm_low: float | None = None
     norm_floor: float | None = None
@@ -268,15 +275,16 @@ class Thresholds:
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first threshold out of range."""
-        for name in ("angle_own", "angle_hard", "angle_any"):
+        for name in ("angle_own", "angle_hard", "angle_member", "angle_any"):
             value = getattr(self, name)
             if value is not None:
                 check_real(f"thresholds.{name}", value, 0, 180)
-        if self.angle_hard > self.angle_own:
-            raise ValueError(
-                f"thresholds.angle_hard ({self.angle_hard:g}) must be <= "
-                f"thresholds.angle_own ({self.angle_own:g})"
-            )
+        for name in ("angle_hard", "angle_member"):
+            if getattr(self, name) > self.angle_own:
+                raise ValueError(
+                    f"thresholds.{name} ({getattr(self, name):g}) must be <= "
+                    f"thresholds.angle_own ({self.angle_own:g})"
+                )
         check_real("thresholds.knn_share", self.knn_share, 0, 1, open_low=True)
         for name in ("norm_low", "norm_floor"):
             value = getattr(self, name)
@@ -292,9 +300,9 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
     """Thresholds read off the score distributions (never the truth), then ``overrides``.
 
     ``angle_own``: the crossing of a 2-component mixture on the angles to the own centre (else the
-    robust bound median + 3 MAD); ``angle_hard``: median + 2 MAD of the angles below
-    ``angle_own`` (the members), capped at ``angle_own``; ``angle_any``: the mixture crossing on
-    the angle to the nearest centre of any class (else median + 3 MAD); ``norm_low`` /
+    robust bound median + 3 MAD); ``angle_hard`` / ``angle_member``: median + 2 MAD / + 1 MAD of
+    the angles below ``angle_own`` (the members), capped at ``angle_own``; ``angle_any``: median
+    + 2 MAD of the angle to the nearest centre of any class; ``norm_low`` /
     ``norm_floor``: the mixture crossing on log norms of the members, and their robust lower
     bound (median - 3 MAD); ``stroke`` / ``stroke_soft``: the mixture crossing on the stroke
     energy if it separates a mode above the bulk, else median + 2.5 MAD, and median + 1.5 MAD.
@@ -305,13 +313,13 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
         own, source["angle_own"] = _robust_bound(scores.angle_own, 3, True), "median+3MAD"
     else:
         source["angle_own"] = "gmm"
-    hard = min(_robust_bound(scores.angle_own[scores.angle_own <= own], 2, True), own)
+    members = scores.angle_own[scores.angle_own <= own]
+    hard = min(_robust_bound(members, 2, True), own)
+    member = min(_robust_bound(members, 1, True), own)
     source["angle_hard"] = "median+2MAD of members"
-    any_ = gmm_crossing(scores.angle_any)
-    if any_ is None or any_ < float(np.median(scores.angle_any)):
-        any_, source["angle_any"] = _robust_bound(scores.angle_any, 3, True), "median+3MAD"
-    else:
-        source["angle_any"] = "gmm"
+    source["angle_member"] = "median+1MAD of members"
+    # non-faces are too rare for a mixture: the robust outlier bound
+    any_, source["angle_any"] = _robust_bound(scores.angle_any, 2, True), "median+2MAD"
     norm_low = norm_floor = None
     if np.isfinite(scores.norm).any():
         fit = np.log(np.maximum(scores.norm[scores.angle_own < own], 1e-12))
@@ -334,6 +342,7 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
     values: dict[str, Any] = {
         "angle_own": float(own),
         "angle_hard": float(hard),
+        "angle_member": float(member),
         "angle_any": any_,
         "norm_low": norm_low,
         "norm_floor": norm_floor,
@@ -379,10 +388,10 @@ def flag_samples(scores: Scores, t: Thresholds) -> Flags:
 
     1. ``sketch``: stroke energy above ``t.stroke``, or off and above ``t.stroke_soft``;
     2. ``nonface``: farther than ``t.angle_any`` from every class centre;
-    3. off: ``mislabeled`` when its kNN majority is another label (share >= ``t.knn_share``;
-       suggested class: that label), or when within ``t.angle_hard`` of another class's centre
-       (suggested: that class); else ``low_quality`` when the norm is below ``t.norm_low``; else
-       ``open_set``;
+    3. off: ``mislabeled`` when its kNN majority is another label (share >= ``t.knn_share``)
+       whose centre is also its nearest other centre, or when within ``t.angle_member`` of another
+       class's centre (suggested class: that class); else ``low_quality`` when the norm is below
+       ``t.norm_low``; else ``open_set``;
     4. ``low_quality``: a norm below ``t.norm_floor``;
     5. ``hard`` (kept): ``angle_own > t.angle_hard``; 6. ``clean``.
     """
@@ -412,9 +421,12 @@ def flag_samples(scores: Scores, t: Thresholds) -> Flags:
     if t.angle_any is not None:
         assign(scores.angle_any > t.angle_any, "nonface", f"every centre > {t.angle_any:.1f} deg")
     knn_other = (scores.knn_label != scores.label) & (scores.knn_share >= t.knn_share)
-    assign(off & knn_other, "mislabeled", "neighbours carry another label", scores.knn_label)
-    near_other = scores.angle_other <= t.angle_hard
-    assign(off & near_other, "mislabeled", "within another class's radius", scores.other_class)
+    knn_other &= scores.knn_label == scores.other_class
+    assign(off & knn_other, "mislabeled", "neighbours carry the nearest other label",
+           scores.other_class)  # fmt: skip
+    near_other = scores.angle_other <= t.angle_member
+    assign(off & near_other, "mislabeled", "as near another class as its members",
+           scores.other_class)  # fmt: skip
     if t.norm_low is not None:
         assign(off & (norm < t.norm_low), "low_quality", f"off centre, norm < {t.norm_low:.3g}")
     assign(off, "open_set", f"own centre > {t.angle_own:.1f} deg, no class near")

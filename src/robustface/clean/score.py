@@ -206,7 +206,12 @@ def compute_scores(
 
 
 def gmm_crossing(
-    values: np.ndarray, *, seed: int = 0, min_weight: float = 0.005, max_upper: float = 0.5
+    values: np.ndarray,
+    *,
+    seed: int = 0,
+    min_weight: float = 0.005,
+    max_upper: float = 0.5,
+    edge: float = 2.5,
 ) -> float | None:
     """Where a two-component 1-D Gaussian mixture fitted to ``values`` changes its most likely
     component between the two means (the threshold between a bulk and its tail).
@@ -214,7 +219,9 @@ def gmm_crossing(
     None when the mixture does not separate a bulk from a tail: fewer than 20 finite values, a
     component holding under ``min_weight`` of the values, an upper component holding more than
     ``max_upper`` (noise is the minority), means closer than the larger spread, or a Bayesian
-    information criterion no better (by 10) than one Gaussian's.
+    information criterion no better (by 10) than one Gaussian's. A crossing inside the lower
+    component's ``mean + edge * sd`` is raised to it (on a nearly clean set the mixture splits
+    the bulk itself).
     """
     from sklearn.mixture import GaussianMixture
 
@@ -236,7 +243,11 @@ def gmm_crossing(
     grid = np.linspace(lo, hi, 2001)
     post = gmm.predict_proba(grid[:, None])[:, int(np.argmax(means))]
     above = np.flatnonzero(post >= 0.5)
-    return float(grid[above[0]]) if above.size else None
+    if not above.size:
+        return None
+    # a mixture also splits a skewed bulk that has no tail: never cut inside the bulk's edge
+    bulk = int(np.argmin(means))
+    return float(max(grid[above[0]], means[bulk] + edge * sds[bulk]))
 
 
 def _robust_bound(values: np.ndarray, z: float, upper: bool) -> float:

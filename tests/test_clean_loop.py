@@ -146,3 +146,22 @@ def test_bad_configs_are_clear_errors(dirty, tmp_path, capsys):
     assert main(["clean", "run", str(config)]) == 2
     assert "min_change: must be in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_relabel_keeps_confident_mislabels_and_merges_duplicates(tmp_path):
+    code = {name: i for i, name in enumerate(loop.FLAGS)}
+    flag = np.array([code[f] for f in ("clean", "mislabeled", "mislabeled", "open_set", "hard",
+                                       "sketch", "clean")], np.int8)  # fmt: skip
+    suggested = np.array([-1, 2, -1, -1, -1, -1, -1])
+    labels = np.array([0, 0, 1, 1, 3, 3, 3])
+    np.savez(tmp_path / "scores.npz", flag=flag, suggested=suggested)
+    (tmp_path / "score.json").write_text(json.dumps({"merges": [[1, 3, 0.99]]}))
+    cfg = CleanConfig(data="x", action="relabel")
+    keep, new, counts = loop._clean_decisions(cfg, tmp_path, labels)
+    # row 1 moves to class 2; row 2 (no suggestion), 3 and 5 leave; class 3 merges into 1
+    assert keep.tolist() == [True, True, False, False, True, False, True]
+    assert new[keep].tolist() == [0, 2, 1, 1]
+    assert counts == {"removed": 3, "relabelled": 1, "merged": 2, "changed": 6, "change": 6 / 7}
+    keep, new, counts = loop._clean_decisions(CleanConfig(data="x"), tmp_path, labels)
+    assert keep.tolist() == [True, False, False, False, True, False, True]
+    assert np.array_equal(new, labels) and counts["changed"] == 4

@@ -109,6 +109,10 @@ def test_shipped_configs_load(path):
         from robustface.invert import InvertConfig
 
         assert isinstance(load_config(path, cls=InvertConfig), InvertConfig)
+    elif path.name.startswith("clean"):
+        from robustface.clean.loop import CleanConfig
+
+        assert load_config(path, cls=CleanConfig).base.head.name == "robustface_stable"
     else:
         assert isinstance(load_config(path), Config)
     first = path.read_text().splitlines()[0]

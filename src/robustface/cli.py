@@ -2,8 +2,10 @@
 
 Commands: ``demo``, ``train``, ``eval verification``, ``eval ijb``, ``eval megaface``, ``synth``,
 ``noise``,
-``clean subcenter-drop``, ``experiment``, ``convert``, ``inspect``, ``export onnx``, ``report``,
-``cluster simulate|extract|knn|train|run|eval|benchmark``, ``fuse extract|train``.
+``clean dirty|score|evaluate|run|subcenter-drop``, ``experiment``, ``convert``, ``inspect``,
+``export onnx``, ``report``, ``cluster simulate|extract|knn|train|run|eval|benchmark``,
+``fuse extract|train|plot``, ``embed``, ``verify``, ``gallery build|add|remove|search``,
+``invert run|eval``.
 ``eval`` commands take a run directory, a ``.pth`` checkpoint or an ``.onnx`` model. Every
 command that takes a config accepts ``--config FILE.yaml`` (``train``, ``experiment``: a
 positional CONFIG) and repeated ``--set key.sub=value`` overrides.
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from robustface import __version__
+from robustface.cli_clean import add_clean_parser
 from robustface.cli_cluster import add_cluster_parser
 from robustface.cli_deploy import add_deploy_parser
 from robustface.cli_fuse import add_fuse_parser
@@ -65,6 +68,8 @@ _SYNTH_HELP = {
     "difficulty": "scale of all nuisance magnitudes (pose, blur, occlusion...)",
     "sketch_fraction": "fraction of training samples drawn as sketches",
     "nonface_fraction": "fraction of training samples replaced by non-faces",
+    "lowq_fraction": "fraction of training samples rendered with the low_quality profile",
+    "duplicate_fraction": "fraction of training classes that repeat another class's person",
     "lfw_pairs": "frontal pairs of lfw.bin (multiple of 20)",
     "cfp_fp_pairs": "frontal-profile pairs of cfp_fp.bin (multiple of 20)",
     "lowq_pairs": "frontal-low-quality pairs of lowq.bin (multiple of 20)",
@@ -474,24 +479,6 @@ def _cmd_eval_ijb(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_clean_subcenter_drop(args: argparse.Namespace) -> int:
-    from robustface.clean import subcenter_drop
-
-    report = subcenter_drop(
-        args.run_dir,
-        args.out,
-        data=args.data,
-        threshold_deg=args.threshold,
-        batch_size=args.batch_size,
-        device=args.device,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
-    print(report.table())
-    print(f"kept {report.kept} of {report.total} ({report.rescued} rescued) -> {report.path}")
-    return 0
-
-
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from robustface.train.experiment import ExperimentConfig, run_experiment
 
@@ -728,20 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_far_reading(q, "TAR")
     q.set_defaults(func=_cmd_eval_megaface)
 
-    p = sub.add_parser("clean", help="clean a noisy training set")
-    clean_sub = p.add_subparsers(dest="clean_command", required=True, metavar="METHOD")
-    q = clean_sub.add_parser(
-        "subcenter-drop", help="drop samples far from their class's dominant sub-center"
-    )
-    q.add_argument("run_dir", type=Path, help="run trained with fc.name: subcenter")
-    q.add_argument("--out", required=True, type=Path, help="output directory (cleaned .rec)")
-    q.add_argument("--data", type=Path, help="training .rec to clean (default: the run's)")
-    q.add_argument("--threshold", type=float, default=75.0, help="max angle in degrees to keep")
-    q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
-    q.set_defaults(func=_cmd_clean_subcenter_drop)
+    add_clean_parser(sub)
 
     p = sub.add_parser(
         "experiment",

@@ -43,6 +43,8 @@ class SynthConfig:
     difficulty: float = 1.0
     sketch_fraction: float = 0.0
     nonface_fraction: float = 0.0
+    lowq_fraction: float = 0.0
+    duplicate_fraction: float = 0.0
     lfw_pairs: int = 6000
     cfp_fp_pairs: int = 7000
     lowq_pairs: int = 6000
@@ -89,11 +91,16 @@ class SynthConfig:
             problems.append(
                 f"test_identities: need >= 20 (2 per verification fold), got {self.test_identities}"
             )
-        for name in ("sibling_rate", "sketch_fraction", "nonface_fraction"):
+        for name in ("sibling_rate", "sketch_fraction", "nonface_fraction", "lowq_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}: must be in [0, 1], got {getattr(self, name)}")
-        if self.sketch_fraction + self.nonface_fraction > 1.0:
-            problems.append("sketch_fraction + nonface_fraction: must be <= 1")
+        if self.sketch_fraction + self.nonface_fraction + self.lowq_fraction > 1.0:
+            problems.append("sketch_fraction + nonface_fraction + lowq_fraction: must be <= 1")
+        if not 0.0 <= self.duplicate_fraction <= 0.5:
+            problems.append(
+                f"duplicate_fraction: must be in [0, 0.5] (each duplicate needs its own original), "
+                f"got {self.duplicate_fraction}"
+            )
         if not 32 <= self.image_size <= 512:
             problems.append(f"image_size: must be in [32, 512], got {self.image_size}")
         if not 0.0 <= self.difficulty <= 3.0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,11 @@ from robustface.utils.table import markdown_table
 __all__ = [
     "DropReport",
     "DropResult",
+    "Embedded",
     "dominant_subcenter",
     "drop_decisions",
     "embed_dataset",
+    "embed_images",
     "subcenter_assignments",
     "subcenter_drop",
 ]
@@ -151,17 +154,76 @@ def drop_decisions(
 
 
 class _Evaluated(Dataset):
-    """``(EvalTransform(image), label)`` of a dataset of raw RGB images."""
+    """``(EvalTransform(image), image_stats(image))`` of a dataset of raw RGB images."""
 
-    def __init__(self, base: Dataset, input_size: int) -> None:
+    def __init__(
+        self,
+        base: Dataset,
+        input_size: int,
+        image_stats: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
         self.base = base
         self.transform = EvalTransform(input_size)
+        self.image_stats = image_stats
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> Tensor:
-        return self.transform(self.base[index][0])
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.base[index][0]
+        stats = self.image_stats(image) if self.image_stats is not None else np.zeros(0)
+        return self.transform(image), torch.as_tensor(np.asarray(stats, dtype=np.float32))
+
+
+@dataclasses.dataclass
+class Embedded:
+    """What :func:`embed_images` computed, per image: unit ``embeddings`` (N x d) float32, the
+    raw embedding ``norms`` (N,) before normalising, and ``stats`` (N x s) from ``image_stats``."""
+
+    embeddings: np.ndarray
+    norms: np.ndarray
+    stats: np.ndarray
+
+
+def embed_images(
+    backbone: nn.Module,
+    dataset: Dataset,
+    *,
+    input_size: int,
+    image_stats: Callable[[np.ndarray], np.ndarray] | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Embedded:
+    """Embed every image of ``dataset`` in index order, streamed in batches.
+
+    ``dataset[i]`` is ``(HxWx3 uint8 RGB image, label)``, as a :class:`RecordIODataset` without
+    transform. Images are resized and normalised by :class:`EvalTransform` (no flip); the
+    backbone runs in eval mode (its previous mode is restored). ``image_stats`` (optional) maps
+    each raw image to a small float vector computed in the loader workers.
+    """
+    batch_size = check_int("batch_size", batch_size, 1)
+    count, batches = user_error_batches(
+        _Evaluated(dataset, input_size, image_stats),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    was_training = backbone.training
+    backbone.eval()
+    embs, norms, stats = [], [], []
+    try:
+        with torch.inference_mode():
+            bar = tqdm(batches, total=count, desc="embedding", unit="batch", disable=not progress)
+            for images, extra in bar:
+                emb = backbone(images.to(device, non_blocking=True)).float()
+                norms.append(emb.norm(dim=1).cpu().numpy())
+                embs.append(F.normalize(emb, dim=1).cpu().numpy())
+                stats.append(extra.numpy())
+    finally:
+        backbone.train(was_training)
+    return Embedded(np.concatenate(embs), np.concatenate(norms), np.concatenate(stats))
 
 
 def embed_dataset(
@@ -174,31 +236,17 @@ def embed_dataset(
     num_workers: int = 0,
     progress: bool = True,
 ) -> np.ndarray:
-    """L2-normalised float32 embeddings (N x d) of every image of ``dataset``, in index order.
-
-    ``dataset[i]`` is ``(HxWx3 uint8 RGB image, label)``, as a :class:`RecordIODataset` without
-    transform. Images are resized and normalised by :class:`EvalTransform` (no flip); the
-    backbone runs in eval mode (its previous mode is restored).
-    """
-    batch_size = check_int("batch_size", batch_size, 1)
-    count, batches = user_error_batches(
-        _Evaluated(dataset, input_size),
+    """L2-normalised float32 embeddings (N x d) of every image of ``dataset``, in index order
+    (:func:`embed_images` without norms and statistics)."""
+    return embed_images(
+        backbone,
+        dataset,
+        input_size=input_size,
         batch_size=batch_size,
+        device=device,
         num_workers=num_workers,
-        pin_memory=torch.device(device).type == "cuda",
-    )
-    was_training = backbone.training
-    backbone.eval()
-    out = []
-    try:
-        with torch.inference_mode():
-            bar = tqdm(batches, total=count, desc="embedding", unit="batch", disable=not progress)
-            for images in bar:
-                emb = backbone(images.to(device, non_blocking=True)).float()
-                out.append(F.normalize(emb, dim=1).cpu().numpy())
-    finally:
-        backbone.train(was_training)
-    return np.concatenate(out)
+        progress=progress,
+    ).embeddings
 
 
 @dataclasses.dataclass
@@ -278,19 +326,50 @@ def _plot_angles(path: Path, angle: np.ndarray, threshold: float, kind: np.ndarr
     save_figure(fig, path)
 
 
-def _load_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
-    """The run's config and the main state of its last checkpoint; checks the classifier."""
+@dataclasses.dataclass
+class RunClassifier:
+    """A run's config, the main state of its last checkpoint and its class centres: ``weight``
+    (C*K x d, class-major), ``k`` sub-centres per class, ``num_classes``."""
+
+    cfg: Config
+    main: dict[str, Any]
+    weight: Tensor
+    k: int
+    num_classes: int
+
+
+def load_run_classifier(run_dir: str | Path, *, need: str | None = None) -> RunClassifier:
+    """The classifier of a run's last checkpoint (``fc.name`` full, subcenter or partial_fc, whose
+    shards are put back together in class order; ``need``: only that one). The backbone state is
+    ``main["backbone"]``, trained together with these centres."""
     run = RunDir(run_dir)
     cfg = run.config()
-    if cfg.fc.name != "subcenter":
+    allowed = (need,) if need else ("full", "subcenter", "partial_fc")
+    if cfg.fc.name not in allowed:
         raise ValueError(
             f"{run_dir}: the run used fc.name={cfg.fc.name!r}; the sub-center drop needs a run "
-            "trained with fc.name: subcenter (sub-center FC, not sharded by partial_fc)"
+            f"trained with fc.name: {need} (sub-center FC, not sharded by partial_fc)"
         )
-    return cfg, ckpt.load_main(run.last_checkpoint().path)
+    path = run.last_checkpoint().path
+    main = ckpt.load_main(path)
+    k = int(classifier_settings(cfg)["k"]) if cfg.fc.name == "subcenter" else 1
+    if cfg.fc.name == "partial_fc":
+        shards = ckpt.load_rank_states(path, int(main.get("world_size", 1)))
+        shards.sort(key=lambda state: int(state["fc"]["start"]))
+        weight = torch.cat([state["fc"]["module"]["weight"].float() for state in shards])
+    else:
+        weight = main["fc"]["module"]["weight"].float()
+    num_classes = int(main["num_classes"])
+    if weight.shape[0] != num_classes * k:
+        raise ValueError(
+            f"{run_dir}: checkpoint weight has {weight.shape[0]} rows, expected "
+            f"{num_classes} classes x k={k}"
+        )
+    return RunClassifier(cfg, main, weight, k, num_classes)
 
 
-def _default_data(cfg: Config, run_dir: Path) -> Path:
+def default_data(cfg: Config, run_dir: Path) -> Path:
+    """The ``.rec`` a run was trained on (a ``rec`` or ``synthface`` source)."""
     data = cfg.data
     if data.source == "rec":
         return Path(data.path)  # type: ignore[arg-type]
@@ -325,16 +404,9 @@ def subcenter_drop(
     """
     run_dir, out = Path(run_dir), Path(out_dir)
     threshold_deg = check_real("threshold_deg", threshold_deg, 0, 180, open_low=True)
-    cfg, main = _load_run(run_dir)
-    k = int(classifier_settings(cfg)["k"])
-    weight = main["fc"]["module"]["weight"].float()
-    num_classes = int(main["num_classes"])
-    if weight.shape[0] != num_classes * k:
-        raise ValueError(
-            f"{run_dir}: checkpoint weight has {weight.shape[0]} rows, expected "
-            f"{num_classes} classes x k={k}"
-        )
-    data_path = Path(data) if data is not None else _default_data(cfg, run_dir)
+    run = load_run_classifier(run_dir, need="subcenter")
+    cfg, main, weight, k, num_classes = run.cfg, run.main, run.weight, run.k, run.num_classes
+    data_path = Path(data) if data is not None else default_data(cfg, run_dir)
     dataset = RecordIODataset(data_path)
     source_dir = dataset.rec_path.parent
     if dataset.num_classes != num_classes:

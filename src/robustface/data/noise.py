@@ -196,7 +196,13 @@ def _floor(n: np.ndarray | int, rate: float) -> np.ndarray:
 
 
 def plan_label_noise(
-    labels: np.ndarray, closed: float, open: float, *, open_pool: int, seed: int
+    labels: np.ndarray,
+    closed: float,
+    open: float,
+    *,
+    open_pool: int,
+    seed: int,
+    eligible: np.ndarray | None = None,
 ) -> NoisePlan:
     """The BoundaryFace noise plan for training ``labels`` (row ``i`` = training sample ``i``).
 
@@ -204,6 +210,11 @@ def plan_label_noise(
     OPEN (label ``c``, image drawn from the ``open_pool`` outside images, without replacement
     across the plan when the pool is large enough), the next ``floor(n_c * closed)`` become CLOSED
     (label drawn uniformly from the other classes of ``0..max(labels)``). Deterministic in ``seed``.
+
+    ``eligible`` (N,) bool, optional: only these samples may become noisy (the dirty SynthFace
+    keeps its sketches and non-faces out of the label noise, so each sample has one kind); the
+    counts stay ``floor(n_c * rate)``, capped by the class's eligible samples (open first). With
+    every sample eligible the plan is the same as without.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
@@ -221,12 +232,19 @@ def plan_label_noise(
         raise ValueError(f"open rate {open:g} needs open_pool >= 1 outside images, got {open_pool}")
     rng = np.random.default_rng(seed)
     n = labels.size
-    order = np.lexsort((rng.random(n), labels))  # by class, random within each class
+    if eligible is None:
+        eligible = np.ones(n, dtype=bool)
+    eligible = np.asarray(eligible, dtype=bool)
+    if eligible.shape != labels.shape:
+        raise ValueError(f"eligible must be ({n},) bool, got shape {eligible.shape}")
+    # by class, eligible samples first, random within each
+    order = np.lexsort((rng.random(n), ~eligible, labels))
     sorted_labels = labels[order]
     rank = np.arange(n) - np.searchsorted(sorted_labels, sorted_labels, side="left")
     class_size = np.bincount(labels)[sorted_labels]
-    n_open = _floor(class_size, open)
-    n_noisy = n_open + _floor(class_size, closed)
+    class_eligible = np.bincount(labels, weights=eligible).astype(np.int64)[sorted_labels]
+    n_open = np.minimum(_floor(class_size, open), class_eligible)
+    n_noisy = np.minimum(n_open + _floor(class_size, closed), class_eligible)
     kind = np.empty(n, dtype=np.int8)
     kind[order] = np.where(rank < n_open, OPEN, np.where(rank < n_noisy, CLOSED, CLEAN))
 
@@ -325,6 +343,7 @@ def inject_noise(
     *,
     open_source: str | Path | None = None,
     seed: int = 0,
+    eligible: np.ndarray | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> NoiseInfo:
@@ -335,7 +354,8 @@ def inject_noise(
     SynthFace). ``out`` gets ``train.rec/.idx``, ``property``, ``noise.npz`` (the plan, row ``i`` =
     dataset index ``i``), ``noise.json`` and links to the source's ``*.bin`` and
     ``verification.json``. It is built in ``out.partial`` and renamed when complete; an existing
-    ``out`` is replaced only with ``overwrite`` and only if it is a noise output.
+    ``out`` is replaced only with ``overwrite`` and only if it is a noise output. ``eligible``:
+    the training samples that may become noisy (see :func:`plan_label_noise`).
     """
     t0 = time.perf_counter()
     name, closed, open_ = _resolve_setting(setting)
@@ -360,7 +380,12 @@ def inject_noise(
 
     labels = train_ds.labels
     plan = plan_label_noise(
-        labels, closed, open_, open_pool=len(open_ds) if open_ds else 0, seed=seed
+        labels,
+        closed,
+        open_,
+        open_pool=len(open_ds) if open_ds else 0,
+        seed=seed,
+        eligible=eligible,
     )
     counts = plan.counts()
     for kind, rate in (("closed", closed), ("open", open_)):

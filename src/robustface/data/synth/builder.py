@@ -51,13 +51,15 @@ from robustface.utils.io import write_bytes_atomic, write_text_atomic
 
 # Random streams: each part of the benchmark draws from its own stream.
 STREAM_TRAIN, STREAM_OPEN_SET, STREAM_KIND, STREAM_PAIRS, STREAM_IJB = 1, 2, 3, 4, 5
+STREAM_DUPLICATE = 6  # the images of a duplicate class and the choice of its originals
 VERIFICATION_SETS = {
     # name: (stream, profile of the first image, profile of the second image)
     "lfw": (10, "frontal", "frontal"),
     "cfp_fp": (11, "frontal", "profile"),
     "lowq": (12, "frontal", "low_quality"),
 }
-KINDS = ("face", "sketch", "nonface")
+KINDS = ("face", "sketch", "nonface", "low_quality")
+"""Training sample kinds; ``low_quality`` is a face rendered with the ``low_quality`` profile."""
 IJB_NAME = "IJBS"
 
 
@@ -119,7 +121,7 @@ def render_sample(spec: SampleSpec, seed: int, difficulty: float, size: int) -> 
     """Render and encode one sample; deterministic in ``(seed, spec)``."""
     rng = np.random.default_rng([seed, spec.stream, spec.identity.id, spec.index])
     nuisance = sample_nuisance(rng, spec.profile, difficulty=difficulty)
-    if spec.kind == "face":
+    if spec.kind in ("face", "low_quality"):
         out = render_face(spec.identity, nuisance, size=size)
         image, landmarks, quality = out.image, out.landmarks, out.quality
     elif spec.kind == "sketch":
@@ -195,14 +197,29 @@ class _Renderer:
 
 
 def _train_kinds(cfg: SynthConfig, n: int) -> np.ndarray:
-    """Kind of each training sample: a seeded draw with the configured sketch/non-face fractions."""
+    """Kind (index into :data:`KINDS`) of each training sample: exactly ``round(n * fraction)``
+    sketches, non-faces and low-quality faces, at seeded random positions; the rest are faces."""
     rng = np.random.default_rng([cfg.seed, STREAM_KIND])
-    p = [
-        1.0 - cfg.sketch_fraction - cfg.nonface_fraction,
-        cfg.sketch_fraction,
-        cfg.nonface_fraction,
-    ]
-    return rng.choice(len(KINDS), size=n, p=p)
+    order = rng.permutation(n)
+    kinds = np.zeros(n, dtype=np.int64)
+    start = 0
+    for kind, fraction in enumerate((cfg.sketch_fraction, cfg.nonface_fraction, cfg.lowq_fraction)):
+        count = min(round(n * fraction), n - start)
+        kinds[order[start : start + count]] = kind + 1
+        start += count
+    return kinds
+
+
+def _duplicate_identities(cfg: SynthConfig, identities: list[Identity]) -> dict[int, int]:
+    """``{duplicate class: original class}``: the last ``round(C * duplicate_fraction)`` classes
+    show the person of a seeded random distinct earlier class (one person under two labels)."""
+    count = round(len(identities) * cfg.duplicate_fraction)
+    if count == 0:
+        return {}
+    rng = np.random.default_rng([cfg.seed, STREAM_DUPLICATE])
+    first = len(identities) - count
+    originals = rng.choice(first, size=count, replace=False)
+    return {first + i: int(o) for i, o in enumerate(originals)}
 
 
 def _write_classification_set(
@@ -216,22 +233,28 @@ def _write_classification_set(
     desc: str,
     image_folder: Path | None = None,
     preview: int = 0,
+    duplicates: dict[int, int] | None = None,
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Render ``per_identity`` samples per identity into an insightface ``.rec`` and a manifest.
 
-    Also returns the decoded first ``preview`` samples of each of the first ``preview`` classes.
+    ``duplicates`` maps a class to the class whose person it shows: its images are that person's,
+    drawn from :data:`STREAM_DUPLICATE` (other images than the original class's). Also returns the
+    decoded first ``preview`` samples of each of the first ``preview`` classes.
     """
-    specs = [
-        SampleSpec(
-            ident,
-            stream,
-            j,
-            "train",
-            KINDS[kinds[i * per_identity + j]] if kinds is not None else "face",
-        )
-        for i, ident in enumerate(identities)
-        for j in range(per_identity)
-    ]
+    duplicates = duplicates or {}
+    specs = []
+    for i, ident in enumerate(identities):
+        for j in range(per_identity):
+            kind = KINDS[kinds[i * per_identity + j]] if kinds is not None else "face"
+            specs.append(
+                SampleSpec(
+                    identities[duplicates[i]] if i in duplicates else ident,
+                    STREAM_DUPLICATE if i in duplicates else stream,
+                    j,
+                    "low_quality" if kind == "low_quality" else "train",
+                    kind,
+                )
+            )
     columns: dict[str, list[Any]] = {
         k: []
         for k in ("identity", "label", "kind", "quality", "sibling_of", "landmarks", "nuisance")
@@ -511,6 +534,7 @@ def _build_parts(renderer: _Renderer, ranges: IdentityRanges, partial: Path) -> 
     cfg = renderer.cfg
     train_ids = make_identities(cfg.seed, ranges.train.start, len(ranges.train), cfg.sibling_rate)
     n_train = len(train_ids) * cfg.images_per_identity
+    duplicates = _duplicate_identities(cfg, train_ids)
     train_manifest, previews = _write_classification_set(
         renderer,
         train_ids,
@@ -522,12 +546,14 @@ def _build_parts(renderer: _Renderer, ranges: IdentityRanges, partial: Path) -> 
         "train.rec",
         image_folder=partial / "images" if cfg.image_folder else None,
         preview=8,
+        duplicates=duplicates,
     )
     summary: dict[str, Any] = {
         "train": {
             "samples": n_train,
             "classes": len(train_ids),
             "kinds": {k: train_manifest["samples"]["kind"].count(k) for k in KINDS},
+            "duplicates": {str(d): o for d, o in duplicates.items()},
         },
     }
     if cfg.open_set_identities and cfg.open_set_images_per_identity:
@@ -569,7 +595,9 @@ def check_synthface(path: str | Path, cfg: SynthConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: not a SynthFace directory (no synthface.json)")
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
     wanted = to_dict(cfg)
-    differ = sorted(k for k in wanted if summary.get("config", {}).get(k) != wanted[k])
+    # a field added after the set was built had its default's behaviour then
+    built = {**to_dict(SynthConfig()), **summary.get("config", {})}
+    differ = sorted(k for k in wanted if built.get(k) != wanted[k])
     if differ:
         raise ValueError(
             f"{path}: SynthFace set was built with other values of "

@@ -1,0 +1,127 @@
+"""Flags scored against the truth of a dirty set: precision and recall per noise kind.
+
+Each noise kind of :data:`~robustface.clean.dirty.TRUTH_KINDS` has the flag that names it
+(:data:`EXPECTED`). Per kind: ``precision`` = flagged with that flag and of that kind / flagged
+with that flag; ``recall`` = the same / samples of that kind; ``removed`` = samples of that kind
+removed for any reason / samples of that kind. Overall: ``removal`` precision and recall of
+"removed" against "noisy" (every kind but clean and duplicate). For clean samples, ``kept`` and,
+for the hard clean ones, ``hard_kept``. Mislabels: the share of detected closed-set samples whose
+suggested class is the person's class (either label of a duplicated person). Duplicates: merge
+pairs against the truth's pairs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from robustface.clean.dirty import TRUTH_KINDS, Truth
+from robustface.clean.score import FLAGS
+from robustface.utils.table import markdown_table
+
+__all__ = ["EXPECTED", "evaluate_flags", "evaluation_table"]
+
+EXPECTED = {
+    "closed": "mislabeled",
+    "open": "open_set",
+    "low_quality": "low_quality",
+    "sketch": "sketch",
+    "nonface": "nonface",
+}
+"""The flag that names each noise kind."""
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else float("nan")
+
+
+def evaluate_flags(
+    flag: np.ndarray,
+    suggested: np.ndarray,
+    truth: Truth,
+    merges: list[tuple[int, int, float]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Precision / recall per noise kind and the overall numbers (see the module docstring)."""
+    flag = np.asarray(flag)
+    if flag.shape != truth.kind.shape:
+        raise ValueError(f"flags have {flag.size} rows, the truth {truth.kind.size}")
+    kind = truth.kind
+    code = {name: i for i, name in enumerate(TRUTH_KINDS)}
+    removed = flag >= FLAGS.index("mislabeled")
+    out: dict[str, dict[str, float]] = {}
+    for name, expected in EXPECTED.items():
+        is_kind = kind == code[name]
+        has_flag = flag == FLAGS.index(expected)
+        hit = int(np.sum(is_kind & has_flag))
+        out[name] = {
+            "samples": int(is_kind.sum()),
+            "flagged": int(has_flag.sum()),
+            "precision": _ratio(hit, int(has_flag.sum())),
+            "recall": _ratio(hit, int(is_kind.sum())),
+            "removed": _ratio(int(np.sum(is_kind & removed)), int(is_kind.sum())),
+        }
+    noisy = ~np.isin(kind, (code["clean"], code["duplicate"]))
+    hit = int(np.sum(removed & noisy))
+    out["removal"] = {
+        "samples": int(noisy.sum()),
+        "flagged": int(removed.sum()),
+        "precision": _ratio(hit, int(removed.sum())),
+        "recall": _ratio(hit, int(noisy.sum())),
+        "removed": _ratio(hit, int(noisy.sum())),
+    }
+    clean = kind == code["clean"]
+    out["clean"] = {
+        "samples": int(clean.sum()),
+        "kept": _ratio(int(np.sum(clean & ~removed)), int(clean.sum())),
+        "hard": int(truth.hard.sum()),
+        "hard_kept": _ratio(int(np.sum(truth.hard & ~removed)), int(truth.hard.sum())),
+    }
+    canon = np.where(
+        truth.duplicate_of >= 0, truth.duplicate_of, np.arange(truth.duplicate_of.size)
+    )
+    found = (kind == code["closed"]) & (flag == FLAGS.index("mislabeled"))
+    sugg = np.asarray(suggested)[found]
+    right = (sugg >= 0) & (canon[np.maximum(sugg, 0)] == truth.true_label[found])
+    out["suggested_class"] = {
+        "detected": int(found.sum()),
+        "correct": _ratio(int(right.sum()), int(found.sum())),
+    }
+    if merges is not None:
+        want = {
+            (min(d, int(o)), max(d, int(o))) for d, o in enumerate(truth.duplicate_of) if o >= 0
+        }
+        got = {(a, b) for a, b, _ in merges}
+        out["merge"] = {
+            "pairs": len(want),
+            "proposed": len(got),
+            "precision": _ratio(len(want & got), len(got)),
+            "recall": _ratio(len(want & got), len(want)),
+        }
+    return out
+
+
+def evaluation_table(result: dict[str, dict[str, float]]) -> str:
+    """The per-kind precision / recall as a Markdown table, then clean-kept and merge lines."""
+    rows = []
+    for name in (*EXPECTED, "removal"):
+        r = result[name]
+        rows.append([name, r["samples"], r["flagged"], f"{r['precision']:.3f}",
+                     f"{r['recall']:.3f}", f"{r['removed']:.3f}"])  # fmt: skip
+    table = markdown_table(
+        ["truth kind", "samples", "flagged as it", "precision", "recall", "removed (any flag)"],
+        rows,
+    )
+    c = result["clean"]
+    lines = [
+        table,
+        "",
+        f"clean kept: {c['kept']:.3f} of {c['samples']}; hard clean kept: {c['hard_kept']:.3f} "
+        f"of {c['hard']}; mislabels with the right suggested class: "
+        f"{result['suggested_class']['correct']:.3f} of {result['suggested_class']['detected']}",
+    ]
+    if "merge" in result:
+        m = result["merge"]
+        lines.append(
+            f"merge pairs: {m['proposed']} proposed, {m['pairs']} true; precision "
+            f"{m['precision']:.3f}, recall {m['recall']:.3f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,752 @@
+"""Per-sample scores and flags of a training set, from a model trained on it.
+
+Scores (one row per sample, :class:`Scores`), from the backbone's embeddings and the classifier's
+class centres (the FC weight rows; with K sub-centres per class, the class's dominant sub-centre
+as in :mod:`robustface.clean.subcenter`):
+
+- ``angle_own``: angle (degrees) to the labelled class's centre;
+- ``angle_other`` / ``other_class``: the nearest other class centre (the best of its sub-centres)
+  and its angle; ``margin = angle_other - angle_own`` (negative: nearer another class);
+- ``knn_purity``: share of the ``knn`` nearest other samples (cosine, faiss) with the same label;
+  ``knn_label`` / ``knn_share``: their most common label and its share;
+- ``norm``: the embedding's norm before normalising (low for poor images, as MagFace/AdaFace);
+- ``crfiqa``: CR-FIQA's relative classifiability ``cos_own / (cos_other + 1 + 1e-9)`` (Boutros et
+  al. 2023), here read off the trained classifier instead of a learned regressor (deviation);
+- ``stroke``: ``log10`` of the variance of the grey image's Laplacian: line drawings, pencil
+  sketches and cartoons have hard strokes that photographs (even sharp ones) do not.
+
+Flags (:data:`FLAGS`, one per sample, :func:`flag_samples`) use thresholds read off the score
+distributions alone (:func:`choose_thresholds`: the crossing of a two-component Gaussian mixture
+fitted to a score, or a robust outlier bound), never the truth. Identity level:
+:func:`merge_candidates` (class pairs whose mean embeddings are outliers of closeness) and
+:func:`split_candidates` (classes whose samples form two distant modes).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from robustface.clean.subcenter import dominant_subcenter, subcenter_assignments
+from robustface.errors import DataFormatError
+from robustface.utils.guards import check_int, check_real
+from robustface.utils.io import atomic_directory, atomic_path, check_output_dir, write_text_atomic
+from robustface.utils.plot import pyplot, save_figure
+from robustface.utils.table import markdown_table
+
+__all__ = [
+    "FLAGS",
+    "REMOVED",
+    "Flags",
+    "ScoreResult",
+    "Scores",
+    "Thresholds",
+    "choose_thresholds",
+    "compute_scores",
+    "flag_samples",
+    "flags_csv",
+    "gmm_crossing",
+    "image_stats",
+    "merge_candidates",
+    "read_flags_csv",
+    "score_to_dir",
+    "score_training_set",
+    "split_candidates",
+]
+
+FLAGS = ("clean", "hard", "mislabeled", "open_set", "low_quality", "nonface", "sketch")
+"""Sample flags, in code order; ``clean`` and ``hard`` are kept, the others removed."""
+REMOVED = frozenset(FLAGS[2:])
+_CHUNK = 4096
+
+
+def image_stats(image: np.ndarray) -> np.ndarray:
+    """``[stroke]``: log10 of the variance of the grey image's Laplacian (line-art energy)."""
+    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    variance = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    return np.array([math.log10(variance + 1.0)], dtype=np.float32)
+
+
+@dataclasses.dataclass
+class Scores:
+    """Per-sample scores (see the module docstring); every array has one row per sample."""
+
+    label: np.ndarray
+    angle_own: np.ndarray
+    angle_other: np.ndarray
+    other_class: np.ndarray
+    knn_purity: np.ndarray
+    knn_label: np.ndarray
+    knn_share: np.ndarray
+    norm: np.ndarray
+    crfiqa: np.ndarray
+    stroke: np.ndarray
+
+    @property
+    def margin(self) -> np.ndarray:
+        """``angle_other - angle_own`` in degrees (negative: nearer another class's centre)."""
+        return self.angle_other - self.angle_own
+
+    @property
+    def angle_any(self) -> np.ndarray:
+        """Angle to the nearest class centre of any class."""
+        return np.minimum(self.angle_own, self.angle_other)
+
+    def __len__(self) -> int:
+        return int(self.label.size)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The columns by name, with ``margin``."""
+        out = dataclasses.asdict(self)
+        out["margin"] = self.margin
+        return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0, 1, norms)
+
+
+def _knn_votes(
+    embeddings: np.ndarray, labels: np.ndarray, k: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """kNN label purity, majority label and its share over the ``k`` nearest other samples."""
+    from robustface.cluster.knn import build_knn
+
+    n = len(labels)
+    k = min(k, n - 1)
+    if k < 1:
+        return np.ones(n), labels.copy(), np.ones(n)
+    graph = build_knn(embeddings, k + 1, "flat", show_progress=progress)
+    nbrs = graph.nbrs
+    # drop each sample itself (first unless an exact duplicate ties with it)
+    is_self = nbrs == np.arange(n)[:, None]
+    has_self = is_self.any(axis=1)
+    drop = np.where(has_self, is_self.argmax(axis=1), k)
+    keep = np.ones_like(nbrs, dtype=bool)
+    keep[np.arange(n), drop] = False
+    others = nbrs[keep].reshape(n, k)
+    nbr_labels = labels[others]
+    purity = (nbr_labels == labels[:, None]).mean(axis=1)
+    # majority label per row: sort each row, count runs
+    srt = np.sort(nbr_labels, axis=1)
+    starts = np.ones_like(srt, dtype=bool)
+    starts[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    run_id = np.cumsum(starts, axis=1) - 1
+    counts = np.zeros_like(srt)
+    np.add.at(counts, (np.repeat(np.arange(n), k), run_id.ravel()), 1)
+    best_run = counts.argmax(axis=1)
+    first_of_run = np.argmax(run_id == best_run[:, None], axis=1)
+    major = srt[np.arange(n), first_of_run]
+    share = counts[np.arange(n), best_run] / k
+    return purity, major.astype(np.int64), share
+
+
+def compute_scores(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    weight: np.ndarray,
+    k: int = 1,
+    *,
+    norms: np.ndarray | None = None,
+    stroke: np.ndarray | None = None,
+    knn: int = 10,
+    progress: bool = False,
+) -> Scores:
+    """The scores of ``embeddings`` (N x d) labelled ``labels`` against the class centres
+    ``weight`` (C*K x d, class-major as :class:`~robustface.fc.full.SubCenterFC`; K = 1 for a
+    plain FC). ``norms`` and ``stroke`` (N,) come from the embedding pass (NaN when absent).
+    Memory: ``O(chunk * C * K)`` for the nearest other centre, the kNN graph ``O(N * knn)``."""
+    emb = _unit(np.asarray(embeddings, dtype=np.float32))
+    w = np.asarray(weight, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    k = check_int("k (sub-centers per class)", k, 1)
+    knn = check_int("knn", knn, 1)
+    nearest, cosine = subcenter_assignments(emb, labels, w, k)
+    num_classes = w.shape[0] // k
+    if num_classes < 2:
+        raise ValueError(f"scoring needs at least 2 classes, the classifier has {num_classes}")
+    dominant = dominant_subcenter(nearest, labels, num_classes, k)
+    cos_own = np.take_along_axis(cosine, dominant[labels][:, None], axis=1)[:, 0]
+    centres = _unit(w)
+    cos_other = np.empty(len(labels), dtype=np.float32)
+    other = np.empty(len(labels), dtype=np.int64)
+    for start in range(0, len(labels), _CHUNK):
+        sims = emb[start : start + _CHUNK] @ centres.T  # (B x C*K)
+        sims = sims.reshape(len(sims), num_classes, k).max(axis=2)
+        rows = np.arange(len(sims))
+        sims[rows, labels[start : start + _CHUNK]] = -np.inf
+        other[start : start + _CHUNK] = sims.argmax(axis=1)
+        cos_other[start : start + _CHUNK] = sims[rows, other[start : start + _CHUNK]]
+    cos_other = np.clip(cos_other, -1.0, 1.0)
+    purity, major, share = _knn_votes(emb, labels, knn, progress)
+    n = len(labels)
+    nan = np.full(n, np.nan, dtype=np.float32)
+    return Scores(
+        label=labels,
+        angle_own=np.degrees(np.arccos(cos_own)).astype(np.float32),
+        angle_other=np.degrees(np.arccos(cos_other)).astype(np.float32),
+        other_class=other,
+        knn_purity=purity.astype(np.float32),
+        knn_label=major,
+        knn_share=share.astype(np.float32),
+        norm=nan if norms is None else np.asarray(norms, dtype=np.float32),
+        crfiqa=(cos_own / (cos_other + 1.0 + 1e-9)).astype(np.float32),
+        stroke=nan if stroke is None else np.asarray(stroke, dtype=np.float32),
+    )
+
+
+def gmm_crossing(
+    values: np.ndarray,
+    *,
+    seed: int = 0,
+    min_weight: float = 0.005,
+    max_upper: float = 0.5,
+    edge: float = 2.5,
+) -> float | None:
+    """Where a two-component 1-D Gaussian mixture fitted to ``values`` changes its most likely
+    component between the two means (the threshold between a bulk and its tail).
+
+    None when the mixture does not separate a bulk from a tail: fewer than 20 finite values, a
+    component holding under ``min_weight`` of the values, an upper component holding more than
+    ``max_upper`` (noise is the minority), means closer than the larger spread, or a Bayesian
+    information criterion no better (by 10) than one Gaussian's. A crossing inside the lower
+    component's ``mean + edge * sd`` is raised to it (on a nearly clean set the mixture splits
+    the bulk itself).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size < 20 or np.ptp(x) == 0:
+        return None
+    gmm = GaussianMixture(2, random_state=seed, n_init=2).fit(x[:, None])
+    one = GaussianMixture(1, random_state=seed).fit(x[:, None])
+    means = gmm.means_[:, 0]
+    sds = np.sqrt(gmm.covariances_.reshape(2))
+    if gmm.weights_.min() < min_weight or abs(means[0] - means[1]) < max(sds):
+        return None
+    if gmm.weights_[int(np.argmax(means))] > max_upper:
+        return None
+    if gmm.bic(x[:, None]) > one.bic(x[:, None]) - 10:
+        return None
+    lo, hi = np.sort(means)
+    grid = np.linspace(lo, hi, 2001)
+    post = gmm.predict_proba(grid[:, None])[:, int(np.argmax(means))]
+    above = np.flatnonzero(post >= 0.5)
+    if not above.size:
+        return None
+    # a mixture also splits a skewed bulk that has no tail: never cut inside the bulk's edge
+    bulk = int(np.argmin(means))
+    return float(max(grid[above[0]], means[bulk] + edge * sds[bulk]))
+
+
+def _robust_bound(values: np.ndarray, z: float, upper: bool) -> float:
+    """``median +- z * 1.4826 * MAD`` of the finite ``values``."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    med = float(np.median(x))
+    mad = 1.4826 * float(np.median(np.abs(x - med))) or float(np.std(x)) or 1.0
+    return med + z * mad if upper else med - z * mad
+
+
+@dataclasses.dataclass
+class Thresholds:
+    """The decision thresholds of :func:`flag_samples` (degrees for angles; None: never flag).
+
+    ``angle_own``: above, a sample does not belong to its label's centre; ``angle_hard``: above it
+    (and below ``angle_own``) a kept sample is "hard"; ``angle_member``: a typical member's angle
+    to its centre: an off-centre sample this near another class's centre is a mislabel;
+    ``angle_any``: above, a sample is
+    far from every class centre (a non-face); ``norm_low``: below, an off-centre face is low
+    quality; ``norm_floor``: below, any face is low quality; ``stroke``: above, a sample is a
+    sketch; ``stroke_soft``: above, an off-centre sample is a sketch; ``knn_share``: the least
+    share of neighbours that must carry another label to call a sample mislabeled by its kNN.
+    """
+
+    angle_own: float
+    angle_hard: float
+    angle_member: float
+    angle_any: float | None = None
+    norm_low: float | None = None
+    norm_floor: float | None = None
+    stroke: float | None = None
+    stroke_soft: float | None = None
+    knn_share: float = 0.5
+    source: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first threshold out of range."""
+        for name in ("angle_own", "angle_hard", "angle_member", "angle_any"):
+            value = getattr(self, name)
+            if value is not None:
+                check_real(f"thresholds.{name}", value, 0, 180)
+        for name in ("angle_hard", "angle_member"):
+            if getattr(self, name) > self.angle_own:
+                raise ValueError(
+                    f"thresholds.{name} ({getattr(self, name):g}) must be <= "
+                    f"thresholds.angle_own ({self.angle_own:g})"
+                )
+        check_real("thresholds.knn_share", self.knn_share, 0, 1, open_low=True)
+        for name in ("norm_low", "norm_floor"):
+            value = getattr(self, name)
+            if value is not None:
+                check_real(f"thresholds.{name}", value, 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly values."""
+        return dataclasses.asdict(self)
+
+
+def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None) -> Thresholds:
+    """Thresholds read off the score distributions (never the truth), then ``overrides``.
+
+    ``angle_own``: the crossing of a 2-component mixture on the angles to the own centre (else the
+    robust bound median + 3 MAD); ``angle_hard`` / ``angle_member``: median + 2 MAD / + 1 MAD of
+    the angles below ``angle_own`` (the members), capped at ``angle_own``; ``angle_any``: median
+    + 2 MAD of the angle to the nearest centre of any class; ``norm_low`` /
+    ``norm_floor``: the mixture crossing on log norms of the members, and their robust lower
+    bound (median - 3 MAD); ``stroke`` / ``stroke_soft``: the mixture crossing on the stroke
+    energy if it separates a mode above the bulk, else median + 2.5 MAD, and median + 1.5 MAD.
+    """
+    source: dict[str, str] = {}
+    own = gmm_crossing(scores.angle_own)
+    if own is None:
+        own, source["angle_own"] = _robust_bound(scores.angle_own, 3, True), "median+3MAD"
+    else:
+        source["angle_own"] = "gmm"
+    members = scores.angle_own[scores.angle_own <= own]
+    hard = min(_robust_bound(members, 2, True), own)
+    member = min(_robust_bound(members, 1, True), own)
+    source["angle_hard"] = "median+2MAD of members"
+    source["angle_member"] = "median+1MAD of members"
+    # non-faces are too rare for a mixture: the robust outlier bound
+    any_, source["angle_any"] = _robust_bound(scores.angle_any, 2, True), "median+2MAD"
+    norm_low = norm_floor = None
+    if np.isfinite(scores.norm).any():
+        fit = np.log(np.maximum(scores.norm[scores.angle_own < own], 1e-12))
+        crossing = gmm_crossing(fit)
+        if crossing is not None and crossing < float(np.median(fit)):
+            norm_low, source["norm_low"] = float(np.exp(crossing)), "gmm"
+        norm_floor = float(np.exp(_robust_bound(fit, 3, False)))
+        source["norm_floor"] = "median-3MAD"
+    stroke = stroke_soft = None
+    if np.isfinite(scores.stroke).any():
+        crossing = gmm_crossing(scores.stroke)
+        if crossing is not None and crossing > float(np.median(scores.stroke)):
+            stroke, source["stroke"] = crossing, "gmm"
+        else:
+            stroke, source["stroke"] = _robust_bound(scores.stroke, 2.5, True), "median+2.5MAD"
+        stroke_soft, source["stroke_soft"] = (
+            _robust_bound(scores.stroke, 1.5, True),
+            "median+1.5MAD",
+        )
+    values: dict[str, Any] = {
+        "angle_own": float(own),
+        "angle_hard": float(hard),
+        "angle_member": float(member),
+        "angle_any": any_,
+        "norm_low": norm_low,
+        "norm_floor": norm_floor,
+        "stroke": stroke,
+        "stroke_soft": stroke_soft,
+    }
+    for key, value in (overrides or {}).items():
+        if key not in values and key != "knn_share":
+            raise ValueError(f"unknown threshold {key!r}: use one of {', '.join(values)}")
+        values[key] = value
+        source[key] = "given"
+    thresholds = Thresholds(**values, source=source)
+    thresholds.check()
+    return thresholds
+
+
+@dataclasses.dataclass
+class Flags:
+    """One flag per sample (index into :data:`FLAGS`), its reason, and the suggested class of a
+    mislabel (-1 elsewhere)."""
+
+    flag: np.ndarray
+    reason: list[str]
+    suggested: np.ndarray
+
+    def names(self) -> np.ndarray:
+        """The flags as strings."""
+        return np.asarray(FLAGS)[self.flag]
+
+    @property
+    def removed(self) -> np.ndarray:
+        """Samples whose flag removes them."""
+        return self.flag >= FLAGS.index("mislabeled")
+
+    def counts(self) -> dict[str, int]:
+        """Samples per flag."""
+        values = np.bincount(self.flag, minlength=len(FLAGS)).tolist()
+        return dict(zip(FLAGS, values, strict=True))
+
+
+def flag_samples(scores: Scores, t: Thresholds) -> Flags:
+    """One flag per sample, the first rule that applies (``off``: ``angle_own > t.angle_own``):
+
+    1. ``sketch``: stroke energy above ``t.stroke``, or off and above ``t.stroke_soft``;
+    2. ``nonface``: farther than ``t.angle_any`` from every class centre;
+    3. off: ``mislabeled`` when its kNN majority is another label (share >= ``t.knn_share``)
+       whose centre is also its nearest other centre, or when within ``t.angle_member`` of another
+       class's centre (suggested class: that class); else ``low_quality`` when the norm is below
+       ``t.norm_low``; else ``open_set``;
+    4. ``low_quality``: a norm below ``t.norm_floor``;
+    5. ``hard`` (kept): ``angle_own > t.angle_hard``; 6. ``clean``.
+    """
+    t.check()
+    n = len(scores)
+    code = {name: i for i, name in enumerate(FLAGS)}
+    flag = np.full(n, code["clean"], dtype=np.int8)
+    reason = np.full(n, "near its own centre", dtype=object)
+    suggested = np.full(n, -1, dtype=np.int64)
+    done = np.zeros(n, dtype=bool)
+
+    def assign(mask: np.ndarray, name: str, why: str, suggest: np.ndarray | None = None) -> None:
+        mask = mask & ~done
+        flag[mask] = code[name]
+        reason[mask] = why
+        if suggest is not None:
+            suggested[mask] = suggest[mask]
+        done[mask] = True
+
+    off = scores.angle_own > t.angle_own
+    norm = np.nan_to_num(scores.norm, nan=np.inf)
+    if t.stroke is not None:
+        assign(scores.stroke > t.stroke, "sketch", f"stroke > {t.stroke:.3g}")
+    if t.stroke_soft is not None:
+        assign(off & (scores.stroke > t.stroke_soft), "sketch", f"off centre, stroke > "
+               f"{t.stroke_soft:.3g}")  # fmt: skip
+    if t.angle_any is not None:
+        assign(scores.angle_any > t.angle_any, "nonface", f"every centre > {t.angle_any:.1f} deg")
+    knn_other = (scores.knn_label != scores.label) & (scores.knn_share >= t.knn_share)
+    knn_other &= scores.knn_label == scores.other_class
+    assign(off & knn_other, "mislabeled", "neighbours carry the nearest other label",
+           scores.other_class)  # fmt: skip
+    near_other = scores.angle_other <= t.angle_member
+    assign(off & near_other, "mislabeled", "as near another class as its members",
+           scores.other_class)  # fmt: skip
+    if t.norm_low is not None:
+        assign(off & (norm < t.norm_low), "low_quality", f"off centre, norm < {t.norm_low:.3g}")
+    assign(off, "open_set", f"own centre > {t.angle_own:.1f} deg, no class near")
+    if t.norm_floor is not None:
+        assign(norm < t.norm_floor, "low_quality", f"norm < {t.norm_floor:.3g}")
+    assign(scores.angle_own > t.angle_hard, "hard", f"own centre > {t.angle_hard:.1f} deg (kept)")
+    return Flags(flag, reason.tolist(), suggested)
+
+
+def class_means(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Unit mean embedding of each class (zero rows for empty classes)."""
+    sums = np.zeros((num_classes, embeddings.shape[1]), dtype=np.float64)
+    np.add.at(sums, labels, embeddings)
+    return _unit(sums).astype(np.float32)
+
+
+def merge_candidates(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    min_cos: float | None = None,
+    z: float = 4.0,
+) -> tuple[list[tuple[int, int, float]], float]:
+    """Class pairs to merge (one person under two labels): ``[(a, b, cos)]`` with ``a < b``, and
+    the cosine threshold used.
+
+    Each class's mean embedding is compared with its nearest other class mean; a pair is a
+    candidate if that cosine is above ``min_cos`` (default: the robust outlier bound median +
+    ``z`` MAD of the nearest-mean cosines of all classes, at least 0.5).
+    """
+    means = class_means(np.asarray(embeddings, np.float32), labels, num_classes)
+    sims = means @ means.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = sims.argmax(axis=1)
+    best = sims[np.arange(num_classes), nearest]
+    if min_cos is None:
+        min_cos = min(1.0, max(0.5, _robust_bound(best[np.isfinite(best)], z, True)))
+    min_cos = check_real("merge min_cos", min_cos, -1, 1)
+    pairs = {
+        (min(a, int(b)), max(a, int(b))): float(best[a])
+        for a, b in enumerate(nearest)
+        if best[a] > min_cos
+    }
+    return [(a, b, c) for (a, b), c in sorted(pairs.items())], float(min_cos)
+
+
+def split_candidates(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    min_angle: float = 60.0,
+    min_share: float = 0.3,
+    seed: int = 0,
+) -> list[tuple[int, float, float]]:
+    """Classes with two dense modes: ``[(class, angle between the modes, minor share)]``.
+
+    Per class with at least 6 samples, 2-means (cosine) on its embeddings; a candidate when the
+    two mode centres are more than ``min_angle`` degrees apart and the smaller holds at least
+    ``min_share`` of the class (so that a few outliers do not make a split).
+    """
+    check_real("split min_angle", min_angle, 0, 180)
+    check_real("split min_share", min_share, 0, 0.5)
+    rng = np.random.default_rng(seed)
+    emb = np.asarray(embeddings, np.float32)
+    out = []
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
+    for c in range(num_classes):
+        x = emb[order[bounds[c] : bounds[c + 1]]]
+        if len(x) < 6:
+            continue
+        centres = x[rng.choice(len(x), 2, replace=False)]
+        for _ in range(10):
+            assign = (x @ centres.T).argmax(axis=1)
+            if assign.min() == assign.max():
+                break
+            centres = _unit(np.stack([x[assign == j].mean(axis=0) for j in (0, 1)]))
+        share = min(assign.mean(), 1 - assign.mean())
+        angle = float(np.degrees(np.arccos(np.clip(centres[0] @ centres[1], -1, 1))))
+        if share >= min_share and angle > min_angle:
+            out.append((c, angle, float(share)))
+    return out
+
+
+def scores_path(directory: Path) -> Path:
+    """Where a scoring pass keeps its raw arrays."""
+    return directory / "scores.npz"
+
+
+_CSV_COLUMNS = (
+    "angle_own", "angle_other", "other_class", "margin", "knn_purity", "knn_label", "knn_share",
+    "norm", "crfiqa", "stroke",
+)  # fmt: skip
+
+
+def flags_csv(scores: Scores, flags: Flags) -> str:
+    """The per-sample flags file: index, label, flag, reason, suggested class, then the scores."""
+    arrays = scores.arrays()
+    columns = [arrays[c] for c in _CSV_COLUMNS]
+    names = flags.names()
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["index", "label", "flag", "reason", "suggested", *_CSV_COLUMNS])
+    for i in range(len(scores)):
+        values = [
+            f"{col[i]:.4f}" if np.issubdtype(col.dtype, np.floating) else int(col[i])
+            for col in columns
+        ]
+        writer.writerow(
+            [i, int(scores.label[i]), names[i], flags.reason[i], int(flags.suggested[i]), *values]
+        )
+    return out.getvalue()
+
+
+def read_flags_csv(path: str | Path, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(flag codes, suggested classes)`` of a flags file; checked against the set's size."""
+    path = Path(path)
+    flag, suggested = [], []
+    code = {name: i for i, name in enumerate(FLAGS)}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"index", "flag", "suggested"} <= set(reader.fieldnames):
+            raise DataFormatError(path, "not a flags file (needs columns index, flag, suggested)")
+        for row_number, row in enumerate(reader, 2):
+            if row["flag"] not in code or row["index"] != str(row_number - 2):
+                raise DataFormatError(
+                    path, f"line {row_number}: index {row['index']!r} flag {row['flag']!r}"
+                )
+            flag.append(code[row["flag"]])
+            suggested.append(int(row["suggested"]))
+    if len(flag) != num_samples:
+        raise DataFormatError(path, f"has {len(flag)} rows but the set has {num_samples} images")
+    return np.asarray(flag, np.int8), np.asarray(suggested, np.int64)
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    """What :func:`score_training_set` computed (and wrote when given a directory)."""
+
+    scores: Scores
+    thresholds: Thresholds
+    flags: Flags
+    merges: list[tuple[int, int, float]]
+    merge_min_cos: float
+    splits: list[tuple[int, float, float]]
+    embeddings: np.ndarray
+    images_per_second: float
+
+
+def plot_angles_by_flag(path: Path, scores: Scores, flags: Flags, t: Thresholds) -> None:
+    """Histogram of the angle to the own centre, kept vs removed, with the thresholds."""
+    plt = pyplot()
+    bins = np.linspace(0.0, 180.0, 91)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    removed = flags.removed
+    ax.hist([scores.angle_own[~removed], scores.angle_own[removed]], bins=bins, stacked=True,
+            label=["kept", "removed"], color=["tab:blue", "tab:red"])  # fmt: skip
+    ax.axvline(t.angle_own, color="black", linestyle="--", label=f"own {t.angle_own:.1f} deg")
+    ax.axvline(t.angle_hard, color="grey", linestyle=":", label=f"hard {t.angle_hard:.1f} deg")
+    ax.set(xlabel="angle to the labelled class centre (degrees)", ylabel="samples")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def score_training_set(
+    run_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    thresholds: dict[str, float] | None = None,
+    knn: int = 10,
+    batch_size: int = 256,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> ScoreResult:
+    """Score and flag every sample of ``data`` (default: the run's training ``.rec``) with the
+    backbone and class centres of the run's last checkpoint, streamed over the ``.rec``."""
+    from robustface.clean.subcenter import default_data, embed_images, load_run_classifier
+    from robustface.data.recordio import RecordIODataset
+    from robustface.models import build_backbone
+
+    run = load_run_classifier(run_dir)
+    data_path = Path(data) if data is not None else default_data(run.cfg, Path(run_dir))
+    dataset = RecordIODataset(data_path)
+    if dataset.num_classes != run.num_classes:
+        raise ValueError(
+            f"{data_path}: {dataset.num_classes} classes, but the run {run_dir} was trained "
+            f"on {run.num_classes}"
+        )
+    backbone = build_backbone(run.cfg.model.backbone, **run.cfg.model.kwargs()).to(device)
+    backbone.load_state_dict(run.main["backbone"])  # the weights the centres were trained with
+    input_size = int(backbone.meta.input_size)
+    started = time.perf_counter()
+    embedded = embed_images(
+        backbone,
+        dataset,
+        input_size=input_size,
+        image_stats=image_stats,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    rate = len(dataset) / max(time.perf_counter() - started, 1e-9)
+    labels = dataset.labels
+    scores = compute_scores(
+        embedded.embeddings,
+        labels,
+        run.weight.numpy(),
+        run.k,
+        norms=embedded.norms,
+        stroke=embedded.stats[:, 0],
+        knn=knn,
+        progress=progress,
+    )
+    chosen = choose_thresholds(scores, thresholds)
+    flags = flag_samples(scores, chosen)
+    kept = ~flags.removed
+    merges, min_cos = merge_candidates(embedded.embeddings[kept], labels[kept], run.num_classes)
+    splits = split_candidates(embedded.embeddings[kept], labels[kept], run.num_classes)
+    return ScoreResult(scores, chosen, flags, merges, min_cos, splits, embedded.embeddings, rate)
+
+
+SCORE_JSON = "score.json"
+FLAGS_CSV = "flags.csv"
+
+
+def write_score_outputs(result: ScoreResult, directory: Path, extra: dict[str, Any]) -> dict:
+    """Write a scoring pass into ``directory`` (which exists): ``flags.csv``, ``scores.npz``,
+    ``angles.png`` and ``score.json`` (thresholds, counts, merges, splits, ``extra``); returns the
+    JSON summary."""
+    write_text_atomic(directory / FLAGS_CSV, flags_csv(result.scores, result.flags))
+    with atomic_path(directory / "scores.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, flag=result.flags.flag, suggested=result.flags.suggested,
+                 **result.scores.arrays())  # fmt: skip
+    plot_angles_by_flag(directory / "angles.png", result.scores, result.flags, result.thresholds)
+    summary = {
+        **extra,
+        "samples": len(result.scores),
+        "images_per_second": round(result.images_per_second, 1),
+        "thresholds": result.thresholds.as_dict(),
+        "flags": result.flags.counts(),
+        "removed": int(result.flags.removed.sum()),
+        "merge_min_cos": result.merge_min_cos,
+        "merges": [list(m) for m in result.merges],
+        "splits": [list(s) for s in result.splits],
+    }
+    write_text_atomic(directory / SCORE_JSON, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def flags_table(counts: dict[str, int]) -> str:
+    """Samples per flag as a Markdown table."""
+    total = max(sum(counts.values()), 1)
+    rows = [[name, counts[name], f"{100 * counts[name] / total:.2f}",
+             "removed" if name in REMOVED else "kept"] for name in FLAGS]  # fmt: skip
+    return markdown_table(["flag", "samples", "%", "action"], rows)
+
+
+def score_to_dir(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    thresholds: dict[str, float] | None = None,
+    knn: int = 10,
+    batch_size: int = 256,
+    device: str = "cpu",
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`score_training_set` written to ``out_dir`` (built as ``OUT.partial``, renamed when
+    complete). When the data has a truth list beside it (a dirty SynthFace set), the flags are
+    also scored against it (``evaluation.json`` / ``.md``) *after* they were chosen."""
+    from robustface.clean.dirty import truth_for
+    from robustface.clean.evaluate import evaluate_flags, evaluation_table
+    from robustface.clean.subcenter import default_data
+    from robustface.data.recordio import RecordIODataset
+    from robustface.utils.run import RunDir
+
+    out = Path(out_dir)
+    data_path = (
+        Path(data) if data is not None else default_data(RunDir(run_dir).config(), Path(run_dir))
+    )
+    dataset = RecordIODataset(data_path)
+    check_output_dir(out, overwrite=overwrite, marker=SCORE_JSON, inputs=[dataset.rec_path.parent])
+    result = score_training_set(
+        run_dir,
+        data=data_path,
+        thresholds=thresholds,
+        knn=knn,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    extra: dict[str, Any] = {"run_dir": str(run_dir), "data": str(dataset.rec_path)}
+    # the truth is read only now, after every threshold and flag was chosen
+    truth = truth_for(dataset.rec_path.parent, len(dataset))
+    with atomic_directory(out) as partial:
+        if truth is not None:
+            evaluation = evaluate_flags(result.flags.flag, result.flags.suggested, truth,
+                                        result.merges)  # fmt: skip
+            write_text_atomic(partial / "evaluation.json", json.dumps(evaluation, indent=2) + "\n")
+            write_text_atomic(partial / "evaluation.md", evaluation_table(evaluation) + "\n")
+            extra["evaluation"] = evaluation
+        summary = write_score_outputs(result, partial, extra)
+    return summary

@@ -179,7 +179,9 @@ def track_nuisances(
     blur = 3.0 * d * _sigmoid(1.5 * bad_state + _smooth(rng, n, corr) - 0.5)
     lowres = 1.0 + 4.0 * d * _sigmoid(1.5 * bad_state + _smooth(rng, n, corr) - 1.0)
     noise = 14.0 * d * _sigmoid(1.5 * bad_state + _smooth(rng, n, corr) - 0.5)
-    jpeg = np.maximum(10.0, 95.0 - 70.0 * d * _sigmoid(1.5 * bad_state + _smooth(rng, n, corr) - 0.5))
+    jpeg = np.maximum(
+        10.0, 95.0 - 70.0 * d * _sigmoid(1.5 * bad_state + _smooth(rng, n, corr) - 0.5)
+    )
     azimuth = 0.9 * np.tanh(_smooth(rng, n, 2.0 * corr))
     smile = 0.5 * d * np.maximum(_smooth(rng, n, corr), 0.0)
     shift = 1.5 * d * np.stack([_smooth(rng, n, corr), _smooth(rng, n, corr)], axis=1)
@@ -330,7 +332,9 @@ def build_tracks(
     identities = make_identities(cfg.seed, cfg.first_identity, cfg.identities, cfg.sibling_rate)
     specs: list[SampleSpec] = []
     for ident in identities:
-        specs += [SampleSpec(ident, STREAM_GALLERY, j, "frontal") for j in range(cfg.gallery_images)]
+        specs += [
+            SampleSpec(ident, STREAM_GALLERY, j, "frontal") for j in range(cfg.gallery_images)
+        ]
     tracks: list[dict[str, Any]] = []
     spoilt: list[np.ndarray] = []
     for ident in identities:

@@ -48,7 +48,7 @@ TRACKS = TrackConfig(
     identities=100, gallery_images=2, tracks_per_identity=2, lengths=(1, 4, 16, 64, 256)
 )
 
-SMOKE_SYNTH = dataclasses.replace(SYNTH, identities=12, images_per_identity=4, lowq_pairs=20)
+SMOKE_SYNTH = dataclasses.replace(SYNTH, identities=12, images_per_identity=4, lowq_pairs=0)
 SMOKE_TRAIN = (
     *TRAIN,
     "model.input_size=32",
@@ -56,6 +56,7 @@ SMOKE_TRAIN = (
     "data.batch_size=16",
     "data.num_workers=0",
     "train.epochs=1",
+    "data.val_targets=[]",
 )
 SMOKE_TRACKS = dataclasses.replace(TRACKS, identities=4, tracks_per_identity=1, lengths=(1, 4, 8))
 SMOKE_CAFACE = ("train.epochs=1", "train.batch_size=8", "train.max_steps=2")

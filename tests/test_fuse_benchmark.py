@@ -3,6 +3,8 @@ the plot and a smoke run of the whole pipeline."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from robustface.fuse.benchmark import (
     embed_tracks,
     evaluate_fusion,
     frame_weights,
+    run_fusion_benchmark,
     spearman,
 )
 from robustface.fuse.plot import plot_track_fusion, track_plot_data
@@ -151,3 +154,50 @@ def test_plot_values_and_png(model, tracks, caface, tmp_path):
         plot_track_fusion(data, tmp_path / "bad.png", x="time")
     with pytest.raises(ValueError, match="track"):
         track_plot_data(model, SIZE, tracks, aggregators, track=8)
+
+
+def _script():
+    """benchmarks/fusion_lowq.py as a module."""
+    path = Path(__file__).parents[1] / "benchmarks" / "fusion_lowq.py"
+    spec = importlib.util.spec_from_file_location("fusion_lowq", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_smoke_run(tmp_path):
+    script = _script()
+    args = argparse.Namespace(
+        out=str(tmp_path / "bench"),
+        track_seeds=[0, 1],
+        caface_seeds=[0],
+        no_caface=True,
+        caface_set=[],
+        views=2,
+        workers=1,
+        smoke=True,
+        quiet=True,
+    )
+    results = run_fusion_benchmark(script.config(args))
+    runs = results["runs"]
+    assert [(r["method"], r["track_seed"]) for r in runs] == [
+        ("mean", 0), ("norm_weighted", 0), ("mean", 1), ("norm_weighted", 1)
+    ]  # fmt: skip
+    for run in runs:
+        assert list(run["lengths"]) == [1, 4, 8]
+        for cell in run["lengths"].values():
+            assert 0.0 <= cell["rank1"] <= 1.0 and cell["impostor_pairs"] == 12
+    # one frame: every fusion is that frame's direction
+    assert runs[0]["lengths"][1] == runs[1]["lengths"][1]
+    ranks = [r["lengths"][8]["rank1"] for r in runs if r["method"] == "mean"]
+    summary = results["summary"]
+    assert summary["mean"]["lengths"][8]["rank1"]["mean"] == pytest.approx(np.mean(ranks))
+    assert summary["mean"]["lengths"][8]["rank1"]["std"] == pytest.approx(np.std(ranks, ddof=1))
+    saved = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert saved["summary"]["norm_weighted-mean"]["8"]["n"] == 2
+    assert "| norm_weighted-mean (paired) |" in (tmp_path / "bench" / "results.md").read_text()
+    # finished stages are reused: the same numbers, and no new training
+    backbone = tmp_path / "bench" / "backbone" / "backbone.pth"
+    stamp = backbone.stat().st_mtime_ns
+    again = run_fusion_benchmark(script.config(args))
+    assert again["runs"] == runs and backbone.stat().st_mtime_ns == stamp

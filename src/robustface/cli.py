@@ -3,7 +3,7 @@
 Commands: ``demo``, ``train``, ``eval verification``, ``eval ijb``, ``eval megaface``, ``synth``,
 ``noise``,
 ``clean subcenter-drop``, ``experiment``, ``convert``, ``inspect``, ``export onnx``, ``report``,
-``cluster simulate|extract|knn|train|run|eval|benchmark``.
+``cluster simulate|extract|knn|train|run|eval|benchmark``, ``fuse extract|train``.
 ``eval`` commands take a run directory, a ``.pth`` checkpoint or an ``.onnx`` model. Every
 command that takes a config accepts ``--config FILE.yaml`` (``train``, ``experiment``: a
 positional CONFIG) and repeated ``--set key.sub=value`` overrides.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from robustface import __version__
 from robustface.cli_cluster import add_cluster_parser
+from robustface.cli_fuse import add_fuse_parser
 from robustface.config import Config, SynthConfig, load_config
 from robustface.errors import RobustfaceError
 from robustface.utils.run import RunDir
@@ -723,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_export_onnx)
 
     add_cluster_parser(sub)
+    add_fuse_parser(sub)
 
     p = sub.add_parser("report", help="combine evaluation results of several runs in one table")
     p.add_argument("runs", nargs="+", type=Path, help="run directories or result JSON files")

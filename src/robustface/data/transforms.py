@@ -155,6 +155,18 @@ class TrainTransform:
         ``rng`` overrides the transform's own generator for this call (the trainer passes one
         seeded per sample and epoch, so augmentation does not depend on loader workers).
         """
+        rng = self.rng if rng is None else rng
+        image = self.degrade(image, rng)
+        if self.input_size is not None:
+            image = resize_to(image, self.input_size)
+        if self.flip_p and rng.random() < self.flip_p:
+            image = cv2.flip(image, 1)
+        return _to_tensor(image)
+
+    def degrade(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The degradations alone (down-up, blur, jitter, grayscale; no resize, no flip) of one
+        ``HxWx3`` uint8 RGB image, as a uint8 image of the same size: the first part of
+        :meth:`__call__`, drawing the same numbers from ``rng``."""
         _check_rgb(image, batch=False)
         rng = self.rng if rng is None else rng
         # A number is drawn only for the augmentations that are on (the default draws one).
@@ -171,11 +183,7 @@ class TrainTransform:
             image = _color_jitter(image, rng.uniform(0.5, 1.5, size=3))
         if self.grayscale and rng.random() < self.grayscale:
             image = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-        if self.input_size is not None:
-            image = resize_to(image, self.input_size)
-        if self.flip_p and rng.random() < self.flip_p:
-            image = cv2.flip(image, 1)
-        return _to_tensor(image)
+        return image
 
 
 def _color_jitter(image: np.ndarray, factors: np.ndarray) -> np.ndarray:

@@ -225,15 +225,16 @@ class MixerBlock(nn.Module):
 
 
 class FusionNet(nn.Module):
-    """Cluster Network + Aggregation Network (``clustering_layer`` + ``conf_mlp``)."""
+    """Cluster Network + Aggregation Network (``clustering_layer`` + ``conf_mlp``); the
+    aggregation weights have one channel per feature dimension."""
 
-    def __init__(self) -> None:
+    def __init__(self, feature_dim: int = FEATURE_DIM) -> None:
         super().__init__()
         self.clustering_layer = ClusterNetwork()
         width = 2 * EMBED_DIM
         self.conf_mlp = nn.Sequential(
             *(MixerBlock(NUM_CLUSTERS, width) for _ in range(DEPTH)),
-            _Mlp(width, width, FEATURE_DIM),
+            _Mlp(width, width, feature_dim),
         )
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -282,19 +283,24 @@ class CAFace(nn.Module):
     """The CAFace aggregator (published config ``catv9_g4_conf512_small``).
 
     ``style_channels``: the channels of the per-image styles, 384 as published (IR-101's blocks
-    15 and 45); a smaller backbone's blocks give fewer (see :mod:`robustface.fuse.styles`)."""
+    15 and 45); a smaller backbone's blocks give fewer (see :mod:`robustface.fuse.styles`).
+    ``feature_dim``: the backbone's feature dimension, 512 as published (only the last Linear of
+    the aggregation network depends on it)."""
 
-    def __init__(self, style_channels: int = STYLE_CHANNELS) -> None:
+    def __init__(
+        self, style_channels: int = STYLE_CHANNELS, feature_dim: int = FEATURE_DIM
+    ) -> None:
         super().__init__()
         self.style_channels = check_int("style_channels", style_channels, minimum=1)
+        self.feature_dim = check_int("feature_dim", feature_dim, minimum=1)
         self.style_maker = StyleInputMaker(self.style_channels)
-        self.fusion_net = FusionNet()
+        self.fusion_net = FusionNet(self.feature_dim)
         self.norm_emb = NormEmbedding()
 
     def _check(self, features: torch.Tensor, styles: torch.Tensor | None) -> None:
-        if features.ndim != 3 or features.shape[-1] != FEATURE_DIM:
+        if features.ndim != 3 or features.shape[-1] != self.feature_dim:
             raise ValueError(
-                f"features: expected shape (sets, images, {FEATURE_DIM}), "
+                f"features: expected shape (sets, images, {self.feature_dim}), "
                 f"got {tuple(features.shape)}"
             )
         if features.shape[1] == 0:
@@ -321,8 +327,8 @@ class CAFace(nn.Module):
         styles: torch.Tensor | None,
         memory: CAFaceMemory | None = None,
     ) -> CAFaceOutput:
-        """Fuse ``features`` (B,T,512: ``f*|f|``, the unit feature times its norm) with ``styles``
-        (B,T,384,2), updating ``memory`` (the previous chunks' state) when given."""
+        """Fuse ``features`` (B,T,d: ``f*|f|``, the unit feature times its norm) with ``styles``
+        (B,T,C,2), updating ``memory`` (the previous chunks' state) when given."""
         self._check(features, styles)
         b, t, _ = features.shape
         norm = features.norm(dim=-1, keepdim=True)
@@ -377,12 +383,25 @@ class CAFaceCheckpoint:
     hyper_parameters: dict[str, Any]
 
 
+def _sizes_from_state(agg: Mapping[str, Any]) -> tuple[int, int]:
+    """``(style_channels, feature_dim)`` of an aggregator state dict, read from the shapes of
+    ``style_maker.cfc`` and the last Linear's bias (the published 384 and 512 where those are
+    absent or not tensors: the key and shape checks then name them)."""
+    cfc, bias = agg.get("style_maker.cfc"), agg.get("fusion_net.conf_mlp.2.fc2.bias")
+    channels = cfc.shape[0] if isinstance(cfc, torch.Tensor) and cfc.ndim == 2 else STYLE_CHANNELS
+    dim = bias.shape[0] if isinstance(bias, torch.Tensor) and bias.ndim == 1 else FEATURE_DIM
+    return max(int(channels), 1), max(int(dim), 1)
+
+
 def load_caface_checkpoint(
     path: str | Path, *, unsafe_legacy_load: bool = False
 ) -> CAFaceCheckpoint:
     """Read a CAFace ``.ckpt`` (``state_dict`` with ``model.*``, ``aggregator.*``,
-    ``center.weight``; ``hyper_parameters``) weights-only. Missing or unexpected aggregator keys
-    and wrong shapes raise :class:`DataFormatError` naming the file and the keys."""
+    ``center.weight``; ``hyper_parameters``) weights-only. The style channel count and the
+    feature dimension are read from the tensors' shapes (the released file: 384 and 512; one
+    written by :func:`robustface.fuse.training.train_caface`: its backbone's). Missing or
+    unexpected aggregator keys and wrong shapes raise :class:`DataFormatError` naming the file
+    and the keys."""
     obj = load_weights(path, unsafe_legacy_load=unsafe_legacy_load)
     if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
         raise DataFormatError(path, "not a CAFace checkpoint: no 'state_dict' mapping")
@@ -390,7 +409,7 @@ def load_caface_checkpoint(
     agg = {k[len("aggregator.") :]: v for k, v in state.items() if k.startswith("aggregator.")}
     if not agg:
         raise DataFormatError(path, "not a CAFace checkpoint: no 'aggregator.*' keys")
-    aggregator = CAFace()
+    aggregator = CAFace(*_sizes_from_state(agg))
     expected = aggregator.state_dict()
     missing = sorted(set(expected) - set(agg))
     unexpected = sorted(set(agg) - set(expected))
@@ -423,7 +442,8 @@ class CAFaceAggregator(Aggregator):
     ``model`` is a :class:`CAFace` network or the path of a released checkpoint (read by
     :func:`load_caface_checkpoint`). :meth:`fuse` runs the whole set in chunks of ``chunk_size``
     (near-equal parts, as :meth:`CAFace.fuse_sequential`; the official demo uses 512); a
-    :meth:`memory` takes chunks as they come. Styles are per image, ``(n, 384, 2)``.
+    :meth:`memory` takes chunks as they come. Styles are per image, ``(n, C, 2)``
+    (``C = model.style_channels``, 384 as published); features ``(n, model.feature_dim)``.
     """
 
     needs_styles = True
@@ -435,11 +455,11 @@ class CAFaceAggregator(Aggregator):
         chunk_size: int = 512,
         unsafe_legacy_load: bool = False,
     ) -> None:
-        super().__init__(dim=FEATURE_DIM)
         if isinstance(model, (str, Path)):
             model = load_caface_checkpoint(model, unsafe_legacy_load=unsafe_legacy_load).aggregator
         if not isinstance(model, CAFace):
             raise TypeError(f"model must be a CAFace or a checkpoint path, got {type(model)}")
+        super().__init__(dim=model.feature_dim)
         self.model = model.eval()
         self.chunk_size = check_int("chunk_size", chunk_size, minimum=1)
 

@@ -7,7 +7,7 @@ CPU cores; ``--no-caface`` for the baselines only, ``--smoke`` for a run in seco
 2. a tiny backbone on it (the demo recipe: r18_tiny, ArcFace, 2 epochs, one thread; 512-d
    features, as CAFace takes);
 3. low-quality probe tracks on identities disjoint from the training ones, once per track seed
-   (:mod:`robustface.data.synth.tracks`: 100 identities, 2 frontal gallery images and 2 tracks of
+   (:mod:`robustface.data.synth.tracks`: 100 identities, 2 frontal gallery images and 1 track of
    256 frames each; set lengths 1, 4, 16, 64, 256, prefixes of the same tracks);
 4. CAFace features of the training set (``robustface fuse extract``) and one CAFace per seed;
 5. per track seed and fusion: closed-set rank-1, 1:1 TAR@FAR (only measurable FARs), per set
@@ -45,8 +45,10 @@ SYNTH = SynthConfig(
 )
 TRAIN = ("model.embedding_size=512", "train.probe_every=0", "data.val_targets=[lowq]")
 TRACKS = TrackConfig(
-    identities=100, gallery_images=2, tracks_per_identity=2, lengths=(1, 4, 16, 64, 256)
+    identities=100, gallery_images=2, tracks_per_identity=1, lengths=(1, 4, 16, 64, 256)
 )
+
+CAFACE = ("train.threads=1",)
 
 SMOKE_SYNTH = dataclasses.replace(SYNTH, identities=12, images_per_identity=4, lowq_pairs=0)
 SMOKE_TRAIN = (
@@ -59,7 +61,13 @@ SMOKE_TRAIN = (
     "data.val_targets=[]",
 )
 SMOKE_TRACKS = dataclasses.replace(TRACKS, identities=4, tracks_per_identity=1, lengths=(1, 4, 8))
-SMOKE_CAFACE = ("train.epochs=1", "train.batch_size=8", "train.max_steps=2")
+SMOKE_CAFACE = (
+    "train.epochs=1",
+    "train.batch_size=8",
+    "train.max_steps=2",
+    "train.log_every=1",
+    "train.threads=1",
+)
 
 
 def config(args: argparse.Namespace) -> FusionBenchConfig:
@@ -72,7 +80,8 @@ def config(args: argparse.Namespace) -> FusionBenchConfig:
         train_overrides=SMOKE_TRAIN if smoke else TRAIN,
         track_seeds=tuple(args.track_seeds),
         caface_seeds=() if args.no_caface else tuple(args.caface_seeds),
-        caface_overrides=(*(SMOKE_CAFACE if smoke else ()), *args.caface_set),
+        caface_config=str(Path(__file__).parents[1] / "configs" / "fuse" / "caface_synthface.yaml"),
+        caface_overrides=(*(SMOKE_CAFACE if smoke else CAFACE), *args.caface_set),
         views=2 if smoke else args.views,
         workers=args.workers,
         progress=not args.quiet,

@@ -171,7 +171,7 @@ def test_benchmark_smoke_run(tmp_path):
         out=str(tmp_path / "bench"),
         track_seeds=[0, 1],
         caface_seeds=[0],
-        no_caface=True,
+        no_caface=False,
         caface_set=[],
         views=2,
         workers=1,
@@ -180,24 +180,32 @@ def test_benchmark_smoke_run(tmp_path):
     )
     results = run_fusion_benchmark(script.config(args))
     runs = results["runs"]
-    assert [(r["method"], r["track_seed"]) for r in runs] == [
-        ("mean", 0), ("norm_weighted", 0), ("mean", 1), ("norm_weighted", 1)
+    assert [(r["method"], r["track_seed"], r["fusion_seed"]) for r in runs] == [
+        ("mean", 0, -1), ("norm_weighted", 0, -1), ("caface", 0, 0),
+        ("mean", 1, -1), ("norm_weighted", 1, -1), ("caface", 1, 0),
     ]  # fmt: skip
+    assert (tmp_path / "bench" / "caface_s0" / "caface.ckpt").is_file()
     for run in runs:
         assert list(run["lengths"]) == [1, 4, 8]
         for cell in run["lengths"].values():
             assert 0.0 <= cell["rank1"] <= 1.0 and cell["impostor_pairs"] == 12
     # one frame: every fusion is that frame's direction
     assert runs[0]["lengths"][1] == runs[1]["lengths"][1]
+    assert runs[2]["lengths"][1]["rank1"] == runs[0]["lengths"][1]["rank1"]
     ranks = [r["lengths"][8]["rank1"] for r in runs if r["method"] == "mean"]
     summary = results["summary"]
     assert summary["mean"]["lengths"][8]["rank1"]["mean"] == pytest.approx(np.mean(ranks))
     assert summary["mean"]["lengths"][8]["rank1"]["std"] == pytest.approx(np.std(ranks, ddof=1))
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved["summary"]["norm_weighted-mean"]["8"]["n"] == 2
-    assert "| norm_weighted-mean (paired) |" in (tmp_path / "bench" / "results.md").read_text()
+    assert saved["summary"]["caface-norm_weighted"]["8"]["n"] == 2
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert "| norm_weighted-mean (paired) " in table and "| caface " in table
     # finished stages are reused: the same numbers, and no new training
-    backbone = tmp_path / "bench" / "backbone" / "backbone.pth"
-    stamp = backbone.stat().st_mtime_ns
+    trained = [
+        tmp_path / "bench" / "backbone" / "backbone.pth",
+        tmp_path / "bench" / "caface_s0" / "caface.ckpt",
+    ]
+    stamps = [p.stat().st_mtime_ns for p in trained]
     again = run_fusion_benchmark(script.config(args))
-    assert again["runs"] == runs and backbone.stat().st_mtime_ns == stamp
+    assert again["runs"] == runs and [p.stat().st_mtime_ns for p in trained] == stamps

@@ -268,8 +268,9 @@ class FusionBenchConfig:
     (r18_tiny, ArcFace; 512-d features as CAFace takes); ``synth`` the training SynthFace set;
     ``tracks`` the probe tracks, rendered once per ``track_seeds`` entry (seed replaced, ids
     placed after the training set's); ``caface_seeds`` one CAFace training each (empty: only the
-    baselines), ``caface_overrides`` ``--set``-style overrides of the CAFace training config and
-    ``views`` the augmented views per training image for its features.
+    baselines) with the config file ``caface_config`` (``robustface fuse train``'s) and its
+    ``--set``-style ``caface_overrides``; ``views`` the augmented views per training image for
+    its features (``robustface fuse extract``).
     """
 
     out: str
@@ -278,6 +279,7 @@ class FusionBenchConfig:
     train_overrides: tuple[str, ...] = ()
     track_seeds: tuple[int, ...] = (0, 1, 2)
     caface_seeds: tuple[int, ...] = (0, 1, 2)
+    caface_config: str = "configs/fuse/caface_synthface.yaml"
     caface_overrides: tuple[str, ...] = ()
     views: int = 8
     workers: int = 2
@@ -337,21 +339,25 @@ def _tracks(cfg: FusionBenchConfig, seed: int, data: Path, out: Path) -> Path:
     return out
 
 
-def _train_cafaces(cfg: FusionBenchConfig, model: nn.Module, size: int, out: Path) -> list[Path]:
-    """Extract fusion features of the training set and train one CAFace per seed."""
+def _train_cafaces(cfg: FusionBenchConfig, backbone: Path, out: Path) -> list[Path]:
+    """Extract fusion features of the training set with the backbone run ``backbone`` and
+    train one CAFace per seed (finished runs are reused)."""
     from robustface.fuse.extract import extract_fusion_features
     from robustface.fuse.training import load_fuse_config, train_caface
 
     feats = extract_fusion_features(
-        model, out / "synthface", out / "fusion_features", views=cfg.views, progress=cfg.progress
-    )
+        backbone, out / "synthface", out / "fusion_features", views=cfg.views,
+        progress=cfg.progress,
+    )  # fmt: skip
     paths = []
     for seed in cfg.caface_seeds:
         run = out / f"caface_s{seed}"
-        fuse_cfg = load_fuse_config(
-            {"features": str(feats), "output_dir": str(run), "seed": seed},
-            list(cfg.caface_overrides),
-        )
+        if (run / "caface.ckpt").is_file():
+            paths.append(run / "caface.ckpt")
+            continue
+        overrides = [f"features={feats}", f"output_dir={run}", f"seed={seed}"]
+        fuse_cfg = load_fuse_config(cfg.caface_config, [*overrides, *cfg.caface_overrides])
+        fuse_cfg.train.progress = cfg.progress
         paths.append(train_caface(fuse_cfg))
     return paths
 
@@ -372,7 +378,8 @@ def run_fusion_benchmark(cfg: FusionBenchConfig) -> dict[str, Any]:
     data = out / "synthface"
     ensure_synthface(data, cfg.synth, workers=cfg.workers, progress=cfg.progress)
     lap("synthface")
-    model, size = load_backbone(_backbone(cfg, data, out / "backbone"))
+    backbone = _backbone(cfg, data, out / "backbone")
+    model, size = load_backbone(backbone)
     lap("backbone")
     track_dirs = {s: _tracks(cfg, s, data, out / f"tracks_s{s}") for s in cfg.track_seeds}
     lap("tracks")
@@ -385,7 +392,7 @@ def run_fusion_benchmark(cfg: FusionBenchConfig) -> dict[str, Any]:
         "norm_weighted": [(-1, NormWeightedAggregator())],
     }
     if cfg.caface_seeds:
-        checkpoints = _train_cafaces(cfg, model, size, out)
+        checkpoints = _train_cafaces(cfg, backbone, out)
         methods["caface"] = [
             (seed, CAFaceAggregator(model=path))
             for seed, path in zip(cfg.caface_seeds, checkpoints, strict=True)

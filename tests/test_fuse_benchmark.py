@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from robustface.cli import main
 from robustface.data.ijb import read_ijb_meta
 from robustface.data.image import decode_image
 from robustface.data.synth.tracks import TRACKS_NAME, TrackConfig, build_tracks, length_dir
@@ -165,7 +166,7 @@ def _script():
     return module
 
 
-def test_benchmark_smoke_run(tmp_path):
+def test_benchmark_smoke_run(tmp_path, capsys):
     script = _script()
     args = argparse.Namespace(
         out=str(tmp_path / "bench"),
@@ -209,3 +210,14 @@ def test_benchmark_smoke_run(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in trained]
     again = run_fusion_benchmark(script.config(args))
     assert again["runs"] == runs and [p.stat().st_mtime_ns for p in trained] == stamps
+    # the picture from the benchmark's output: its backbone, CAFace and first track directory
+    bench = tmp_path / "bench"
+    argv = ["fuse", "plot", str(bench / "backbone"), str(bench), "--out", str(tmp_path / "p.png")]
+    assert main([*argv, "--fusion-model", str(bench / "caface_s0" / "caface.ckpt")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert f"track 0 of {bench / 'tracks_s0'} (8 frames" in printed and "caface " in printed
+    assert main(argv) == 2
+    assert "--fusion-model: the caface panel needs" in capsys.readouterr().err
+    assert main([*argv[:3], str(tmp_path), *argv[4:], "--fusion", "mean"]) == 2
+    assert "neither a track directory" in capsys.readouterr().err

@@ -206,6 +206,7 @@ def test_benchmark_smoke_run(tmp_path, capsys):
     trained = [
         tmp_path / "bench" / "backbone" / "backbone.pth",
         tmp_path / "bench" / "caface_s0" / "caface.ckpt",
+        tmp_path / "bench" / "tracks_s1" / "tracks.json",
     ]
     stamps = [p.stat().st_mtime_ns for p in trained]
     again = run_fusion_benchmark(script.config(args))

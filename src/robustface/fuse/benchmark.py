@@ -39,7 +39,7 @@ from robustface.data.synth.builder import ensure_synthface
 from robustface.data.synth.tracks import TRACKS_NAME, build_tracks, length_dir, read_tracks
 from robustface.deploy.align import align_faces
 from robustface.evaluate.ijb import identification, read_ijb_1n_meta, score_pairs
-from robustface.evaluate.report import to_jsonable
+from robustface.evaluate.report import model_fingerprint, to_jsonable
 from robustface.evaluate.roc import NOT_MEASURABLE, Roc
 from robustface.fuse.base import Aggregator
 from robustface.fuse.baselines import LinearAggregator, MeanAggregator, NormWeightedAggregator
@@ -47,7 +47,7 @@ from robustface.fuse.caface import CAFaceAggregator
 from robustface.fuse.styles import embed_with_styles
 from robustface.models.loading import load_backbone
 from robustface.utils.guards import check_int
-from robustface.utils.io import write_text_atomic
+from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.run import RunDir
 from robustface.utils.table import markdown_table
 
@@ -139,18 +139,22 @@ def embed_tracks(
     blocks: list[str] | None = None,
     batch_size: int = 256,
     progress: bool = False,
+    names_only: bool = False,
 ) -> TrackFeatures:
     """Embed every gallery image and track frame of the track directory ``root`` once
-    (:func:`embed_images`)."""
+    (:func:`embed_images`); with ``names_only`` the rows, identities and qualities only (empty
+    ``features`` and ``styles``, to be filled from a cache)."""
     root = Path(root)
     summary = read_tracks(root)
     gallery_names = summary["gallery"]["images"]
     track_names = [track["frames"] for track in summary["tracks"]]
     names = [n for images in gallery_names for n in images] + [n for f in track_names for n in f]
     index = {name: i for i, name in enumerate(names)}
-    features, styles, _ = embed_images(
-        model, root, names, size, blocks=blocks, batch_size=batch_size, progress=progress
-    )
+    features, styles = np.empty((0, 0), np.float32), np.empty((0, 0, 2), np.float32)
+    if not names_only:
+        features, styles, _ = embed_images(
+            model, root, names, size, blocks=blocks, batch_size=batch_size, progress=progress
+        )
     quality = {
         n: q
         for track in summary["tracks"]
@@ -331,12 +335,31 @@ def _tracks(cfg: FusionBenchConfig, seed: int, data: Path, out: Path) -> Path:
     ranges = json.loads((data / "synthface.json").read_text(encoding="utf-8"))["identity_ranges"]
     first = max(hi for _, hi in ranges.values())
     track_cfg = dataclasses.replace(cfg.tracks, seed=seed, first_identity=first)
-    if (out / "tracks.json").is_file() and read_tracks(out)["config"] == to_dict(track_cfg):
+    wanted = json.loads(json.dumps(to_dict(track_cfg)))  # tuples as JSON lists
+    if (out / "tracks.json").is_file() and read_tracks(out)["config"] == wanted:
         return out
     build_tracks(
         out, track_cfg, workers=cfg.workers, overwrite=True, progress=cfg.progress, synthface=data
     )
     return out
+
+
+def _embedded_tracks(
+    model: nn.Module, size: int, root: Path, cache: Path, key: dict[str, Any], progress: bool
+) -> TrackFeatures:
+    """:func:`embed_tracks` of ``root``, or its features and styles from ``cache`` when that
+    was written for the same backbone, input size and track directory."""
+    key = {**key, "tracks": read_tracks(root)["config"]}
+    if cache.is_file():
+        with np.load(cache) as stored:
+            if json.loads(str(stored["key"])) == key:
+                feats = embed_tracks(model, root, size, names_only=True)
+                feats.features, feats.styles = stored["features"], stored["styles"]
+                return feats
+    feats = embed_tracks(model, root, size, progress=progress)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, key=json.dumps(key), features=feats.features, styles=feats.styles)
+    return feats
 
 
 def _train_cafaces(cfg: FusionBenchConfig, backbone: Path, out: Path) -> list[Path]:
@@ -383,8 +406,10 @@ def run_fusion_benchmark(cfg: FusionBenchConfig) -> dict[str, Any]:
     lap("backbone")
     track_dirs = {s: _tracks(cfg, s, data, out / f"tracks_s{s}") for s in cfg.track_seeds}
     lap("tracks")
+    key = {"backbone": model_fingerprint(backbone)["sha256"], "size": size}
     embedded = {
-        s: embed_tracks(model, root, size, progress=cfg.progress) for s, root in track_dirs.items()
+        s: _embedded_tracks(model, size, root, out / f"track_features_s{s}.npz", key, cfg.progress)
+        for s, root in track_dirs.items()
     }
     lap("embed_tracks")
     methods: dict[str, list[tuple[int, Aggregator]]] = {

@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument(
         "--caface-set", action="append", default=[], help="override of the CAFace training config"
     )
-    parser.add_argument("--views", type=int, default=8, help="augmented views per training image")
+    parser.add_argument("--views", type=int, default=4, help="augmented views per training image")
     parser.add_argument("--workers", type=int, default=2, help="rendering processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the pipeline")

@@ -24,6 +24,7 @@ from robustface.fuse.benchmark import (
     embed_tracks,
     evaluate_fusion,
     frame_weights,
+    quality_oracle,
     run_fusion_benchmark,
     spearman,
 )
@@ -94,13 +95,16 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("method", ["mean", "norm_weighted"])
+@pytest.mark.parametrize("method", ["mean", "norm_weighted", "quality_oracle"])
 def test_scores_against_brute_force(feats, method):
-    results = evaluate_fusion(feats, AGGREGATORS.build(method), fars=(0.05, 0.3, 0.01))
+    fusion = quality_oracle(feats) if method == "quality_oracle" else AGGREGATORS.build(method)
+    results = evaluate_fusion(feats, fusion, fars=(0.05, 0.3, 0.01))
     gallery = _unit(np.stack([_unit(feats.features[r]).sum(0) for r in feats.gallery]))
     for length, result in results.items():
         x = feats.features[feats.tracks[:, :length]]
-        probe = _unit(_unit(x).sum(1) if method == "mean" else x.sum(1))
+        q = feats.quality[feats.tracks[:, :length]][..., None] + 1e-4
+        terms = {"mean": _unit(x), "norm_weighted": x, "quality_oracle": q * _unit(x)}[method]
+        probe = _unit(terms.sum(1))
         scores = probe @ gallery.T  # (tracks, identities)
         same = feats.track_identity[:, None] == feats.gallery_identity[None, :]
         best = feats.gallery_identity[scores.argmax(1)]
@@ -182,8 +186,8 @@ def test_benchmark_smoke_run(tmp_path, capsys):
     results = run_fusion_benchmark(script.config(args))
     runs = results["runs"]
     assert [(r["method"], r["track_seed"], r["fusion_seed"]) for r in runs] == [
-        ("mean", 0, -1), ("norm_weighted", 0, -1), ("caface", 0, 0),
-        ("mean", 1, -1), ("norm_weighted", 1, -1), ("caface", 1, 0),
+        ("mean", 0, -1), ("norm_weighted", 0, -1), ("caface", 0, 0), ("quality_oracle", 0, -1),
+        ("mean", 1, -1), ("norm_weighted", 1, -1), ("caface", 1, 0), ("quality_oracle", 1, -1),
     ]  # fmt: skip
     assert (tmp_path / "bench" / "caface_s0" / "caface.ckpt").is_file()
     for run in runs:

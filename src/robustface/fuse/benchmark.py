@@ -23,6 +23,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,10 @@ __all__ = [
     "evaluate_fusion",
     "frame_weights",
     "fuse_tracks",
+    "quality_oracle",
     "report",
     "run_fusion_benchmark",
+    "set_fusion",
     "spearman",
     "summarize",
 ]
@@ -173,23 +176,47 @@ def embed_tracks(
     )
 
 
-def fuse_tracks(feats: TrackFeatures, aggregator: Aggregator, length: int) -> np.ndarray:
-    """``(K, d)`` unit features: the first ``length`` frames of every track fused."""
-    out = []
-    for rows in feats.tracks[:, :length]:
+SetFusion = Callable[[np.ndarray], np.ndarray]
+"""A fusion of one set given as the row indices of its images: ``fuse(rows) -> (d,)`` unit."""
+
+
+def set_fusion(feats: TrackFeatures, aggregator: Aggregator) -> SetFusion:
+    """``aggregator`` over the rows of ``feats`` (with their styles where it needs them)."""
+
+    def fuse(rows: np.ndarray) -> np.ndarray:
         styles = feats.styles[rows] if aggregator.needs_styles else None
-        out.append(aggregator.fuse(feats.features[rows], styles).numpy())
-    return np.stack(out).astype(np.float32)
+        return aggregator.fuse(feats.features[rows], styles).numpy()
+
+    return fuse
+
+
+def quality_oracle(feats: TrackFeatures) -> SetFusion:
+    """A reference that reads the ground truth: unit features weighted by their recorded quality
+    (plus 1e-4, so that a set of frames of quality 0 still has a direction)."""
+
+    def fuse(rows: np.ndarray) -> np.ndarray:
+        x = feats.features[rows]
+        weights = feats.quality[rows].astype(np.float64) + 1e-4
+        v = (weights[:, None] * x / np.linalg.norm(x, axis=1, keepdims=True)).sum(0)
+        return v / np.linalg.norm(v)
+
+    return fuse
+
+
+def fuse_tracks(feats: TrackFeatures, fusion: Aggregator | SetFusion, length: int) -> np.ndarray:
+    """``(K, d)`` unit features: the first ``length`` frames of every track fused."""
+    fuse = set_fusion(feats, fusion) if isinstance(fusion, Aggregator) else fusion
+    return np.stack([fuse(rows) for rows in feats.tracks[:, :length]]).astype(np.float32)
 
 
 def evaluate_fusion(
     feats: TrackFeatures,
-    aggregator: Aggregator,
+    fusion: Aggregator | SetFusion,
     lengths: list[int] | None = None,
     fars: tuple[float, ...] = BENCH_FARS,
 ) -> dict[int, dict[str, Any]]:
     """Per set length (default: all of the directory's): ``{"tar_at_far": {far: tar or None},
-    "rank1", "impostor_pairs", "genuine_pairs"}`` of ``aggregator`` (module docstring)."""
+    "rank1", "impostor_pairs", "genuine_pairs"}`` of ``fusion`` (module docstring)."""
     gallery = np.stack(
         [MeanAggregator().fuse(feats.features[rows]).numpy() for rows in feats.gallery]
     )
@@ -197,7 +224,7 @@ def evaluate_fusion(
     for length in lengths or feats.lengths:
         root = length_dir(feats.root, length)
         meta = read_ijb_meta(root, TRACKS_NAME)
-        probes = fuse_tracks(feats, aggregator, length)
+        probes = fuse_tracks(feats, fusion, length)
         n_gallery = len(gallery)
         template_ids = np.arange(1, n_gallery + len(probes) + 1)
         scores = score_pairs(np.concatenate([gallery, probes]), template_ids, meta.pairs)
@@ -425,11 +452,14 @@ def run_fusion_benchmark(cfg: FusionBenchConfig) -> dict[str, Any]:
         lap("caface_training")
     runs: list[dict[str, Any]] = []
     for track_seed, feats in embedded.items():
-        for method, aggregators in methods.items():
+        oracle = ("quality_oracle", [(-1, quality_oracle(feats))])
+        for method, aggregators in [*methods.items(), oracle]:
             for fusion_seed, aggregator in aggregators:
                 result = evaluate_fusion(feats, aggregator)
-                corr = None  # uniform weights for mean
-                if not isinstance(aggregator, MeanAggregator):
+                corr = None  # uniform weights for mean, the quality itself for the oracle
+                if isinstance(aggregator, Aggregator) and not isinstance(
+                    aggregator, MeanAggregator
+                ):
                     corr = float(np.mean([
                         spearman(
                             frame_weights(aggregator, feats.features[rows], feats.styles[rows])[1],
@@ -454,7 +484,7 @@ def run_fusion_benchmark(cfg: FusionBenchConfig) -> dict[str, Any]:
     results = {
         "config": to_jsonable(dataclasses.asdict(cfg)),
         "runs": runs,
-        "summary": summarize(runs, list(methods)),
+        "summary": summarize(runs, [*methods, "quality_oracle"]),
         "norm_quality_spearman": frames,
         "seconds": seconds,
     }
@@ -512,7 +542,7 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> str:
     """The Markdown tables of :func:`run_fusion_benchmark`'s results."""
     summary, runs = results["summary"], results["runs"]
-    methods = [m for m in ("mean", "norm_weighted", "caface") if m in summary]
+    methods = [m for m in ("mean", "norm_weighted", "caface", "quality_oracle") if m in summary]
     lengths = list(summary[methods[0]]["lengths"])
     rows = [
         [m, summary[m]["runs"], *(_cell(summary[m]["lengths"][n]["rank1"]) for n in lengths)]
@@ -555,6 +585,8 @@ def report(results: dict[str, Any]) -> str:
         "## 1:1 TAR (%) at FAR, every gallery against every track\n\n"
         f"{tar}\n\n{NOT_MEASURABLE}: not measurable with {', '.join(map(str, impostors))} "
         "impostor pairs (FAR x impostors < 1).\n\n"
+        "quality_oracle: unit features weighted by the recorded ground-truth quality, a reference "
+        "that reads the truth (no method can), not a contender.\n\n"
         "## Per-frame fusion weight vs recorded quality\n\n"
         f"{weights}\n\nSpearman(feature norm, quality) over all track frames, per track seed: "
         f"{norm_q}.\n\nTime (s): {results['seconds']}\n"

@@ -48,7 +48,7 @@ TRACKS = TrackConfig(
     identities=100, gallery_images=2, tracks_per_identity=1, lengths=(1, 4, 16, 64, 256)
 )
 
-CAFACE = ("train.threads=1",)
+CAFACE = ("train.threads=1", "train.batch_size=32", "train.max_steps=150")
 
 SMOKE_SYNTH = dataclasses.replace(SYNTH, identities=12, images_per_identity=4, lowq_pairs=0)
 SMOKE_TRAIN = (

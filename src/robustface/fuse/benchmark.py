@@ -402,11 +402,16 @@ def _train_cafaces(cfg: FusionBenchConfig, backbone: Path, out: Path) -> list[Pa
     paths = []
     for seed in cfg.caface_seeds:
         run = out / f"caface_s{seed}"
-        if (run / "caface.ckpt").is_file():
-            paths.append(run / "caface.ckpt")
-            continue
         overrides = [f"features={feats}", f"output_dir={run}", f"seed={seed}"]
         fuse_cfg = load_fuse_config(cfg.caface_config, [*overrides, *cfg.caface_overrides])
+        if (run / "caface.ckpt").is_file():
+            stored = load_fuse_config(run / "config.yaml")
+            stored.train.progress = fuse_cfg.train.progress
+            if stored == fuse_cfg:
+                paths.append(run / "caface.ckpt")
+                continue
+        if run.exists():
+            shutil.rmtree(run)  # another config's or an unfinished run of this benchmark
         fuse_cfg.train.progress = cfg.progress
         paths.append(train_caface(fuse_cfg))
     return paths

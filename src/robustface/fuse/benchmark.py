@@ -544,6 +544,12 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     return summary
 
 
+def _weight_cell(method: str, corr: dict[str, float] | None) -> str:
+    if corr is not None:
+        return f"{corr['mean']:.3f} ± {corr['std']:.3f}"
+    return "1 (the weights are the quality)" if method == "quality_oracle" else "- (uniform)"
+
+
 def report(results: dict[str, Any]) -> str:
     """The Markdown tables of :func:`run_fusion_benchmark`'s results."""
     summary, runs = results["summary"], results["runs"]
@@ -578,10 +584,7 @@ def report(results: dict[str, Any]) -> str:
     corr = {m: summary[m]["weight_quality_spearman"] for m in methods}
     weights = markdown_table(
         ["method", "Spearman(frame weight, quality), mean over tracks"],
-        [
-            [m, "uniform" if c is None else f"{c['mean']:.3f} ± {c['std']:.3f}"]
-            for m, c in corr.items()
-        ],
+        [[m, _weight_cell(m, c)] for m, c in corr.items()],
     )
     norm_q = ", ".join(f"{v:.3f}" for v in results["norm_quality_spearman"].values())
     return (

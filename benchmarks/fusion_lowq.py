@@ -1,7 +1,8 @@
 """Fusion of low-quality probe sets on SynthFace: ``mean`` vs ``norm_weighted`` vs CAFace.
 
-Run: ``.venv/bin/python benchmarks/fusion_lowq.py --out runs/fusion_lowq`` (about 20 min on 2
-CPU cores; ``--no-caface`` for the baselines only, ``--smoke`` for a run in seconds).
+Run: ``.venv/bin/python benchmarks/fusion_lowq.py --out runs/fusion_lowq`` (``--no-caface`` for
+the baselines only, ``--smoke`` for the whole pipeline at tiny sizes). Time: about 1 h 45 min of
+stages on the shared 2-core machine under heavy load (docs/fusion.md); a rerun only evaluates.
 
 1. SynthFace training set (480 identities x 20 images, difficulty 1.2, as the demo's);
 2. a tiny backbone on it (the demo recipe: r18_tiny, ArcFace, 2 epochs, one thread; 512-d
@@ -9,7 +10,8 @@ CPU cores; ``--no-caface`` for the baselines only, ``--smoke`` for a run in seco
 3. low-quality probe tracks on identities disjoint from the training ones, once per track seed
    (:mod:`robustface.data.synth.tracks`: 100 identities, 2 frontal gallery images and 1 track of
    256 frames each; set lengths 1, 4, 16, 64, 256, prefixes of the same tracks);
-4. CAFace features of the training set (``robustface fuse extract``) and one CAFace per seed;
+4. CAFace features of the training set (``robustface fuse extract``, 4 views per image) and one
+   CAFace per seed (``configs/fuse/caface_synthface.yaml``, 150 steps of 32 sets: CPU budget);
 5. per track seed and fusion: closed-set rank-1, 1:1 TAR@FAR (only measurable FARs), per set
    length, and the rank correlation of the per-frame fusion weights with the recorded quality.
 

@@ -200,11 +200,10 @@ def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
             yield path, parser, action
 
 
-def test_help_has_no_fuse_command_and_every_option_is_described():
+def test_help_lists_the_commands_and_every_option_is_described():
     top = build_parser()
-    assert "fuse" not in top.format_help()
     commands = {path[0] for path, _, _ in _walk(top) if path}
-    assert {"demo", "synth", "eval", "inspect", "cluster"} <= commands
+    assert {"demo", "synth", "eval", "inspect", "cluster", "fuse"} <= commands
     undocumented, no_default = [], []
     for path, parser, action in _walk(top):
         name = " ".join([*path, action.option_strings[0] if action.option_strings else action.dest])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,10 +114,15 @@ def test_sets_follow_the_published_sampler():
     assert not np.array_equal(rows, other[0])
 
 
-def test_one_step_is_adamw_on_the_loss_and_the_checkpoint_loads(features, tmp_path):
-    cfg = tiny_config(features, tmp_path / "run", max_steps=1)
-    path = train_caface(cfg)
-    assert path == tmp_path / "run" / "caface.ckpt"
+def test_one_step_is_adamw_on_the_loss_and_the_checkpoint_loads(features, tmp_path, capsys):
+    config = tmp_path / "c.yaml"  # through the command line, with an override
+    config.write_text(json.dumps(tiny_config(features, tmp_path / "unused")))
+    argv = ["fuse", "train", str(config), "--set", "train.max_steps=1"]
+    (tmp_path / "run").mkdir()  # rows of a run stopped before its first checkpoint are dropped
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 7, "loss": 9.0}\n')
+    assert main([*argv, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    path = tmp_path / "run" / "caface.ckpt"
+    assert f"trained CAFace: {path}" in capsys.readouterr().out
     data = FusionFeatures.open(features)
     # centres written out: normalised mean of the unit clean features per class
     clean = torch.from_numpy(data.clean.astype(np.float64))
@@ -227,13 +233,33 @@ def test_checkpoint_of_another_size_with_missing_keys_is_named(tmp_path):
         load_caface_checkpoint(path)
 
 
-def test_cli_train_with_overrides(features, tmp_path, capsys):
-    config = tmp_path / "c.yaml"
-    config.write_text(json.dumps(tiny_config(features, tmp_path / "unused")))
-    argv = ["fuse", "train", str(config), "--set", "train.max_steps=1"]
-    argv += ["--out", str(tmp_path / "r")]
-    assert main([*argv, "--quiet"]) == 0
-    assert "trained CAFace" in capsys.readouterr().out
-    assert (tmp_path / "r" / "caface.ckpt").is_file()
+def test_cli_refuses_an_onnx_model_in_one_line(tmp_path, capsys):
     assert main(["fuse", "extract", "m.onnx", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
-    assert "is an ONNX model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is an ONNX model" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["caface_published", "caface_synthface"])
+def test_shipped_configs_load(name):
+    path = Path(__file__).resolve().parents[1] / "configs" / "fuse" / f"{name}.yaml"
+    cfg = load_fuse_config(path, ["features=feats"])
+    assert cfg.sets.size == 32 and cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 5e-4
+    if name == "caface_published":
+        assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.milestones) == (10, 512, [6, 9])
+        assert cfg.sets.per_epoch is None and cfg.loss.memory_scale == "mean"
+
+
+def test_caface_of_another_feature_dim_differs_only_in_the_last_linear():
+    published, small = CAFace().state_dict(), CAFace(CHANNELS, DIM).state_dict()
+    differ = sorted(k for k in published if published[k].shape != small[k].shape)
+    assert differ == [
+        "fusion_net.conf_mlp.2.fc2.bias",
+        "fusion_net.conf_mlp.2.fc2.weight",
+        "style_maker.cfc",
+        "style_maker.cfcs.0",
+        "style_maker.linear.weight",
+    ]
+    count = sum(p.numel() for p in CAFace(CHANNELS, DIM).parameters())
+    assert count == 786_524 - (2 + 64) * (384 - CHANNELS) - (256 + 1) * (512 - DIM)
+    with pytest.raises(ValueError, match=r"features: expected shape \(sets, images, 64\)"):
+        CAFace(CHANNELS, DIM)(torch.randn(1, 3, 512), torch.randn(1, 3, CHANNELS, 2))

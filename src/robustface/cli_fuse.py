@@ -112,15 +112,22 @@ def add_fuse_parser(sub: Any) -> None:
     q.add_argument("model", type=Path, help="run directory or .pth backbone (not ONNX)")
     q.add_argument("train_dir", type=Path, help=".rec training set, or its (SynthFace) directory")
     q.add_argument("--out", required=True, type=Path, help="feature directory to write")
-    q.add_argument("--views", type=int, default=16, help="augmented views per image (16)")
     q.add_argument(
-        "--batch-size", type=int, default=32, help="images per forward batch (x views + 1)"
+        "--views", type=int, default=16, help="augmented views per image (default: %(default)s)"
+    )
+    q.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per forward batch, each as views + 1 images (default: %(default)s)",
     )
     q.add_argument(
         "--blocks", nargs="+", help="style blocks (default: the backbone's stage 2 and 3 ends)"
     )
-    q.add_argument("--seed", type=int, default=0, help="augmentation seed")
-    q.add_argument("--device", default="cpu", help="torch device of the backbone (cpu, cuda)")
+    q.add_argument("--seed", type=int, default=0, help="augmentation seed (default: %(default)s)")
+    q.add_argument(
+        "--device", default="cpu", help="torch device of the backbone (default: %(default)s)"
+    )
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(q)
     q.set_defaults(func=_cmd_extract)

@@ -190,8 +190,9 @@ def extract_fusion_features(
     if out.exists() and (out / META_FILE).is_file():
         meta = _read_meta(out)
         _refuse_stale(out, meta["key"], key)
-        if meta.get("complete"):
-            return out
+        if not meta.get("complete"):
+            raise DataFormatError(out / META_FILE, "an unfinished extraction; delete the directory")
+        return out
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not a fusion-feature directory; not using it")
     n = len(dataset)

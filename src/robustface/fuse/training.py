@@ -385,8 +385,9 @@ class _FuseTrainer:
         self._saved_step = -1
         self.last: dict[str, float] = {}
         RunDir.create(self.run.path, cfg, cfg.seed)
-        if cfg.train.resume:
-            self._resume(cfg.train.resume)
+        if not (cfg.train.resume and self._resume(cfg.train.resume)):
+            # a fresh run: drop the rows of one stopped before its first checkpoint
+            self.run.metrics_file.unlink(missing_ok=True)
 
     # state
     def _state(self) -> dict[str, Any]:
@@ -409,11 +410,12 @@ class _FuseTrainer:
         ckpt.save_checkpoint(self.run.checkpoints_dir, self.step, self._state(), rank, info)
         ckpt.prune_checkpoints(self.run.checkpoints_dir, self.cfg.train.keep_checkpoints)
 
-    def _resume(self, where: str) -> None:
+    def _resume(self, where: str) -> bool:
+        """Continue from checkpoint ``where`` (``auto``: the last one, if any); whether it did."""
         if where == "auto":
             found = ckpt.list_checkpoints(self.run.checkpoints_dir)
             if not found:
-                return
+                return False
             path = found[-1]
         else:
             path = Path(where)
@@ -438,6 +440,7 @@ class _FuseTrainer:
         torch.set_rng_state(ckpt.load_rank_states(path, 1)[0]["rng"]["torch"])
         self._truncate_metrics()
         print(f"resumed from {path} at step {self.step}", flush=True)
+        return True
 
     def _truncate_metrics(self) -> None:
         """Drop the metrics rows logged after the checkpoint resumed from."""

@@ -1,7 +1,7 @@
 """Fusion of low-quality probe sets on SynthFace: ``mean`` vs ``norm_weighted`` vs CAFace.
 
 Run: ``.venv/bin/python benchmarks/fusion_lowq.py --out runs/fusion_lowq`` (``--no-caface`` for
-the baselines only, ``--smoke`` for the whole pipeline at tiny sizes). Time: about 1 h 45 min of
+the baselines only, ``--smoke`` for the whole pipeline at tiny sizes). Time: about 1 h 50 min of
 stages on the shared 2-core machine under heavy load (docs/fusion.md); a rerun only evaluates.
 
 1. SynthFace training set (480 identities x 20 images, difficulty 1.2, as the demo's);

@@ -40,6 +40,7 @@ from robustface.data.image import decode_image, encode_image
 from robustface.data.recordio import write_insightface_rec
 from robustface.data.synth.identity import Identity, make_identities
 from robustface.data.synth.render import (
+    Nuisance,
     make_grid,
     render_face,
     render_nonface,
@@ -65,13 +66,17 @@ IJB_NAME = "IJBS"
 
 @dataclasses.dataclass(frozen=True)
 class SampleSpec:
-    """One image to render: who, which random stream/index, which nuisance profile, which kind."""
+    """One image to render: who, which random stream/index, which nuisance profile, which kind.
+
+    ``nuisance``, when given, is used as it is instead of a draw from ``profile`` (video-like
+    tracks, :mod:`robustface.data.synth.tracks`)."""
 
     identity: Identity
     stream: int
     index: int
     profile: str = "train"
     kind: str = "face"
+    nuisance: Nuisance | None = None
 
 
 @dataclasses.dataclass
@@ -120,7 +125,11 @@ class IdentityRanges:
 def render_sample(spec: SampleSpec, seed: int, difficulty: float, size: int) -> RenderedSample:
     """Render and encode one sample; deterministic in ``(seed, spec)``."""
     rng = np.random.default_rng([seed, spec.stream, spec.identity.id, spec.index])
-    nuisance = sample_nuisance(rng, spec.profile, difficulty=difficulty)
+    nuisance = (
+        spec.nuisance
+        if spec.nuisance is not None
+        else sample_nuisance(rng, spec.profile, difficulty=difficulty)
+    )
     if spec.kind in ("face", "low_quality"):
         out = render_face(spec.identity, nuisance, size=size)
         image, landmarks, quality = out.image, out.landmarks, out.quality
@@ -380,6 +389,25 @@ def _loose_crop(
     return encode_image(crop, quality=90), pts.astype(np.float32)
 
 
+def write_1n_list(
+    root: Path,
+    name: str,
+    part: str,
+    templates: np.ndarray,
+    subjects: np.ndarray,
+    images: np.ndarray,
+) -> None:
+    """One IJB-C-style 1:N list ``root/meta/{name}_1N_{part}.csv`` (one row per image:
+    ``TEMPLATE_ID,SUBJECT_ID,FILENAME``), as :func:`robustface.evaluate.ijb.read_ijb_1n_meta`
+    reads it; ``part`` is ``gallery_<G>`` or ``probe_mixed``."""
+    lines = [
+        f"{t},{s},{n}\n"
+        for t, s, n in zip(templates.tolist(), subjects.tolist(), images.tolist(), strict=True)
+    ]
+    path = root / "meta" / f"{name.lower()}_1N_{part}.csv"
+    write_text_atomic(path, "TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + "".join(lines))
+
+
 def _write_ijb_1n(
     root: Path, names: np.ndarray, templates: np.ndarray, owners: list[int], cfg: SynthConfig
 ) -> None:
@@ -392,14 +420,7 @@ def _write_ijb_1n(
     odd = (index // per_identity) % 2 == 1
     parts = {"gallery_G1": enrolled & ~odd, "gallery_G2": enrolled & odd, "probe_mixed": ~enrolled}
     for part, rows in parts.items():
-        lines = [
-            f"{t},{s},{n}\n"
-            for t, s, n in zip(
-                templates[rows].tolist(), subjects[rows].tolist(), names[rows].tolist(), strict=True
-            )
-        ]
-        path = root / "meta" / f"{IJB_NAME.lower()}_1N_{part}.csv"
-        write_text_atomic(path, "TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + "".join(lines))
+        write_1n_list(root, IJB_NAME, part, templates[rows], subjects[rows], names[rows])
 
 
 def _write_ijb(renderer: _Renderer, identities: list[Identity], root: Path) -> dict[str, Any]:

@@ -263,3 +263,11 @@ def test_caface_of_another_feature_dim_differs_only_in_the_last_linear():
     assert count == 786_524 - (2 + 64) * (384 - CHANNELS) - (256 + 1) * (512 - DIM)
     with pytest.raises(ValueError, match=r"features: expected shape \(sets, images, 64\)"):
         CAFace(CHANNELS, DIM)(torch.randn(1, 3, 512), torch.randn(1, 3, CHANNELS, 2))
+
+
+def test_a_run_shorter_than_log_every_logs_its_last_step(features, tmp_path):
+    out = tmp_path / "short"
+    train_caface(tiny_config(features, out, max_steps=2, log_every=10))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "event" not in r] == [2]
+    assert (out / "training.png").stat().st_size > 0

@@ -505,6 +505,7 @@ class _FuseTrainer:
             unit="step",
             disable=not cfg.train.progress,
         )
+        first_step = self.step
         with bar:
             while self.step < self.total_steps:
                 lr = _lr(cfg, self.epoch)
@@ -531,6 +532,8 @@ class _FuseTrainer:
                     row = {"step": self.step, "epoch": self.epoch, "event": "epoch_end"}
                     self._log({**row, **self.last})
                     self.save()
+        if self.step > first_step and self.step % cfg.train.log_every:  # last step, not yet logged
+            self._log({"step": self.step, "epoch": self.epoch, "lr": lr, **self.last})
         self.save()
         self._write_outputs(final, time.perf_counter() - started)
         return final

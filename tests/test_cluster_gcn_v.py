@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from cluster_reference import dense_weights, pairwise_f, planted
@@ -129,6 +130,19 @@ def test_reverse_edges_is_the_transpose(batch: int) -> None:
     np.testing.assert_allclose(reverse.toarray(), dense_similarities(graph).T, atol=0)
     assert reverse.indices.dtype == np.int32
     assert reverse.has_sorted_indices  # sources ascending within every row
+
+
+def test_to_torch_sparse_is_a_csr_tensor_that_sums_duplicates() -> None:
+    # a non-canonical scipy matrix: unsorted columns and a repeated entry (summed, as scipy does)
+    indptr, indices = np.array([0, 3, 4]), np.array([2, 0, 2, 1])
+    data = np.array([1.0, 2.0, 0.5, 4.0])
+    adj = sp.csr_matrix((data, indices, indptr), shape=(2, 3))
+    got = to_torch_sparse(adj)
+    assert got.layout == torch.sparse_csr
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.to_dense().numpy(), [[2.0, 0.0, 1.5], [0.0, 4.0, 0.0]])
+    x = torch.arange(6.0).reshape(3, 2)
+    np.testing.assert_allclose((got @ x).numpy(), adj.toarray() @ x.numpy())
 
 
 def test_knn_edges_of_a_row_range_are_those_rows_edges() -> None:

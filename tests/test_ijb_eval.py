@@ -287,6 +287,68 @@ def test_rows_of_in_chunks(monkeypatch):
         ijb._rows_of(ids, bad, "pairs")
 
 
+def test_template_pooling_in_template_blocks(monkeypatch):
+    # blocks of templates holding about _ROW_CHUNK images, a template larger than a block, and
+    # images in no particular order (read by gathering) or grouped by template (read as slices)
+    import robustface.evaluate.ijb as ijb
+
+    rng = np.random.default_rng(8)
+    n = 200
+    templates = np.r_[np.full(40, 5), rng.integers(0, 30, n - 40)]
+    medias = rng.integers(0, 4, n)
+    feats = rng.normal(size=(n, 6)).astype(np.float32) * rng.uniform(0.5, 5, (n, 1))
+    weights = rng.uniform(0.1, 1, n).astype(np.float32)
+    grouped = np.argsort(templates, kind="stable")
+    monkeypatch.setattr(ijb, "_ROW_CHUNK", 16)
+    for order in (rng.permutation(n), grouped):
+        groups = group_templates(templates[order], medias[order])
+        for aggregation in ("mean", "norm_weighted"):
+            got = template_features(feats[order], weights[order], groups, aggregation)
+            expected = brute_pool(feats, weights, templates, medias, aggregation == "mean")
+            for row, t in enumerate(groups.template_ids.tolist()):
+                np.testing.assert_allclose(got[row], expected[t], atol=1e-5)
+
+
+@pytest.mark.parametrize("spread", [1, 10**9])  # dense id table / binary search
+def test_score_pairs_both_orders_and_many_blocks(spread):
+    # pairs in both orders, self pairs and repeats, over blocks scored by Gram (dense blocks)
+    # and by gathering rows (the sparse tail), in float32 and float64
+    rng = np.random.default_rng(9)
+    n_templates = 70
+    feats = rng.normal(size=(n_templates, 8)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    ids = np.sort(rng.choice(1000, n_templates, replace=False)) * spread - 5
+    dense = rng.integers(0, 20, (600, 2))
+    sparse = rng.integers(0, n_templates, (30, 2))
+    rows = np.r_[dense, dense[:, ::-1], sparse, [[3, 3], [69, 69], [0, 69], [69, 0]]]
+    pairs = ids[rows]
+    expected = np.einsum("ij,ij->i", feats[rows[:, 0]].astype(np.float64), feats[rows[:, 1]])
+    for dtype, atol in (("float32", 1e-6), ("float64", 1e-12)):
+        got = score_pairs(feats, ids, pairs, block_rows=8, dtype=dtype)
+        np.testing.assert_allclose(got, expected, atol=atol)
+        n = len(dense)
+        np.testing.assert_array_equal(got[:n], got[n : 2 * n])  # symmetric, the same cell
+
+
+@pytest.mark.parametrize("spread", [1, 10**9])
+def test_rows_of_dense_table_and_search(spread):
+    import robustface.evaluate.ijb as ijb
+
+    rng = np.random.default_rng(4)
+    ids = np.sort(rng.choice(1000, 50, replace=False)).astype(np.int64) * spread + 7
+    assert (ijb._dense_rows(ids, ids) is None) == (spread > 1)
+    wanted = ids[rng.integers(0, 50, (40, 2))]
+    rows = ijb._rows_of(ids, wanted, "pairs")
+    np.testing.assert_array_equal(ids[rows], wanted)
+    # absent ids below, inside and above the range of the known ones
+    inside = next(v for v in range(int(ids[0]) + 1, int(ids[-1])) if v not in set(ids.tolist()))
+    for bad_id in (ids[0] - 3, inside, ids[-1] + 10**12):
+        bad = wanted.copy()
+        bad[5, 1] = bad[30, 0] = bad_id
+        with pytest.raises(ValueError, match=rf"row 5 names template {bad_id},.*\(2 such rows\)"):
+            ijb._rows_of(ids, bad, "pairs")
+
+
 # ---- 1:N ----------------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from robustface.config import load_config, save_config
+from robustface.data import normalize_images
 from robustface.errors import ConfigError
 from robustface.train import NonFiniteLossError, Trainer
 from robustface.train import checkpoint as ckpt
@@ -170,7 +171,8 @@ def test_gradient_accumulation_averages_micro_batches(synth_train_dir, tmp_path)
     params = [*reference.backbone.parameters(), *reference.fc.parameters()]
     total = 0
     for m in range(2):
-        images = torch.stack([b[0] for b in batches[8 * m : 8 * m + 8]])
+        images = torch.stack([b[0] for b in batches[8 * m : 8 * m + 8]])  # uint8, as sent
+        images = normalize_images(images)  # as the trainer does on its device
         labels = torch.tensor([b[1] for b in batches[8 * m : 8 * m + 8]])
         total = total + reference._forward_loss(images, labels) / 2
     grads = torch.autograd.grad(total, [p for p in params if p.requires_grad], allow_unused=True)

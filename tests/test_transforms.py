@@ -12,6 +12,7 @@ from robustface.data.transforms import (
     EvalTransform,
     TrainTransform,
     _color_jitter,
+    normalize_images,
     to_tensor_normalized,
 )
 from robustface.errors import ParameterTypeError
@@ -177,3 +178,28 @@ def test_worker_seeding_is_reproducible():
     assert first != other
     # Workers 0 and 1 serve alternate batches; their flip streams must differ.
     assert first[0:8] != first[8:16]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"resize_down_up": 0.5, "blur": 0.5, "color_jitter": 0.5, "grayscale": 0.5}],
+)
+def test_uint8_batches_normalised_on_the_device_equal_the_float_transform(kwargs):
+    # what the trainer does (workers send uint8, normalize_images on the device) against
+    # TrainTransform's float output, sample by sample with the trainer's per-sample generators
+    images = [random_image(40, 40) for _ in range(6)]
+    floats = TrainTransform(input_size=32, **kwargs)
+    uint8 = TrainTransform(input_size=32, normalize=False, **kwargs)
+    for epoch in range(3):
+        want = torch.stack(
+            [floats(x, rng=np.random.default_rng([9, epoch, i])) for i, x in enumerate(images)]
+        )
+        sent = torch.stack(
+            [uint8(x, rng=np.random.default_rng([9, epoch, i])) for i, x in enumerate(images)]
+        )
+        assert sent.dtype == torch.uint8 and sent.shape == (6, 3, 32, 32)
+        got = normalize_images(sent)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        normalize_images(want)

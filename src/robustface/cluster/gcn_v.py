@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, as_function
-from robustface.cluster.graph import components, knn_adjacency, knn_edges
+from robustface.cluster.graph import components, knn_adjacency
 from robustface.cluster.knn import KnnGraph, Method, build_knn, check_features, normalize_rows
 from robustface.cluster.train_settings import (
     GCN_V_TRAINING,
@@ -47,6 +47,7 @@ from robustface.errors import DataFormatError
 from robustface.models.loading import load_weights
 from robustface.utils.guards import check_choice, check_int, check_real
 from robustface.utils.io import atomic_path
+from robustface.utils.sparse import torch_csr
 
 __all__ = [
     "DEFAULT_LR",
@@ -111,8 +112,12 @@ class GraphConv(nn.Module):
         """The layer given ``X`` and the aggregated ``AX`` (``[X, AX] W`` without the concat)."""
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"expected {self.in_dim}-d node features, got shape {tuple(x.shape)}")
-        out = x @ self.weight[: self.in_dim] + agg @ self.weight[self.in_dim :] + self.bias
-        return F.dropout(F.relu(out), self.dropout, training=self.training)
+        # in place: the same sums in the same order as ``x W1 + agg W2 + b``, two fewer
+        # temporaries of the output's size (autograd keeps what the products need, not ``out``)
+        out = x @ self.weight[: self.in_dim]
+        out += agg @ self.weight[self.in_dim :]
+        out += self.bias
+        return F.dropout(F.relu_(out), self.dropout, training=self.training)
 
     def forward(self, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
         sparse = adj.layout in (torch.sparse_coo, torch.sparse_csr)
@@ -169,18 +174,40 @@ def gcn_adjacency(knn: KnnGraph, min_sim: float = 0.0) -> sp.csr_matrix:
     return knn_adjacency(knn, min_sim=min_sim, symmetric=True, self_loops=True, row_normalize=True)
 
 
+def _knn_rows(knn: KnnGraph, start: int, stop: int, canonical: bool) -> sp.csr_matrix:
+    """Rows ``start:stop`` of ``S`` (the kNN similarities ``>= 0``, no self loops, no missing
+    entries) as a ``(stop - start, N)`` float32 CSR built straight from the kNN lists, no COO
+    pass: in kNN order, or with ``canonical`` in neighbour order (transposed twice, two counting
+    sorts in C) with duplicates summed (a neighbour listed twice counts twice, as in
+    :func:`robustface.cluster.graph.knn_adjacency`)."""
+    nbrs, sims = knn.nbrs[start:stop], knn.sims[start:stop]
+    keep = (nbrs >= 0) & (sims >= 0) & (nbrs != np.arange(start, start + len(nbrs))[:, None])
+    indptr = np.zeros(len(nbrs) + 1, dtype=np.int64)
+    np.cumsum(keep.sum(axis=1), out=indptr[1:])
+    rows = sp.csr_matrix(
+        (sims[keep].astype(np.float32, copy=False), nbrs[keep], indptr),
+        shape=(len(nbrs), knn.num_samples),
+    )
+    if canonical:
+        rows = rows.T.tocsr().T.tocsr()
+        rows.has_sorted_indices = True
+        rows.sum_duplicates()
+    return rows
+
+
 def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
     """``S^T`` as CSR (row ``j`` lists the samples whose kNN list holds ``j``), ``S`` being
     :func:`gcn_adjacency`'s similarities before symmetrisation (the kNN edges with sim >= 0).
 
-    Built ``batch_size`` rows at a time by a counting sort, so memory is the output (8 bytes an
-    edge with int32 indices) plus one batch, not the COO temporaries of a global transpose.
+    Built ``batch_size`` rows of ``S`` at a time: scipy transposes each batch (a counting sort in
+    C, sources ascending within a row) and the batches are placed one after another in every
+    row, so memory is the output (8 bytes an edge with int32 indices) plus one batch, not the COO
+    temporaries of a global transpose.
     """
     n = knn.num_samples
     counts = np.zeros(n, dtype=np.int64)
     for start in range(0, n, batch_size):
-        dst = knn_edges(knn, min_sim=0.0, start=start, stop=start + batch_size)[1]
-        counts += np.bincount(dst, minlength=n)
+        counts += np.bincount(_knn_rows(knn, start, start + batch_size, False).indices, minlength=n)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     index_dtype = np.int32 if n < 2**31 and indptr[-1] < 2**31 else np.int64
@@ -188,14 +215,13 @@ def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
     data = np.empty(indptr[-1], dtype=np.float32)
     fill = indptr[:-1].copy()
     for start in range(0, n, batch_size):
-        src, dst, sim = knn_edges(knn, min_sim=0.0, start=start, stop=start + batch_size)
-        order = np.argsort(dst, kind="stable")  # sources stay ascending within a row of S^T
-        dst = dst[order]
-        first = np.searchsorted(dst, dst, side="left")
-        pos = fill[dst] + np.arange(len(dst)) - first
-        indices[pos], data[pos] = src[order], sim[order]
-        rows, run = np.unique(dst, return_counts=True)
-        fill[rows] += run
+        # this batch's part of S^T: (n, rows), row j holding the batch's sources that list j
+        part = _knn_rows(knn, start, start + batch_size, False).T.tocsr()
+        per_row = np.diff(part.indptr)
+        pos = np.arange(part.nnz) + np.repeat(fill - part.indptr[:-1], per_row)
+        indices[pos] = part.indices + start
+        data[pos] = part.data
+        fill += per_row
     return sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n, n))
 
 
@@ -207,18 +233,17 @@ def gcn_adjacency_rows(
     n = knn.num_samples
     stop = min(stop, n)
     rows = stop - start
-    src, dst, sim = knn_edges(knn, min_sim=0.0, start=start, stop=stop)
-    fwd = sp.csr_matrix((sim, (src - start, dst)), shape=(rows, n), dtype=np.float32)
-    fwd.sum_duplicates()
+    fwd = _knn_rows(knn, start, stop, True)
     back = reverse[start:stop]
     back.sum_duplicates()
     eye = sp.csr_matrix(
         (np.ones(rows, dtype=np.float32), (np.arange(rows), np.arange(start, stop))),
         shape=(rows, n),
     )
-    adj = (fwd.maximum(back) + eye).tocsr()
+    adj = (fwd.maximum(back) + eye).tocsr().astype(np.float32)
     sums = np.asarray(adj.sum(axis=1), dtype=np.float32).ravel()
-    return (sp.diags(1.0 / sums) @ adj).tocsr().astype(np.float32)
+    adj.data *= np.repeat(1.0 / sums, np.diff(adj.indptr))
+    return adj
 
 
 def gcn_adjacency_blocks(
@@ -234,17 +259,14 @@ def gcn_adjacency_blocks(
 
 
 def to_torch_sparse(adj: sp.spmatrix, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A scipy sparse matrix as a float32 torch sparse COO tensor on ``device``."""
-    coo = sp.coo_matrix(adj)
-    coo.sum_duplicates()
-    indices = np.stack([coo.row, coo.col]).astype(np.int64)
-    return torch.sparse_coo_tensor(
-        torch.from_numpy(indices),
-        torch.from_numpy(coo.data.astype(np.float32)),
-        size=coo.shape,
-        is_coalesced=True,
-        check_invariants=False,
-    ).to(device)
+    """A scipy sparse matrix as a float32 torch sparse CSR tensor on ``device`` (its products
+    with dense matrices use every core; the CSR's arrays are shared where already int64 and
+    float32, and duplicates are summed as scipy would)."""
+    csr = sp.csr_matrix(adj)
+    if not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()
+    return torch_csr(csr.astype(np.float32, copy=False)).to(device)
 
 
 def _check_knn(knn: KnnGraph, num: int, name: str = "knn") -> None:

@@ -21,7 +21,12 @@ from robustface.data.recordio import (
     write_flat_rec,
     write_insightface_rec,
 )
-from robustface.data.transforms import EvalTransform, TrainTransform, to_tensor_normalized
+from robustface.data.transforms import (
+    EvalTransform,
+    TrainTransform,
+    normalize_images,
+    to_tensor_normalized,
+)
 from robustface.data.verification import load_bin, load_bin_images, write_bin
 
 __all__ = [
@@ -38,6 +43,7 @@ __all__ = [
     "folder_to_rec",
     "load_bin",
     "load_bin_images",
+    "normalize_images",
     "pack_record",
     "read_features",
     "read_ijb_meta",

@@ -1,7 +1,10 @@
 """Image -> tensor transforms for face recognition training and evaluation.
 
 Inputs are ``HxWx3`` uint8 RGB arrays (what the datasets return); outputs are ``3xHxW`` float32
-tensors normalised as ``(x / 255 - 0.5) / 0.5``, i.e. to ``[-1, 1]`` as in arcface_torch.
+tensors normalised as ``(x / 255 - 0.5) / 0.5``, i.e. to ``[-1, 1]`` as in arcface_torch. With
+``TrainTransform(normalize=False)`` the output is the ``3xHxW`` uint8 tensor instead (a quarter of
+the bytes through a DataLoader's shared memory) and :func:`normalize_images` makes the same float
+numbers from a batch of them, on the training device.
 
 Randomness: each :class:`TrainTransform` draws from its own ``numpy.random.Generator``, created
 on first use in every process. Inside a DataLoader worker it is seeded from
@@ -24,7 +27,7 @@ import torch.utils.data
 
 from robustface.utils.guards import check_int, check_real
 
-__all__ = ["EvalTransform", "TrainTransform", "to_tensor_normalized"]
+__all__ = ["EvalTransform", "TrainTransform", "normalize_images", "to_tensor_normalized"]
 
 _SCALE = np.float32(2.0 / 255.0)
 _GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -52,14 +55,19 @@ def to_tensor_normalized(images: np.ndarray) -> torch.Tensor:
     return _to_tensor(images)
 
 
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    """:func:`to_tensor_normalized` for one image already checked to be ``HxWx3`` uint8."""
+def _planes(image: np.ndarray) -> np.ndarray:
+    """``3xHxW`` uint8 planes of one ``HxWx3`` uint8 image."""
     height, width = image.shape[:2]
     planes = np.empty((3, height, width), dtype=np.uint8)
     # cv2.split de-interleaves with SIMD straight into the three planes, several times faster
     # than a strided numpy transpose; the planes have the right shape, so none is reallocated.
     cv2.split(np.ascontiguousarray(image), [planes[0], planes[1], planes[2]])
-    return _normalize_planes(planes)
+    return planes
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """:func:`to_tensor_normalized` for one image already checked to be ``HxWx3`` uint8."""
+    return _normalize_planes(_planes(image))
 
 
 def _normalize_planes(planes: np.ndarray) -> torch.Tensor:
@@ -67,6 +75,17 @@ def _normalize_planes(planes: np.ndarray) -> torch.Tensor:
     out *= _SCALE
     out -= 1.0
     return torch.from_numpy(out)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (``...x3xHxW``, any device) as float32 in [-1, 1] on the same device.
+
+    The same float32 operations as :func:`to_tensor_normalized` (``x * float32(2 / 255)``, then
+    ``- 1``, two separately rounded steps), so the numbers are identical to it on any device.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    return images.to(torch.float32).mul_(float(_SCALE)).sub_(1.0)
 
 
 def resize_to(image: np.ndarray, size: int) -> np.ndarray:
@@ -98,7 +117,9 @@ class TrainTransform:
     - ``grayscale``: replace the colours by their luma.
 
     ``input_size`` resizes every image to ``input_size x input_size`` when it differs (for small
-    models). See the module docstring for how the random generator is seeded.
+    models). With ``normalize=False`` the result is the augmented ``3xHxW`` uint8 tensor, for
+    :func:`normalize_images` on the training device. See the module docstring for how the
+    random generator is seeded.
     """
 
     def __init__(
@@ -110,6 +131,7 @@ class TrainTransform:
         grayscale: float = 0.0,
         input_size: int | None = None,
         seed: int | None = None,
+        normalize: bool = True,
     ) -> None:
         self.flip_p = check_real("flip_p", flip_p, 0, 1)
         self.resize_down_up = check_real("resize_down_up", resize_down_up, 0, 1)
@@ -120,6 +142,7 @@ class TrainTransform:
             seed = check_int("seed", seed, 0)
         self.input_size = _check_input_size(input_size)
         self.seed = seed
+        self.normalize = bool(normalize)
         self._rng: np.random.Generator | None = None
         self._rng_pid: int | None = None
 
@@ -127,7 +150,7 @@ class TrainTransform:
         return (
             f"TrainTransform(flip_p={self.flip_p}, resize_down_up={self.resize_down_up}, "
             f"blur={self.blur}, color_jitter={self.color_jitter}, grayscale={self.grayscale}, "
-            f"input_size={self.input_size}, seed={self.seed})"
+            f"input_size={self.input_size}, seed={self.seed}, normalize={self.normalize})"
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -150,7 +173,8 @@ class TrainTransform:
         return self._rng
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
-        """Augment one ``HxWx3`` uint8 RGB image and return a normalised ``3xHxW`` tensor.
+        """Augment one ``HxWx3`` uint8 RGB image and return a normalised ``3xHxW`` tensor (the
+        uint8 one with ``normalize=False``).
 
         ``rng`` overrides the transform's own generator for this call (the trainer passes one
         seeded per sample and epoch, so augmentation does not depend on loader workers).
@@ -161,7 +185,7 @@ class TrainTransform:
             image = resize_to(image, self.input_size)
         if self.flip_p and rng.random() < self.flip_p:
             image = cv2.flip(image, 1)
-        return _to_tensor(image)
+        return _to_tensor(image) if self.normalize else torch.from_numpy(_planes(image))
 
     def degrade(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """The degradations alone (down-up, blur, jitter, grayscale; no resize, no flip) of one

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from robustface.config import Config, check_config, to_dict
-from robustface.data import RecordIODataset, TrainTransform, load_bin_images
+from robustface.data import RecordIODataset, TrainTransform, load_bin_images, normalize_images
 from robustface.data.loader import CarryUserErrors, collate, unwrap
 from robustface.data.sources import DATA_SOURCES
 from robustface.errors import RobustfaceError
@@ -233,6 +233,7 @@ class Trainer:
             blur=data.blur,
             color_jitter=data.color_jitter,
             grayscale=data.grayscale,
+            normalize=False,  # workers send uint8 (a quarter of the bytes); see _train_step
         )
         open_source: Dataset | None = None
         if data.batch_noise_open > 0:
@@ -478,7 +479,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(accum):
             images, labels = unwrap(next(batches))
-            images = images.to(self.device, non_blocking=True)
+            images = normalize_images(images.to(self.device, non_blocking=True))
             labels = labels.to(self.device, non_blocking=True)
             loss = self._forward_loss(images, labels)
             self.scaler.scale(loss / accum).backward()

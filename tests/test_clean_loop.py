@@ -137,6 +137,8 @@ def test_bad_configs_are_clear_errors(dirty, tmp_path, capsys):
         _config(tmp_path / "o", dirty, "thresholds={angle_own: 200}")
     with pytest.raises(ConfigError, match=r"thresholds\.angel: unknown"):
         _config(tmp_path / "o", dirty, "thresholds={angel: 20}")
+    with pytest.raises(ConfigError, match=r"knn_params\.nlist does not apply"):
+        _config(tmp_path / "o", dirty, "knn_method=hnsw", "knn_params={nlist: 64}")
     with pytest.raises(ConfigError, match="rounds: must be >= 1"):
         _config(tmp_path / "o", dirty, "rounds=0")
     with pytest.raises(ConfigError, match="data: the training set"):

@@ -18,6 +18,7 @@ from robustface.clean.score import (
     compute_scores,
     flag_samples,
     gmm_crossing,
+    knn_settings,
     merge_candidates,
     read_flags_csv,
     score_to_dir,
@@ -69,6 +70,62 @@ def test_scores_match_brute_force(k):
         assert s.knn_share[i] == pytest.approx(top / knn)
     np.testing.assert_allclose(s.norm, norms, rtol=1e-6)
     np.testing.assert_allclose(s.margin, s.angle_other - s.angle_own)
+
+
+def _clustered(n, c, d, seed=0):
+    """Unit embeddings near ``c`` random centres, a tenth of the labels replaced at random."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.normal(size=(c, d)))
+    truth = rng.integers(0, c, n)
+    emb = (centres[truth] + 0.4 * rng.normal(size=(n, d)) / np.sqrt(d)).astype(np.float32)
+    labels = np.where(rng.random(n) < 0.1, rng.integers(0, c, n), truth)
+    return emb, labels, centres.astype(np.float32)
+
+
+def test_ivf_probing_every_list_matches_flat():
+    emb, labels, centres = _clustered(1500, 12, 16)
+    flat = compute_scores(emb, labels, centres, knn=8, knn_method="flat")
+    ivf = compute_scores(emb, labels, centres, knn=8, knn_method="ivf",
+                         knn_params={"nlist": 8, "nprobe": 8})  # fmt: skip
+    auto = compute_scores(emb, labels, centres, knn=8)  # 1,500 < 200K: exact
+    for other in (ivf, auto):
+        np.testing.assert_array_equal(other.knn_purity, flat.knn_purity)
+        np.testing.assert_array_equal(other.knn_label, flat.knn_label)
+        np.testing.assert_array_equal(other.knn_share, flat.knn_share)
+    assert 0.5 < flat.knn_purity.mean() < 0.95  # the planted noise shows
+    # one probed list of 8 misses neighbours: the purity then differs somewhere
+    one = compute_scores(emb, labels, centres, knn=8, knn_method="ivf",
+                         knn_params={"nlist": 8, "nprobe": 1})  # fmt: skip
+    assert not np.array_equal(one.knn_purity, flat.knn_purity)
+
+
+def test_knn_settings_choice_and_errors():
+    assert knn_settings(199_999) == ("flat", {})
+    assert knn_settings(200_000, "auto", {"nprobe": 16, "hnsw_m": 8}) == ("ivf", {"nprobe": 16})
+    assert knn_settings(10, "hnsw", {"ef_search": 64}) == ("hnsw", {"ef_search": 64})
+    emb, labels, centres = _clustered(100, 4, 8)
+    with pytest.raises(ValueError, match="knn_method must be one of"):
+        compute_scores(emb, labels, centres, knn_method="kmeans")
+    with pytest.raises(ValueError, match=r"knn_params\.nprobe"):
+        compute_scores(emb, labels, centres, knn_method="ivf", knn_params={"nprobe": 0})
+    with pytest.raises(ValueError, match=r"knn_params\.nprobe does not apply to knn_method 'flat'"):
+        compute_scores(emb, labels, centres, knn_method="flat", knn_params={"nprobe": 4})
+    with pytest.raises(ValueError, match="unknown parameter 'probes'"):
+        compute_scores(emb, labels, centres, knn_params={"probes": 4})
+
+
+def test_missing_neighbours_elect_no_label(monkeypatch):
+    import robustface.cluster.knn as knn_module
+
+    labels = np.array([0, 0, 1, 1])
+    nbrs = np.array([[0, 1, -1], [1, -1, -1], [2, 0, 3], [3, -1, -1]])
+    sims = np.where(nbrs >= 0, 1.0, -np.inf).astype(np.float32)
+    monkeypatch.setattr(knn_module, "build_knn", lambda *a, **kw: knn_module.KnnGraph(nbrs, sims))
+    emb = np.eye(4, dtype=np.float32)
+    s = compute_scores(emb, labels, np.eye(4, dtype=np.float32)[:2], knn=2)
+    assert s.knn_purity.tolist() == [0.5, 0.0, 0.5, 0.0]
+    assert s.knn_label.tolist() == [0, -1, 0, -1]  # ties go to the lower label
+    assert s.knn_share.tolist() == [0.5, 0.0, 0.5, 0.0]
 
 
 def test_gmm_crossing_finds_the_gap_and_refuses_one_mode():
@@ -273,6 +330,10 @@ def test_flags_do_not_depend_on_the_truth(dirty_run, tmp_path, capsys):
     args = ["clean", "score", str(run), "--out", str(tmp_path / "d"), "--quiet"]
     assert main([*args, "--threshold", "angle_own=200"]) == 2
     assert "thresholds.angle_own" in capsys.readouterr().err
+    assert main([*args, "--knn-method", "flat", "--knn-param", "nprobe=4"]) == 2
+    assert "knn_params.nprobe does not apply" in capsys.readouterr().err
+    assert main([*args, "--knn-param", "nprobe=many"]) == 2
+    assert "--knn-param nprobe: not an integer" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
     short = tmp_path / "short.csv"
     short.write_text("\n".join(a.splitlines()[:5]) + "\n")

@@ -71,6 +71,19 @@ def _thresholds(items: list[str]) -> dict[str, float]:
     return out
 
 
+def _knn_params(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--knn-param must look like NAME=INT, got {item!r}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise ValueError(f"--knn-param {key}: not an integer: {value!r}") from None
+    return out
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from robustface.clean.evaluate import evaluation_table
     from robustface.clean.score import flags_table, score_to_dir
@@ -81,6 +94,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         data=args.data,
         thresholds=_thresholds(args.threshold),
         knn=args.knn,
+        knn_method=args.knn_method,
+        knn_params=_knn_params(args.knn_param),
         batch_size=args.batch_size,
         device=args.device,
         overwrite=args.overwrite,
@@ -192,6 +207,19 @@ def add_clean_parser(sub: argparse._SubParsersAction) -> None:
         "repeatable",
     )
     q.add_argument("--knn", type=int, default=10, help="neighbours of the kNN label purity")
+    q.add_argument(
+        "--knn-method",
+        default="auto",
+        help="kNN index: auto (flat below 200K samples, else ivf), flat, ivf or hnsw",
+    )
+    q.add_argument(
+        "--knn-param",
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="kNN index parameter (nlist, nprobe, hnsw_m, ef_search, shard_size, batch_size); "
+        "repeatable",
+    )
     q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")

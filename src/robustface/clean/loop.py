@@ -37,7 +37,7 @@ import yaml
 
 from robustface.clean.dirty import Truth, truth_for
 from robustface.clean.evaluate import EXPECTED, evaluation_table
-from robustface.clean.score import FLAGS, REMOVED, flags_table, score_to_dir
+from robustface.clean.score import FLAGS, REMOVED, flags_table, knn_settings, score_to_dir
 from robustface.config import Config, to_dict
 from robustface.data.noise import NOISE_LIST, noise_list_for, save_noise_list
 from robustface.data.recordio import RecordIODataset
@@ -70,7 +70,8 @@ class CleanConfig:
     ``robustface_stable``, by default), ``rounds``, ``min_change`` (stop after a round that
     changes less than this fraction of its set), ``action`` (``remove`` or ``relabel``),
     ``thresholds`` (fixed values instead of those read off the scores), ``knn`` (neighbours of
-    the purity score)."""
+    the purity score), ``knn_method`` / ``knn_params`` (its index:
+    :func:`~robustface.clean.score.knn_settings`)."""
 
     output_dir: str = "runs/clean"
     data: str = ""
@@ -80,6 +81,8 @@ class CleanConfig:
     action: Literal["remove", "relabel"] = "remove"
     thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
     knn: int = 10
+    knn_method: str = "auto"
+    knn_params: dict[str, int] = dataclasses.field(default_factory=dict)
     batch_size: int = 256
     device: str = "cpu"
 
@@ -107,6 +110,10 @@ class CleanConfig:
                 problems.append(f"thresholds.{key}: a share in (0, 1], got {value}")
         if self.knn < 1:
             problems.append(f"knn: must be >= 1, got {self.knn}")
+        try:
+            knn_settings(0, self.knn_method, self.knn_params)
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.batch_size < 1:
             problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
         return problems
@@ -280,6 +287,7 @@ def clean_loop(cfg: CleanConfig, *, progress: bool = True) -> dict[str, Any]:
             if not (score_dir / "score.json").is_file():
                 score_to_dir(round_dir / "train", score_dir, data=current,
                              thresholds=dict(cfg.thresholds), knn=cfg.knn,
+                             knn_method=cfg.knn_method, knn_params=dict(cfg.knn_params),
                              batch_size=cfg.batch_size, device=cfg.device,
                              overwrite=True, progress=progress)  # fmt: skip
             labels = RecordIODataset(current).labels

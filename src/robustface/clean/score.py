@@ -38,7 +38,7 @@ import numpy as np
 
 from robustface.clean.subcenter import dominant_subcenter, subcenter_assignments
 from robustface.errors import DataFormatError
-from robustface.utils.guards import check_int, check_real
+from robustface.utils.guards import check_choice, check_int, check_real
 from robustface.utils.io import atomic_directory, atomic_path, check_output_dir, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
@@ -56,6 +56,7 @@ __all__ = [
     "flags_csv",
     "gmm_crossing",
     "image_stats",
+    "knn_settings",
     "merge_candidates",
     "read_flags_csv",
     "score_to_dir",
@@ -67,6 +68,16 @@ FLAGS = ("clean", "hard", "mislabeled", "open_set", "low_quality", "nonface", "s
 """Sample flags, in code order; ``clean`` and ``hard`` are kept, the others removed."""
 REMOVED = frozenset(FLAGS[2:])
 _CHUNK = 4096
+KNN_METHODS = ("auto", "flat", "ivf", "hnsw")
+"""kNN methods of the purity score: ``auto`` is ``flat`` below :data:`AUTO_FLAT_MAX` samples,
+else ``ivf``; the others are :func:`robustface.cluster.knn.build_knn`'s."""
+AUTO_FLAT_MAX = 200_000
+_KNN_PARAMS = {  # build_knn's integer parameters that apply to each method
+    "flat": ("batch_size", "shard_size"),
+    "ivf": ("batch_size", "shard_size", "nlist", "nprobe"),
+    "hnsw": ("batch_size", "shard_size", "hnsw_m", "ef_search"),
+}
+KNN_PARAMS = ("batch_size", "shard_size", "nlist", "nprobe", "hnsw_m", "ef_search")
 
 
 def image_stats(image: np.ndarray) -> np.ndarray:
@@ -116,17 +127,53 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms == 0, 1, norms)
 
 
+def knn_settings(
+    num_samples: int, method: str = "auto", params: dict[str, int] | None = None
+) -> tuple[str, dict[str, int]]:
+    """The kNN method for ``num_samples`` samples and its :func:`~robustface.cluster.knn.build_knn`
+    keyword arguments.
+
+    ``method``: one of :data:`KNN_METHODS` (``auto``: ``flat``, exact, below
+    :data:`AUTO_FLAT_MAX` samples, else ``ivf`` with build_knn's defaults, nlist
+    ``min(4096, 8 sqrt N)`` and nprobe ``min(128, nlist)``). ``params``: integers >= 1 among
+    :data:`KNN_PARAMS`; one that does not apply to an explicitly named method is an error, with
+    ``auto`` those that do not apply to the method chosen are dropped.
+    """
+    check_choice("knn_method", method, KNN_METHODS)
+    checked = {}
+    for name, value in (params or {}).items():
+        if name not in KNN_PARAMS:
+            raise ValueError(f"knn_params: unknown parameter {name!r}; use {', '.join(KNN_PARAMS)}")
+        checked[name] = check_int(f"knn_params.{name}", value, 1)
+    chosen = method if method != "auto" else "flat" if num_samples < AUTO_FLAT_MAX else "ivf"
+    wrong = [name for name in checked if name not in _KNN_PARAMS[chosen]]
+    if wrong and method != "auto":
+        raise ValueError(
+            f"knn_params.{wrong[0]} does not apply to knn_method {method!r} "
+            f"(it takes {', '.join(_KNN_PARAMS[chosen])})"
+        )
+    return chosen, {name: v for name, v in checked.items() if name not in wrong}
+
+
 def _knn_votes(
-    embeddings: np.ndarray, labels: np.ndarray, k: int, progress: bool
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    progress: bool,
+    method: str = "auto",
+    params: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """kNN label purity, majority label and its share over the ``k`` nearest other samples."""
+    """kNN label purity, majority label and its share over the ``k`` nearest other samples
+    (unit-norm ``embeddings``; ``method`` / ``params`` as :func:`knn_settings`). Neighbours an
+    approximate index did not find count as votes for no label."""
     from robustface.cluster.knn import build_knn
 
     n = len(labels)
     k = min(k, n - 1)
     if k < 1:
         return np.ones(n), labels.copy(), np.ones(n)
-    graph = build_knn(embeddings, k + 1, "flat", show_progress=progress)
+    method, options = knn_settings(n, method, params)
+    graph = build_knn(embeddings, k + 1, method, show_progress=progress, **options)
     nbrs = graph.nbrs
     # drop each sample itself (first unless an exact duplicate ties with it)
     is_self = nbrs == np.arange(n)[:, None]
@@ -135,7 +182,7 @@ def _knn_votes(
     keep = np.ones_like(nbrs, dtype=bool)
     keep[np.arange(n), drop] = False
     others = nbrs[keep].reshape(n, k)
-    nbr_labels = labels[others]
+    nbr_labels = np.where(others >= 0, labels[others], -1)
     purity = (nbr_labels == labels[:, None]).mean(axis=1)
     # majority label per row: sort each row, count runs
     srt = np.sort(nbr_labels, axis=1)
@@ -144,11 +191,37 @@ def _knn_votes(
     run_id = np.cumsum(starts, axis=1) - 1
     counts = np.zeros_like(srt)
     np.add.at(counts, (np.repeat(np.arange(n), k), run_id.ravel()), 1)
+    counts[:, 0] *= srt[:, 0] >= 0  # missing neighbours (-1, sorted first) elect no label
     best_run = counts.argmax(axis=1)
     first_of_run = np.argmax(run_id == best_run[:, None], axis=1)
     major = srt[np.arange(n), first_of_run]
     share = counts[np.arange(n), best_run] / k
     return purity, major.astype(np.int64), share
+
+
+def _centre_cosines(
+    emb: np.ndarray, labels: np.ndarray, weight: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cos_own, cos_other, other_class)`` of unit-norm ``emb`` against the class centres
+    (the own class's dominant sub-centre; the nearest other class's best sub-centre), computed
+    ``_CHUNK`` rows at a time."""
+    nearest, cosine = subcenter_assignments(emb, labels, weight, k)
+    num_classes = weight.shape[0] // k
+    if num_classes < 2:
+        raise ValueError(f"scoring needs at least 2 classes, the classifier has {num_classes}")
+    dominant = dominant_subcenter(nearest, labels, num_classes, k)
+    cos_own = np.take_along_axis(cosine, dominant[labels][:, None], axis=1)[:, 0]
+    centres = _unit(weight)
+    cos_other = np.empty(len(labels), dtype=np.float32)
+    other = np.empty(len(labels), dtype=np.int64)
+    for start in range(0, len(labels), _CHUNK):
+        sims = emb[start : start + _CHUNK] @ centres.T  # (B x C*K)
+        sims = sims.reshape(len(sims), num_classes, k).max(axis=2)
+        rows = np.arange(len(sims))
+        sims[rows, labels[start : start + _CHUNK]] = -np.inf
+        other[start : start + _CHUNK] = sims.argmax(axis=1)
+        cos_other[start : start + _CHUNK] = sims[rows, other[start : start + _CHUNK]]
+    return cos_own, np.clip(cos_other, -1.0, 1.0), other
 
 
 def compute_scores(
@@ -160,35 +233,24 @@ def compute_scores(
     norms: np.ndarray | None = None,
     stroke: np.ndarray | None = None,
     knn: int = 10,
+    knn_method: str = "auto",
+    knn_params: dict[str, int] | None = None,
     progress: bool = False,
 ) -> Scores:
     """The scores of ``embeddings`` (N x d) labelled ``labels`` against the class centres
     ``weight`` (C*K x d, class-major as :class:`~robustface.fc.full.SubCenterFC`; K = 1 for a
     plain FC). ``norms`` and ``stroke`` (N,) come from the embedding pass (NaN when absent).
+    ``knn_method`` / ``knn_params``: the kNN index of the purity score (:func:`knn_settings`;
+    ``auto`` is exact below 200K samples, faiss IVF above).
     Memory: ``O(chunk * C * K)`` for the nearest other centre, the kNN graph ``O(N * knn)``."""
     emb = _unit(np.asarray(embeddings, dtype=np.float32))
     w = np.asarray(weight, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     k = check_int("k (sub-centers per class)", k, 1)
     knn = check_int("knn", knn, 1)
-    nearest, cosine = subcenter_assignments(emb, labels, w, k)
-    num_classes = w.shape[0] // k
-    if num_classes < 2:
-        raise ValueError(f"scoring needs at least 2 classes, the classifier has {num_classes}")
-    dominant = dominant_subcenter(nearest, labels, num_classes, k)
-    cos_own = np.take_along_axis(cosine, dominant[labels][:, None], axis=1)[:, 0]
-    centres = _unit(w)
-    cos_other = np.empty(len(labels), dtype=np.float32)
-    other = np.empty(len(labels), dtype=np.int64)
-    for start in range(0, len(labels), _CHUNK):
-        sims = emb[start : start + _CHUNK] @ centres.T  # (B x C*K)
-        sims = sims.reshape(len(sims), num_classes, k).max(axis=2)
-        rows = np.arange(len(sims))
-        sims[rows, labels[start : start + _CHUNK]] = -np.inf
-        other[start : start + _CHUNK] = sims.argmax(axis=1)
-        cos_other[start : start + _CHUNK] = sims[rows, other[start : start + _CHUNK]]
-    cos_other = np.clip(cos_other, -1.0, 1.0)
-    purity, major, share = _knn_votes(emb, labels, knn, progress)
+    knn_settings(len(labels), knn_method, knn_params)  # bad options fail before the long work
+    cos_own, cos_other, other = _centre_cosines(emb, labels, w, k)
+    purity, major, share = _knn_votes(emb, labels, knn, progress, knn_method, knn_params)
     n = len(labels)
     nan = np.full(n, np.nan, dtype=np.float32)
     return Scores(
@@ -611,13 +673,16 @@ def score_training_set(
     data: str | Path | None = None,
     thresholds: dict[str, float] | None = None,
     knn: int = 10,
+    knn_method: str = "auto",
+    knn_params: dict[str, int] | None = None,
     batch_size: int = 256,
     device: str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
 ) -> ScoreResult:
     """Score and flag every sample of ``data`` (default: the run's training ``.rec``) with the
-    backbone and class centres of the run's last checkpoint, streamed over the ``.rec``."""
+    backbone and class centres of the run's last checkpoint, streamed over the ``.rec``
+    (``knn_method`` / ``knn_params``: :func:`knn_settings`)."""
     from robustface.clean.subcenter import default_data, embed_images, load_run_classifier
     from robustface.data.recordio import RecordIODataset
     from robustface.models import build_backbone
@@ -625,6 +690,7 @@ def score_training_set(
     run = load_run_classifier(run_dir)
     data_path = Path(data) if data is not None else default_data(run.cfg, Path(run_dir))
     dataset = RecordIODataset(data_path)
+    knn_settings(len(dataset), knn_method, knn_params)  # bad options fail before the long work
     if dataset.num_classes != run.num_classes:
         raise ValueError(
             f"{data_path}: {dataset.num_classes} classes, but the run {run_dir} was trained "
@@ -654,6 +720,8 @@ def score_training_set(
         norms=embedded.norms,
         stroke=embedded.stats[:, 0],
         knn=knn,
+        knn_method=knn_method,
+        knn_params=knn_params,
         progress=progress,
     )
     chosen = choose_thresholds(scores, thresholds)
@@ -707,6 +775,8 @@ def score_to_dir(
     data: str | Path | None = None,
     thresholds: dict[str, float] | None = None,
     knn: int = 10,
+    knn_method: str = "auto",
+    knn_params: dict[str, int] | None = None,
     batch_size: int = 256,
     device: str = "cpu",
     num_workers: int = 0,
@@ -733,12 +803,19 @@ def score_to_dir(
         data=data_path,
         thresholds=thresholds,
         knn=knn,
+        knn_method=knn_method,
+        knn_params=knn_params,
         batch_size=batch_size,
         device=device,
         num_workers=num_workers,
         progress=progress,
     )
-    extra: dict[str, Any] = {"run_dir": str(run_dir), "data": str(dataset.rec_path)}
+    method, options = knn_settings(len(dataset), knn_method, knn_params)
+    extra: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "data": str(dataset.rec_path),
+        "knn": {"k": knn, "method": method, "params": options},
+    }
     # the truth is read only now, after every threshold and flag was chosen
     truth = truth_for(dataset.rec_path.parent, len(dataset))
     with atomic_directory(out) as partial:

@@ -177,6 +177,28 @@ def _gradcheck_batch(m1, m2, seed):
     return torch.tensor(cos, requires_grad=True), torch.from_numpy(labels)
 
 
+@pytest.mark.parametrize(("m1", "m2", "m3", "easy"), MARGINS)
+def test_combined_head_equals_the_unfused_formula_in_values_and_gradients(m1, m2, m3, easy):
+    """The one-buffer target path gives what index_put-then-scale gives, to the last bits."""
+    cos, labels = random_batch(1)
+    cos.requires_grad_()
+    head = CombinedMarginHead(scale=30.0, m1=m1, m2=m2, m3=m3, easy_margin=easy)
+    upstream = torch.randn(
+        cos.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    logits = head(cos, labels).logits
+    (grad,) = torch.autograd.grad(logits, cos, upstream, retain_graph=True)
+    (grad_again,) = torch.autograd.grad(logits, cos, upstream)  # retained graph: same gradient
+    plain_cos = cos.detach().clone().requires_grad_()
+    rows = (labels >= 0).nonzero().squeeze(1)
+    target = combined_margin_target(plain_cos[rows, labels[rows]], m1, m2, m3, easy_margin=easy)
+    plain = torch.index_put(plain_cos, (rows, labels[rows]), target) * 30.0
+    (plain_grad,) = torch.autograd.grad(plain, plain_cos, upstream)
+    torch.testing.assert_close(logits, plain, rtol=1e-15, atol=1e-13)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-15, atol=1e-13)
+    torch.testing.assert_close(grad_again, grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("m1", "m2", "m3", "easy"),
     [(1.0, 0.5, 0.0, False), (1.35, 0.3, 0.1, False), (1.0, 0.5, 0.0, True)],

@@ -6,6 +6,8 @@ FCOutput` and the ``CLASSIFIERS`` registry) lives in :mod:`robustface.fc.base`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,16 +58,34 @@ def check_global_labels(labels: Tensor, num_classes: int, batch_size: int) -> No
             raise ValueError(f"labels must be class indices in [0, {num_classes}), got {bad}")
 
 
+class _ClampUnit(torch.autograd.Function):
+    """``clamp(-1, 1)`` in place: the same values and gradient as ``Tensor.clamp``, but it keeps a
+    one-byte mask of the entries inside the range instead of a copy of the unclamped matrix."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor) -> Tensor:
+        inside = (values >= -1.0) & (values <= 1.0)
+        ctx.mark_dirty(values)
+        ctx.save_for_backward(inside)
+        return values.clamp_(-1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
 def normalized_cosine(embeddings: Tensor, weight: Tensor) -> Tensor:
     """Cosine between each embedding and each weight row, clamped to [-1, 1].
 
     Under autocast the matrix product may run in half precision; the result is returned in
-    float32 then, because the margins (``arccos`` near +-1) need it.
+    float32 then, because the margins (``arccos`` near +-1) need it. The clamp is done in place
+    on the product (:class:`_ClampUnit`), so only one (B x C) float matrix stays alive.
     """
     cosine = F.linear(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1))
     if cosine.dtype in (torch.float16, torch.bfloat16):
         cosine = cosine.float()
-    return cosine.clamp(-1.0, 1.0)
+    return _ClampUnit.apply(cosine)
 
 
 def check_sizes(embedding_size: int, num_classes: int) -> None:

@@ -12,12 +12,31 @@ from robustface.heads.base import LOCAL, ShardContext, check_head_inputs, target
 __all__ = ["distributed_cross_entropy"]
 
 
+_BLOCK = 1 << 20
+"""Elements of the temporary exponentials block in :func:`_sum_exp` (4 MiB in float32)."""
+
+
+def _sum_exp(logits: Tensor, row_max: Tensor) -> Tensor:
+    """Row sums of ``exp(logits - row_max)``, a block of rows at a time (no B x C temporary)."""
+    rows = max(1, _BLOCK // max(1, logits.size(1)))
+    return torch.cat(
+        [
+            torch.sub(block, block_max[:, None]).exp_().sum(dim=1)
+            for block, block_max in zip(logits.split(rows), row_max.split(rows), strict=True)
+        ]
+    )
+
+
 class _ShardedCrossEntropy(torch.autograd.Function):
     """Cross-entropy whose softmax denominator and target logit are all-reduced over shards.
 
     Forward: ``loss_i = log(sum_r sum_j exp(z_ij - M_i)) + M_i - z_iy`` with ``M_i`` the global
     row maximum. Backward on each rank: ``(softmax_ij - [j == y_i]) * g_i`` for its own columns,
     which is the exact partial derivative of the (replicated) loss with respect to its logits.
+    Memory: the forward sums the exponentials a block of rows at a time, and it saves the logits
+    and the (B,) row maxima and sums, not the (B x C) exponentials, which the backward recomputes
+    in the gradient's buffer: one (B x C) buffer beyond the logits, where the plain formula has
+    three.
     """
 
     @staticmethod
@@ -28,8 +47,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         else:
             local_max = logits.new_full((logits.size(0),), float("-inf"))
         row_max = shard.all_reduce(local_max, "max")
-        shifted_exp = torch.exp(logits - row_max[:, None])
-        sum_exp = shard.all_reduce(shifted_exp.sum(dim=1), "sum")
+        sum_exp = shard.all_reduce(_sum_exp(logits, row_max), "sum")
         local_target = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
         local_target = torch.where(has_target, local_target, torch.zeros_like(local_target))
         target_and_count = shard.all_reduce(
@@ -43,17 +61,16 @@ class _ShardedCrossEntropy(torch.autograd.Function):
                 f"others), but row {row} has its label on {int(count[row])} of "
                 f"{shard.world_size} shard(s)"
             )
-        ctx.save_for_backward(shifted_exp, sum_exp, labels)
+        ctx.save_for_backward(logits, row_max, sum_exp, labels)
         return torch.log(sum_exp) + (row_max - target_and_count[:, 0])
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:
-        shifted_exp, sum_exp, labels = ctx.saved_tensors
-        grad_logits = shifted_exp * (grad_loss / sum_exp)[:, None]
+        logits, row_max, sum_exp, labels = ctx.saved_tensors
+        grad_logits = torch.sub(logits, row_max[:, None]).exp_()
+        grad_logits.mul_((grad_loss / sum_exp)[:, None])
         rows, cols = target_positions(labels)
-        grad_logits = torch.index_put(
-            grad_logits, (rows, cols), grad_logits[rows, cols] - grad_loss[rows]
-        )
+        grad_logits.index_put_((rows, cols), grad_logits[rows, cols] - grad_loss[rows])
         return grad_logits, None, None
 
 

@@ -27,7 +27,9 @@ take effect together (arcface_torch ignores m2 when m3 > 0).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,6 +87,46 @@ def combined_margin_target(
     if easy_margin:
         target = torch.where(cos_target > 0, target, cos_target)
     return target
+
+
+class _MarginLogits(torch.autograd.Function):
+    """``scale * cosine`` with each target entry replaced by ``scale * target_fn(cos_y)``.
+
+    The same values and gradients as ``torch.index_put(cosine, (rows, cols), target) * scale``
+    with ``target = target_fn(cosine[rows, cols])``, but with one (B x C) buffer in the forward and
+    one in the backward where autograd keeps three (the index_put copy, its gradient with zeroed
+    targets and the zero-filled gradient of the target gather). Only the small graph of the (B,)
+    target cosines is kept; ``target_fn`` must take no tensor that needs a gradient other than
+    its argument. First-order gradients only.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        cosine: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        target_fn: Callable[[Tensor], Tensor],
+        scale: float,
+    ) -> Tensor:
+        with torch.enable_grad():
+            cos_y = cosine[rows, cols].detach().requires_grad_()
+            target = target_fn(cos_y)
+        logits = cosine * scale
+        logits.index_put_((rows, cols), target.detach() * scale)
+        ctx.save_for_backward(rows, cols)
+        ctx.cos_y, ctx.target, ctx.scale = cos_y, target, scale
+        return logits
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rows, cols = ctx.saved_tensors
+        (grad_cos_y,) = torch.autograd.grad(
+            ctx.target, ctx.cos_y, grad[rows, cols] * ctx.scale, retain_graph=True
+        )
+        grad_cosine = grad * ctx.scale
+        grad_cosine.index_put_((rows, cols), grad_cos_y)
+        return grad_cosine, None, None, None, None
 
 
 class SoftmaxHead(MarginHead):
@@ -145,10 +187,10 @@ class CombinedMarginHead(MarginHead):
         """Scaled logits with the margin on each row's target column (rows with label != -1)."""
         check_head_inputs(cosine, labels)
         rows, cols = target_positions(labels)
-        target = combined_margin_target(
-            cosine[rows, cols], self.m1, self.m2, self.m3, easy_margin=self.easy_margin
+        target_fn = functools.partial(
+            combined_margin_target, m1=self.m1, m2=self.m2, m3=self.m3, easy_margin=self.easy_margin
         )
-        logits = torch.index_put(cosine, (rows, cols), target) * self.scale
+        logits = _MarginLogits.apply(cosine, rows, cols, target_fn, self.scale)
         return HeadOutput(logits=logits, labels=labels)
 
     def extra_repr(self) -> str:

@@ -58,29 +58,20 @@ def _cmd_dirty(args: argparse.Namespace) -> int:
     return 0
 
 
-def _thresholds(items: list[str]) -> dict[str, float]:
+def _named_values(
+    items: list[str], option: str, cast: type[float] | type[int]
+) -> dict[str, float] | dict[str, int]:
+    """``["a=1", ...]`` of option ``option`` -> ``{"a": cast("1")}``, or a one-line error."""
+    kind = "a number" if cast is float else "an integer"
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--threshold must look like NAME=VALUE, got {item!r}")
+            raise ValueError(f"{option} must look like NAME=VALUE, got {item!r}")
         try:
-            out[key] = float(value)
+            out[key] = cast(value)
         except ValueError:
-            raise ValueError(f"--threshold {key}: not a number: {value!r}") from None
-    return out
-
-
-def _knn_params(items: list[str]) -> dict[str, int]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--knn-param must look like NAME=INT, got {item!r}")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            raise ValueError(f"--knn-param {key}: not an integer: {value!r}") from None
+            raise ValueError(f"{option} {key}: not {kind}: {value!r}") from None
     return out
 
 
@@ -92,10 +83,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
         args.run_dir,
         args.out,
         data=args.data,
-        thresholds=_thresholds(args.threshold),
+        thresholds=_named_values(args.threshold, "--threshold", float),
         knn=args.knn,
         knn_method=args.knn_method,
-        knn_params=_knn_params(args.knn_param),
+        knn_params=_named_values(args.knn_param, "--knn-param", int),
         batch_size=args.batch_size,
         device=args.device,
         overwrite=args.overwrite,

@@ -131,7 +131,7 @@ def test_embed_verify_gallery_end_to_end(synth: Path, tmp_path: Path, capsys):
                 gallery,
                 str(probes[0]),
                 "--threshold",
-                "1.01",
+                "1.0",
                 "--quiet",
             ]
         )
@@ -154,3 +154,55 @@ def test_embed_verify_gallery_end_to_end(synth: Path, tmp_path: Path, capsys):
     assert json.loads((tmp_path / "g2" / "manifest.json").read_text())["identities"] == 6
     assert main(["gallery", "build", str(other), str(tmp_path / "g3"), str(tmp_path / "emb")]) == 2
     assert "embedded by" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_naming_the_file_or_parameter(synth: Path, tmp_path: Path, capsys):
+    model = _weights(tmp_path / "backbone.pth", 0)
+    images = synth / "images"
+    a, b = sorted((images / sorted(p.name for p in images.iterdir())[0]).iterdir())[:2]
+
+    def fails(*argv: str) -> str:
+        assert main([str(x) for x in argv]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if ": error: " in line]
+        assert len(lines) == 1 and "Traceback" not in err
+        return lines[0]
+
+    # a cosine threshold outside [-1, 1]; a missing calibration set
+    assert "--threshold" in fails("verify", model, a, b, "--threshold", "2")
+    nope = tmp_path / "nope.bin"
+    assert f"{nope}: no such file (--calibration)" in fails(
+        "verify", model, a, b, "--far", "0.1", "--calibration", nope
+    )
+    # a calibration exists at FAR 0.1, but made with flip: --no-flip says so
+    lfw = synth / "lfw.bin"
+    assert (
+        main(["verify", str(model), str(a), str(b), "--far", "0.1", "--calibration", str(lfw)]) == 0
+    )
+    capsys.readouterr()
+    err = fails("verify", model, a, b, "--far", "0.1", "--no-flip")
+    assert "made with flip=true" in err and "drop --no-flip" in err
+
+    # a missing enrolment path; a small gallery lowers --nlist and says so
+    assert f"{tmp_path / 'none'}: no such" in fails(
+        "gallery", "build", model, tmp_path / "g", tmp_path / "none"
+    )
+    gallery = tmp_path / "g"
+    args = ["gallery", "build", model, gallery, images, "--index", "ivf", "--nlist", "8"]
+    assert main([str(x) for x in [*args, "--quiet"]]) == 0
+    captured = capsys.readouterr()
+    assert "--nlist 8 lowered to 1 for 6 identities" in captured.err
+    assert "embedding" not in captured.err  # --quiet: no progress bar
+    # removing someone not enrolled
+    assert "not enrolled: nobody" in fails("gallery", "remove", gallery, "nobody")
+    # a corrupt manifest and a corrupt progress record are named
+    (gallery / "manifest.json").write_text("", encoding="utf-8")
+    assert f"{gallery / 'manifest.json'}: not a gallery manifest" in fails(
+        "gallery", "search", model, gallery, a
+    )
+    out = tmp_path / "emb"
+    (tmp_path / "emb.partial").mkdir()
+    (tmp_path / "emb.partial" / "progress.json").write_text("", encoding="utf-8")
+    assert f"{tmp_path / 'emb.partial' / 'progress.json'}: not a progress record" in fails(
+        "embed", model, images, "--out", out, "--quiet"
+    )

@@ -63,24 +63,26 @@ def _threshold(args: argparse.Namespace, rec: Any) -> tuple[float | None, str]:
     """``(threshold, how it was chosen)`` from ``--threshold`` or ``--far``/``--calibration``."""
     from robustface.deploy.verify import (
         calibrate,
-        calibration_file,
         find_calibration,
+        missing_calibration,
         record_calibration,
     )
 
+    from robustface.utils.guards import check_real
+
     if args.calibration is not None and args.far is None:
         raise ValueError("--calibration needs --far (the false-accept rate to calibrate at)")
+    if args.calibration is not None and not args.calibration.is_file():
+        raise FileNotFoundError(f"{args.calibration}: no such file (--calibration)")
     if args.threshold is not None:
-        return args.threshold, "--threshold"
+        # a cosine similarity: a threshold outside [-1, 1] accepts everything or nothing
+        return check_real("--threshold", args.threshold, -1, 1), "--threshold"
     if args.far is None:
         return None, ""
     entry = find_calibration(rec, args.far, args.calibration)
     if entry is None:
         if args.calibration is None:
-            raise FileNotFoundError(
-                f"no calibration of {rec.info.path} at FAR {args.far:g} in "
-                f"{calibration_file(rec.info.path)}: give --calibration SET.bin"
-            )
+            raise FileNotFoundError(missing_calibration(rec, args.far))
         entry = calibrate(rec, args.calibration, args.far)
         path = record_calibration(rec, entry)
         print(f"calibrated on {args.calibration}, recorded in {path}", file=sys.stderr)
@@ -124,7 +126,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _enrolment(path: Path, rec: Any) -> tuple[list[str], Any]:
+def _enrolment(path: Path, rec: Any, show_progress: bool = True) -> tuple[list[str], Any]:
     """``(identity of each row, raw embeddings)`` from a folder tree (one sub-folder per
     identity), a list of ``identity<TAB>path`` lines, or an ``embed`` output directory of a
     folder tree (identity: the first part of each path)."""
@@ -135,6 +137,8 @@ def _enrolment(path: Path, rec: Any) -> tuple[list[str], Any]:
     from robustface.deploy.embed import MANIFEST, open_inputs, read_embeddings
     from robustface.errors import DataFormatError
 
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such folder, list file or embed output (ENROL)")
     if (path / MANIFEST).is_file():
         emb, norms, sources = read_embeddings(path)
         built = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["model"]
@@ -164,7 +168,7 @@ def _enrolment(path: Path, rec: Any) -> tuple[list[str], Any]:
         if not pairs:
             raise DataFormatError(path, "lists no IDENTITY<TAB>PATH lines")
         names, faces = [p[0] for p in pairs], [p[1] for p in pairs]
-    return names, rec.embed(faces, normalize=False, show_progress=True)
+    return names, rec.embed(faces, normalize=False, show_progress=show_progress)
 
 
 def _index_spec(args: argparse.Namespace) -> Any:
@@ -184,7 +188,7 @@ def _cmd_gallery_build(args: argparse.Namespace) -> int:
     from robustface.deploy.gallery import Gallery
 
     rec = _recognizer(args)
-    names, feats = _enrolment(args.enrol, rec)
+    names, feats = _enrolment(args.enrol, rec, not args.quiet)
     g = Gallery.create(
         args.gallery,
         rec.info.to_dict(),
@@ -194,6 +198,13 @@ def _cmd_gallery_build(args: argparse.Namespace) -> int:
         index=_index_spec(args),
         overwrite=args.overwrite,
     )
+    lists = g.ivf_lists
+    if args.nlist is not None and lists is not None and lists < args.nlist:
+        print(
+            f"--nlist {args.nlist} lowered to {lists} for {len(g)} identities (IVF k-means needs "
+            "at least 39 per list)",
+            file=sys.stderr,
+        )
     print(f"{len(g)} identities from {len(names)} images, {g.index_type} index -> {args.gallery}")
     return 0
 
@@ -203,7 +214,7 @@ def _cmd_gallery_add(args: argparse.Namespace) -> int:
 
     rec = _recognizer(args)
     g = Gallery.open(args.gallery, rec.info.to_dict())
-    names, feats = _enrolment(args.enrol, rec)
+    names, feats = _enrolment(args.enrol, rec, not args.quiet)
     before = len(g)
     g.add(names, feats)
     print(f"added {len(names)} images, {len(g) - before} new identities; {len(g)} in all")
@@ -335,12 +346,14 @@ def add_deploy_parser(sub: Any) -> None:
     _add_index_args(q)
     _add_search_params(q)
     q.add_argument("--overwrite", action="store_true", help="replace an existing gallery")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_gallery_build)
 
     q = gsub.add_parser("add", help="enrol more images (new identities or more of known ones)")
     _add_model(q)
     q.add_argument("gallery", type=Path, help="gallery directory")
     q.add_argument("enrol", type=Path, help=enrol_help)
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_gallery_add)
 
     q = gsub.add_parser("remove", help="remove identities")

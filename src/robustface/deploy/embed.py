@@ -177,7 +177,16 @@ def _start(partial: Path, key: dict[str, Any], n: int, d: int, dtype: str) -> di
     """The progress record of ``partial``: a matching interrupted run's, else a fresh one."""
     progress_file = partial / PROGRESS
     if progress_file.is_file():
-        progress = json.loads(progress_file.read_text(encoding="utf-8"))
+        try:
+            progress = json.loads(progress_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(
+                progress_file, f"not a progress record ({exc}); delete {partial} to start again"
+            ) from None
+        if not isinstance(progress, dict):
+            raise DataFormatError(
+                progress_file, f"not a progress record; delete {partial} to start again"
+            )
         if progress.get("key") == key:
             return progress
         differ = sorted(k for k in key if progress.get("key", {}).get(k) != key[k])

@@ -202,9 +202,13 @@ class Gallery:
         path = root / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{root}: no {MANIFEST}; not a gallery (build one first)")
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        if manifest.get("format") != FORMAT:
-            raise DataFormatError(path, f"format {manifest.get('format')!r}, expected {FORMAT}")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(path, f"not a gallery manifest ({exc})") from None
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        if fmt != FORMAT:
+            raise DataFormatError(path, f"format {fmt!r}, expected {FORMAT}")
         return manifest
 
     @property
@@ -221,6 +225,12 @@ class Gallery:
     def index_type(self) -> str:
         """The faiss index in use: ``flat``, ``ivf`` or ``hnsw``."""
         return str(self.manifest["index_type"])
+
+    @property
+    def ivf_lists(self) -> int | None:
+        """The IVF index's list count (lowered for a small gallery), None for another index."""
+        index = self._state.index
+        return int(index.nlist) if isinstance(index, faiss.IndexIVF) else None
 
     def __len__(self) -> int:
         return len(self._state.names)
@@ -316,7 +326,7 @@ class Gallery:
             row = {n: i for i, n in enumerate(s.names)}
             missing = [n for n in names if n not in row]
             if missing:
-                raise KeyError(f"{self.root}: not enrolled: {', '.join(missing[:10])}")
+                raise ValueError(f"{self.root}: not enrolled: {', '.join(missing[:10])}")
             keep = np.ones(len(s.names), bool)
             keep[[row[n] for n in names]] = False
             new_row = np.cumsum(keep) - 1

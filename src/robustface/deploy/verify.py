@@ -35,7 +35,14 @@ from robustface.evaluate.verification import embed_pairs
 from robustface.utils.guards import check_real
 from robustface.utils.io import write_text_atomic
 
-__all__ = ["calibrate", "calibration_file", "find_calibration", "pair_scores", "record_calibration"]
+__all__ = [
+    "calibrate",
+    "calibration_file",
+    "find_calibration",
+    "missing_calibration",
+    "pair_scores",
+    "record_calibration",
+]
 
 
 def calibration_file(model_path: str | Path) -> Path:
@@ -146,6 +153,32 @@ def find_calibration(
             f"calibrations at FAR {far:g} on several sets ({sets}): give --calibration"
         )
     return found[0] if found else None
+
+
+def missing_calibration(recognizer: Recognizer, far: float) -> str:
+    """Why :func:`find_calibration` found nothing at ``far`` (no set given), and what to do: a
+    calibration made with the other flip setting is named, as it is not used."""
+    path = calibration_file(recognizer.info.path)
+    record = _read_record(path)
+    flip = recognizer.info.flip
+    other = (
+        record is not None
+        and record.get("model_sha256") == recognizer.info.sha256
+        and any(
+            e.get("far") == float(far) and e.get("flip") == (not flip) for e in record["entries"]
+        )
+    )
+    if other:
+        return (
+            f"{path}: the calibration of {recognizer.info.path} at FAR {far:g} was made with "
+            f"flip={str(not flip).lower()}, this run has flip={str(flip).lower()}: "
+            f"{'give' if flip else 'drop'} --no-flip, or give --calibration SET.bin to calibrate "
+            f"with flip={str(flip).lower()}"
+        )
+    return (
+        f"no calibration of {recognizer.info.path} at FAR {far:g} in {path}: "
+        "give --calibration SET.bin"
+    )
 
 
 def record_calibration(recognizer: Recognizer, entry: dict[str, Any]) -> Path:

@@ -67,7 +67,6 @@ def _threshold(args: argparse.Namespace, rec: Any) -> tuple[float | None, str]:
         missing_calibration,
         record_calibration,
     )
-
     from robustface.utils.guards import check_real
 
     if args.calibration is not None and args.far is None:

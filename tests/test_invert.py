@@ -33,7 +33,7 @@ from robustface.invert import (
     total_variation,
 )
 from robustface.invert.config import AugmentConfig, LossConfig, OptimizerConfig, TargetConfig
-from robustface.invert.targets import select_pairs
+from robustface.invert.targets import count_notice, select_pairs
 from robustface.models import build_backbone
 from robustface.train import Trainer
 from robustface.train.checkpoint import classifier_weight
@@ -254,6 +254,8 @@ def test_run_writes_outputs_and_eval_rescores_with_another_model(tiny_runs, tmp_
     scores = json.loads((tmp_path / "o" / "scores_seed1.json").read_text())
     assert scores["independent"]["chance_top1"] == 1 / 8
     assert "independent" in capsys.readouterr().out
+    assert main(["invert", "eval", str(tmp_path / "o"), "--model", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: no such run directory" in capsys.readouterr().err
 
 
 def test_pairs_targets_score_verification_with_one_side_inverted(
@@ -388,3 +390,81 @@ def test_the_independent_model_must_not_be_the_inverted_one(tmp_path):
     model = tmp_path / "run"  # refused before anything is read
     with pytest.raises(ValueError, match=r"eval.model .* is the inverted model"):
         run_inversion(_cfg(tmp_path / "o", model, f"eval.model={tmp_path / '.' / 'run'}"))
+
+
+# ------------------------------------------------------------------- model size, count, paths
+def _faces(folder: Path, n: int) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        image = np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        (folder / f"f{i}.png").write_bytes(encode_image(image, "png"))
+    return folder
+
+
+def test_input_size_of_a_pth_is_set_for_run_and_eval_and_the_count_used_is_told(tmp_path, capsys):
+    for seed in (0, 1):  # 32 px r18_tiny weights: not its default 56, so not inferable
+        torch.manual_seed(seed)
+        model = build_backbone("r18_tiny", width=0.125, embedding_size=16, input_size=32)
+        torch.save(model.state_dict(), tmp_path / f"m{seed}.pth")
+    faces = _faces(tmp_path / "faces", 3)
+    args = ["invert", "run", "--quiet", "--set", f"model={tmp_path / 'm0.pth'}"]
+    args += ["--set", "target.kind=image", "--set", f"target.path={faces}"]
+    args += ["--set", f"output_dir={tmp_path / 'o'}", "--set", "optim.steps=1"]
+    assert main([*args, "--set", "target.count=5"]) == 2
+    assert "--input-size" in capsys.readouterr().err  # load_backbone's advice
+    assert main([*args, "--set", "target.count=5", "--set", "input_size=32"]) == 0
+    err = capsys.readouterr().err
+    assert "target.count=5: 3 targets used (only 3 image targets are available)" in err
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["count"] == 3 and results["input_size"] == 32
+    eval_args = ["invert", "eval", str(tmp_path / "o"), "--model", str(tmp_path / "m1.pth")]
+    assert main(eval_args) == 2
+    capsys.readouterr()
+    assert main([*eval_args, "--input-size", "32"]) == 0
+    assert json.loads((tmp_path / "o" / "scores_m1.pth.json").read_text())["independent"]
+    with pytest.raises(ConfigError, match=r"eval.input_size: must be > 0"):
+        load_config(None, ["model=m.pth", "eval.input_size=0"], cls=InvertConfig)
+
+
+def test_count_notice_for_balanced_pairs():
+    cfg = TargetConfig(kind="pairs", path="lfw.bin", count=7)
+    assert count_notice(cfg, 20) == (
+        "target.count=7: 20 targets used (pairs are balanced over the 10 folds and same / "
+        "different: a multiple of 20, at least 20, at most the .bin's)"
+    )
+    assert count_notice(TargetConfig(kind="pairs", path="x", count=20), 20) is None
+    assert count_notice(TargetConfig(count=0), 8) is None
+    assert count_notice(TargetConfig(count=5000), 20).startswith("target.count=5000: 20 targets")
+
+
+def test_missing_model_path_is_named_and_eval_help_says_class_needs_a_run(tmp_path, capsys):
+    nope = tmp_path / "nope"
+    args = ["invert", "run", "--set", f"model={nope}", "--set", f"output_dir={tmp_path / 'o'}"]
+    assert main(args) == 2
+    assert f"{nope}: no such run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["invert", "eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "class targets need a run directory" in help_text and "--input-size" in help_text
+
+
+def test_embedding_target_shape_is_the_files_and_embed_output_is_raw(tmp_path):
+    model = _tiny()
+    np.save(tmp_path / "norms.npy", np.ones(300, dtype=np.float32))
+    cfg = TargetConfig(kind="embedding", path=str(tmp_path / "norms.npy"))
+    with pytest.raises(DataFormatError, match=r"norms.npy: expected N x 16 .* float32 \(300,\)$"):
+        build_targets(cfg, LossConfig(), model, 32)
+    # an `embed` output directory: unit rows times their norms are the targets
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(3, 16)).astype(np.float32)
+    norms = np.linalg.norm(raw, axis=1).astype(np.float32)
+    out = tmp_path / "emb"
+    out.mkdir()
+    np.save(out / "embeddings.npy", raw / norms[:, None])
+    np.save(out / "norms.npy", norms)
+    (out / "sources.tsv").write_text("path\na\nb\nc\n", encoding="utf-8")
+    (out / "manifest.json").write_text("{}", encoding="utf-8")
+    cfg = TargetConfig(kind="embedding", path=str(out))
+    _, loss = build_targets(cfg, LossConfig(open_set="l2"), model, 32)
+    expected = (torch.from_numpy(raw) ** 2).sum(dim=1)  # ||0 - t||^2 with t the raw embedding
+    torch.testing.assert_close(loss(torch.zeros(3, 16), torch.arange(3)), expected)

@@ -33,10 +33,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from robustface.cli import model_args
     from robustface.invert import rescore
     from robustface.invert.run import format_scores
 
-    scores = rescore(args.out, args.model)
+    scores = rescore(args.out, args.model, **model_args(args))
     print(format_scores(scores))
     if args.json:
         print(json.dumps(scores, indent=2))
@@ -45,6 +46,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def add_invert_parser(sub: Any) -> None:
     """Add ``invert`` and its sub-commands to the top-level sub-parser action ``sub``."""
+    from robustface.cli import add_model_args
+
     p = sub.add_parser(
         "invert", help="model inversion: faces from class centres, embeddings or images"
     )
@@ -68,7 +71,12 @@ def add_invert_parser(sub: Any) -> None:
     q = cs.add_parser("eval", help="score a run's inversions with another, independent model")
     q.add_argument("out", type=Path, help="output directory of 'invert run'")
     q.add_argument(
-        "--model", required=True, type=Path, help="independent model: run directory, .pth, .onnx"
+        "--model",
+        required=True,
+        type=Path,
+        help="independent model: run directory, .pth, .onnx (class targets need a run "
+        "directory trained on the same classes: its classifier scores them)",
     )
+    add_model_args(q, "the --model .pth")
     q.add_argument("--json", action="store_true", help="also print the scores as JSON")
     q.set_defaults(func=_cmd_eval)

@@ -148,20 +148,38 @@ class EvalConfig:
 
     ``model``: an independent model (another seed or another head; a run directory trained on
     the same classes for ``class`` targets); without it only the inverted model scores them, which
-    says little (it was optimised for exactly that).
+    says little (it was optimised for exactly that). ``input_size`` / ``embedding_size`` /
+    ``width``: its architecture where a ``.pth`` does not determine it (None: inferred; a 32 or
+    56 px SynthFace model needs ``input_size``).
     """
 
     model: str | None = None
     batch_size: int = 64
+    input_size: int | None = None
+    embedding_size: int | None = None
+    width: float | None = None
+
+    def model_kwargs(self) -> dict[str, int | float | None]:
+        """``load_backbone``'s architecture arguments for ``model``."""
+        return _model_kwargs(self)
+
+
+def _model_kwargs(section: EvalConfig | InvertConfig) -> dict[str, int | float | None]:
+    return {n: getattr(section, n) for n in ("input_size", "embedding_size", "width")}
 
 
 @dataclasses.dataclass
 class InvertConfig:
-    """Root config of ``robustface invert run``."""
+    """Root config of ``robustface invert run``. ``input_size`` / ``embedding_size`` / ``width``:
+    the architecture of ``model`` where a ``.pth`` does not determine it (None: inferred, as
+    ``load_backbone`` does; a 32 or 56 px SynthFace model needs ``input_size``)."""
 
     seed: int = 0
     output_dir: str = "runs/invert"
     model: str = ""
+    input_size: int | None = None
+    embedding_size: int | None = None
+    width: float | None = None
     device: str = "cpu"
     batch_size: int = 16
     progress: bool = True
@@ -182,4 +200,12 @@ class InvertConfig:
             problems.append(f"seed: must be >= 0, got {self.seed}")
         if self.batch_size < 1:
             problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
+        for section, prefix in ((self, ""), (self.eval, "eval.")):
+            for name, value in _model_kwargs(section).items():
+                if value is not None and value <= 0:
+                    problems.append(f"{prefix}{name}: must be > 0, got {value}")
         return problems
+
+    def model_kwargs(self) -> dict[str, int | float | None]:
+        """``load_backbone``'s architecture arguments for ``model``."""
+        return _model_kwargs(self)

@@ -134,10 +134,13 @@ def score_inversions(
     inverted_source: str | Path,
     device: str | torch.device = "cpu",
     batch_size: int = 64,
+    independent_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Scores by the inverted model (``(model, input size, classifier)``) and by the model at
     ``independent`` (a run directory, ``.pth`` or ``.onnx``; a run directory with the same classes
-    for ``class`` targets). ``ValueError`` when ``independent`` is the inverted model itself."""
+    for ``class`` targets; ``independent_kwargs``: its ``load_backbone`` arguments, e.g.
+    ``input_size``). ``ValueError`` when ``independent`` is the inverted model itself."""
+    kwargs = {k: v for k, v in (independent_kwargs or {}).items() if v is not None}
     model, size, classifier = inverted
     own = score_model(
         images, targets, model, size, classifier=classifier, own_targets=True, device=device,
@@ -152,7 +155,7 @@ def score_inversions(
     check_independent(independent, inverted_source)
     indep_classifier = None
     if targets.kind == "class":
-        run = load_run_classifier(independent, device)
+        run = load_run_classifier(independent, device, **kwargs)
         if run.num_classes != (classifier.num_classes if classifier is not None else -1):
             raise ValueError(
                 f"eval.model {independent}: its classifier has {run.num_classes} classes, the "
@@ -162,7 +165,7 @@ def score_inversions(
             )
         indep_model, indep_size, indep_classifier = run.backbone, run.input_size, run.classifier
     else:
-        indep_model, indep_size = load_backbone(independent, device=device)
+        indep_model, indep_size = load_backbone(independent, device=device, **kwargs)
     result["independent"] = {
         "model": str(independent),
         **score_model(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,13 @@ from robustface.invert.inversion import (
     invert,
     to_uint8,
 )
-from robustface.invert.targets import Targets, build_targets, load_invertible, load_run_classifier
+from robustface.invert.targets import (
+    Targets,
+    build_targets,
+    count_notice,
+    load_invertible,
+    load_run_classifier,
+)
 from robustface.utils.io import (
     atomic_directory,
     check_output_dir,
@@ -148,6 +155,9 @@ def run_inversion(cfg: InvertConfig, *, overwrite: bool = False) -> dict[str, An
     targets, target_loss = build_targets(
         cfg.target, cfg.loss, model, input_size, classifier=classifier, device=cfg.device
     )
+    notice = count_notice(cfg.target, len(targets.names))
+    if notice:
+        print(notice, file=sys.stderr)
     stopped: InversionDivergedError | None = None
     try:
         result = invert(
@@ -172,6 +182,7 @@ def run_inversion(cfg: InvertConfig, *, overwrite: bool = False) -> dict[str, An
         "model": str(cfg.model),
         "target": cfg.target.kind,
         "input_size": input_size,
+        "count": len(targets.names),
         "targets": [
             {"name": name, "image": f"images/{file}"}
             for name, file in zip(targets.names, names, strict=False)
@@ -193,6 +204,7 @@ def run_inversion(cfg: InvertConfig, *, overwrite: bool = False) -> dict[str, An
             inverted_source=cfg.model,
             device=cfg.device,
             batch_size=cfg.eval.batch_size,
+            independent_kwargs=cfg.eval.model_kwargs(),
         )
     results["history"] = result.history
     with atomic_directory(out) as partial:
@@ -227,15 +239,16 @@ def _grid_title(cfg: InvertConfig, scored: dict[str, Any] | None) -> str:
 def _load_inverted(cfg: InvertConfig) -> tuple[Any, int, Any]:
     """``(model, input size, classifier or None)`` of the model ``cfg`` inverts."""
     if cfg.target.kind == "class":
-        run = load_run_classifier(cfg.model, cfg.device)
+        run = load_run_classifier(cfg.model, cfg.device, **cfg.model_kwargs())
         return run.backbone, run.input_size, run.classifier
-    model, input_size = load_invertible(cfg.model, cfg.device)
+    model, input_size = load_invertible(cfg.model, cfg.device, **cfg.model_kwargs())
     return model, input_size, None
 
 
-def rescore(out_dir: str | Path, independent: str | Path) -> dict[str, Any]:
-    """Score the inversions of a finished output directory with another ``independent`` model;
-    writes ``scores_<model name>.json`` there and returns the scores."""
+def rescore(out_dir: str | Path, independent: str | Path, **model_kwargs: Any) -> dict[str, Any]:
+    """Score the inversions of a finished output directory with another ``independent`` model
+    (``model_kwargs``: its ``load_backbone`` arguments, e.g. ``input_size``); writes
+    ``scores_<model name>.json`` there and returns the scores."""
     out = Path(out_dir)
     results_file = out / "results.json"
     if not results_file.is_file():
@@ -258,6 +271,7 @@ def rescore(out_dir: str | Path, independent: str | Path) -> dict[str, Any]:
         inverted_source=cfg.model,
         device=cfg.device,
         batch_size=cfg.eval.batch_size,
+        independent_kwargs=model_kwargs,
     )
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(independent).name)
     write_text_atomic(out / f"scores_{name}.json", json.dumps(scores, indent=2) + "\n")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "RunClassifier",
     "Targets",
     "build_targets",
+    "count_notice",
     "embedding_size",
     "load_invertible",
     "load_run_classifier",
@@ -51,17 +53,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def load_invertible(
-    source: str | Path, device: str | torch.device = "cpu"
+    source: str | Path, device: str | torch.device = "cpu", **model_kwargs: Any
 ) -> tuple[nn.Module, int]:
-    """``(model in eval mode, input size)`` of a run directory or ``.pth``; an ONNX model is
-    refused with a ``ValueError`` naming the file."""
+    """``(model in eval mode, input size)`` of a run directory or ``.pth`` (``model_kwargs``:
+    ``load_backbone``'s architecture arguments); an ONNX model is refused with a ``ValueError``
+    naming the file."""
     if Path(source).suffix.lower() == ".onnx":
         raise ValueError(
             f"{source}: an ONNX model cannot be inverted (onnxruntime gives no gradient with "
             "respect to the input); give its .pth or run directory (it may score the "
             "inversions: eval.model)"
         )
-    return load_backbone(source, device=device)
+    return load_backbone(source, device=device, **model_kwargs)
 
 
 @dataclass
@@ -74,9 +77,15 @@ class RunClassifier:
     num_classes: int
 
 
-def load_run_classifier(source: str | Path, device: str | torch.device = "cpu") -> RunClassifier:
-    """The backbone and the classifier of the last checkpoint of run directory ``source``."""
+def load_run_classifier(
+    source: str | Path, device: str | torch.device = "cpu", **model_kwargs: Any
+) -> RunClassifier:
+    """The backbone and the classifier of the last checkpoint of run directory ``source``
+    (``model_kwargs``: ``load_backbone``'s architecture arguments, which must agree with the
+    run's config)."""
     path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: no such run directory")
     if path.suffix.lower() == ".onnx" or not path.is_dir():
         raise ValueError(
             f"{source}: class targets need a run directory (its last checkpoint holds the trained "
@@ -92,7 +101,7 @@ def load_run_classifier(source: str | Path, device: str | torch.device = "cpu") 
         cfg.fc.name, int(weight.shape[1]), num_classes, **classifier_kwargs(cfg)[0]
     )
     classifier.load_state_dict({"weight": weight})
-    backbone, input_size = load_backbone(path, device=device)
+    backbone, input_size = load_backbone(path, device=device, **model_kwargs)
     backbone.load_state_dict(main["backbone"])  # the weights the classifier was trained with
     return RunClassifier(backbone.eval(), classifier.to(device).eval(), input_size, num_classes)
 
@@ -152,6 +161,37 @@ def _embed(model: nn.Module, images: np.ndarray, device: str | torch.device) -> 
         return model(to_tensor_normalized(images).to(device)).float()
 
 
+def _read_embeddings(path: Path) -> np.ndarray:
+    """The raw target embeddings at ``path``: a ``.npy`` (``N x d`` or ``d``, used as they are),
+    or a ``robustface embed`` output directory, whose unit embeddings are scaled back by their
+    norms (the ``l2`` loss compares raw embeddings)."""
+    from robustface.deploy.embed import MANIFEST, read_embeddings
+
+    if path.is_dir() and (path / MANIFEST).is_file():
+        unit, norms, _ = read_embeddings(path)
+        return np.asarray(unit, np.float32) * np.asarray(norms, np.float32)[:, None]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such .npy or embed output directory (target.path)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataFormatError(path, f"not a readable .npy array ({exc})") from None
+
+
+def count_notice(cfg: TargetConfig, used: int) -> str | None:
+    """A one-line notice when ``cfg.count`` asked for another number of targets than the
+    ``used`` ones (pairs are rounded to balanced folds; a source may hold fewer), else None."""
+    if cfg.count <= 0 or used == cfg.count:
+        return None
+    why = (
+        "pairs are balanced over the 10 folds and same / different: a multiple of 20, at "
+        "least 20, at most the .bin's"
+        if cfg.kind == "pairs"
+        else f"only {used} {cfg.kind} targets are available"
+    )
+    return f"target.count={cfg.count}: {used} targets used ({why})"
+
+
 def _limit(n: int, count: int) -> int:
     return n if count <= 0 else min(n, count)
 
@@ -190,18 +230,14 @@ def build_targets(
     size = embedding_size(model, input_size, device)
     images = pair_index = issame = other = None
     if cfg.kind == "embedding":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file (target.path)")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataFormatError(path, f"not a readable .npy array ({exc})") from None
+        array = _read_embeddings(path)
+        shape = array.shape
         array = array[None] if array.ndim == 1 else array
         if array.ndim != 2 or array.shape[1] != size or not np.issubdtype(array.dtype, np.number):
             raise DataFormatError(
                 path,
                 f"expected N x {size} embeddings (the model embeds to {size}), got "
-                f"{array.dtype} {array.shape}",
+                f"{array.dtype} {shape}",
             )
         if not np.isfinite(array).all():
             raise DataFormatError(path, "embeddings hold NaN or infinite values")

@@ -24,15 +24,15 @@ __all__ = [
 class TargetConfig:
     """What to invert.
 
-        ``kind``: ``class`` (close-set: class centres of the model's trained classifier, which needs a
-        run directory), ``embedding`` (open-set: rows of an ``N x d`` ``.npy`` of raw embeddings, or
+    ``kind``: ``class`` (close-set: class centres of the model's trained classifier, which needs a
+    run directory), ``embedding`` (open-set: rows of an ``N x d`` ``.npy`` of raw embeddings, or
     of a ``robustface embed`` output directory, its unit rows times their norms), ``image``
-        (open-set: an image file or a folder of images, embedded by the inverted model) or ``pairs``
-        (open-set: the first image of pairs of a verification ``.bin``; the evaluation then replaces
-        that side of each pair by its inversion). ``classes``: the class ids (``class``; empty: the
-        first ``count`` classes). ``path``: the ``.npy``, image(s) or ``.bin``. ``count``: at most this
-        many targets (0: all; ``pairs``: the pairs kept, balanced over the 10 folds and same /
-        different, so rounded down to a multiple of 20, at least 20).
+    (open-set: an image file or a folder of images, embedded by the inverted model) or ``pairs``
+    (open-set: the first image of pairs of a verification ``.bin``; the evaluation then replaces
+    that side of each pair by its inversion). ``classes``: the class ids (``class``; empty: the
+    first ``count`` classes). ``path``: the ``.npy`` or embed output, image(s) or ``.bin``.
+    ``count``: at most this many targets (0: all; ``pairs``: the pairs kept, balanced over the 10
+    folds and same / different, so rounded down to a multiple of 20, at least 20).
     """
 
     kind: Literal["class", "embedding", "image", "pairs"] = "class"

@@ -734,3 +734,19 @@ def test_an_onnx_model_evaluates_like_its_checkpoint(ijb_setup, tmp_path, capsys
     got = json.loads((tmp_path / "o" / "ijbs.json").read_text())["results"]["verification"]
     want = json.loads((tmp_path / "p" / "ijbs.json").read_text())["results"]["verification"]
     assert got["tar_at_far_insightface"] == pytest.approx(want["tar_at_far_insightface"], abs=1e-12)
+
+
+def test_a_truncated_cache_file_is_named(ijb_setup, tmp_path, capsys):
+    ijb_dir, weights = ijb_setup
+    args = ["eval", "ijb", str(weights), "--backbone", "r18_tiny", "--data", str(ijb_dir)]
+    args += ["--name", "IJBS", "--quiet", "--batch-size", "5", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (npy,) = (tmp_path / "cache").glob("*_embeddings.npy")
+    npy.write_bytes(npy.read_bytes()[:200])
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(npy) in err and "delete it and it will be recomputed" in err
+    npy.unlink()
+    assert main(args) == 0  # recomputed

@@ -192,7 +192,13 @@ def test_ijb_caface_bad_options_are_one_line_errors(setup, tmp_path, capsys):
     base = ["eval", "ijb", str(weights), "--backbone", "r18_tiny", "--data", str(ijb_dir)]
     base += ["--name", "IJBS", "--quiet", "--workers", "1", "--out", str(tmp_path)]
     published = _save(_caface(channels=384), tmp_path / "published.ckpt")
+    narrow = _save(CAFace(style_channels=TINY_CHANNELS, feature_dim=16), tmp_path / "n.ckpt")
     cases = [
+        (
+            ["--aggregation", "caface", "--fusion-model", str(narrow)],
+            f"fusion_model {narrow}: the caface aggregator fuses 16-d features, the backbone's "
+            "embeddings are 512-d",
+        ),
         (["--aggregation", "caface"], "fusion_model: the 'caface' aggregation needs a CAFace"),
         (["--fusion-model", str(ckpt)], "fusion_model: only the caface aggregation takes"),
         (["--aggregation", "mean", "--fusion-chunk-size", "4"], "fusion_chunk_size: only the"),

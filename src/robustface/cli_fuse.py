@@ -68,6 +68,7 @@ def _track_dir(data: Path) -> Path:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from robustface.cli import model_args
     from robustface.fuse import AGGREGATORS, CAFaceAggregator
+    from robustface.fuse.build import check_fusion_model
     from robustface.fuse.plot import plot_track_fusion, track_plot_data
     from robustface.models.loading import load_backbone
 
@@ -84,6 +85,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             aggregators[name] = CAFaceAggregator(args.fusion_model, chunk_size=args.chunk_size)
     root = _track_dir(args.data)
     model, size = load_backbone(args.model, **model_args(args))
+    if "caface" in aggregators:  # before embedding the track, naming the files
+        check_fusion_model(
+            aggregators["caface"],
+            model,
+            size,
+            style_blocks=args.blocks,
+            fusion_model=args.fusion_model,
+        )
     data = track_plot_data(
         model, size, root, aggregators, track=args.track, length=args.length, blocks=args.blocks
     )

@@ -271,3 +271,17 @@ def test_a_run_shorter_than_log_every_logs_its_last_step(features, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "event" not in r] == [2]
     assert (out / "training.png").stat().st_size > 0
+
+
+def test_each_step_is_logged_once_and_a_finished_run_is_complete(features, tmp_path, capsys):
+    out = tmp_path / "epoch"  # one epoch of 4 steps, shorter than log_every
+    final = train_caface(tiny_config(features, out, epochs=1, log_every=10))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4] and rows[0]["event"] == "epoch_end"
+    capsys.readouterr()
+    stamp = final.stat().st_mtime_ns
+    assert train_caface(tiny_config(features, out, epochs=1, log_every=10, progress=True)) == final
+    assert f"{out} is already complete" in capsys.readouterr().out
+    assert final.stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="checkpoints of another run"):
+        train_caface(tiny_config(features, out, epochs=2, log_every=10))

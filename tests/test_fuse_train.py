@@ -285,3 +285,16 @@ def test_each_step_is_logged_once_and_a_finished_run_is_complete(features, tmp_p
     assert final.stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="checkpoints of another run"):
         train_caface(tiny_config(features, out, epochs=2, log_every=10))
+
+
+def test_the_set_example_of_fuse_train_help_is_a_key_of_its_config():
+    import re
+
+    from robustface.cli import build_parser
+
+    fuse = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices)
+    train = fuse.choices["fuse"]._actions[-1].choices["train"]
+    text = next(a.help for a in train._actions if a.dest == "overrides")
+    example = re.search(r"--set (\S+)", text).group(1)
+    path = Path(__file__).resolve().parents[1] / "configs" / "fuse" / "caface_synthface.yaml"
+    load_fuse_config(path, ["features=feats", example])  # no unknown key

@@ -693,9 +693,10 @@ def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
         main([*base, "--out", str(out), "--aggregation", "mean", "--far-mode", "conservative"]) == 0
     )
     capsys.readouterr()
-    again = json.loads((out / "ijbs.json").read_text())
+    again = json.loads((out / "ijbs_mean.json").read_text())  # beside the default's report
     assert again["results"]["embedding_cache"]["reused"] is True
-    assert again["config"]["aggregation"] == "mean"
+    assert again["config"]["aggregation"] == "mean" and again["kind"] == "ijbs_mean"
+    assert json.loads((out / "ijbs.json").read_text())["config"]["aggregation"] == "norm_weighted"
     # other embedding settings get their own cache file beside the first, with their own values
     assert main([*base, "--out", str(out), "--no-flip"]) == 0
     capsys.readouterr()

@@ -1298,7 +1298,9 @@ def write_ijb_report(
 
     Writes ``out_dir/{name}.json`` (results, settings, the hash of ``checkpoint``, versions),
     ``{name}.md`` (TAR at FAR, the 1:N table when there are 1:N results), ``{name}_roc.png`` and
-    ``{name}_cmc.png`` (lower-case ``meta.name``).
+    ``{name}_cmc.png``; ``name`` is lower-case ``meta.name``, followed by ``_{aggregation}``
+    for another aggregation than the default ``norm_weighted`` (``ijbc_caface.json``), so the
+    reports of several aggregations sit side by side in one directory.
     """
     out_dir = Path(out_dir)
     name, roc, fars = meta.name, scores.roc, settings.fars
@@ -1339,6 +1341,8 @@ def write_ijb_report(
     results["embedding_cache"] = {"path": embedded.cache_file, "reused": embedded.reused}
 
     stem = name.lower()
+    if settings.aggregation != IJBSettings.aggregation:  # beside the default's report
+        stem = f"{stem}_{settings.aggregation}"
     title = f"{name} 1:1 verification: {label}"
     _plot_roc(roc, scores.points, settings.far_mode, title, out_dir / f"{stem}_roc.png")
     if "identification" in results:

@@ -213,7 +213,7 @@ def test_bad_input_is_named(features, tmp_path):
     # a run directory with checkpoints is not overwritten, and is resumed only on its features
     train_caface(tiny_config(features, tmp_path / "r4", max_steps=1))
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        train_caface(tiny_config(features, tmp_path / "r4", max_steps=1))
+        train_caface(tiny_config(features, tmp_path / "r4", max_steps=2))
     other = tmp_path / "other"
     shutil.copytree(features, other)
     meta = json.loads((other / "meta.json").read_text())

@@ -600,7 +600,8 @@ def train_caface(
 
 def _completed_run(cfg: FuseTrainConfig) -> Path | None:
     """``caface.ckpt`` of ``cfg.output_dir`` when it is the finished run of this very config
-    (its last checkpoint's config equal but for ``train.progress`` and ``train.resume``)."""
+    (its last checkpoint's config equal but for ``train.progress`` and ``train.resume``, and
+    its features the same)."""
     run = RunDir(cfg.output_dir)
     final = run.path / "caface.ckpt"
     found = ckpt.list_checkpoints(run.checkpoints_dir)
@@ -613,6 +614,9 @@ def _completed_run(cfg: FuseTrainConfig) -> Path | None:
             config.get("train", {}).pop(key, None)
         return config
 
-    stored = ckpt.load_main(found[-1]).get("config")
-    same = isinstance(stored, dict) and comparable(stored) == comparable(to_dict(cfg))
-    return final if same else None
+    main = ckpt.load_main(found[-1])
+    stored = main.get("config")
+    if not isinstance(stored, dict) or comparable(stored) != comparable(to_dict(cfg)):
+        return None
+    features = json.loads(json.dumps(_features_key(FusionFeatures.open(cfg.features))))
+    return final if json.loads(json.dumps(main.get("features"))) == features else None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from robustface.clean.dirty import Truth, load_truth, make_dirty_synthface
-from robustface.clean.evaluate import evaluate_flags
+from robustface.clean.evaluate import evaluate_flags, evaluation_table
 from robustface.clean.score import (
     FLAGS,
     Scores,
@@ -191,8 +191,9 @@ def test_thresholds_out_of_range_are_clear_errors():
         choose_thresholds(scores, {"angle_own": 200})
     with pytest.raises(ValueError, match=r"angle_hard .* must be <= .*angle_own"):
         choose_thresholds(scores, {"angle_own": 30, "angle_hard": 50, "angle_member": 20})
-    with pytest.raises(ValueError, match="unknown threshold 'angel_own'"):
+    with pytest.raises(ValueError, match="unknown threshold 'angel_own'") as info:
         choose_thresholds(scores, {"angel_own": 30})
+    assert str(info.value).endswith("norm_floor, stroke, stroke_soft, knn_share")
     with pytest.raises(ValueError, match=r"thresholds\.knn_share"):
         choose_thresholds(scores, {"knn_share": 1.5})
 
@@ -340,3 +341,21 @@ def test_flags_do_not_depend_on_the_truth(dirty_run, tmp_path, capsys):
     with pytest.raises(DataFormatError, match="has 4 rows but the set has 160"):
         read_flags_csv(short, len(truth))
     assert main(["clean", "evaluate", str(short), "--truth", str(data)]) == 2
+
+
+def test_nothing_flagged_prints_n_a_not_nan():
+    kind = np.array([0, 0, 1, 2], np.int8)
+    truth = Truth(
+        kind=kind,
+        label=np.zeros(4, np.int64),
+        true_label=np.array([0, 0, 1, -1]),
+        identity=np.zeros(4, np.int64),
+        quality=np.ones(4, np.float32),
+        hard=np.zeros(4, bool),
+        duplicate_of=np.full(4, -1),
+    )
+    flag = np.full(4, FLAGS.index("clean"), np.int8)
+    table = evaluation_table(evaluate_flags(flag, np.full(4, -1), truth, merges=[]))
+    assert "nan" not in table
+    row = next(line for line in table.splitlines() if line.startswith("| closed "))
+    assert [c.strip() for c in row.strip("|").split("|")][3:5] == ["n/a", "0.000"]

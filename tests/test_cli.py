@@ -204,7 +204,7 @@ def test_help_lists_the_commands_and_every_option_is_described():
     top = build_parser()
     commands = {path[0] for path, _, _ in _walk(top) if path}
     assert {"demo", "synth", "eval", "inspect", "cluster", "fuse"} <= commands
-    undocumented, no_default = [], []
+    undocumented, no_default, repeated = [], [], []
     for path, parser, action in _walk(top):
         name = " ".join([*path, action.option_strings[0] if action.option_strings else action.dest])
         if not action.help:
@@ -214,8 +214,11 @@ def test_help_lists_the_commands_and_every_option_is_described():
             text = parser._get_formatter()._expand_help(action)  # as --help prints it
             if "default" not in text:
                 no_default.append(name)
+            if f"({default}) (default: {default})" in text:
+                repeated.append(name)
     assert not undocumented, undocumented
     assert not no_default, no_default
+    assert not repeated, repeated
 
 
 def test_train_then_eval_verification(synth_train_dir, tmp_path, capsys):

@@ -225,3 +225,18 @@ def test_benchmark_smoke_run(tmp_path, capsys):
     assert "--fusion-model: the caface panel needs" in capsys.readouterr().err
     assert main([*argv[:3], str(tmp_path), *argv[4:], "--fusion", "mean"]) == 2
     assert "neither a track directory" in capsys.readouterr().err
+
+
+def test_plot_names_a_fusion_model_of_another_dimension(model, tracks, tmp_path, capsys):
+    weights = tmp_path / "backbone.pth"
+    torch.save(model.state_dict(), weights)
+    narrow = tmp_path / "narrow.ckpt"
+    state = CAFace(style_channels=style_channels(model), feature_dim=16).state_dict()
+    torch.save({"state_dict": {f"aggregator.{k}": v for k, v in state.items()}}, narrow)
+    argv = ["fuse", "plot", str(weights), str(tracks), "--out", str(tmp_path / "p.png")]
+    argv += ["--input-size", str(SIZE), "--fusion-model", str(narrow)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"fusion_model {narrow}: the caface aggregator fuses 16-d features" in err
+    assert "the backbone's embeddings are 512-d" in err

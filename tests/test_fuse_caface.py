@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 
 import pytest
 import torch
@@ -420,3 +421,16 @@ def test_caface_behind_the_aggregator_interface(tmp_path):
     torch.save({"state_dict": {f"aggregator.{k}": v for k, v in model.state_dict().items()}}, path)
     from_file = AGGREGATORS.build("caface", model=path, chunk_size=8)
     torch.testing.assert_close(from_file.fuse(f[0], s[0]), want, rtol=0, atol=1e-6)
+
+
+def test_a_file_that_is_not_pytorch_is_one_short_line(tmp_path):
+    path = tmp_path / "some.bin"
+    path.write_bytes(b"\x93NUMPY not a torch file " * 20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DataFormatError) as info:
+            load_caface_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a PyTorch checkpoint (unpickling failed: ")
+    assert len(message.splitlines()) == 1 and "http" not in message and len(message) < 200
+    assert not [w for w in caught if issubclass(w.category, UserWarning)]

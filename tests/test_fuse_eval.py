@@ -133,7 +133,7 @@ def test_ijb_caface_from_the_cli(setup, tmp_path, capsys):
     sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert "Templates: `caface` fusion of all images of a template (media ignored)" in printed
     assert f"sha256 `{sha[:16]}`, chunks of the whole template, no flip" in printed
-    report = json.loads((out / "ijbs.json").read_text())
+    report = json.loads((out / "ijbs_caface.json").read_text())
     config = report["config"]
     assert config["aggregation"] == "caface" and config["fusion_model"]["sha256"] == sha
     assert config["flip"] is False and config["faceness"] is False  # upstream's IJB protocol
@@ -156,7 +156,7 @@ def test_ijb_caface_from_the_cli(setup, tmp_path, capsys):
     assert key["styles"] == {"blocks": ["layer2", "layer3"]} and key["flip"] is False
     assert main(caface) == 0
     capsys.readouterr()
-    again = json.loads((out / "ijbs.json").read_text())["results"]
+    again = json.loads((out / "ijbs_caface.json").read_text())["results"]
     assert again["embedding_cache"]["reused"] is True
     assert again["verification"] == report["results"]["verification"]
     # a stale key (other blocks recorded) is refused; a missing styles file is recomputed
@@ -170,13 +170,17 @@ def test_ijb_caface_from_the_cli(setup, tmp_path, capsys):
     assert main(caface) == 0
     capsys.readouterr()
     assert (
-        json.loads((out / "ijbs.json").read_text())["results"]["embedding_cache"]["reused"] is False
+        json.loads((out / "ijbs_caface.json").read_text())["results"]["embedding_cache"]["reused"]
+        is False
     )
     # the default mean/norm_weighted runs do not see the styles cache
     assert main(base) == 0
     capsys.readouterr()
     default = json.loads((out / "ijbs.json").read_text())
     assert default["config"]["fusion_model"] is None and default["config"]["flip"] is True
+    # each aggregation its own report: the caface one is still there
+    assert json.loads((out / "ijbs_caface.json").read_text())["config"]["aggregation"] == "caface"
+    assert (out / "ijbs_caface.md").is_file() and (out / "ijbs_caface_roc.png").is_file()
     assert default["results"]["embedding_cache"]["reused"] is False
 
 
@@ -192,7 +196,13 @@ def test_ijb_caface_bad_options_are_one_line_errors(setup, tmp_path, capsys):
     base = ["eval", "ijb", str(weights), "--backbone", "r18_tiny", "--data", str(ijb_dir)]
     base += ["--name", "IJBS", "--quiet", "--workers", "1", "--out", str(tmp_path)]
     published = _save(_caface(channels=384), tmp_path / "published.ckpt")
+    narrow = _save(CAFace(style_channels=TINY_CHANNELS, feature_dim=16), tmp_path / "n.ckpt")
     cases = [
+        (
+            ["--aggregation", "caface", "--fusion-model", str(narrow)],
+            f"fusion_model {narrow}: the caface aggregator fuses 16-d features, the backbone's "
+            "embeddings are 512-d",
+        ),
         (["--aggregation", "caface"], "fusion_model: the 'caface' aggregation needs a CAFace"),
         (["--fusion-model", str(ckpt)], "fusion_model: only the caface aggregation takes"),
         (["--aggregation", "mean", "--fusion-chunk-size", "4"], "fusion_chunk_size: only the"),

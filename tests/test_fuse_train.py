@@ -213,7 +213,7 @@ def test_bad_input_is_named(features, tmp_path):
     # a run directory with checkpoints is not overwritten, and is resumed only on its features
     train_caface(tiny_config(features, tmp_path / "r4", max_steps=1))
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        train_caface(tiny_config(features, tmp_path / "r4", max_steps=1))
+        train_caface(tiny_config(features, tmp_path / "r4", max_steps=2))
     other = tmp_path / "other"
     shutil.copytree(features, other)
     meta = json.loads((other / "meta.json").read_text())
@@ -271,3 +271,30 @@ def test_a_run_shorter_than_log_every_logs_its_last_step(features, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "event" not in r] == [2]
     assert (out / "training.png").stat().st_size > 0
+
+
+def test_each_step_is_logged_once_and_a_finished_run_is_complete(features, tmp_path, capsys):
+    out = tmp_path / "epoch"  # one epoch of 4 steps, shorter than log_every
+    final = train_caface(tiny_config(features, out, epochs=1, log_every=10))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4] and rows[0]["event"] == "epoch_end"
+    capsys.readouterr()
+    stamp = final.stat().st_mtime_ns
+    assert train_caface(tiny_config(features, out, epochs=1, log_every=10, progress=True)) == final
+    assert f"{out} is already complete" in capsys.readouterr().out
+    assert final.stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="checkpoints of another run"):
+        train_caface(tiny_config(features, out, epochs=2, log_every=10))
+
+
+def test_the_set_example_of_fuse_train_help_is_a_key_of_its_config():
+    import re
+
+    from robustface.cli import build_parser
+
+    fuse = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices)
+    train = fuse.choices["fuse"]._actions[-1].choices["train"]
+    text = next(a.help for a in train._actions if a.dest == "overrides")
+    example = re.search(r"--set (\S+)", text).group(1)
+    path = Path(__file__).resolve().parents[1] / "configs" / "fuse" / "caface_synthface.yaml"
+    load_fuse_config(path, ["features=feats", example])  # no unknown key

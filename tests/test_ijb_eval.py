@@ -693,9 +693,10 @@ def test_cli_end_to_end(ijb_setup, tmp_path, capsys):
         main([*base, "--out", str(out), "--aggregation", "mean", "--far-mode", "conservative"]) == 0
     )
     capsys.readouterr()
-    again = json.loads((out / "ijbs.json").read_text())
+    again = json.loads((out / "ijbs_mean.json").read_text())  # beside the default's report
     assert again["results"]["embedding_cache"]["reused"] is True
-    assert again["config"]["aggregation"] == "mean"
+    assert again["config"]["aggregation"] == "mean" and again["kind"] == "ijbs_mean"
+    assert json.loads((out / "ijbs.json").read_text())["config"]["aggregation"] == "norm_weighted"
     # other embedding settings get their own cache file beside the first, with their own values
     assert main([*base, "--out", str(out), "--no-flip"]) == 0
     capsys.readouterr()
@@ -734,3 +735,19 @@ def test_an_onnx_model_evaluates_like_its_checkpoint(ijb_setup, tmp_path, capsys
     got = json.loads((tmp_path / "o" / "ijbs.json").read_text())["results"]["verification"]
     want = json.loads((tmp_path / "p" / "ijbs.json").read_text())["results"]["verification"]
     assert got["tar_at_far_insightface"] == pytest.approx(want["tar_at_far_insightface"], abs=1e-12)
+
+
+def test_a_truncated_cache_file_is_named(ijb_setup, tmp_path, capsys):
+    ijb_dir, weights = ijb_setup
+    args = ["eval", "ijb", str(weights), "--backbone", "r18_tiny", "--data", str(ijb_dir)]
+    args += ["--name", "IJBS", "--quiet", "--batch-size", "5", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (npy,) = (tmp_path / "cache").glob("*_embeddings.npy")
+    npy.write_bytes(npy.read_bytes()[:200])
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(npy) in err and "delete it and it will be recomputed" in err
+    npy.unlink()
+    assert main(args) == 0  # recomputed

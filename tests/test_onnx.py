@@ -122,7 +122,7 @@ def test_errors(tmp_path, exported):
     with pytest.raises(ValueError, match=r"bad\.onnx: not a readable ONNX model"):
         load_backbone(tmp_path / "bad.onnx")
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"bad\.pth: not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=r"bad\.pth: not a PyTorch checkpoint"):
         load_backbone(tmp_path / "bad.pth", backbone="r18")
     with pytest.raises(FileNotFoundError, match="no such ONNX model"):
         OnnxBackbone(tmp_path / "missing.onnx")

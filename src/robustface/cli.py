@@ -82,7 +82,10 @@ _SYNTH_HELP = {
 }
 
 
-def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+def _add_config_args(
+    parser: argparse.ArgumentParser, positional: bool = False, example: str = "synth.identities=200"
+) -> None:
+    """CONFIG (or ``--config``) and ``--set KEY=VALUE``, ``example`` a key of that config."""
     if positional:
         parser.add_argument("config", type=Path, help="YAML config (see configs/)")
     else:
@@ -93,7 +96,7 @@ def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) 
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set synth.identities=200 (repeatable)",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
     )
 
 
@@ -613,7 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--fusion-model)",
     )
     q.add_argument(
-        "--fusion-model", type=Path, help="CAFace checkpoint (.ckpt) for --aggregation caface"
+        "--fusion-model",
+        type=Path,
+        help="CAFace checkpoint (.ckpt) for --aggregation caface, which refuses to run without "
+        "one; the other aggregations take none",
     )
     q.add_argument(
         "--fusion-chunk-size",

@@ -68,6 +68,7 @@ def _track_dir(data: Path) -> Path:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from robustface.cli import model_args
     from robustface.fuse import AGGREGATORS, CAFaceAggregator
+    from robustface.fuse.build import check_fusion_model
     from robustface.fuse.plot import plot_track_fusion, track_plot_data
     from robustface.models.loading import load_backbone
 
@@ -84,6 +85,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             aggregators[name] = CAFaceAggregator(args.fusion_model, chunk_size=args.chunk_size)
     root = _track_dir(args.data)
     model, size = load_backbone(args.model, **model_args(args))
+    if "caface" in aggregators:  # before embedding the track, naming the files
+        check_fusion_model(
+            aggregators["caface"],
+            model,
+            size,
+            style_blocks=args.blocks,
+            fusion_model=args.fusion_model,
+        )
     data = track_plot_data(
         model, size, root, aggregators, track=args.track, length=args.length, blocks=args.blocks
     )
@@ -133,7 +142,7 @@ def add_fuse_parser(sub: Any) -> None:
     q.set_defaults(func=_cmd_extract)
 
     q = fuse_sub.add_parser("train", help="train CAFace on extracted features (configs/fuse/)")
-    _add_config_args(q, positional=True)
+    _add_config_args(q, positional=True, example="train.epochs=5")
     q.add_argument("--out", type=Path, help="run directory (default: output_dir of the config)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_train)
@@ -147,7 +156,12 @@ def add_fuse_parser(sub: Any) -> None:
         "data", type=Path, help="track directory, or a fusion benchmark output (its tracks_s*)"
     )
     q.add_argument("--out", required=True, type=Path, help="PNG to write")
-    q.add_argument("--fusion-model", type=Path, help="CAFace checkpoint (for the caface panel)")
+    q.add_argument(
+        "--fusion-model",
+        type=Path,
+        help="CAFace checkpoint for the caface panel; without one the default --fusion "
+        "(mean caface) is refused: pass --fusion mean norm_weighted",
+    )
     q.add_argument(
         "--fusion",
         nargs="+",
@@ -155,12 +169,12 @@ def add_fuse_parser(sub: Any) -> None:
         choices=["mean", "norm_weighted", "caface"],
         help="one panel per fusion (default: mean caface)",
     )
-    q.add_argument("--track", type=int, default=0, help="track index in tracks.json (0)")
+    q.add_argument("--track", type=int, default=0, help="track index in tracks.json")
     q.add_argument("--length", type=int, help="first frames of the track (default: all)")
     q.add_argument(
         "--x", choices=["frame", "quality"], default="frame", help="x axis: frame index or quality"
     )
-    q.add_argument("--chunk-size", type=int, default=512, help="CAFace chunk size (512)")
+    q.add_argument("--chunk-size", type=int, default=512, help="CAFace chunk size")
     q.add_argument(
         "--blocks", nargs="+", help="style blocks (default: the backbone's stage 2 and 3 ends)"
     )

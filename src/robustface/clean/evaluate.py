@@ -12,6 +12,8 @@ pairs against the truth's pairs.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from robustface.clean.dirty import TRUTH_KINDS, Truth
@@ -32,6 +34,11 @@ EXPECTED = {
 
 def _ratio(a: int, b: int) -> float:
     return a / b if b else float("nan")
+
+
+def _fmt(x: float) -> str:
+    """A ratio with 3 decimals; ``n/a`` for an undefined one (nothing flagged, no samples)."""
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
 def evaluate_flags(
@@ -104,8 +111,8 @@ def evaluation_table(result: dict[str, dict[str, float]]) -> str:
     rows = []
     for name in (*EXPECTED, "removal"):
         r = result[name]
-        rows.append([name, r["samples"], r["flagged"], f"{r['precision']:.3f}",
-                     f"{r['recall']:.3f}", f"{r['removed']:.3f}"])  # fmt: skip
+        rows.append([name, r["samples"], r["flagged"], _fmt(r["precision"]),
+                     _fmt(r["recall"]), _fmt(r["removed"])])  # fmt: skip
     table = markdown_table(
         ["truth kind", "samples", "flagged as it", "precision", "recall", "removed (any flag)"],
         rows,
@@ -114,14 +121,14 @@ def evaluation_table(result: dict[str, dict[str, float]]) -> str:
     lines = [
         table,
         "",
-        f"clean kept: {c['kept']:.3f} of {c['samples']}; hard clean kept: {c['hard_kept']:.3f} "
-        f"of {c['hard']}; mislabels with the right suggested class: "
-        f"{result['suggested_class']['correct']:.3f} of {result['suggested_class']['detected']}",
+        f"clean kept: {_fmt(c['kept'])} of {c['samples']}; hard clean kept: "
+        f"{_fmt(c['hard_kept'])} of {c['hard']}; mislabels with the right suggested class: "
+        f"{_fmt(result['suggested_class']['correct'])} of {result['suggested_class']['detected']}",
     ]
     if "merge" in result:
         m = result["merge"]
         lines.append(
             f"merge pairs: {m['proposed']} proposed, {m['pairs']} true; precision "
-            f"{m['precision']:.3f}, recall {m['recall']:.3f}"
+            f"{_fmt(m['precision'])}, recall {_fmt(m['recall'])}"
         )
     return "\n".join(lines)

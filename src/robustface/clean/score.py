@@ -422,9 +422,10 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
         "stroke": stroke,
         "stroke_soft": stroke_soft,
     }
+    valid = [*values, "knn_share"]
     for key, value in (overrides or {}).items():
-        if key not in values and key != "knn_share":
-            raise ValueError(f"unknown threshold {key!r}: use one of {', '.join(values)}")
+        if key not in valid:
+            raise ValueError(f"unknown threshold {key!r}: use one of {', '.join(valid)}")
         values[key] = value
         source[key] = "given"
     thresholds = Thresholds(**values, source=source)

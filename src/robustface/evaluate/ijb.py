@@ -801,6 +801,17 @@ def _meta_digest(meta: IJBMeta) -> str:
     return digest.hexdigest()
 
 
+def _open_cached(path: Path) -> np.ndarray:
+    """The cached ``.npy`` at ``path`` memory-mapped, or a :class:`DataFormatError` naming it
+    (a truncated or damaged file, e.g. of a full disk)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise DataFormatError(
+            path, f"unreadable cache file ({e}); delete it and it will be recomputed"
+        ) from None
+
+
 def _load_or_embed(
     embed_fn: Callable[[torch.Tensor], torch.Tensor],
     meta: IJBMeta,
@@ -834,12 +845,12 @@ def _load_or_embed(
                 f"{npy}: its key file {key_file.name} records other {', '.join(differ)} than "
                 "this run's; delete both files or pass another cache directory (--cache)"
             )
-        emb = np.load(npy, mmap_mode="r")
+        emb = _open_cached(npy)
         if emb.ndim != 3 or emb.shape[0] != meta.images.size:
             raise DataFormatError(npy, f"expected ({meta.images.size}, V, d), got {emb.shape}")
         styles = None
         if styles_npy is not None:
-            styles = np.load(styles_npy, mmap_mode="r")
+            styles = _open_cached(styles_npy)
             if styles.ndim != 4 or styles.shape[:2] != emb.shape[:2] or styles.shape[3] != 2:
                 raise DataFormatError(
                     styles_npy,
@@ -1287,7 +1298,9 @@ def write_ijb_report(
 
     Writes ``out_dir/{name}.json`` (results, settings, the hash of ``checkpoint``, versions),
     ``{name}.md`` (TAR at FAR, the 1:N table when there are 1:N results), ``{name}_roc.png`` and
-    ``{name}_cmc.png`` (lower-case ``meta.name``).
+    ``{name}_cmc.png``; ``name`` is lower-case ``meta.name``, followed by ``_{aggregation}``
+    for another aggregation than the default ``norm_weighted`` (``ijbc_caface.json``), so the
+    reports of several aggregations sit side by side in one directory.
     """
     out_dir = Path(out_dir)
     name, roc, fars = meta.name, scores.roc, settings.fars
@@ -1328,6 +1341,8 @@ def write_ijb_report(
     results["embedding_cache"] = {"path": embedded.cache_file, "reused": embedded.reused}
 
     stem = name.lower()
+    if settings.aggregation != IJBSettings.aggregation:  # beside the default's report
+        stem = f"{stem}_{settings.aggregation}"
     title = f"{name} 1:1 verification: {label}"
     _plot_roc(roc, scores.points, settings.far_mode, title, out_dir / f"{stem}_roc.png")
     if "identification" in results:

@@ -27,6 +27,8 @@ __all__ = [
     "takes_fusion_model",
 ]
 
+_EMBEDDINGS = "the backbone's embeddings"
+
 
 def takes_fusion_model(name: str) -> bool:
     """Whether aggregator ``name`` is built from a fusion model (a CAFace checkpoint); False for
@@ -72,19 +74,26 @@ def build_aggregator(
 
 
 def check_fusion_shapes(
-    fusion: Aggregator, dim: int, channels: int | None, source: str, path: Any
+    fusion: Aggregator,
+    dim: int,
+    channels: int | None,
+    source: str,
+    path: Any,
+    style_source: str | None = None,
 ) -> None:
     """``fusion`` takes ``dim``-d features and ``channels`` style channels, or a one-line
-    ``ValueError`` naming the fusion model ``path`` and ``source`` (what gave the numbers)."""
+    ``ValueError`` naming the fusion model ``path`` and what gave the numbers: ``source`` the
+    features (e.g. "the backbone's embeddings"), ``style_source`` the styles (default
+    ``source``)."""
     if fusion.dim is not None and fusion.dim != dim:
         raise ValueError(
             f"fusion_model {path}: the {fusion.name} aggregator fuses {fusion.dim}-d features, "
-            f"{source} gives {dim}-d"
+            f"{source} are {dim}-d"
         )
     if isinstance(fusion, CAFaceAggregator) and fusion.model.style_channels != channels:
         raise ValueError(
             f"fusion_model {path}: the CAFace checkpoint takes {fusion.model.style_channels} "
-            f"style channels, {source} gives {channels}"
+            f"style channels, {style_source or source} gives {channels}"
         )
 
 
@@ -105,9 +114,11 @@ def check_fusion_model(
     x = torch.zeros(1, 3, input_size, input_size, device=device)
     if blocks is not None:
         feats, styles = embed_with_styles(model, x, blocks)
-        source = f"the backbone's style blocks {', '.join(blocks)}"
-        check_fusion_shapes(fusion, feats.shape[1], styles.shape[1], source, fusion_model)
+        blocks_source = f"the backbone's style blocks {', '.join(blocks)}"
+        check_fusion_shapes(
+            fusion, feats.shape[1], styles.shape[1], _EMBEDDINGS, fusion_model, blocks_source
+        )
     else:
         with torch.inference_mode():
             dim = model(x).shape[1]
-        check_fusion_shapes(fusion, dim, None, "the backbone", fusion_model)
+        check_fusion_shapes(fusion, dim, None, _EMBEDDINGS, fusion_model)

@@ -382,7 +382,7 @@ class _FuseTrainer:
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps or total)
         self.step = self.epoch = self.batch_in_epoch = 0
-        self._saved_step = -1
+        self._saved_step = self._logged_step = -1
         self.last: dict[str, float] = {}
         RunDir.create(self.run.path, cfg, cfg.seed)
         if not (cfg.train.resume and self._resume(cfg.train.resume)):
@@ -455,6 +455,7 @@ class _FuseTrainer:
         write_text_atomic(file, "".join(line + "\n" for line in keep))
 
     def _log(self, row: dict[str, Any]) -> None:
+        self._logged_step = row["step"]
         with open(self.run.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -532,7 +533,7 @@ class _FuseTrainer:
                     row = {"step": self.step, "epoch": self.epoch, "event": "epoch_end"}
                     self._log({**row, **self.last})
                     self.save()
-        if self.step > first_step and self.step % cfg.train.log_every:  # last step, not yet logged
+        if self.step > first_step and self._logged_step != self.step:  # the last step, once
             self._log({"step": self.step, "epoch": self.epoch, "lr": lr, **self.last})
         self.save()
         self._write_outputs(final, time.perf_counter() - started)
@@ -585,4 +586,37 @@ def train_caface(
     cfg = load_fuse_config(config)
     if out_dir is not None:
         cfg = dataclasses.replace(cfg, output_dir=str(out_dir))
+    final = _completed_run(cfg)
+    if final is not None:
+        print(
+            f"{cfg.output_dir} is already complete (caface.ckpt of this config): nothing to "
+            "train. Use another output_dir, or raise train.epochs with train.resume=auto, to "
+            "train more.",
+            flush=True,
+        )
+        return final
     return _FuseTrainer(cfg).fit()
+
+
+def _completed_run(cfg: FuseTrainConfig) -> Path | None:
+    """``caface.ckpt`` of ``cfg.output_dir`` when it is the finished run of this very config
+    (its last checkpoint's config equal but for ``train.progress`` and ``train.resume``, and
+    its features the same)."""
+    run = RunDir(cfg.output_dir)
+    final = run.path / "caface.ckpt"
+    found = ckpt.list_checkpoints(run.checkpoints_dir)
+    if not final.is_file() or not found:
+        return None
+
+    def comparable(config: dict[str, Any]) -> dict[str, Any]:
+        config = json.loads(json.dumps(config))
+        for key in ("progress", "resume"):
+            config.get("train", {}).pop(key, None)
+        return config
+
+    main = ckpt.load_main(found[-1])
+    stored = main.get("config")
+    if not isinstance(stored, dict) or comparable(stored) != comparable(to_dict(cfg)):
+        return None
+    features = json.loads(json.dumps(_features_key(FusionFeatures.open(cfg.features))))
+    return final if json.loads(json.dumps(main.get("features"))) == features else None

@@ -29,6 +29,7 @@ import functools
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +70,18 @@ def load_weights(path: str | Path, *, unsafe_legacy_load: bool = False, mmap: bo
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe_legacy_load, mmap=mmap)
+        with warnings.catch_warnings():  # torch warns before failing on a non-PyTorch file
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(
+                path, map_location="cpu", weights_only=not unsafe_legacy_load, mmap=mmap
+            )
     except pickle.UnpicklingError as exc:
         refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if refused is None:
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            detail = reason.group(1).strip() if reason else _first_line(exc)
             raise DataFormatError(
-                path, f"not a readable PyTorch checkpoint ({_first_line(exc)})"
+                path, f"not a PyTorch checkpoint (unpickling failed: {detail})"
             ) from None
         raise DataFormatError(
             path,

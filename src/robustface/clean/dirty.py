@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from robustface.config import SynthConfig
-from robustface.data.noise import CLOSED, OPEN, NoisePlan, inject_noise
+from robustface.data.noise import CLOSED, OPEN, NoisePlan, inject_noise, read_npz_arrays
 from robustface.data.synth.builder import ensure_synthface
 from robustface.errors import DataFormatError
 from robustface.utils.guards import check_real
@@ -144,15 +144,7 @@ class Truth:
 
 def load_truth(path: str | Path) -> Truth:
     """Read ``truth.npz`` (or the one in a directory)."""
-    path = Path(path)
-    file = path / TRUTH_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"truth list not found: {file}")
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise DataFormatError(file, f"cannot read as .npz: {exc}") from exc
+    file, arrays = read_npz_arrays(path, TRUTH_FILE, "truth list")
     names = [f.name for f in dataclasses.fields(Truth)]
     missing = [n for n in names if n not in arrays]
     if missing:

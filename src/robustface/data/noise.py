@@ -52,6 +52,7 @@ __all__ = [
     "noise_summary_table",
     "parse_noise_setting",
     "plan_label_noise",
+    "read_npz_arrays",
 ]
 
 CLEAN, CLOSED, OPEN = 0, 1, 2
@@ -445,17 +446,24 @@ def save_noise_list(plan: NoisePlan, path: str | Path) -> None:
         np.savez(fh, **plan.arrays())
 
 
-def load_noise_list(path: str | Path) -> NoisePlan:
-    """Read a noise list: ``noise.npz`` or a directory holding one."""
+def read_npz_arrays(path: str | Path, name: str, what: str) -> tuple[Path, dict[str, np.ndarray]]:
+    """The file and the arrays of a per-sample list: ``path`` is an ``.npz`` or a directory
+    holding ``name``; read without pickles. A missing file is a ``FileNotFoundError`` naming
+    ``what``, an unreadable one a :class:`DataFormatError` (noise lists, cleaning truth lists)."""
     path = Path(path)
-    file = path / NOISE_LIST if path.is_dir() else path
+    file = path / name if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"noise list not found: {file}")
+        raise FileNotFoundError(f"{what} not found: {file}")
     try:
         with np.load(file, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            return file, {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
         raise DataFormatError(file, f"cannot read as .npz: {exc}") from exc
+
+
+def load_noise_list(path: str | Path) -> NoisePlan:
+    """Read a noise list: ``noise.npz`` or a directory holding one."""
+    file, arrays = read_npz_arrays(path, NOISE_LIST, "noise list")
     fields = {f.name: f for f in dataclasses.fields(NoisePlan)}
     missing = [k for k, f in fields.items() if k not in arrays and f.default is not None]
     if missing:

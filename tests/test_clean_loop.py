@@ -10,23 +10,12 @@ from robustface.clean import loop
 from robustface.clean.dirty import load_truth, make_dirty_synthface
 from robustface.clean.loop import CleanConfig, _write_cleaned, clean_loop, remap_labels
 from robustface.cli import main
-from robustface.config import ConfigError, SynthConfig, load_config
+from robustface.config import ConfigError, load_config
 from robustface.data.recordio import RecordIODataset
+from synth_configs import TINY_DIRTY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SMALL = SynthConfig(
-    identities=8,
-    images_per_identity=20,
-    open_set_identities=4,
-    open_set_images_per_identity=4,
-    test_identities=20,
-    lfw_pairs=20,
-    cfp_fp_pairs=20,
-    lowq_pairs=20,
-    ijb_identities=0,
-    image_size=48,
-)
 BASE = [
     "base.data.batch_size=16",
     "base.data.num_workers=0",
@@ -46,7 +35,7 @@ BASE = [
 @pytest.fixture(scope="module")
 def dirty(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
-    return make_dirty_synthface(root / "dirty", SMALL, workers=1, progress=False).train
+    return make_dirty_synthface(root / "dirty", TINY_DIRTY, workers=1, progress=False).train
 
 
 def _config(out, data, *extra):

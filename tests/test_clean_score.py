@@ -25,9 +25,10 @@ from robustface.clean.score import (
     split_candidates,
 )
 from robustface.cli import main
-from robustface.config import SynthConfig, load_config
+from robustface.config import load_config
 from robustface.errors import DataFormatError
 from robustface.train import Trainer
+from synth_configs import TINY_DIRTY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -252,20 +253,6 @@ def test_precision_recall_against_hand_counts():
 
 
 # ----------------------------------------------------------------------------------- end to end
-TINY_DIRTY = SynthConfig(
-    identities=8,
-    images_per_identity=20,
-    open_set_identities=4,
-    open_set_images_per_identity=4,
-    test_identities=20,
-    lfw_pairs=20,
-    cfp_fp_pairs=20,
-    lowq_pairs=20,
-    ijb_identities=0,
-    image_size=48,
-)
-
-
 def _train(out: Path, data: Path, *extra: str) -> Path:
     cfg = load_config(
         None,

@@ -29,6 +29,7 @@ from robustface.evaluate.roc import FARS, Roc
 from robustface.fuse import AGGREGATORS, CAFace, CAFaceAggregator, embed_with_styles
 from robustface.models import build_backbone
 from robustface.models.loading import load_backbone
+from synth_configs import IJB_SYNTH
 
 TINY_CHANNELS = 96  # r18_tiny: layer2 (32) + layer3 (64)
 
@@ -55,28 +56,11 @@ def _save(model: CAFace, path: Path) -> Path:
     return path
 
 
-IJB_SYNTH = dict(
-    identities=2,
-    images_per_identity=1,
-    open_set_identities=0,
-    test_identities=20,
-    lfw_pairs=0,
-    cfp_fp_pairs=0,
-    lowq_pairs=0,
-    ijb_identities=4,
-    ijb_templates_per_identity=3,
-    ijb_max_media_per_template=2,
-    ijb_max_images_per_media=2,
-    ijb_impostor_ratio=3,
-)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    from robustface.config import SynthConfig
 
     root = tmp_path_factory.mktemp("fuse_ijb")
-    synth = build_synthface(root / "synth", SynthConfig(**IJB_SYNTH), workers=1, progress=False)
+    synth = build_synthface(root / "synth", IJB_SYNTH, workers=1, progress=False)
     torch.manual_seed(0)
     weights = root / "tiny.pth"
     torch.save(build_backbone("r18_tiny").state_dict(), weights)

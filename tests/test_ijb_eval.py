@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from robustface.cli import main
-from robustface.config import SynthConfig
 from robustface.data.ijb import read_ijb_meta
 from robustface.data.image import decode_image
 from robustface.data.synth.builder import build_synthface
@@ -34,6 +33,7 @@ from robustface.evaluate.roc import FARS, Roc, roc_curve, tar_at_far
 from robustface.evaluate.verification import embed_pairs
 from robustface.models import build_backbone
 from robustface.models.loading import load_backbone
+from synth_configs import IJB_SYNTH
 
 # ---- brute-force references ---------------------------------------------------------------------
 
@@ -532,21 +532,6 @@ def test_write_evaluation(tmp_path):
 
 
 # ---- end to end from the CLI --------------------------------------------------------------------
-
-IJB_SYNTH = SynthConfig(
-    identities=2,
-    images_per_identity=1,
-    open_set_identities=0,
-    test_identities=20,
-    lfw_pairs=0,
-    cfp_fp_pairs=0,
-    lowq_pairs=0,
-    ijb_identities=4,
-    ijb_templates_per_identity=3,
-    ijb_max_media_per_template=2,
-    ijb_max_images_per_media=2,
-    ijb_impostor_ratio=3,
-)
 
 
 @pytest.fixture(scope="module")

@@ -707,7 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how an embedded image and its mirror become one feature: norm_weighted (summed, "
         "insightface's gen_megaface), mean, or caface (needs --fusion-model)",
     )
-    q.add_argument("--fusion-model", type=Path, help="CAFace checkpoint for --aggregation caface")
+    q.add_argument(
+        "--fusion-model",
+        type=Path,
+        help="CAFace checkpoint (.ckpt) for --aggregation caface, which refuses to run without "
+        "one; the other aggregations take none",
+    )
     q.add_argument(
         "--style-blocks",
         nargs="+",

@@ -422,6 +422,11 @@ def test_input_size_of_a_pth_is_set_for_run_and_eval_and_the_count_used_is_told(
     capsys.readouterr()
     assert main([*eval_args, "--input-size", "32"]) == 0
     assert json.loads((tmp_path / "o" / "scores_m1.pth.json").read_text())["independent"]
+    copy = tmp_path / "copy_of_m0.pth"  # the inverted weights under another name
+    copy.write_bytes((tmp_path / "m0.pth").read_bytes())
+    capsys.readouterr()
+    assert main([*eval_args[:-1], str(copy), "--input-size", "32"]) == 2
+    assert "gives the inverted model's embeddings" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"eval.input_size: must be > 0"):
         load_config(None, ["model=m.pth", "eval.input_size=0"], cls=InvertConfig)
 

@@ -64,6 +64,25 @@ def check_independent(independent: str | Path | None, inverted: str | Path) -> N
         )
 
 
+def _check_distinct(
+    probe: np.ndarray,
+    inverted: tuple[nn.Module, int],
+    independent: tuple[nn.Module, int],
+    source: str | Path,
+    device: str | torch.device,
+) -> None:
+    """``ValueError`` when the ``independent`` model embeds ``probe`` as the ``inverted`` one does:
+    the same weights under another path or format (a copy, an ONNX export)."""
+    a, b = (
+        embed_pairs(probe, m, device=device, input_size=s)[0] for m, s in (inverted, independent)
+    )
+    if a.shape == b.shape and np.allclose(_unit(a), _unit(b), atol=1e-4):
+        raise ValueError(
+            f"eval.model {source} gives the inverted model's embeddings (a copy or an export of "
+            "it?): score with an independent one (another seed or another head)"
+        )
+
+
 def score_model(
     images: np.ndarray,
     targets: Targets,
@@ -139,7 +158,8 @@ def score_inversions(
     """Scores by the inverted model (``(model, input size, classifier)``) and by the model at
     ``independent`` (a run directory, ``.pth`` or ``.onnx``; a run directory with the same classes
     for ``class`` targets; ``independent_kwargs``: its ``load_backbone`` arguments, e.g.
-    ``input_size``). ``ValueError`` when ``independent`` is the inverted model itself."""
+    ``input_size``). ``ValueError`` when ``independent`` is the inverted model itself (the same
+    path, or the same embeddings of the first inversions: a copy or an export)."""
     kwargs = {k: v for k, v in (independent_kwargs or {}).items() if v is not None}
     model, size, classifier = inverted
     own = score_model(
@@ -166,6 +186,7 @@ def score_inversions(
         indep_model, indep_size, indep_classifier = run.backbone, run.input_size, run.classifier
     else:
         indep_model, indep_size = load_backbone(independent, device=device, **kwargs)
+    _check_distinct(images[:8], (model, size), (indep_model, indep_size), independent, device)
     result["independent"] = {
         "model": str(independent),
         **score_model(

@@ -473,7 +473,8 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
         values = getattr(scores, name)
         image[bound] = None
         if np.isfinite(values).any():
-            image[bound] = _robust_bound(values, z, upper)
+            # all four statistics are >= 0 (a share, bits, a log1p): so are their bounds
+            image[bound] = max(0.0, _robust_bound(values, z, upper))
             source[bound] = f"median{'+' if upper else '-'}{z}MAD"
     stroke_tones = None
     if np.isfinite(scores.stroke).any():

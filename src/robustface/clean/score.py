@@ -97,17 +97,21 @@ def image_stats(image: np.ndarray) -> np.ndarray:
     image = np.ascontiguousarray(image)
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     stroke = math.log10(float(cv2.Laplacian(grey, cv2.CV_64F).var()) + 1.0)
-    share = np.bincount(grey.ravel(), minlength=256) / grey.size
+    share = cv2.calcHist([grey], [0], None, [256], [0, 256]).ravel() / grey.size
     share = share[share > 0]
     tones = float(-(share * np.log2(share)).sum())
-    r, g, b = (image[..., i].astype(np.float64) for i in range(3))
-    rg, yb = r - g, 0.5 * (r + g) - b
-    colourful = math.hypot(rg.std(), yb.std()) + 0.3 * math.hypot(rg.mean(), yb.mean())
+    rgb = image.astype(np.float32)
+    rg = rgb[..., 0] - rgb[..., 1]
+    yb = 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
+    (m_rg,), (s_rg,) = (v.ravel() for v in cv2.meanStdDev(rg))
+    (m_yb,), (s_yb,) = (v.ravel() for v in cv2.meanStdDev(yb))
+    colourful = math.hypot(s_rg, s_yb) + 0.3 * math.hypot(m_rg, m_yb)
     h, w = grey.shape
-    centre = image[h // 4 : h - h // 4, w // 4 : w - w // 4]
-    ycrcb = cv2.cvtColor(np.ascontiguousarray(centre), cv2.COLOR_RGB2YCrCb)
-    cr, cb = ycrcb[..., 1], ycrcb[..., 2]
-    skin = float(np.mean((cr >= 133) & (cr <= 173) & (cb >= 77) & (cb <= 127)))
+    centre = np.ascontiguousarray(image[h // 4 : h - h // 4, w // 4 : w - w // 4])
+    ycrcb = cv2.cvtColor(centre, cv2.COLOR_RGB2YCrCb)
+    skin = cv2.countNonZero(cv2.inRange(ycrcb, (0, 133, 77), (255, 173, 127))) / max(
+        centre.shape[0] * centre.shape[1], 1
+    )
     return np.array([stroke, tones, math.log1p(colourful), skin], dtype=np.float32)
 
 

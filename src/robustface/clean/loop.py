@@ -11,7 +11,8 @@ file it writes last, so an interrupted run continues where it stopped::
     OUT/round_1/round.json           the round's summary (written last: the round is done)
     OUT/round_2/...                  trains on round_1/data, and so on
     OUT/flags.csv                    per sample of the input set: the round it left, flag, reason
-    OUT/report.md, rounds.json, rounds.png
+    OUT/report.md, rounds.json, rounds.png   per round; with a truth list, also rounds 1..r
+                                     together against the original set (``cumulative``)
 
 Round ``r`` trains on the set round ``r - 1`` wrote (round 1 on ``data``), scores that set and
 writes the next one into its own directory; no round writes into another's. Actions: ``remove``

@@ -263,6 +263,34 @@ def test_image_statistic_rules_on_planted_cases():
                               "nonface", "sketch"]  # fmt: skip
     scores.angle_own[0], scores.angle_other[0] = 52, 55  # every centre > 50 deg away
     assert flag_samples(scores, t).names()[0] == "nonface"
+    # the no-skin rules are on only when the no-skin samples have a separate far tail
+    rng = np.random.default_rng(0)
+    n = 2000
+    many = dataclasses.replace(
+        scores,
+        **{f.name: np.resize(getattr(scores, f.name), n) for f in dataclasses.fields(scores)},
+    )
+    many.skin = rng.uniform(0.5, 1.0, n).astype(np.float32)
+    many.skin[:300] = rng.uniform(0.0, 0.05, 300)  # 15% without skin, all faces near a centre
+    many.colour = rng.normal(3.5, 0.3, n).astype(np.float32)
+    many.stroke = np.full(n, 2.0, np.float32)  # no drawings
+    many.angle_own = rng.normal(30, 5, n).astype(np.float32)
+    many.angle_other = np.full(n, 120.0, np.float32)
+    chosen = choose_thresholds(many)
+    assert chosen.skin_low is not None and 0.05 < chosen.skin_low < 0.5
+    assert chosen.angle_any_soft is None and chosen.colour_high is None
+    nonface = flag_samples(many, chosen).names() == "nonface"  # only by the hard angle rule
+    assert np.array_equal(nonface, many.angle_any > chosen.angle_any) and nonface.sum() < 10
+    many.angle_own[:100] = rng.normal(80, 5, 100)  # a third of them far from every centre
+    chosen = choose_thresholds(many)
+    assert chosen.angle_any_soft is not None and chosen.colour_high is not None
+    nonface = flag_samples(many, chosen).names() == "nonface"
+    assert nonface[:100].all()
+    soft = (many.skin < chosen.skin_low) & (many.angle_any > chosen.angle_any_soft)
+    colour = (many.skin < chosen.skin_low) & (
+        (many.colour < chosen.colour_low) | (many.colour > chosen.colour_high)
+    )
+    assert np.array_equal(nonface, soft | colour | (many.angle_any > chosen.angle_any))
     # statistics that were not measured (NaN) get no threshold and never fire
     scores, _ = _planted()
     bare = dataclasses.replace(scores, tones=None, colour=None, skin=None)

@@ -446,7 +446,10 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
     the angles below ``angle_own`` (the members), capped at ``angle_own``; ``angle_any``: median
     + 3 MAD of the angle to the nearest centre of any class, ``angle_any_soft`` + 1.5 MAD;
     ``skin_low``: median - 2 MAD of the skin share; ``colour_low`` / ``colour_high``: median
-    -+ 3 MAD of the colourfulness; ``tones_low``: median - 1 MAD of the tones; ``norm_low`` /
+    -+ 3 MAD of the colourfulness; ``angle_any_soft``, ``colour_low`` and ``colour_high`` only
+    when the angles to the nearest centre of the samples below ``skin_low`` have a separate
+    tail (:func:`gmm_crossing`; else None: the no-skin rules would only cut the bulk);
+    ``tones_low``: median - 1 MAD of the tones; ``norm_low`` /
     ``norm_floor``: the mixture crossing on log norms of the members, and their robust lower
     bound (median - 3 MAD); ``stroke`` / ``stroke_soft``: the mixture crossing on the stroke
     energy if it separates a mode above the bulk, else median + 2.5 MAD, and median + 1.5 MAD.
@@ -465,8 +468,6 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
     source["angle_member"] = "median+1MAD of members"
     # non-faces are too rare for a mixture: the robust outlier bound
     any_, source["angle_any"] = _robust_bound(scores.angle_any, 3, True), "median+3MAD"
-    any_soft = _robust_bound(scores.angle_any, 1.5, True)
-    source["angle_any_soft"] = "median+1.5MAD"
     image: dict[str, float | None] = {}
     for name, bound, z, upper in (
         ("skin", "skin_low", 2, False),
@@ -480,6 +481,18 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
             # all four statistics are >= 0 (a share, bits, a log1p): so are their bounds
             image[bound] = max(0.0, _robust_bound(values, z, upper))
             source[bound] = f"median{'+' if upper else '-'}{z}MAD"
+    # the no-skin rules only when the no-skin samples hold a separate tail far from every
+    # centre (non-faces are there); on a set without non-faces they would only cut its bulk
+    any_soft = None
+    if image["skin_low"] is not None:
+        no_skin = scores.skin < image["skin_low"]
+        if gmm_crossing(scores.angle_any[no_skin]) is not None:
+            any_soft = _robust_bound(scores.angle_any, 1.5, True)
+            source["angle_any_soft"] = "median+1.5MAD (no-skin samples have a tail)"
+        else:
+            image["colour_low"] = image["colour_high"] = None
+            for name in ("angle_any_soft", "colour_low", "colour_high"):
+                source[name] = "none: no tail among the no-skin samples"
     stroke_tones = None
     if np.isfinite(scores.stroke).any():
         stroke_tones, source["stroke_tones"] = _robust_bound(scores.stroke, 1, True), "median+1MAD"

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from robustface.clean import loop
-from robustface.clean.dirty import load_truth, make_dirty_synthface
+from robustface.clean.dirty import TRUTH_KINDS, load_truth, make_dirty_synthface
+from robustface.clean.evaluate import EXPECTED
 from robustface.clean.loop import CleanConfig, _write_cleaned, clean_loop, remap_labels
+from robustface.clean.score import FLAGS
 from robustface.cli import main
 from robustface.config import ConfigError, load_config
 from robustface.data.recordio import RecordIODataset
@@ -93,6 +95,21 @@ def test_loop_end_to_end_and_resume(dirty, tmp_path, monkeypatch):
     for name in ("report.md", "rounds.png", "rounds.json"):
         assert (out / name).is_file()
     assert "against the truth" in (out / "report.md").read_text()
+    # rounds 1 and 2 together, against the original truth: the union of each round's flags
+    assert "Rounds 1 to 2 together" in (out / "report.md").read_text()
+    assert len(summary["cumulative"]) == 2
+    flagged = np.zeros((160, len(FLAGS)), bool)
+    origin = np.arange(160)
+    for r in (1, 2):
+        flagged[origin, np.load(out / f"round_{r}" / "score" / "scores.npz")["flag"]] = True
+        origin = np.load(out / f"round_{r}" / "data" / "origin.npy")
+    for name, expected in EXPECTED.items():
+        is_kind = truth.kind == TRUTH_KINDS.index(name)
+        hits = int(np.sum(is_kind & flagged[:, FLAGS.index(expected)]))
+        assert summary["cumulative"][1][name]["flagged"] == flagged[:, FLAGS.index(expected)].sum()
+        if is_kind.any():
+            assert summary["cumulative"][1][name]["recall"] == pytest.approx(hits / is_kind.sum())
+    assert summary["cumulative"][1]["removal"]["flagged"] == int((left > 0).sum())
     # a finished run is read back without retraining; another config is refused
     again = clean_loop(cfg, progress=False)
     assert again["rounds"] == summary["rounds"]

@@ -2,6 +2,7 @@
 precision/recall against hand counts."""
 
 import collections
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,15 +10,17 @@ import numpy as np
 import pytest
 
 from robustface.clean.dirty import Truth, load_truth, make_dirty_synthface
-from robustface.clean.evaluate import evaluate_flags, evaluation_table
+from robustface.clean.evaluate import evaluate_cumulative, evaluate_flags, evaluation_table
 from robustface.clean.score import (
     FLAGS,
+    IMAGE_STATS,
     Scores,
     Thresholds,
     choose_thresholds,
     compute_scores,
     flag_samples,
     gmm_crossing,
+    image_stats,
     knn_settings,
     merge_candidates,
     read_flags_csv,
@@ -138,17 +141,66 @@ def test_gmm_crossing_finds_the_gap_and_refuses_one_mode():
     assert gmm_crossing(np.ones(50)) is None and gmm_crossing(np.arange(5.0)) is None
 
 
+def test_gmm_crossing_finds_no_tail_in_a_skewed_bulk():
+    # a skewed bulk with no tail: a 2-component mixture still fits better (by BIC) with a minority
+    # upper component, but the components overlap (Ashman's D < 2): no threshold
+    rng = np.random.default_rng(0)
+    skewed = rng.lognormal(3.4, 0.3, 3000)
+    assert gmm_crossing(skewed) is None
+    # the same bulk with a separate tail of 15% keeps its threshold, above the bulk
+    t = gmm_crossing(np.concatenate([skewed, rng.normal(110, 8, 500)]))
+    assert t is not None and np.quantile(skewed, 0.97) < t < 100
+    # scored samples with these angles: no tail, so the round cuts nothing of the bulk (the
+    # robust bound median + 3 MAD is above 98% of it; the mixture alone cut at 41 deg, 15%)
+    scores, _ = _planted()
+    n = skewed.size
+    many = dataclasses.replace(
+        scores,
+        **{f.name: np.resize(getattr(scores, f.name), n) for f in dataclasses.fields(scores)},
+    )
+    many.angle_own = skewed.astype(np.float32)
+    many.angle_other = np.full(n, 120.0, np.float32)
+    chosen = choose_thresholds(many)
+    assert chosen.source["angle_own"] == "median+3MAD"
+    assert np.mean(skewed > chosen.angle_own) < 0.02
+
+
+def test_image_statistics_of_planted_images():
+    size = 64
+    skin = np.full((size, size, 3), (200, 150, 120), np.uint8)  # Y 161.5, Cr 155.4, Cb 104.6
+    lines = np.full((size, size, 3), 255, np.uint8)
+    lines[::8] = 0  # 8 of 64 rows black: two grey tones
+    wall = np.full((size, size, 3), 128, np.uint8)
+    texture = np.kron(np.random.default_rng(0).integers(0, 256, (8, 8, 3)), np.ones((8, 8, 1)))
+    stats = {name: image_stats(im.astype(np.uint8))
+             for name, im in (("skin", skin), ("lines", lines), ("wall", wall),
+                              ("texture", texture))}  # fmt: skip
+    assert list(IMAGE_STATS) == ["stroke", "tones", "colour", "skin"]
+    # tones: entropy of the grey histogram; the lines have shares 1/8 and 7/8
+    h = -(1 / 8 * np.log2(1 / 8) + 7 / 8 * np.log2(7 / 8))
+    assert stats["lines"][1] == pytest.approx(h, abs=1e-5)
+    assert stats["wall"][1] == 0.0 and stats["skin"][1] == 0.0
+    # colour: log(1 + M), M = hypot(std rg, std yb) + 0.3 hypot(mean rg, mean yb)
+    m = 0.3 * np.hypot(200 - 150, 0.5 * (200 + 150) - 120)
+    assert stats["skin"][2] == pytest.approx(np.log1p(m), rel=1e-5)
+    assert stats["wall"][2] == 0.0 and stats["texture"][2] > stats["skin"][2]
+    # skin: the whole centre of the skin image, none of the others
+    assert stats["skin"][3] == 1.0 and stats["lines"][3] == stats["wall"][3] == 0.0
+    # stroke: log10(1 + variance of the Laplacian); a flat image has none
+    assert stats["wall"][0] == 0.0 and stats["lines"][0] > 3.0
+
+
 def _planted() -> tuple[Scores, Thresholds]:
     """One sample per rule, in FLAGS order, and thresholds that make each fire."""
     rows = {
-        # (angle_own, angle_other, knn_label, knn_share, norm, stroke)
-        "clean": (20, 70, 0, 0.9, 10, 2.0),
-        "hard": (40, 70, 0, 0.9, 10, 2.0),
-        "mislabeled": (80, 25, 3, 0.8, 10, 2.0),
-        "open_set": (80, 70, 5, 0.3, 10, 2.0),
-        "low_quality": (25, 70, 0, 0.9, 2, 2.0),
-        "nonface": (100, 95, 4, 0.3, 10, 2.0),
-        "sketch": (30, 60, 0, 0.9, 10, 4.5),
+        # (angle_own, angle_other, knn_label, knn_share, norm, stroke, tones, colour, skin)
+        "clean": (20, 70, 0, 0.9, 10, 2.0, 6.5, 3.5, 0.8),
+        "hard": (40, 70, 0, 0.9, 10, 2.0, 6.5, 3.5, 0.8),
+        "mislabeled": (80, 25, 3, 0.8, 10, 2.0, 6.5, 3.5, 0.8),
+        "open_set": (80, 70, 5, 0.3, 10, 2.0, 6.5, 3.5, 0.8),
+        "low_quality": (25, 70, 0, 0.9, 2, 2.0, 6.5, 3.5, 0.8),
+        "nonface": (100, 95, 4, 0.3, 10, 2.0, 6.5, 3.5, 0.8),
+        "sketch": (30, 60, 0, 0.9, 10, 4.5, 6.5, 3.5, 0.8),
     }
     values = np.array(list(rows.values()), dtype=np.float64)
     n = len(rows)
@@ -163,9 +215,14 @@ def _planted() -> tuple[Scores, Thresholds]:
         norm=values[:, 4].astype(np.float32),
         crfiqa=np.zeros(n, np.float32),
         stroke=values[:, 5].astype(np.float32),
+        tones=values[:, 6].astype(np.float32),
+        colour=values[:, 7].astype(np.float32),
+        skin=values[:, 8].astype(np.float32),
     )
     t = Thresholds(angle_own=60, angle_hard=35, angle_member=30, angle_any=90, norm_low=5,
-                   norm_floor=4, stroke=4.0, stroke_soft=3.0, knn_share=0.5)  # fmt: skip
+                   norm_floor=4, stroke=4.0, stroke_soft=3.0, knn_share=0.5, angle_any_soft=50,
+                   stroke_tones=2.5, tones_low=5.0, skin_low=0.3, colour_low=2.0,
+                   colour_high=4.5)  # fmt: skip
     return scores, t
 
 
@@ -186,6 +243,64 @@ def test_each_flag_on_a_planted_case():
     assert flag_samples(scores, t).names()[2] == "open_set"
 
 
+def test_image_statistic_rules_on_planted_cases():
+    scores, t = _planted()
+    # a near-centre face with strong strokes and few tones is a drawing; either alone is not
+    scores.stroke[0], scores.tones[0] = 3.0, 4.0
+    scores.stroke[1], scores.tones[1] = 3.0, 6.0
+    scores.stroke[4], scores.tones[4] = 2.0, 4.0
+    names = flag_samples(scores, t).names()
+    assert (names[0], names[1], names[4]) == ("sketch", "hard", "low_quality")
+    # no skin where the face should be: a non-face when also far from every centre (> 50 deg)
+    # or of an outlying colourfulness (outside [2, 4.5]); no skin alone is not enough
+    scores, t = _planted()
+    scores.skin[:] = 0.1
+    scores.colour[1] = 5.0  # hard row: very colourful
+    scores.colour[4] = 1.0  # low-quality row: hardly any colour (a blank wall)
+    names = flag_samples(scores, t).names()
+    # the open-set row (every centre >= 70 deg) is now a non-face, the mislabel (25 deg) is not
+    assert names.tolist() == ["clean", "nonface", "mislabeled", "nonface", "nonface",
+                              "nonface", "sketch"]  # fmt: skip
+    scores.angle_own[0], scores.angle_other[0] = 52, 55  # every centre > 50 deg away
+    assert flag_samples(scores, t).names()[0] == "nonface"
+    # the no-skin rules are on only when the no-skin samples have a separate far tail
+    rng = np.random.default_rng(0)
+    n = 2000
+    many = dataclasses.replace(
+        scores,
+        **{f.name: np.resize(getattr(scores, f.name), n) for f in dataclasses.fields(scores)},
+    )
+    many.skin = rng.uniform(0.5, 1.0, n).astype(np.float32)
+    many.skin[:300] = rng.uniform(0.0, 0.05, 300)  # 15% without skin, all faces near a centre
+    many.colour = rng.normal(3.5, 0.3, n).astype(np.float32)
+    many.stroke = np.full(n, 2.0, np.float32)  # no drawings
+    many.angle_own = rng.normal(30, 5, n).astype(np.float32)
+    many.angle_other = np.full(n, 120.0, np.float32)
+    chosen = choose_thresholds(many)
+    assert chosen.skin_low is not None and 0.05 < chosen.skin_low < 0.5
+    assert chosen.angle_any_soft is None and chosen.colour_high is None
+    nonface = flag_samples(many, chosen).names() == "nonface"  # only by the hard angle rule
+    assert np.array_equal(nonface, many.angle_any > chosen.angle_any) and nonface.sum() < 10
+    many.angle_own[:100] = rng.normal(80, 5, 100)  # a third of them far from every centre
+    chosen = choose_thresholds(many)
+    assert chosen.angle_any_soft is not None and chosen.colour_high is not None
+    nonface = flag_samples(many, chosen).names() == "nonface"
+    assert nonface[:100].all()
+    soft = (many.skin < chosen.skin_low) & (many.angle_any > chosen.angle_any_soft)
+    colour = (many.skin < chosen.skin_low) & (
+        (many.colour < chosen.colour_low) | (many.colour > chosen.colour_high)
+    )
+    assert np.array_equal(nonface, soft | colour | (many.angle_any > chosen.angle_any))
+    # statistics that were not measured (NaN) get no threshold and never fire
+    scores, _ = _planted()
+    bare = dataclasses.replace(scores, tones=None, colour=None, skin=None)
+    assert np.isnan(bare.skin).all() and len(bare.skin) == len(scores)
+    chosen = choose_thresholds(bare)
+    assert chosen.skin_low is None and chosen.tones_low is None and chosen.colour_high is None
+    scores.skin[:] = np.nan
+    assert flag_samples(scores, t).names().tolist() == list(FLAGS)
+
+
 def test_thresholds_out_of_range_are_clear_errors():
     scores, _ = _planted()
     with pytest.raises(ValueError, match=r"thresholds\.angle_own"):
@@ -194,7 +309,7 @@ def test_thresholds_out_of_range_are_clear_errors():
         choose_thresholds(scores, {"angle_own": 30, "angle_hard": 50, "angle_member": 20})
     with pytest.raises(ValueError, match="unknown threshold 'angel_own'") as info:
         choose_thresholds(scores, {"angel_own": 30})
-    assert str(info.value).endswith("norm_floor, stroke, stroke_soft, knn_share")
+    assert str(info.value).endswith("colour_low, colour_high, tones_low, knn_share")
     with pytest.raises(ValueError, match=r"thresholds\.knn_share"):
         choose_thresholds(scores, {"knn_share": 1.5})
 
@@ -250,6 +365,43 @@ def test_precision_recall_against_hand_counts():
     assert r["clean"]["kept"] == pytest.approx(2 / 3) and r["clean"]["hard_kept"] == 1.0
     assert r["suggested_class"] == {"detected": 1, "correct": 1.0}
     assert r["merge"] == {"pairs": 1, "proposed": 2, "precision": 0.5, "recall": 1.0}
+
+
+def test_cumulative_evaluation_is_the_union_over_rounds():
+    # original set: 6 samples; round 1 flags rows 0 (mislabeled) and 4 (nonface);
+    # round 2 (on rows 1, 2, 3, 5) flags row 2 (open_set) and row 5 (mislabeled)
+    kind = np.array([1, 1, 2, 0, 5, 0], np.int8)  # closed closed open clean nonface clean
+    truth = Truth(
+        kind=kind,
+        label=np.zeros(6, np.int64),
+        true_label=np.zeros(6, np.int64),
+        identity=np.zeros(6, np.int64),
+        quality=np.ones(6, np.float32),
+        hard=np.array([0, 0, 0, 0, 0, 1], bool),
+        duplicate_of=np.array([-1]),
+    )
+    flagged = np.zeros((6, len(FLAGS)), bool)
+    flagged[:, FLAGS.index("clean")] = True
+    for row, name in ((0, "mislabeled"), (4, "nonface"), (2, "open_set"), (5, "mislabeled")):
+        flagged[row, FLAGS.index(name)] = True
+    removed = np.array([1, 0, 1, 0, 1, 1], bool)
+    r = evaluate_cumulative(flagged, removed, truth)
+    # mislabeled: rows 0 (closed) and 5 (clean) -> P 1/2; closed rows 0, 1 -> R 1/2
+    assert (r["closed"]["precision"], r["closed"]["recall"]) == (0.5, 0.5)
+    assert r["closed"]["removed"] == 0.5
+    assert (r["open"]["precision"], r["open"]["recall"]) == (1.0, 1.0)
+    assert (r["nonface"]["precision"], r["nonface"]["recall"]) == (1.0, 1.0)
+    assert np.isnan(r["sketch"]["precision"]) and np.isnan(r["sketch"]["recall"])
+    # removal: removed 0, 2, 4, 5; noisy 0, 1, 2, 4 -> 3 of 4 both ways
+    assert (r["removal"]["precision"], r["removal"]["recall"]) == (0.75, 0.75)
+    assert r["clean"] == {"samples": 2, "kept": 0.5, "hard": 1, "hard_kept": 0.0}
+    # one round alone is evaluate_flags
+    flag = np.array([FLAGS.index(f) for f in ("mislabeled", "clean", "open_set", "hard",
+                                               "nonface", "clean")])  # fmt: skip
+    one = evaluate_flags(flag, np.full(6, -1), truth)
+    alone = evaluate_cumulative(flag[:, None] == np.arange(len(FLAGS)), flag >= 2, truth)
+    for name, values in alone.items():
+        assert one[name] == pytest.approx(values, nan_ok=True), name
 
 
 # ----------------------------------------------------------------------------------- end to end

@@ -11,15 +11,17 @@ from robustface.clean.dirty import (
     load_truth,
     make_dirty_synthface,
 )
-from robustface.clean.evaluate import evaluate_flags, evaluation_table
+from robustface.clean.evaluate import evaluate_cumulative, evaluate_flags, evaluation_table
 from robustface.clean.loop import CleanConfig, clean_loop
 from robustface.clean.score import (
     FLAGS,
+    IMAGE_STATS,
     Scores,
     Thresholds,
     choose_thresholds,
     compute_scores,
     flag_samples,
+    image_stats,
     merge_candidates,
     score_to_dir,
     score_training_set,
@@ -39,6 +41,7 @@ from robustface.clean.subcenter import (
 __all__ = [
     "DIRTY_PRESETS",
     "FLAGS",
+    "IMAGE_STATS",
     "TRUTH_KINDS",
     "CleanConfig",
     "DirtySpec",
@@ -54,9 +57,11 @@ __all__ = [
     "drop_decisions",
     "embed_dataset",
     "embed_images",
+    "evaluate_cumulative",
     "evaluate_flags",
     "evaluation_table",
     "flag_samples",
+    "image_stats",
     "load_truth",
     "make_dirty_synthface",
     "merge_candidates",

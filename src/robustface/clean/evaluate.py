@@ -20,7 +20,7 @@ from robustface.clean.dirty import TRUTH_KINDS, Truth
 from robustface.clean.score import FLAGS
 from robustface.utils.table import markdown_table
 
-__all__ = ["EXPECTED", "evaluate_flags", "evaluation_table"]
+__all__ = ["EXPECTED", "evaluate_cumulative", "evaluate_flags", "evaluation_table"]
 
 EXPECTED = {
     "closed": "mislabeled",
@@ -51,13 +51,61 @@ def evaluate_flags(
     flag = np.asarray(flag)
     if flag.shape != truth.kind.shape:
         raise ValueError(f"flags have {flag.size} rows, the truth {truth.kind.size}")
+    flagged = flag[:, None] == np.arange(len(FLAGS))[None, :]
+    out = _per_kind(flagged, flag >= FLAGS.index("mislabeled"), truth)
+    kind = truth.kind
+    canon = np.where(
+        truth.duplicate_of >= 0, truth.duplicate_of, np.arange(truth.duplicate_of.size)
+    )
+    found = (kind == TRUTH_KINDS.index("closed")) & (flag == FLAGS.index("mislabeled"))
+    sugg = np.asarray(suggested)[found]
+    right = (sugg >= 0) & (canon[np.maximum(sugg, 0)] == truth.true_label[found])
+    out["suggested_class"] = {
+        "detected": int(found.sum()),
+        "correct": _ratio(int(right.sum()), int(found.sum())),
+    }
+    if merges is not None:
+        want = {
+            (min(d, int(o)), max(d, int(o))) for d, o in enumerate(truth.duplicate_of) if o >= 0
+        }
+        got = {(a, b) for a, b, _ in merges}
+        out["merge"] = {
+            "pairs": len(want),
+            "proposed": len(got),
+            "precision": _ratio(len(want & got), len(got)),
+            "recall": _ratio(len(want & got), len(want)),
+        }
+    return out
+
+
+def evaluate_cumulative(
+    flagged: np.ndarray, removed: np.ndarray, truth: Truth
+) -> dict[str, dict[str, float]]:
+    """Precision / recall per noise kind of several rounds together, against the original set.
+
+    ``flagged`` (N x len(FLAGS), bool): the flags each sample of the original set received in any
+    round (the union over rounds: a sample counts as flagged ``f`` if some round flagged it
+    ``f``); ``removed`` (N,): removed in some round. The same numbers as :func:`evaluate_flags`
+    (without the suggested class and merges)."""
+    flagged = np.asarray(flagged, dtype=bool)
+    if flagged.shape != (truth.kind.size, len(FLAGS)) or np.shape(removed) != truth.kind.shape:
+        raise ValueError(
+            f"flags have shape {flagged.shape} / {np.shape(removed)}, the truth {truth.kind.size} "
+            "rows"
+        )
+    return _per_kind(flagged, np.asarray(removed, dtype=bool), truth)
+
+
+def _per_kind(
+    flagged: np.ndarray, removed: np.ndarray, truth: Truth
+) -> dict[str, dict[str, float]]:
+    """Per kind, removal and clean numbers from per-flag masks ``flagged`` (N x len(FLAGS))."""
     kind = truth.kind
     code = {name: i for i, name in enumerate(TRUTH_KINDS)}
-    removed = flag >= FLAGS.index("mislabeled")
     out: dict[str, dict[str, float]] = {}
     for name, expected in EXPECTED.items():
         is_kind = kind == code[name]
-        has_flag = flag == FLAGS.index(expected)
+        has_flag = flagged[:, FLAGS.index(expected)]
         hit = int(np.sum(is_kind & has_flag))
         out[name] = {
             "samples": int(is_kind.sum()),
@@ -82,27 +130,6 @@ def evaluate_flags(
         "hard": int(truth.hard.sum()),
         "hard_kept": _ratio(int(np.sum(truth.hard & ~removed)), int(truth.hard.sum())),
     }
-    canon = np.where(
-        truth.duplicate_of >= 0, truth.duplicate_of, np.arange(truth.duplicate_of.size)
-    )
-    found = (kind == code["closed"]) & (flag == FLAGS.index("mislabeled"))
-    sugg = np.asarray(suggested)[found]
-    right = (sugg >= 0) & (canon[np.maximum(sugg, 0)] == truth.true_label[found])
-    out["suggested_class"] = {
-        "detected": int(found.sum()),
-        "correct": _ratio(int(right.sum()), int(found.sum())),
-    }
-    if merges is not None:
-        want = {
-            (min(d, int(o)), max(d, int(o))) for d, o in enumerate(truth.duplicate_of) if o >= 0
-        }
-        got = {(a, b) for a, b, _ in merges}
-        out["merge"] = {
-            "pairs": len(want),
-            "proposed": len(got),
-            "precision": _ratio(len(want & got), len(got)),
-            "recall": _ratio(len(want & got), len(want)),
-        }
     return out
 
 
@@ -122,9 +149,13 @@ def evaluation_table(result: dict[str, dict[str, float]]) -> str:
         table,
         "",
         f"clean kept: {_fmt(c['kept'])} of {c['samples']}; hard clean kept: "
-        f"{_fmt(c['hard_kept'])} of {c['hard']}; mislabels with the right suggested class: "
-        f"{_fmt(result['suggested_class']['correct'])} of {result['suggested_class']['detected']}",
+        f"{_fmt(c['hard_kept'])} of {c['hard']}",
     ]
+    if "suggested_class" in result:
+        s = result["suggested_class"]
+        lines[-1] += f"; mislabels with the right suggested class: {_fmt(s['correct'])} of " + str(
+            s["detected"]
+        )
     if "merge" in result:
         m = result["merge"]
         lines.append(

@@ -11,7 +11,8 @@ file it writes last, so an interrupted run continues where it stopped::
     OUT/round_1/round.json           the round's summary (written last: the round is done)
     OUT/round_2/...                  trains on round_1/data, and so on
     OUT/flags.csv                    per sample of the input set: the round it left, flag, reason
-    OUT/report.md, rounds.json, rounds.png
+    OUT/report.md, rounds.json, rounds.png   per round; with a truth list, also rounds 1..r
+                                     together against the original set (``cumulative``)
 
 Round ``r`` trains on the set round ``r - 1`` wrote (round 1 on ``data``), scores that set and
 writes the next one into its own directory; no round writes into another's. Actions: ``remove``
@@ -36,7 +37,7 @@ import numpy as np
 import yaml
 
 from robustface.clean.dirty import Truth, truth_for
-from robustface.clean.evaluate import EXPECTED, evaluation_table
+from robustface.clean.evaluate import EXPECTED, evaluate_cumulative, evaluation_table
 from robustface.clean.score import FLAGS, REMOVED, flags_table, knn_settings, score_to_dir
 from robustface.config import Config, to_dict
 from robustface.data.noise import NOISE_LIST, noise_list_for, save_noise_list
@@ -53,7 +54,8 @@ ROUND_JSON = "round.json"
 CLEANED_JSON = "cleaned.json"
 _THRESHOLD_NAMES = (
     "angle_own", "angle_hard", "angle_member", "angle_any", "norm_low", "norm_floor", "stroke",
-    "stroke_soft", "knn_share",
+    "stroke_soft", "knn_share", "angle_any_soft", "stroke_tones", "tones_low", "skin_low",
+    "colour_low", "colour_high",
 )  # fmt: skip
 
 
@@ -275,7 +277,10 @@ def clean_loop(cfg: CleanConfig, *, progress: bool = True) -> dict[str, Any]:
     left_in = np.zeros(len(source), dtype=np.int64)  # 0: kept to the end, else the round
     final_flag = np.zeros(len(source), dtype=np.int8)
     final_reason = np.full(len(source), "", dtype=object)
+    ever = np.zeros((len(source), len(FLAGS)), dtype=bool)  # flags received in any round
+    truth = truth_for(source.rec_path.parent, len(source))
     rounds: list[dict[str, Any]] = []
+    cumulative: list[dict[str, Any]] = []
     for r in range(1, cfg.rounds + 1):
         round_dir = out / f"round_{r}"
         done = round_dir / ROUND_JSON
@@ -322,6 +327,9 @@ def clean_loop(cfg: CleanConfig, *, progress: bool = True) -> dict[str, Any]:
             removed &= ~((z["flag"] == FLAGS.index("mislabeled")) & (z["suggested"] >= 0))
         final_flag[origin] = z["flag"]
         left_in[origin[removed]] = r
+        ever[origin, z["flag"]] = True
+        if truth is not None:  # rounds 1..r together, against the original set's truth
+            cumulative.append(evaluate_cumulative(ever, left_in > 0, truth))
         with open(round_dir / "score" / "flags.csv", newline="", encoding="utf-8") as fh:
             final_reason[origin] = [row["reason"] for row in csv.DictReader(fh)]
         rounds.append(summary)
@@ -329,7 +337,7 @@ def clean_loop(cfg: CleanConfig, *, progress: bool = True) -> dict[str, Any]:
         origin = np.load(current / "origin.npy")
         if summary["change"] < cfg.min_change:
             break
-    return _report(out, cfg, rounds, left_in, final_flag, final_reason, current)
+    return _report(out, cfg, rounds, left_in, final_flag, final_reason, current, cumulative)
 
 
 def _report(
@@ -340,6 +348,7 @@ def _report(
     flag: np.ndarray,
     reason: np.ndarray,
     final: Path,
+    cumulative: list[dict[str, Any]],
 ) -> dict[str, Any]:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -374,8 +383,16 @@ def _report(
             )
         if "evaluation" in r:
             parts.append("\nagainst the truth:\n\n" + evaluation_table(r["evaluation"]))
+    for r, result in enumerate(cumulative, 1):
+        parts.append(
+            f"\n## Rounds 1 to {r} together\n\nAgainst the original set's truth: a sample counts "
+            "as flagged with a flag if any of these rounds gave it that flag.\n\n"
+            + evaluation_table(result)
+        )
     write_text_atomic(out / "report.md", "\n".join(parts) + "\n")
     _plot_rounds(out / "rounds.png", rounds)
     summary = {"rounds": rounds, "final": str(final), "removed_total": int(np.sum(left_in > 0))}
+    if cumulative:
+        summary["cumulative"] = cumulative
     write_text_atomic(out / "rounds.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -13,11 +13,18 @@ as in :mod:`robustface.clean.subcenter`):
 - ``crfiqa``: CR-FIQA's relative classifiability ``cos_own / (cos_other + 1 + 1e-9)`` (Boutros et
   al. 2023), here read off the trained classifier instead of a learned regressor (deviation);
 - ``stroke``: ``log10`` of the variance of the grey image's Laplacian: line drawings, pencil
-  sketches and cartoons have hard strokes that photographs (even sharp ones) do not.
+  sketches and cartoons have hard strokes that photographs (even sharp ones) do not;
+- ``tones``: entropy (bits) of the grey-level histogram: drawings have few tones (paper and
+  strokes, flat fills), photographs a continuous range;
+- ``colour``: ``log(1 + M)`` with M the colourfulness of Hasler and Suesstrunk (2003): textures,
+  painted shapes and cartoons are far more colourful, blank walls far less, than skin;
+- ``skin``: share of the central half of the crop whose chroma is skin-like (the YCrCb box
+  133 <= Cr <= 173, 77 <= Cb <= 127 of Chai and Ngan 1999): an aligned face has skin there.
 
 Flags (:data:`FLAGS`, one per sample, :func:`flag_samples`) use thresholds read off the score
 distributions alone (:func:`choose_thresholds`: the crossing of a two-component Gaussian mixture
-fitted to a score, or a robust outlier bound), never the truth. Identity level:
+fitted to a score when it finds a separate tail, or a robust outlier bound), never the truth.
+Identity level:
 :func:`merge_candidates` (class pairs whose mean embeddings are outliers of closeness) and
 :func:`split_candidates` (classes whose samples form two distant modes).
 """
@@ -45,6 +52,7 @@ from robustface.utils.table import markdown_table
 
 __all__ = [
     "FLAGS",
+    "IMAGE_STATS",
     "REMOVED",
     "Flags",
     "ScoreResult",
@@ -80,11 +88,31 @@ _KNN_PARAMS = {  # build_knn's integer parameters that apply to each method
 KNN_PARAMS = ("batch_size", "shard_size", "nlist", "nprobe", "hnsw_m", "ef_search")
 
 
+IMAGE_STATS = ("stroke", "tones", "colour", "skin")
+"""The columns of :func:`image_stats` (see the module docstring)."""
+
+
 def image_stats(image: np.ndarray) -> np.ndarray:
-    """``[stroke]``: log10 of the variance of the grey image's Laplacian (line-art energy)."""
-    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
-    variance = float(cv2.Laplacian(grey, cv2.CV_64F).var())
-    return np.array([math.log10(variance + 1.0)], dtype=np.float32)
+    """:data:`IMAGE_STATS` of one HxWx3 uint8 RGB image: ``[stroke, tones, colour, skin]``."""
+    image = np.ascontiguousarray(image)
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    stroke = math.log10(float(cv2.Laplacian(grey, cv2.CV_64F).var()) + 1.0)
+    share = cv2.calcHist([grey], [0], None, [256], [0, 256]).ravel() / grey.size
+    share = share[share > 0]
+    tones = float(-(share * np.log2(share)).sum())
+    rgb = image.astype(np.float32)
+    rg = rgb[..., 0] - rgb[..., 1]
+    yb = 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
+    (m_rg,), (s_rg,) = (v.ravel() for v in cv2.meanStdDev(rg))
+    (m_yb,), (s_yb,) = (v.ravel() for v in cv2.meanStdDev(yb))
+    colourful = math.hypot(s_rg, s_yb) + 0.3 * math.hypot(m_rg, m_yb)
+    h, w = grey.shape
+    centre = np.ascontiguousarray(image[h // 4 : h - h // 4, w // 4 : w - w // 4])
+    ycrcb = cv2.cvtColor(centre, cv2.COLOR_RGB2YCrCb)
+    skin = cv2.countNonZero(cv2.inRange(ycrcb, (0, 133, 77), (255, 173, 127))) / max(
+        centre.shape[0] * centre.shape[1], 1
+    )
+    return np.array([stroke, tones, math.log1p(colourful), skin], dtype=np.float32)
 
 
 @dataclasses.dataclass
@@ -101,6 +129,14 @@ class Scores:
     norm: np.ndarray
     crfiqa: np.ndarray
     stroke: np.ndarray
+    tones: np.ndarray | None = None
+    colour: np.ndarray | None = None
+    skin: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tones", "colour", "skin"):  # not measured: NaN, which no rule flags
+            if getattr(self, name) is None:
+                setattr(self, name, np.full(len(self), np.nan, dtype=np.float32))
 
     @property
     def margin(self) -> np.ndarray:
@@ -236,10 +272,13 @@ def compute_scores(
     knn_method: str = "auto",
     knn_params: dict[str, int] | None = None,
     progress: bool = False,
+    image: np.ndarray | None = None,
 ) -> Scores:
     """The scores of ``embeddings`` (N x d) labelled ``labels`` against the class centres
     ``weight`` (C*K x d, class-major as :class:`~robustface.fc.full.SubCenterFC`; K = 1 for a
-    plain FC). ``norms`` and ``stroke`` (N,) come from the embedding pass (NaN when absent).
+    plain FC). ``norms`` and ``stroke`` (N,) come from the embedding pass (NaN when absent);
+    ``image`` (N x 4), the :data:`IMAGE_STATS` columns, sets ``stroke``, ``tones``, ``colour``
+    and ``skin``.
     ``knn_method`` / ``knn_params``: the kNN index of the purity score (:func:`knn_settings`;
     ``auto`` is exact below 200K samples, faiss IVF above).
     Memory: ``O(chunk * C * K)`` for the nearest other centre, the kNN graph ``O(N * knn)``."""
@@ -253,6 +292,15 @@ def compute_scores(
     purity, major, share = _knn_votes(emb, labels, knn, progress, knn_method, knn_params)
     n = len(labels)
     nan = np.full(n, np.nan, dtype=np.float32)
+    stats = {}
+    if image is not None:
+        image = np.asarray(image, dtype=np.float32)
+        if image.shape != (n, len(IMAGE_STATS)):
+            raise ValueError(
+                f"image statistics: shape {image.shape}, want ({n}, {len(IMAGE_STATS)})"
+            )
+        stats = dict(zip(IMAGE_STATS, image.T, strict=True))
+        stroke = stats["stroke"]
     return Scores(
         label=labels,
         angle_own=np.degrees(np.arccos(cos_own)).astype(np.float32),
@@ -264,6 +312,9 @@ def compute_scores(
         norm=nan if norms is None else np.asarray(norms, dtype=np.float32),
         crfiqa=(cos_own / (cos_other + 1.0 + 1e-9)).astype(np.float32),
         stroke=nan if stroke is None else np.asarray(stroke, dtype=np.float32),
+        tones=stats.get("tones"),
+        colour=stats.get("colour"),
+        skin=stats.get("skin"),
     )
 
 
@@ -274,14 +325,17 @@ def gmm_crossing(
     min_weight: float = 0.005,
     max_upper: float = 0.5,
     edge: float = 2.5,
+    min_separation: float = 2.0,
 ) -> float | None:
     """Where a two-component 1-D Gaussian mixture fitted to ``values`` changes its most likely
     component between the two means (the threshold between a bulk and its tail).
 
     None when the mixture does not separate a bulk from a tail: fewer than 20 finite values, a
     component holding under ``min_weight`` of the values, an upper component holding more than
-    ``max_upper`` (noise is the minority), means closer than the larger spread, or a Bayesian
-    information criterion no better (by 10) than one Gaussian's. A crossing inside the lower
+    ``max_upper`` (noise is the minority), means closer than the larger spread, components that
+    overlap (Ashman's D, ``sqrt(2) |m1 - m2| / sqrt(s1^2 + s2^2)``, below ``min_separation``: a
+    skewed bulk, not a bulk and a tail), or a Bayesian information criterion no better (by 10)
+    than one Gaussian's. A crossing inside the lower
     component's ``mean + edge * sd`` is raised to it (on a nearly clean set the mixture splits
     the bulk itself).
     """
@@ -296,6 +350,8 @@ def gmm_crossing(
     means = gmm.means_[:, 0]
     sds = np.sqrt(gmm.covariances_.reshape(2))
     if gmm.weights_.min() < min_weight or abs(means[0] - means[1]) < max(sds):
+        return None
+    if math.sqrt(2) * abs(means[0] - means[1]) / math.hypot(*sds) < min_separation:
         return None
     if gmm.weights_[int(np.argmax(means))] > max_upper:
         return None
@@ -331,8 +387,13 @@ class Thresholds:
     ``angle_any``: above, a sample is
     far from every class centre (a non-face); ``norm_low``: below, an off-centre face is low
     quality; ``norm_floor``: below, any face is low quality; ``stroke``: above, a sample is a
-    sketch; ``stroke_soft``: above, an off-centre sample is a sketch; ``knn_share``: the least
-    share of neighbours that must carry another label to call a sample mislabeled by its kNN.
+    sketch; ``stroke_soft``: above, an off-centre sample is a sketch; ``stroke_tones``: above,
+    a sample with fewer grey tones than ``tones_low`` is a sketch; ``knn_share``: the least
+    share of neighbours that must carry another label to call a sample mislabeled by its kNN;
+    ``skin_low``: below, a sample has
+    no skin where an aligned face has it, and is a non-face when also farther than
+    ``angle_any_soft`` from every centre or its ``colour`` is outside
+    [``colour_low``, ``colour_high``].
     """
 
     angle_own: float
@@ -345,10 +406,16 @@ class Thresholds:
     stroke_soft: float | None = None
     knn_share: float = 0.5
     source: dict[str, str] = dataclasses.field(default_factory=dict)
+    angle_any_soft: float | None = None
+    stroke_tones: float | None = None
+    tones_low: float | None = None
+    skin_low: float | None = None
+    colour_low: float | None = None
+    colour_high: float | None = None
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first threshold out of range."""
-        for name in ("angle_own", "angle_hard", "angle_member", "angle_any"):
+        for name in ("angle_own", "angle_hard", "angle_member", "angle_any", "angle_any_soft"):
             value = getattr(self, name)
             if value is not None:
                 check_real(f"thresholds.{name}", value, 0, 180)
@@ -359,10 +426,12 @@ class Thresholds:
                     f"thresholds.angle_own ({self.angle_own:g})"
                 )
         check_real("thresholds.knn_share", self.knn_share, 0, 1, open_low=True)
-        for name in ("norm_low", "norm_floor"):
+        for name in ("norm_low", "norm_floor", "tones_low", "colour_low", "colour_high"):
             value = getattr(self, name)
             if value is not None:
                 check_real(f"thresholds.{name}", value, 0)
+        if self.skin_low is not None:
+            check_real("thresholds.skin_low", self.skin_low, 0, 1)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly values."""
@@ -375,10 +444,16 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
     ``angle_own``: the crossing of a 2-component mixture on the angles to the own centre (else the
     robust bound median + 3 MAD); ``angle_hard`` / ``angle_member``: median + 2 MAD / + 1 MAD of
     the angles below ``angle_own`` (the members), capped at ``angle_own``; ``angle_any``: median
-    + 2 MAD of the angle to the nearest centre of any class; ``norm_low`` /
+    + 3 MAD of the angle to the nearest centre of any class, ``angle_any_soft`` + 1.5 MAD;
+    ``skin_low``: median - 2 MAD of the skin share; ``colour_low`` / ``colour_high``: median
+    -+ 3 MAD of the colourfulness; ``angle_any_soft``, ``colour_low`` and ``colour_high`` only
+    when the angles to the nearest centre of the samples below ``skin_low`` have a separate
+    tail (:func:`gmm_crossing`; else None: the no-skin rules would only cut the bulk);
+    ``tones_low``: median - 1 MAD of the tones; ``norm_low`` /
     ``norm_floor``: the mixture crossing on log norms of the members, and their robust lower
     bound (median - 3 MAD); ``stroke`` / ``stroke_soft``: the mixture crossing on the stroke
     energy if it separates a mode above the bulk, else median + 2.5 MAD, and median + 1.5 MAD.
+    A statistic that was not measured (all NaN) gets no threshold, and its rule never fires.
     """
     source: dict[str, str] = {}
     own = gmm_crossing(scores.angle_own)
@@ -392,7 +467,35 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
     source["angle_hard"] = "median+2MAD of members"
     source["angle_member"] = "median+1MAD of members"
     # non-faces are too rare for a mixture: the robust outlier bound
-    any_, source["angle_any"] = _robust_bound(scores.angle_any, 2, True), "median+2MAD"
+    any_, source["angle_any"] = _robust_bound(scores.angle_any, 3, True), "median+3MAD"
+    image: dict[str, float | None] = {}
+    for name, bound, z, upper in (
+        ("skin", "skin_low", 2, False),
+        ("colour", "colour_low", 3, False),
+        ("colour", "colour_high", 3, True),
+        ("tones", "tones_low", 1, False),
+    ):
+        values = getattr(scores, name)
+        image[bound] = None
+        if np.isfinite(values).any():
+            # all four statistics are >= 0 (a share, bits, a log1p): so are their bounds
+            image[bound] = max(0.0, _robust_bound(values, z, upper))
+            source[bound] = f"median{'+' if upper else '-'}{z}MAD"
+    # the no-skin rules only when the no-skin samples hold a separate tail far from every
+    # centre (non-faces are there); on a set without non-faces they would only cut its bulk
+    any_soft = None
+    if image["skin_low"] is not None:
+        no_skin = scores.skin < image["skin_low"]
+        if gmm_crossing(scores.angle_any[no_skin]) is not None:
+            any_soft = _robust_bound(scores.angle_any, 1.5, True)
+            source["angle_any_soft"] = "median+1.5MAD (no-skin samples have a tail)"
+        else:
+            image["colour_low"] = image["colour_high"] = None
+            for name in ("angle_any_soft", "colour_low", "colour_high"):
+                source[name] = "none: no tail among the no-skin samples"
+    stroke_tones = None
+    if np.isfinite(scores.stroke).any():
+        stroke_tones, source["stroke_tones"] = _robust_bound(scores.stroke, 1, True), "median+1MAD"
     norm_low = norm_floor = None
     if np.isfinite(scores.norm).any():
         fit = np.log(np.maximum(scores.norm[scores.angle_own < own], 1e-12))
@@ -421,6 +524,9 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
         "norm_floor": norm_floor,
         "stroke": stroke,
         "stroke_soft": stroke_soft,
+        "angle_any_soft": any_soft,
+        "stroke_tones": stroke_tones,
+        **image,
     }
     valid = [*values, "knn_share"]
     for key, value in (overrides or {}).items():
@@ -460,8 +566,13 @@ class Flags:
 def flag_samples(scores: Scores, t: Thresholds) -> Flags:
     """One flag per sample, the first rule that applies (``off``: ``angle_own > t.angle_own``):
 
-    1. ``sketch``: stroke energy above ``t.stroke``, or off and above ``t.stroke_soft``;
-    2. ``nonface``: farther than ``t.angle_any`` from every class centre;
+    1. ``sketch``: stroke energy above ``t.stroke``, or off and above ``t.stroke_soft``, or
+       above ``t.stroke_tones`` with fewer grey tones than ``t.tones_low`` (strong strokes, few
+       tones: a drawing);
+    2. ``nonface``: farther than ``t.angle_any`` from every class centre, or no skin in the
+       face's place (skin share below ``t.skin_low``) and either farther than
+       ``t.angle_any_soft`` from every centre or a colourfulness outside
+       [``t.colour_low``, ``t.colour_high``];
     3. off: ``mislabeled`` when its kNN majority is another label (share >= ``t.knn_share``)
        whose centre is also its nearest other centre, or when within ``t.angle_member`` of another
        class's centre (suggested class: that class); else ``low_quality`` when the norm is below
@@ -492,8 +603,20 @@ def flag_samples(scores: Scores, t: Thresholds) -> Flags:
     if t.stroke_soft is not None:
         assign(off & (scores.stroke > t.stroke_soft), "sketch", f"off centre, stroke > "
                f"{t.stroke_soft:.3g}")  # fmt: skip
+    if t.stroke_tones is not None and t.tones_low is not None:
+        assign((scores.stroke > t.stroke_tones) & (scores.tones < t.tones_low), "sketch",
+               f"stroke > {t.stroke_tones:.3g}, tones < {t.tones_low:.3g}")  # fmt: skip
     if t.angle_any is not None:
         assign(scores.angle_any > t.angle_any, "nonface", f"every centre > {t.angle_any:.1f} deg")
+    if t.skin_low is not None:
+        no_skin = scores.skin < t.skin_low
+        if t.angle_any_soft is not None:
+            why = f"skin < {t.skin_low:.2f}, every centre > {t.angle_any_soft:.1f} deg"
+            assign(no_skin & (scores.angle_any > t.angle_any_soft), "nonface", why)
+        lo = -np.inf if t.colour_low is None else t.colour_low
+        hi = np.inf if t.colour_high is None else t.colour_high
+        assign(no_skin & ((scores.colour < lo) | (scores.colour > hi)), "nonface",
+               f"skin < {t.skin_low:.2f}, colour outside [{lo:.2f}, {hi:.2f}]")  # fmt: skip
     knn_other = (scores.knn_label != scores.label) & (scores.knn_share >= t.knn_share)
     knn_other &= scores.knn_label == scores.other_class
     assign(off & knn_other, "mislabeled", "neighbours carry the nearest other label",
@@ -594,7 +717,7 @@ def scores_path(directory: Path) -> Path:
 
 _CSV_COLUMNS = (
     "angle_own", "angle_other", "other_class", "margin", "knn_purity", "knn_label", "knn_share",
-    "norm", "crfiqa", "stroke",
+    "norm", "crfiqa", "stroke", "tones", "colour", "skin",
 )  # fmt: skip
 
 
@@ -719,11 +842,11 @@ def score_training_set(
         run.weight.numpy(),
         run.k,
         norms=embedded.norms,
-        stroke=embedded.stats[:, 0],
         knn=knn,
         knn_method=knn_method,
         knn_params=knn_params,
         progress=progress,
+        image=embedded.stats,
     )
     chosen = choose_thresholds(scores, thresholds)
     flags = flag_samples(scores, chosen)

@@ -55,6 +55,7 @@ from robustface.train.sampler import ResumableSampler
 from robustface.train.schedule import warmup_poly
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.run import RunDir
+from robustface.utils.seeding import keyed_generators
 
 
 class NonFiniteLossError(RobustfaceError, FloatingPointError):
@@ -119,8 +120,9 @@ class TrainSet(Dataset):
             samples = self._noisy(indices)
         labels = np.empty(len(indices), dtype=np.int64)
         images = None
-        for pos, (index, (image, label)) in enumerate(zip(indices, samples, strict=True)):
-            image = self.transform.augment(image, self._rng(index))
+        rngs = keyed_generators((self.seed, self.epoch), indices)  # those of self._rng, faster
+        for pos, (image, label) in enumerate(samples):
+            image = self.transform.augment(image, next(rngs))
             if images is None:
                 images = self.batches.start(len(indices), (3, *image.shape[:2]))
             image_planes(image, images[pos])

@@ -235,6 +235,21 @@ def test_predict_in_batches_equals_full_forward(trained: dict) -> None:
         predict_gcn_v(model, x[:-1], graph, show_progress=False)
 
 
+def test_predict_into_writes_the_layers_outputs_in_place() -> None:
+    # the in-place inference path against the layers themselves, rows in PReLU chunks of 7
+    torch.manual_seed(5)
+    model = GCNV(12, hidden=16).eval()
+    x, agg = torch.randn(30, 12), torch.randn(30, 12)
+    hidden, conf, work = torch.full((30, 16), 9.0), torch.full((30,), 9.0), torch.empty(30, 16)
+    model.predict_into(x, agg, hidden, conf, work, chunk=7)
+    with torch.no_grad():
+        want_hidden = torch.relu(torch.cat([x, agg], 1) @ model.conv1.weight + model.conv1.bias)
+        want_conf = model.head(want_hidden)
+        assert torch.equal(hidden, model.conv1.combine(x, agg))  # the same operations
+    torch.testing.assert_close(hidden, want_hidden, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(conf, want_conf, rtol=1e-6, atol=1e-6)
+
+
 def brute_force_link(graph: KnnGraph, conf: np.ndarray, tau: float) -> np.ndarray:
     """Union-find over: each i -> first kNN entry j (in stored order) with conf_j > conf_i,
     kept only if its similarity > tau."""

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -204,14 +205,21 @@ def gcn_adjacency(knn: KnnGraph, min_sim: float = 0.0) -> sp.csr_matrix:
     return knn_adjacency(knn, min_sim=min_sim, symmetric=True, self_loops=True, row_normalize=True)
 
 
+def _kept(knn: KnnGraph, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``start:stop`` of the kNN lists and the mask of their entries in ``S`` (sim >= 0,
+    not missing, not the sample itself)."""
+    nbrs, sims = knn.nbrs[start:stop], knn.sims[start:stop]
+    keep = (nbrs >= 0) & (sims >= 0) & (nbrs != np.arange(start, start + len(nbrs))[:, None])
+    return nbrs, sims, keep
+
+
 def _knn_rows(knn: KnnGraph, start: int, stop: int, canonical: bool) -> sp.csr_matrix:
     """Rows ``start:stop`` of ``S`` (the kNN similarities ``>= 0``, no self loops, no missing
     entries) as a ``(stop - start, N)`` float32 CSR built straight from the kNN lists, no COO
     pass: in kNN order, or with ``canonical`` in neighbour order (transposed twice, two counting
     sorts in C) with duplicates summed (a neighbour listed twice counts twice, as in
     :func:`robustface.cluster.graph.knn_adjacency`)."""
-    nbrs, sims = knn.nbrs[start:stop], knn.sims[start:stop]
-    keep = (nbrs >= 0) & (sims >= 0) & (nbrs != np.arange(start, start + len(nbrs))[:, None])
+    nbrs, sims, keep = _kept(knn, start, stop)
     indptr = np.zeros(len(nbrs) + 1, dtype=np.int64)
     np.cumsum(keep.sum(axis=1), out=indptr[1:])
     rows = sp.csr_matrix(
@@ -237,7 +245,8 @@ def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
     n = knn.num_samples
     counts = np.zeros(n, dtype=np.int64)
     for start in range(0, n, batch_size):
-        counts += np.bincount(_knn_rows(knn, start, start + batch_size, False).indices, minlength=n)
+        nbrs, _, keep = _kept(knn, start, start + batch_size)
+        counts += np.bincount(nbrs[keep], minlength=n)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     index_dtype = np.int32 if n < 2**31 and indptr[-1] < 2**31 else np.int64
@@ -270,7 +279,7 @@ def gcn_adjacency_rows(
         (np.ones(rows, dtype=np.float32), (np.arange(rows), np.arange(start, stop))),
         shape=(rows, n),
     )
-    adj = (fwd.maximum(back) + eye).tocsr().astype(np.float32)
+    adj = (fwd.maximum(back) + eye).tocsr().astype(np.float32, copy=False)
     sums = np.asarray(adj.sum(axis=1), dtype=np.float32).ravel()
     adj.data *= np.repeat(1.0 / sums, np.diff(adj.indptr))
     return adj
@@ -286,6 +295,20 @@ def gcn_adjacency_blocks(
     for start in range(0, knn.num_samples, batch_size):
         stop = min(start + batch_size, knn.num_samples)
         yield start, stop, gcn_adjacency_rows(knn, reverse, start, stop)
+
+
+_END = object()
+
+
+def _one_ahead(items: Iterator[Any]) -> Iterator[Any]:
+    """``items``, each next one made in a background thread while the caller uses the current one
+    (numpy's and scipy's loops release the GIL, so the graph of the next block is built while
+    torch multiplies this one)."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(next, items, _END)
+        while (item := pending.result()) is not _END:
+            pending = pool.submit(next, items, _END)
+            yield item
 
 
 def to_torch_sparse(adj: sp.spmatrix, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -625,7 +648,7 @@ def predict_gcn_v(
     block_conf = torch.from_numpy(conf) if on_host else torch.empty(size, device=device)
     with _eval_mode(model):
         blocks = tqdm(
-            gcn_adjacency_blocks(knn, batch_size),
+            _one_ahead(gcn_adjacency_blocks(knn, batch_size)),
             desc="GCN-V predict",
             unit="batch",
             total=-(-num // batch_size),

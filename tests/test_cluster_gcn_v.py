@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from cluster_reference import dense_weights, pairwise_f, planted
+from robustface.cluster import gcn_v
 from robustface.cluster.base import cluster
 from robustface.cluster.gcn_v import (
     GCNV,
@@ -216,13 +217,17 @@ def test_training_reduces_loss_from_the_full_graph_mse() -> None:
     assert np.mean(model.loss_history[-10:]) < 0.5 * model.loss_history[0]
 
 
-def test_predict_in_batches_equals_full_forward(trained: dict) -> None:
+def test_predict_in_batches_equals_full_forward(trained: dict, monkeypatch) -> None:
     model, x, graph = trained["model"], trained["xte"], trained["kte"]
     conf, hidden = predict_gcn_v(model, x, graph, batch_size=97, show_progress=False)
     with torch.no_grad():
         want_conf, want_hidden = model(torch.from_numpy(x), to_torch_sparse(gcn_adjacency(graph)))
     np.testing.assert_allclose(conf, want_conf.numpy(), atol=1e-5)
     np.testing.assert_allclose(hidden, want_hidden.numpy(), atol=1e-5)
+    monkeypatch.setattr(gcn_v, "GRAPH_BATCH", 40)  # graph blocks of 40, 40, 17 rows per batch
+    parts = predict_gcn_v(model, x, graph, batch_size=97, show_progress=False)
+    np.testing.assert_allclose(parts[0], want_conf.numpy(), atol=1e-5)
+    np.testing.assert_allclose(parts[1], want_hidden.numpy(), atol=1e-5)
     assert hidden.shape == (len(x), 32)
     conf_only, none = predict_gcn_v(
         model, x, graph, batch_size=97, return_hidden=False, show_progress=False

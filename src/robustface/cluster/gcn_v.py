@@ -81,10 +81,12 @@ GCN_FORMAT = "robustface.gcn"
 TAU_GCN_FEATURES = 0.8  # published ``tau``: linking on the kNN of GCN-V's hidden features
 TAU_INPUT_KNN = 0.65  # published ``tau_0``: linking on the input kNN
 ROW_BATCH = 65536  # rows per chunk of the vectorised per-sample passes
-PREDICT_BATCH = 16384
-"""Rows per block of :func:`predict_gcn_v`: every temporary of a block (kNN rows, graph rows)
-stays under glibc's 32 MiB ceiling for heap allocations, so it is reused from block to block
-instead of being mapped and page-faulted anew (those faults took up to a third of the time)."""
+GRAPH_BATCH = 16384
+"""Rows per graph block of :func:`predict_gcn_v`: every temporary of a block (kNN rows, graph
+rows) stays under glibc's 32 MiB ceiling for heap allocations, so it is reused from block to
+block instead of being mapped and page-faulted anew (those faults took up to a third of the
+time). The dense layers run on ``batch_size`` rows at once (larger products run faster), in
+buffers allocated once."""
 DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adamw": 1e-3}
 """GCN-V's learning rate per optimiser when none is given (SGD's is the published one)."""
 
@@ -286,15 +288,21 @@ def gcn_adjacency_rows(
 
 
 def gcn_adjacency_blocks(
-    knn: KnnGraph, batch_size: int = ROW_BATCH
+    knn: KnnGraph, batch_size: int = ROW_BATCH, within: int | None = None
 ) -> Iterator[tuple[int, int, sp.csr_matrix]]:
     """``(start, stop, A[start:stop])`` for consecutive row blocks of GCN-V's graph ``A``
     (:func:`gcn_adjacency`), never holding ``A`` whole: :func:`reverse_edges` once, then one
-    block of rows at a time (about 4x less peak memory than building ``A``)."""
+    block of rows at a time (about 4x less peak memory than building ``A``). With ``within``,
+    blocks never straddle a multiple of ``within`` (the rows of ``within``-row blocks, each in
+    ``batch_size``-row parts)."""
     reverse = reverse_edges(knn, batch_size)
-    for start in range(0, knn.num_samples, batch_size):
-        stop = min(start + batch_size, knn.num_samples)
-        yield start, stop, gcn_adjacency_rows(knn, reverse, start, stop)
+    num = knn.num_samples
+    within = num if within is None else within
+    for outer in range(0, num, within):
+        end = min(outer + within, num)
+        for start in range(outer, end, batch_size):
+            stop = min(start + batch_size, end)
+            yield start, stop, gcn_adjacency_rows(knn, reverse, start, stop)
 
 
 _END = object()
@@ -612,14 +620,15 @@ def predict_gcn_v(
     knn: KnnGraph,
     device: str | torch.device = "cpu",
     *,
-    batch_size: int = PREDICT_BATCH,
+    batch_size: int = ROW_BATCH,
     return_hidden: bool = True,
     show_progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Predicted confidence ``(N,)`` and hidden features ``(N, hidden)``, both float32.
 
     Rows are processed ``batch_size`` at a time (sparse ``A[rows] @ X``, the rows of ``A`` built
-    on the fly by :func:`gcn_adjacency_blocks`), so memory is the features, the kNN graph, its
+    on the fly by :func:`gcn_adjacency_blocks`, :data:`GRAPH_BATCH` rows at a time, the next
+    while the current ones multiply), so memory is the features, the kNN graph, its
     reverse edges (8 bytes an edge), the output and one batch. Without ``return_hidden`` the
     hidden features (2 KB a sample at hidden 512: 10.6 GB at 5.2M) are not kept and None is
     returned in their place.
@@ -646,17 +655,18 @@ def predict_gcn_v(
     work = torch.empty((size, model.hidden), device=device)
     block_hidden = None if on_host and hidden is not None else torch.empty_like(work)
     block_conf = torch.from_numpy(conf) if on_host else torch.empty(size, device=device)
-    with _eval_mode(model):
-        blocks = tqdm(
-            _one_ahead(gcn_adjacency_blocks(knn, batch_size)),
-            desc="GCN-V predict",
-            unit="batch",
-            total=-(-num // batch_size),
-            disable=not show_progress,
-        )
-        for start, stop, rows in blocks:
-            n = stop - start
-            torch.mm(to_torch_sparse(rows, device), x, out=agg[:n])
+    graph_rows = min(GRAPH_BATCH, size)
+    graph = _one_ahead(gcn_adjacency_blocks(knn, graph_rows, within=size))
+    with _eval_mode(model), contextlib.closing(graph):
+        bar = tqdm(total=num, desc="GCN-V predict", unit="row", disable=not show_progress)
+        for start in range(0, num, size):
+            stop = min(start + size, num)
+            n, last = stop - start, start
+            while last < stop:  # the graph blocks of these rows: A[rows] X into agg
+                first, last, rows = next(graph)
+                part = agg[first - start : last - start]
+                torch.mm(to_torch_sparse(rows, device), x, out=part)
+                bar.update(last - first)
             if block_hidden is None:  # the CPU with hidden features: straight into the output
                 h, c = torch.from_numpy(hidden[start:stop]), block_conf[start:stop]  # type: ignore[index]
             else:
@@ -666,6 +676,7 @@ def predict_gcn_v(
                 conf[start:stop] = c.cpu().numpy()
                 if hidden is not None:
                     hidden[start:stop] = h.cpu().numpy()
+        bar.close()
     return conf, hidden
 
 
@@ -787,7 +798,7 @@ class GCNVClustering(Clusterer):
         k: int = 80,
         knn_method: Method = "flat",
         device: str | torch.device = "cpu",
-        batch_size: int = PREDICT_BATCH,
+        batch_size: int = ROW_BATCH,
         show_progress: bool = True,
     ) -> None:
         self.model = model

@@ -10,7 +10,8 @@ are mutual, as in a real face kNN. One randomly initialised GCN-V (hidden 512) i
 by every method. From the kNN lists to the confidence and the hidden features:
 
 * ``now``: :func:`robustface.cluster.gcn_v.predict_gcn_v` (block-wise graph: reverse edges by
-  scipy's transpose per block, a torch CSR product per block of 16,384 rows, the dense layers
+  scipy's transpose per block, graph blocks of 16,384 rows built one ahead in a thread, a torch
+  CSR product per graph block into a reused buffer, the dense layers on 65,536 rows at a time
   written in place into reused buffers and the output arrays: ``GCNV.predict_into``);
 * ``earlier``: the same after issue 20's first round, copied below (blocks of 65,536 rows, a new
   tensor for every intermediate, the hidden features copied into the output);

@@ -194,7 +194,7 @@ def _unlink_quietly(path: str) -> None:
 
 
 class BatchWriter:
-    """Buffers a dataset's ``__getitems__`` writes one batch of uint8 images into in place.
+    """The buffers into which a dataset's ``__getitems__`` writes a batch of uint8 images in place.
 
     ``images = writer.start(count, (3, H, W))`` gives the ``count x 3 x H x W`` uint8 array to fill;
     ``return writer.finish(labels)`` returns the batch for :func:`collate`, which the DataLoader
@@ -204,7 +204,7 @@ class BatchWriter:
     """
 
     def __init__(self, slots: int = 4) -> None:
-        self.slots = check_int("slots", slots, 1, 4096)
+        self.slots = check_int("slots", slots, 1, _HEADER // 8)  # their numbers fill a page
         self._state: tuple[Any, ...] | None = None  # this process's ring
         self._current: tuple[Any, ...] | None = None  # the batch being written
 

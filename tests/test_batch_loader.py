@@ -3,6 +3,7 @@ path, the shared slots checked and cleaned up."""
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -81,6 +82,18 @@ def test_a_slot_written_again_before_it_was_copied_out_raises(monkeypatch):
     assert images.unique().tolist() == [1]
     with pytest.raises(RuntimeError, match="slot 0 again before the main process"):
         pickle.loads(sent[0])  # slot 0 was written again by batch 2
+
+
+def test_slot_files_a_worker_left_behind_are_removed(monkeypatch):
+    # a worker terminated before the main process received a batch from it leaves its file;
+    # the main process removes its workers' files when it exits (_remove_slot_files, at exit)
+    monkeypatch.setattr(loader_module, "get_worker_info", lambda: object())  # as in a worker
+    BatchWriter().start(2, (3, 4, 5))  # never finished, never received
+    monkeypatch.undo()
+    left = [p for p in _slot_files() if p.name.startswith(f"robustface-batches-{os.getppid()}-")]
+    assert len(left) == 1
+    loader_module._remove_slot_files(os.getppid())  # the worker's main process: our parent here
+    assert not left[0].exists()
 
 
 def test_trainset_needs_uint8_transform(small_rec):

@@ -26,17 +26,21 @@ own. A slot is written again only ``slots`` batches of that worker later; a Data
 most ``prefetch_factor`` batches of a worker that the main process has not received, so ``slots``
 must exceed it (the default 4 suits the default 2). Each slot carries a sequence number that the
 main process checks after copying: a slot overwritten too early raises instead of handing on
-mixed images.
+mixed images. The main process unlinks a worker's file as soon as it has mapped it; the file of a
+worker killed before that (daemonic workers are terminated when the main process exits) is
+removed when the main process exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import mmap
 import multiprocessing.util
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -193,6 +197,34 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
+def _slot_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def _prefix(main_pid: int) -> str:
+    return f"robustface-batches-{main_pid}-"
+
+
+def _remove_slot_files(main_pid: int) -> None:
+    """Unlink the slot files that workers of process ``main_pid`` left behind: those of a worker
+    stopped by a signal (a daemonic worker is terminated when its main process exits) before the
+    main process received a batch from it."""
+    directory = Path(_slot_dir() or tempfile.gettempdir())
+    for path in directory.glob(_prefix(main_pid) + "*"):
+        _unlink_quietly(str(path))
+
+
+_CLEANUP_PIDS: set[int] = set()
+
+
+def _clean_at_exit() -> None:
+    """Once per process: remove its workers' leftover slot files when it exits."""
+    pid = os.getpid()
+    if pid not in _CLEANUP_PIDS:
+        _CLEANUP_PIDS.add(pid)
+        atexit.register(lambda: os.getpid() == pid and _remove_slot_files(pid))
+
+
 class BatchWriter:
     """The buffers into which a dataset's ``__getitems__`` writes a batch of uint8 images in place.
 
@@ -205,6 +237,8 @@ class BatchWriter:
 
     def __init__(self, slots: int = 4) -> None:
         self.slots = check_int("slots", slots, 1, _HEADER // 8)  # their numbers fill a page
+        if get_worker_info() is None:
+            _clean_at_exit()
         self._state: tuple[Any, ...] | None = None  # this process's ring
         self._current: tuple[Any, ...] | None = None  # the batch being written
 
@@ -242,8 +276,7 @@ class BatchWriter:
 
     def _open(self, size: int) -> tuple[Any, ...]:
         """A new ring of ``slots`` batches of ``size`` bytes in a shared-memory file."""
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, path = tempfile.mkstemp(prefix="robustface-batches-", dir=directory)
+        fd, path = tempfile.mkstemp(prefix=_prefix(os.getppid()), dir=_slot_dir())
         try:
             os.ftruncate(fd, _HEADER + self.slots * _slot_bytes(size))
             mapping = mmap.mmap(fd, 0)

@@ -10,7 +10,11 @@ are mutual, as in a real face kNN. One randomly initialised GCN-V (hidden 512) i
 by every method. From the kNN lists to the confidence and the hidden features:
 
 * ``now``: :func:`robustface.cluster.gcn_v.predict_gcn_v` (block-wise graph: reverse edges by
-  scipy's transpose per block, a torch CSR product per block of 65,536 rows);
+  scipy's transpose per block, graph blocks of 16,384 rows built one ahead in a thread, a torch
+  CSR product per graph block into a reused buffer, the dense layers on 65,536 rows at a time
+  written in place into reused buffers and the output arrays: ``GCNV.predict_into``);
+* ``earlier``: the same after issue 20's first round, copied below (blocks of 65,536 rows, a new
+  tensor for every intermediate, the hidden features copied into the output);
 * ``previous``: the same before issue 20, copied below (reverse edges by ``argsort`` +
   ``searchsorted`` + ``unique`` per block, normalisation by a diagonal product, a COO tensor);
 * ``ltc``: learn-to-cluster's code path (``vegcn/datasets/gcn_v_dataset.py`` then
@@ -47,6 +51,7 @@ from cluster_pipeline import Stages  # this directory is on sys.path when run as
 from robustface.cluster.gcn_v import (
     GCNV,
     gcn_adjacency,
+    gcn_adjacency_blocks,
     load_gcn_v,
     predict_gcn_v,
     save_gcn,
@@ -56,7 +61,7 @@ from robustface.cluster.graph import knn_edges
 from robustface.cluster.knn import KnnGraph
 from robustface.utils.table import markdown_table
 
-METHODS = ("now", "previous", "ltc", "model")
+METHODS = ("now", "earlier", "previous", "ltc", "model")
 CLUSTER = 60
 OUTSIDERS = 20
 ROW_BATCH = 65536
@@ -83,6 +88,21 @@ def fake_set(num: int, dim: int, k: int, seed: int = 0) -> tuple[np.ndarray, Knn
     nbrs, sims = np.hstack([mates, others]), np.hstack([inside, outside]).astype(np.float32)
     order = np.argsort(-sims, axis=1, kind="stable")
     return feats, KnnGraph(np.take_along_axis(nbrs, order, 1), np.take_along_axis(sims, order, 1))
+
+
+# ---- robustface after issue 20's first round (commit fff35c1) -----------------------------------
+
+
+def earlier_predict(model: GCNV, feats: np.ndarray, knn: KnnGraph) -> np.ndarray:
+    x = torch.from_numpy(feats)
+    conf = np.empty(len(feats), dtype=np.float32)
+    hidden = np.empty((len(feats), model.hidden), dtype=np.float32)
+    for start, stop, rows in gcn_adjacency_blocks(knn, ROW_BATCH):
+        agg = torch.sparse.mm(to_torch_sparse(rows), x)
+        h = model.conv1.combine(x[start:stop], agg)
+        conf[start:stop] = model.head(h).numpy()
+        hidden[start:stop] = h.numpy()
+    return conf
 
 
 # ---- robustface before issue 20 -----------------------------------------------------------------
@@ -226,6 +246,7 @@ def run_one(method: str, data: Path, model_path: Path, out: Path) -> None:
     model = load_gcn_v(model_path)
     runs: dict[str, Callable[[], np.ndarray]] = {
         "now": lambda: predict_gcn_v(model, feats, knn, show_progress=False)[0],
+        "earlier": lambda: earlier_predict(model, feats, knn),
         "previous": lambda: previous_predict(model, feats, knn),
         "ltc": lambda: ltc_predict(model, feats, knn),
         "inputs": lambda: np.zeros(len(feats), np.float32),

@@ -1,24 +1,28 @@
-"""Data-loading throughput: RecordIODataset + TrainTransform against plain JPEG decoding.
+"""Data-loading throughput: the training loader against plain JPEG decoding.
 
 Writes a ``.rec`` of N smooth random 112x112 JPEGs (quality 95) to a temporary directory and
 measures, in images per second:
 
 (a) plain ``simplejpeg`` decoding of the same JPEG bytes, held in memory;
-(b) ``RecordIODataset(rec, TrainTransform())[i]`` in this process (read + decode + flip +
-    normalise into a float32 tensor), i.e. the work of one DataLoader worker before issue 20;
-(b') the same with ``TrainTransform(normalize=False)`` (read + decode + flip into a uint8
-    tensor), one worker's work now;
-(c) the float dataset through ``DataLoader(num_workers=--workers)`` (the previous training
-    loader), timed on an epoch of persistent workers; its "per worker" column is the total
-    divided by the worker count;
-(c') the uint8 dataset through the same DataLoader, each batch normalised in the main process
-    by ``normalize_images`` (the trainer does it on the training device; on a CPU run that is
-    the main process, counted here).
+(b) ``RecordIODataset(rec, TrainTransform(normalize=False))[i]`` in this process (read + decode +
+    flip into a uint8 tensor): a worker's work before whole batches;
+(b') ``TrainSet.__getitems__`` in this process, one batch at a time (the same, plus the trainer's
+    per-sample generator, written straight into one uint8 batch): a worker's work now;
+(c) the previous training loader: ``DataLoader(CarryUserErrors(TrainSet), num_workers=--workers)``
+    with a tensor per sample and ``default_collate`` (kept here as ``_PerSampleTrainSet``);
+(c') the training loader now: the same DataLoader over ``TrainSet``, whose workers write whole
+    batches into reused shared-memory slots (``BatchWriter``);
+(c'') (c') with ``normalize_images`` applied to each batch in the main process (a CPU run, where
+    the training device is the main process; on a GPU it runs on the device).
 
-Rows run in turn within each round (best of ``--repeats``), so background load hits them alike.
-Targets from the issues: (b) >= 70% of (a); (c') per worker >= 80% of (a). Run:
+Loaders keep persistent workers and are timed over an epoch. All rows run in turn within each
+round, so background load hits them alike; a row's ratio to (a) is taken within each round and
+the table gives the median over rounds ("per worker": the loader's rate divided by the workers).
+For the loaders it also gives the CPU time per image spent in the workers and in the main process
+(from ``/proc``; load-independent, unlike the rates). Target (issue 20): (c') per worker >= 80% of
+(a). Run:
 
-    .venv/bin/python benchmarks/loader_throughput.py [--num-images 5000] [--workers 2] [--json OUT]
+    .venv/bin/python benchmarks/loader_throughput.py [--num-images 3000] [--workers 2] [--json OUT]
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ import simplejpeg
 import torch
 
 from robustface.data.image import encode_image
+from robustface.data.loader import CarryUserErrors, collate, unwrap
 from robustface.data.recordio import RecordIODataset, write_insightface_rec
 from robustface.data.transforms import TrainTransform, normalize_images
+from robustface.train.trainer import TrainSet
 
 
 def smooth_images(n: int, size: int, seed: int):
@@ -54,23 +60,44 @@ def smooth_images(n: int, size: int, seed: int):
         yield np.clip(image, 0, 255).astype(np.uint8)
 
 
-def best_rates(fns: list[Callable[[], int]], repeats: int) -> list[float]:
-    """Best images/s of each ``fn`` (returning the images it handled) over ``repeats`` rounds.
+class _PerSampleTrainSet(TrainSet):
+    """The previous training dataset: a batch is a list of per-sample ``(tensor, label)``,
+    collated by ``default_collate`` (into a new shared-memory segment per batch in a worker)."""
 
-    The functions run in turn within each round, so background load hits them alike.
-    """
-    rates: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, fn_rates in zip(fns, rates, strict=True):
-            start = time.perf_counter()
-            count = fn()
-            fn_rates.append(count / (time.perf_counter() - start))
-    return [max(r) for r in rates]
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        return [self[i] for i in indices]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Row:
+    """One measured method: a function returning the images it handled, its rates per round and,
+    for a loader, the CPU seconds its workers and the main process spent."""
+
+    def __init__(self, name: str, fn: Callable[[], int], loader=None) -> None:
+        self.name, self.fn, self.loader = name, fn, loader
+        self.rates: list[float] = []
+        self.images = 0
+        self.worker_cpu = self.main_cpu = 0.0
+
+    def run(self) -> None:
+        workers = [w.pid for w in self.loader._iterator._workers] if self.loader else []
+        before = [_cpu_seconds(pid) for pid in workers]
+        main_cpu, start = time.process_time(), time.perf_counter()
+        count = self.fn()
+        self.rates.append(count / (time.perf_counter() - start))
+        self.main_cpu += time.process_time() - main_cpu
+        self.worker_cpu += sum(_cpu_seconds(p) - b for p, b in zip(workers, before, strict=True))
+        self.images += count
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-images", type=int, default=5000)
+    parser.add_argument("--num-images", type=int, default=3000)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--batch-size", type=int, default=128)
@@ -79,6 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # a DataLoader worker runs single-threaded too
     cv2.setNumThreads(1)
+    load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory() as tmp:
         jpegs = [encode_image(im, "jpg", 95) for im in smooth_images(args.num_images, args.size, 0)]
@@ -86,71 +114,105 @@ def main() -> None:
         write_insightface_rec(
             tmp, zip(jpegs, labels.tolist(), strict=True), image_size=(args.size, args.size)
         )
-        dataset = RecordIODataset(tmp, transform=TrainTransform(seed=0))
-        dataset_u8 = RecordIODataset(tmp, transform=TrainTransform(seed=0, normalize=False))
+        transform = TrainTransform(seed=0, normalize=False)
+        dataset = RecordIODataset(tmp, transform=transform)
+        trainset = TrainSet(RecordIODataset(tmp), transform, seed=0)
+        previous = _PerSampleTrainSet(RecordIODataset(tmp), transform, seed=0)
         n = len(dataset)
+        size = args.batch_size
+        batches = [list(range(i, i + size)) for i in range(0, n - size + 1, size)]
 
         def plain_decode() -> int:
             for data in jpegs:
                 simplejpeg.decode_jpeg(data, colorspace="RGB")
             return n
 
-        def items(ds: RecordIODataset) -> Callable[[], int]:
-            def run() -> int:
-                for i in range(n):
-                    ds[i]
-                return n
+        def items() -> int:
+            for i in range(n):
+                dataset[i]
+            return n
 
-            return run
+        def whole_batches() -> int:
+            return sum(len(collate(trainset.__getitems__(b))[1]) for b in batches)
 
-        def loader(ds: RecordIODataset) -> torch.utils.data.DataLoader:
+        def loader(ds: TrainSet) -> torch.utils.data.DataLoader:
             return torch.utils.data.DataLoader(
-                ds,
+                CarryUserErrors(ds),  # as the trainer builds it
                 batch_size=args.batch_size,
                 num_workers=args.workers,
                 persistent_workers=True,
                 shuffle=True,
+                drop_last=True,
+                collate_fn=collate,
             )
 
-        float_loader, uint8_loader = loader(dataset), loader(dataset_u8)
+        previous_loader, loader_now = loader(previous), loader(trainset)
+        loader_norm = loader(trainset)
 
-        def float_epoch() -> int:
-            return sum(len(labels) for _, labels in float_loader)
+        def epoch(batches, normalize: bool = False) -> Callable[[], int]:
+            def run() -> int:
+                count = 0
+                for batch in batches:
+                    images, labels = unwrap(batch)
+                    if normalize:
+                        normalize_images(images)
+                    count += len(labels)
+                return count
 
-        def uint8_epoch() -> int:
-            return sum(len(normalize_images(images)) for images, _ in uint8_loader)
+            return run
 
-        decode_rate, dataset_rate, uint8_rate = best_rates(
-            [plain_decode, items(dataset), items(dataset_u8)], args.repeats
-        )
-        float_epoch(), uint8_epoch()  # start the workers
-        float_rate, loader_rate = best_rates([float_epoch, uint8_epoch], args.repeats)
+        w = args.workers
+        rows = [
+            Row("(a) simplejpeg decode (same bytes, in memory)", plain_decode),
+            Row("(b) RecordIODataset + TrainTransform(normalize=False), per sample", items),
+            Row("(b') TrainSet.__getitems__, whole uint8 batches, 1 process", whole_batches),
+            Row(f"(c) DataLoader, {w} workers, per-sample tensors + default_collate (previous)",
+                epoch(previous_loader), previous_loader),
+            Row(f"(c') DataLoader, {w} workers, whole batches in shared slots (now)",
+                epoch(loader_now), loader_now),
+            Row("(c'') (c') + normalize_images in the main process",
+                epoch(loader_norm, normalize=True), loader_norm),
+        ]  # fmt: skip
+        for ld in (previous_loader, loader_now, loader_norm):
+            epoch(ld)()  # start the workers
+        for _ in range(args.repeats):
+            for row in rows:
+                row.run()
+    load_after = os.getloadavg()
 
-    rows = [
-        ("(a) simplejpeg decode (same bytes, in memory)", decode_rate, decode_rate),
-        ("(b) RecordIODataset + TrainTransform, float32, 1 process", dataset_rate, dataset_rate),
-        ("(b') the same, uint8 (normalize=False)", uint8_rate, uint8_rate),
-        (
-            f"(c) DataLoader, {args.workers} workers, float32 batches (previous)",
-            float_rate,
-            float_rate / args.workers,
-        ),
-        (
-            f"(c') DataLoader, {args.workers} workers, uint8 batches + normalize_images",
-            loader_rate,
-            loader_rate / args.workers,
-        ),
-    ]
+    decode = rows[0].rates
     mean_kb = sum(map(len, jpegs)) / len(jpegs) / 1024
     print(
-        f"{n} JPEGs of {args.size}x{args.size}, quality 95, mean {mean_kb:.1f} KiB; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average "
-        f"{os.getloadavg()[0]:.2f}\n"
+        f"{n} JPEGs of {args.size}x{args.size}, quality 95, mean {mean_kb:.1f} KiB, batches of "
+        f"{args.batch_size}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs;"
+        f" load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"{args.repeats} rounds\n"
     )
-    print("| method | images/s | images/s per worker | per worker vs (a) |")
-    print("|---|---:|---:|---:|")
-    for name, total, per_worker in rows:
-        print(f"| {name} | {total:,.0f} | {per_worker:,.0f} | {per_worker / decode_rate:.0%} |")
+    print(
+        "| method | images/s (median) | per worker vs (a), median [min-max] "
+        "| worker CPU µs/image | main CPU µs/image |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    results = []
+    for row in rows:
+        per = w if row.loader else 1
+        ratios = [r / per / d for r, d in zip(row.rates, decode, strict=True)]
+        cpu = row.worker_cpu if row.loader else row.main_cpu
+        worker_us, main_us = 1e6 * cpu / row.images, 1e6 * row.main_cpu / row.images
+        results.append(
+            {
+                "method": row.name,
+                "images_per_s": row.rates,
+                "ratio_to_decode_per_worker": ratios,
+                "worker_cpu_us_per_image": worker_us,
+                "main_cpu_us_per_image": main_us if row.loader else None,
+            }
+        )
+        main_text = f"{main_us:.0f}" if row.loader else "-"
+        print(
+            f"| {row.name} | {np.median(row.rates):,.0f} | {np.median(ratios):.0%} "
+            f"[{min(ratios):.0%}-{max(ratios):.0%}] | {worker_us:.0f} | {main_text} |"
+        )
     if args.json is not None:
         args.json.write_text(
             json.dumps(
@@ -158,18 +220,11 @@ def main() -> None:
                     "num_images": n,
                     "size": args.size,
                     "mean_jpeg_bytes": mean_kb * 1024,
-                    "workers": args.workers,
+                    "workers": w,
                     "batch_size": args.batch_size,
                     "cpus": os.cpu_count(),
-                    "results": [
-                        {
-                            "method": name,
-                            "images_per_s": total,
-                            "per_worker": per_worker,
-                            "ratio_to_decode": per_worker / decode_rate,
-                        }
-                        for name, total, per_worker in rows
-                    ],
+                    "load_average": [load_before, load_after],
+                    "results": results,
                 },
                 indent=2,
             )

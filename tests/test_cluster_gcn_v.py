@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from cluster_reference import dense_weights, pairwise_f, planted
+from robustface.cluster import gcn_v
 from robustface.cluster.base import cluster
 from robustface.cluster.gcn_v import (
     GCNV,
@@ -216,13 +217,17 @@ def test_training_reduces_loss_from_the_full_graph_mse() -> None:
     assert np.mean(model.loss_history[-10:]) < 0.5 * model.loss_history[0]
 
 
-def test_predict_in_batches_equals_full_forward(trained: dict) -> None:
+def test_predict_in_batches_equals_full_forward(trained: dict, monkeypatch) -> None:
     model, x, graph = trained["model"], trained["xte"], trained["kte"]
     conf, hidden = predict_gcn_v(model, x, graph, batch_size=97, show_progress=False)
     with torch.no_grad():
         want_conf, want_hidden = model(torch.from_numpy(x), to_torch_sparse(gcn_adjacency(graph)))
     np.testing.assert_allclose(conf, want_conf.numpy(), atol=1e-5)
     np.testing.assert_allclose(hidden, want_hidden.numpy(), atol=1e-5)
+    monkeypatch.setattr(gcn_v, "GRAPH_BATCH", 40)  # graph blocks of 40, 40, 17 rows per batch
+    parts = predict_gcn_v(model, x, graph, batch_size=97, show_progress=False)
+    np.testing.assert_allclose(parts[0], want_conf.numpy(), atol=1e-5)
+    np.testing.assert_allclose(parts[1], want_hidden.numpy(), atol=1e-5)
     assert hidden.shape == (len(x), 32)
     conf_only, none = predict_gcn_v(
         model, x, graph, batch_size=97, return_hidden=False, show_progress=False
@@ -233,6 +238,21 @@ def test_predict_in_batches_equals_full_forward(trained: dict) -> None:
         predict_gcn_v(model, x[:, :16], graph, show_progress=False)
     with pytest.raises(ValueError, match="knn has"):
         predict_gcn_v(model, x[:-1], graph, show_progress=False)
+
+
+def test_predict_into_writes_the_layers_outputs_in_place() -> None:
+    # the in-place inference path against the layers themselves, rows in PReLU chunks of 7
+    torch.manual_seed(5)
+    model = GCNV(12, hidden=16).eval()
+    x, agg = torch.randn(30, 12), torch.randn(30, 12)
+    hidden, conf, work = torch.full((30, 16), 9.0), torch.full((30,), 9.0), torch.empty(30, 16)
+    model.predict_into(x, agg, hidden, conf, work, chunk=7)
+    with torch.no_grad():
+        want_hidden = torch.relu(torch.cat([x, agg], 1) @ model.conv1.weight + model.conv1.bias)
+        want_conf = model.head(want_hidden)
+        assert torch.equal(hidden, model.conv1.combine(x, agg))  # the same operations
+    torch.testing.assert_close(hidden, want_hidden, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(conf, want_conf, rtol=1e-6, atol=1e-6)
 
 
 def brute_force_link(graph: KnnGraph, conf: np.ndarray, tau: float) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from robustface.config import load_config, save_config
 from robustface.data import normalize_images
+from robustface.data.loader import collate
 from robustface.errors import ConfigError
 from robustface.train import NonFiniteLossError, Trainer
 from robustface.train import checkpoint as ckpt
@@ -499,13 +500,18 @@ def test_per_batch_noise_is_exact_and_deterministic(synth_train_dir, tmp_path):
     pool = [encode_image(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)) for _ in range(5)]
     write_insightface_rec(tmp_path / "open", [(jpeg, 0) for jpeg in pool])
     base, open_source = RecordIODataset(synth_train_dir), RecordIODataset(tmp_path / "open")
-    transform = TrainTransform(flip_p=0.5)
+    transform = TrainTransform(flip_p=0.5, normalize=False)
     transform.input_size = 32
     noisy = TrainSet(base, transform, 3, num_classes=8, batch_noise=(0.25, 0.25),
                      open_source=open_source)  # fmt: skip
     clean = TrainSet(base, transform, 3)
     indices = [5, 17, 2, 40, 33, 8, 61, 12]
-    batch = noisy.__getitems__(indices)
+
+    def fetch(indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        images, labels = collate(noisy.__getitems__(indices))  # one batch, as the loader's
+        return list(zip(images, labels.tolist(), strict=True))
+
+    batch = fetch(indices)
     labels = base.labels
     open_images = [open_source[i][0] for i in range(5)]
     for pos, (index, (image, label)) in enumerate(zip(indices, batch, strict=True)):
@@ -517,10 +523,10 @@ def test_per_batch_noise_is_exact_and_deterministic(synth_train_dir, tmp_path):
             assert torch.equal(image, clean[index][0])
         else:
             assert label == labels[index] and torch.equal(image, clean[index][0])
-    again = noisy.__getitems__(indices)
+    again = fetch(indices)
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(batch, again, strict=True))
     noisy.epoch = 1
-    other = [noisy.__getitems__([i, *indices[1:]])[2][1] for i in range(20)]
+    other = [fetch([i, *indices[1:]])[2][1] for i in range(20)]
     assert len(set(other)) > 1  # the draws depend on the batch (and the epoch)
     with pytest.raises(ValueError, match="open_source"):
         TrainSet(base, transform, 3, batch_noise=(0.0, 0.1))
@@ -529,10 +535,10 @@ def test_per_batch_noise_is_exact_and_deterministic(synth_train_dir, tmp_path):
     trainer = Trainer(_cfg(tmp_path / "run", synth_train_dir, *extra))
     first = list(trainer.sampler)[:8]  # the loader's first batch goes through __getitems__
     images, labels = next(iter(trainer.loader))
-    want = trainer.trainset.__getitems__(first)
-    assert labels.tolist() == [label for _, label in want]
+    want_images, want_labels = collate(trainer.trainset.__getitems__(first))
+    assert labels.tolist() == want_labels.tolist()
     assert labels.tolist()[2:4] != base.labels[first[2:4]].tolist()  # relabelled in the loader
-    assert torch.equal(images, torch.stack([image for image, _ in want]))
+    assert torch.equal(images, want_images)
     result = trainer.fit()
     assert result.steps == 2 and np.isfinite(result.loss)
     with pytest.raises(ConfigError, match="open_source: needed"):

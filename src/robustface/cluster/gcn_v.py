@@ -24,6 +24,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -80,6 +81,12 @@ GCN_FORMAT = "robustface.gcn"
 TAU_GCN_FEATURES = 0.8  # published ``tau``: linking on the kNN of GCN-V's hidden features
 TAU_INPUT_KNN = 0.65  # published ``tau_0``: linking on the input kNN
 ROW_BATCH = 65536  # rows per chunk of the vectorised per-sample passes
+GRAPH_BATCH = 16384
+"""Rows per graph block of :func:`predict_gcn_v`: every temporary of a block (kNN rows, graph
+rows) stays under glibc's 32 MiB ceiling for heap allocations, so it is reused from block to
+block instead of being mapped and page-faulted anew (those faults took up to a third of the
+time). The dense layers run on ``batch_size`` rows at once (larger products run faster), in
+buffers allocated once."""
 DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adamw": 1e-3}
 """GCN-V's learning rate per optimiser when none is given (SGD's is the published one)."""
 
@@ -161,6 +168,32 @@ class GCNV(nn.Module):
         hidden = self.conv1(x, adj)
         return self.head(hidden), hidden
 
+    @torch.no_grad()
+    def predict_into(
+        self,
+        x: torch.Tensor,
+        agg: torch.Tensor,
+        hidden: torch.Tensor,
+        conf: torch.Tensor,
+        work: torch.Tensor,
+        chunk: int = 4096,
+    ) -> None:
+        """Eval-mode :meth:`forward` for rows ``x`` given their ``agg = (A X)[rows]``, written into
+        preallocated ``hidden`` ``(rows, hidden)`` and ``conf`` ``(rows,)``; ``work`` is scratch of
+        ``hidden``'s shape. The same operations as ``GraphConv.combine`` and the classifier
+        (``[X, AX] W`` as ``X W1 + AX W2``, no concat), without a new output-sized tensor: the
+        PReLU and last layer run ``chunk`` rows at a time."""
+        conv, (first, prelu, last) = self.conv1, self.classifier
+        torch.mm(x, conv.weight[: conv.in_dim], out=hidden)
+        torch.mm(agg, conv.weight[conv.in_dim :], out=work)
+        hidden += work
+        hidden += conv.bias
+        hidden.relu_()
+        torch.addmm(first.bias, hidden, first.weight.t(), out=work)  # what nn.Linear computes
+        for start in range(0, len(work), chunk):
+            part = F.prelu(work[start : start + chunk], prelu.weight)
+            conf[start : start + chunk] = F.linear(part, last.weight, last.bias).squeeze(-1)
+
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm as float32; all-zero rows (possible after ReLU) stay zero."""
@@ -174,14 +207,21 @@ def gcn_adjacency(knn: KnnGraph, min_sim: float = 0.0) -> sp.csr_matrix:
     return knn_adjacency(knn, min_sim=min_sim, symmetric=True, self_loops=True, row_normalize=True)
 
 
+def _kept(knn: KnnGraph, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``start:stop`` of the kNN lists and the mask of their entries in ``S`` (sim >= 0,
+    not missing, not the sample itself)."""
+    nbrs, sims = knn.nbrs[start:stop], knn.sims[start:stop]
+    keep = (nbrs >= 0) & (sims >= 0) & (nbrs != np.arange(start, start + len(nbrs))[:, None])
+    return nbrs, sims, keep
+
+
 def _knn_rows(knn: KnnGraph, start: int, stop: int, canonical: bool) -> sp.csr_matrix:
     """Rows ``start:stop`` of ``S`` (the kNN similarities ``>= 0``, no self loops, no missing
     entries) as a ``(stop - start, N)`` float32 CSR built straight from the kNN lists, no COO
     pass: in kNN order, or with ``canonical`` in neighbour order (transposed twice, two counting
     sorts in C) with duplicates summed (a neighbour listed twice counts twice, as in
     :func:`robustface.cluster.graph.knn_adjacency`)."""
-    nbrs, sims = knn.nbrs[start:stop], knn.sims[start:stop]
-    keep = (nbrs >= 0) & (sims >= 0) & (nbrs != np.arange(start, start + len(nbrs))[:, None])
+    nbrs, sims, keep = _kept(knn, start, stop)
     indptr = np.zeros(len(nbrs) + 1, dtype=np.int64)
     np.cumsum(keep.sum(axis=1), out=indptr[1:])
     rows = sp.csr_matrix(
@@ -207,7 +247,8 @@ def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
     n = knn.num_samples
     counts = np.zeros(n, dtype=np.int64)
     for start in range(0, n, batch_size):
-        counts += np.bincount(_knn_rows(knn, start, start + batch_size, False).indices, minlength=n)
+        nbrs, _, keep = _kept(knn, start, start + batch_size)
+        counts += np.bincount(nbrs[keep], minlength=n)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     index_dtype = np.int32 if n < 2**31 and indptr[-1] < 2**31 else np.int64
@@ -240,22 +281,42 @@ def gcn_adjacency_rows(
         (np.ones(rows, dtype=np.float32), (np.arange(rows), np.arange(start, stop))),
         shape=(rows, n),
     )
-    adj = (fwd.maximum(back) + eye).tocsr().astype(np.float32)
+    adj = (fwd.maximum(back) + eye).tocsr().astype(np.float32, copy=False)
     sums = np.asarray(adj.sum(axis=1), dtype=np.float32).ravel()
     adj.data *= np.repeat(1.0 / sums, np.diff(adj.indptr))
     return adj
 
 
 def gcn_adjacency_blocks(
-    knn: KnnGraph, batch_size: int = ROW_BATCH
+    knn: KnnGraph, batch_size: int = ROW_BATCH, within: int | None = None
 ) -> Iterator[tuple[int, int, sp.csr_matrix]]:
     """``(start, stop, A[start:stop])`` for consecutive row blocks of GCN-V's graph ``A``
     (:func:`gcn_adjacency`), never holding ``A`` whole: :func:`reverse_edges` once, then one
-    block of rows at a time (about 4x less peak memory than building ``A``)."""
+    block of rows at a time (about 4x less peak memory than building ``A``). With ``within``,
+    blocks never straddle a multiple of ``within`` (the rows of ``within``-row blocks, each in
+    ``batch_size``-row parts)."""
     reverse = reverse_edges(knn, batch_size)
-    for start in range(0, knn.num_samples, batch_size):
-        stop = min(start + batch_size, knn.num_samples)
-        yield start, stop, gcn_adjacency_rows(knn, reverse, start, stop)
+    num = knn.num_samples
+    within = num if within is None else within
+    for outer in range(0, num, within):
+        end = min(outer + within, num)
+        for start in range(outer, end, batch_size):
+            stop = min(start + batch_size, end)
+            yield start, stop, gcn_adjacency_rows(knn, reverse, start, stop)
+
+
+_END = object()
+
+
+def _one_ahead(items: Iterator[Any]) -> Iterator[Any]:
+    """``items``, each next one made in a background thread while the caller uses the current one
+    (numpy's and scipy's loops release the GIL, so the graph of the next block is built while
+    torch multiplies this one)."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(next, items, _END)
+        while (item := pending.result()) is not _END:
+            pending = pool.submit(next, items, _END)
+            yield item
 
 
 def to_torch_sparse(adj: sp.spmatrix, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -566,7 +627,8 @@ def predict_gcn_v(
     """Predicted confidence ``(N,)`` and hidden features ``(N, hidden)``, both float32.
 
     Rows are processed ``batch_size`` at a time (sparse ``A[rows] @ X``, the rows of ``A`` built
-    on the fly by :func:`gcn_adjacency_blocks`), so memory is the features, the kNN graph, its
+    on the fly by :func:`gcn_adjacency_blocks`, :data:`GRAPH_BATCH` rows at a time, the next
+    while the current ones multiply), so memory is the features, the kNN graph, its
     reverse edges (8 bytes an edge), the output and one batch. Without ``return_hidden`` the
     hidden features (2 KB a sample at hidden 512: 10.6 GB at 5.2M) are not kept and None is
     returned in their place.
@@ -585,20 +647,36 @@ def predict_gcn_v(
     conf = np.empty(num, dtype=np.float32)
     hidden = np.empty((num, model.hidden), dtype=np.float32) if return_hidden else None
     model.to(device)
-    with _eval_mode(model):
-        blocks = tqdm(
-            gcn_adjacency_blocks(knn, batch_size),
-            desc="GCN-V predict",
-            unit="batch",
-            total=-(-num // batch_size),
-            disable=not show_progress,
-        )
-        for start, stop, rows in blocks:
-            agg = torch.sparse.mm(to_torch_sparse(rows, device), x)
-            h = model.conv1.combine(x[start:stop], agg)
-            conf[start:stop] = model.head(h).cpu().numpy()
-            if hidden is not None:
-                hidden[start:stop] = h.cpu().numpy()
+    # one set of block buffers, reused: a new output-sized tensor per block costs page faults
+    # that took as long as the products; on the CPU the outputs are written in place
+    on_host = device.type == "cpu"
+    size = min(batch_size, num)
+    agg = torch.empty((size, feats.shape[1]), device=device)
+    work = torch.empty((size, model.hidden), device=device)
+    block_hidden = None if on_host and hidden is not None else torch.empty_like(work)
+    block_conf = torch.from_numpy(conf) if on_host else torch.empty(size, device=device)
+    graph_rows = min(GRAPH_BATCH, size)
+    graph = _one_ahead(gcn_adjacency_blocks(knn, graph_rows, within=size))
+    with _eval_mode(model), contextlib.closing(graph):
+        bar = tqdm(total=num, desc="GCN-V predict", unit="row", disable=not show_progress)
+        for start in range(0, num, size):
+            stop = min(start + size, num)
+            n, last = stop - start, start
+            while last < stop:  # the graph blocks of these rows: A[rows] X into agg
+                first, last, rows = next(graph)
+                part = agg[first - start : last - start]
+                torch.mm(to_torch_sparse(rows, device), x, out=part)
+                bar.update(last - first)
+            if block_hidden is None:  # the CPU with hidden features: straight into the output
+                h, c = torch.from_numpy(hidden[start:stop]), block_conf[start:stop]  # type: ignore[index]
+            else:
+                h, c = block_hidden[:n], (block_conf[start:stop] if on_host else block_conf[:n])
+            model.predict_into(x[start:stop], agg[:n], h, c, work[:n])
+            if not on_host:
+                conf[start:stop] = c.cpu().numpy()
+                if hidden is not None:
+                    hidden[start:stop] = h.cpu().numpy()
+        bar.close()
     return conf, hidden
 
 

@@ -27,7 +27,13 @@ import torch.utils.data
 
 from robustface.utils.guards import check_int, check_real
 
-__all__ = ["EvalTransform", "TrainTransform", "normalize_images", "to_tensor_normalized"]
+__all__ = [
+    "EvalTransform",
+    "TrainTransform",
+    "image_planes",
+    "normalize_images",
+    "to_tensor_normalized",
+]
 
 _SCALE = np.float32(2.0 / 255.0)
 _GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -55,10 +61,13 @@ def to_tensor_normalized(images: np.ndarray) -> torch.Tensor:
     return _to_tensor(images)
 
 
-def _planes(image: np.ndarray) -> np.ndarray:
-    """``3xHxW`` uint8 planes of one ``HxWx3`` uint8 image."""
+def image_planes(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``3xHxW`` uint8 planes of one ``HxWx3`` uint8 image, written into ``out`` if given (a
+    C-contiguous ``3xHxW`` uint8 array, e.g. one image of a batch being filled in place)."""
     height, width = image.shape[:2]
-    planes = np.empty((3, height, width), dtype=np.uint8)
+    planes = np.empty((3, height, width), dtype=np.uint8) if out is None else out
+    if planes.shape != (3, height, width) or not planes.flags.c_contiguous:
+        raise ValueError(f"a {height}x{width} image does not fit planes of shape {planes.shape}")
     # cv2.split de-interleaves with SIMD straight into the three planes, several times faster
     # than a strided numpy transpose; the planes have the right shape, so none is reallocated.
     cv2.split(np.ascontiguousarray(image), [planes[0], planes[1], planes[2]])
@@ -67,7 +76,7 @@ def _planes(image: np.ndarray) -> np.ndarray:
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
     """:func:`to_tensor_normalized` for one image already checked to be ``HxWx3`` uint8."""
-    return _normalize_planes(_planes(image))
+    return _normalize_planes(image_planes(image))
 
 
 def _normalize_planes(planes: np.ndarray) -> torch.Tensor:
@@ -179,13 +188,19 @@ class TrainTransform:
         ``rng`` overrides the transform's own generator for this call (the trainer passes one
         seeded per sample and epoch, so augmentation does not depend on loader workers).
         """
+        image = self.augment(image, rng)
+        return _to_tensor(image) if self.normalize else torch.from_numpy(image_planes(image))
+
+    def augment(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """:meth:`__call__` up to the tensor: the augmented ``HxWx3`` uint8 image (degradations,
+        resize, flip), drawing the same numbers from ``rng``."""
         rng = self.rng if rng is None else rng
         image = self.degrade(image, rng)
         if self.input_size is not None:
             image = resize_to(image, self.input_size)
         if self.flip_p and rng.random() < self.flip_p:
             image = cv2.flip(image, 1)
-        return _to_tensor(image) if self.normalize else torch.from_numpy(_planes(image))
+        return image
 
     def degrade(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """The degradations alone (down-up, blur, jitter, grayscale; no resize, no flip) of one

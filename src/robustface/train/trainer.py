@@ -25,6 +25,7 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,9 @@ from tqdm import tqdm
 
 from robustface.config import Config, check_config, to_dict
 from robustface.data import RecordIODataset, TrainTransform, load_bin_images, normalize_images
-from robustface.data.loader import CarryUserErrors, collate, unwrap
+from robustface.data.loader import BatchWriter, CarryUserErrors, collate, unwrap
 from robustface.data.sources import DATA_SOURCES
+from robustface.data.transforms import image_planes
 from robustface.errors import RobustfaceError
 from robustface.evaluate.verification import embed_pairs, evaluate
 from robustface.fc import build_classifier, distributed_cross_entropy
@@ -53,6 +55,7 @@ from robustface.train.sampler import ResumableSampler
 from robustface.train.schedule import warmup_poly
 from robustface.utils.io import atomic_path, write_text_atomic
 from robustface.utils.run import RunDir
+from robustface.utils.seeding import keyed_generators
 
 
 class NonFiniteLossError(RobustfaceError, FloatingPointError):
@@ -89,21 +92,45 @@ class TrainSet(Dataset):
         self.open_source = open_source
         if self.open > 0 and open_source is None:
             raise ValueError("batch noise with an open-set rate > 0 needs an open_source dataset")
+        if transform.normalize:
+            raise ValueError("TrainSet sends uint8 images: its transform needs normalize=False")
+        self.batches = BatchWriter()
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
     def _augment(self, image: np.ndarray, index: int) -> torch.Tensor:
-        return self.transform(image, rng=np.random.default_rng([self.seed, self.epoch, index]))
+        return self.transform(image, rng=self._rng(index))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.base[index]
         return self._augment(image, index), label
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        """One batch (the DataLoader's batched fetch), with per-batch label noise if configured."""
+    def __getitems__(self, indices: list[int]) -> Any:
+        """One batch (the DataLoader's batched fetch), with per-batch label noise if configured:
+        the images written in place into one uint8 batch (:class:`BatchWriter`), which
+        :func:`~robustface.data.loader.collate` hands on as ``(images, labels)``, equal to
+        stacking ``self[i]`` for ``i`` in ``indices``."""
         if self.closed == 0 and self.open == 0:
-            return [self[i] for i in indices]
+            samples: Iterable[tuple[np.ndarray, int]] = (self.base[i] for i in indices)
+        else:
+            samples = self._noisy(indices)
+        labels = np.empty(len(indices), dtype=np.int64)
+        images = None
+        rngs = keyed_generators((self.seed, self.epoch), indices)  # those of self._rng, faster
+        for pos, (image, label) in enumerate(samples):
+            image = self.transform.augment(image, next(rngs))
+            if images is None:
+                images = self.batches.start(len(indices), (3, *image.shape[:2]))
+            image_planes(image, images[pos])
+            labels[pos] = label
+        return self.batches.finish(labels)
+
+    def _noisy(self, indices: list[int]) -> list[tuple[np.ndarray, int]]:
+        """The raw samples at ``indices`` with RobustFace's per-batch label noise applied."""
         from robustface.data.noise import OPEN, batch_noise
 
         samples = [self.base[i] for i in indices]
@@ -117,12 +144,11 @@ class TrainSet(Dataset):
             open_pool=len(self.open_source) if self.open_source is not None else 0,  # type: ignore[arg-type]
             rng=rng,
         )
-        out = []
-        for pos, (index, (image, _)) in enumerate(zip(indices, samples, strict=True)):
+        for pos, (image, _) in enumerate(samples):
             if kind[pos] == OPEN:
                 image = self.open_source[int(open_index[pos])][0]  # type: ignore[index]
-            out.append((self._augment(image, index), int(new_labels[pos])))
-        return out
+            samples[pos] = (image, int(new_labels[pos]))
+        return samples
 
 
 @dataclasses.dataclass

@@ -1,0 +1,101 @@
+"""Whole uint8 batches from the loader workers (BatchWriter): the same batches as the per-sample
+path, the shared slots checked and cleaned up."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustface.data import loader as loader_module
+from robustface.data.image import encode_image
+from robustface.data.loader import BatchWriter, CarryUserErrors, collate, unwrap
+from robustface.data.recordio import RecordIODataset, write_insightface_rec
+from robustface.data.transforms import TrainTransform
+from robustface.train.sampler import ResumableSampler
+from robustface.train.trainer import TrainSet
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def small_rec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """44 random 24x24 JPEGs of 11 classes."""
+    out = tmp_path_factory.mktemp("small_rec")
+    rng = np.random.default_rng(0)
+    items = [(encode_image(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)), i // 4)
+             for i in range(44)]  # fmt: skip
+    write_insightface_rec(out, items, image_size=(24, 24))
+    return out
+
+
+def _slot_files() -> set[Path]:
+    return set(Path("/dev/shm").glob("robustface-batches-*"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_equal_the_stacked_samples_over_epochs(small_rec, workers):
+    # the trainer's loader (TrainSet.__getitems__ writing into BatchWriter slots, 4 per worker,
+    # reused: 5 batches per worker and epoch) against the per-sample path, stacked here
+    transform = TrainTransform(flip_p=0.5, blur=0.5, color_jitter=0.5, input_size=20,
+                               normalize=False)  # fmt: skip
+    trainset = TrainSet(RecordIODataset(small_rec), transform, seed=7)
+    sampler = ResumableSampler(len(trainset), 4, seed=7)
+    before = _slot_files()
+    loader = torch.utils.data.DataLoader(
+        CarryUserErrors(trainset), batch_size=4, sampler=sampler, num_workers=workers,
+        drop_last=True, collate_fn=collate,  # new workers each epoch, as in the trainer
+    )  # fmt: skip
+    for epoch in range(2):
+        trainset.epoch = epoch
+        sampler.set_epoch(epoch, start=4 if epoch else 0)  # a resumed epoch too
+        order = list(sampler)
+        batches = [unwrap(b) for b in loader]
+        assert len(batches) == len(order) // 4 == 11 - (epoch > 0)
+        for k, (images, labels) in enumerate(batches):
+            samples = [trainset[i] for i in order[4 * k : 4 * k + 4]]
+            assert images.dtype == torch.uint8 and images.shape == (4, 3, 20, 20)
+            assert torch.equal(images, torch.stack([image for image, _ in samples]))
+            assert labels.dtype == torch.int64
+            assert labels.tolist() == [label for _, label in samples]
+    assert len({b[0].data_ptr() for b in batches}) == len(batches)  # each batch its own memory
+    del loader
+    assert _slot_files() <= before  # the slot files are gone once mapped (and at worker exit)
+
+
+def test_a_slot_written_again_before_it_was_copied_out_raises(monkeypatch):
+    monkeypatch.setattr(loader_module, "get_worker_info", lambda: object())  # as in a worker
+    writer = BatchWriter(slots=2)
+    sent = []
+    for value in range(3):
+        writer.start(2, (3, 4, 5))[:] = value
+        sent.append(pickle.dumps(writer.finish(np.array([value, value + 1]))))
+    monkeypatch.undo()
+    images, labels = pickle.loads(sent[2])  # the newest batch in slot 0 is intact
+    assert torch.equal(images, torch.full((2, 3, 4, 5), 2, dtype=torch.uint8))
+    assert labels.tolist() == [2, 3]
+    images, _ = pickle.loads(sent[1])
+    assert images.unique().tolist() == [1]
+    with pytest.raises(RuntimeError, match="slot 0 again before the main process"):
+        pickle.loads(sent[0])  # slot 0 was written again by batch 2
+
+
+def test_slot_files_a_worker_left_behind_are_removed(monkeypatch):
+    # a worker terminated before the main process received a batch from it leaves its file;
+    # the main process removes its workers' files when it exits (_remove_slot_files, at exit)
+    monkeypatch.setattr(loader_module, "get_worker_info", lambda: object())  # as in a worker
+    BatchWriter().start(2, (3, 4, 5))  # never finished, never received
+    monkeypatch.undo()
+    left = [p for p in _slot_files() if p.name.startswith(f"robustface-batches-{os.getppid()}-")]
+    assert len(left) == 1
+    loader_module._remove_slot_files(os.getppid())  # the worker's main process: our parent here
+    assert not left[0].exists()
+
+
+def test_trainset_needs_uint8_transform(small_rec):
+    with pytest.raises(ValueError, match="normalize=False"):
+        TrainSet(RecordIODataset(small_rec), TrainTransform(), seed=0)

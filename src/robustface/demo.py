@@ -93,12 +93,17 @@ def headline(
     table = markdown_table(
         ["method", "training labels", *sets, "avg", "gap closed", "clean nearer other (%)"], rows
     )
+    retrained = (
+        f"{cleaned}: {baseline} on the noisy labels less the samples one cleaning round removed. "
+        if cleaned in verification
+        else ""
+    )
     notes = (
         f"gap closed: the share of {baseline}'s clean-vs-noisy gap in average accuracy that a run "
         f"on the noisy labels closes ({baseline} on {noise} = 0%, {clean} = 100%; n/a when the "
-        f"clean run is not better). {cleaned}: {baseline} on the noisy labels less the samples "
-        "one cleaning round removed. clean nearer other: clean training samples of the angle probe "
-        "that ended nearer another class centre than their own (far from fitted when high)."
+        f"clean run is not better). {retrained}clean nearer other: clean training samples of the "
+        "angle probe that ended nearer another class centre than their own (far from fitted when "
+        "high)."
     )
     return table + "\n\n" + notes, {"avg": avg, "gap_closed": closed}
 
@@ -287,10 +292,11 @@ def run_demo(
     for i, (name, (head, train_data)) in enumerate(plan.items(), 1):
         labels = "clean" if train_data == data_dir else "noisy"
         train(f"[3/{steps}] training {i}/{len(plan)}:", name, head, train_data, labels)
-    round_dir = out / CLEANING_DIR
+    round_dir, cleaned_run = out / CLEANING_DIR, out / (cfg.head.name + CLEANED_SUFFIX)
+    for stale in (round_dir, cleaned_run):  # an earlier run's round: redone, or gone if skipped
+        if stale.exists():
+            shutil.rmtree(stale)
     if clean:
-        if round_dir.exists():  # cleaned afresh with this run's model
-            shutil.rmtree(round_dir)
         print(
             f"[4/{steps}] one cleaning round: scoring the {noise} training set with "
             f"{robust_head}'s model -> {round_dir}",
@@ -313,14 +319,14 @@ def run_demo(
             **cleaned,
         }
         tables.append(f"## One cleaning round ({robust_head}'s flags)\n\n" + cleaning)
-        train(f"[4/{steps}] retraining:", cfg.head.name + CLEANED_SUFFIX, cfg.head,
-              Path(cleaned["output"]), "cleaned")  # fmt: skip
+        train(f"[4/{steps}] retraining:", cleaned_run.name, cfg.head, Path(cleaned["output"]),
+              "cleaned")  # fmt: skip
     print(f"[{steps}/{steps}] headline comparison", flush=True)
     plot_path = out / "demo.png"
     baseline, ceiling = cfg.head.name, cfg.head.name + CLEAN_SUFFIX
     title = f"{baseline} and {robust_head} on {noise} labels, {ceiling} on clean labels"
     if clean:
-        title += f", {baseline + CLEANED_SUFFIX} on the cleaned set"
+        title += f", {cleaned_run.name} on the cleaned set"
     plot_run_angles(runs, plot_path, title)
     if all(verification.values()):
         table, numbers = headline(verification, analysis, cfg.head.name, noise)

@@ -264,9 +264,9 @@ def _check_same_config(out: Path, cfg: CleanConfig) -> None:
 
 def clean_round(
     cfg: CleanConfig,
-    run_dir: Path,
-    data: Path,
-    round_dir: Path,
+    run_dir: str | Path,
+    data: str | Path,
+    round_dir: str | Path,
     origin: np.ndarray,
     r: int = 1,
     *,
@@ -276,6 +276,7 @@ def clean_round(
     ``round_dir/score``, apply ``cfg.action``, write the cleaned set into ``round_dir/data``
     (``origin``: each record's index in the loop's input set) and the summary into
     ``round_dir/round.json`` (written last); a step whose output exists is not redone."""
+    data, round_dir = Path(data), Path(round_dir)
     score_dir = round_dir / "score"
     if not (score_dir / "score.json").is_file():
         score_to_dir(run_dir, score_dir, data=data, thresholds=dict(cfg.thresholds), knn=cfg.knn,

@@ -151,3 +151,44 @@ def test_presets_and_bad_specs():
     with pytest.raises(ValueError, match="unknown dirty preset"):
         make_dirty_synthface("unused", SMALL, "nope")
     assert "duplicate_fraction" in " ".join(SynthConfig(duplicate_fraction=0.7).check())
+
+
+def test_a_noise_list_is_read_as_the_truth_of_its_three_kinds(tmp_path, capsys):
+    """``robustface noise``'s list as a cleaning truth (``clean evaluate --truth``, and beside a
+    scored set): its kinds, true labels and hard clean samples; nothing else is known."""
+    from robustface.clean.dirty import Truth
+    from robustface.clean.evaluate import evaluate_flags, evaluation_table
+    from robustface.cli import main
+    from robustface.data.noise import NoisePlan, save_noise_list
+
+    save_noise_list(
+        NoisePlan(kind=[0, 1, 2, 0, 0, 1], label=[0, 0, 1, 1, 2, 2],
+                  original_label=[0, 1, -1, 1, 2, 0], source=[0, 0, 1, 0, 0, 0],
+                  source_index=[0, 1, 0, 3, 4, 5], quality=[0.5, 0.9, 0.3, 0.01, 0.8, 0.2]),
+        tmp_path / "noise.npz",
+    )  # fmt: skip
+    want = Truth(
+        kind=np.array([0, 1, 2, 0, 0, 1]),  # TRUTH_KINDS codes: clean, closed, open
+        label=np.array([0, 0, 1, 1, 2, 2]),
+        true_label=np.array([0, 1, -1, 1, 2, 0]),
+        identity=np.full(6, -1),
+        quality=np.array([0.5, 0.9, 0.3, 0.01, 0.8, 0.2], np.float32),
+        hard=np.array([False, False, False, True, False, False]),  # clean, quality < 0.02
+        duplicate_of=np.full(3, -1),
+    )
+    assert TRUTH_KINDS[:3] == ("clean", "closed", "open") and HARD_QUALITY == 0.02
+    for path in (tmp_path, tmp_path / "noise.npz"):  # the directory or the file
+        got = load_truth(path)
+        for name in ("kind", "label", "true_label", "identity", "quality", "hard", "duplicate_of"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    flags = ["clean", "mislabeled", "mislabeled", "hard", "open_set", "clean"]
+    rows = [f"{i},0,{f},,-1" for i, f in enumerate(flags)]
+    (tmp_path / "flags.csv").write_text("index,label,flag,reason,suggested\n" + "\n".join(rows))
+    assert main(["clean", "evaluate", str(tmp_path / "flags.csv"), "--truth", str(tmp_path)]) == 0
+    code = np.array([["clean", "hard", "mislabeled", "open_set"].index(f) for f in flags])
+    result = evaluate_flags(code, np.full(6, -1), want)
+    assert capsys.readouterr().out == evaluation_table(result) + "\n"
+    # by hand: closed {1, 5}, flagged mislabeled {1, 2}; noisy {1, 2, 5}, removed {1, 2, 4}
+    assert (result["closed"]["precision"], result["closed"]["recall"]) == (0.5, 0.5)
+    assert result["removal"]["precision"] == result["removal"]["recall"] == 2 / 3
+    assert result["clean"]["kept"] == 2 / 3 and result["clean"]["hard_kept"] == 1.0

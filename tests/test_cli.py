@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -102,12 +103,16 @@ def test_demo_writes_run_directory_and_reuses_data(tmp_path, capsys):
     assert results["synthface"]["train"]["samples"] == 12
     # 3 images per class: floor(3 * 0.34) = 1 closed-set and 1 open-set sample in each of 4
     assert results["noise"] == {"clean": 4, "closed": 4, "open": 4}
-    assert set(results["runs"]) == {"arcface", "robustface_stable", "arcface_clean"}
+    assert set(results["runs"]) == {"arcface", "robustface_stable", "arcface_clean",
+                                    "arcface_cleaned"}  # fmt: skip
+    with np.load(run / "cleaning" / "data" / "noise.npz") as left:  # the noise cleaning left
+        left_kinds = np.unique(left["kind"]).tolist()
     for name, got in results["runs"].items():
         assert set(got["verification"]) == {"lfw", "cfp_fp", "lowq"}
         assert (run / name / "backbone.pth").is_file()
         with np.load(run / name / "analysis" / "angles.npz") as probe:
-            kinds = [0, 3] if name == "arcface_clean" else [0, 1, 2]  # no noise, low quality
+            # no noise but low quality; what the cleaning left; all three kinds
+            kinds = {"arcface_clean": [0, 3], "arcface_cleaned": left_kinds}.get(name, [0, 1, 2])
             assert sorted(np.unique(probe["groups"]).tolist()) == kinds
     # the clean-label ceiling trains on the clean set; gap closed as robustface experiment's
     clean_cfg = yaml.safe_load((run / "arcface_clean" / "config.yaml").read_text())
@@ -123,6 +128,7 @@ def test_demo_writes_run_directory_and_reuses_data(tmp_path, capsys):
         assert np.isnan(closed["robustface_stable"]) and "| n/a" in first
     assert closed["arcface"] in (0.0,) or np.isnan(closed["arcface"])
     assert "| arcface_clean     | clean (ceiling)" in first
+    _check_cleaning_round(run, results, first, avg)
     assert results["seconds"]["wall"] > 0 and results["seconds"]["cpu"] > 0
     metrics = (run / "robustface_stable" / "metrics.jsonl").read_text().splitlines()
     logged = [json.loads(line) for line in metrics]
@@ -131,12 +137,64 @@ def test_demo_writes_run_directory_and_reuses_data(tmp_path, capsys):
     assert (run / "synthface" / "preview.png").stat().st_size > 1000
     for name in results["runs"]:  # the final printout names the plots each run has
         assert f"{run / name} (analysis/angles.png, training.png)\n" in first
-    assert main([*args, "--set", "train.probe_every=0"]) == 0
+    assert main([*args, "--set", "train.probe_every=0", "--no-clean"]) == 0
     again = capsys.readouterr().out
     assert "reusing the existing set" in again
-    for name in results["runs"]:  # no probe this time: no angles plot listed
+    for name in ("arcface", "robustface_stable", "arcface_clean"):  # no probe: no angles plot
         assert not (run / name / "analysis").exists()
         assert f"{run / name} (training.png)\n" in again
+    # no cleaning round: none reported, and the first run's round and retraining are gone
+    assert "cleaning" not in json.loads((run / "results.json").read_text())
+    assert "arcface_cleaned" not in again and "cleaning round" not in again
+    assert not (run / "cleaning").exists() and not (run / "arcface_cleaned").exists()
+
+
+def _check_cleaning_round(run: Path, results: dict, printed: str, avg: dict) -> None:
+    """The demo's cleaning round: robustface_stable's flags removed from the noisy set, ArcFace
+    retrained on what is left; precision / recall counted here from the flags and the noise list."""
+    from robustface.clean.evaluate import format_ratio
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else float("nan")
+
+    with open(run / "cleaning" / "score" / "flags.csv", newline="") as fh:
+        flag = np.array([row["flag"] for row in csv.DictReader(fh)])
+    with np.load(run / "synthface_C34O34" / "noise.npz") as noise:
+        kind = noise["kind"]  # 0 clean, 1 closed-set, 2 open-set
+    removed = ~np.isin(flag, ["clean", "hard"])
+    got = results["cleaning"]["evaluation"]
+
+    def precision_recall(is_kind: np.ndarray, flagged: np.ndarray) -> tuple[float, float]:
+        hit = int(np.sum(is_kind & flagged))
+        return ratio(hit, int(flagged.sum())), ratio(hit, int(is_kind.sum()))
+
+    want = {
+        "closed": precision_recall(kind == 1, flag == "mislabeled"),
+        "open": precision_recall(kind == 2, flag == "open_set"),
+        "removal": precision_recall(kind > 0, removed),
+    }
+    for name, (precision, recall) in want.items():
+        np.testing.assert_equal((got[name]["precision"], got[name]["recall"]), (precision, recall))
+    kept = ratio(np.sum(~removed & (kind == 0)), np.sum(kind == 0))
+    np.testing.assert_equal(got["clean"]["kept"], kept)
+    line = (f"removal precision {format_ratio(want['removal'][0])}, recall "
+            f"{format_ratio(want['removal'][1])}; clean samples kept: {format_ratio(kept)} of "
+            f"{np.sum(kind == 0)}")  # fmt: skip
+    assert line in printed and "## One cleaning round (robustface_stable's flags)" in printed
+    # the cleaned set holds what was kept; ArcFace retrained on it, with its gap closed
+    assert results["cleaning"]["samples"] == len(RecordIODataset(run / "cleaning" / "data"))
+    assert results["cleaning"]["samples"] == int(np.sum(~removed))
+    cfg = yaml.safe_load((run / "arcface_cleaned" / "config.yaml").read_text())
+    assert (
+        cfg["data"]["path"] == str(run / "cleaning" / "data") and cfg["head"]["name"] == "arcface"
+    )
+    assert "| arcface_cleaned   | C34O34, cleaned" in printed
+    closed = results["headline"]["gap_closed"]["arcface_cleaned"]
+    if avg["arcface_clean"] > avg["arcface"]:
+        gap = (avg["arcface_cleaned"] - avg["arcface"]) / (avg["arcface_clean"] - avg["arcface"])
+        assert closed == pytest.approx(gap)
+    else:
+        assert np.isnan(closed)
 
 
 def test_demo_printout_lists_only_the_plots_a_run_has(tmp_path):

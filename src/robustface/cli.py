@@ -221,6 +221,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         cfg,
         noise=args.noise,
         robust_head=args.robust_head,
+        clean=not args.no_clean,
         workers=args.workers,
         progress=not args.quiet,
     )
@@ -539,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--robust-head",
         default="robustface_stable",
         help="head compared with the config's head (ArcFace in the recipe)",
+    )
+    p.add_argument(
+        "--no-clean",
+        action="store_true",
+        help="skip the cleaning round (scoring with the robust head's model, retraining on the "
+        "cleaned set)",
     )
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -6,7 +6,12 @@
 3. Train a tiny IResNet with ArcFace, then with the best robust head, on the noisy set, probing
    the angles of clean and noisy samples to their class centres as they train; then ArcFace on
    the clean labels: the ceiling that says how much of the noise damage the robust head undoes.
-4. Evaluate all three on the verification sets, print the headline table (with the share of
+4. One cleaning round (``run_demo(clean=False)`` / ``--no-clean`` skips it): score and flag every
+   noisy training sample with the robust head's model (:func:`robustface.clean.clean_round`, as a
+   round of ``robustface clean run`` with its defaults), remove the flagged ones, score the flags
+   against the noise list, and retrain ArcFace on what is kept. It comes after the three runs
+   above, whose numbers it leaves unchanged.
+5. Evaluate every run on the verification sets, print the headline table (with the share of
    ArcFace's clean-vs-noisy gap closed, as ``robustface experiment`` reports it), and save plots.
 
 Same config and seed give the same numbers on a CPU with the same PyTorch version, thread count
@@ -27,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustface.config import Config
+from robustface.config import Config, HeadConfig
 from robustface.data.synth.builder import ensure_synthface
 from robustface.evaluate.verification import format_results
 from robustface.train import Trainer
@@ -41,6 +46,10 @@ from robustface.utils.table import markdown_table
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 CLEAN_SUFFIX = "_clean"
 """The clean-label reference run is the baseline head's name plus this (``arcface_clean``)."""
+CLEANED_SUFFIX = "_cleaned"
+"""The run on the cleaned set is the baseline head's name plus this (``arcface_cleaned``)."""
+CLEANING_DIR = "cleaning"
+"""The cleaning round's directory in the demo's run: ``score/``, ``data/``, ``round.json``."""
 
 
 def _cpu_seconds() -> float:
@@ -65,15 +74,16 @@ def headline(
     sets = sorted(next(iter(verification.values())))
     avg = {name: float(np.mean([v[s]["accuracy_mean"] for s in sets]))
            for name, v in verification.items()}  # fmt: skip
-    clean = baseline + CLEAN_SUFFIX
+    clean, cleaned = baseline + CLEAN_SUFFIX, baseline + CLEANED_SUFFIX
     closed = {
         name: gap_closed(avg[name], avg[baseline], avg[clean])
         for name in verification
         if name != clean and clean in avg
     }
     rows = []
-    for name, v in verification.items():
-        labels = "clean (ceiling)" if name == clean else noise
+    for name in sorted(verification, key=lambda n: n == clean):  # the ceiling last
+        v = verification[name]
+        labels = {clean: "clean (ceiling)", cleaned: f"{noise}, cleaned"}.get(name, noise)
         share = closed.get(name)
         gap = "-" if share is None else "n/a" if math.isnan(share) else f"{100 * share:.0f}%"
         nearer = analysis.get(name, {}).get("clean_neg_closer_frac")
@@ -83,11 +93,17 @@ def headline(
     table = markdown_table(
         ["method", "training labels", *sets, "avg", "gap closed", "clean nearer other (%)"], rows
     )
+    retrained = (
+        f"{cleaned}: {baseline} on the noisy labels less the samples one cleaning round removed. "
+        if cleaned in verification
+        else ""
+    )
     notes = (
         f"gap closed: the share of {baseline}'s clean-vs-noisy gap in average accuracy that a run "
         f"on the noisy labels closes ({baseline} on {noise} = 0%, {clean} = 100%; n/a when the "
-        "clean run is not better). clean nearer other: clean training samples of the angle probe "
-        "that ended nearer another class centre than their own (far from fitted when high)."
+        f"clean run is not better). {retrained}clean nearer other: clean training samples of the "
+        "angle probe that ended nearer another class centre than their own (far from fitted when "
+        "high)."
     )
     return table + "\n\n" + notes, {"avg": avg, "gap_closed": closed}
 
@@ -103,6 +119,39 @@ def _synthface_table(summary: dict[str, Any]) -> str:
         s = summary["ijb"]
         rows.append(["IJB-style", f"{s['images']} images", f"{s['templates']} templates", "IJBS/"])
     return markdown_table(["part", "size", "classes", "file"], rows)
+
+
+def cleaning_table(summary: dict[str, Any], scored_with: str) -> str:
+    """What one cleaning round (a :func:`~robustface.clean.clean_round` summary) removed and,
+    when its set has a truth or noise list, the flags' precision / recall against it
+    (:func:`~robustface.clean.evaluate_flags`: closed-set noise flagged ``mislabeled``, open-set
+    ``open_set``, and removal for any reason vs noise) and the share of clean samples kept."""
+    from robustface.clean.evaluate import format_ratio
+
+    n, removed = summary["input_samples"], summary["removed"]
+    lines = [
+        f"{scored_with}'s model flagged {removed} of {n} training samples for removal "
+        f"({100 * removed / max(n, 1):.1f}%); {summary['samples']} samples of "
+        f"{summary['classes']} classes are left."
+    ]
+    evaluation = summary.get("evaluation")
+    if evaluation is not None:
+        rows = []
+        for key, name in (("closed", "closed-set (mislabeled)"), ("open", "open-set (open_set)"),
+                          ("removal", "all noise (any removal flag)")):  # fmt: skip
+            r = evaluation[key]
+            rows.append([name, r["samples"], r["flagged"],
+                         format_ratio(r["precision"]), format_ratio(r["recall"])])  # fmt: skip
+        removal, kept = evaluation["removal"], evaluation["clean"]
+        lines += [
+            "",
+            markdown_table(["noise (flag)", "samples", "flagged", "precision", "recall"], rows),
+            "",
+            f"against the noise list: removal precision {format_ratio(removal['precision'])}, "
+            f"recall {format_ratio(removal['recall'])}; clean samples kept: "
+            f"{format_ratio(kept['kept'])} of {kept['samples']}.",
+        ]
+    return "\n".join(lines)
 
 
 def plot_training(
@@ -145,6 +194,7 @@ def run_demo(
     *,
     noise: str = "MS1MCON-0.20",
     robust_head: str = "robustface_stable",
+    clean: bool = True,
     workers: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -152,18 +202,23 @@ def run_demo(
 
     ``cfg.head`` is the baseline (ArcFace in the recipe); ``robust_head`` trains with the same
     head params on the same noisy data (``noise``: a setting of :mod:`robustface.data.noise`).
+    ``clean``: then one cleaning round with the ``robust_head`` model and ``cfg.head`` retrained
+    on the cleaned set.
     """
+    from robustface.clean.loop import CleanConfig, clean_round
     from robustface.data.noise import inject_noise, noise_summary_table, parse_noise_setting
+    from robustface.data.recordio import RecordIODataset
     from robustface.heads import HEADS
 
     parse_noise_setting(noise)
     HEADS.get(robust_head)
     if robust_head == cfg.head.name:
         raise ValueError(f"robust_head {robust_head!r} is the config's head: nothing to compare")
+    steps = 5 if clean else 4
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     out = RunDir.create(cfg.output_dir, cfg, cfg.seed).path
     data_dir = out / "synthface"
-    print(f"[1/4] SynthFace in {data_dir} ...", flush=True)
+    print(f"[1/{steps}] SynthFace in {data_dir} ...", flush=True)
     summary, info = ensure_synthface(data_dir, cfg.synth, workers=workers, progress=progress)
     if info is None:
         print("      reusing the existing set (same config)", flush=True)
@@ -174,7 +229,7 @@ def run_demo(
             flush=True,
         )
     noisy_dir = out / f"synthface_{noise}"
-    print(f"[2/4] label noise {noise} -> {noisy_dir}", flush=True)
+    print(f"[2/{steps}] label noise {noise} -> {noisy_dir}", flush=True)
     noise_info = inject_noise(
         data_dir, noisy_dir, noise, seed=cfg.seed, overwrite=True, progress=False
     )
@@ -190,7 +245,9 @@ def run_demo(
     tables = ["## SynthFace\n\n" + _synthface_table(summary)]
     verification: dict[str, dict[str, dict[str, Any]]] = {}
     analysis: dict[str, dict[str, Any]] = {}
-    for i, (name, (head, train_data)) in enumerate(plan.items(), 1):
+
+    def train(step: str, name: str, head: HeadConfig, train_data: Path, labels: str) -> None:
+        """Train ``name`` afresh on ``train_data`` and record its results, tables and plots."""
         train_dir = out / name
         if train_dir.exists():  # the demo's own training runs: start them afresh each time
             shutil.rmtree(train_dir)
@@ -204,11 +261,10 @@ def run_demo(
             train=dataclasses.replace(cfg.train, progress=progress),
         )
         trainer = Trainer(train_cfg)
-        labels = "clean" if train_data == data_dir else "noisy"
         print(
-            f"[3/4] training {i}/{len(plan)}: {cfg.model.backbone} + {head.name} on "
-            f"{len(trainer.trainset)} {labels} images of {trainer.num_classes} identities: "
-            f"{trainer.total_steps} steps, {torch.get_num_threads()} CPU thread(s) ...",
+            f"{step} {cfg.model.backbone} + {head.name} on {len(trainer.trainset)} {labels} "
+            f"images of {trainer.num_classes} identities: {trainer.total_steps} steps, "
+            f"{torch.get_num_threads()} CPU thread(s) ...",
             flush=True,
         )
         result = trainer.fit()
@@ -229,15 +285,48 @@ def run_demo(
         }
         if result.verification:
             plot_training(train_dir, result.verification, RunDir(train_dir).training_plot, name)
-            title = (
-                f"## {head.name} on {noise if labels == 'noisy' else 'clean'} labels, "
-                f"{cfg.model.backbone}, verification\n\n"
-            )
+            shown = {"noisy": noise, "cleaned": f"{noise}, cleaned"}.get(labels, labels)
+            title = f"## {head.name} on {shown} labels, {cfg.model.backbone}, verification\n\n"
             tables.append(title + format_results(result.verification))
-    print("[4/4] headline comparison", flush=True)
+
+    for i, (name, (head, train_data)) in enumerate(plan.items(), 1):
+        labels = "clean" if train_data == data_dir else "noisy"
+        train(f"[3/{steps}] training {i}/{len(plan)}:", name, head, train_data, labels)
+    round_dir, cleaned_run = out / CLEANING_DIR, out / (cfg.head.name + CLEANED_SUFFIX)
+    for stale in (round_dir, cleaned_run):  # an earlier run's round: redone, or gone if skipped
+        if stale.exists():
+            shutil.rmtree(stale)
+    if clean:
+        print(
+            f"[4/{steps}] one cleaning round: scoring the {noise} training set with "
+            f"{robust_head}'s model -> {round_dir}",
+            flush=True,
+        )
+        cleaning_started = time.perf_counter()
+        cleaned = clean_round(
+            CleanConfig(data=str(noisy_dir), rounds=1, action="remove"),
+            runs[robust_head],
+            noisy_dir,
+            round_dir,
+            np.arange(len(RecordIODataset(noisy_dir))),
+            progress=progress,
+        )
+        cleaning = cleaning_table(cleaned, robust_head)
+        print(cleaning, flush=True)
+        results["cleaning"] = {
+            "scored_with": robust_head,
+            "seconds": round(time.perf_counter() - cleaning_started, 1),
+            **cleaned,
+        }
+        tables.append(f"## One cleaning round ({robust_head}'s flags)\n\n" + cleaning)
+        train(f"[4/{steps}] retraining:", cleaned_run.name, cfg.head, Path(cleaned["output"]),
+              "cleaned")  # fmt: skip
+    print(f"[{steps}/{steps}] headline comparison", flush=True)
     plot_path = out / "demo.png"
-    *noisy_runs, clean_run = runs
-    title = f"{' and '.join(noisy_runs)} on {noise} labels, {clean_run} on clean labels"
+    baseline, ceiling = cfg.head.name, cfg.head.name + CLEAN_SUFFIX
+    title = f"{baseline} and {robust_head} on {noise} labels, {ceiling} on clean labels"
+    if clean:
+        title += f", {cleaned_run.name} on the cleaned set"
     plot_run_angles(runs, plot_path, title)
     if all(verification.values()):
         table, numbers = headline(verification, analysis, cfg.head.name, noise)
@@ -256,6 +345,8 @@ def run_demo(
     print(f"loss and angle distributions:     {plot_path}")
     for name, run in runs.items():
         print(f"{name + ' run:':<33} {run}{run_plots(run)}")
+    if clean:
+        print(f"{'cleaning round:':<33} {round_dir} (score/angles.png, score/flags.csv, data/)")
     sec = results["seconds"]
     print(f"\ndemo time: {sec['wall'] / 60:.1f} min wall, {sec['cpu']:.0f} s of CPU")
     print(

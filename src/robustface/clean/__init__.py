@@ -10,9 +10,10 @@ from robustface.clean.dirty import (
     Truth,
     load_truth,
     make_dirty_synthface,
+    truth_from_noise,
 )
 from robustface.clean.evaluate import evaluate_cumulative, evaluate_flags, evaluation_table
-from robustface.clean.loop import CleanConfig, clean_loop
+from robustface.clean.loop import CleanConfig, clean_loop, clean_round
 from robustface.clean.score import (
     FLAGS,
     IMAGE_STATS,
@@ -52,6 +53,7 @@ __all__ = [
     "Truth",
     "choose_thresholds",
     "clean_loop",
+    "clean_round",
     "compute_scores",
     "dominant_subcenter",
     "drop_decisions",
@@ -70,4 +72,5 @@ __all__ = [
     "split_candidates",
     "subcenter_assignments",
     "subcenter_drop",
+    "truth_from_noise",
 ]

@@ -31,7 +31,17 @@ from typing import Any
 import numpy as np
 
 from robustface.config import SynthConfig
-from robustface.data.noise import CLOSED, OPEN, NoisePlan, inject_noise, read_npz_arrays
+from robustface.data.noise import (
+    CLOSED,
+    NOISE_LIST,
+    OPEN,
+    NoisePlan,
+    inject_noise,
+    load_noise_list,
+    noise_list_for,
+    read_npz_arrays,
+)
+from robustface.data.recordio import RecordIODataset
 from robustface.data.synth.builder import ensure_synthface
 from robustface.errors import DataFormatError
 from robustface.utils.guards import check_real
@@ -48,6 +58,7 @@ __all__ = [
     "load_truth",
     "make_dirty_synthface",
     "truth_for",
+    "truth_from_noise",
 ]
 
 TRUTH_KINDS = ("clean", "closed", "open", "low_quality", "sketch", "nonface", "duplicate")
@@ -143,8 +154,15 @@ class Truth:
 
 
 def load_truth(path: str | Path) -> Truth:
-    """Read ``truth.npz`` (or the one in a directory)."""
+    """Read ``truth.npz`` (or the one in a directory). A noise list (a ``noise.npz`` from
+    ``robustface noise``, or a directory that holds one and no ``truth.npz``) gives
+    :func:`truth_from_noise`'s truth."""
+    path = Path(path)
+    if path.is_dir() and not (path / TRUTH_FILE).is_file() and (path / NOISE_LIST).is_file():
+        path = path / NOISE_LIST
     file, arrays = read_npz_arrays(path, TRUTH_FILE, "truth list")
+    if "source_index" in arrays and "true_label" not in arrays:  # a noise list's columns
+        return truth_from_noise(load_noise_list(file))
     names = [f.name for f in dataclasses.fields(Truth)]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -159,14 +177,28 @@ def load_truth(path: str | Path) -> Truth:
 
 
 def truth_for(rec_dir: str | Path, num_samples: int) -> Truth | None:
-    """The truth list beside a ``.rec`` directory, or None; a length mismatch is an error."""
+    """The truth list beside a ``.rec`` directory, else the truth of the noise list beside it
+    (:func:`truth_from_noise`), else None; a length mismatch is an error."""
     file = Path(rec_dir) / TRUTH_FILE
     if not file.is_file():
-        return None
+        plan = noise_list_for(rec_dir)  # checks its length against the set's
+        return (
+            None if plan is None else truth_from_noise(plan, RecordIODataset(rec_dir).num_classes)
+        )
     truth = load_truth(file)
     if len(truth) != num_samples:
         raise DataFormatError(file, f"has {len(truth)} rows but the set has {num_samples} images")
     return truth
+
+
+def truth_from_noise(plan: NoisePlan, num_classes: int | None = None) -> Truth:
+    """The truth a noise list alone gives (a set noised by ``robustface noise``): kinds clean,
+    closed and open, the true labels, ``hard`` from its quality column (none without one). Every
+    training image counts as a plain face of unknown identity (-1) and no class as a duplicate.
+    ``num_classes`` defaults to the highest label seen + 1."""
+    if num_classes is None:
+        num_classes = int(max(plan.label.max(initial=-1), plan.original_label.max(initial=-1))) + 1
+    return build_truth(plan, None, None, {}, num_classes)
 
 
 def _manifest_columns(directory: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -176,20 +208,21 @@ def _manifest_columns(directory: Path, names: tuple[str, ...]) -> dict[str, np.n
 
 def build_truth(
     plan: NoisePlan,
-    train: dict[str, np.ndarray],
+    train: dict[str, np.ndarray] | None,
     open_identity: np.ndarray | None,
     duplicates: dict[int, int],
     num_classes: int,
 ) -> Truth:
     """The truth of a noisy set from its noise ``plan`` (record order), the source training
-    manifest's ``kind``/``identity`` columns, the open-set manifest's identities and the source's
-    ``{duplicate class: original class}``."""
+    manifest's ``kind``/``identity`` columns (None: every image a plain face, identities unknown),
+    the open-set manifest's identities and the source's ``{duplicate class: original class}``."""
     n = len(plan)
     code = {name: i for i, name in enumerate(TRUTH_KINDS)}
     from_train = plan.kind != OPEN
     src = plan.source_index
     image_kind = np.full(n, "face", dtype=object)
-    image_kind[from_train] = train["kind"][src[from_train]]
+    if train is not None:
+        image_kind[from_train] = train["kind"][src[from_train]]
     kind = np.full(n, code["clean"], dtype=np.int8)
     kind[plan.kind == CLOSED] = code["closed"]
     kind[plan.kind == OPEN] = code["open"]
@@ -214,7 +247,8 @@ def build_truth(
     same_person = (kind == code["closed"]) & (canon[plan.label] == true_label)
     kind[same_person] = np.where(duplicate_of[plan.label[same_person]] >= 0, code["duplicate"], 0)
     identity = np.full(n, -1, dtype=np.int64)
-    identity[from_train] = train["identity"][src[from_train]]
+    if train is not None:
+        identity[from_train] = train["identity"][src[from_train]]
     if open_identity is not None:
         identity[~from_train] = open_identity[src[~from_train]]
     identity[kind == code["nonface"]] = -1

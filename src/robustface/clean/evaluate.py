@@ -20,7 +20,7 @@ from robustface.clean.dirty import TRUTH_KINDS, Truth
 from robustface.clean.score import FLAGS
 from robustface.utils.table import markdown_table
 
-__all__ = ["EXPECTED", "evaluate_cumulative", "evaluate_flags", "evaluation_table"]
+__all__ = ["EXPECTED", "evaluate_cumulative", "evaluate_flags", "evaluation_table", "format_ratio"]
 
 EXPECTED = {
     "closed": "mislabeled",
@@ -36,7 +36,7 @@ def _ratio(a: int, b: int) -> float:
     return a / b if b else float("nan")
 
 
-def _fmt(x: float) -> str:
+def format_ratio(x: float) -> str:
     """A ratio with 3 decimals; ``n/a`` for an undefined one (nothing flagged, no samples)."""
     return "n/a" if math.isnan(x) else f"{x:.3f}"
 
@@ -138,8 +138,8 @@ def evaluation_table(result: dict[str, dict[str, float]]) -> str:
     rows = []
     for name in (*EXPECTED, "removal"):
         r = result[name]
-        rows.append([name, r["samples"], r["flagged"], _fmt(r["precision"]),
-                     _fmt(r["recall"]), _fmt(r["removed"])])  # fmt: skip
+        rows.append([name, r["samples"], r["flagged"], format_ratio(r["precision"]),
+                     format_ratio(r["recall"]), format_ratio(r["removed"])])  # fmt: skip
     table = markdown_table(
         ["truth kind", "samples", "flagged as it", "precision", "recall", "removed (any flag)"],
         rows,
@@ -148,18 +148,19 @@ def evaluation_table(result: dict[str, dict[str, float]]) -> str:
     lines = [
         table,
         "",
-        f"clean kept: {_fmt(c['kept'])} of {c['samples']}; hard clean kept: "
-        f"{_fmt(c['hard_kept'])} of {c['hard']}",
+        f"clean kept: {format_ratio(c['kept'])} of {c['samples']}; hard clean kept: "
+        f"{format_ratio(c['hard_kept'])} of {c['hard']}",
     ]
     if "suggested_class" in result:
         s = result["suggested_class"]
-        lines[-1] += f"; mislabels with the right suggested class: {_fmt(s['correct'])} of " + str(
-            s["detected"]
+        lines[-1] += (
+            f"; mislabels with the right suggested class: {format_ratio(s['correct'])} of "
+            + str(s["detected"])
         )
     if "merge" in result:
         m = result["merge"]
         lines.append(
             f"merge pairs: {m['proposed']} proposed, {m['pairs']} true; precision "
-            f"{_fmt(m['precision'])}, recall {_fmt(m['recall'])}"
+            f"{format_ratio(m['precision'])}, recall {format_ratio(m['recall'])}"
         )
     return "\n".join(lines)

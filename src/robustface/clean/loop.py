@@ -47,7 +47,7 @@ from robustface.utils.io import atomic_directory, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
 
-__all__ = ["CleanConfig", "clean_loop", "remap_labels"]
+__all__ = ["CleanConfig", "clean_loop", "clean_round", "remap_labels"]
 
 CONFIG_FILE = "clean_config.yaml"
 ROUND_JSON = "round.json"
@@ -264,6 +264,55 @@ def _check_same_config(out: Path, cfg: CleanConfig) -> None:
         write_text_atomic(file, text)
 
 
+def clean_round(
+    cfg: CleanConfig,
+    run_dir: str | Path,
+    data: str | Path,
+    round_dir: str | Path,
+    origin: np.ndarray,
+    r: int = 1,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Round ``r``'s cleaning with the trained run ``run_dir``: score ``data`` into
+    ``round_dir/score``, apply ``cfg.action``, write the cleaned set into ``round_dir/data``
+    (``origin``: each record's index in the loop's input set) and the summary into
+    ``round_dir/round.json`` (written last); a step whose output exists is not redone."""
+    data, round_dir = Path(data), Path(round_dir)
+    score_dir = round_dir / "score"
+    if not (score_dir / "score.json").is_file():
+        score_to_dir(run_dir, score_dir, data=data, thresholds=dict(cfg.thresholds), knn=cfg.knn,
+                     knn_method=cfg.knn_method, knn_params=dict(cfg.knn_params),
+                     batch_size=cfg.batch_size, device=cfg.device, overwrite=True,
+                     progress=progress)  # fmt: skip
+    labels = RecordIODataset(data).labels
+    keep, new_labels, counts = _clean_decisions(cfg, score_dir, labels)
+    score = json.loads((score_dir / "score.json").read_text(encoding="utf-8"))
+    data_dir = round_dir / "data"
+    if not (data_dir / CLEANED_JSON).is_file():
+        _write_cleaned(data, data_dir, keep, new_labels, origin, {"round": r, **counts})
+    cleaned = json.loads((data_dir / CLEANED_JSON).read_text(encoding="utf-8"))
+    summary = {
+        "round": r,
+        "input": str(data),
+        "input_samples": len(labels),
+        "output": str(data_dir),
+        **counts,
+        "samples": cleaned["samples"],
+        "classes": cleaned["classes"],
+        "emptied_classes": cleaned["emptied_classes"],
+        "flags": score["flags"],
+        "thresholds": score["thresholds"],
+        "merges": len(score["merges"]),
+        "splits": score["splits"],
+        "images_per_second": score["images_per_second"],
+    }
+    if "evaluation" in score:
+        summary["evaluation"] = score["evaluation"]
+    write_text_atomic(round_dir / ROUND_JSON, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def clean_loop(cfg: CleanConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the loop of ``cfg``; returns the summary also written to ``rounds.json``."""
     problems = cfg.check()
@@ -288,38 +337,8 @@ def clean_loop(cfg: CleanConfig, *, progress: bool = True) -> dict[str, Any]:
             summary = json.loads(done.read_text(encoding="utf-8"))
         else:
             _train_round(cfg, current, round_dir / "train", progress)
-            score_dir = round_dir / "score"
-            if not (score_dir / "score.json").is_file():
-                score_to_dir(round_dir / "train", score_dir, data=current,
-                             thresholds=dict(cfg.thresholds), knn=cfg.knn,
-                             knn_method=cfg.knn_method, knn_params=dict(cfg.knn_params),
-                             batch_size=cfg.batch_size, device=cfg.device,
-                             overwrite=True, progress=progress)  # fmt: skip
-            labels = RecordIODataset(current).labels
-            keep, new_labels, counts = _clean_decisions(cfg, score_dir, labels)
-            score = json.loads((score_dir / "score.json").read_text(encoding="utf-8"))
-            data_dir = round_dir / "data"
-            if not (data_dir / CLEANED_JSON).is_file():
-                _write_cleaned(current, data_dir, keep, new_labels, origin, {"round": r, **counts})
-            cleaned = json.loads((data_dir / CLEANED_JSON).read_text(encoding="utf-8"))
-            summary = {
-                "round": r,
-                "input": str(current),
-                "input_samples": len(labels),
-                "output": str(data_dir),
-                **counts,
-                "samples": cleaned["samples"],
-                "classes": cleaned["classes"],
-                "emptied_classes": cleaned["emptied_classes"],
-                "flags": score["flags"],
-                "thresholds": score["thresholds"],
-                "merges": len(score["merges"]),
-                "splits": score["splits"],
-                "images_per_second": score["images_per_second"],
-            }
-            if "evaluation" in score:
-                summary["evaluation"] = score["evaluation"]
-            write_text_atomic(done, json.dumps(summary, indent=2) + "\n")
+            summary = clean_round(cfg, round_dir / "train", current, round_dir, origin, r,
+                                  progress=progress)  # fmt: skip
         # carry the per-sample record back to the input set
         z = np.load(round_dir / "score" / "scores.npz")
         removed = np.isin(z["flag"], [FLAGS.index(f) for f in REMOVED])

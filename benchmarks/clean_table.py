@@ -17,7 +17,8 @@ its ``truth.npz``):
 - ``subcenter``: per seed, a Sub-center ArcFace run (``fc: subcenter, k: 3``, head ArcFace) on
   the dirty set, its drop step at ``--subcenter-threshold`` degrees, then retraining;
 - ``smallloss``: per seed, the small-loss selection (``robustface clean small-loss``: plain
-  ArcFace loss, DivideMix's mixture, or ``--keep-fraction``) under that seed's dirty ArcFace run,
+  ArcFace loss, DivideMix's mixture, or ``--keep-fraction``) under that seed's dirty run of the
+  first ``--heads`` entry (ArcFace by default),
   then retraining.
 
 Every head (columns) is trained on every set with every seed from the ``base`` training config of
@@ -30,8 +31,9 @@ gap_closed`): from the means, and per seed (same-seed dirty and clean runs) as m
 Cache: ``OUT/runs/<set>/<head>/s<seed>`` (and ``OUT/runs/subcenter-base/arcface/s<seed>``), each
 with a ``cell.json`` recording its training config and a digest of its training set. A finished
 run whose record matches is reused; one that does not (another ``--cleaned``, other epochs) is
-retrained. Derived sets are written once into ``OUT/data/``. Seeds run in order, so the table of
-the first seeds is complete before a later seed starts; the outputs (``table.md``,
+retrained. Derived sets are written once into ``OUT/data/``. Order: the dirty, clean and cleaned
+rows for every seed, then the baselines (small-loss, sub-center) for every seed; a later
+``--seeds N+1`` reuses every cached run and adds one seed. The outputs (``table.md``,
 ``table.json``, ``table.png``) are rewritten after every training run.
 """
 
@@ -320,12 +322,15 @@ def main() -> None:
             summarize(out, cells, sets, heads, seeds, meta)
 
     clean = truly_clean_set(dirty, data_dir / "clean") if "clean" in wanted else None
+    # first the rows the gap is measured on, for every seed; then the baselines
     for seed in seeds:
-        print(f"seed {seed}", flush=True)
         if "dirty" in wanted or "smallloss" in wanted:
             train_all("dirty", dirty, seed)
         if clean is not None:
             train_all("clean", clean, seed)
+        if "cleaned" in wanted:
+            train_all("cleaned", cleaned_set(args.cleaned), seed)
+    for seed in seeds:
         if "smallloss" in wanted:
             selection = data_dir / f"smallloss-s{seed}"
             source = out / "runs" / "dirty" / heads[0] / f"s{seed}"
@@ -339,16 +344,15 @@ def main() -> None:
                 head_cfg("arcface", seed), {"fc.name": "subcenter", "fc.params": {"k": 3}}, "sub"
             )
             sub_run = out / "runs" / "subcenter-base" / "arcface" / f"s{seed}"
-            cells_sub = _train(sub_cfg, dirty, sub_run, dirty, args.progress)
-            meta.setdefault("subcenter_base", {})[seed] = cells_sub
+            meta.setdefault("subcenter_base", {})[seed] = _train(
+                sub_cfg, dirty, sub_run, dirty, args.progress
+            )
             drop = data_dir / f"subcenter-s{seed}"
             if not _fresh(drop, "drop.json", sub_run):
                 subcenter_drop(sub_run, drop, data=dirty, threshold_deg=args.subcenter_threshold,
                                overwrite=True, progress=args.progress)  # fmt: skip
                 _stamp(drop, sub_run)
             train_all("subcenter", drop, seed)
-        if "cleaned" in wanted:
-            train_all("cleaned", cleaned_set(args.cleaned), seed)
     print((out / "table.md").read_text(encoding="utf-8"))
     print(f"done in {time.perf_counter() - started:.0f} s -> {out}")
 

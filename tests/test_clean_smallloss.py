@@ -97,7 +97,10 @@ def test_cli_writes_the_kept_set_like_the_loop(tmp_path, capsys):
     assert sum(v["kept"] for v in kinds.values()) == len(kept)
     assert kinds["closed"]["kept"] == int(np.sum(truth.kind[origin] == 1))
     assert sorted(p.name for p in out.glob("*.bin")) == sorted(p.name for p in data.glob("*.bin"))
-    # the default (mixture) split; an existing output needs --overwrite
+    # bad options are one-line errors before any work; the default (mixture) split; an
+    # existing output needs --overwrite
+    assert main([*args, "--overwrite", "--keep-fraction", "2"]) == 2
+    assert "keep_fraction must be in (0, 1]" in capsys.readouterr().err
     assert main(args) == 2
     assert "exists" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0

@@ -179,6 +179,13 @@ def small_loss_select(
     from robustface.models import build_backbone
     from robustface.utils.io import atomic_path, check_output_dir
 
+    # bad options fail before the long work
+    if keep_fraction is not None:
+        check_real("keep_fraction", keep_fraction, 0, 1, open_low=True)
+    check_real("p_threshold", p_threshold, 0, 1, open_high=True)
+    check_real("margin", margin, 0, np.pi, open_high=True)
+    if scale is not None:
+        check_real("scale", scale, 0, open_low=True)
     run = load_run_classifier(run_dir)
     data_path = Path(data) if data is not None else default_data(run.cfg, Path(run_dir))
     dataset = RecordIODataset(data_path)

@@ -26,14 +26,17 @@ Every head (columns) is trained on every set with every seed from the ``base`` t
 over the ``.bin`` sets beside the dirty set (``base.data.val_targets``). Per (set, head): mean
 and sample sd over seeds, and the share of the head's dirty-to-clean gap the set closes,
 ``(acc_set - acc_dirty) / (acc_clean - acc_dirty)`` (:func:`robustface.train.experiment.
-gap_closed`): from the means, and per seed (same-seed dirty and clean runs) as mean +- sd.
+gap_closed`): from the means over the seeds that have all three runs, and per seed (same-seed
+dirty and clean runs) as mean +- sd; "no gap" where the head's clean mean is not above its dirty
+mean.
 
 Cache: ``OUT/runs/<set>/<head>/s<seed>`` (and ``OUT/runs/subcenter-base/arcface/s<seed>``), each
 with a ``cell.json`` recording its training config and a digest of its training set. A finished
 run whose record matches is reused; one that does not (another ``--cleaned``, other epochs) is
 retrained. Derived sets are written once into ``OUT/data/``. Order: the dirty, clean and cleaned
 rows for every seed, then the baselines (small-loss, sub-center) for every seed; a later
-``--seeds N+1`` reuses every cached run and adds one seed. The outputs (``table.md``,
+``--seeds N+1`` reuses every cached run and adds one seed (``--baseline-seeds N``: to the
+dirty, clean and cleaned rows only). The outputs (``table.md``,
 ``table.json``, ``table.png``) are rewritten after every training run.
 """
 
@@ -183,25 +186,24 @@ def summarize(out: Path, cells: dict[tuple[str, str, int], dict[str, Any]], sets
         for head in heads:
             vals = [acc[(name, head, s)] for s in seeds if (name, head, s) in acc]
             mean, sd = _stats(vals) if vals else (math.nan, math.nan)
-            dirty = [acc[("dirty", head, s)] for s in seeds if ("dirty", head, s) in acc]
-            clean = [acc[("clean", head, s)] for s in seeds if ("clean", head, s) in acc]
             gap = math.nan
             per_seed = []
-            if vals and dirty and clean:
-                gap = gap_closed(mean, float(np.mean(dirty)), float(np.mean(clean)))
-                keys = (name, "dirty", "clean")
-                paired = [s for s in seeds if all((k, head, s) in acc for k in keys)]
-                per_seed = [gap_closed(acc[(name, head, s)], acc[("dirty", head, s)],
-                                       acc[("clean", head, s)]) for s in paired]  # fmt: skip
+            keys = (name, "dirty", "clean")
+            paired = [s for s in seeds if all((k, head, s) in acc for k in keys)]
+            if paired:  # over the seeds that have all three runs
+                gap = gap_closed(*(float(np.mean([acc[(k, head, s)] for s in paired]))
+                                   for k in keys))  # fmt: skip
+                per_seed = [gap_closed(*(acc[(k, head, s)] for k in keys)) for s in paired]
             g_mean, g_sd = _stats(per_seed) if per_seed else (math.nan, math.nan)
             stats[f"{name}/{head}"] = {"accuracy": vals, "mean": mean, "sd": sd,
-                                       "gap_closed": gap, "gap_closed_per_seed": per_seed,
+                                       "gap_closed": gap, "gap_seeds": paired,
+                                       "gap_closed_per_seed": per_seed,
                                        "gap_closed_seed_mean": g_mean,
                                        "gap_closed_seed_sd": g_sd}  # fmt: skip
             gap_text = "-"
-            if not math.isnan(gap) and name not in ("dirty", "clean"):
-                gap_text = f"{100 * gap:.0f}%"
-                if len(per_seed) > 1:
+            if name not in ("dirty", "clean") and paired:
+                gap_text = "no gap (clean <= dirty)" if math.isnan(gap) else f"{100 * gap:.0f}%"
+                if len(per_seed) > 1 and not math.isnan(g_mean):
                     gap_text += f" ({100 * g_mean:.0f} ± {100 * g_sd:.0f})"
             row += [_pm(vals) + f" (n={len(vals)})", gap_text]
         rows.append(row)
@@ -214,7 +216,7 @@ def summarize(out: Path, cells: dict[tuple[str, str, int], dict[str, Any]], sets
         f"Mean verification accuracy over {', '.join(meta['val_targets'])} (%), mean ± sample sd "
         f"over seeds (n = finished seeds); r18_tiny, {meta['epochs']} epochs per run. Gap "
         "closed: (acc_set - acc_dirty) / (acc_clean - acc_dirty) of the same head, from the "
-        "means, then (per-seed mean ± sd). noise %: closed + open + low-quality + sketch + "
+        "means over the seeds with all three runs, then (per-seed mean ± sd). noise %: closed + open + low-quality + sketch + "
         "non-face samples in the set; clean kept %: of the dirty set's clean samples.\n\n"
         + table
         + "\n"
@@ -257,6 +259,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/clean_table"))
     parser.add_argument("--heads", default="arcface,robustface_stable")
     parser.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1, in order")
+    parser.add_argument(
+        "--baseline-seeds",
+        type=int,
+        help="seeds of the small-loss and sub-center rows (default: --seeds)",
+    )
     parser.add_argument("--epochs", type=int, help="epochs per run (default: the config's)")
     parser.add_argument("--sets", default=",".join(SETS), help="rows to train")
     parser.add_argument(
@@ -330,7 +337,9 @@ def main() -> None:
             train_all("clean", clean, seed)
         if "cleaned" in wanted:
             train_all("cleaned", cleaned_set(args.cleaned), seed)
-    for seed in seeds:
+    baseline_seeds = seeds if args.baseline_seeds is None else list(range(args.baseline_seeds))
+    meta["baseline_seeds"] = baseline_seeds
+    for seed in baseline_seeds:
         if "smallloss" in wanted:
             selection = data_dir / f"smallloss-s{seed}"
             source = out / "runs" / "dirty" / heads[0] / f"s{seed}"

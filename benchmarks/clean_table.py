@@ -216,10 +216,9 @@ def summarize(out: Path, cells: dict[tuple[str, str, int], dict[str, Any]], sets
         f"Mean verification accuracy over {', '.join(meta['val_targets'])} (%), mean ± sample sd "
         f"over seeds (n = finished seeds); r18_tiny, {meta['epochs']} epochs per run. Gap "
         "closed: (acc_set - acc_dirty) / (acc_clean - acc_dirty) of the same head, from the "
-        "means over the seeds with all three runs, then (per-seed mean ± sd). noise %: closed + open + low-quality + sketch + "
-        "non-face samples in the set; clean kept %: of the dirty set's clean samples.\n\n"
-        + table
-        + "\n"
+        "means over the seeds with all three runs, then (per-seed mean ± sd). noise %: "
+        "closed + open + low-quality + sketch + non-face samples in the set; clean kept %: "
+        "of the dirty set's clean samples.\n\n" + table + "\n"
     )
     write_text_atomic(out / "table.md", text)
     payload = {"meta": meta, "sets": sets, "cells": {f"{k[0]}/{k[1]}/s{k[2]}": v

@@ -28,7 +28,8 @@ and sample sd over seeds, and the share of the head's dirty-to-clean gap the set
 ``(acc_set - acc_dirty) / (acc_clean - acc_dirty)`` (:func:`robustface.train.experiment.
 gap_closed`): from the means over the seeds that have all three runs, and per seed (same-seed
 dirty and clean runs) as mean +- sd; "no gap" where the head's clean mean is not above its dirty
-mean.
+mean, and "gap < seed sd" where the gap is smaller than hypot(sd_dirty, sd_clean) (the ratio
+then divides by noise).
 
 Cache: ``OUT/runs/<set>/<head>/s<seed>`` (and ``OUT/runs/subcenter-base/arcface/s<seed>``), each
 with a ``cell.json`` recording its training config and a digest of its training set. A finished
@@ -205,6 +206,10 @@ def summarize(out: Path, cells: dict[tuple[str, str, int], dict[str, Any]], sets
                 gap_text = "no gap (clean <= dirty)" if math.isnan(gap) else f"{100 * gap:.0f}%"
                 if len(per_seed) > 1 and not math.isnan(g_mean):
                     gap_text += f" ({100 * g_mean:.0f} ± {100 * g_sd:.0f})"
+                d_mean, d_sd = _stats([acc[("dirty", head, s)] for s in paired])
+                c_mean, c_sd = _stats([acc[("clean", head, s)] for s in paired])
+                if not math.isnan(gap) and c_mean - d_mean < math.hypot(d_sd, c_sd):
+                    gap_text += ", gap < seed sd"  # the ratio divides by noise
             row += [_pm(vals) + f" (n={len(vals)})", gap_text]
         rows.append(row)
     headers = ["set", "samples", "noise %", "clean kept %"]

@@ -2,7 +2,8 @@
 
 Subcommands: ``subcenter-drop`` (Sub-center ArcFace's drop step), ``dirty`` (a dirty SynthFace set
 with its truth), ``score`` (per-sample scores and flags from a trained run), ``evaluate``
-(flags against the truth) and ``run`` (the train / score / remove / retrain loop).
+(flags against the truth), ``run`` (the train / score / remove / retrain loop) and ``small-loss``
+(the small-loss selection baseline).
 """
 
 from __future__ import annotations
@@ -133,6 +134,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_small_loss(args: argparse.Namespace) -> int:
+    from robustface.clean.smallloss import small_loss_select, summary_table
+
+    summary = small_loss_select(
+        args.run_dir,
+        args.out,
+        data=args.data,
+        keep_fraction=args.keep_fraction,
+        p_threshold=args.p_threshold,
+        scale=args.scale,
+        margin=args.margin,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    table = summary_table(summary)
+    if table:
+        print("against the truth (not used to choose anything):\n\n" + table + "\n")
+    split = summary["split"]
+    print(
+        f"kept {summary['samples']} samples ({split['method']}; largest kept ArcFace loss "
+        f"{split['max_kept_loss']:.3f}) in {summary['classes']} classes -> {args.out}"
+    )
+    return 0
+
+
 def add_clean_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``robustface clean ...`` on the top-level subparsers ``sub``."""
     from robustface.cli import _add_config_args, _add_synth_flags
@@ -224,6 +252,33 @@ def add_clean_parser(sub: argparse._SubParsersAction) -> None:
     _add_config_args(q, positional=True)
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_run)
+
+    q = clean_sub.add_parser(
+        "small-loss",
+        help="keep the samples with the smallest ArcFace loss under a run trained on the set "
+        "(DivideMix's 2-component mixture, or --keep-fraction)",
+    )
+    q.add_argument("run_dir", type=Path, help="run trained on the set (fc full or subcenter)")
+    q.add_argument("--out", required=True, type=Path, help="output directory (the kept set)")
+    q.add_argument("--data", type=Path, help="training .rec to select from (default: the run's)")
+    q.add_argument(
+        "--keep-fraction",
+        type=float,
+        help="keep this lowest-loss fraction (default: a 2-component mixture on the losses)",
+    )
+    q.add_argument(
+        "--p-threshold",
+        type=float,
+        default=0.5,
+        help="keep when the mixture's low-loss posterior exceeds this (DivideMix: 0.5)",
+    )
+    q.add_argument("--scale", type=float, help="ArcFace scale (default: the run's head scale)")
+    q.add_argument("--margin", type=float, default=0.5, help="ArcFace margin in radians")
+    q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_small_loss)
 
     q = clean_sub.add_parser("evaluate", help="score a flags file against a dirty set's truth")
     q.add_argument("flags", type=Path, help="flags.csv (or the directory of clean score)")

@@ -145,7 +145,8 @@ def truly_clean_set(dirty: Path, out: Path) -> Path:
 def cleaned_set(path: Path) -> Path:
     """The final round's ``data/`` of a ``clean run`` directory (or a cleaned set itself)."""
     if (path / "rounds.json").is_file():
-        return Path(json.loads((path / "rounds.json").read_text(encoding="utf-8"))["final"])
+        final = Path(json.loads((path / "rounds.json").read_text(encoding="utf-8"))["final"])
+        return path / final.parent.name / final.name  # round_r/data, wherever the run was made
     if (path / "train.rec").is_file():
         return path
     raise FileNotFoundError(f"--cleaned {path}: neither a clean run (rounds.json) nor a .rec set")

@@ -56,7 +56,7 @@ import numpy as np
 import yaml
 
 from robustface.clean.dirty import TRUTH_KINDS, load_truth
-from robustface.clean.loop import CLEANED_JSON, CleanConfig, _write_cleaned
+from robustface.clean.loop import CLEANED_JSON, CleanConfig, write_cleaned
 from robustface.config import Config, apply_overrides, load_config, to_dict
 from robustface.data.recordio import RecordIODataset
 from robustface.train.experiment import _pm, _stats, gap_closed
@@ -138,7 +138,7 @@ def truly_clean_set(dirty: Path, out: Path) -> Path:
     labels = RecordIODataset(dirty).labels
     new_labels = np.where(kind == "duplicate", truth.true_label, labels)
     summary = {"set": "clean", "rule": "drop every noise kind; duplicates merged into their class"}
-    _write_cleaned(dirty, out, keep, new_labels, np.arange(len(labels)), summary)
+    write_cleaned(dirty, out, keep, new_labels, np.arange(len(labels)), summary)
     return out
 
 

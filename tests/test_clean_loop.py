@@ -9,7 +9,7 @@ import pytest
 from robustface.clean import loop
 from robustface.clean.dirty import TRUTH_KINDS, load_truth, make_dirty_synthface
 from robustface.clean.evaluate import EXPECTED
-from robustface.clean.loop import CleanConfig, _write_cleaned, clean_loop, remap_labels
+from robustface.clean.loop import CleanConfig, clean_loop, remap_labels, write_cleaned
 from robustface.clean.score import FLAGS
 from robustface.cli import main
 from robustface.config import ConfigError, load_config
@@ -121,7 +121,7 @@ def test_emptied_class_is_removed_and_reported(dirty, tmp_path):
     dataset = RecordIODataset(dirty)
     labels = dataset.labels
     keep = labels != 2  # class 2 loses every sample
-    summary = _write_cleaned(
+    summary = write_cleaned(
         dirty, tmp_path / "out", keep, labels.copy(), np.arange(len(labels)), {"round": 1}
     )
     assert summary["emptied_classes"] == [2] and summary["classes"] == 7
@@ -134,7 +134,7 @@ def test_emptied_class_is_removed_and_reported(dirty, tmp_path):
     np.testing.assert_array_equal(new.labels, mapping[labels[origin]])
     assert json.loads((tmp_path / "out" / "cleaned.json").read_text())["emptied_classes"] == [2]
     with pytest.raises(ValueError, match="every sample"):
-        _write_cleaned(dirty, tmp_path / "none", np.zeros(len(labels), bool), labels,
+        write_cleaned(dirty, tmp_path / "none", np.zeros(len(labels), bool), labels,
                        np.arange(len(labels)), {})  # fmt: skip
 
 

@@ -47,7 +47,7 @@ from robustface.utils.io import atomic_directory, write_text_atomic
 from robustface.utils.plot import pyplot, save_figure
 from robustface.utils.table import markdown_table
 
-__all__ = ["CleanConfig", "clean_loop", "clean_round", "remap_labels"]
+__all__ = ["CleanConfig", "clean_loop", "clean_round", "remap_labels", "write_cleaned"]
 
 CONFIG_FILE = "clean_config.yaml"
 ROUND_JSON = "round.json"
@@ -150,7 +150,7 @@ def _label_map_csv(mapping: np.ndarray) -> str:
     return out.getvalue()
 
 
-def _write_cleaned(
+def write_cleaned(
     source: Path,
     out: Path,
     keep: np.ndarray,
@@ -290,7 +290,7 @@ def clean_round(
     score = json.loads((score_dir / "score.json").read_text(encoding="utf-8"))
     data_dir = round_dir / "data"
     if not (data_dir / CLEANED_JSON).is_file():
-        _write_cleaned(data, data_dir, keep, new_labels, origin, {"round": r, **counts})
+        write_cleaned(data, data_dir, keep, new_labels, origin, {"round": r, **counts})
     cleaned = json.loads((data_dir / CLEANED_JSON).read_text(encoding="utf-8"))
     summary = {
         "round": r,

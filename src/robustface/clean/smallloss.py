@@ -173,7 +173,7 @@ def small_loss_select(
     summary written to ``cleaned.json``. With a ``truth.npz`` beside the data, the summary also
     counts, per truth kind, the samples kept (read after the selection)."""
     from robustface.clean.dirty import TRUTH_KINDS, truth_for
-    from robustface.clean.loop import CLEANED_JSON, _write_cleaned
+    from robustface.clean.loop import CLEANED_JSON, write_cleaned
     from robustface.clean.subcenter import default_data, embed_dataset, load_run_classifier
     from robustface.data.recordio import RecordIODataset
     from robustface.models import build_backbone
@@ -222,7 +222,7 @@ def small_loss_select(
                    "kept": int(np.sum(split.keep & (truth.kind == i)))}
             for i, name in enumerate(TRUTH_KINDS)
         }  # fmt: skip
-    summary = _write_cleaned(dataset.rec_path.parent, out, split.keep, labels.copy(),
+    summary = write_cleaned(dataset.rec_path.parent, out, split.keep, labels.copy(),
                              np.arange(len(dataset)), summary)  # fmt: skip
     with atomic_path(out / "losses.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, loss=losses, p_clean=split.p_clean, keep=split.keep)

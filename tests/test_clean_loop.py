@@ -143,6 +143,10 @@ def test_bad_configs_are_clear_errors(dirty, tmp_path, capsys):
         _config(tmp_path / "o", dirty, "thresholds={angle_own: 200}")
     with pytest.raises(ConfigError, match=r"thresholds\.angel: unknown"):
         _config(tmp_path / "o", dirty, "thresholds={angel: 20}")
+    with pytest.raises(ConfigError, match=r"thresholds\.skin_low: a share in \[0, 1\], got 2"):
+        _config(tmp_path / "o", dirty, "thresholds={skin_low: 2}")
+    with pytest.raises(ConfigError, match=r"thresholds\.colour_low \(5\) must be <= "):
+        _config(tmp_path / "o", dirty, "thresholds={colour_low: 5, colour_high: 1}")
     with pytest.raises(ConfigError, match=r"knn_params\.nlist does not apply"):
         _config(tmp_path / "o", dirty, "knn_method=hnsw", "knn_params={nlist: 64}")
     with pytest.raises(ConfigError, match="rounds: must be >= 1"):

@@ -312,6 +312,10 @@ def test_thresholds_out_of_range_are_clear_errors():
     assert str(info.value).endswith("colour_low, colour_high, tones_low, knn_share")
     with pytest.raises(ValueError, match=r"thresholds\.knn_share"):
         choose_thresholds(scores, {"knn_share": 1.5})
+    with pytest.raises(
+        ValueError, match=r"colour_low \(5\) must be <= thresholds\.colour_high \(1\)"
+    ):
+        choose_thresholds(scores, {"colour_low": 5, "colour_high": 1})
 
 
 def test_merge_and_split_candidates_on_planted_classes():

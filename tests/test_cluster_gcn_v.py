@@ -255,6 +255,13 @@ def test_predict_into_writes_the_layers_outputs_in_place() -> None:
     torch.testing.assert_close(conf, want_conf, rtol=1e-6, atol=1e-6)
 
 
+def test_predict_on_no_rows_gives_empty_outputs() -> None:
+    model = GCNV(12, hidden=16)
+    empty = KnnGraph(np.zeros((0, 3), np.int64), np.zeros((0, 3), np.float32))
+    conf, hidden = predict_gcn_v(model, np.zeros((0, 12), np.float32), empty, show_progress=False)
+    assert conf.shape == (0,) and hidden is not None and hidden.shape == (0, 16)
+
+
 def brute_force_link(graph: KnnGraph, conf: np.ndarray, tau: float) -> np.ndarray:
     """Union-find over: each i -> first kNN entry j (in stored order) with conf_j > conf_i,
     kept only if its similarity > tau."""

@@ -222,8 +222,8 @@ def add_clean_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="fix a threshold instead of reading it off the scores (angle_own, angle_hard, "
-        "angle_member, angle_any, norm_low, norm_floor, stroke, stroke_soft, knn_share); "
-        "repeatable",
+        "angle_member, angle_any, angle_any_soft, norm_low, norm_floor, stroke, stroke_soft, "
+        "stroke_tones, tones_low, skin_low, colour_low, colour_high, knn_share); repeatable",
     )
     q.add_argument("--knn", type=int, default=10, help="neighbours of the kNN label purity")
     q.add_argument(

@@ -110,6 +110,13 @@ class CleanConfig:
                 problems.append(f"thresholds.{key}: an angle in [0, 180] degrees, got {value}")
             elif key == "knn_share" and value > 1:
                 problems.append(f"thresholds.{key}: a share in (0, 1], got {value}")
+            elif key == "skin_low" and value > 1:
+                problems.append(f"thresholds.{key}: a share in [0, 1], got {value}")
+        low, high = self.thresholds.get("colour_low"), self.thresholds.get("colour_high")
+        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
+            problems.append(
+                f"thresholds.colour_low ({low:g}) must be <= thresholds.colour_high ({high:g})"
+            )
         if self.knn < 1:
             problems.append(f"knn: must be >= 1, got {self.knn}")
         try:

@@ -432,6 +432,11 @@ class Thresholds:
                 check_real(f"thresholds.{name}", value, 0)
         if self.skin_low is not None:
             check_real("thresholds.skin_low", self.skin_low, 0, 1)
+        if None not in (self.colour_low, self.colour_high) and self.colour_low > self.colour_high:
+            raise ValueError(
+                f"thresholds.colour_low ({self.colour_low:g}) must be <= thresholds.colour_high "
+                f"({self.colour_high:g})"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly values."""

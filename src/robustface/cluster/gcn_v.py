@@ -647,6 +647,8 @@ def predict_gcn_v(
     conf = np.empty(num, dtype=np.float32)
     hidden = np.empty((num, model.hidden), dtype=np.float32) if return_hidden else None
     model.to(device)
+    if num == 0:
+        return conf, hidden
     # one set of block buffers, reused: a new output-sized tensor per block costs page faults
     # that took as long as the products; on the CPU the outputs are written in place
     on_host = device.type == "cpu"

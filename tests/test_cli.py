@@ -352,3 +352,10 @@ def test_demo_checks_its_options_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "C150" in err and "nothing to compare" in err and "robustface" in err
     assert not run.exists()
+
+
+def test_a_bad_device_is_a_one_line_error(tmp_path, capsys):
+    assert main(["clean", "score", str(tmp_path / "run"), "--out", str(tmp_path / "o"),
+                 "--device", "bogus"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--device 'bogus': not a torch device" in err and "Traceback" not in err

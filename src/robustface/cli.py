@@ -802,6 +802,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(device: str | None) -> None:
+    """``ValueError`` naming ``--device`` when ``device`` is not a torch device string."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustface`` console script.
 
@@ -811,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
+        _check_device(getattr(args, "device", None))
         return args.func(args)
     except (RobustfaceError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"robustface {args.command}: error: {exc}", file=sys.stderr)

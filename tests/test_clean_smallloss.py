@@ -61,6 +61,8 @@ def test_mixture_keeps_exactly_the_planted_low_losses():
         split_losses(losses, keep_fraction=0.0)
     with pytest.raises(ValueError, match="distinct values"):
         split_losses(np.ones(10))
+    with pytest.warns(UserWarning, match="low-loss component holds only 25%"):
+        split_losses(np.concatenate([low[:100], rng.normal(6.0, 0.5, 300)]))
 
 
 def test_cli_writes_the_kept_set_like_the_loop(tmp_path, capsys):

@@ -34,6 +34,7 @@ mixture's random initialisation unseeded; here one pass, and ``seed`` fixes the 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,13 @@ def split_losses(
         method = "gmm"
         if not keep.any():
             raise ValueError("the mixture keeps no sample; pass keep_fraction instead")
+        if info["weights"][0] < 0.5:
+            warnings.warn(
+                f"the low-loss component holds only {info['weights'][0]:.0%} of the samples: "
+                "the mixture may be splitting clean samples; check the losses or pass "
+                "keep_fraction",
+                stacklevel=2,
+            )
     info["max_kept_loss"] = float(losses[keep].max())
     info["kept"] = int(keep.sum())
     return LossSplit(keep, p_clean, method, info)
@@ -182,7 +190,8 @@ def small_loss_select(
     # bad options fail before the long work
     if keep_fraction is not None:
         check_real("keep_fraction", keep_fraction, 0, 1, open_low=True)
-    check_real("p_threshold", p_threshold, 0, 1, open_high=True)
+    else:  # the mixture's cut; unused with a fixed fraction
+        check_real("p_threshold", p_threshold, 0, 1, open_high=True)
     check_real("margin", margin, 0, np.pi, open_high=True)
     if scale is not None:
         check_real("scale", scale, 0, open_low=True)

@@ -16,6 +16,7 @@ from robustface.data.image import encode_image
 from robustface.data.loader import BatchWriter, CarryUserErrors, collate, unwrap
 from robustface.data.recordio import RecordIODataset, write_insightface_rec
 from robustface.data.transforms import TrainTransform
+from robustface.train import trainer as trainer_module
 from robustface.train.sampler import ResumableSampler
 from robustface.train.trainer import TrainSet
 
@@ -99,3 +100,23 @@ def test_slot_files_a_worker_left_behind_are_removed(monkeypatch):
 def test_trainset_needs_uint8_transform(small_rec):
     with pytest.raises(ValueError, match="normalize=False"):
         TrainSet(RecordIODataset(small_rec), TrainTransform(), seed=0)
+
+
+def test_a_transform_drawing_nothing_makes_no_generators(small_rec, monkeypatch):
+    # flip_p=0 and no degradations: the batch is the decoded images as planes, and no per-sample
+    # generator is seeded for it (they cost a few µs an image)
+    seeded = []
+    real = trainer_module.keyed_generators
+    monkeypatch.setattr(
+        trainer_module, "keyed_generators", lambda p, keys: seeded.extend(keys) or real(p, keys)
+    )
+    base = RecordIODataset(small_rec)
+    trainset = TrainSet(base, TrainTransform(flip_p=0, normalize=False), seed=3)
+    images, labels = collate(trainset.__getitems__([5, 0, 9]))
+    expected = np.stack([base[i][0] for i in (5, 0, 9)]).transpose(0, 3, 1, 2)
+    assert np.array_equal(images.numpy(), expected)
+    assert labels.tolist() == [1, 0, 2]
+    assert seeded == []
+    trainset.transform = TrainTransform(flip_p=0.5, normalize=False)
+    trainset.__getitems__([5, 0])
+    assert seeded == [5, 0]

@@ -181,6 +181,13 @@ class TrainTransform:
             self._rng_pid = pid
         return self._rng
 
+    @property
+    def draws(self) -> bool:
+        """Whether :meth:`augment` draws random numbers (some probability above 0): if not, it
+        needs no generator."""
+        probabilities = (self.flip_p, self.resize_down_up, self.blur, self.color_jitter)
+        return any(probabilities) or bool(self.grayscale)
+
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
         """Augment one ``HxWx3`` uint8 RGB image and return a normalised ``3xHxW`` tensor (the
         uint8 one with ``normalize=False``).

@@ -120,9 +120,11 @@ class TrainSet(Dataset):
             samples = self._noisy(indices)
         labels = np.empty(len(indices), dtype=np.int64)
         images = None
-        rngs = keyed_generators((self.seed, self.epoch), indices)  # those of self._rng, faster
+        # those of self._rng, faster; none for a transform that draws nothing (it gets None)
+        draws = self.transform.draws
+        rngs = keyed_generators((self.seed, self.epoch), indices if draws else [])
         for pos, (image, label) in enumerate(samples):
-            image = self.transform.augment(image, next(rngs))
+            image = self.transform.augment(image, next(rngs) if draws else None)
             if images is None:
                 images = self.batches.start(len(indices), (3, *image.shape[:2]))
             image_planes(image, images[pos])

@@ -102,21 +102,26 @@ def test_trainset_needs_uint8_transform(small_rec):
         TrainSet(RecordIODataset(small_rec), TrainTransform(), seed=0)
 
 
-def test_a_transform_drawing_nothing_makes_no_generators(small_rec, monkeypatch):
-    # flip_p=0 and no degradations: the batch is the decoded images as planes, and no per-sample
-    # generator is seeded for it (they cost a few µs an image)
+@pytest.mark.parametrize("flip_p", [0.0, 0.5, 1.0])
+def test_batches_of_a_flip_alone_or_no_draw_equal_the_samples(small_rec, monkeypatch, flip_p):
+    # flip_p=0 and no degradations: no per-sample draws at all; the flip alone: its one uniform
+    # an image (keyed_first_uniforms), without generators (they cost a few µs an image)
     seeded = []
-    real = trainer_module.keyed_generators
-    monkeypatch.setattr(
-        trainer_module, "keyed_generators", lambda p, keys: seeded.extend(keys) or real(p, keys)
-    )
+    for name in ("keyed_generators", "keyed_first_uniforms"):
+        real = getattr(trainer_module, name)
+        monkeypatch.setattr(
+            trainer_module, name, lambda p, ks, f=real, n=name: seeded.append(n) or f(p, ks)
+        )
     base = RecordIODataset(small_rec)
-    trainset = TrainSet(base, TrainTransform(flip_p=0, normalize=False), seed=3)
-    images, labels = collate(trainset.__getitems__([5, 0, 9]))
-    expected = np.stack([base[i][0] for i in (5, 0, 9)]).transpose(0, 3, 1, 2)
-    assert np.array_equal(images.numpy(), expected)
-    assert labels.tolist() == [1, 0, 2]
-    assert seeded == []
-    trainset.transform = TrainTransform(flip_p=0.5, normalize=False)
-    trainset.__getitems__([5, 0])
-    assert seeded == [5, 0]
+    trainset = TrainSet(base, TrainTransform(flip_p=flip_p, normalize=False), seed=3)
+    trainset.epoch = 2
+    order = [5, 0, 9, 17, 30, 31, 2, 43]
+    images, labels = collate(trainset.__getitems__(order))
+    flips = [np.random.default_rng([3, 2, i]).random() < flip_p for i in order]
+    assert 0 < sum(flips) < len(flips) or flip_p in (0, 1)
+    raw = [base[i][0] for i in order]
+    expected = np.stack([im[:, ::-1] if f else im for im, f in zip(raw, flips, strict=True)])
+    assert np.array_equal(images.numpy(), expected.transpose(0, 3, 1, 2))
+    assert torch.equal(images, torch.stack([trainset[i][0] for i in order]))
+    assert labels.tolist() == [i // 4 for i in order]
+    assert seeded == ([] if flip_p == 0 else ["keyed_first_uniforms"])

@@ -12,8 +12,10 @@ measures, in images per second:
     with a tensor per sample and ``default_collate`` (kept here as ``_PerSampleTrainSet``);
 (c'0) the training loader of the second round: the same DataLoader over ``TrainSet``, whose
     workers write whole batches into reused shared-memory slots (``BatchWriter``), each record
-    read with ``seek`` + ``read`` (kept here as ``_FileReadReader``);
-(c') the training loader now: (c'0) with the records copied out of a memory map;
+    read with ``seek`` + ``read`` and each sample's flip drawn from its own generator (kept here as
+    ``_FileReadReader`` and ``_Round2TrainSet``);
+(c') the training loader now: (c'0) with the records copied out of a memory map and the flip's
+    one draw computed from the sample's key (``keyed_first_uniforms``);
 (c'') (c') with ``normalize_images`` applied to each batch in the main process (a CPU run, where
     the training device is the main process; on a GPU it runs on the device).
 
@@ -36,8 +38,9 @@ import platform
 import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -54,6 +57,7 @@ from robustface.data.recordio import (
 )
 from robustface.data.transforms import TrainTransform, normalize_images
 from robustface.train.trainer import TrainSet
+from robustface.utils.seeding import keyed_generators
 
 
 def smooth_images(n: int, size: int, seed: int):
@@ -94,6 +98,13 @@ class _FileReadReader(IndexedRecordReader):
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in super().__getstate__().items() if k != "_file"}
+
+
+class _Round2TrainSet(TrainSet):
+    """``TrainSet`` of the second round: a generator per sample, whatever the transform draws."""
+
+    def _draws(self, indices: list[int]) -> Iterator[dict[str, Any]]:
+        return ({"rng": rng} for rng in keyed_generators((self.seed, self.epoch), indices))
 
 
 def _file_reads(tmp: str) -> RecordIODataset:
@@ -152,7 +163,7 @@ def main() -> None:
         dataset = RecordIODataset(tmp, transform=transform)
         trainset = TrainSet(RecordIODataset(tmp), transform, seed=0)
         previous = _PerSampleTrainSet(RecordIODataset(tmp), transform, seed=0)
-        round2 = TrainSet(_file_reads(tmp), transform, seed=0)
+        round2 = _Round2TrainSet(_file_reads(tmp), transform, seed=0)
         n = len(dataset)
         size = args.batch_size
         batches = [list(range(i, i + size)) for i in range(0, n - size + 1, size)]
@@ -204,8 +215,8 @@ def main() -> None:
             Row("(b') TrainSet.__getitems__, whole uint8 batches, 1 process", whole_batches),
             Row(f"(c) DataLoader, {w} workers, per-sample tensors + default_collate (previous)",
                 epoch(previous_loader), previous_loader),
-            Row(f"(c'0) DataLoader, {w} workers, whole batches in shared slots, file reads "
-                "(round 2)", epoch(round2_loader), round2_loader),
+            Row(f"(c'0) DataLoader, {w} workers, whole batches in shared slots, file reads, "
+                "a generator per sample (round 2)", epoch(round2_loader), round2_loader),
             Row(f"(c') DataLoader, {w} workers, whole batches, records from a memory map (now)",
                 epoch(loader_now), loader_now),
             Row("(c'') (c') + normalize_images in the main process",

@@ -10,8 +10,12 @@ measures, in images per second:
     per-sample generator, written straight into one uint8 batch): a worker's work now;
 (c) the previous training loader: ``DataLoader(CarryUserErrors(TrainSet), num_workers=--workers)``
     with a tensor per sample and ``default_collate`` (kept here as ``_PerSampleTrainSet``);
-(c') the training loader now: the same DataLoader over ``TrainSet``, whose workers write whole
-    batches into reused shared-memory slots (``BatchWriter``);
+(c'0) the training loader of the second round: the same DataLoader over ``TrainSet``, whose
+    workers write whole batches into reused shared-memory slots (``BatchWriter``), each record
+    read with ``seek`` + ``read`` and each sample's flip drawn from its own generator (kept here as
+    ``_FileReadReader`` and ``_Round2TrainSet``);
+(c') the training loader now: (c'0) with the records copied out of a memory map and the flip's
+    one draw computed from the sample's key (``keyed_first_uniforms``);
 (c'') (c') with ``normalize_images`` applied to each batch in the main process (a CPU run, where
     the training device is the main process; on a GPU it runs on the device).
 
@@ -31,10 +35,12 @@ import argparse
 import json
 import os
 import platform
+import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -43,9 +49,15 @@ import torch
 
 from robustface.data.image import encode_image
 from robustface.data.loader import CarryUserErrors, collate, unwrap
-from robustface.data.recordio import RecordIODataset, write_insightface_rec
+from robustface.data.recordio import (
+    MAGIC,
+    IndexedRecordReader,
+    RecordIODataset,
+    write_insightface_rec,
+)
 from robustface.data.transforms import TrainTransform, normalize_images
 from robustface.train.trainer import TrainSet
+from robustface.utils.seeding import keyed_generators
 
 
 def smooth_images(n: int, size: int, seed: int):
@@ -66,6 +78,39 @@ class _PerSampleTrainSet(TrainSet):
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         return [self[i] for i in indices]
+
+
+class _FileReadReader(IndexedRecordReader):
+    """The previous record reader: ``seek`` + ``read`` of a whole single-part record per call."""
+
+    def read(self, key: int, limit: int | None = None) -> bytes:
+        j = self._slot(key)
+        if limit is None:
+            fh = self.__dict__.get("_file")
+            if fh is None:
+                fh = self.__dict__["_file"] = open(self.rec_path, "rb", buffering=0)  # noqa: SIM115
+            fh.seek(int(self._offsets[j]))
+            buf = fh.read(int(self._extents[j]))
+            magic, lrec = struct.unpack_from("<II", buf)
+            if magic == MAGIC and lrec >> 29 == 0 and 8 + lrec <= len(buf):
+                return buf[8 : 8 + lrec]
+        return super().read(key, limit)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in super().__getstate__().items() if k != "_file"}
+
+
+class _Round2TrainSet(TrainSet):
+    """``TrainSet`` of the second round: a generator per sample, whatever the transform draws."""
+
+    def _draws(self, indices: list[int]) -> Iterator[dict[str, Any]]:
+        return ({"rng": rng} for rng in keyed_generators((self.seed, self.epoch), indices))
+
+
+def _file_reads(tmp: str) -> RecordIODataset:
+    dataset = RecordIODataset(tmp)
+    dataset.reader = _FileReadReader(dataset.rec_path)
+    return dataset
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -118,6 +163,7 @@ def main() -> None:
         dataset = RecordIODataset(tmp, transform=transform)
         trainset = TrainSet(RecordIODataset(tmp), transform, seed=0)
         previous = _PerSampleTrainSet(RecordIODataset(tmp), transform, seed=0)
+        round2 = _Round2TrainSet(_file_reads(tmp), transform, seed=0)
         n = len(dataset)
         size = args.batch_size
         batches = [list(range(i, i + size)) for i in range(0, n - size + 1, size)]
@@ -146,7 +192,8 @@ def main() -> None:
                 collate_fn=collate,
             )
 
-        previous_loader, loader_now = loader(previous), loader(trainset)
+        previous_loader, round2_loader = loader(previous), loader(round2)
+        loader_now = loader(trainset)
         loader_norm = loader(trainset)
 
         def epoch(batches, normalize: bool = False) -> Callable[[], int]:
@@ -168,12 +215,14 @@ def main() -> None:
             Row("(b') TrainSet.__getitems__, whole uint8 batches, 1 process", whole_batches),
             Row(f"(c) DataLoader, {w} workers, per-sample tensors + default_collate (previous)",
                 epoch(previous_loader), previous_loader),
-            Row(f"(c') DataLoader, {w} workers, whole batches in shared slots (now)",
+            Row(f"(c'0) DataLoader, {w} workers, whole batches in shared slots, file reads, "
+                "a generator per sample (round 2)", epoch(round2_loader), round2_loader),
+            Row(f"(c') DataLoader, {w} workers, whole batches, records from a memory map (now)",
                 epoch(loader_now), loader_now),
             Row("(c'') (c') + normalize_images in the main process",
                 epoch(loader_norm, normalize=True), loader_norm),
         ]  # fmt: skip
-        for ld in (previous_loader, loader_now, loader_norm):
+        for ld in (previous_loader, round2_loader, loader_now, loader_norm):
             epoch(ld)()  # start the workers
         for _ in range(args.repeats):
             for row in rows:

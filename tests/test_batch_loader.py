@@ -16,6 +16,7 @@ from robustface.data.image import encode_image
 from robustface.data.loader import BatchWriter, CarryUserErrors, collate, unwrap
 from robustface.data.recordio import RecordIODataset, write_insightface_rec
 from robustface.data.transforms import TrainTransform
+from robustface.train import trainer as trainer_module
 from robustface.train.sampler import ResumableSampler
 from robustface.train.trainer import TrainSet
 
@@ -99,3 +100,28 @@ def test_slot_files_a_worker_left_behind_are_removed(monkeypatch):
 def test_trainset_needs_uint8_transform(small_rec):
     with pytest.raises(ValueError, match="normalize=False"):
         TrainSet(RecordIODataset(small_rec), TrainTransform(), seed=0)
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 0.5, 1.0])
+def test_batches_of_a_flip_alone_or_no_draw_equal_the_samples(small_rec, monkeypatch, flip_p):
+    # flip_p=0 and no degradations: no per-sample draws at all; the flip alone: its one uniform
+    # an image (keyed_first_uniforms), without generators (they cost a few µs an image)
+    seeded = []
+    for name in ("keyed_generators", "keyed_first_uniforms"):
+        real = getattr(trainer_module, name)
+        monkeypatch.setattr(
+            trainer_module, name, lambda p, ks, f=real, n=name: seeded.append(n) or f(p, ks)
+        )
+    base = RecordIODataset(small_rec)
+    trainset = TrainSet(base, TrainTransform(flip_p=flip_p, normalize=False), seed=3)
+    trainset.epoch = 2
+    order = [5, 0, 9, 17, 30, 31, 2, 43]
+    images, labels = collate(trainset.__getitems__(order))
+    flips = [np.random.default_rng([3, 2, i]).random() < flip_p for i in order]
+    assert 0 < sum(flips) < len(flips) or flip_p in (0, 1)
+    raw = [base[i][0] for i in order]
+    expected = np.stack([im[:, ::-1] if f else im for im, f in zip(raw, flips, strict=True)])
+    assert np.array_equal(images.numpy(), expected.transpose(0, 3, 1, 2))
+    assert torch.equal(images, torch.stack([trainset[i][0] for i in order]))
+    assert labels.tolist() == [i // 4 for i in order]
+    assert seeded == ([] if flip_p == 0 else ["keyed_first_uniforms"])

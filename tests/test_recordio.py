@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import re
@@ -427,10 +428,13 @@ def test_reader_reopens_after_pid_change(tmp_path, monkeypatch):
     rec, bodies = _three_records(tmp_path)
     reader = IndexedRecordReader(rec)
     assert reader.read(0) == bodies[0]
-    first = reader._fh
+    first = reader._mapped
+    assert isinstance(first, mmap.mmap)  # records are copied out of a map: no read calls
     monkeypatch.setattr(os, "getpid", lambda: -12345)
     assert reader.read(1) == bodies[1]
-    assert reader._fh is not first
+    assert reader._mapped is not first
+    reader.close()
+    assert first.closed is False and reader._mapped is None  # another process's map: left alone
 
 
 def test_dataset_pickles_without_handle(tmp_path):
@@ -440,7 +444,7 @@ def test_dataset_pickles_without_handle(tmp_path):
     ds = RecordIODataset(rec)
     expected = ds[1][0]
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone.reader._fh is None
+    assert clone.reader._mapped is None
     np.testing.assert_array_equal(clone[1][0], expected)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robustface.utils.seeding import keyed_generators
+from robustface.utils.seeding import keyed_first_uniforms, keyed_generators
 
 
 @pytest.mark.parametrize("prefix", [[], [0], [0, 0], [3, 1], [2**40 + 5, 7], [1, 2, 3, 4, 5]])
@@ -28,3 +28,13 @@ def test_keyed_generators_equal_default_rng(prefix):
     assert list(keyed_generators(prefix, [])) == []
     with pytest.raises(ValueError, match="non-negative"):
         next(keyed_generators([-1], [0]))
+
+
+@pytest.mark.parametrize("prefix", [[], [0, 0], [3, 1], [2**40 + 5, 7]])
+def test_keyed_first_uniforms_equal_default_rng(prefix):
+    keys = [0, 1, 5, 4096, 2**31, 2**32 - 1, 7, 2**33]  # 2**33: two words, the plain way
+    many = list(range(3000))  # enough draws that every rotation and both halves occur
+    for ks in (keys, many, keys[:-1]):
+        want = [np.random.default_rng([*prefix, k]).random() for k in ks]
+        assert keyed_first_uniforms(prefix, ks) == want
+    assert keyed_first_uniforms(prefix, []) == []

@@ -203,3 +203,14 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_transform(kwargs
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="expected uint8 images"):
         normalize_images(want)
+
+
+def test_random_steps_name_the_steps_that_draw():
+    # the trainer draws nothing for (), only the flip's uniform for ("flip",)
+    assert TrainTransform().random_steps == ("flip",)
+    assert TrainTransform(flip_p=0).random_steps == ()
+    assert TrainTransform(flip_p=0, input_size=20).random_steps == ()
+    steps = TrainTransform(flip_p=0.5, blur=0.3, grayscale=0.1).random_steps
+    assert steps == ("blur", "grayscale", "flip")  # the order in which augment draws
+    all_on = TrainTransform(resize_down_up=0.1, blur=0.1, color_jitter=0.1, grayscale=0.1)
+    assert all_on.random_steps == ("resize_down_up", "blur", "color_jitter", "grayscale", "flip")

@@ -23,6 +23,7 @@ Two dataset layouts exist. The insightface layout stores a header record at key 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import operator
 import os
 import struct
@@ -216,8 +217,10 @@ def _is_int(text: str) -> bool:
 class IndexedRecordReader:
     """Random access to the records of a ``.rec`` file through its ``.idx``.
 
-    The file handle is opened lazily and reopened whenever the process id changes, so one reader
-    can be shared by DataLoader workers (each gets its own handle); the reader pickles without it.
+    The file is memory-mapped (read-only) on first use and mapped again whenever the process id
+    changes, so one reader can be shared by DataLoader workers (each maps it itself); the reader
+    pickles without the map. Reading a record copies it out of the map: no ``seek``/``read``
+    system calls per record.
     """
 
     def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None) -> None:
@@ -255,7 +258,7 @@ class IndexedRecordReader:
         self._sorted_keys = sorted_keys
         self._offsets = offsets[order]
         self._extents = extents[order]
-        self._fh: Any = None
+        self._mapped: Any = None
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -288,23 +291,25 @@ class IndexedRecordReader:
                 return j
         raise KeyError(key)
 
-    def _file(self) -> Any:
+    def _map(self) -> mmap.mmap:
+        """This process's read-only memory map of the ``.rec`` (made on first use)."""
         pid = os.getpid()
-        if self._fh is None or self._pid != pid:
-            self._fh = open(self.rec_path, "rb", buffering=0)  # noqa: SIM115
+        if self._mapped is None or self._pid != pid:
+            with open(self.rec_path, "rb") as fh:
+                self._mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             self._pid = pid
-        return self._fh
+        return self._mapped
 
     def close(self) -> None:
-        """Close this process's file handle (it is reopened on the next read)."""
-        if self._fh is not None and self._pid == os.getpid():
-            self._fh.close()
-        self._fh = None
+        """Close this process's memory map of the file (it is mapped again on the next read)."""
+        if self._mapped is not None and self._pid == os.getpid():
+            self._mapped.close()
+        self._mapped = None
         self._pid = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_fh"] = None
+        state["_mapped"] = None
         state["_pid"] = None
         return state
 
@@ -327,24 +332,24 @@ class IndexedRecordReader:
                 self.rec_path, f"key not found in index {self.idx_path}", key
             ) from None
         offset, extent = int(self._offsets[j]), int(self._extents[j])
-        fh = self._file()
-        fh.seek(offset)
-        buf = fh.read(extent if limit is None else min(extent, _FRAME.size + limit + 3))
-        if limit is None and len(buf) >= _FRAME.size:  # fast path: a whole single-part record
-            magic, lrec = _FRAME.unpack_from(buf)
-            if magic == MAGIC and lrec >> 29 == 0 and _FRAME.size + lrec <= len(buf):
-                return buf[_FRAME.size : _FRAME.size + lrec]
-        return self._read_parts(key, fh, offset, extent, buf, limit)
+        data = self._map()  # no read calls: a record is a copy out of the page cache
+        if limit is None and extent >= _FRAME.size:  # fast path: a whole single-part record
+            magic, lrec = _FRAME.unpack_from(data, offset)
+            if magic == MAGIC and lrec >> 29 == 0 and _FRAME.size + lrec <= extent:
+                return data[offset + _FRAME.size : offset + _FRAME.size + lrec]
+        first = extent if limit is None else min(extent, _FRAME.size + limit + 3)
+        return self._read_parts(key, data, offset, extent, data[offset : offset + first], limit)
 
     def _read_parts(
-        self, key: int, fh: Any, offset: int, extent: int, buf: bytes, limit: int | None
+        self, key: int, data: mmap.mmap, offset: int, extent: int, buf: bytes, limit: int | None
     ) -> bytes:
-        """Parse the parts of a record whose first bytes are ``buf``, reading more as needed."""
+        """Parse the parts of the record at ``offset`` in ``data`` whose first bytes are ``buf``,
+        copying more of its ``extent`` as needed."""
 
         def need(n: int) -> None:
             nonlocal buf
             if n > len(buf) and len(buf) < extent:
-                buf += fh.read(min(n, extent) - len(buf))
+                buf += data[offset + len(buf) : offset + min(n, extent)]
             if n > len(buf):
                 raise DataFormatError(
                     self.rec_path,

@@ -181,6 +181,13 @@ class TrainTransform:
             self._rng_pid = pid
         return self._rng
 
+    @property
+    def random_steps(self) -> tuple[str, ...]:
+        """The steps of :meth:`augment` that draw random numbers (probability above 0), in
+        order: ``()`` draws nothing, ``("flip",)`` (the default) one uniform an image."""
+        steps = ("resize_down_up", "blur", "color_jitter", "grayscale", "flip")
+        return tuple(s for s in steps if getattr(self, "flip_p" if s == "flip" else s))
+
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
         """Augment one ``HxWx3`` uint8 RGB image and return a normalised ``3xHxW`` tensor (the
         uint8 one with ``normalize=False``).
@@ -191,14 +198,24 @@ class TrainTransform:
         image = self.augment(image, rng)
         return _to_tensor(image) if self.normalize else torch.from_numpy(image_planes(image))
 
-    def augment(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    def augment(
+        self,
+        image: np.ndarray,
+        rng: np.random.Generator | None = None,
+        flip_draw: float | None = None,
+    ) -> np.ndarray:
         """:meth:`__call__` up to the tensor: the augmented ``HxWx3`` uint8 image (degradations,
-        resize, flip), drawing the same numbers from ``rng``."""
+        resize, flip), drawing the same numbers from ``rng``.
+
+        ``flip_draw``, given, is the flip's uniform draw instead of ``rng.random()``: for a
+        transform whose only random step is the flip, the first draw of the generator it stands
+        for (:func:`robustface.utils.seeding.keyed_first_uniforms`).
+        """
         rng = self.rng if rng is None else rng
         image = self.degrade(image, rng)
         if self.input_size is not None:
             image = resize_to(image, self.input_size)
-        if self.flip_p and rng.random() < self.flip_p:
+        if self.flip_p and (rng.random() if flip_draw is None else flip_draw) < self.flip_p:
             image = cv2.flip(image, 1)
         return image
 

@@ -14,14 +14,15 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["keyed_generators"]
+__all__ = ["keyed_first_uniforms", "keyed_generators"]
 
 # numpy/random/bit_generator.pyx (SeedSequence, pool_size 4) and pcg64.h (the 128-bit multiplier)
 _INIT_A, _MULT_A = 0x43B0D7E5, 0x931E8875
 _INIT_B, _MULT_B = 0x8B51F9DD, 0x58F38DED
 _MIX_MULT_L, _MIX_MULT_R = 0xCA01F9DD, 0x4973F715
 _POOL = 4
-_MASK32, _MASK128 = (1 << 32) - 1, (1 << 128) - 1
+_MASK32, _MASK64, _MASK128 = (1 << 32) - 1, (1 << 64) - 1, (1 << 128) - 1
+_DOUBLE_UNIT = 1.0 / (1 << 53)
 _PCG_MULT = (2549297995355413924 << 64) + 4865540595714422341
 
 
@@ -79,28 +80,38 @@ def _pcg64_seeds(entropy: np.ndarray) -> np.ndarray:
     return low.astype(np.uint64) | (high.astype(np.uint64) << np.uint64(32))
 
 
+def _keyed_states(prefix: Sequence[int], keys: list[int]) -> list[tuple[int, int]] | None:
+    """``(state, inc)`` of the ``PCG64`` of ``default_rng([*prefix, key])`` for each key, or None
+    where a key does not fit one uint32 word (then the caller seeds the plain way)."""
+    head = [w for value in prefix for w in _words(int(value))]
+    if not keys:
+        return []
+    if max(keys) > _MASK32 or min(keys) < 0:  # several words or none
+        return None
+    entropy = np.empty((len(keys), len(head) + 1), dtype=np.uint32)
+    entropy[:, :-1] = head
+    entropy[:, -1] = keys
+    states = []
+    for s0, s1, i0, i1 in _pcg64_seeds(entropy).tolist():
+        # pcg64_set_seed: state = 0, inc = 2 * seq + 1, step, state += seed, step
+        inc = ((((i0 << 64) | i1) << 1) | 1) & _MASK128
+        state = (inc + ((s0 << 64) | s1)) & _MASK128  # the first step from state 0 gives inc
+        states.append(((state * _PCG_MULT + inc) & _MASK128, inc))
+    return states
+
+
 def keyed_generators(prefix: Sequence[int], keys: Sequence[int]) -> Iterator[np.random.Generator]:
     """For each key, a generator drawing exactly what ``np.random.default_rng([*prefix, key])``
     would. It is one generator, reset for every key: use it before taking the next."""
     keys = [int(k) for k in keys]
-    head = [w for value in prefix for w in _words(int(value))]
-    if not keys:
-        return
-    if max(keys) > _MASK32 or min(keys) < 0:  # several words or none: the plain way
+    states = _keyed_states(prefix, keys)
+    if states is None:
         for key in keys:
             yield np.random.default_rng([*prefix, key])
         return
-    entropy = np.empty((len(keys), len(head) + 1), dtype=np.uint32)
-    entropy[:, :-1] = head
-    entropy[:, -1] = keys
-    seeds = _pcg64_seeds(entropy).tolist()
     generator = np.random.Generator(np.random.PCG64())
     bit_generator = generator.bit_generator
-    for s0, s1, i0, i1 in seeds:
-        # pcg64_set_seed: state = 0, inc = 2 * seq + 1, step, state += seed, step
-        inc = ((((i0 << 64) | i1) << 1) | 1) & _MASK128
-        state = (inc + ((s0 << 64) | s1)) & _MASK128  # the first step from state 0 gives inc
-        state = (state * _PCG_MULT + inc) & _MASK128
+    for state, inc in states:
         bit_generator.state = {
             "bit_generator": "PCG64",
             "state": {"state": state, "inc": inc},
@@ -108,3 +119,21 @@ def keyed_generators(prefix: Sequence[int], keys: Sequence[int]) -> Iterator[np.
             "uinteger": 0,
         }
         yield generator
+
+
+def keyed_first_uniforms(prefix: Sequence[int], keys: Sequence[int]) -> list[float]:
+    """For each key, the first ``random()`` of ``np.random.default_rng([*prefix, key])``: what
+    :func:`keyed_generators` would give, computed without setting up a generator (half the
+    cost, for callers that draw one number per key)."""
+    keys = [int(k) for k in keys]
+    states = _keyed_states(prefix, keys)
+    if states is None:
+        return [float(np.random.default_rng([*prefix, key]).random()) for key in keys]
+    uniforms = []
+    for state, inc in states:
+        # pcg64_next64: one step, then the XSL-RR output; random() keeps its top 53 bits
+        state = (state * _PCG_MULT + inc) & _MASK128
+        word, rot = ((state >> 64) ^ state) & _MASK64, state >> 122
+        word = ((word >> rot) | (word << (-rot & 63))) & _MASK64
+        uniforms.append((word >> 11) * _DOUBLE_UNIT)
+    return uniforms

@@ -97,6 +97,36 @@ def test_slot_files_a_worker_left_behind_are_removed(monkeypatch):
     assert not left[0].exists()
 
 
+def test_slot_files_are_named_after_the_process_that_made_the_writer(monkeypatch):
+    # under forkserver or spawn a worker's parent is not the main process: the name comes from
+    # the writer, made in the main process and pickled into the worker
+    writer = pickle.loads(pickle.dumps(BatchWriter()))
+    monkeypatch.setattr(loader_module, "get_worker_info", lambda: object())  # as in a worker
+    monkeypatch.setattr(loader_module.os, "getppid", lambda: 1)  # the forkserver, say
+    writer.start(2, (3, 4, 5))
+    monkeypatch.undo()
+    path = Path(writer._state[2])
+    assert path.name.startswith(f"robustface-batches-{os.getpid()}-")
+    loader_module._remove_slot_files(os.getpid())
+    assert not path.exists()
+
+
+def test_a_worker_s_earlier_ring_is_released_when_it_moves_to_a_new_batch_size(monkeypatch):
+    # a ragged last batch opens a new ring; the main process keeps one mapping per worker
+    monkeypatch.setattr(loader_module, "get_worker_info", lambda: object())  # as in a worker
+    writer, sent = BatchWriter(), []
+    for epoch in range(3):
+        for count in (4, 4, 3):  # each epoch ends on a smaller batch
+            writer.start(count, (3, 4, 5))[:] = epoch
+            sent.append(pickle.dumps(writer.finish(np.arange(count))))
+    monkeypatch.undo()
+    for k, batch in enumerate(sent):
+        images, _ = pickle.loads(batch)
+        assert images.shape[0] == (3 if k % 3 == 2 else 4) and images.unique().tolist() == [k // 3]
+        mine = [m for owner, m in loader_module._RECEIVED.values() if owner == os.getpid()]
+        assert len(mine) == 1
+
+
 def test_trainset_needs_uint8_transform(small_rec):
     with pytest.raises(ValueError, match="normalize=False"):
         TrainSet(RecordIODataset(small_rec), TrainTransform(), seed=0)

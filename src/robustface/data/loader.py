@@ -158,8 +158,10 @@ def _slot_file(path: str, pid: int) -> mmap.mmap:
     entry = _RECEIVED.get(path)
     if entry is not None:
         return entry[1]
-    for other, (owner, mapping) in list(_RECEIVED.items()):  # workers gone: free their slots
-        if not _pid_alive(owner):
+    for other, (owner, mapping) in list(_RECEIVED.items()):
+        # a worker gone, or this worker's earlier ring (it has moved on to a new batch size, and
+        # its batches arrive in order): nothing will be read from that mapping again
+        if owner == pid or not _pid_alive(owner):
             mapping.close()
             del _RECEIVED[other]
     fd = os.open(path, os.O_RDONLY)
@@ -237,13 +239,16 @@ class BatchWriter:
 
     def __init__(self, slots: int = 4) -> None:
         self.slots = check_int("slots", slots, 1, _HEADER // 8)  # their numbers fill a page
+        # the process that made the writer names the slot files: under forkserver or spawn a
+        # worker's parent is not the main process
+        self._main_pid = os.getpid() if get_worker_info() is None else os.getppid()
         if get_worker_info() is None:
             _clean_at_exit()
         self._state: tuple[Any, ...] | None = None  # this process's ring
         self._current: tuple[Any, ...] | None = None  # the batch being written
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"slots": self.slots, "_state": None, "_current": None}
+        return {"slots": self.slots, "_main_pid": self._main_pid, "_state": None, "_current": None}
 
     def start(self, count: int, shape: tuple[int, ...]) -> np.ndarray:
         """The ``count x *shape`` uint8 array that the next :meth:`finish` hands on."""
@@ -276,7 +281,7 @@ class BatchWriter:
 
     def _open(self, size: int) -> tuple[Any, ...]:
         """A new ring of ``slots`` batches of ``size`` bytes in a shared-memory file."""
-        fd, path = tempfile.mkstemp(prefix=_prefix(os.getppid()), dir=_slot_dir())
+        fd, path = tempfile.mkstemp(prefix=_prefix(self._main_pid), dir=_slot_dir())
         try:
             os.ftruncate(fd, _HEADER + self.slots * _slot_bytes(size))
             mapping = mmap.mmap(fd, 0)

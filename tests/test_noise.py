@@ -393,6 +393,11 @@ def test_load_noise_list_errors(tmp_path: Path) -> None:
         load_noise_list(tmp_path / "float.npz")
     with pytest.raises(FileNotFoundError, match="noise list not found"):
         load_noise_list(tmp_path)
+    np.save(tmp_path / "array.npy", plan.label)  # a plain array, and a CSV given by mistake
+    (tmp_path / "flags.csv").write_text("index,label\n0,1\n")
+    for name in ("array.npy", "flags.csv"):
+        with pytest.raises(DataFormatError, match=rf"{name}: not a noise list \(\.npz\)"):
+            load_noise_list(tmp_path / name)
     np.savez(tmp_path / "ok.npz", **arrays)
     loaded = load_noise_list(tmp_path / "ok.npz")
     assert isinstance(loaded, NoisePlan) and loaded.quality is None

@@ -455,10 +455,14 @@ def read_npz_arrays(path: str | Path, name: str, what: str) -> tuple[Path, dict[
     if not file.is_file():
         raise FileNotFoundError(f"{what} not found: {file}")
     try:
-        with np.load(file, allow_pickle=False) as data:
+        data = np.load(file, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a plain .npy array
+            raise ValueError("not an .npz archive")
+        with data:
             return file, {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
-        raise DataFormatError(file, f"cannot read as .npz: {exc}") from exc
+        reason = "not an .npz archive" if "pickle" in str(exc) else exc
+        raise DataFormatError(file, f"not a {what} (.npz): {reason}") from exc
 
 
 def load_noise_list(path: str | Path) -> NoisePlan:

@@ -129,9 +129,14 @@ def _train(cfg: Config, data: Path, run: Path, val_dir: Path, progress: bool) ->
 
 
 def truly_clean_set(dirty: Path, out: Path) -> Path:
-    """The truth's clean set of ``dirty`` in ``out`` (see the module docstring), written once."""
-    if (out / CLEANED_JSON).is_file():
+    """The truth's clean set of ``dirty`` in ``out`` (see the module docstring), written once per
+    dirty set (its index, labels and truth list)."""
+    source = _digest(dirty) + hashlib.sha256((dirty / "truth.npz").read_bytes()).hexdigest()[:16]
+    stamp = out / "source_set.sha"
+    if (out / CLEANED_JSON).is_file() and stamp.is_file() and stamp.read_text() == source:
         return out
+    if out.exists():
+        shutil.rmtree(out)  # made from another dirty set: rebuilt
     truth = load_truth(dirty)
     kind = np.asarray(TRUTH_KINDS)[truth.kind]
     keep = np.isin(kind, ["clean", "duplicate"])
@@ -139,6 +144,7 @@ def truly_clean_set(dirty: Path, out: Path) -> Path:
     new_labels = np.where(kind == "duplicate", truth.true_label, labels)
     summary = {"set": "clean", "rule": "drop every noise kind; duplicates merged into their class"}
     write_cleaned(dirty, out, keep, new_labels, np.arange(len(labels)), summary)
+    write_text_atomic(stamp, source)
     return out
 
 

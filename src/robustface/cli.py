@@ -111,6 +111,16 @@ def _add_far_reading(parser: argparse.ArgumentParser, rate: str, tpir: bool = Fa
     )
 
 
+def _add_fusion_model(parser: argparse.ArgumentParser) -> None:
+    """``--fusion-model``: the CAFace checkpoint of ``--aggregation caface`` (ijb, megaface)."""
+    parser.add_argument(
+        "--fusion-model",
+        type=Path,
+        help="CAFace checkpoint (.ckpt) for --aggregation caface, which refuses to run without "
+        "one; the other aggregations take none",
+    )
+
+
 def _add_synth_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per SynthConfig field (``--images-per-identity 20``); each is a synth.* override."""
     group = parser.add_argument_group("SynthFace parameters (override --config and --set)")
@@ -622,12 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
         "media then template; caface: each template's images fused at once (needs "
         "--fusion-model)",
     )
-    q.add_argument(
-        "--fusion-model",
-        type=Path,
-        help="CAFace checkpoint (.ckpt) for --aggregation caface, which refuses to run without "
-        "one; the other aggregations take none",
-    )
+    _add_fusion_model(q)
     q.add_argument(
         "--fusion-chunk-size",
         type=int,
@@ -714,12 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how an embedded image and its mirror become one feature: norm_weighted (summed, "
         "insightface's gen_megaface), mean, or caface (needs --fusion-model)",
     )
-    q.add_argument(
-        "--fusion-model",
-        type=Path,
-        help="CAFace checkpoint (.ckpt) for --aggregation caface, which refuses to run without "
-        "one; the other aggregations take none",
-    )
+    _add_fusion_model(q)
     q.add_argument(
         "--style-blocks",
         nargs="+",

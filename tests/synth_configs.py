@@ -1,6 +1,10 @@
-"""Small SynthFace configurations shared by several test modules (each builds its own copy)."""
+"""Small SynthFace configurations and a tiny training run shared by several test modules (each
+builds its own copy)."""
 
-from robustface.config import SynthConfig
+from pathlib import Path
+
+from robustface.config import SynthConfig, load_config
+from robustface.train import Trainer
 
 # 2 training identities and a 4-identity IJB-style set: enough for IJB evaluations end to end
 IJB_SYNTH = SynthConfig(
@@ -31,3 +35,32 @@ TINY_DIRTY = SynthConfig(
     ijb_identities=0,
     image_size=48,
 )
+
+
+def train_tiny(out: Path, data: Path, *extra: str) -> Path:
+    """One epoch of a tiny r18 (32 px, 32-d, ArcFace s = 16) on the ``.rec`` set ``data`` into
+    ``out``; ``extra`` overrides (later ones win)."""
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={out}",
+            "data.source=rec",
+            f"data.path={data}",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "data.val_targets=[]",
+            "model.backbone=r18_tiny",
+            "model.input_size=32",
+            "model.width=0.125",
+            "model.embedding_size=32",
+            "head.name=arcface",
+            "head.params={scale: 16.0}",
+            "optim.lr=0.05",
+            "train.epochs=1",
+            "train.progress=false",
+            "train.tensorboard=false",
+            *extra,
+        ],
+    )
+    Trainer(cfg).fit()
+    return out

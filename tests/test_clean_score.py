@@ -4,7 +4,6 @@ precision/recall against hand counts."""
 import collections
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,10 +27,8 @@ from robustface.clean.score import (
     split_candidates,
 )
 from robustface.cli import main
-from robustface.config import load_config
 from robustface.errors import DataFormatError
-from robustface.train import Trainer
-from synth_configs import TINY_DIRTY
+from synth_configs import TINY_DIRTY, train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -409,38 +406,11 @@ def test_cumulative_evaluation_is_the_union_over_rounds():
 
 
 # ----------------------------------------------------------------------------------- end to end
-def _train(out: Path, data: Path, *extra: str) -> Path:
-    cfg = load_config(
-        None,
-        [
-            f"output_dir={out}",
-            "data.source=rec",
-            f"data.path={data}",
-            "data.batch_size=16",
-            "data.num_workers=0",
-            "data.val_targets=[]",
-            "model.backbone=r18_tiny",
-            "model.input_size=32",
-            "model.width=0.125",
-            "model.embedding_size=32",
-            "head.name=arcface",
-            "head.params={scale: 16.0}",
-            "optim.lr=0.05",
-            "train.epochs=1",
-            "train.progress=false",
-            "train.tensorboard=false",
-            *extra,
-        ],
-    )
-    Trainer(cfg).fit()
-    return out
-
-
 @pytest.fixture(scope="module")
 def dirty_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
     info = make_dirty_synthface(root / "dirty", TINY_DIRTY, workers=1, progress=False)
-    return _train(root / "run", info.train), info.train
+    return train_tiny(root / "run", info.train), info.train
 
 
 @pytest.mark.slow

@@ -9,10 +9,8 @@ import pytest
 from robustface.clean.dirty import load_truth, make_dirty_synthface
 from robustface.clean.smallloss import sample_losses, split_losses
 from robustface.cli import main
-from robustface.config import load_config
 from robustface.data.recordio import RecordIODataset
-from robustface.train import Trainer
-from synth_configs import TINY_DIRTY
+from synth_configs import TINY_DIRTY, train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,14 +66,7 @@ def test_mixture_keeps_exactly_the_planted_low_losses():
 def test_cli_writes_the_kept_set_like_the_loop(tmp_path, capsys):
     info = make_dirty_synthface(tmp_path / "dirty", TINY_DIRTY, workers=1, progress=False)
     data = info.train
-    cfg = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "data.source=rec", f"data.path={data}",
-        "data.batch_size=16", "data.num_workers=0", "data.val_targets=[]",
-        "model.backbone=r18_tiny", "model.input_size=32", "model.width=0.125",
-        "model.embedding_size=32", "head.name=arcface", "head.params={scale: 16.0}",
-        "optim.lr=0.05", "train.epochs=1", "train.progress=false", "train.tensorboard=false",
-    ])  # fmt: skip
-    Trainer(cfg).fit()
+    train_tiny(tmp_path / "run", data)
     out = tmp_path / "kept"
     args = ["clean", "small-loss", str(tmp_path / "run"), "--out", str(out), "--quiet"]
     assert main([*args, "--keep-fraction", "0.5"]) == 0

@@ -18,11 +18,10 @@ from robustface.clean import (
     subcenter_drop,
 )
 from robustface.cli import main
-from robustface.config import load_config
 from robustface.data.recordio import RecordIODataset, unpack_record, write_flat_rec
 from robustface.data.subset import dataset_keys
 from robustface.errors import ParameterTypeError
-from robustface.train import Trainer
+from synth_configs import train_tiny
 
 
 # --------------------------------------------------------------------------- brute force
@@ -143,32 +142,7 @@ def test_planted_toy_exact_decisions():
 
 # ----------------------------------------------------------------------------------- end to end
 def _train(out: Path, data: Path, fc: str, *extra: str) -> Path:
-    cfg = load_config(
-        None,
-        [
-            f"output_dir={out}",
-            "data.source=rec",
-            f"data.path={data}",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "data.val_targets=[]",
-            "model.backbone=r18_tiny",
-            "model.input_size=32",
-            "model.width=0.125",
-            "model.embedding_size=32",
-            f"fc.name={fc}",
-            "fc.k=3",
-            "head.name=arcface",
-            "head.params={scale: 16.0}",
-            "optim.lr=0.05",
-            "train.epochs=1",
-            "train.progress=false",
-            "train.tensorboard=false",
-            *extra,
-        ],
-    )
-    Trainer(cfg).fit()
-    return out
+    return train_tiny(out, data, "data.batch_size=8", f"fc.name={fc}", "fc.k=3", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -155,7 +155,7 @@ def evaluation_table(result: dict[str, dict[str, float]]) -> str:
         s = result["suggested_class"]
         lines[-1] += (
             f"; mislabels with the right suggested class: {format_ratio(s['correct'])} of "
-            + str(s["detected"])
+            f"{s['detected']}"
         )
     if "merge" in result:
         m = result["merge"]

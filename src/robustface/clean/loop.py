@@ -38,7 +38,15 @@ import yaml
 
 from robustface.clean.dirty import Truth, truth_for
 from robustface.clean.evaluate import EXPECTED, evaluate_cumulative, evaluation_table
-from robustface.clean.score import FLAGS, REMOVED, flags_table, knn_settings, score_to_dir
+from robustface.clean.score import (
+    FLAGS,
+    REMOVED,
+    Thresholds,
+    flags_table,
+    knn_settings,
+    score_to_dir,
+    threshold_problems,
+)
 from robustface.config import Config, to_dict
 from robustface.data.noise import NOISE_LIST, noise_list_for, save_noise_list
 from robustface.data.recordio import RecordIODataset
@@ -52,11 +60,7 @@ __all__ = ["CleanConfig", "clean_loop", "clean_round", "remap_labels", "write_cl
 CONFIG_FILE = "clean_config.yaml"
 ROUND_JSON = "round.json"
 CLEANED_JSON = "cleaned.json"
-_THRESHOLD_NAMES = (
-    "angle_own", "angle_hard", "angle_member", "angle_any", "norm_low", "norm_floor", "stroke",
-    "stroke_soft", "knn_share", "angle_any_soft", "stroke_tones", "tones_low", "skin_low",
-    "colour_low", "colour_high",
-)  # fmt: skip
+_THRESHOLD_NAMES = tuple(f.name for f in dataclasses.fields(Thresholds) if f.name != "source")
 
 
 def _default_base() -> Config:
@@ -99,24 +103,12 @@ class CleanConfig:
             problems.append(f"min_change: must be in [0, 1], got {self.min_change}")
         if self.action not in ("remove", "relabel"):
             problems.append(f"action: must be remove or relabel, got {self.action!r}")
-        for key, value in self.thresholds.items():
+        for key in self.thresholds:
             if key not in _THRESHOLD_NAMES:
                 problems.append(
                     f"thresholds.{key}: unknown; use one of {', '.join(_THRESHOLD_NAMES)}"
                 )
-            elif not isinstance(value, (int, float)) or value < 0:
-                problems.append(f"thresholds.{key}: must be a number >= 0, got {value!r}")
-            elif key.startswith("angle") and value > 180:
-                problems.append(f"thresholds.{key}: an angle in [0, 180] degrees, got {value}")
-            elif key == "knn_share" and value > 1:
-                problems.append(f"thresholds.{key}: a share in (0, 1], got {value}")
-            elif key == "skin_low" and value > 1:
-                problems.append(f"thresholds.{key}: a share in [0, 1], got {value}")
-        low, high = self.thresholds.get("colour_low"), self.thresholds.get("colour_high")
-        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
-            problems.append(
-                f"thresholds.colour_low ({low:g}) must be <= thresholds.colour_high ({high:g})"
-            )
+        problems += threshold_problems(dict(self.thresholds))
         if self.knn < 1:
             problems.append(f"knn: must be >= 1, got {self.knn}")
         try:

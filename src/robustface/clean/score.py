@@ -70,6 +70,7 @@ __all__ = [
     "score_to_dir",
     "score_training_set",
     "split_candidates",
+    "threshold_problems",
 ]
 
 FLAGS = ("clean", "hard", "mislabeled", "open_set", "low_quality", "nonface", "sketch")
@@ -415,32 +416,49 @@ class Thresholds:
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first threshold out of range."""
-        for name in ("angle_own", "angle_hard", "angle_member", "angle_any", "angle_any_soft"):
-            value = getattr(self, name)
-            if value is not None:
-                check_real(f"thresholds.{name}", value, 0, 180)
-        for name in ("angle_hard", "angle_member"):
-            if getattr(self, name) > self.angle_own:
-                raise ValueError(
-                    f"thresholds.{name} ({getattr(self, name):g}) must be <= "
-                    f"thresholds.angle_own ({self.angle_own:g})"
-                )
-        check_real("thresholds.knn_share", self.knn_share, 0, 1, open_low=True)
-        for name in ("norm_low", "norm_floor", "tones_low", "colour_low", "colour_high"):
-            value = getattr(self, name)
-            if value is not None:
-                check_real(f"thresholds.{name}", value, 0)
-        if self.skin_low is not None:
-            check_real("thresholds.skin_low", self.skin_low, 0, 1)
-        if None not in (self.colour_low, self.colour_high) and self.colour_low > self.colour_high:
-            raise ValueError(
-                f"thresholds.colour_low ({self.colour_low:g}) must be <= thresholds.colour_high "
-                f"({self.colour_high:g})"
-            )
+        problems = threshold_problems(dataclasses.asdict(self))
+        if problems:
+            raise ValueError(problems[0])
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly values."""
         return dataclasses.asdict(self)
+
+
+_ANGLES = ("angle_own", "angle_hard", "angle_member", "angle_any", "angle_any_soft")
+_SHARES = {"knn_share": "(0, 1]", "skin_low": "[0, 1]"}
+
+
+def threshold_problems(values: dict[str, Any]) -> list[str]:
+    """One line per :class:`Thresholds` value out of range in ``values`` (absent or None ones
+    are skipped; other keys are ignored): angles in [0, 180] degrees, ``knn_share`` in (0, 1],
+    ``skin_low`` in [0, 1], the rest >= 0; ``angle_hard`` / ``angle_member`` <= ``angle_own``,
+    ``colour_low`` <= ``colour_high``. Shared by :meth:`Thresholds.check` and the loop's config."""
+    names = {f.name for f in dataclasses.fields(Thresholds)} - {"source"}
+    problems, ok = [], {}
+    for key, value in values.items():
+        if key not in names or value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            problems.append(f"thresholds.{key}: must be a number >= 0, got {value!r}")
+        elif key in _ANGLES and value > 180:
+            problems.append(f"thresholds.{key}: an angle in [0, 180] degrees, got {value}")
+        elif key in _SHARES and (value > 1 or (key == "knn_share" and value == 0)):
+            problems.append(f"thresholds.{key}: a share in {_SHARES[key]}, got {value}")
+        else:
+            ok[key] = value
+    for low, high in (("angle_hard", "angle_own"), ("angle_member", "angle_own"),
+                      ("colour_low", "colour_high")):  # fmt: skip
+        if low in ok and high in ok and ok[low] > ok[high]:
+            problems.append(
+                f"thresholds.{low} ({ok[low]:g}) must be <= thresholds.{high} ({ok[high]:g})"
+            )
+    return problems
 
 
 def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None) -> Thresholds:

@@ -830,21 +830,11 @@ def score_training_set(
     """Score and flag every sample of ``data`` (default: the run's training ``.rec``) with the
     backbone and class centres of the run's last checkpoint, streamed over the ``.rec``
     (``knn_method`` / ``knn_params``: :func:`knn_settings`)."""
-    from robustface.clean.subcenter import default_data, embed_images, load_run_classifier
-    from robustface.data.recordio import RecordIODataset
-    from robustface.models import build_backbone
+    from robustface.clean.subcenter import embed_images, run_training_set
 
-    run = load_run_classifier(run_dir)
-    data_path = Path(data) if data is not None else default_data(run.cfg, Path(run_dir))
-    dataset = RecordIODataset(data_path)
+    run, dataset = run_training_set(run_dir, data)
     knn_settings(len(dataset), knn_method, knn_params)  # bad options fail before the long work
-    if dataset.num_classes != run.num_classes:
-        raise ValueError(
-            f"{data_path}: {dataset.num_classes} classes, but the run {run_dir} was trained "
-            f"on {run.num_classes}"
-        )
-    backbone = build_backbone(run.cfg.model.backbone, **run.cfg.model.kwargs()).to(device)
-    backbone.load_state_dict(run.main["backbone"])  # the weights the centres were trained with
+    backbone = run.backbone(device)
     input_size = int(backbone.meta.input_size)
     started = time.perf_counter()
     embedded = embed_images(

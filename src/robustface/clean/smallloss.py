@@ -182,9 +182,7 @@ def small_loss_select(
     counts, per truth kind, the samples kept (read after the selection)."""
     from robustface.clean.dirty import TRUTH_KINDS, truth_for
     from robustface.clean.loop import CLEANED_JSON, write_cleaned
-    from robustface.clean.subcenter import default_data, embed_dataset, load_run_classifier
-    from robustface.data.recordio import RecordIODataset
-    from robustface.models import build_backbone
+    from robustface.clean.subcenter import embed_dataset, run_training_set
     from robustface.utils.io import atomic_path, check_output_dir
 
     # bad options fail before the long work
@@ -195,21 +193,13 @@ def small_loss_select(
     check_real("margin", margin, 0, np.pi, open_high=True)
     if scale is not None:
         check_real("scale", scale, 0, open_low=True)
-    run = load_run_classifier(run_dir)
-    data_path = Path(data) if data is not None else default_data(run.cfg, Path(run_dir))
-    dataset = RecordIODataset(data_path)
+    run, dataset = run_training_set(run_dir, data)
     out = Path(out_dir)
     check_output_dir(out, overwrite=overwrite, marker=CLEANED_JSON,
                      inputs=[dataset.rec_path.parent])  # fmt: skip
-    if dataset.num_classes != run.num_classes:
-        raise ValueError(
-            f"{data_path}: {dataset.num_classes} classes, but the run {run_dir} was trained "
-            f"on {run.num_classes}"
-        )
     if scale is None:
         scale = float(run.cfg.head.params.get("scale", ARCFACE_SCALE))
-    backbone = build_backbone(run.cfg.model.backbone, **run.cfg.model.kwargs()).to(device)
-    backbone.load_state_dict(run.main["backbone"])  # the weights the centres were trained with
+    backbone = run.backbone(device)
     embeddings = embed_dataset(backbone, dataset, input_size=int(backbone.meta.input_size),
                                batch_size=batch_size, device=device, progress=progress)  # fmt: skip
     labels = dataset.labels

@@ -340,6 +340,15 @@ class RunClassifier:
     k: int
     num_classes: int
 
+    def backbone(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The run's backbone on ``device`` with ``main["backbone"]``: the weights trained
+        together with these centres."""
+        from robustface.models import build_backbone
+
+        model = build_backbone(self.cfg.model.backbone, **self.cfg.model.kwargs()).to(device)
+        model.load_state_dict(self.main["backbone"])
+        return model
+
 
 def load_run_classifier(run_dir: str | Path, *, need: str | None = None) -> RunClassifier:
     """The classifier of a run's last checkpoint (``fc.name`` full, subcenter or partial_fc, whose
@@ -369,6 +378,22 @@ def load_run_classifier(run_dir: str | Path, *, need: str | None = None) -> RunC
             f"{num_classes} classes x k={k}"
         )
     return RunClassifier(cfg, main, weight, k, num_classes)
+
+
+def run_training_set(
+    run_dir: str | Path, data: str | Path | None = None, *, need: str | None = None
+) -> tuple[RunClassifier, RecordIODataset]:
+    """The run's classifier (:func:`load_run_classifier`) and the ``.rec`` set to clean: ``data``,
+    or the run's training data; ``ValueError`` when the set's classes are not the run's."""
+    run = load_run_classifier(run_dir, need=need)
+    data_path = Path(data) if data is not None else default_data(run.cfg, Path(run_dir))
+    dataset = RecordIODataset(data_path)
+    if dataset.num_classes != run.num_classes:
+        raise ValueError(
+            f"{data_path}: {dataset.num_classes} classes, but the run {run_dir} was trained "
+            f"on {run.num_classes}"
+        )
+    return run, dataset
 
 
 def default_data(cfg: Config, run_dir: Path) -> Path:
@@ -407,16 +432,10 @@ def subcenter_drop(
     """
     run_dir, out = Path(run_dir), Path(out_dir)
     threshold_deg = check_real("threshold_deg", threshold_deg, 0, 180, open_low=True)
-    run = load_run_classifier(run_dir, need="subcenter")
+    run, dataset = run_training_set(run_dir, data, need="subcenter")
     cfg, main, weight, k, num_classes = run.cfg, run.main, run.weight, run.k, run.num_classes
     data_path = Path(data) if data is not None else default_data(cfg, run_dir)
-    dataset = RecordIODataset(data_path)
     source_dir = dataset.rec_path.parent
-    if dataset.num_classes != num_classes:
-        raise ValueError(
-            f"{data_path}: {dataset.num_classes} classes, but the run {run_dir} was trained "
-            f"on {num_classes}"
-        )
     labels = dataset.labels
     total_per_class = np.bincount(labels, minlength=num_classes)
     if not total_per_class.all():

@@ -33,6 +33,7 @@ largest difference of the confidences from ``ltc``'s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,10 +47,12 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 
 from cluster_pipeline import Stages  # this directory is on sys.path when run as a script
 from robustface.cluster.gcn_v import (
     GCNV,
+    _one_ahead,
     gcn_adjacency,
     gcn_adjacency_blocks,
     load_gcn_v,
@@ -61,7 +64,7 @@ from robustface.cluster.graph import knn_edges
 from robustface.cluster.knn import KnnGraph
 from robustface.utils.table import markdown_table
 
-METHODS = ("now", "earlier", "previous", "ltc", "model")
+METHODS = ("now", "round2", "earlier", "previous", "ltc", "model")
 CLUSTER = 60
 OUTSIDERS = 20
 ROW_BATCH = 65536
@@ -88,6 +91,57 @@ def fake_set(num: int, dim: int, k: int, seed: int = 0) -> tuple[np.ndarray, Knn
     nbrs, sims = np.hstack([mates, others]), np.hstack([inside, outside]).astype(np.float32)
     order = np.argsort(-sims, axis=1, kind="stable")
     return feats, KnnGraph(np.take_along_axis(nbrs, order, 1), np.take_along_axis(sims, order, 1))
+
+
+# ---- robustface after issue 20's second round (commit b9fa6f4) ----------------------------------
+
+ROUND2_GRAPH_BATCH = 16384
+
+
+def round2_predict_into(
+    model: GCNV,
+    x: torch.Tensor,
+    agg: torch.Tensor,
+    hidden: torch.Tensor,
+    conf: torch.Tensor,
+    work: torch.Tensor,
+    chunk: int = 4096,
+) -> None:
+    conv, (first, prelu, last) = model.conv1, model.classifier
+    torch.mm(x, conv.weight[: conv.in_dim], out=hidden)
+    torch.mm(agg, conv.weight[conv.in_dim :], out=work)
+    hidden += work
+    hidden += conv.bias
+    hidden.relu_()
+    torch.addmm(first.bias, hidden, first.weight.t(), out=work)
+    for start in range(0, len(work), chunk):
+        part = F.prelu(work[start : start + chunk], prelu.weight)
+        conf[start : start + chunk] = F.linear(part, last.weight, last.bias).squeeze(-1)
+
+
+@torch.no_grad()
+def round2_predict(model: GCNV, feats: np.ndarray, knn: KnnGraph) -> tuple[np.ndarray, np.ndarray]:
+    """``predict_gcn_v`` on the CPU after the second round: graph blocks of 16,384 rows (a torch
+    CSR product each), the dense layers on 65,536 rows written in place (MKL's products)."""
+    num = len(feats)
+    x = torch.from_numpy(feats)
+    conf = np.empty(num, dtype=np.float32)
+    hidden = np.empty((num, model.hidden), dtype=np.float32)
+    size = min(ROW_BATCH, num)
+    agg = torch.empty((size, feats.shape[1]))
+    work = torch.empty((size, model.hidden))
+    block_conf = torch.from_numpy(conf)
+    graph = _one_ahead(gcn_adjacency_blocks(knn, min(ROUND2_GRAPH_BATCH, size)))
+    with contextlib.closing(graph):
+        for start in range(0, num, size):  # 16,384 divides 65,536: no graph block straddles
+            stop = min(start + size, num)
+            n, last = stop - start, start
+            while last < stop:
+                first, last, rows = next(graph)
+                torch.mm(to_torch_sparse(rows), x, out=agg[first - start : last - start])
+            h, c = torch.from_numpy(hidden[start:stop]), block_conf[start:stop]
+            round2_predict_into(model, x[start:stop], agg[:n], h, c, work[:n])
+    return conf, hidden
 
 
 # ---- robustface after issue 20's first round (commit fff35c1) -----------------------------------
@@ -246,6 +300,7 @@ def run_one(method: str, data: Path, model_path: Path, out: Path) -> None:
     model = load_gcn_v(model_path)
     runs: dict[str, Callable[[], np.ndarray]] = {
         "now": lambda: predict_gcn_v(model, feats, knn, show_progress=False)[0],
+        "round2": lambda: round2_predict(model, feats, knn)[0],
         "earlier": lambda: earlier_predict(model, feats, knn),
         "previous": lambda: previous_predict(model, feats, knn),
         "ltc": lambda: ltc_predict(model, feats, knn),

@@ -226,24 +226,19 @@ def _kept(knn: KnnGraph, start: int, stop: int) -> tuple[np.ndarray, np.ndarray,
     return nbrs, sims, keep
 
 
-def _knn_rows(knn: KnnGraph, start: int, stop: int, canonical: bool) -> sp.csr_matrix:
+def _knn_rows(knn: KnnGraph, start: int, stop: int) -> sp.csr_matrix:
     """Rows ``start:stop`` of ``S`` (the kNN similarities ``>= 0``, no self loops, no missing
     entries) as a ``(stop - start, N)`` float32 CSR built straight from the kNN lists, no COO
-    pass: in kNN order, or with ``canonical`` in neighbour order (transposed twice, two counting
-    sorts in C) with duplicates summed (a neighbour listed twice counts twice, as in
+    pass, in kNN order: a neighbour listed twice is two entries (scipy's products and binary
+    operations sum them: it counts twice, as in
     :func:`robustface.cluster.graph.knn_adjacency`)."""
     nbrs, sims, keep = _kept(knn, start, stop)
     indptr = np.zeros(len(nbrs) + 1, dtype=np.int64)
     np.cumsum(keep.sum(axis=1), out=indptr[1:])
-    rows = sp.csr_matrix(
+    return sp.csr_matrix(
         (sims[keep].astype(np.float32, copy=False), nbrs[keep], indptr),
         shape=(len(nbrs), knn.num_samples),
     )
-    if canonical:
-        rows = rows.T.tocsr().T.tocsr()
-        rows.has_sorted_indices = True
-        rows.sum_duplicates()
-    return rows
 
 
 def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
@@ -268,7 +263,7 @@ def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
     fill = indptr[:-1].copy()
     for start in range(0, n, batch_size):
         # this batch's part of S^T: (n, rows), row j holding the batch's sources that list j
-        part = _knn_rows(knn, start, start + batch_size, False).T.tocsr()
+        part = _knn_rows(knn, start, start + batch_size).T.tocsr()
         per_row = np.diff(part.indptr)
         pos = np.arange(part.nnz) + np.repeat(fill - part.indptr[:-1], per_row)
         indices[pos] = part.indices + start
@@ -279,11 +274,11 @@ def reverse_edges(knn: KnnGraph, batch_size: int = ROW_BATCH) -> sp.csr_matrix:
 
 def _symmetric_rows(knn: KnnGraph, reverse: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     """Rows ``start:stop`` of ``max(S, S^T)`` (no self loops, not normalised) as a float32 CSR,
-    from those rows' kNN lists and ``reverse`` (:func:`reverse_edges`) only."""
-    fwd = _knn_rows(knn, start, min(stop, knn.num_samples), True)
-    back = reverse[start:stop]
-    back.sum_duplicates()
-    return fwd.maximum(back).astype(np.float32, copy=False)
+    from those rows' kNN lists and ``reverse`` (:func:`reverse_edges`) only. Neither side is put
+    in column order first: scipy's ``maximum`` sums each side's duplicates itself (its general
+    kernel, one pass), and leaves the columns of a row unsorted."""
+    fwd = _knn_rows(knn, start, min(stop, knn.num_samples))
+    return fwd.maximum(reverse[start:stop]).astype(np.float32, copy=False)
 
 
 def gcn_adjacency_rows(

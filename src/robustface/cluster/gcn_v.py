@@ -306,8 +306,10 @@ def gcn_adjacency_blocks(
     (:func:`gcn_adjacency`), never holding ``A`` whole: :func:`reverse_edges` once, then one
     block of rows at a time (about 4x less peak memory than building ``A``). Without
     ``normalized``, the rows of ``max(S, S^T)`` alone: no self loops, not row-normalised
-    (:func:`predict_gcn_v` adds both to the product with the features)."""
-    reverse = reverse_edges(knn, batch_size)
+    (:func:`predict_gcn_v` adds both to the product with the features). The reverse edges are
+    built in chunks of :data:`ROW_BATCH` rows whatever ``batch_size``: each chunk's transpose
+    takes a pass over all ``N`` rows, so small chunks would cost ``O(N^2 / batch_size)``."""
+    reverse = reverse_edges(knn)
     num = knn.num_samples
     rows = gcn_adjacency_rows if normalized else _symmetric_rows
     for start in range(0, num, batch_size):

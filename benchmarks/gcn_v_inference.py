@@ -357,6 +357,20 @@ def run_one(method: str, data: Path, model_path: Path, out: Path) -> None:
     out.write_text(json.dumps(stages.rows[0]))
 
 
+def check(num: int, dim: int, k: int) -> None:
+    """Print how far ``now``'s outputs are from ``round2``'s (same data, same weights)."""
+    feats, knn = fake_set(num, dim, k)
+    torch.manual_seed(0)
+    model = GCNV(dim, 512).eval()
+    conf, hidden = predict_gcn_v(model, feats, knn, show_progress=False)
+    want_conf, want_hidden = round2_predict(model, feats, knn)
+    print(
+        f"{len(feats):,} x {dim}: max |conf diff| {np.abs(conf - want_conf).max():.1e} "
+        f"(|conf| up to {np.abs(want_conf).max():.2f}), max |hidden diff| "
+        f"{np.abs(hidden - want_hidden).max():.1e} (hidden up to {want_hidden.max():.2f})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=100_000)
@@ -366,7 +380,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
     parser.add_argument("--worker", nargs=4, metavar=("METHOD", "DATA", "MODEL", "OUT"))
+    parser.add_argument(
+        "--check", action="store_true",
+        help="no timing: the largest differences of now's confidences and hidden features "
+        "from round2's, in this process",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.check:
+        check(args.num, args.dim, args.k)
+        return
     if args.worker:
         method, data, model_path, out = args.worker
         if args.threads:

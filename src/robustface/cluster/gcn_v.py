@@ -671,7 +671,12 @@ def predict_gcn_v(
     device = torch.device(device)
     x = torch.from_numpy(feats).to(device)
     conf = np.empty(num, dtype=np.float32)
-    hidden = np.empty((num, model.hidden), dtype=np.float32) if return_hidden else None
+    # the hidden features through torch's allocator: numpy asks the kernel for huge pages for
+    # large arrays, and finding them (compaction) took over a second for these 200 MB at 100K
+    # in a fresh process; torch's 4 KB pages fault in as the blocks are written
+    hidden = None
+    if return_hidden:
+        hidden = torch.empty((num, model.hidden), dtype=torch.float32).numpy()
     model.to(device)
     if num == 0:
         return conf, hidden

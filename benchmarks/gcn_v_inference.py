@@ -1,7 +1,7 @@
 """GCN-V inference: robustface now, before issue 20, and learn-to-cluster's, side by side.
 
 Run: ``.venv/bin/python benchmarks/gcn_v_inference.py [--num 100000] [--dim 256] [--k 80]
-[--repeats 3] [--methods now previous ltc]``.
+[--repeats 3] [--methods now round2 ltc model]``.
 
 Fake features of ``--num`` samples (clusters of 60 around random centres, unit rows) and a kNN
 graph built without a search: each sample's 60 cluster mates (itself included) with their true
@@ -9,10 +9,13 @@ cosines, plus 20 random samples from elsewhere, sorted nearest first; so about 3
 are mutual, as in a real face kNN. One randomly initialised GCN-V (hidden 512) is saved and used
 by every method. From the kNN lists to the confidence and the hidden features:
 
-* ``now``: :func:`robustface.cluster.gcn_v.predict_gcn_v` (block-wise graph: reverse edges by
-  scipy's transpose per block, graph blocks of 16,384 rows built one ahead in a thread, a torch
-  CSR product per graph block into a reused buffer, the dense layers on 65,536 rows at a time
-  written in place into reused buffers and the output arrays: ``GCNV.predict_into``);
+* ``now``: :func:`robustface.cluster.gcn_v.predict_gcn_v` (blocks of 8,192 rows: the rows of
+  ``max(S, S^T)`` built one block ahead in a thread, ``A X`` by ``F.embedding_bag`` with the self
+  loop and the normalisation applied to its output, one ``[X, AX] W`` product and the
+  classifier's first layer by oneDNN: ``GCNV.predict_rows``);
+* ``round2``: the same after issue 20's second round, copied below (graph blocks of 16,384 rows
+  in column order, a torch CSR product each, the dense layers by MKL on 65,536 rows at a time
+  written in place into reused buffers and the output arrays);
 * ``earlier``: the same after issue 20's first round, copied below (blocks of 65,536 rows, a new
   tensor for every intermediate, the hidden features copied into the output);
 * ``previous``: the same before issue 20, copied below (reverse edges by ``argsort`` +
@@ -25,14 +28,16 @@ by every method. From the kNN lists to the confidence and the hidden features:
   graph, built beforehand: the work every method shares, a floor for all of them.
 
 Each (repeat, method) runs in a fresh process, methods interleaved, so that one method's freed
-memory does not count for the next; the table gives median wall times, their ratios, the sampled
-peak resident memory of the run (inputs included: the inputs alone are the "inputs" row), and the
-largest difference of the confidences from ``ltc``'s.
+memory does not count for the next; the table gives median wall times, their ratios (of the
+medians, and per repeat: each repeat runs the methods back to back, so they share the load of
+that moment), the sampled peak resident memory of the run (inputs included: the inputs alone are
+the "inputs" row), and the largest difference of the confidences from ``ltc``'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,14 +51,18 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 
 from cluster_pipeline import Stages  # this directory is on sys.path when run as a script
 from robustface.cluster.gcn_v import (
     GCNV,
+    _kept,
+    _one_ahead,
     gcn_adjacency,
     gcn_adjacency_blocks,
     load_gcn_v,
     predict_gcn_v,
+    reverse_edges,
     save_gcn,
     to_torch_sparse,
 )
@@ -61,7 +70,7 @@ from robustface.cluster.graph import knn_edges
 from robustface.cluster.knn import KnnGraph
 from robustface.utils.table import markdown_table
 
-METHODS = ("now", "earlier", "previous", "ltc", "model")
+METHODS = ("now", "round2", "earlier", "previous", "ltc", "model")
 CLUSTER = 60
 OUTSIDERS = 20
 ROW_BATCH = 65536
@@ -88,6 +97,91 @@ def fake_set(num: int, dim: int, k: int, seed: int = 0) -> tuple[np.ndarray, Knn
     nbrs, sims = np.hstack([mates, others]), np.hstack([inside, outside]).astype(np.float32)
     order = np.argsort(-sims, axis=1, kind="stable")
     return feats, KnnGraph(np.take_along_axis(nbrs, order, 1), np.take_along_axis(sims, order, 1))
+
+
+# ---- robustface after issue 20's second round (commit b9fa6f4) ----------------------------------
+
+ROUND2_GRAPH_BATCH = 16384
+
+
+def round2_adjacency_rows(
+    knn: KnnGraph, reverse: sp.csr_matrix, start: int, stop: int
+) -> sp.csr_matrix:
+    n = knn.num_samples
+    stop = min(stop, n)
+    rows = stop - start
+    nbrs, sims, keep = _kept(knn, start, stop)
+    indptr = np.zeros(len(nbrs) + 1, dtype=np.int64)
+    np.cumsum(keep.sum(axis=1), out=indptr[1:])
+    fwd = sp.csr_matrix(
+        (sims[keep].astype(np.float32, copy=False), nbrs[keep], indptr), shape=(rows, n)
+    )
+    fwd = fwd.T.tocsr().T.tocsr()
+    fwd.has_sorted_indices = True
+    fwd.sum_duplicates()
+    back = reverse[start:stop]
+    back.sum_duplicates()
+    eye = sp.csr_matrix(
+        (np.ones(rows, dtype=np.float32), (np.arange(rows), np.arange(start, stop))),
+        shape=(rows, n),
+    )
+    adj = (fwd.maximum(back) + eye).tocsr().astype(np.float32, copy=False)
+    sums = np.asarray(adj.sum(axis=1), dtype=np.float32).ravel()
+    adj.data *= np.repeat(1.0 / sums, np.diff(adj.indptr))
+    return adj
+
+
+def round2_blocks(knn: KnnGraph, batch_size: int):
+    reverse = reverse_edges(knn, batch_size)
+    for start in range(0, knn.num_samples, batch_size):
+        stop = min(start + batch_size, knn.num_samples)
+        yield start, stop, round2_adjacency_rows(knn, reverse, start, stop)
+
+
+def round2_predict_into(
+    model: GCNV,
+    x: torch.Tensor,
+    agg: torch.Tensor,
+    hidden: torch.Tensor,
+    conf: torch.Tensor,
+    work: torch.Tensor,
+    chunk: int = 4096,
+) -> None:
+    conv, (first, prelu, last) = model.conv1, model.classifier
+    torch.mm(x, conv.weight[: conv.in_dim], out=hidden)
+    torch.mm(agg, conv.weight[conv.in_dim :], out=work)
+    hidden += work
+    hidden += conv.bias
+    hidden.relu_()
+    torch.addmm(first.bias, hidden, first.weight.t(), out=work)
+    for start in range(0, len(work), chunk):
+        part = F.prelu(work[start : start + chunk], prelu.weight)
+        conf[start : start + chunk] = F.linear(part, last.weight, last.bias).squeeze(-1)
+
+
+@torch.no_grad()
+def round2_predict(model: GCNV, feats: np.ndarray, knn: KnnGraph) -> tuple[np.ndarray, np.ndarray]:
+    """``predict_gcn_v`` on the CPU after the second round: graph blocks of 16,384 rows (a torch
+    CSR product each), the dense layers on 65,536 rows written in place (MKL's products)."""
+    num = len(feats)
+    x = torch.from_numpy(feats)
+    conf = np.empty(num, dtype=np.float32)
+    hidden = np.empty((num, model.hidden), dtype=np.float32)
+    size = min(ROW_BATCH, num)
+    agg = torch.empty((size, feats.shape[1]))
+    work = torch.empty((size, model.hidden))
+    block_conf = torch.from_numpy(conf)
+    graph = _one_ahead(round2_blocks(knn, min(ROUND2_GRAPH_BATCH, size)))
+    with contextlib.closing(graph):
+        for start in range(0, num, size):  # 16,384 divides 65,536: no graph block straddles
+            stop = min(start + size, num)
+            n, last = stop - start, start
+            while last < stop:
+                first, last, rows = next(graph)
+                torch.mm(to_torch_sparse(rows), x, out=agg[first - start : last - start])
+            h, c = torch.from_numpy(hidden[start:stop]), block_conf[start:stop]
+            round2_predict_into(model, x[start:stop], agg[:n], h, c, work[:n])
+    return conf, hidden
 
 
 # ---- robustface after issue 20's first round (commit fff35c1) -----------------------------------
@@ -246,6 +340,7 @@ def run_one(method: str, data: Path, model_path: Path, out: Path) -> None:
     model = load_gcn_v(model_path)
     runs: dict[str, Callable[[], np.ndarray]] = {
         "now": lambda: predict_gcn_v(model, feats, knn, show_progress=False)[0],
+        "round2": lambda: round2_predict(model, feats, knn)[0],
         "earlier": lambda: earlier_predict(model, feats, knn),
         "previous": lambda: previous_predict(model, feats, knn),
         "ltc": lambda: ltc_predict(model, feats, knn),
@@ -262,6 +357,20 @@ def run_one(method: str, data: Path, model_path: Path, out: Path) -> None:
     out.write_text(json.dumps(stages.rows[0]))
 
 
+def check(num: int, dim: int, k: int) -> None:
+    """Print how far ``now``'s outputs are from ``round2``'s (same data, same weights)."""
+    feats, knn = fake_set(num, dim, k)
+    torch.manual_seed(0)
+    model = GCNV(dim, 512).eval()
+    conf, hidden = predict_gcn_v(model, feats, knn, show_progress=False)
+    want_conf, want_hidden = round2_predict(model, feats, knn)
+    print(
+        f"{len(feats):,} x {dim}: max |conf diff| {np.abs(conf - want_conf).max():.1e} "
+        f"(|conf| up to {np.abs(want_conf).max():.2f}), max |hidden diff| "
+        f"{np.abs(hidden - want_hidden).max():.1e} (hidden up to {want_hidden.max():.2f})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=100_000)
@@ -271,7 +380,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
     parser.add_argument("--worker", nargs=4, metavar=("METHOD", "DATA", "MODEL", "OUT"))
+    parser.add_argument(
+        "--check", action="store_true",
+        help="no timing: the largest differences of now's confidences and hidden features "
+        "from round2's, in this process",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.check:
+        check(args.num, args.dim, args.k)
+        return
     if args.worker:
         method, data, model_path, out = args.worker
         if args.threads:
@@ -312,22 +429,29 @@ def main() -> None:
         peak = max(x["peak_rss_gib"] for x in runs[method])
         diff = float(np.abs(runs[method][0]["conf"] - runs[reference][0]["conf"]).max())
         times = ", ".join(f"{x['seconds']:.1f}" for x in runs[method])
+        per_repeat = ", ".join(
+            f"{x['seconds'] / r['seconds']:.2f}"
+            for x, r in zip(runs[method], runs[reference], strict=True)
+        )
         rows.append(
             [
                 method,
                 times,
                 f"{seconds:.2f}",
                 f"{seconds / ref_seconds:.2f}",
+                per_repeat,
                 f"{peak:.2f}",
                 f"{diff:.1e}",
             ]
         )
-    rows.append(["inputs only", "-", "-", "-", f"{runs['inputs'][0]['peak_rss_gib']:.2f}", "-"])
+    inputs_peak = f"{runs['inputs'][0]['peak_rss_gib']:.2f}"
+    rows.append(["inputs only", "-", "-", "-", "-", inputs_peak, "-"])
     heads = [
         "method",
         "runs (s)",
         "median (s)",
         f"vs {reference}",
+        "per repeat",
         "peak RSS (GiB)",
         "max conf diff",
     ]

@@ -122,6 +122,13 @@ def test_adjacency_blocks_equal_the_dense_formula(batch: int) -> None:
     got = np.vstack([rows.toarray() for _, _, rows in blocks])
     np.testing.assert_allclose(got, dense_adjacency(graph), atol=1e-6)
     assert all(rows.dtype == np.float32 for _, _, rows in blocks)
+    # not normalised: max(S, S^T) alone, no self loops
+    s = dense_similarities(graph)
+    raw = list(gcn_adjacency_blocks(graph, batch, normalized=False))
+    assert [(a, b) for a, b, _ in raw] == [(a, b) for a, b, _ in blocks]
+    got = np.vstack([rows.toarray() for _, _, rows in raw])
+    np.testing.assert_allclose(got, np.maximum(s, s.T), atol=1e-6)
+    assert all(rows.dtype == np.float32 for _, _, rows in raw)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 1000])
@@ -217,20 +224,17 @@ def test_training_reduces_loss_from_the_full_graph_mse() -> None:
     assert np.mean(model.loss_history[-10:]) < 0.5 * model.loss_history[0]
 
 
-def test_predict_in_batches_equals_full_forward(trained: dict, monkeypatch) -> None:
+@pytest.mark.parametrize("batch", [97, 40, 1000])
+def test_predict_in_batches_equals_full_forward(trained: dict, batch: int) -> None:
     model, x, graph = trained["model"], trained["xte"], trained["kte"]
-    conf, hidden = predict_gcn_v(model, x, graph, batch_size=97, show_progress=False)
+    conf, hidden = predict_gcn_v(model, x, graph, batch_size=batch, show_progress=False)
     with torch.no_grad():
         want_conf, want_hidden = model(torch.from_numpy(x), to_torch_sparse(gcn_adjacency(graph)))
     np.testing.assert_allclose(conf, want_conf.numpy(), atol=1e-5)
     np.testing.assert_allclose(hidden, want_hidden.numpy(), atol=1e-5)
-    monkeypatch.setattr(gcn_v, "GRAPH_BATCH", 40)  # graph blocks of 40, 40, 17 rows per batch
-    parts = predict_gcn_v(model, x, graph, batch_size=97, show_progress=False)
-    np.testing.assert_allclose(parts[0], want_conf.numpy(), atol=1e-5)
-    np.testing.assert_allclose(parts[1], want_hidden.numpy(), atol=1e-5)
     assert hidden.shape == (len(x), 32)
     conf_only, none = predict_gcn_v(
-        model, x, graph, batch_size=97, return_hidden=False, show_progress=False
+        model, x, graph, batch_size=batch, return_hidden=False, show_progress=False
     )
     assert none is None
     np.testing.assert_array_equal(conf_only, conf)
@@ -240,19 +244,65 @@ def test_predict_in_batches_equals_full_forward(trained: dict, monkeypatch) -> N
         predict_gcn_v(model, x[:-1], graph, show_progress=False)
 
 
-def test_predict_into_writes_the_layers_outputs_in_place() -> None:
-    # the in-place inference path against the layers themselves, rows in PReLU chunks of 7
+def test_predict_handles_rows_without_edges() -> None:
+    # awkward rows: missing entries, negative sims, repeated neighbours, rows whose kNN list
+    # holds only themselves and that no one lists (their A row is the self loop alone)
+    graph = awkward_knn(3)
+    nbrs, sims = graph.nbrs.copy(), graph.sims.copy()
+    nbrs[::4, 2] = nbrs[::4, 1]
+    lonely = [5, 17]
+    nbrs[np.isin(nbrs, lonely)] = -1
+    nbrs[lonely], sims[lonely] = -1, -np.inf
+    nbrs[lonely, 0], sims[lonely, 0] = lonely, 1.0
+    graph = KnnGraph(nbrs, sims)
+    torch.manual_seed(2)
+    model = GCNV(8, hidden=16).eval()
+    with torch.no_grad():
+        model.conv1.bias.normal_()
+    x = np.random.default_rng(3).standard_normal((50, 8)).astype(np.float32)
+    conf, hidden = predict_gcn_v(model, x, graph, batch_size=9, show_progress=False)
+    # the formula written out: relu([X, A X] W + b), A = rownorm(max(S, S^T) + I) by loops,
+    # a neighbour listed twice counting twice in S (as in gcn_adjacency)
+    xs = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = np.zeros((50, 50))
+    for i in range(50):
+        for j, sim in zip(nbrs[i], sims[i], strict=True):
+            if j >= 0 and j != i and sim >= 0:
+                s[i, j] += sim
+    a = np.maximum(s, s.T) + np.eye(50)
+    a /= a.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(a[lonely][:, lonely], np.eye(2))
+    w, b = model.conv1.weight.detach().double().numpy(), model.conv1.bias.detach().double().numpy()
+    want = np.maximum(np.concatenate([xs, a @ xs], axis=1) @ w + b, 0)
+    np.testing.assert_allclose(hidden, want, atol=1e-5)
+    with torch.no_grad():
+        want_conf = model.head(torch.from_numpy(want).float()).numpy()
+    np.testing.assert_allclose(conf, want_conf, atol=1e-5)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_predict_rows_is_the_layers_formula(onednn: bool, monkeypatch) -> None:
+    # the inference path (one [X, AX] W product; oneDNN's where torch has it) against the
+    # formula written out in float64
+    if onednn and gcn_v.ONEDNN_LINEAR is None:
+        pytest.skip("this torch build has no oneDNN linear op")
+    if not onednn:
+        monkeypatch.setattr(gcn_v, "ONEDNN_LINEAR", None)
     torch.manual_seed(5)
     model = GCNV(12, hidden=16).eval()
-    x, agg = torch.randn(30, 12), torch.randn(30, 12)
-    hidden, conf, work = torch.full((30, 16), 9.0), torch.full((30,), 9.0), torch.empty(30, 16)
-    model.predict_into(x, agg, hidden, conf, work, chunk=7)
     with torch.no_grad():
-        want_hidden = torch.relu(torch.cat([x, agg], 1) @ model.conv1.weight + model.conv1.bias)
-        want_conf = model.head(want_hidden)
-        assert torch.equal(hidden, model.conv1.combine(x, agg))  # the same operations
-    torch.testing.assert_close(hidden, want_hidden, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(conf, want_conf, rtol=1e-6, atol=1e-6)
+        model.conv1.bias.normal_()
+        model.classifier[1].weight.uniform_(-1, 1)  # PReLU slopes of both signs
+    xa = torch.randn(30, 24)
+    conf, hidden = model.predict_rows(xa)
+    p = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+    want_hidden = np.maximum(xa.double().numpy() @ p["conv1.weight"] + p["conv1.bias"], 0)
+    mid = want_hidden @ p["classifier.0.weight"].T + p["classifier.0.bias"]
+    mid = np.where(mid > 0, mid, mid * p["classifier.1.weight"])
+    want_conf = (mid @ p["classifier.2.weight"].T + p["classifier.2.bias"])[:, 0]
+    np.testing.assert_allclose(hidden.numpy(), want_hidden, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conf.numpy(), want_conf, rtol=1e-5, atol=1e-5)
+    assert hidden.shape == (30, 16) and conf.shape == (30,)
 
 
 def test_predict_on_no_rows_gives_empty_outputs() -> None:

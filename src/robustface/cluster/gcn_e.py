@@ -34,6 +34,7 @@ from tqdm import tqdm
 from robustface.cluster.base import CLUSTERERS, SIM_GRID, Clusterer, as_function
 from robustface.cluster.gcn_v import (
     GCNV,
+    PREDICT_BATCH,
     ROW_BATCH,
     TAU_GCN_FEATURES,
     GraphConv,
@@ -351,7 +352,7 @@ def gcn_e_inputs(
     k: int = K_EDGE,
     knn_method: Method = "flat",
     device: str | torch.device = "cpu",
-    batch_size: int = ROW_BATCH,
+    batch_size: int = PREDICT_BATCH,
     show_progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, KnnGraph]:
     """GCN-E's inputs from GCN-V: edge features, predicted confidence and their kNN graph.

@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from robustface.clean.dirty import TRUTH_KINDS, load_truth
+from robustface.clean.dirty import TRUTH_KINDS, Truth, load_truth
 from robustface.clean.score import FLAGS, scores_path
 from robustface.data.noise import read_npz_arrays
 from robustface.utils.table import markdown_table
@@ -41,6 +42,46 @@ def twin_classes(duplicate_of: np.ndarray) -> np.ndarray:
     return twin
 
 
+ROWS = ("clean (easy)", "clean (hard)", *TRUTH_KINDS[1:])
+"""The confusion table's rows: the truth kinds, clean split by ``hard``."""
+
+
+def diagnose(scores: dict[str, np.ndarray], truth: Truth) -> dict[str, Any]:
+    """The confusion counts (``confusion[row][flag]``, rows :data:`ROWS`, columns ``FLAGS``), the
+    ``mislabeled`` flag's samples per row (``mislabeled``: samples, in a duplicate pair, pointed at
+    the twin) and the centre statistics of one scoring pass."""
+    flag, other = scores["flag"], scores["other_class"]
+    row = np.where(truth.kind == 0, truth.hard.astype(np.int64), truth.kind + 1)
+    twin = twin_classes(truth.duplicate_of)[scores["label"]]
+    mis = flag == FLAGS.index("mislabeled")
+    own_nearest = scores["angle_own"] < scores["angle_other"]
+    clean, closed = truth.kind == 0, truth.kind == TRUTH_KINDS.index("closed")
+    duplicate = truth.kind == TRUTH_KINDS.index("duplicate")
+    true_other = closed & (other == truth.true_label)
+    return {
+        "confusion": [
+            [int(((row == r) & (flag == f)).sum()) for f in range(len(FLAGS))]
+            for r in range(len(ROWS))
+        ],
+        "mislabeled": [
+            [
+                int((mis & (row == r)).sum()),
+                int((mis & (row == r) & (twin >= 0)).sum()),
+                int((mis & (row == r) & (twin >= 0) & (other == twin)).sum()),
+            ]
+            for r in range(len(ROWS))
+        ],
+        "clean_own_nearest": float(own_nearest[clean].mean()),
+        "easy_own_nearest": float(own_nearest[clean & ~truth.hard].mean()),
+        "hard_own_nearest": float(own_nearest[clean & truth.hard].mean()),
+        "closed_true_other": float(true_other.sum() / closed.sum()),
+        "closed_true_knn": float((scores["knn_label"] == truth.true_label)[closed].mean()),
+        "duplicate_twin_other": float((other == twin)[duplicate].mean()),
+        "clean_angle_own": float(np.median(scores["angle_own"][clean])),
+        "closed_angle_true": float(np.median(scores["angle_other"][true_other])),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("score_dir", type=Path)
@@ -48,63 +89,41 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="the scoring run (default: SCORE_DIR/../train)")
     args = parser.parse_args()
 
+    _, scores = read_npz_arrays(scores_path(args.score_dir), "scores.npz", "scores")
     truth = load_truth(args.truth)
-    _, s = read_npz_arrays(scores_path(args.score_dir), "scores.npz", "scores")
-    flag, label, other = s["flag"], s["label"], s["other_class"]
-    rows = ["clean (easy)", "clean (hard)", *TRUTH_KINDS[1:]]
-    row = np.where(truth.kind == 0, truth.hard.astype(np.int64), truth.kind + 1)
+    d = diagnose(scores, truth)
+    row = np.where(truth.kind == 0, truth.hard, truth.kind + 1)
+    counts = np.bincount(row, minlength=len(ROWS)).tolist()
     print(
         markdown_table(
             ["truth kind", "n", *FLAGS],
-            [
-                [name, int((row == r).sum())]
-                + [int(((row == r) & (flag == f)).sum()) for f in range(len(FLAGS))]
-                for r, name in enumerate(rows)
-            ],
+            [[name, counts[r], *d["confusion"][r]] for r, name in enumerate(ROWS)],
         )
     )
-
-    twin = twin_classes(truth.duplicate_of)[label]
-    mis = flag == FLAGS.index("mislabeled")
     print()
     print(
         markdown_table(
             ["flagged mislabeled", "samples", "in a duplicate pair", "nearest other = twin"],
-            [
-                [
-                    name,
-                    int((mis & (row == r)).sum()),
-                    int((mis & (row == r) & (twin >= 0)).sum()),
-                    int((mis & (row == r) & (twin >= 0) & (other == twin)).sum()),
-                ]
-                for r, name in enumerate(rows)
-            ],
+            [[name, *d["mislabeled"][r]] for r, name in enumerate(ROWS)],
         )
     )
-
-    own_nearest = s["angle_own"] < s["angle_other"]
-    clean, closed = truth.kind == 0, truth.kind == 1
-    duplicate = truth.kind == TRUTH_KINDS.index("duplicate")
-    true_other = closed & (other == truth.true_label)
     print()
     print(
-        f"clean samples nearest their own centre: {own_nearest[clean].mean():.3f} "
-        f"(easy {own_nearest[clean & ~truth.hard].mean():.3f}, "
-        f"hard {own_nearest[clean & truth.hard].mean():.3f})"
+        f"clean samples nearest their own centre: {d['clean_own_nearest']:.3f} "
+        f"(easy {d['easy_own_nearest']:.3f}, hard {d['hard_own_nearest']:.3f})"
     )
     print(
         f"closed flips whose nearest other centre is the true class: "
-        f"{true_other.sum() / closed.sum():.3f}; kNN majority is the true class: "
-        f"{(s['knn_label'][closed] == truth.true_label[closed]).mean():.3f}"
+        f"{d['closed_true_other']:.3f}; kNN majority is the true class: "
+        f"{d['closed_true_knn']:.3f}"
     )
     print(
-        f"duplicate-class samples whose nearest other centre is the twin class: "
-        f"{(other == twin)[duplicate].mean():.3f}"
+        "duplicate-class samples whose nearest other centre is the twin class: "
+        f"{d['duplicate_twin_other']:.3f}"
     )
     print(
-        f"median angle: clean to own centre {np.median(s['angle_own'][clean]):.1f} deg, "
-        f"flips to their true class (when nearest other) "
-        f"{np.median(s['angle_other'][true_other]):.1f} deg"
+        f"median angle: clean to own centre {d['clean_angle_own']:.1f} deg, flips to their true "
+        f"class (when nearest other) {d['closed_angle_true']:.1f} deg"
     )
 
     run = args.run or args.score_dir.parent / "train"

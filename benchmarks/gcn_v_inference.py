@@ -16,8 +16,10 @@ by every method. From the kNN lists to the confidence and the hidden features:
 * ``round2``: the same after issue 20's second round, copied below (graph blocks of 16,384 rows
   in column order, a torch CSR product each, the dense layers by MKL on 65,536 rows at a time
   written in place into reused buffers and the output arrays);
-* ``earlier``: the same after issue 20's first round, copied below (blocks of 65,536 rows, a new
-  tensor for every intermediate, the hidden features copied into the output);
+* ``earlier``: the dense path after issue 20's first round, copied below (blocks of 65,536 rows, a
+  new tensor for every intermediate, the hidden features copied into the output); its graph rows
+  come from today's ``gcn_adjacency_blocks`` (unsorted columns, so ``to_torch_sparse`` sorts them),
+  not from the first round's graph code;
 * ``previous``: the same before issue 20, copied below (reverse edges by ``argsort`` +
   ``searchsorted`` + ``unique`` per block, normalisation by a diagonal product, a COO tensor);
 * ``ltc``: learn-to-cluster's code path (``vegcn/datasets/gcn_v_dataset.py`` then
@@ -188,6 +190,7 @@ def round2_predict(model: GCNV, feats: np.ndarray, knn: KnnGraph) -> tuple[np.nd
 
 
 def earlier_predict(model: GCNV, feats: np.ndarray, knn: KnnGraph) -> np.ndarray:
+    """Confidences by the first round's dense path over today's graph blocks."""
     x = torch.from_numpy(feats)
     conf = np.empty(len(feats), dtype=np.float32)
     hidden = np.empty((len(feats), model.hidden), dtype=np.float32)

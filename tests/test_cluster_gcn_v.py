@@ -305,6 +305,18 @@ def test_predict_rows_is_the_layers_formula(onednn: bool, monkeypatch) -> None:
     assert hidden.shape == (30, 16) and conf.shape == (30,)
 
 
+def test_predict_rows_of_a_float64_model_takes_torch_s_product() -> None:
+    # oneDNN's op is float32 only: a float64 model gets torch's product, not oneDNN's error
+    torch.manual_seed(6)
+    model = GCNV(6, hidden=8).double().eval()
+    xa = torch.randn(5, 12, dtype=torch.float64)
+    conf, hidden = model.predict_rows(xa)
+    p = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    want = np.maximum(xa.numpy() @ p["conv1.weight"] + p["conv1.bias"], 0)
+    np.testing.assert_allclose(hidden.numpy(), want, rtol=1e-12, atol=1e-12)
+    assert conf.dtype == torch.float64 and conf.shape == (5,)
+
+
 def test_predict_on_no_rows_gives_empty_outputs() -> None:
     model = GCNV(12, hidden=16)
     empty = KnnGraph(np.zeros((0, 3), np.int64), np.zeros((0, 3), np.float32))

@@ -86,7 +86,9 @@ PREDICT_BATCH = 8192
 a block (kNN rows, graph rows, the layers' outputs: 16 MiB each at hidden 512) stays under
 glibc's 32 MiB ceiling for heap allocations, so it is reused from block to block instead of being
 mapped and page-faulted anew (those faults took up to a third of the time); oneDNN's products
-run as fast on 8,192 rows as on 65,536."""
+run as fast on 8,192 rows as on 65,536. The bound holds for 256-d inputs (the ``[X, AX]`` buffer,
+allocated once, is 32 MiB at 512-d); two blocks of graph rows are alive at a time (the next is
+built ahead). Tuned on the CPU only: CUDA block sizes are not measured."""
 DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adamw": 1e-3}
 """GCN-V's learning rate per optimiser when none is given (SGD's is the published one)."""
 
@@ -182,13 +184,22 @@ class GCNV(nn.Module):
 
 def _onednn_linear() -> Callable[..., torch.Tensor] | None:
     """torch's oneDNN linear op (``mkldnn::_linear_pointwise``, what torch.compile uses on the
-    CPU), or None where this torch build has none."""
+    CPU), or None where this torch build has none or where it does not give ``F.linear``'s result
+    on a small product (a private op: a torch release may change it)."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
-        return torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w, b = (
+            torch.linspace(-1, 1, 24).view(4, 6),
+            torch.linspace(1, -1, 18).view(3, 6),
+            torch.ones(3),
+        )
+        if not torch.allclose(op(x, w, b, "relu", [], ""), F.linear(x, w, b).relu(), atol=1e-6):
+            return None
+    except (AttributeError, RuntimeError, TypeError):
         return None
+    return op
 
 
 ONEDNN_LINEAR = _onednn_linear()
@@ -200,7 +211,12 @@ def _linear(
     """``x weight^T + bias`` (``nn.Linear``), then a ReLU with ``relu``. On the CPU by oneDNN
     where torch has it: 1.6-1.9x the speed of torch's own float32 product (MKL's sgemm) on the
     AMD EPYC we measured, equal to it within float32 rounding."""
-    if ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+    if (
+        ONEDNN_LINEAR is not None
+        and torch.backends.mkldnn.enabled
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+    ):
         return ONEDNN_LINEAR(x, weight, bias, "relu" if relu else "none", [], "")
     out = F.linear(x, weight, bias)
     return out.relu_() if relu else out
@@ -658,7 +674,8 @@ def predict_gcn_v(
     per row, 2-3x faster than torch's sparse CSR product here) with the self loop and the row
     normalisation applied to its output, written beside ``X[rows]`` into one ``[X, AX]`` buffer,
     then :meth:`GCNV.predict_rows`. Memory is the features, the kNN graph, its reverse edges
-    (8 bytes an edge), the output and one block. Without ``return_hidden`` the hidden features
+    (8 bytes an edge), the output, one block of dense buffers and two of graph rows (the next is
+    built ahead). Without ``return_hidden`` the hidden features
     (2 KB a sample at hidden 512: 10.6 GB at 5.2M) are not kept and None is returned in their
     place. The model is moved to ``device`` and used in eval mode.
     """

@@ -1,9 +1,12 @@
 """Where a scoring pass goes wrong on a dirty set: truth kind x flag, and the centre statistics.
 
-Run: ``.venv/bin/python benchmarks/clean_diagnose.py SCORE_DIR --truth SET [--run RUN]``, with
-``SCORE_DIR`` a ``clean score`` output (or a loop's ``round_r/score``), ``SET`` the dirty set (or
-its ``truth.npz``) and ``RUN`` the training run that scored it (default: ``SCORE_DIR/../train``
-when it exists), for its verification accuracies.
+Run: ``.venv/bin/python benchmarks/clean_diagnose.py SCORE_DIR --truth SET [--run RUN]
+[--reflag]``, with ``SCORE_DIR`` a ``clean score`` output (or a loop's ``round_r/score``), ``SET``
+the dirty set (or its ``truth.npz``) and ``RUN`` the training run that scored it (default:
+``SCORE_DIR/../train`` when it exists), for its verification accuracies. ``--reflag`` flags the
+stored scores again with the current :func:`~robustface.clean.score.choose_thresholds` (default
+thresholds) and :func:`~robustface.clean.score.flag_samples` instead of reading the stored flags:
+a rule change measured without scoring again.
 
 Prints (Markdown):
 - the confusion table, truth kind (clean split into easy and hard) x flag;
@@ -21,6 +24,7 @@ Nothing here feeds the cleaning: it reads the truth after the flags were chosen.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from robustface.clean.dirty import TRUTH_KINDS, Truth, load_truth
-from robustface.clean.score import FLAGS, scores_path
+from robustface.clean.score import FLAGS, Scores, choose_thresholds, flag_samples, scores_path
 from robustface.data.noise import read_npz_arrays
 from robustface.utils.table import markdown_table
 
@@ -40,6 +44,13 @@ def twin_classes(duplicate_of: np.ndarray) -> np.ndarray:
         if d >= 0:
             twin[c], twin[d] = d, c
     return twin
+
+
+def reflag(scores: dict[str, np.ndarray]) -> np.ndarray:
+    """The flags of the current rules at their default thresholds on stored score columns."""
+    names = [f.name for f in dataclasses.fields(Scores)]
+    table = Scores(**{name: scores[name] for name in names if name in scores})
+    return flag_samples(table, choose_thresholds(table)).flag
 
 
 ROWS = ("clean (easy)", "clean (hard)", *TRUTH_KINDS[1:])
@@ -87,10 +98,15 @@ def main() -> None:
     parser.add_argument("score_dir", type=Path)
     parser.add_argument("--truth", required=True, type=Path, help="dirty set or its truth.npz")
     parser.add_argument("--run", type=Path, help="the scoring run (default: SCORE_DIR/../train)")
+    parser.add_argument(
+        "--reflag", action="store_true", help="flag the stored scores with the current rules"
+    )
     args = parser.parse_args()
 
     _, scores = read_npz_arrays(scores_path(args.score_dir), "scores.npz", "scores")
     truth = load_truth(args.truth)
+    if args.reflag:
+        scores["flag"] = reflag(scores)
     d = diagnose(scores, truth)
     row = np.where(truth.kind == 0, truth.hard, truth.kind + 1)
     counts = np.bincount(row, minlength=len(ROWS)).tolist()

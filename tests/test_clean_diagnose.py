@@ -60,3 +60,31 @@ def test_diagnose_counts_by_hand():
     assert d["duplicate_twin_other"] == pytest.approx(1 / 2)  # sample 5, not sample 6
     assert d["closed_angle_true"] == pytest.approx(15.0)
     assert d["clean_angle_own"] == pytest.approx(30.0)  # median of 10, 30, 50
+
+
+def test_reflag_is_the_rules_on_the_stored_columns():
+    """``--reflag`` gives the flags that choose_thresholds + flag_samples give on the columns."""
+    from robustface.clean.score import Scores, choose_thresholds, flag_samples
+
+    bench = _diagnose_module()
+    rng = np.random.default_rng(0)
+    n = 400
+    table = Scores(
+        label=rng.integers(0, 10, n),
+        angle_own=rng.normal(30, 8, n).astype(np.float32),
+        angle_other=rng.normal(60, 8, n).astype(np.float32),
+        other_class=rng.integers(0, 10, n),
+        knn_purity=rng.uniform(0, 1, n).astype(np.float32),
+        knn_label=rng.integers(0, 10, n),
+        knn_share=rng.uniform(0, 1, n).astype(np.float32),
+        norm=rng.normal(20, 3, n).astype(np.float32),
+        crfiqa=rng.uniform(0, 1, n).astype(np.float32),
+        stroke=rng.normal(2, 0.3, n).astype(np.float32),
+        tones=rng.normal(6, 0.5, n).astype(np.float32),
+        colour=rng.normal(3, 0.3, n).astype(np.float32),
+        skin=rng.uniform(0, 1, n).astype(np.float32),
+    )
+    expected = flag_samples(table, choose_thresholds(table)).flag
+    stored = {**table.arrays(), "flag": np.zeros(n, dtype=np.int8)}  # stale flags are ignored
+    assert np.array_equal(bench.reflag(stored), expected)
+    assert len(set(expected.tolist())) > 2

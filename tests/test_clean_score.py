@@ -17,6 +17,7 @@ from robustface.clean.score import (
     Thresholds,
     choose_thresholds,
     compute_scores,
+    far_tail,
     flag_samples,
     gmm_crossing,
     image_stats,
@@ -240,6 +241,22 @@ def test_each_flag_on_a_planted_case():
     assert flag_samples(scores, t).names()[2] == "open_set"
 
 
+def _no_skin_set(scores, rng, n=2000):
+    """``scores`` repeated to ``n`` rows: 15% without skin, all faces 30 +- 5 deg from their
+    centre, no drawings, an ordinary colourfulness."""
+    many = dataclasses.replace(
+        scores,
+        **{f.name: np.resize(getattr(scores, f.name), n) for f in dataclasses.fields(scores)},
+    )
+    many.skin = rng.uniform(0.5, 1.0, n).astype(np.float32)
+    many.skin[:300] = rng.uniform(0.0, 0.05, 300)
+    many.colour = rng.normal(3.5, 0.3, n).astype(np.float32)
+    many.stroke = np.full(n, 2.0, np.float32)
+    many.angle_own = rng.normal(30, 5, n).astype(np.float32)
+    many.angle_other = np.full(n, 120.0, np.float32)
+    return many
+
+
 def test_image_statistic_rules_on_planted_cases():
     scores, t = _planted()
     # a near-centre face with strong strokes and few tones is a drawing; either alone is not
@@ -262,17 +279,7 @@ def test_image_statistic_rules_on_planted_cases():
     assert flag_samples(scores, t).names()[0] == "nonface"
     # the no-skin rules are on only when the no-skin samples have a separate far tail
     rng = np.random.default_rng(0)
-    n = 2000
-    many = dataclasses.replace(
-        scores,
-        **{f.name: np.resize(getattr(scores, f.name), n) for f in dataclasses.fields(scores)},
-    )
-    many.skin = rng.uniform(0.5, 1.0, n).astype(np.float32)
-    many.skin[:300] = rng.uniform(0.0, 0.05, 300)  # 15% without skin, all faces near a centre
-    many.colour = rng.normal(3.5, 0.3, n).astype(np.float32)
-    many.stroke = np.full(n, 2.0, np.float32)  # no drawings
-    many.angle_own = rng.normal(30, 5, n).astype(np.float32)
-    many.angle_other = np.full(n, 120.0, np.float32)
+    many = _no_skin_set(scores, rng)
     chosen = choose_thresholds(many)
     assert chosen.skin_low is not None and 0.05 < chosen.skin_low < 0.5
     assert chosen.angle_any_soft is None and chosen.colour_high is None
@@ -472,3 +479,35 @@ def test_nothing_flagged_prints_n_a_not_nan():
     assert "nan" not in table
     row = next(line for line in table.splitlines() if line.startswith("| closed "))
     assert [c.strip() for c in row.strip("|").split("|")][3:5] == ["n/a", "0.000"]
+
+
+def test_no_skin_gate_does_not_hang_on_a_mixture_fit():
+    # 45 of the 300 no-skin samples (15%) lie 13 deg farther out than the faces: a clear tail of
+    # shares (18% of them beyond the faces' median + 2 MAD, against 3.5%), but the mixture on the
+    # no-skin angles gains under 10 in BIC, as a seed-1 model's did: the old gate was off
+    rng = np.random.default_rng(0)
+    many = _no_skin_set(_planted()[0], rng)
+    many.angle_own[:300] = np.concatenate([rng.normal(32, 5, 255), rng.normal(45, 5, 45)])
+    assert gmm_crossing(many.angle_own[:300]) is None
+    no_skin = many.skin < choose_thresholds(many).skin_low
+    assert no_skin[:300].all() and not no_skin[300:].any()
+    # the test written out: shares beyond the skin samples' median + 2 * 1.4826 MAD
+    skin_angles = many.angle_any[300:]
+    med = np.median(skin_angles)
+    bound = med + 2 * 1.4826 * np.median(np.abs(skin_angles - med))
+    p1, p0 = (many.angle_any[:300] > bound).mean(), (skin_angles > bound).mean()
+    assert p1 - p0 > 0.1
+    assert far_tail(many.angle_any, no_skin)
+    chosen = choose_thresholds(many)
+    assert chosen.angle_any_soft is not None and chosen.colour_high is not None
+    # the no-skin faces a little farther out than the others, without a tail (a cleaned set:
+    # median 0.3 MAD higher, as round 2 of the loop): the rules stay off
+    many.angle_own[:300] = rng.normal(31.5, 5.5, 300)
+    assert not far_tail(many.angle_any, no_skin)
+    assert choose_thresholds(many).angle_any_soft is None
+    # the share test alone: a tail of 5% of the group is below the default excess of 6%
+    values = np.concatenate([rng.normal(30, 5, 300), rng.normal(30, 5, 2000)])
+    values[:15] = 60
+    group = np.arange(values.size) < 300
+    assert not far_tail(values, group) and far_tail(values, group, excess=0.04)
+    assert not far_tail(values[:30], group[:30])  # no other samples to compare with

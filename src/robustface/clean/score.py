@@ -60,6 +60,7 @@ __all__ = [
     "Thresholds",
     "choose_thresholds",
     "compute_scores",
+    "far_tail",
     "flag_samples",
     "flags_csv",
     "gmm_crossing",
@@ -369,6 +370,38 @@ def gmm_crossing(
     return float(max(grid[above[0]], means[bulk] + edge * sds[bulk]))
 
 
+def far_tail(
+    values: np.ndarray,
+    group: np.ndarray,
+    *,
+    mads: float = 2.0,
+    excess: float = 0.06,
+    z: float = 3.0,
+) -> bool:
+    """Whether the samples in ``group`` hold an upper tail of ``values`` that the others lack.
+
+    The bound is the others' ``median + mads * MAD`` (:func:`_robust_bound`); the group's share
+    beyond it must exceed the others' share by at least ``excess`` (a share of the group), with
+    a one-sided two-proportion z statistic of at least ``z`` (a small group's excess may be
+    chance). Shares beyond a robust bound, not a mixture's fit: a scoring model trained with
+    another seed moves them by little, where the mixture's BIC gain crossed its cut-off. False
+    when either side has fewer than 20 finite values.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    inside = np.asarray(group, dtype=bool)
+    g, rest = inside & np.isfinite(x), ~inside & np.isfinite(x)
+    n1, n0 = int(g.sum()), int(rest.sum())
+    if min(n1, n0) < 20:
+        return False
+    bound = _robust_bound(x[rest], mads, True)
+    p1, p0 = float((x[g] > bound).mean()), float((x[rest] > bound).mean())
+    pooled = (p1 * n1 + p0 * n0) / (n1 + n0)
+    if pooled in (0.0, 1.0):
+        return False
+    stat = (p1 - p0) / math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n0))
+    return bool(p1 - p0 >= excess and stat >= z)
+
+
 def _robust_bound(values: np.ndarray, z: float, upper: bool) -> float:
     """``median +- z * 1.4826 * MAD`` of the finite ``values``."""
     x = np.asarray(values, dtype=np.float64)
@@ -470,8 +503,8 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
     + 3 MAD of the angle to the nearest centre of any class, ``angle_any_soft`` + 1.5 MAD;
     ``skin_low``: median - 2 MAD of the skin share; ``colour_low`` / ``colour_high``: median
     -+ 3 MAD of the colourfulness; ``angle_any_soft``, ``colour_low`` and ``colour_high`` only
-    when the angles to the nearest centre of the samples below ``skin_low`` have a separate
-    tail (:func:`gmm_crossing`; else None: the no-skin rules would only cut the bulk);
+    when the samples below ``skin_low`` have a far tail of angles to the nearest centre that the
+    others lack (:func:`far_tail`; else None: the no-skin rules would only cut the bulk);
     ``tones_low``: median - 1 MAD of the tones; ``norm_low`` /
     ``norm_floor``: the mixture crossing on log norms of the members, and their robust lower
     bound (median - 3 MAD); ``stroke`` / ``stroke_soft``: the mixture crossing on the stroke
@@ -504,14 +537,13 @@ def choose_thresholds(scores: Scores, overrides: dict[str, float] | None = None)
             # all four statistics are >= 0 (a share, bits, a log1p): so are their bounds
             image[bound] = max(0.0, _robust_bound(values, z, upper))
             source[bound] = f"median{'+' if upper else '-'}{z}MAD"
-    # the no-skin rules only when the no-skin samples hold a separate tail far from every
-    # centre (non-faces are there); on a set without non-faces they would only cut its bulk
+    # the no-skin rules only when the no-skin samples hold a tail far from every centre that
+    # the skin samples lack (non-faces are there); without non-faces they would cut the bulk
     any_soft = None
     if image["skin_low"] is not None:
-        no_skin = scores.skin < image["skin_low"]
-        if gmm_crossing(scores.angle_any[no_skin]) is not None:
+        if far_tail(scores.angle_any, scores.skin < image["skin_low"]):
             any_soft = _robust_bound(scores.angle_any, 1.5, True)
-            source["angle_any_soft"] = "median+1.5MAD (no-skin samples have a tail)"
+            source["angle_any_soft"] = "median+1.5MAD (no-skin samples have a far tail)"
         else:
             image["colour_low"] = image["colour_high"] = None
             for name in ("angle_any_soft", "colour_low", "colour_high"):

@@ -472,3 +472,55 @@ def test_nothing_flagged_prints_n_a_not_nan():
     assert "nan" not in table
     row = next(line for line in table.splitlines() if line.startswith("| closed "))
     assert [c.strip() for c in row.strip("|").split("|")][3:5] == ["n/a", "0.000"]
+
+
+def test_scoring_makes_no_full_size_copy_of_the_embeddings():
+    """compute_scores, class_means, merge_candidates and split_candidates work a chunk at a time:
+    the peak of numpy's allocations stays well under the embeddings' own size (a unit-norm copy
+    or a kept-rows copy would be as large as them)."""
+    import tracemalloc
+
+    n, c, d = 32_768, 64, 256
+    emb, labels, centres = _clustered(n, c, d)
+    kept = np.random.default_rng(1).random(n) < 0.9
+    calls = {
+        "compute_scores": lambda: compute_scores(
+            emb, labels, centres, knn=4, knn_method="ivf",
+            knn_params={"nlist": 16, "nprobe": 1, "batch_size": 4096}),
+        "merge_candidates": lambda: merge_candidates(emb, labels, c, rows=kept),
+        "split_candidates": lambda: split_candidates(emb, labels, c, rows=kept),
+    }  # fmt: skip
+    # imports faiss and scipy outside the traced window
+    compute_scores(emb[:500], labels[:500], centres, knn=4, knn_method="ivf")
+    for name, call in calls.items():
+        tracemalloc.start()
+        try:
+            call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 0.5 * emb.nbytes, f"{name}: peak {peak / 2**20:.1f} MiB"
+
+
+def test_chunked_merge_and_split_equal_the_whole_array_computation():
+    """Rows given as a mask give the same candidates as the kept rows copied out, and the
+    chunked nearest class means equal a dense C x C computation."""
+    emb, labels, _ = _clustered(3000, 2500, 8, seed=3)  # 2,500 classes: several merge chunks
+    kept = np.random.default_rng(2).random(len(labels)) < 0.8
+    assert merge_candidates(emb, labels, 2500, rows=kept) == merge_candidates(
+        emb[kept], labels[kept], 2500
+    )
+    merges, min_cos = merge_candidates(emb, labels, 2500, rows=kept, min_cos=0.98)
+    sums = np.zeros((2500, 8))
+    np.add.at(sums, labels[kept], emb[kept].astype(np.float64))
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    means = sums / np.where(norms == 0, 1, norms)
+    sims = means @ means.T
+    np.fill_diagonal(sims, -np.inf)
+    best = sims.max(axis=1)
+    want = sorted({(min(a, int(b)), max(a, int(b))) for a, b in enumerate(sims.argmax(axis=1))
+                   if best[a] > min_cos})  # fmt: skip
+    assert [(a, b) for a, b, _ in merges] == want and len(want) >= 3
+    assert split_candidates(emb, labels, 2500, rows=kept) == split_candidates(
+        emb[kept], labels[kept], 2500
+    )

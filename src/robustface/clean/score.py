@@ -77,6 +77,7 @@ FLAGS = ("clean", "hard", "mislabeled", "open_set", "low_quality", "nonface", "s
 """Sample flags, in code order; ``clean`` and ``hard`` are kept, the others removed."""
 REMOVED = frozenset(FLAGS[2:])
 _CHUNK = 4096
+_MERGE_CHUNK = 1024  # class means per block of the C x C cosines
 KNN_METHODS = ("auto", "flat", "ivf", "hnsw")
 """kNN methods of the purity score: ``auto`` is ``flat`` below :data:`AUTO_FLAT_MAX` samples,
 else ``ivf``; the others are :func:`robustface.cluster.knn.build_knn`'s."""
@@ -200,9 +201,10 @@ def _knn_votes(
     method: str = "auto",
     params: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """kNN label purity, majority label and its share over the ``k`` nearest other samples
-    (unit-norm ``embeddings``; ``method`` / ``params`` as :func:`knn_settings`). Neighbours an
-    approximate index did not find count as votes for no label."""
+    """kNN label purity, majority label and its share over the ``k`` nearest other samples by
+    cosine (faiss normalises ``embeddings`` a batch at a time; ``method`` / ``params`` as
+    :func:`knn_settings`). Neighbours an approximate index did not find count as votes for no
+    label."""
     from robustface.cluster.knn import build_knn
 
     n = len(labels)
@@ -239,10 +241,10 @@ def _knn_votes(
 def _centre_cosines(
     emb: np.ndarray, labels: np.ndarray, weight: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(cos_own, cos_other, other_class)`` of unit-norm ``emb`` against the class centres
-    (the own class's dominant sub-centre; the nearest other class's best sub-centre), computed
-    ``_CHUNK`` rows at a time."""
-    nearest, cosine = subcenter_assignments(emb, labels, weight, k)
+    """``(cos_own, cos_other, other_class)`` of ``emb`` against the class centres (the own
+    class's dominant sub-centre; the nearest other class's best sub-centre), computed
+    ``_CHUNK`` rows at a time on unit-norm copies of the rows: no full-size copy of ``emb``."""
+    nearest, cosine = subcenter_assignments(emb, labels, weight, k, chunk=_CHUNK)
     num_classes = weight.shape[0] // k
     if num_classes < 2:
         raise ValueError(f"scoring needs at least 2 classes, the classifier has {num_classes}")
@@ -252,7 +254,7 @@ def _centre_cosines(
     cos_other = np.empty(len(labels), dtype=np.float32)
     other = np.empty(len(labels), dtype=np.int64)
     for start in range(0, len(labels), _CHUNK):
-        sims = emb[start : start + _CHUNK] @ centres.T  # (B x C*K)
+        sims = _unit(emb[start : start + _CHUNK]) @ centres.T  # (B x C*K)
         sims = sims.reshape(len(sims), num_classes, k).max(axis=2)
         rows = np.arange(len(sims))
         sims[rows, labels[start : start + _CHUNK]] = -np.inf
@@ -282,8 +284,10 @@ def compute_scores(
     and ``skin``.
     ``knn_method`` / ``knn_params``: the kNN index of the purity score (:func:`knn_settings`;
     ``auto`` is exact below 200K samples, faiss IVF above).
-    Memory: ``O(chunk * C * K)`` for the nearest other centre, the kNN graph ``O(N * knn)``."""
-    emb = _unit(np.asarray(embeddings, dtype=np.float32))
+    Memory: ``O(chunk * C * K)`` for the nearest other centre, the kNN graph ``O(N * knn)`` and
+    the kNN index; rows are normalised a chunk at a time, so float32 ``embeddings`` are never
+    copied whole (a million rows of 512 floats are 2 GiB)."""
+    emb = np.asarray(embeddings, dtype=np.float32)
     w = np.asarray(weight, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     k = check_int("k (sub-centers per class)", k, 1)
@@ -656,10 +660,27 @@ def flag_samples(scores: Scores, t: Thresholds) -> Flags:
     return Flags(flag, reason.tolist(), suggested)
 
 
-def class_means(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Unit mean embedding of each class (zero rows for empty classes)."""
+def _rows(labels: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """The row indices to use: all rows, or those of a boolean mask / index array ``rows``."""
+    if rows is None:
+        return np.arange(len(labels))
+    rows = np.asarray(rows)
+    return np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64, copy=False)
+
+
+def class_means(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """Unit mean embedding of each class (zero rows for empty classes), over ``rows`` (a boolean
+    mask or row indices; default all), summed ``_CHUNK`` rows at a time: no full-size copy."""
+    rows = _rows(labels, rows)
     sums = np.zeros((num_classes, embeddings.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels, embeddings)
+    for start in range(0, len(rows), _CHUNK):
+        chunk = rows[start : start + _CHUNK]
+        np.add.at(sums, labels[chunk], embeddings[chunk].astype(np.float64))
     return _unit(sums).astype(np.float32)
 
 
@@ -668,21 +689,28 @@ def merge_candidates(
     labels: np.ndarray,
     num_classes: int,
     *,
+    rows: np.ndarray | None = None,
     min_cos: float | None = None,
     z: float = 4.0,
 ) -> tuple[list[tuple[int, int, float]], float]:
     """Class pairs to merge (one person under two labels): ``[(a, b, cos)]`` with ``a < b``, and
     the cosine threshold used.
 
-    Each class's mean embedding is compared with its nearest other class mean; a pair is a
-    candidate if that cosine is above ``min_cos`` (default: the robust outlier bound median +
-    ``z`` MAD of the nearest-mean cosines of all classes, at least 0.5).
+    Each class's mean embedding (over ``rows``, as :func:`class_means`) is compared with its
+    nearest other class mean; a pair is a candidate if that cosine is above ``min_cos`` (default:
+    the robust outlier bound median + ``z`` MAD of the nearest-mean cosines of all classes, at
+    least 0.5). The C x C cosines are computed ``_MERGE_CHUNK`` classes at a time (85K classes
+    would take 29 GB at once).
     """
-    means = class_means(np.asarray(embeddings, np.float32), labels, num_classes)
-    sims = means @ means.T
-    np.fill_diagonal(sims, -np.inf)
-    nearest = sims.argmax(axis=1)
-    best = sims[np.arange(num_classes), nearest]
+    means = class_means(embeddings, labels, num_classes, rows)
+    nearest = np.empty(num_classes, dtype=np.int64)
+    best = np.empty(num_classes, dtype=np.float32)
+    for start in range(0, num_classes, _MERGE_CHUNK):
+        sims = means[start : start + _MERGE_CHUNK] @ means.T
+        own = np.arange(len(sims))
+        sims[own, start + own] = -np.inf
+        nearest[start : start + len(sims)] = sims.argmax(axis=1)
+        best[start : start + len(sims)] = sims[own, nearest[start : start + len(sims)]]
     if min_cos is None:
         min_cos = min(1.0, max(0.5, _robust_bound(best[np.isfinite(best)], z, True)))
     min_cos = check_real("merge min_cos", min_cos, -1, 1)
@@ -699,25 +727,27 @@ def split_candidates(
     labels: np.ndarray,
     num_classes: int,
     *,
+    rows: np.ndarray | None = None,
     min_angle: float = 60.0,
     min_share: float = 0.3,
     seed: int = 0,
 ) -> list[tuple[int, float, float]]:
     """Classes with two dense modes: ``[(class, angle between the modes, minor share)]``.
 
-    Per class with at least 6 samples, 2-means (cosine) on its embeddings; a candidate when the
-    two mode centres are more than ``min_angle`` degrees apart and the smaller holds at least
-    ``min_share`` of the class (so that a few outliers do not make a split).
+    Per class with at least 6 samples among ``rows`` (a boolean mask or row indices; default
+    all), 2-means (cosine) on its embeddings; a candidate when the two mode centres are more than
+    ``min_angle`` degrees apart and the smaller holds at least ``min_share`` of the class (so that
+    a few outliers do not make a split). Reads one class's rows at a time.
     """
     check_real("split min_angle", min_angle, 0, 180)
     check_real("split min_share", min_share, 0, 0.5)
     rng = np.random.default_rng(seed)
-    emb = np.asarray(embeddings, np.float32)
+    rows = _rows(labels, rows)
     out = []
-    order = np.argsort(labels, kind="stable")
+    order = rows[np.argsort(labels[rows], kind="stable")]
     bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
     for c in range(num_classes):
-        x = emb[order[bounds[c] : bounds[c + 1]]]
+        x = np.asarray(embeddings[order[bounds[c] : bounds[c + 1]]], np.float32)
         if len(x) < 6:
             continue
         centres = x[rng.choice(len(x), 2, replace=False)]
@@ -864,8 +894,8 @@ def score_training_set(
     chosen = choose_thresholds(scores, thresholds)
     flags = flag_samples(scores, chosen)
     kept = ~flags.removed
-    merges, min_cos = merge_candidates(embedded.embeddings[kept], labels[kept], run.num_classes)
-    splits = split_candidates(embedded.embeddings[kept], labels[kept], run.num_classes)
+    merges, min_cos = merge_candidates(embedded.embeddings, labels, run.num_classes, rows=kept)
+    splits = split_candidates(embedded.embeddings, labels, run.num_classes, rows=kept)
     return ScoreResult(scores, chosen, flags, merges, min_cos, splits, embedded.embeddings, rate)
 
 

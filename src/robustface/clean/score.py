@@ -31,17 +31,21 @@ Identity level:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from robustface.clean.subcenter import dominant_subcenter, subcenter_assignments
 from robustface.errors import DataFormatError
@@ -57,6 +61,7 @@ __all__ = [
     "Flags",
     "ScoreResult",
     "Scores",
+    "StageTimer",
     "Thresholds",
     "choose_thresholds",
     "compute_scores",
@@ -165,6 +170,37 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms == 0, 1, norms)
 
 
+class StageTimer:
+    """Wall and CPU seconds of each named stage of a scoring pass (``with timer("name"): ...``),
+    in ``stages``. CPU time is this process's and its finished children's (the loader workers),
+    so that a pause or a busy machine shows as wall time without CPU time."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+
+    def start(self) -> Any:
+        """What :meth:`stop` needs to measure a stage that starts now."""
+        return time.perf_counter(), sum(os.times()[:4])
+
+    def stop(self, started: Any) -> dict[str, float]:
+        """The measures of the stage begun at ``started``."""
+        wall, cpu = started
+        return {"seconds": round(time.perf_counter() - wall, 2),
+                "cpu_seconds": round(sum(os.times()[:4]) - cpu, 2)}  # fmt: skip
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = self.start()
+        yield
+        self.stages[name] = self.stop(started)
+
+    def table(self) -> str:
+        """The stages as a Markdown table."""
+        keys = list(next(iter(self.stages.values()), {}))
+        rows = [[name, *(v[k] for k in keys)] for name, v in self.stages.items()]
+        return markdown_table(["stage", *keys], rows)
+
+
 def knn_settings(
     num_samples: int, method: str = "auto", params: dict[str, int] | None = None
 ) -> tuple[str, dict[str, int]]:
@@ -239,7 +275,7 @@ def _knn_votes(
 
 
 def _centre_cosines(
-    emb: np.ndarray, labels: np.ndarray, weight: np.ndarray, k: int
+    emb: np.ndarray, labels: np.ndarray, weight: np.ndarray, k: int, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(cos_own, cos_other, other_class)`` of ``emb`` against the class centres (the own
     class's dominant sub-centre; the nearest other class's best sub-centre), computed
@@ -253,7 +289,8 @@ def _centre_cosines(
     centres = _unit(weight)
     cos_other = np.empty(len(labels), dtype=np.float32)
     other = np.empty(len(labels), dtype=np.int64)
-    for start in range(0, len(labels), _CHUNK):
+    chunks = range(0, len(labels), _CHUNK)
+    for start in tqdm(chunks, desc="centre angles", unit="chunk", disable=not progress):
         sims = _unit(emb[start : start + _CHUNK]) @ centres.T  # (B x C*K)
         sims = sims.reshape(len(sims), num_classes, k).max(axis=2)
         rows = np.arange(len(sims))
@@ -276,6 +313,7 @@ def compute_scores(
     knn_params: dict[str, int] | None = None,
     progress: bool = False,
     image: np.ndarray | None = None,
+    timer: StageTimer | None = None,
 ) -> Scores:
     """The scores of ``embeddings`` (N x d) labelled ``labels`` against the class centres
     ``weight`` (C*K x d, class-major as :class:`~robustface.fc.full.SubCenterFC`; K = 1 for a
@@ -286,15 +324,19 @@ def compute_scores(
     ``auto`` is exact below 200K samples, faiss IVF above).
     Memory: ``O(chunk * C * K)`` for the nearest other centre, the kNN graph ``O(N * knn)`` and
     the kNN index; rows are normalised a chunk at a time, so float32 ``embeddings`` are never
-    copied whole (a million rows of 512 floats are 2 GiB)."""
+    copied whole (a million rows of 512 floats are 2 GiB). ``timer`` records the two stages
+    (``centre angles``, ``kNN``)."""
     emb = np.asarray(embeddings, dtype=np.float32)
     w = np.asarray(weight, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     k = check_int("k (sub-centers per class)", k, 1)
     knn = check_int("knn", knn, 1)
     knn_settings(len(labels), knn_method, knn_params)  # bad options fail before the long work
-    cos_own, cos_other, other = _centre_cosines(emb, labels, w, k)
-    purity, major, share = _knn_votes(emb, labels, knn, progress, knn_method, knn_params)
+    timer = timer or StageTimer()
+    with timer("centre angles"):
+        cos_own, cos_other, other = _centre_cosines(emb, labels, w, k, progress)
+    with timer("kNN"):
+        purity, major, share = _knn_votes(emb, labels, knn, progress, knn_method, knn_params)
     n = len(labels)
     nan = np.full(n, np.nan, dtype=np.float32)
     stats = {}
@@ -692,6 +734,7 @@ def merge_candidates(
     rows: np.ndarray | None = None,
     min_cos: float | None = None,
     z: float = 4.0,
+    progress: bool = False,
 ) -> tuple[list[tuple[int, int, float]], float]:
     """Class pairs to merge (one person under two labels): ``[(a, b, cos)]`` with ``a < b``, and
     the cosine threshold used.
@@ -705,7 +748,8 @@ def merge_candidates(
     means = class_means(embeddings, labels, num_classes, rows)
     nearest = np.empty(num_classes, dtype=np.int64)
     best = np.empty(num_classes, dtype=np.float32)
-    for start in range(0, num_classes, _MERGE_CHUNK):
+    chunks = range(0, num_classes, _MERGE_CHUNK)
+    for start in tqdm(chunks, desc="merge candidates", unit="chunk", disable=not progress):
         sims = means[start : start + _MERGE_CHUNK] @ means.T
         own = np.arange(len(sims))
         sims[own, start + own] = -np.inf
@@ -731,6 +775,7 @@ def split_candidates(
     min_angle: float = 60.0,
     min_share: float = 0.3,
     seed: int = 0,
+    progress: bool = False,
 ) -> list[tuple[int, float, float]]:
     """Classes with two dense modes: ``[(class, angle between the modes, minor share)]``.
 
@@ -746,7 +791,7 @@ def split_candidates(
     out = []
     order = rows[np.argsort(labels[rows], kind="stable")]
     bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
-    for c in range(num_classes):
+    for c in tqdm(range(num_classes), desc="split candidates", unit="class", disable=not progress):
         x = np.asarray(embeddings[order[bounds[c] : bounds[c + 1]]], np.float32)
         if len(x) < 6:
             continue
@@ -826,6 +871,7 @@ class ScoreResult:
     splits: list[tuple[int, float, float]]
     embeddings: np.ndarray
     images_per_second: float
+    stages: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def plot_angles_by_flag(path: Path, scores: Scores, flags: Flags, t: Thresholds) -> None:
@@ -856,27 +902,32 @@ def score_training_set(
     device: str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    timer: StageTimer | None = None,
 ) -> ScoreResult:
     """Score and flag every sample of ``data`` (default: the run's training ``.rec``) with the
     backbone and class centres of the run's last checkpoint, streamed over the ``.rec``
-    (``knn_method`` / ``knn_params``: :func:`knn_settings`)."""
+    (``knn_method`` / ``knn_params``: :func:`knn_settings`). Each stage (embedding, centre
+    angles, kNN, thresholds, flags, merge and split candidates) is timed by ``timer`` (default:
+    a :class:`StageTimer`) into ``ScoreResult.stages``."""
     from robustface.clean.subcenter import embed_images, run_training_set
 
     run, dataset = run_training_set(run_dir, data)
     knn_settings(len(dataset), knn_method, knn_params)  # bad options fail before the long work
     backbone = run.backbone(device)
     input_size = int(backbone.meta.input_size)
+    timer = timer or StageTimer()
     started = time.perf_counter()
-    embedded = embed_images(
-        backbone,
-        dataset,
-        input_size=input_size,
-        image_stats=image_stats,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        progress=progress,
-    )
+    with timer("embedding (decode, forward, image statistics)"):
+        embedded = embed_images(
+            backbone,
+            dataset,
+            input_size=input_size,
+            image_stats=image_stats,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+        )
     rate = len(dataset) / max(time.perf_counter() - started, 1e-9)
     labels = dataset.labels
     scores = compute_scores(
@@ -890,13 +941,19 @@ def score_training_set(
         knn_params=knn_params,
         progress=progress,
         image=embedded.stats,
+        timer=timer,
     )
-    chosen = choose_thresholds(scores, thresholds)
-    flags = flag_samples(scores, chosen)
+    with timer("thresholds"):
+        chosen = choose_thresholds(scores, thresholds)
+    with timer("flags"):
+        flags = flag_samples(scores, chosen)
     kept = ~flags.removed
-    merges, min_cos = merge_candidates(embedded.embeddings, labels, run.num_classes, rows=kept)
-    splits = split_candidates(embedded.embeddings, labels, run.num_classes, rows=kept)
-    return ScoreResult(scores, chosen, flags, merges, min_cos, splits, embedded.embeddings, rate)
+    emb, classes = embedded.embeddings, run.num_classes
+    with timer("merge candidates"):
+        merges, min_cos = merge_candidates(emb, labels, classes, rows=kept, progress=progress)
+    with timer("split candidates"):
+        splits = split_candidates(emb, labels, classes, rows=kept, progress=progress)
+    return ScoreResult(scores, chosen, flags, merges, min_cos, splits, emb, rate, timer.stages)
 
 
 SCORE_JSON = "score.json"
@@ -916,6 +973,7 @@ def write_score_outputs(result: ScoreResult, directory: Path, extra: dict[str, A
         **extra,
         "samples": len(result.scores),
         "images_per_second": round(result.images_per_second, 1),
+        "stages": result.stages,
         "thresholds": result.thresholds.as_dict(),
         "flags": result.flags.counts(),
         "removed": int(result.flags.removed.sum()),
@@ -949,10 +1007,13 @@ def score_to_dir(
     num_workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    timer: StageTimer | None = None,
 ) -> dict[str, Any]:
     """:func:`score_training_set` written to ``out_dir`` (built as ``OUT.partial``, renamed when
     complete). When the data has a truth list beside it (a dirty SynthFace set), the flags are
-    also scored against it (``evaluation.json`` / ``.md``) *after* they were chosen."""
+    also scored against it (``evaluation.json`` / ``.md``) *after* they were chosen. ``timer``
+    (:func:`score_training_set`'s) also times the ``outputs`` stage (written, and not in
+    ``score.json``, last)."""
     from robustface.clean.dirty import truth_for
     from robustface.clean.evaluate import evaluate_flags, evaluation_table
     from robustface.clean.subcenter import default_data
@@ -976,6 +1037,7 @@ def score_to_dir(
         device=device,
         num_workers=num_workers,
         progress=progress,
+        timer=timer,
     )
     method, options = knn_settings(len(dataset), knn_method, knn_params)
     extra: dict[str, Any] = {
@@ -985,7 +1047,7 @@ def score_to_dir(
     }
     # the truth is read only now, after every threshold and flag was chosen
     truth = truth_for(dataset.rec_path.parent, len(dataset))
-    with atomic_directory(out) as partial:
+    with (timer or StageTimer())("outputs"), atomic_directory(out) as partial:
         if truth is not None:
             evaluation = evaluate_flags(result.flags.flag, result.flags.suggested, truth,
                                         result.merges)  # fmt: skip

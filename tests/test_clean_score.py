@@ -4,6 +4,7 @@ precision/recall against hand counts."""
 import collections
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from robustface.clean.score import (
     FLAGS,
     IMAGE_STATS,
     Scores,
+    StageTimer,
     Thresholds,
     choose_thresholds,
     compute_scores,
@@ -418,6 +420,9 @@ def test_flags_do_not_depend_on_the_truth(dirty_run, tmp_path, capsys):
     run, data = dirty_run
     first = score_to_dir(run, tmp_path / "a", knn=5, progress=False)
     assert "evaluation" in first and (tmp_path / "a" / "evaluation.md").is_file()
+    assert list(first["stages"]) == [
+        "embedding (decode, forward, image statistics)", "centre angles", "kNN", "thresholds",
+        "flags", "merge candidates", "split candidates"]  # fmt: skip
     # shuffle the truth list in place: the flags must not change, only their evaluation
     truth = load_truth(data)
     original = (data / "truth.npz").read_bytes()
@@ -437,8 +442,10 @@ def test_flags_do_not_depend_on_the_truth(dirty_run, tmp_path, capsys):
     assert json.dumps(saved, sort_keys=True) == json.dumps(again, sort_keys=True)  # NaN-safe
     # the CLI: score, evaluate, bad thresholds and mismatched flags files
     assert main(["clean", "score", str(run), "--out", str(tmp_path / "c"), "--quiet",
-                 "--knn", "5"]) == 0  # fmt: skip
-    assert "| mislabeled" in capsys.readouterr().out
+                 "--knn", "5", "--workers", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| mislabeled" in out and "| outputs " in out  # the flags and the stage table
+    assert (tmp_path / "c" / "flags.csv").read_text() == a  # loader workers: the same flags
     assert main(["clean", "evaluate", str(tmp_path / "c"), "--truth", str(data)]) == 0
     assert "| closed" in capsys.readouterr().out
     args = ["clean", "score", str(run), "--out", str(tmp_path / "d"), "--quiet"]
@@ -454,6 +461,21 @@ def test_flags_do_not_depend_on_the_truth(dirty_run, tmp_path, capsys):
     with pytest.raises(DataFormatError, match="has 4 rows but the set has 160"):
         read_flags_csv(short, len(truth))
     assert main(["clean", "evaluate", str(short), "--truth", str(data)]) == 2
+
+
+def test_stage_timer_tells_waiting_from_work():
+    """A sleeping stage takes wall time and no CPU time, a busy one both."""
+    timer = StageTimer()
+    with timer("sleep"):
+        time.sleep(0.3)
+    with timer("work"):
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            pass
+    sleep, work = timer.stages["sleep"], timer.stages["work"]
+    assert sleep["seconds"] >= 0.29 and sleep["cpu_seconds"] < 0.1
+    assert work["seconds"] >= 0.29 and work["cpu_seconds"] > 0
+    assert "| sleep " in timer.table()
 
 
 def test_nothing_flagged_prints_n_a_not_nan():

@@ -182,16 +182,19 @@ def run_images(args: argparse.Namespace) -> dict[str, Any]:
     from robustface.data.recordio import RecordIODataset
 
     class PeakTimer(StageTimer):
-        """A StageTimer that also records the stage's peak RSS above its start (GiB)."""
+        """A StageTimer that also records the stage's peak RSS above its start (GiB) and the CPU
+        seconds of the loader workers alone (finished children)."""
 
         def start(self) -> Any:
-            return super().start(), _reset_peak()
+            return super().start(), _reset_peak(), sum(os.times()[2:4])
 
         def stop(self, started: Any) -> dict[str, float]:
-            times, start_kib = started
+            times, start_kib, children_cpu = started
             peak = _status_kib("VmHWM")
             children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            return {**super().stop(times), "peak_extra_gib": round((peak - start_kib) / 2**20, 3),
+            return {**super().stop(times),
+                    "workers_cpu_seconds": round(sum(os.times()[2:4]) - children_cpu, 2),
+                    "peak_extra_gib": round((peak - start_kib) / 2**20, 3),
                     "peak_gib": round(peak / 2**20, 3),
                     "children_peak_gib": round(children / 2**20, 3)}  # fmt: skip
 
@@ -287,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.data is None or args.out is None:
             raise SystemExit("--run needs --data and --out")
         res = run_images(args)
-        keys = ["seconds", "cpu_seconds", "peak_extra_gib", "peak_gib", "children_peak_gib"]
+        keys = ["seconds", "cpu_seconds", "workers_cpu_seconds", "peak_extra_gib", "peak_gib",
+                "children_peak_gib"]  # fmt: skip
         rows = [[stage, *(v[k] for k in keys)] for stage, v in res["stages"].items()]
         print(markdown_table(["stage", *keys], rows))
         print(json.dumps({k: v for k, v in res.items() if k != "stages"}, indent=1))

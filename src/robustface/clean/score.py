@@ -280,23 +280,27 @@ def _centre_cosines(
     """``(cos_own, cos_other, other_class)`` of ``emb`` against the class centres (the own
     class's dominant sub-centre; the nearest other class's best sub-centre), computed
     ``_CHUNK`` rows at a time on unit-norm copies of the rows: no full-size copy of ``emb``."""
-    nearest, cosine = subcenter_assignments(emb, labels, weight, k, chunk=_CHUNK)
     num_classes = weight.shape[0] // k
     if num_classes < 2:
         raise ValueError(f"scoring needs at least 2 classes, the classifier has {num_classes}")
+    if labels.shape != (len(emb),):
+        raise ValueError(f"labels must be ({len(emb)},), got shape {labels.shape}")
+    centres = _unit(weight)
+    n = len(labels)
+    nearest, cosine = np.empty(n, np.int64), np.empty((n, k), np.float32)
+    cos_other, other = np.empty(n, np.float32), np.empty(n, np.int64)
+    chunks = range(0, n, _CHUNK)
+    for start in tqdm(chunks, desc="centre angles", unit="chunk", disable=not progress):
+        rows = slice(start, start + _CHUNK)
+        x = _unit(emb[rows])
+        nearest[rows], cosine[rows] = subcenter_assignments(x, labels[rows], weight, k)
+        sims = x @ centres.T  # (B x C*K)
+        sims = sims.reshape(len(sims), num_classes, k).max(axis=2)
+        sims[np.arange(len(sims)), labels[rows]] = -np.inf
+        other[rows] = sims.argmax(axis=1)
+        cos_other[rows] = sims[np.arange(len(sims)), other[rows]]
     dominant = dominant_subcenter(nearest, labels, num_classes, k)
     cos_own = np.take_along_axis(cosine, dominant[labels][:, None], axis=1)[:, 0]
-    centres = _unit(weight)
-    cos_other = np.empty(len(labels), dtype=np.float32)
-    other = np.empty(len(labels), dtype=np.int64)
-    chunks = range(0, len(labels), _CHUNK)
-    for start in tqdm(chunks, desc="centre angles", unit="chunk", disable=not progress):
-        sims = _unit(emb[start : start + _CHUNK]) @ centres.T  # (B x C*K)
-        sims = sims.reshape(len(sims), num_classes, k).max(axis=2)
-        rows = np.arange(len(sims))
-        sims[rows, labels[start : start + _CHUNK]] = -np.inf
-        other[start : start + _CHUNK] = sims.argmax(axis=1)
-        cos_other[start : start + _CHUNK] = sims[rows, other[start : start + _CHUNK]]
     return cos_own, np.clip(cos_other, -1.0, 1.0), other
 
 

@@ -823,15 +823,16 @@ _CSV_COLUMNS = (
 )  # fmt: skip
 
 
-def flags_csv(scores: Scores, flags: Flags) -> str:
-    """The per-sample flags file: index, label, flag, reason, suggested class, then the scores."""
+def flags_csv(scores: Scores, flags: Flags, progress: bool = False) -> str:
+    """The per-sample flags file: index, label, flag, reason, suggested class, then the scores
+    (``progress``: a bar over the rows, about a minute per million)."""
     arrays = scores.arrays()
     columns = [arrays[c] for c in _CSV_COLUMNS]
     names = flags.names()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["index", "label", "flag", "reason", "suggested", *_CSV_COLUMNS])
-    for i in range(len(scores)):
+    for i in tqdm(range(len(scores)), desc="flags.csv", unit="row", disable=not progress):
         values = [
             f"{col[i]:.4f}" if np.issubdtype(col.dtype, np.floating) else int(col[i])
             for col in columns
@@ -964,11 +965,13 @@ SCORE_JSON = "score.json"
 FLAGS_CSV = "flags.csv"
 
 
-def write_score_outputs(result: ScoreResult, directory: Path, extra: dict[str, Any]) -> dict:
+def write_score_outputs(
+    result: ScoreResult, directory: Path, extra: dict[str, Any], progress: bool = False
+) -> dict:
     """Write a scoring pass into ``directory`` (which exists): ``flags.csv``, ``scores.npz``,
     ``angles.png`` and ``score.json`` (thresholds, counts, merges, splits, ``extra``); returns the
-    JSON summary."""
-    write_text_atomic(directory / FLAGS_CSV, flags_csv(result.scores, result.flags))
+    JSON summary (``progress``: a bar over the flags.csv rows)."""
+    write_text_atomic(directory / FLAGS_CSV, flags_csv(result.scores, result.flags, progress))
     with atomic_path(directory / "scores.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, flag=result.flags.flag, suggested=result.flags.suggested,
                  **result.scores.arrays())  # fmt: skip
@@ -1058,5 +1061,5 @@ def score_to_dir(
             write_text_atomic(partial / "evaluation.json", json.dumps(evaluation, indent=2) + "\n")
             write_text_atomic(partial / "evaluation.md", evaluation_table(evaluation) + "\n")
             extra["evaluation"] = evaluation
-        summary = write_score_outputs(result, partial, extra)
+        summary = write_score_outputs(result, partial, extra, progress)
     return summary

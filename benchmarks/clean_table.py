@@ -32,13 +32,14 @@ mean, and "gap < seed sd" where the gap is smaller than hypot(sd_dirty, sd_clean
 then divides by noise).
 
 Cache: ``OUT/runs/<set>/<head>/s<seed>`` (and ``OUT/runs/subcenter-base/arcface/s<seed>``), each
-with a ``cell.json`` recording its training config and a digest of its training set. A finished
-run whose record matches is reused; one that does not (another ``--cleaned``, other epochs) is
-retrained. Derived sets are written once into ``OUT/data/``. Order: the dirty, clean and cleaned
-rows for every seed, then the baselines (small-loss, sub-center) for every seed; a later
-``--seeds N+1`` reuses every cached run and adds one seed (``--baseline-seeds N``: to the
-dirty, clean and cleaned rows only). The outputs (``table.md``,
-``table.json``, ``table.png``) are rewritten after every training run.
+with a ``cell.json`` recording its training config without locations (output, data and
+validation paths) and digests of its training set and validation sets, so that a moved ``--out``
+or data directory is still reused. A finished run whose record matches is reused; one that does
+not (another ``--cleaned``, other epochs) is retrained. Derived sets are written once into
+``OUT/data/``. Order: the dirty, clean and cleaned rows for every seed, then the baselines
+(small-loss, sub-center) for every seed; a later ``--seeds N+1`` reuses every cached run and adds
+one seed (``--baseline-seeds N``: to the dirty, clean and cleaned rows only). The outputs
+(``table.md``, ``table.json``, ``table.png``) are rewritten after every training run.
 """
 
 from __future__ import annotations
@@ -79,6 +80,52 @@ def _digest(data: Path) -> str:
     return h.hexdigest()[:16]
 
 
+_LOCATIONS = (("output_dir",), ("data", "path"), ("data", "val_dir"))
+"""Config entries that say where a run, its training set and its validation sets lie: a cached
+run is keyed by their content instead (:func:`_cell_key`), so that moving ``--out`` or the data
+reuses it."""
+
+
+def _val_digest(val_dir: Path, targets: list[str]) -> str:
+    """A digest of the validation sets ``targets``: names of ``.bin`` files in ``val_dir``, or
+    ``.bin`` paths."""
+    h = hashlib.sha256()
+    for name in targets:
+        path = Path(name) if name.endswith(".bin") else val_dir / f"{name}.bin"
+        h.update(path.name.encode() + (path.read_bytes() if path.is_file() else b"missing"))
+    return h.hexdigest()[:16]
+
+
+def _cell_key(config: dict[str, Any], data_digest: str | None = None) -> dict[str, Any]:
+    """What a cached run depends on, by content only: ``config`` without its locations
+    (:data:`_LOCATIONS`), the training set's digest (``data_digest``, else read from the
+    config's ``data.path``) and the validation sets' digest."""
+    config = json.loads(json.dumps(config))  # a deep copy, as stored in cell.json
+    data, val_dir = Path(config["data"]["path"]), Path(config["data"]["val_dir"])
+    for *parents, name in _LOCATIONS:
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node.pop(name)
+    targets = config["data"]["val_targets"]
+    config["data"]["val_targets"] = [Path(t).name for t in targets]  # .bin paths: their names
+    return {
+        "config": config,
+        "data_digest": data_digest or _digest(data),
+        "val_digest": _val_digest(val_dir, targets),
+    }
+
+
+def _stored_key(cell: dict[str, Any]) -> dict[str, Any] | None:
+    """The key of a stored ``cell.json``; one written before the keys were content-only (with
+    locations) gets its key from the validation sets where it says they are, or None if gone."""
+    if "val_digest" in cell:
+        return {name: cell[name] for name in ("config", "data_digest", "val_digest")}
+    if not Path(cell["config"]["data"]["val_dir"]).is_dir():
+        return None
+    return _cell_key(cell["config"], cell["data_digest"])
+
+
 def _fresh(selection: Path, marker: str, source_run: Path) -> bool:
     """Whether a selection written from ``source_run`` is complete and from that very run (its
     ``cell.json``); a stale one is rebuilt."""
@@ -104,14 +151,11 @@ def _train(cfg: Config, data: Path, run: Path, val_dir: Path, progress: bool) ->
     wanted = to_dict(cfg)
     for key in ("progress", "resume"):  # an interrupted run resumes from its checkpoints
         wanted["train"].pop(key)
-    record = {"config": wanted, "data_digest": _digest(data)}
+    record = _cell_key(wanted, _digest(data))
     cell = run / "cell.json"
     if RunDir(run).is_finished and cell.is_file():
         have = json.loads(cell.read_text(encoding="utf-8"))
-        if (
-            have["config"] == json.loads(json.dumps(wanted))
-            and have["data_digest"] == record["data_digest"]
-        ):
+        if _stored_key(have) == record:
             return have["result"]
     if cell.is_file() or RunDir(run).is_finished:
         shutil.rmtree(run)  # finished with another config or training set: retrain

@@ -4,6 +4,7 @@ precision/recall against hand counts."""
 import collections
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from robustface.clean.score import (
     FLAGS,
     IMAGE_STATS,
     Scores,
+    StageTimer,
     Thresholds,
     choose_thresholds,
     compute_scores,
@@ -425,6 +427,9 @@ def test_flags_do_not_depend_on_the_truth(dirty_run, tmp_path, capsys):
     run, data = dirty_run
     first = score_to_dir(run, tmp_path / "a", knn=5, progress=False)
     assert "evaluation" in first and (tmp_path / "a" / "evaluation.md").is_file()
+    assert list(first["stages"]) == [
+        "embedding (decode, forward, image statistics)", "centre angles", "kNN", "thresholds",
+        "flags", "merge candidates", "split candidates"]  # fmt: skip
     # shuffle the truth list in place: the flags must not change, only their evaluation
     truth = load_truth(data)
     original = (data / "truth.npz").read_bytes()
@@ -444,8 +449,10 @@ def test_flags_do_not_depend_on_the_truth(dirty_run, tmp_path, capsys):
     assert json.dumps(saved, sort_keys=True) == json.dumps(again, sort_keys=True)  # NaN-safe
     # the CLI: score, evaluate, bad thresholds and mismatched flags files
     assert main(["clean", "score", str(run), "--out", str(tmp_path / "c"), "--quiet",
-                 "--knn", "5"]) == 0  # fmt: skip
-    assert "| mislabeled" in capsys.readouterr().out
+                 "--knn", "5", "--workers", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| mislabeled" in out and "| outputs " in out  # the flags and the stage table
+    assert (tmp_path / "c" / "flags.csv").read_text() == a  # loader workers: the same flags
     assert main(["clean", "evaluate", str(tmp_path / "c"), "--truth", str(data)]) == 0
     assert "| closed" in capsys.readouterr().out
     args = ["clean", "score", str(run), "--out", str(tmp_path / "d"), "--quiet"]
@@ -461,6 +468,21 @@ def test_flags_do_not_depend_on_the_truth(dirty_run, tmp_path, capsys):
     with pytest.raises(DataFormatError, match="has 4 rows but the set has 160"):
         read_flags_csv(short, len(truth))
     assert main(["clean", "evaluate", str(short), "--truth", str(data)]) == 2
+
+
+def test_stage_timer_tells_waiting_from_work():
+    """A sleeping stage takes wall time and no CPU time, a busy one both."""
+    timer = StageTimer()
+    with timer("sleep"):
+        time.sleep(0.3)
+    with timer("work"):
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            pass
+    sleep, work = timer.stages["sleep"], timer.stages["work"]
+    assert sleep["seconds"] >= 0.29 and sleep["cpu_seconds"] < 0.1
+    assert work["seconds"] >= 0.29 and work["cpu_seconds"] > 0
+    assert "| sleep " in timer.table()
 
 
 def test_nothing_flagged_prints_n_a_not_nan():
@@ -511,3 +533,55 @@ def test_no_skin_gate_does_not_hang_on_a_mixture_fit():
     group = np.arange(values.size) < 300
     assert not far_tail(values, group) and far_tail(values, group, excess=0.04)
     assert not far_tail(values[:30], group[:30])  # no other samples to compare with
+
+
+def test_scoring_makes_no_full_size_copy_of_the_embeddings():
+    """compute_scores, class_means, merge_candidates and split_candidates work a chunk at a time:
+    the peak of numpy's allocations stays well under the embeddings' own size (a unit-norm copy
+    or a kept-rows copy would be as large as them)."""
+    import tracemalloc
+
+    n, c, d = 32_768, 64, 256
+    emb, labels, centres = _clustered(n, c, d)
+    kept = np.random.default_rng(1).random(n) < 0.9
+    calls = {
+        "compute_scores": lambda: compute_scores(
+            emb, labels, centres, knn=4, knn_method="ivf",
+            knn_params={"nlist": 16, "nprobe": 1, "batch_size": 4096}),
+        "merge_candidates": lambda: merge_candidates(emb, labels, c, rows=kept),
+        "split_candidates": lambda: split_candidates(emb, labels, c, rows=kept),
+    }  # fmt: skip
+    # imports faiss and scipy outside the traced window
+    compute_scores(emb[:500], labels[:500], centres, knn=4, knn_method="ivf")
+    for name, call in calls.items():
+        tracemalloc.start()
+        try:
+            call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 0.5 * emb.nbytes, f"{name}: peak {peak / 2**20:.1f} MiB"
+
+
+def test_chunked_merge_and_split_equal_the_whole_array_computation():
+    """Rows given as a mask give the same candidates as the kept rows copied out, and the
+    chunked nearest class means equal a dense C x C computation."""
+    emb, labels, _ = _clustered(3000, 2500, 8, seed=3)  # 2,500 classes: several merge chunks
+    kept = np.random.default_rng(2).random(len(labels)) < 0.8
+    assert merge_candidates(emb, labels, 2500, rows=kept) == merge_candidates(
+        emb[kept], labels[kept], 2500
+    )
+    merges, min_cos = merge_candidates(emb, labels, 2500, rows=kept, min_cos=0.98)
+    sums = np.zeros((2500, 8))
+    np.add.at(sums, labels[kept], emb[kept].astype(np.float64))
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    means = sums / np.where(norms == 0, 1, norms)
+    sims = means @ means.T
+    np.fill_diagonal(sims, -np.inf)
+    best = sims.max(axis=1)
+    want = sorted({(min(a, int(b)), max(a, int(b))) for a, b in enumerate(sims.argmax(axis=1))
+                   if best[a] > min_cos})  # fmt: skip
+    assert [(a, b) for a, b, _ in merges] == want and len(want) >= 3
+    assert split_candidates(emb, labels, 2500, rows=kept) == split_candidates(
+        emb[kept], labels[kept], 2500
+    )

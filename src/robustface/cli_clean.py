@@ -78,8 +78,9 @@ def _named_values(
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from robustface.clean.evaluate import evaluation_table
-    from robustface.clean.score import flags_table, score_to_dir
+    from robustface.clean.score import StageTimer, flags_table, score_to_dir
 
+    timer = StageTimer()
     summary = score_to_dir(
         args.run_dir,
         args.out,
@@ -90,14 +91,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
         knn_params=_named_values(args.knn_param, "--knn-param", int),
         batch_size=args.batch_size,
         device=args.device,
+        num_workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        timer=timer,
     )
     print(flags_table(summary["flags"]))
     print(f"merge candidates: {len(summary['merges'])}, split candidates: {len(summary['splits'])}")
     if "evaluation" in summary:
         print("\nagainst the truth (not used to choose anything):\n")
         print(evaluation_table(summary["evaluation"]))
+    print(f"\nstages (CPU: this process and its loader workers):\n\n{timer.table()}\n")
     print(f"wrote {args.out} (flags.csv, scores.npz, score.json, angles.png)")
     return 0
 
@@ -240,6 +244,12 @@ def add_clean_parser(sub: argparse._SubParsersAction) -> None:
         "repeatable",
     )
     q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    q.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="loader processes decoding images and their statistics (0: in the main process)",
+    )
     q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     q.add_argument("--quiet", action="store_true", help="no progress bars")

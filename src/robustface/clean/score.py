@@ -31,17 +31,21 @@ Identity level:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from robustface.clean.subcenter import dominant_subcenter, subcenter_assignments
 from robustface.errors import DataFormatError
@@ -57,6 +61,7 @@ __all__ = [
     "Flags",
     "ScoreResult",
     "Scores",
+    "StageTimer",
     "Thresholds",
     "choose_thresholds",
     "compute_scores",
@@ -78,6 +83,7 @@ FLAGS = ("clean", "hard", "mislabeled", "open_set", "low_quality", "nonface", "s
 """Sample flags, in code order; ``clean`` and ``hard`` are kept, the others removed."""
 REMOVED = frozenset(FLAGS[2:])
 _CHUNK = 4096
+_MERGE_CHUNK = 1024  # class means per block of the C x C cosines
 KNN_METHODS = ("auto", "flat", "ivf", "hnsw")
 """kNN methods of the purity score: ``auto`` is ``flat`` below :data:`AUTO_FLAT_MAX` samples,
 else ``ivf``; the others are :func:`robustface.cluster.knn.build_knn`'s."""
@@ -165,6 +171,37 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms == 0, 1, norms)
 
 
+class StageTimer:
+    """Wall and CPU seconds of each named stage of a scoring pass (``with timer("name"): ...``),
+    in ``stages``. CPU time is this process's and its finished children's (the loader workers),
+    so that a pause or a busy machine shows as wall time without CPU time."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+
+    def start(self) -> Any:
+        """What :meth:`stop` needs to measure a stage that starts now."""
+        return time.perf_counter(), sum(os.times()[:4])
+
+    def stop(self, started: Any) -> dict[str, float]:
+        """The measures of the stage begun at ``started``."""
+        wall, cpu = started
+        return {"seconds": round(time.perf_counter() - wall, 2),
+                "cpu_seconds": round(sum(os.times()[:4]) - cpu, 2)}  # fmt: skip
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = self.start()
+        yield
+        self.stages[name] = self.stop(started)
+
+    def table(self) -> str:
+        """The stages as a Markdown table."""
+        keys = list(next(iter(self.stages.values()), {}))
+        rows = [[name, *(v[k] for k in keys)] for name, v in self.stages.items()]
+        return markdown_table(["stage", *keys], rows)
+
+
 def knn_settings(
     num_samples: int, method: str = "auto", params: dict[str, int] | None = None
 ) -> tuple[str, dict[str, int]]:
@@ -201,9 +238,10 @@ def _knn_votes(
     method: str = "auto",
     params: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """kNN label purity, majority label and its share over the ``k`` nearest other samples
-    (unit-norm ``embeddings``; ``method`` / ``params`` as :func:`knn_settings`). Neighbours an
-    approximate index did not find count as votes for no label."""
+    """kNN label purity, majority label and its share over the ``k`` nearest other samples by
+    cosine (faiss normalises ``embeddings`` a batch at a time; ``method`` / ``params`` as
+    :func:`knn_settings`). Neighbours an approximate index did not find count as votes for no
+    label."""
     from robustface.cluster.knn import build_knn
 
     n = len(labels)
@@ -238,27 +276,32 @@ def _knn_votes(
 
 
 def _centre_cosines(
-    emb: np.ndarray, labels: np.ndarray, weight: np.ndarray, k: int
+    emb: np.ndarray, labels: np.ndarray, weight: np.ndarray, k: int, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(cos_own, cos_other, other_class)`` of unit-norm ``emb`` against the class centres
-    (the own class's dominant sub-centre; the nearest other class's best sub-centre), computed
-    ``_CHUNK`` rows at a time."""
-    nearest, cosine = subcenter_assignments(emb, labels, weight, k)
+    """``(cos_own, cos_other, other_class)`` of ``emb`` against the class centres (the own
+    class's dominant sub-centre; the nearest other class's best sub-centre), computed
+    ``_CHUNK`` rows at a time on unit-norm copies of the rows: no full-size copy of ``emb``."""
     num_classes = weight.shape[0] // k
     if num_classes < 2:
         raise ValueError(f"scoring needs at least 2 classes, the classifier has {num_classes}")
+    if labels.shape != (len(emb),):
+        raise ValueError(f"labels must be ({len(emb)},), got shape {labels.shape}")
+    centres = _unit(weight)
+    n = len(labels)
+    nearest, cosine = np.empty(n, np.int64), np.empty((n, k), np.float32)
+    cos_other, other = np.empty(n, np.float32), np.empty(n, np.int64)
+    chunks = range(0, n, _CHUNK)
+    for start in tqdm(chunks, desc="centre angles", unit="chunk", disable=not progress):
+        rows = slice(start, start + _CHUNK)
+        x = _unit(emb[rows])
+        nearest[rows], cosine[rows] = subcenter_assignments(x, labels[rows], weight, k)
+        sims = x @ centres.T  # (B x C*K)
+        sims = sims.reshape(len(sims), num_classes, k).max(axis=2)
+        sims[np.arange(len(sims)), labels[rows]] = -np.inf
+        other[rows] = sims.argmax(axis=1)
+        cos_other[rows] = sims[np.arange(len(sims)), other[rows]]
     dominant = dominant_subcenter(nearest, labels, num_classes, k)
     cos_own = np.take_along_axis(cosine, dominant[labels][:, None], axis=1)[:, 0]
-    centres = _unit(weight)
-    cos_other = np.empty(len(labels), dtype=np.float32)
-    other = np.empty(len(labels), dtype=np.int64)
-    for start in range(0, len(labels), _CHUNK):
-        sims = emb[start : start + _CHUNK] @ centres.T  # (B x C*K)
-        sims = sims.reshape(len(sims), num_classes, k).max(axis=2)
-        rows = np.arange(len(sims))
-        sims[rows, labels[start : start + _CHUNK]] = -np.inf
-        other[start : start + _CHUNK] = sims.argmax(axis=1)
-        cos_other[start : start + _CHUNK] = sims[rows, other[start : start + _CHUNK]]
     return cos_own, np.clip(cos_other, -1.0, 1.0), other
 
 
@@ -275,6 +318,7 @@ def compute_scores(
     knn_params: dict[str, int] | None = None,
     progress: bool = False,
     image: np.ndarray | None = None,
+    timer: StageTimer | None = None,
 ) -> Scores:
     """The scores of ``embeddings`` (N x d) labelled ``labels`` against the class centres
     ``weight`` (C*K x d, class-major as :class:`~robustface.fc.full.SubCenterFC`; K = 1 for a
@@ -283,15 +327,21 @@ def compute_scores(
     and ``skin``.
     ``knn_method`` / ``knn_params``: the kNN index of the purity score (:func:`knn_settings`;
     ``auto`` is exact below 200K samples, faiss IVF above).
-    Memory: ``O(chunk * C * K)`` for the nearest other centre, the kNN graph ``O(N * knn)``."""
-    emb = _unit(np.asarray(embeddings, dtype=np.float32))
+    Memory: ``O(chunk * C * K)`` for the nearest other centre, the kNN graph ``O(N * knn)`` and
+    the kNN index; rows are normalised a chunk at a time, so float32 ``embeddings`` are never
+    copied whole (a million rows of 512 floats are 2 GiB). ``timer`` records the two stages
+    (``centre angles``, ``kNN``)."""
+    emb = np.asarray(embeddings, dtype=np.float32)
     w = np.asarray(weight, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     k = check_int("k (sub-centers per class)", k, 1)
     knn = check_int("knn", knn, 1)
     knn_settings(len(labels), knn_method, knn_params)  # bad options fail before the long work
-    cos_own, cos_other, other = _centre_cosines(emb, labels, w, k)
-    purity, major, share = _knn_votes(emb, labels, knn, progress, knn_method, knn_params)
+    timer = timer or StageTimer()
+    with timer("centre angles"):
+        cos_own, cos_other, other = _centre_cosines(emb, labels, w, k, progress)
+    with timer("kNN"):
+        purity, major, share = _knn_votes(emb, labels, knn, progress, knn_method, knn_params)
     n = len(labels)
     nan = np.full(n, np.nan, dtype=np.float32)
     stats = {}
@@ -688,10 +738,27 @@ def flag_samples(scores: Scores, t: Thresholds) -> Flags:
     return Flags(flag, reason.tolist(), suggested)
 
 
-def class_means(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Unit mean embedding of each class (zero rows for empty classes)."""
+def _rows(labels: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """The row indices to use: all rows, or those of a boolean mask / index array ``rows``."""
+    if rows is None:
+        return np.arange(len(labels))
+    rows = np.asarray(rows)
+    return np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64, copy=False)
+
+
+def class_means(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """Unit mean embedding of each class (zero rows for empty classes), over ``rows`` (a boolean
+    mask or row indices; default all), summed ``_CHUNK`` rows at a time: no full-size copy."""
+    rows = _rows(labels, rows)
     sums = np.zeros((num_classes, embeddings.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels, embeddings)
+    for start in range(0, len(rows), _CHUNK):
+        chunk = rows[start : start + _CHUNK]
+        np.add.at(sums, labels[chunk], embeddings[chunk].astype(np.float64))
     return _unit(sums).astype(np.float32)
 
 
@@ -700,21 +767,30 @@ def merge_candidates(
     labels: np.ndarray,
     num_classes: int,
     *,
+    rows: np.ndarray | None = None,
     min_cos: float | None = None,
     z: float = 4.0,
+    progress: bool = False,
 ) -> tuple[list[tuple[int, int, float]], float]:
     """Class pairs to merge (one person under two labels): ``[(a, b, cos)]`` with ``a < b``, and
     the cosine threshold used.
 
-    Each class's mean embedding is compared with its nearest other class mean; a pair is a
-    candidate if that cosine is above ``min_cos`` (default: the robust outlier bound median +
-    ``z`` MAD of the nearest-mean cosines of all classes, at least 0.5).
+    Each class's mean embedding (over ``rows``, as :func:`class_means`) is compared with its
+    nearest other class mean; a pair is a candidate if that cosine is above ``min_cos`` (default:
+    the robust outlier bound median + ``z`` MAD of the nearest-mean cosines of all classes, at
+    least 0.5). The C x C cosines are computed ``_MERGE_CHUNK`` classes at a time (85K classes
+    would take 29 GB at once).
     """
-    means = class_means(np.asarray(embeddings, np.float32), labels, num_classes)
-    sims = means @ means.T
-    np.fill_diagonal(sims, -np.inf)
-    nearest = sims.argmax(axis=1)
-    best = sims[np.arange(num_classes), nearest]
+    means = class_means(embeddings, labels, num_classes, rows)
+    nearest = np.empty(num_classes, dtype=np.int64)
+    best = np.empty(num_classes, dtype=np.float32)
+    chunks = range(0, num_classes, _MERGE_CHUNK)
+    for start in tqdm(chunks, desc="merge candidates", unit="chunk", disable=not progress):
+        sims = means[start : start + _MERGE_CHUNK] @ means.T
+        own = np.arange(len(sims))
+        sims[own, start + own] = -np.inf
+        nearest[start : start + len(sims)] = sims.argmax(axis=1)
+        best[start : start + len(sims)] = sims[own, nearest[start : start + len(sims)]]
     if min_cos is None:
         min_cos = min(1.0, max(0.5, _robust_bound(best[np.isfinite(best)], z, True)))
     min_cos = check_real("merge min_cos", min_cos, -1, 1)
@@ -731,25 +807,28 @@ def split_candidates(
     labels: np.ndarray,
     num_classes: int,
     *,
+    rows: np.ndarray | None = None,
     min_angle: float = 60.0,
     min_share: float = 0.3,
     seed: int = 0,
+    progress: bool = False,
 ) -> list[tuple[int, float, float]]:
     """Classes with two dense modes: ``[(class, angle between the modes, minor share)]``.
 
-    Per class with at least 6 samples, 2-means (cosine) on its embeddings; a candidate when the
-    two mode centres are more than ``min_angle`` degrees apart and the smaller holds at least
-    ``min_share`` of the class (so that a few outliers do not make a split).
+    Per class with at least 6 samples among ``rows`` (a boolean mask or row indices; default
+    all), 2-means (cosine) on its embeddings; a candidate when the two mode centres are more than
+    ``min_angle`` degrees apart and the smaller holds at least ``min_share`` of the class (so that
+    a few outliers do not make a split). Reads one class's rows at a time.
     """
     check_real("split min_angle", min_angle, 0, 180)
     check_real("split min_share", min_share, 0, 0.5)
     rng = np.random.default_rng(seed)
-    emb = np.asarray(embeddings, np.float32)
+    rows = _rows(labels, rows)
     out = []
-    order = np.argsort(labels, kind="stable")
+    order = rows[np.argsort(labels[rows], kind="stable")]
     bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
-    for c in range(num_classes):
-        x = emb[order[bounds[c] : bounds[c + 1]]]
+    for c in tqdm(range(num_classes), desc="split candidates", unit="class", disable=not progress):
+        x = np.asarray(embeddings[order[bounds[c] : bounds[c + 1]]], np.float32)
         if len(x) < 6:
             continue
         centres = x[rng.choice(len(x), 2, replace=False)]
@@ -776,15 +855,16 @@ _CSV_COLUMNS = (
 )  # fmt: skip
 
 
-def flags_csv(scores: Scores, flags: Flags) -> str:
-    """The per-sample flags file: index, label, flag, reason, suggested class, then the scores."""
+def flags_csv(scores: Scores, flags: Flags, progress: bool = False) -> str:
+    """The per-sample flags file: index, label, flag, reason, suggested class, then the scores
+    (``progress``: a bar over the rows, about a minute per million)."""
     arrays = scores.arrays()
     columns = [arrays[c] for c in _CSV_COLUMNS]
     names = flags.names()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["index", "label", "flag", "reason", "suggested", *_CSV_COLUMNS])
-    for i in range(len(scores)):
+    for i in tqdm(range(len(scores)), desc="flags.csv", unit="row", disable=not progress):
         values = [
             f"{col[i]:.4f}" if np.issubdtype(col.dtype, np.floating) else int(col[i])
             for col in columns
@@ -828,6 +908,7 @@ class ScoreResult:
     splits: list[tuple[int, float, float]]
     embeddings: np.ndarray
     images_per_second: float
+    stages: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def plot_angles_by_flag(path: Path, scores: Scores, flags: Flags, t: Thresholds) -> None:
@@ -858,27 +939,32 @@ def score_training_set(
     device: str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    timer: StageTimer | None = None,
 ) -> ScoreResult:
     """Score and flag every sample of ``data`` (default: the run's training ``.rec``) with the
     backbone and class centres of the run's last checkpoint, streamed over the ``.rec``
-    (``knn_method`` / ``knn_params``: :func:`knn_settings`)."""
+    (``knn_method`` / ``knn_params``: :func:`knn_settings`). Each stage (embedding, centre
+    angles, kNN, thresholds, flags, merge and split candidates) is timed by ``timer`` (default:
+    a :class:`StageTimer`) into ``ScoreResult.stages``."""
     from robustface.clean.subcenter import embed_images, run_training_set
 
     run, dataset = run_training_set(run_dir, data)
     knn_settings(len(dataset), knn_method, knn_params)  # bad options fail before the long work
     backbone = run.backbone(device)
     input_size = int(backbone.meta.input_size)
+    timer = timer or StageTimer()
     started = time.perf_counter()
-    embedded = embed_images(
-        backbone,
-        dataset,
-        input_size=input_size,
-        image_stats=image_stats,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        progress=progress,
-    )
+    with timer("embedding (decode, forward, image statistics)"):
+        embedded = embed_images(
+            backbone,
+            dataset,
+            input_size=input_size,
+            image_stats=image_stats,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+        )
     rate = len(dataset) / max(time.perf_counter() - started, 1e-9)
     labels = dataset.labels
     scores = compute_scores(
@@ -892,24 +978,32 @@ def score_training_set(
         knn_params=knn_params,
         progress=progress,
         image=embedded.stats,
+        timer=timer,
     )
-    chosen = choose_thresholds(scores, thresholds)
-    flags = flag_samples(scores, chosen)
+    with timer("thresholds"):
+        chosen = choose_thresholds(scores, thresholds)
+    with timer("flags"):
+        flags = flag_samples(scores, chosen)
     kept = ~flags.removed
-    merges, min_cos = merge_candidates(embedded.embeddings[kept], labels[kept], run.num_classes)
-    splits = split_candidates(embedded.embeddings[kept], labels[kept], run.num_classes)
-    return ScoreResult(scores, chosen, flags, merges, min_cos, splits, embedded.embeddings, rate)
+    emb, classes = embedded.embeddings, run.num_classes
+    with timer("merge candidates"):
+        merges, min_cos = merge_candidates(emb, labels, classes, rows=kept, progress=progress)
+    with timer("split candidates"):
+        splits = split_candidates(emb, labels, classes, rows=kept, progress=progress)
+    return ScoreResult(scores, chosen, flags, merges, min_cos, splits, emb, rate, timer.stages)
 
 
 SCORE_JSON = "score.json"
 FLAGS_CSV = "flags.csv"
 
 
-def write_score_outputs(result: ScoreResult, directory: Path, extra: dict[str, Any]) -> dict:
+def write_score_outputs(
+    result: ScoreResult, directory: Path, extra: dict[str, Any], progress: bool = False
+) -> dict:
     """Write a scoring pass into ``directory`` (which exists): ``flags.csv``, ``scores.npz``,
     ``angles.png`` and ``score.json`` (thresholds, counts, merges, splits, ``extra``); returns the
-    JSON summary."""
-    write_text_atomic(directory / FLAGS_CSV, flags_csv(result.scores, result.flags))
+    JSON summary (``progress``: a bar over the flags.csv rows)."""
+    write_text_atomic(directory / FLAGS_CSV, flags_csv(result.scores, result.flags, progress))
     with atomic_path(directory / "scores.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, flag=result.flags.flag, suggested=result.flags.suggested,
                  **result.scores.arrays())  # fmt: skip
@@ -918,6 +1012,7 @@ def write_score_outputs(result: ScoreResult, directory: Path, extra: dict[str, A
         **extra,
         "samples": len(result.scores),
         "images_per_second": round(result.images_per_second, 1),
+        "stages": result.stages,
         "thresholds": result.thresholds.as_dict(),
         "flags": result.flags.counts(),
         "removed": int(result.flags.removed.sum()),
@@ -951,10 +1046,13 @@ def score_to_dir(
     num_workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    timer: StageTimer | None = None,
 ) -> dict[str, Any]:
     """:func:`score_training_set` written to ``out_dir`` (built as ``OUT.partial``, renamed when
     complete). When the data has a truth list beside it (a dirty SynthFace set), the flags are
-    also scored against it (``evaluation.json`` / ``.md``) *after* they were chosen."""
+    also scored against it (``evaluation.json`` / ``.md``) *after* they were chosen. ``timer``
+    (:func:`score_training_set`'s) also times the ``outputs`` stage (written, and not in
+    ``score.json``, last)."""
     from robustface.clean.dirty import truth_for
     from robustface.clean.evaluate import evaluate_flags, evaluation_table
     from robustface.clean.subcenter import default_data
@@ -978,6 +1076,7 @@ def score_to_dir(
         device=device,
         num_workers=num_workers,
         progress=progress,
+        timer=timer,
     )
     method, options = knn_settings(len(dataset), knn_method, knn_params)
     extra: dict[str, Any] = {
@@ -987,12 +1086,12 @@ def score_to_dir(
     }
     # the truth is read only now, after every threshold and flag was chosen
     truth = truth_for(dataset.rec_path.parent, len(dataset))
-    with atomic_directory(out) as partial:
+    with (timer or StageTimer())("outputs"), atomic_directory(out) as partial:
         if truth is not None:
             evaluation = evaluate_flags(result.flags.flag, result.flags.suggested, truth,
                                         result.merges)  # fmt: skip
             write_text_atomic(partial / "evaluation.json", json.dumps(evaluation, indent=2) + "\n")
             write_text_atomic(partial / "evaluation.md", evaluation_table(evaluation) + "\n")
             extra["evaluation"] = evaluation
-        summary = write_score_outputs(result, partial, extra)
+        summary = write_score_outputs(result, partial, extra, progress)
     return summary

@@ -1,25 +1,15 @@
 """benchmarks/clean_diagnose.py: the confusion counts and centre statistics on a hand-made case."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from benchmark_scripts import load_benchmark
 from robustface.clean.dirty import Truth
-
-
-def _diagnose_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "clean_diagnose.py"
-    spec = importlib.util.spec_from_file_location("clean_diagnose", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_diagnose_counts_by_hand():
     """Eight samples, 4 classes, class 3 a duplicate of class 1; every count written out."""
-    bench = _diagnose_module()
+    bench = load_benchmark("clean_diagnose")
     # kinds: 0 clean, 1 closed, 2 open, 6 duplicate; flags: 0 clean, 1 hard, 2 mislabeled, 3 open
     kind = np.array([0, 0, 1, 1, 2, 6, 6, 0])
     truth = Truth(
@@ -66,7 +56,7 @@ def test_reflag_is_the_rules_on_the_stored_columns():
     """``--reflag`` gives the flags that choose_thresholds + flag_samples give on the columns."""
     from robustface.clean.score import Scores, choose_thresholds, flag_samples
 
-    bench = _diagnose_module()
+    bench = load_benchmark("clean_diagnose")
     rng = np.random.default_rng(0)
     n = 400
     table = Scores(

@@ -3,7 +3,6 @@ reuses its runs, a changed training or validation set retrains."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,17 +11,10 @@ from typing import ClassVar
 import pytest
 
 import robustface.train
+from benchmark_scripts import load_benchmark
 from robustface.config import Config
 from robustface.utils.run import RunDir
 from test_noise import make_rec
-
-
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "clean_table.py"
-    spec = importlib.util.spec_from_file_location("clean_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Trainer:
@@ -42,7 +34,7 @@ class _Trainer:
 
 
 def test_moved_cache_is_reused_and_changed_content_retrains(tmp_path, monkeypatch):
-    bench = _bench()
+    bench = load_benchmark("clean_table")
     monkeypatch.setattr(robustface.train, "Trainer", _Trainer)
     _Trainer.runs = []
     first = tmp_path / "first"
@@ -69,7 +61,7 @@ def test_moved_cache_is_reused_and_changed_content_retrains(tmp_path, monkeypatc
 def test_cell_written_with_locations_is_still_reused(tmp_path, monkeypatch):
     """A cell.json from before the content-only keys (locations in its config, no validation
     digest) is reused while its validation sets are where it says."""
-    bench = _bench()
+    bench = load_benchmark("clean_table")
     monkeypatch.setattr(robustface.train, "Trainer", _Trainer)
     _Trainer.runs = []
     make_rec(tmp_path / "data", [0, 0, 1, 1], 16, seed=0)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmark_scripts import load_benchmark
 from robustface.fc import (
     CLASSIFIERS,
     FullFC,
@@ -151,19 +150,11 @@ def test_training_step_equals_the_unfused_formula_in_float64(monkeypatch):
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
-def _memory_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "partial_fc_memory.py"
-    spec = importlib.util.spec_from_file_location("partial_fc_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_training_step_peak_memory_is_near_the_analytic_count():
     """One step's peak (live tensor bytes, CPU) exceeds the analytic count (weight, gradient,
     momentum, two logit matrices) by at most 1.5 logit matrices (measured: 1.2); the previous
     formulas exceeded it by 3.0."""
-    bench = _memory_benchmark()
+    bench = load_benchmark("partial_fc_memory")
     classes, batch, dim = 4000, 256, 16
     logit_bytes = 4 * classes * batch
     old, new = (

@@ -4,7 +4,6 @@ the plot and a smoke run of the whole pipeline."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from benchmark_scripts import load_benchmark
 from robustface.cli import main
 from robustface.data.ijb import read_ijb_meta
 from robustface.data.image import decode_image
@@ -161,17 +161,8 @@ def test_plot_values_and_png(model, tracks, caface, tmp_path):
         track_plot_data(model, SIZE, tracks, aggregators, track=8)
 
 
-def _script():
-    """benchmarks/fusion_lowq.py as a module."""
-    path = Path(__file__).parents[1] / "benchmarks" / "fusion_lowq.py"
-    spec = importlib.util.spec_from_file_location("fusion_lowq", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_smoke_run(tmp_path, capsys):
-    script = _script()
+    script = load_benchmark("fusion_lowq")
     args = argparse.Namespace(
         out=str(tmp_path / "bench"),
         track_seeds=[0, 1],

@@ -47,7 +47,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from robustface.clean.subcenter import dominant_subcenter, subcenter_assignments
+from robustface.clean.subcenter import _unit_rows, dominant_subcenter, subcenter_assignments
 from robustface.errors import DataFormatError
 from robustface.utils.guards import check_choice, check_int, check_real
 from robustface.utils.io import atomic_directory, atomic_path, check_output_dir, write_text_atomic
@@ -166,11 +166,6 @@ class Scores:
         return out
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms == 0, 1, norms)
-
-
 class StageTimer:
     """Wall and CPU seconds of each named stage of a scoring pass (``with timer("name"): ...``),
     in ``stages``. CPU time is this process's and its finished children's (the loader workers),
@@ -286,14 +281,14 @@ def _centre_cosines(
         raise ValueError(f"scoring needs at least 2 classes, the classifier has {num_classes}")
     if labels.shape != (len(emb),):
         raise ValueError(f"labels must be ({len(emb)},), got shape {labels.shape}")
-    centres = _unit(weight)
+    centres = _unit_rows(weight)
     n = len(labels)
     nearest, cosine = np.empty(n, np.int64), np.empty((n, k), np.float32)
     cos_other, other = np.empty(n, np.float32), np.empty(n, np.int64)
     chunks = range(0, n, _CHUNK)
     for start in tqdm(chunks, desc="centre angles", unit="chunk", disable=not progress):
         rows = slice(start, start + _CHUNK)
-        x = _unit(emb[rows])
+        x = _unit_rows(emb[rows])
         nearest[rows], cosine[rows] = subcenter_assignments(x, labels[rows], weight, k)
         sims = x @ centres.T  # (B x C*K)
         sims = sims.reshape(len(sims), num_classes, k).max(axis=2)
@@ -759,7 +754,7 @@ def class_means(
     for start in range(0, len(rows), _CHUNK):
         chunk = rows[start : start + _CHUNK]
         np.add.at(sums, labels[chunk], embeddings[chunk].astype(np.float64))
-    return _unit(sums).astype(np.float32)
+    return _unit_rows(sums).astype(np.float32)
 
 
 def merge_candidates(
@@ -836,7 +831,7 @@ def split_candidates(
             assign = (x @ centres.T).argmax(axis=1)
             if assign.min() == assign.max():
                 break
-            centres = _unit(np.stack([x[assign == j].mean(axis=0) for j in (0, 1)]))
+            centres = _unit_rows(np.stack([x[assign == j].mean(axis=0) for j in (0, 1)]))
         share = min(assign.mean(), 1 - assign.mean())
         angle = float(np.degrees(np.arccos(np.clip(centres[0] @ centres[1], -1, 1))))
         if share >= min_share and angle > min_angle:

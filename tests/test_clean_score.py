@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+import robustface.clean.score as score_module
 from robustface.clean.dirty import Truth, load_truth, make_dirty_synthface
 from robustface.clean.evaluate import evaluate_cumulative, evaluate_flags, evaluation_table
 from robustface.clean.score import (
@@ -41,7 +42,9 @@ def _unit(x):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_scores_match_brute_force(k):
+def test_scores_match_brute_force(k, monkeypatch):
+    # chunks of 16 rows: the dominant sub-centre and the nearest other class cross chunk bounds
+    monkeypatch.setattr(score_module, "_CHUNK", 16)
     rng = np.random.default_rng(k)
     n, c, d, knn = 60, 5, 8, 4
     emb = rng.normal(size=(n, d)).astype(np.float32)
@@ -585,3 +588,10 @@ def test_chunked_merge_and_split_equal_the_whole_array_computation():
     assert split_candidates(emb, labels, 2500, rows=kept) == split_candidates(
         emb[kept], labels[kept], 2500
     )
+    # rows as plain lists are still read; a mask of the wrong length is an error, not a prefix
+    assert (
+        merge_candidates(emb[:50].tolist(), labels[:50], 2500)[1]
+        == merge_candidates(emb[:50], labels[:50], 2500)[1]
+    )
+    with pytest.raises(ValueError, match="rows: a mask must be"):
+        score_module.class_means(emb, labels, 2500, rows=kept[:10])

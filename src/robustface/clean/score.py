@@ -738,7 +738,11 @@ def _rows(labels: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
     if rows is None:
         return np.arange(len(labels))
     rows = np.asarray(rows)
-    return np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64, copy=False)
+    if rows.dtype == bool:
+        if rows.shape != labels.shape:
+            raise ValueError(f"rows: a mask must be {labels.shape}, got shape {rows.shape}")
+        return np.flatnonzero(rows)
+    return rows.astype(np.int64, copy=False)
 
 
 def class_means(
@@ -749,7 +753,7 @@ def class_means(
 ) -> np.ndarray:
     """Unit mean embedding of each class (zero rows for empty classes), over ``rows`` (a boolean
     mask or row indices; default all), summed ``_CHUNK`` rows at a time: no full-size copy."""
-    rows = _rows(labels, rows)
+    embeddings, rows = np.asarray(embeddings), _rows(labels, rows)
     sums = np.zeros((num_classes, embeddings.shape[1]), dtype=np.float64)
     for start in range(0, len(rows), _CHUNK):
         chunk = rows[start : start + _CHUNK]
@@ -818,7 +822,7 @@ def split_candidates(
     check_real("split min_angle", min_angle, 0, 180)
     check_real("split min_share", min_share, 0, 0.5)
     rng = np.random.default_rng(seed)
-    rows = _rows(labels, rows)
+    embeddings, rows = np.asarray(embeddings), _rows(labels, rows)
     out = []
     order = rows[np.argsort(labels[rows], kind="stable")]
     bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))

@@ -204,6 +204,7 @@ def embed_images(
     each raw image to a small float vector computed in the loader workers.
     """
     batch_size = check_int("batch_size", batch_size, 1)
+    num_workers = check_int("workers", num_workers, 0)
     count, batches = user_error_batches(
         _Evaluated(dataset, input_size, image_stats),
         batch_size=batch_size,
@@ -233,6 +234,8 @@ def embed_images(
                 done += len(emb)
     finally:
         backbone.train(was_training)
+    if done != n:
+        raise RuntimeError(f"the loader gave {done} images for a dataset of {n}")
     return out
 
 

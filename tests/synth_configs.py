@@ -3,7 +3,7 @@ builds its own copy)."""
 
 from pathlib import Path
 
-from robustface.config import SynthConfig, load_config
+from robustface.config import Config, SynthConfig, load_config
 from robustface.train import Trainer
 
 # 2 training identities and a 4-identity IJB-style set: enough for IJB evaluations end to end
@@ -37,10 +37,10 @@ TINY_DIRTY = SynthConfig(
 )
 
 
-def train_tiny(out: Path, data: Path, *extra: str) -> Path:
-    """One epoch of a tiny r18 (32 px, 32-d, ArcFace s = 16) on the ``.rec`` set ``data`` into
-    ``out``; ``extra`` overrides (later ones win)."""
-    cfg = load_config(
+def tiny_train_config(out: Path, data: Path, *extra: str) -> Config:
+    """The tiny training config (r18 at 32 px, 32-d, ArcFace s = 16, one epoch, batches of 16, no
+    validation) on the ``.rec`` set ``data`` into ``out``; ``extra`` overrides (later ones win)."""
+    return load_config(
         None,
         [
             f"output_dir={out}",
@@ -62,5 +62,9 @@ def train_tiny(out: Path, data: Path, *extra: str) -> Path:
             *extra,
         ],
     )
-    Trainer(cfg).fit()
+
+
+def train_tiny(out: Path, data: Path, *extra: str) -> Path:
+    """:func:`tiny_train_config` trained: the run directory ``out``."""
+    Trainer(tiny_train_config(out, data, *extra)).fit()
     return out

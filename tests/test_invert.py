@@ -35,9 +35,9 @@ from robustface.invert import (
 from robustface.invert.config import AugmentConfig, LossConfig, OptimizerConfig, TargetConfig
 from robustface.invert.targets import count_notice, select_pairs
 from robustface.models import build_backbone
-from robustface.train import Trainer
 from robustface.train.checkpoint import classifier_weight
 from robustface.utils.run import Checkpoint
+from synth_configs import train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -175,31 +175,9 @@ def test_the_optimisation_lowers_the_target_loss():
 
 # ----------------------------------------------------------------------------- the whole run
 def _train(data: Path, out: Path, seed: int, epochs: int) -> Path:
-    cfg = load_config(
-        None,
-        [
-            f"output_dir={out}",
-            f"seed={seed}",
-            "data.source=rec",
-            f"data.path={data}",
-            "data.batch_size=16",
-            "data.num_workers=0",
-            "data.val_targets=[]",
-            "model.backbone=r18_tiny",
-            "model.input_size=32",
-            "model.width=0.125",
-            "model.embedding_size=32",
-            "fc.name=full",
-            "head.name=arcface",
-            "head.params={scale: 16.0}",
-            f"train.epochs={epochs}",
-            "train.progress=false",
-            "train.tensorboard=false",
-            "train.log_every=10",
-        ],
-    )
-    Trainer(cfg).fit()
-    return out
+    # the shared tiny run at the default learning rate (0.1), on a full FC
+    extra = (f"seed={seed}", "fc.name=full", "optim.lr=0.1", f"train.epochs={epochs}")
+    return train_tiny(out, data, *extra, "train.log_every=10")
 
 
 @pytest.fixture(scope="module")

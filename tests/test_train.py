@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from robustface.config import load_config, save_config
+from robustface.config import save_config
 from robustface.data import normalize_images
 from robustface.data.loader import collate
 from robustface.errors import ConfigError
@@ -24,31 +24,18 @@ from robustface.train import NonFiniteLossError, Trainer
 from robustface.train import checkpoint as ckpt
 from robustface.train.sampler import ResumableSampler
 from robustface.train.schedule import warmup_poly
+from synth_configs import tiny_train_config
 
 
 def _cfg(out: Path, data: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"output_dir={out}",
-            "data.source=rec",
-            f"data.path={data}",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "data.val_targets=[lfw]",
-            "model.backbone=r18_tiny",
-            "model.input_size=32",
-            "model.width=0.125",
-            "model.embedding_size=32",
-            "head.name=arcface",
-            "head.params={scale: 16.0}",
-            "optim.lr=0.05",
-            "train.epochs=2",
-            "train.progress=false",
-            "train.tensorboard=false",
-            "train.log_every=1",
-            *extra,
-        ],
+    return tiny_train_config(
+        out,
+        data,
+        "data.batch_size=8",
+        "data.val_targets=[lfw]",
+        "train.epochs=2",
+        "train.log_every=1",
+        *extra,
     )
 
 

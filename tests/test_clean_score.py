@@ -4,6 +4,7 @@ precision/recall against hand counts."""
 import collections
 import dataclasses
 import json
+import re
 import time
 
 import numpy as np
@@ -595,3 +596,14 @@ def test_chunked_merge_and_split_equal_the_whole_array_computation():
     )
     with pytest.raises(ValueError, match="rows: a mask must be"):
         score_module.class_means(emb, labels, 2500, rows=kept[:10])
+
+
+def test_threshold_help_names_every_threshold():
+    # the CLI's help lists the names as text (the scoring module is imported lazily)
+    from robustface.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    score = next(a for a in sub.choices["clean"]._actions if a.dest == "clean_command")
+    help_text = next(a.help for a in score.choices["score"]._actions if a.dest == "threshold")
+    listed = set(re.findall(r"[a-z_]+", help_text.split("(")[1].split(")")[0]))
+    assert listed == set(score_module.THRESHOLD_NAMES)

@@ -41,7 +41,7 @@ from robustface.clean.evaluate import EXPECTED, evaluate_cumulative, evaluation_
 from robustface.clean.score import (
     FLAGS,
     REMOVED,
-    Thresholds,
+    THRESHOLD_NAMES,
     flags_table,
     knn_settings,
     score_to_dir,
@@ -60,7 +60,6 @@ __all__ = ["CleanConfig", "clean_loop", "clean_round", "remap_labels", "write_cl
 CONFIG_FILE = "clean_config.yaml"
 ROUND_JSON = "round.json"
 CLEANED_JSON = "cleaned.json"
-_THRESHOLD_NAMES = tuple(f.name for f in dataclasses.fields(Thresholds) if f.name != "source")
 
 
 def _default_base() -> Config:
@@ -104,9 +103,9 @@ class CleanConfig:
         if self.action not in ("remove", "relabel"):
             problems.append(f"action: must be remove or relabel, got {self.action!r}")
         for key in self.thresholds:
-            if key not in _THRESHOLD_NAMES:
+            if key not in THRESHOLD_NAMES:
                 problems.append(
-                    f"thresholds.{key}: unknown; use one of {', '.join(_THRESHOLD_NAMES)}"
+                    f"thresholds.{key}: unknown; use one of {', '.join(THRESHOLD_NAMES)}"
                 )
         problems += threshold_problems(dict(self.thresholds))
         if self.knn < 1:

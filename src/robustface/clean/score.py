@@ -58,6 +58,7 @@ __all__ = [
     "FLAGS",
     "IMAGE_STATS",
     "REMOVED",
+    "THRESHOLD_NAMES",
     "Flags",
     "ScoreResult",
     "Scores",
@@ -503,6 +504,9 @@ class Thresholds:
         return dataclasses.asdict(self)
 
 
+THRESHOLD_NAMES = tuple(f.name for f in dataclasses.fields(Thresholds) if f.name != "source")
+"""The names of the :class:`Thresholds` values (what ``--threshold`` and a loop config's
+``thresholds`` may set)."""
 _ANGLES = ("angle_own", "angle_hard", "angle_member", "angle_any", "angle_any_soft")
 _SHARES = {"knn_share": "(0, 1]", "skin_low": "[0, 1]"}
 
@@ -512,10 +516,9 @@ def threshold_problems(values: dict[str, Any]) -> list[str]:
     are skipped; other keys are ignored): angles in [0, 180] degrees, ``knn_share`` in (0, 1],
     ``skin_low`` in [0, 1], the rest >= 0; ``angle_hard`` / ``angle_member`` <= ``angle_own``,
     ``colour_low`` <= ``colour_high``. Shared by :meth:`Thresholds.check` and the loop's config."""
-    names = {f.name for f in dataclasses.fields(Thresholds)} - {"source"}
     problems, ok = [], {}
     for key, value in values.items():
-        if key not in names or value is None:
+        if key not in THRESHOLD_NAMES or value is None:
             continue
         if (
             isinstance(value, bool)

@@ -6,18 +6,24 @@ measures, in images per second:
 (a) plain ``simplejpeg`` decoding of the same JPEG bytes, held in memory;
 (b) ``RecordIODataset(rec, TrainTransform(normalize=False))[i]`` in this process (read + decode +
     flip into a uint8 tensor): a worker's work before whole batches;
-(b') ``TrainSet.__getitems__`` in this process, one batch at a time (the same, plus the trainer's
-    per-sample generator, written straight into one uint8 batch): a worker's work now;
+(b'1), (b') the third round's and today's ``TrainSet.__getitems__`` in this process, one batch at
+    a time (the same, plus the flip's draw, written straight into one uint8 batch: flipped into
+    ``3xHxW`` planes, or copied ``HxWx3`` as decoded with the flips sent along): a worker's work;
 (c) the previous training loader: ``DataLoader(CarryUserErrors(TrainSet), num_workers=--workers)``
     with a tensor per sample and ``default_collate`` (kept here as ``_PerSampleTrainSet``);
 (c'0) the training loader of the second round: the same DataLoader over ``TrainSet``, whose
     workers write whole batches into reused shared-memory slots (``BatchWriter``), each record
     read with ``seek`` + ``read`` and each sample's flip drawn from its own generator (kept here as
     ``_FileReadReader`` and ``_Round2TrainSet``);
-(c') the training loader now: (c'0) with the records copied out of a memory map and the flip's
-    one draw computed from the sample's key (``keyed_first_uniforms``);
-(c'') (c') with ``normalize_images`` applied to each batch in the main process (a CPU run, where
-    the training device is the main process; on a GPU it runs on the device).
+(c'1) the training loader of the third round: (c'0) with the records copied out of a memory map
+    and the flip's one draw computed from the sample's key (``keyed_first_uniforms``); the workers
+    flip each image and de-interleave it into ``3xHxW`` planes of the batch (kept here as
+    ``_PlanarTrainSet``);
+(c') the training loader now: (c'1) with channels-last batches, the flip left to the device: the
+    workers copy each decoded ``HxWx3`` image into the batch as it is and send the flips;
+(c''1), (c'') (c'1), (c') with ``normalize_images`` applied to each batch in the main process
+    (planar; channels-last with the flips), as on a CPU run, where the training device is the main
+    process; on a GPU it runs on the device.
 
 Loaders keep persistent workers and are timed over an epoch. All rows run in turn within each
 round, so background load hits them alike; a row's ratio to (a) is taken within each round and
@@ -100,7 +106,25 @@ class _FileReadReader(IndexedRecordReader):
         return {k: v for k, v in super().__getstate__().items() if k != "_file"}
 
 
-class _Round2TrainSet(TrainSet):
+class _PlanarTrainSet(TrainSet):
+    """``TrainSet`` of the third round: the workers flip and write ``3xHxW`` planes, and the batch
+    is ``(images, labels)``."""
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        labels = np.empty(len(indices), dtype=np.int64)
+        images = None
+        for pos, ((image, label), draws) in enumerate(
+            zip((self.base[i] for i in indices), self._draws(indices), strict=True)
+        ):
+            image = self.transform.augment(image, **draws)
+            if images is None:
+                images = self.batches.start(len(indices), (3, *image.shape[:2]))
+            cv2.split(np.ascontiguousarray(image), [images[pos, 0], images[pos, 1], images[pos, 2]])
+            labels[pos] = label
+        return self.batches.finish(labels)
+
+
+class _Round2TrainSet(_PlanarTrainSet):
     """``TrainSet`` of the second round: a generator per sample, whatever the transform draws."""
 
     def _draws(self, indices: list[int]) -> Iterator[dict[str, Any]]:
@@ -164,6 +188,7 @@ def main() -> None:
         trainset = TrainSet(RecordIODataset(tmp), transform, seed=0)
         previous = _PerSampleTrainSet(RecordIODataset(tmp), transform, seed=0)
         round2 = _Round2TrainSet(_file_reads(tmp), transform, seed=0)
+        planar = _PlanarTrainSet(RecordIODataset(tmp), transform, seed=0)
         n = len(dataset)
         size = args.batch_size
         batches = [list(range(i, i + size)) for i in range(0, n - size + 1, size)]
@@ -178,8 +203,8 @@ def main() -> None:
                 dataset[i]
             return n
 
-        def whole_batches() -> int:
-            return sum(len(collate(trainset.__getitems__(b))[1]) for b in batches)
+        def whole_batches(ds: TrainSet) -> Callable[[], int]:
+            return lambda: sum(len(collate(ds.__getitems__(b))[1]) for b in batches)
 
         def loader(ds: TrainSet) -> torch.utils.data.DataLoader:
             return torch.utils.data.DataLoader(
@@ -193,15 +218,17 @@ def main() -> None:
             )
 
         previous_loader, round2_loader = loader(previous), loader(round2)
-        loader_now = loader(trainset)
-        loader_norm = loader(trainset)
+        planar_loader, planar_norm = loader(planar), loader(planar)
+        loader_now, loader_norm = loader(trainset), loader(trainset)
 
         def epoch(batches, normalize: bool = False) -> Callable[[], int]:
             def run() -> int:
                 count = 0
                 for batch in batches:
-                    images, labels = unwrap(batch)
-                    if normalize:
+                    images, labels, *flips = unwrap(batch)
+                    if normalize and flips:
+                        normalize_images(images, flips[0], channels_last=True)
+                    elif normalize:
                         normalize_images(images)
                     count += len(labels)
                 return count
@@ -212,17 +239,26 @@ def main() -> None:
         rows = [
             Row("(a) simplejpeg decode (same bytes, in memory)", plain_decode),
             Row("(b) RecordIODataset + TrainTransform(normalize=False), per sample", items),
-            Row("(b') TrainSet.__getitems__, whole uint8 batches, 1 process", whole_batches),
+            Row("(b'1) third round's __getitems__, planar batches, 1 process",
+                whole_batches(planar)),
+            Row("(b') TrainSet.__getitems__, channels-last batches, 1 process",
+                whole_batches(trainset)),
             Row(f"(c) DataLoader, {w} workers, per-sample tensors + default_collate (previous)",
                 epoch(previous_loader), previous_loader),
             Row(f"(c'0) DataLoader, {w} workers, whole batches in shared slots, file reads, "
                 "a generator per sample (round 2)", epoch(round2_loader), round2_loader),
-            Row(f"(c') DataLoader, {w} workers, whole batches, records from a memory map (now)",
-                epoch(loader_now), loader_now),
-            Row("(c'') (c') + normalize_images in the main process",
+            Row(f"(c'1) DataLoader, {w} workers, records from a memory map, planar batches "
+                "flipped in the workers (round 3)", epoch(planar_loader), planar_loader),
+            Row(f"(c') DataLoader, {w} workers, channels-last batches, the flip left to the "
+                "device (now)", epoch(loader_now), loader_now),
+            Row("(c''1) (c'1) + normalize_images in the main process",
+                epoch(planar_norm, normalize=True), planar_norm),
+            Row("(c'') (c') + normalize_images(flips, channels_last) in the main process",
                 epoch(loader_norm, normalize=True), loader_norm),
         ]  # fmt: skip
-        for ld in (previous_loader, round2_loader, loader_now, loader_norm):
+        loaders = (previous_loader, round2_loader, planar_loader, loader_now, planar_norm,
+                   loader_norm)  # fmt: skip
+        for ld in loaders:
             epoch(ld)()  # start the workers
         for _ in range(args.repeats):
             for row in rows:

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from loader_batches import flipped_planes
 from robustface.data import loader as loader_module
 from robustface.data.image import encode_image
 from robustface.data.loader import BatchWriter, CarryUserErrors, collate, unwrap
 from robustface.data.recordio import RecordIODataset, write_insightface_rec
-from robustface.data.transforms import TrainTransform
+from robustface.data.transforms import TrainTransform, normalize_images
 from robustface.train import trainer as trainer_module
 from robustface.train.sampler import ResumableSampler
 from robustface.train.trainer import TrainSet
@@ -57,12 +58,18 @@ def test_loader_batches_equal_the_stacked_samples_over_epochs(small_rec, workers
         order = list(sampler)
         batches = [unwrap(b) for b in loader]
         assert len(batches) == len(order) // 4 == 11 - (epoch > 0)
-        for k, (images, labels) in enumerate(batches):
+        for k, (images, labels, flips) in enumerate(batches):
             samples = [trainset[i] for i in order[4 * k : 4 * k + 4]]
-            assert images.dtype == torch.uint8 and images.shape == (4, 3, 20, 20)
-            assert torch.equal(images, torch.stack([image for image, _ in samples]))
+            assert images.dtype == torch.uint8 and images.shape == (4, 20, 20, 3)
+            assert flips.dtype == torch.bool and flips.shape == (4,)
+            stacked = torch.stack([image for image, _ in samples])
+            assert np.array_equal(flipped_planes(images, flips), stacked.numpy())
+            assert torch.equal(
+                normalize_images(images, flips, channels_last=True), normalize_images(stacked)
+            )
             assert labels.dtype == torch.int64
             assert labels.tolist() == [label for _, label in samples]
+    assert any(f.any() and not f.all() for _, _, f in batches)  # flips of both kinds were met
     assert len({b[0].data_ptr() for b in batches}) == len(batches)  # each batch its own memory
     del loader
     assert _slot_files() <= before  # the slot files are gone once mapped (and at worker exit)
@@ -83,6 +90,25 @@ def test_a_slot_written_again_before_it_was_copied_out_raises(monkeypatch):
     assert images.unique().tolist() == [1]
     with pytest.raises(RuntimeError, match="slot 0 again before the main process"):
         pickle.loads(sent[0])  # slot 0 was written again by batch 2
+
+
+@pytest.mark.parametrize("in_worker", [False, True])
+def test_extra_per_image_arrays_travel_with_the_batch(monkeypatch, in_worker):
+    # the trainer's flips ride along with the labels, through a slot in a worker
+    if in_worker:
+        monkeypatch.setattr(loader_module, "get_worker_info", lambda: object())
+    writer = BatchWriter()
+    writer.start(2, (4, 5, 3))[:] = 7
+    batch = writer.finish([3, 1], np.array([True, False]))
+    writer.start(2, (4, 5, 3))
+    with pytest.raises(ValueError, match="a batch of 2 images needs 2 entries in each array"):
+        writer.finish([3, 1], np.array([True]))
+    monkeypatch.undo()
+    batch = collate(batch)  # in a worker, then pickled to the main process
+    images, labels, flips = pickle.loads(pickle.dumps(batch)) if in_worker else batch
+    assert torch.equal(images, torch.full((2, 4, 5, 3), 7, dtype=torch.uint8))
+    assert labels.dtype == torch.int64 and labels.tolist() == [3, 1]
+    assert flips.dtype == torch.bool and flips.tolist() == [True, False]
 
 
 def test_slot_files_a_worker_left_behind_are_removed(monkeypatch):
@@ -146,12 +172,12 @@ def test_batches_of_a_flip_alone_or_no_draw_equal_the_samples(small_rec, monkeyp
     trainset = TrainSet(base, TrainTransform(flip_p=flip_p, normalize=False), seed=3)
     trainset.epoch = 2
     order = [5, 0, 9, 17, 30, 31, 2, 43]
-    images, labels = collate(trainset.__getitems__(order))
-    flips = [np.random.default_rng([3, 2, i]).random() < flip_p for i in order]
-    assert 0 < sum(flips) < len(flips) or flip_p in (0, 1)
-    raw = [base[i][0] for i in order]
-    expected = np.stack([im[:, ::-1] if f else im for im, f in zip(raw, flips, strict=True)])
-    assert np.array_equal(images.numpy(), expected.transpose(0, 3, 1, 2))
-    assert torch.equal(images, torch.stack([trainset[i][0] for i in order]))
+    images, labels, flips = collate(trainset.__getitems__(order))
+    want = [np.random.default_rng([3, 2, i]).random() < flip_p for i in order]
+    assert 0 < sum(want) < len(want) or flip_p in (0, 1)
+    assert flips.tolist() == want
+    assert np.array_equal(images.numpy(), np.stack([base[i][0] for i in order]))  # as decoded
+    stacked = torch.stack([trainset[i][0] for i in order])
+    assert np.array_equal(flipped_planes(images, flips), stacked.numpy())
     assert labels.tolist() == [i // 4 for i in order]
     assert seeded == ([] if flip_p == 0 else ["keyed_first_uniforms"])

@@ -230,8 +230,11 @@ def test_ijb_fused_templates_equal_the_aggregator_by_hand(setup):
     assert settings.faceness is False
     embedded = embed_ijb(model, meta, settings, input_size=size, show_progress=False)
     assert embedded.styles.shape == (meta.images.size, 2, TINY_CHANNELS, 2)
-    torch.testing.assert_close(torch.from_numpy(embedded.embeddings), setup["feats"])
-    torch.testing.assert_close(torch.from_numpy(embedded.styles), setup["styles"])
+    # other batch sizes than the setup's: oneDNN may sum in another order (2 threads, AVX-512),
+    # so float32 rounding of the untrained model's large features (up to ~1,500), not 1e-5
+    for got, want in ((embedded.embeddings, setup["feats"]), (embedded.styles, setup["styles"])):
+        atol = 1e-6 * want.abs().max().item()
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=atol)
     groups = group_templates(meta.templates, meta.medias)
     for chunk in (None, 3):
         agg = CAFaceAggregator(_caface(), chunk_size=chunk)

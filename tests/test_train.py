@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from loader_batches import flipped_planes
 from robustface.config import save_config
 from robustface.data import normalize_images
 from robustface.data.loader import collate
@@ -495,8 +496,9 @@ def test_per_batch_noise_is_exact_and_deterministic(synth_train_dir, tmp_path):
     indices = [5, 17, 2, 40, 33, 8, 61, 12]
 
     def fetch(indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        images, labels = collate(noisy.__getitems__(indices))  # one batch, as the loader's
-        return list(zip(images, labels.tolist(), strict=True))
+        images, labels, flips = collate(noisy.__getitems__(indices))  # one batch, as the loader's
+        planes = torch.from_numpy(flipped_planes(images, flips))
+        return list(zip(planes, labels.tolist(), strict=True))
 
     batch = fetch(indices)
     labels = base.labels
@@ -521,11 +523,11 @@ def test_per_batch_noise_is_exact_and_deterministic(synth_train_dir, tmp_path):
              "data.batch_noise_open=0.25", f"data.open_source={tmp_path / 'open'}"]  # fmt: skip
     trainer = Trainer(_cfg(tmp_path / "run", synth_train_dir, *extra))
     first = list(trainer.sampler)[:8]  # the loader's first batch goes through __getitems__
-    images, labels = next(iter(trainer.loader))
-    want_images, want_labels = collate(trainer.trainset.__getitems__(first))
+    images, labels, flips = next(iter(trainer.loader))
+    want_images, want_labels, want_flips = collate(trainer.trainset.__getitems__(first))
     assert labels.tolist() == want_labels.tolist()
     assert labels.tolist()[2:4] != base.labels[first[2:4]].tolist()  # relabelled in the loader
-    assert torch.equal(images, want_images)
+    assert torch.equal(images, want_images) and torch.equal(flips, want_flips)
     result = trainer.fit()
     assert result.steps == 2 and np.isfinite(result.loss)
     with pytest.raises(ConfigError, match="open_source: needed"):

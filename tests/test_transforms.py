@@ -12,6 +12,7 @@ from robustface.data.transforms import (
     EvalTransform,
     TrainTransform,
     _color_jitter,
+    _flipped_planes_torch,
     normalize_images,
     to_tensor_normalized,
 )
@@ -203,6 +204,45 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_transform(kwargs
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="expected uint8 images"):
         normalize_images(want)
+
+
+def test_channels_last_batches_with_their_flips_normalise_as_the_flipped_images():
+    # the trainer's loader sends NxHxWx3 images and the flips still to do; the device result
+    # must equal the per-image float path on the flipped images (numpy's flip, not torch's)
+    raw = [random_image(6, 5, seed=s) for s in range(4)]
+    flips = [True, False, True, False]
+    want = torch.stack(
+        [to_tensor_normalized(np.ascontiguousarray(im[:, ::-1]) if f else im)
+         for im, f in zip(raw, flips, strict=True)]
+    )  # fmt: skip
+    images = torch.from_numpy(np.stack(raw))
+    got = normalize_images(images, torch.tensor(flips), channels_last=True)
+    assert got.shape == (4, 3, 6, 5) and got.is_contiguous() and torch.equal(got, want)
+    assert torch.equal(normalize_images(images, channels_last=True)[1], want[1])  # no flips
+    planes = images.permute(0, 3, 1, 2).contiguous()
+    assert torch.equal(normalize_images(planes, torch.tensor(flips)), want)  # 3xHxW input too
+    # the torch ops a GPU runs (the CPU takes OpenCV's path) give the same planes
+    on_device = _flipped_planes_torch(images, torch.tensor(flips), channels_last=True)
+    assert on_device.is_contiguous() and torch.equal(normalize_images(on_device), want)
+    with pytest.raises(ValueError, match="flip must be a bool tensor of 4"):
+        normalize_images(images, torch.tensor([1, 0, 1, 0]), channels_last=True)
+    with pytest.raises(ValueError, match="flip must be a bool tensor of 4"):
+        normalize_images(images, torch.tensor(flips[:3]), channels_last=True)
+    with pytest.raises(ValueError, match="NxHxWx3"):
+        normalize_images(planes, channels_last=True)
+
+
+def test_augment_unflipped_is_augment_before_its_flip():
+    image = random_image(16, 16)
+    transform = TrainTransform(flip_p=0.5, blur=0.5, color_jitter=0.5, input_size=12)
+    seen = set()
+    for i in range(12):
+        before, flip = transform.augment_unflipped(image, rng=np.random.default_rng([4, i]))
+        after = transform.augment(image, rng=np.random.default_rng([4, i]))
+        assert np.array_equal(after, before[:, ::-1] if flip else before)
+        seen.add(flip)
+    assert seen == {True, False}
+    assert TrainTransform(flip_p=0).augment_unflipped(image)[1] is False
 
 
 def test_random_steps_name_the_steps_that_draw():

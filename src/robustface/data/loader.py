@@ -16,19 +16,19 @@ with the worker's traceback::
 
 Whole batches from the workers: a DataLoader's own per-sample path (a tensor per sample, then
 ``default_collate`` copying them into a new shared-memory segment per batch, which the main process
-maps anew) cost more than decoding itself. A dataset whose ``__getitems__`` writes a batch of
-``3xHxW`` uint8 images in place through a :class:`BatchWriter` instead returns the finished batch
-``(images, labels)``; :func:`collate` passes it through. In a loader worker the writer's buffers are
-a ring of ``slots`` batches in one shared-memory file, reused batch after batch (no new segment,
-no page faults after the first round): a batch crosses to the main process as a few numbers, and
-the main process copies it out of its slot as it receives it, so the tensors it hands on are its
-own. A slot is written again only ``slots`` batches of that worker later; a DataLoader keeps at
-most ``prefetch_factor`` batches of a worker that the main process has not received, so ``slots``
-must exceed it (the default 4 suits the default 2). Each slot carries a sequence number that the
-main process checks after copying: a slot overwritten too early raises instead of handing on
-mixed images. The main process unlinks a worker's file as soon as it has mapped it; the file of a
-worker killed before that (daemonic workers are terminated when the main process exits) is
-removed when the main process exits.
+maps anew) cost more than decoding itself. A dataset whose ``__getitems__`` writes a batch of uint8
+images in place through a :class:`BatchWriter` instead returns the finished batch
+``(images, labels, ...)``; :func:`collate` passes it through. In a loader worker the writer's
+buffers are a ring of ``slots`` batches in one shared-memory file, reused batch after batch (no new
+segment, no page faults after the first round): a batch crosses to the main process as a few
+numbers, and the main process copies it out of its slot as it receives it, so the tensors it hands
+on are its own. A slot is written again only ``slots`` batches of that worker later; a DataLoader
+keeps at most ``prefetch_factor`` batches of a worker that the main process has not received, so
+``slots`` must exceed it (the default 4 suits the default 2). Each slot carries a sequence number
+that the main process checks after copying: a slot overwritten too early raises instead of handing
+on mixed images. The main process unlinks a worker's file as soon as it has mapped it; the file of a
+worker killed before that (daemonic workers are terminated when the main process exits) is removed
+when the main process exits.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class CarryUserErrors(Dataset):
 
 def collate(batch: Any) -> Any:
     """``default_collate``, passing a carried user error and a :class:`BatchWriter`'s finished
-    batch through untouched (the latter as ``(images, labels)`` outside a worker)."""
+    batch through untouched (the latter as ``(images, labels, ...)`` outside a worker)."""
     if isinstance(batch, _Carried | _InSlot):
         return batch
     if isinstance(batch, _Finished):
@@ -128,13 +128,13 @@ _RECEIVED: dict[str, tuple[int, mmap.mmap]] = {}
 class _Finished:
     """A batch a :class:`BatchWriter` finished outside a worker."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.tensors = (images, labels)
+    def __init__(self, images: torch.Tensor, *arrays: torch.Tensor) -> None:
+        self.tensors = (images, *arrays)
 
 
 class _InSlot:
     """A batch a :class:`BatchWriter` finished in a worker: it pickles as where it lies, and
-    unpickles (in the main process) as ``(images, labels)`` copied out of the slot."""
+    unpickles (in the main process) as ``(images, labels, *extra)`` copied out of the slot."""
 
     def __init__(self, *where: Any) -> None:
         self.where = where
@@ -175,8 +175,8 @@ def _slot_file(path: str, pid: int) -> mmap.mmap:
 
 
 def _copy_out(
-    path: str, pid: int, slot: int, seq: int, shape: tuple[int, ...], labels: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor]:
+    path: str, pid: int, slot: int, seq: int, shape: tuple[int, ...], *arrays: np.ndarray
+) -> tuple[torch.Tensor, ...]:
     mapping = _slot_file(path, pid)
     size = int(np.prod(shape))
     offset = _HEADER + slot * _slot_bytes(size)
@@ -187,7 +187,7 @@ def _copy_out(
             f"loader worker {pid} wrote batch slot {slot} again before the main process had "
             "copied it out: BatchWriter(slots=...) must exceed the DataLoader's prefetch_factor"
         )
-    return images, torch.from_numpy(labels)
+    return images, *map(torch.from_numpy, arrays)
 
 
 def _slot_bytes(size: int) -> int:
@@ -230,9 +230,11 @@ def _clean_at_exit() -> None:
 class BatchWriter:
     """The buffers into which a dataset's ``__getitems__`` writes a batch of uint8 images in place.
 
-    ``images = writer.start(count, (3, H, W))`` gives the ``count x 3 x H x W`` uint8 array to fill;
-    ``return writer.finish(labels)`` returns the batch for :func:`collate`, which the DataLoader
-    yields as ``(images, labels)`` tensors (labels int64). See the module docstring for the
+    ``images = writer.start(count, shape)`` gives the ``count x *shape`` uint8 array to fill (the
+    trainer's is ``count x H x W x 3``); ``return writer.finish(labels, *extra)`` returns the batch
+    for :func:`collate`, which the DataLoader yields as ``(images, labels, *extra)`` tensors
+    (labels int64; ``extra``: more small per-image arrays, such as the trainer's flips, as they
+    are). See the module docstring for the
     shared-memory ring a worker uses; ``slots`` must exceed the loader's ``prefetch_factor``.
     Outside a worker every batch is a new tensor.
     """
@@ -269,15 +271,19 @@ class BatchWriter:
         offset = _HEADER + slot * _slot_bytes(size)
         return np.frombuffer(mapping, np.uint8, size, offset).reshape(shape)
 
-    def finish(self, labels: np.ndarray) -> Any:
-        """The batch begun by :meth:`start`, with ``labels`` (one int per image)."""
+    def finish(self, labels: np.ndarray, *extra: np.ndarray) -> Any:
+        """The batch begun by :meth:`start`, with ``labels`` (one int per image) and ``extra``
+        arrays (one entry per image each, sent as they are)."""
         current, self._current = self._current, None
         if current is None:
             raise RuntimeError("BatchWriter.finish() without start()")
-        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        count = current[-1][0] if len(current) > 1 else len(current[0])
+        arrays = [np.ascontiguousarray(labels, dtype=np.int64), *map(np.ascontiguousarray, extra)]
+        if any(len(a) != count for a in arrays):
+            raise ValueError(f"a batch of {count} images needs {count} entries in each array")
         if len(current) == 1:
-            return _Finished(current[0], torch.from_numpy(labels))
-        return _InSlot(*current, labels)
+            return _Finished(current[0], *map(torch.from_numpy, arrays))
+        return _InSlot(*current, *arrays)
 
     def _open(self, size: int) -> tuple[Any, ...]:
         """A new ring of ``slots`` batches of ``size`` bytes in a shared-memory file."""

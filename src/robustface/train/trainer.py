@@ -41,7 +41,6 @@ from robustface.config import Config, check_config, to_dict
 from robustface.data import RecordIODataset, TrainTransform, load_bin_images, normalize_images
 from robustface.data.loader import BatchWriter, CarryUserErrors, collate, unwrap
 from robustface.data.sources import DATA_SOURCES
-from robustface.data.transforms import image_planes
 from robustface.errors import RobustfaceError
 from robustface.evaluate.verification import embed_pairs, evaluate
 from robustface.fc import build_classifier, distributed_cross_entropy
@@ -110,25 +109,34 @@ class TrainSet(Dataset):
         return self._augment(image, index), label
 
     def __getitems__(self, indices: list[int]) -> Any:
-        """One batch (the DataLoader's batched fetch), with per-batch label noise if configured:
-        the images written in place into one uint8 batch (:class:`BatchWriter`), which
-        :func:`~robustface.data.loader.collate` hands on as ``(images, labels)``, equal to
-        stacking ``self[i]`` for ``i`` in ``indices``."""
+        """One batch (the DataLoader's batched fetch), with per-batch label noise if configured,
+        which :func:`~robustface.data.loader.collate` hands on as ``(images, labels, flips)``:
+        the augmented images before their flip, as they are (``NxHxWx3`` uint8, written in place
+        into one batch by :class:`BatchWriter`), and whether to flip each (bool), for
+        ``normalize_images(images, flips, channels_last=True)`` on the training device. That
+        equals ``normalize_images`` of ``self[i]`` stacked for ``i`` in ``indices``."""
         if self.closed == 0 and self.open == 0:
             samples: Iterable[tuple[np.ndarray, int]] = (self.base[i] for i in indices)
         else:
             samples = self._noisy(indices)
         labels = np.empty(len(indices), dtype=np.int64)
+        flips = np.empty(len(indices), dtype=bool)
         images = None
-        for pos, ((image, label), draws) in enumerate(
-            zip(samples, self._draws(indices), strict=True)
+        for pos, (index, (image, label), draws) in enumerate(
+            zip(indices, samples, self._draws(indices), strict=True)
         ):
-            image = self.transform.augment(image, **draws)
+            image, flips[pos] = self.transform.augment_unflipped(image, **draws)
             if images is None:
-                images = self.batches.start(len(indices), (3, *image.shape[:2]))
-            image_planes(image, images[pos])
+                images = self.batches.start(len(indices), image.shape)
+            elif image.shape != images.shape[1:]:
+                raise ValueError(
+                    f"sample {index} is {image.shape[0]}x{image.shape[1]}, the batch's first "
+                    f"{images.shape[1]}x{images.shape[2]}: the images of a batch must share one "
+                    "size"
+                )
+            images[pos] = image
             labels[pos] = label
-        return self.batches.finish(labels)
+        return self.batches.finish(labels, flips)
 
     def _draws(self, indices: list[int]) -> Iterator[dict[str, Any]]:
         """For each index, what :meth:`TrainTransform.augment` draws from in place of
@@ -518,8 +526,12 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         total = torch.zeros((), device=self.device)
         for _ in range(accum):
-            images, labels = unwrap(next(batches))
-            images = normalize_images(images.to(self.device, non_blocking=True))
+            images, labels, flips = unwrap(next(batches))
+            images = normalize_images(
+                images.to(self.device, non_blocking=True),
+                flips.to(self.device, non_blocking=True),
+                channels_last=True,
+            )
             labels = labels.to(self.device, non_blocking=True)
             loss = self._forward_loss(images, labels)
             self.scaler.scale(loss / accum).backward()

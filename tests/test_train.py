@@ -175,6 +175,24 @@ def test_gradient_accumulation_averages_micro_batches(synth_train_dir, tmp_path)
         torch.testing.assert_close(after[name], expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_step_trains_on_the_per_sample_images_flipped_on_the_device(synth_train_dir, tmp_path):
+    # the loader sends the images before their flip; _train_step must flip exactly those drawn
+    # (per-sample path: TrainSet[i], flip and blur drawn from rng([seed, epoch, i]))
+    cfg = _cfg(tmp_path / "f", synth_train_dir, "data.flip=true", "data.blur=0.5",
+               "train.grad_accum=2", "data.val_targets=[]")  # fmt: skip
+    trainer = Trainer(cfg)
+    seen = []
+    forward = trainer._forward_loss
+    trainer._forward_loss = lambda images, labels: seen.append(images) or forward(images, labels)
+    trainer._train_step(iter(trainer.loader))
+    order = list(trainer.sampler)
+    flips = torch.cat([collate(trainer.trainset.__getitems__(order[k : k + 8]))[2] for k in (0, 8)])
+    assert len(seen) == 2 and 0 < int(flips.sum()) < 16  # images flipped and not
+    for m, images in enumerate(seen):
+        stacked = torch.stack([trainer.trainset[i][0] for i in order[8 * m : 8 * m + 8]])
+        assert torch.equal(images, normalize_images(stacked))
+
+
 # -------------------------------------------------------------------------------- NaN handling
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(synth_train_dir, tmp_path):
     cfg = _cfg(

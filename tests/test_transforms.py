@@ -232,6 +232,21 @@ def test_channels_last_batches_with_their_flips_normalise_as_the_flipped_images(
         normalize_images(planes, channels_last=True)
 
 
+def test_flips_need_a_batch_and_a_bool_tensor_and_images_a_uint8_tensor():
+    # a flip per image of an N-image batch: a single 3xHxW image's "flips" would mirror its
+    # channels one by one
+    image = torch.from_numpy(random_image(4, 5)).permute(2, 0, 1).contiguous()
+    with pytest.raises(ValueError, match=r"flip needs a batch of images \(Nx3xHxW"):
+        normalize_images(image, torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="flip needs a batch"):
+        normalize_images(image[None, None], torch.tensor([True]))
+    batch = image[None].expand(2, -1, -1, -1)
+    with pytest.raises(ValueError, match="flip must be a bool tensor of 2, got list"):
+        normalize_images(batch, [True, False])
+    with pytest.raises(ValueError, match="expected uint8 images in a torch tensor, got ndarray"):
+        normalize_images(batch.numpy())
+
+
 def test_augment_unflipped_is_augment_before_its_flip():
     image = random_image(16, 16)
     transform = TrainTransform(flip_p=0.5, blur=0.5, color_jitter=0.5, input_size=12)

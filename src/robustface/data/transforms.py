@@ -98,20 +98,33 @@ def normalize_images(
     ``- 1``, two separately rounded steps), so the numbers are identical to it on any device.
 
     ``channels_last=True`` takes an ``NxHxWx3`` batch (what the training loader's workers send,
-    the images as decoded) and returns the contiguous ``Nx3xHxW`` one. ``flip``, a boolean tensor
-    of ``N`` on the same device, mirrors image ``i`` left-right where ``flip[i]`` is set (the
-    flip the workers drew but left to the device). Both are exact: the result equals normalising
-    the ``3xHxW`` images flipped one by one. On the CPU a channels-last batch is flipped and
-    de-interleaved image by image with OpenCV (3 µs an image against 40 µs for torch's).
+    the images as decoded) and returns the contiguous ``Nx3xHxW`` one. ``flip`` (4-d batches
+    only), a boolean tensor of ``N`` on the same device, mirrors image ``i`` left-right where
+    ``flip[i]`` is set (the flip the workers drew but left to the device). Both are exact: the
+    result equals normalising the ``3xHxW`` images flipped one by one. On the CPU a channels-last
+    batch is flipped and de-interleaved image by image with OpenCV (3 µs an image against 40 µs
+    for torch's).
     """
-    if images.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected uint8 images in a torch tensor, got {got}")
     if channels_last and (images.ndim != 4 or images.shape[-1] != 3):
         raise ValueError(f"expected an NxHxWx3 batch, got shape {tuple(images.shape)}")
-    if flip is not None and (flip.dtype != torch.bool or flip.shape != images.shape[:1]):
+    if flip is not None and images.ndim != 4:
         raise ValueError(
-            f"flip must be a bool tensor of {images.shape[0]}, got {flip.dtype} {tuple(flip.shape)}"
+            f"flip needs a batch of images (Nx3xHxW or NxHxWx3), got shape {tuple(images.shape)}"
         )
+    if flip is not None and (
+        not isinstance(flip, torch.Tensor)
+        or flip.dtype != torch.bool
+        or flip.shape != images.shape[:1]
+    ):
+        got = (
+            f"{flip.dtype} {tuple(flip.shape)}"
+            if isinstance(flip, torch.Tensor)
+            else type(flip).__name__
+        )
+        raise ValueError(f"flip must be a bool tensor of {images.shape[0]}, got {got}")
     if channels_last and images.device.type == "cpu":
         images = torch.from_numpy(_flipped_planes(images.numpy(), flip))
     elif channels_last or flip is not None:
@@ -122,12 +135,12 @@ def normalize_images(
 def _flipped_planes_torch(
     images: torch.Tensor, flip: torch.Tensor | None, channels_last: bool
 ) -> torch.Tensor:
-    """:func:`_flipped_planes` in torch ops on any device (and ``...x3xHxW`` input), contiguous:
-    one pass and no host sync (a boolean index would wait for the device)."""
+    """:func:`_flipped_planes` in torch ops on any device (and ``Nx3xHxW`` input), contiguous:
+    element-wise kernels and no host sync (a boolean index would wait for the device)."""
     if channels_last:
         images = images.permute(0, 3, 1, 2)
     if flip is not None:
-        images = torch.where(flip.view(-1, *[1] * (images.ndim - 1)), images.flip(-1), images)
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
     return images.contiguous()
 
 

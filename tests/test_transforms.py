@@ -232,6 +232,22 @@ def test_channels_last_batches_with_their_flips_normalise_as_the_flipped_images(
         normalize_images(planes, channels_last=True)
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_strided_channels_last_views_normalise_as_their_copies(count):
+    # OpenCV's CPU path reads numpy views of the tensor image by image: a channels-last view of
+    # planes, a crop in width, every other image of a batch give what their contiguous copies give
+    batch = torch.from_numpy(np.stack([random_image(6, 9, seed=s) for s in range(2 * count)]))
+    flips = torch.tensor([True, False, True][:count])
+    views = [batch[::2], batch[:count, :, 1:8], batch[:count].permute(0, 3, 1, 2).contiguous()]
+    views[2] = views[2].permute(0, 2, 3, 1)
+    for view in views:
+        assert not view.is_contiguous() or count == 1  # one image: every other is contiguous
+        want = normalize_images(view.contiguous(), flips, channels_last=True)
+        assert torch.equal(normalize_images(view, flips, channels_last=True), want)
+        torch_ops = _flipped_planes_torch(view, flips, channels_last=True)
+        assert torch.equal(normalize_images(torch_ops), want)
+
+
 def test_flips_need_a_batch_and_a_bool_tensor_and_images_a_uint8_tensor():
     # a flip per image of an N-image batch: a single 3xHxW image's "flips" would mirror its
     # channels one by one

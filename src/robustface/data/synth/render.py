@@ -1480,6 +1480,25 @@ def render_face(identity: Identity, nuisance: Nuisance, size: int = 112) -> Rend
     return Rendered(img, _landmarks(m, fr), quality_score(nuisance))
 
 
+_LEVELS = np.arange(256)
+_PENCIL_LUT = (_LEVELS[:, None] * np.array([1.0, 0.97, 0.9])).astype(np.uint8)[:, None, :]
+"""Pencil paper tint: grey level ``x`` -> ``uint8(x * (1.0, 0.97, 0.9))`` (truncated) per channel."""
+_POSTER_LUT = (_LEVELS // 48 * 48 + 24).astype(np.uint8)
+"""Cartoon posterisation: 6 levels, ``(x // 48) * 48 + 24`` in uint8 arithmetic (255 wraps to 8)."""
+_SATURATE_LUT = np.stack(
+    [_LEVELS, np.minimum(2 * _LEVELS, 255), _LEVELS], axis=1
+).astype(np.uint8)[:, None, :]
+"""Cartoon colours: HSV saturation doubled (saturating at 255), hue and value kept."""
+
+
+@functools.lru_cache(maxsize=2)
+def _ink(size: int) -> np.ndarray:
+    """The cartoon's edge colour, grey level 20, as a ``size x size x 3`` image to copy from."""
+    out = np.full((size, size, 3), 20, np.uint8)
+    out.setflags(write=False)
+    return out
+
+
 def render_sketch(identity: Identity, nuisance: Nuisance, size: int = 112) -> Rendered:
     """A non-photorealistic render of ``identity``: pencil sketch, cartoon or line drawing.
 
@@ -1495,14 +1514,12 @@ def render_sketch(identity: Identity, nuisance: Nuisance, size: int = 112) -> Re
         blur = cv2.GaussianBlur(255 - gray, (0, 0), 2.0 * size / 112.0)
         dodge = cv2.divide(gray, 255 - blur, scale=256.0)
         sketch = cv2.subtract(dodge, cv2.Canny(gray, 30, 90) // 3)
-        img = (cv2.cvtColor(sketch, cv2.COLOR_GRAY2RGB) * np.array([1.0, 0.97, 0.9])).astype(
-            np.uint8
-        )
+        img = cv2.LUT(cv2.cvtColor(sketch, cv2.COLOR_GRAY2RGB), _PENCIL_LUT)
     elif style == "cartoon":
-        hsv = cv2.cvtColor((img // 48) * 48 + 24, cv2.COLOR_RGB2HSV)
-        hsv[..., 1] = np.minimum(hsv[..., 1].astype(np.int32) * 2, 255).astype(np.uint8)
-        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-        img[cv2.dilate(cv2.Canny(gray, 40, 120), np.ones((2, 2), np.uint8)) > 0] = 20
+        hsv = cv2.cvtColor(cv2.LUT(img, _POSTER_LUT), cv2.COLOR_RGB2HSV)
+        img = cv2.cvtColor(cv2.LUT(hsv, _SATURATE_LUT), cv2.COLOR_HSV2RGB)
+        edges = cv2.dilate(cv2.Canny(gray, 40, 120), np.ones((2, 2), np.uint8))
+        cv2.copyTo(_ink(size), edges, img)  # edge pixels (Canny's 255s, dilated) become 20
     else:
         edges = cv2.Canny(cv2.GaussianBlur(gray, (3, 3), 0), 20, 60)
         img = cv2.cvtColor(255 - edges, cv2.COLOR_GRAY2RGB)

@@ -1482,12 +1482,12 @@ def render_face(identity: Identity, nuisance: Nuisance, size: int = 112) -> Rend
 
 _LEVELS = np.arange(256)
 _PENCIL_LUT = (_LEVELS[:, None] * np.array([1.0, 0.97, 0.9])).astype(np.uint8)[:, None, :]
-"""Pencil paper tint: grey level ``x`` -> ``uint8(x * (1.0, 0.97, 0.9))`` (truncated) per channel."""
+"""Pencil paper tint: grey ``x`` -> ``uint8(x * (1.0, 0.97, 0.9))`` (truncated) per channel."""
 _POSTER_LUT = (_LEVELS // 48 * 48 + 24).astype(np.uint8)
 """Cartoon posterisation: 6 levels, ``(x // 48) * 48 + 24`` in uint8 arithmetic (255 wraps to 8)."""
-_SATURATE_LUT = np.stack(
-    [_LEVELS, np.minimum(2 * _LEVELS, 255), _LEVELS], axis=1
-).astype(np.uint8)[:, None, :]
+_SATURATE_LUT = np.stack([_LEVELS, np.minimum(2 * _LEVELS, 255), _LEVELS], axis=1).astype(np.uint8)[
+    :, None, :
+]
 """Cartoon colours: HSV saturation doubled (saturating at 255), hue and value kept."""
 
 

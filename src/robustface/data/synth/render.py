@@ -101,6 +101,26 @@ _BLOB_GAIN = np.array([-0.16, -0.16, -0.14, -0.1, 0.07, 0.07])
 _BLOB_SIGMA = np.array([6.5, 6.5, 4.0, 4.5, 8.0, 8.0])
 _RAMP = np.arange(256) / 255.0
 _CURL_THETA = np.linspace(-np.pi, np.pi, 72, endpoint=False)
+# Identity-independent parts of the model, computed once (the model building used to recompute
+# them for each identity, with the same operations).
+_MOUTH_XS2 = _MOUTH_X**2
+_MOUTH_BOW = np.sqrt(1.0 - _MOUTH_XS2) * (1.0 - 0.3 * np.exp(-((_MOUTH_X / 0.2) ** 2)))
+_MOUTH_GAP = (1.0 - _MOUTH_XS2) ** 0.8  # mouth opening profile
+_MOUTH_LOWER = (1.0 - _MOUTH_XS2) ** 0.6  # lower lip profile
+_MOUTH_OUT = 1.8 * (1.0 - _MOUTH_XS2)  # lips' and teeth's height above the head surface
+_MOUTH_OUT_ALL = np.concatenate([_MOUTH_OUT] * 4 + [_MOUTH_OUT[1:-1] - 0.5])
+_BROW_RAISE = -3.0 * (1.0 - 0.4 * np.tile(np.concatenate([_BROW_T, _BROW_T[::-1]]), 2))
+_HAIRLINE_PHI = np.linspace(-1.35, 1.35, 11)
+_HAIRLINE_BEND = (np.abs(_HAIRLINE_PHI) / 1.35) ** 2.5
+_SIDE_Y = np.tile(np.array([-10.0, 6.0, 20.0]), 2)
+_SIDE_PHI = {side_phi: np.repeat([-side_phi, side_phi], 3) for side_phi in (1.2, 1.75)}
+_ALA_T = np.linspace(-1.2, 1.4, 5)
+_FRINGE_X = np.linspace(-1.0, 1.0, 11)
+_PART_K = np.linspace(0.0, 1.0, 8)
+_STRAND_PHI = np.linspace(-1.1, 1.1, 6)
+_NECK_PHI = np.linspace(0.0, 2.0 * np.pi, 6, endpoint=False)
+_NECK_SIN, _NECK_COS = np.sin(_NECK_PHI), np.cos(_NECK_PHI)
+_MASK_X = np.linspace(-0.96, 0.96, 9)
 
 
 def _lerp(lo: float, hi: float, u: float) -> float:
@@ -112,12 +132,16 @@ def _pick(cump: np.ndarray, u: float) -> int:
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+    # np.linalg.norm(v, axis=-1, keepdims=True) computes this sum the same way, with more overhead
+    return v / np.sqrt(np.add.reduce(v * v, axis=-1, keepdims=True))
 
 
 def _homogeneous(p: np.ndarray) -> np.ndarray:
     """``p`` (..., 3) with a fourth coordinate 1, so that one matrix product also translates."""
-    return np.concatenate([p, np.ones((*p.shape[:-1], 1))], axis=-1)
+    out = np.empty((*p.shape[:-1], 4))
+    out[..., :3] = p
+    out[..., 3] = 1.0
+    return out
 
 
 def _tup(c: np.ndarray) -> tuple[float, float, float]:
@@ -388,24 +412,22 @@ class _HeadShape:
         back = depth * np.interp(_RING_TABLE_T, _RING_T, back_profile)
         half_widths = half_width * np.interp(_RING_TABLE_T, _RING_T, width_profile)
         self._table = np.stack([half_widths, 0.5 * (front - back), 0.5 * (front + back)], 1)
+        self._inv_half_height = 1.0 / half_height
         self.half_width, self.half_height, self.depth = half_width, half_height, depth
         self.eye_y, self.nose_length, self.mouth_y, self.jaw = eye_y, nose_length, mouth_y, jaw
 
     def ring(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Half-width, depth centre and half-depth of the head's horizontal ring at height ``y``."""
-        row = np.rint((np.asarray(y) * (1.0 / self.half_height) + 1.0) * _RING_STEPS)
-        row = row.astype(np.intp)
-        ring = self._table[np.minimum(np.maximum(row, 0), len(self._table) - 1)]
+        row = np.rint((np.asarray(y) * self._inv_half_height + 1.0) * _RING_STEPS)
+        ring = self._table.take(row.astype(np.intp), axis=0, mode="clip")  # clip: nearest row
         return ring[..., 0], ring[..., 1], ring[..., 2]
 
     def front(self, x: np.ndarray, y: np.ndarray, out: float | np.ndarray = 0.0) -> np.ndarray:
         """Points on the front of the head at (x, y), pushed ``out`` towards the camera."""
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        if x.shape != y.shape:
-            x, y = np.broadcast_arrays(x, y)
-        half_width, centre, half_depth = self.ring(y)
+        half_width, centre, half_depth = self.ring(y)  # elementwise: broadcast below
         across = np.minimum(np.abs(x) / np.maximum(half_width, 1e-3), 1.0)
-        points = np.empty((*x.shape, 3))
+        points = np.empty((*np.broadcast_shapes(x.shape, y.shape), 3))
         points[..., 0], points[..., 1] = x, y
         points[..., 2] = centre + half_depth * np.sqrt(1.0 - across * across) + out
         return points
@@ -413,10 +435,8 @@ class _HeadShape:
     def around(self, phi: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """Points of the rings at heights ``y`` and angles ``phi`` (0 = front), scaled."""
         phi, y = np.asarray(phi, np.float64), np.asarray(y, np.float64)
-        if phi.shape != y.shape:
-            phi, y = np.broadcast_arrays(phi, y)
-        half_width, centre, half_depth = self.ring(y)
-        points = np.empty((*phi.shape, 3))
+        half_width, centre, half_depth = self.ring(y)  # elementwise: broadcast below
+        points = np.empty((*np.broadcast_shapes(phi.shape, y.shape), 3))
         points[..., 0], points[..., 1], points[..., 2] = (
             half_width * np.sin(phi) * scale,
             y,
@@ -482,17 +502,14 @@ class _MouthShape:
     def points(self, head: _HeadShape, smile: float, opened: float) -> np.ndarray:
         """Rows top lip (9), lip line (9), lower lip line (9), bottom lip (9), teeth (7)."""
         x = _MOUTH_X * self.width / 2 * (1.0 + 0.12 * smile)
-        xs2 = _MOUTH_X**2
-        line = head.mouth_y - smile * 1.0 - (self.curvature + 3.5 * smile) * xs2
-        bow = np.sqrt(1.0 - xs2) * (1.0 - 0.3 * np.exp(-((_MOUTH_X / 0.2) ** 2)))
-        top = line - self.upper_lip * (1.0 - 0.3 * smile) * bow
-        gap = opened * 9.0 * (1.0 - xs2) ** 0.8
-        bottom = line + gap + self.lower_lip * (1.0 - 0.2 * smile) * (1.0 - xs2) ** 0.6
+        line = head.mouth_y - smile * 1.0 - (self.curvature + 3.5 * smile) * _MOUTH_XS2
+        top = line - self.upper_lip * (1.0 - 0.3 * smile) * _MOUTH_BOW
+        gap = opened * 9.0 * _MOUTH_GAP
+        bottom = line + gap + self.lower_lip * (1.0 - 0.2 * smile) * _MOUTH_LOWER
         teeth = line[1:-1] + np.minimum(gap[1:-1], 2.5 + 0.5 * self.upper_lip)
-        out = 1.8 * (1.0 - xs2)
         xx = np.concatenate([x, x, x, x, x[1:-1]])
         yy = np.concatenate([top, line, line + gap, bottom, teeth])
-        return head.front(xx, yy, np.concatenate([out, out, out, out, out[1:-1] - 0.5]))
+        return head.front(xx, yy, _MOUTH_OUT_ALL)
 
 
 def _set_colours(m: _Model, genes: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
@@ -551,14 +568,10 @@ def _add_head_and_skin(
     hairline_y = eye_y - _lerp(30.0, 42.0, genes["hairline"])
     m.s_skin = None
     if style != "bald":
-        phi_h = np.linspace(-1.35, 1.35, 11)
         hairline = head.around(
-            phi_h, hairline_y + (eye_y - 12.0 - hairline_y) * (np.abs(phi_h) / 1.35) ** 2.5
+            _HAIRLINE_PHI, hairline_y + (eye_y - 12.0 - hairline_y) * _HAIRLINE_BEND
         )
-        side_phi = 1.2 if style == "long" else 1.75
-        side = head.around(
-            np.repeat([-side_phi, side_phi], 3), np.tile(eye_y + np.array([-10.0, 6.0, 20.0]), 2)
-        )
+        side = head.around(_SIDE_PHI[1.2 if style == "long" else 1.75], eye_y + _SIDE_Y)
         phi = _RING_PHI[::2] if style != "long" else _RING_PHI[np.abs(_RING_PHI) <= 1.3]
         lower = head.around(phi[None, :], head.half_height * _RING_T[6:, None])
         m.s_skin = points.add(np.concatenate([hairline, side, lower.reshape(-1, 3)]))
@@ -623,7 +636,7 @@ def _add_nose(m: _Model, genes: dict[str, float], head: _HeadShape, points: _Poi
         normals.append(n if np.dot(n, p.sum(axis=0) / len(p) - centroid) > 0 else -n)
     down = _unit(nose[7] - nose[4])
     m.s_nostrils, m.s_alae = [], []
-    ala_t = np.linspace(-1.2, 1.4, 5)
+    ala_t = _ALA_T
     for side in (-1.0, 1.0):
         centre = np.array([side * width * 0.2, tip_y + 2.2, 0.5 * (nose[4, 2] + nose[5, 2]) - 1.0])
         nostril = (
@@ -710,7 +723,7 @@ def _brows(
     brow_x = np.concatenate([bx, bx[::-1]])
     brows = np.concatenate([head.front(side * brow_x, brow_y, 0.4) for side in (-1.0, 1.0)])
     brows_raise = np.zeros_like(brows)
-    brows_raise[:, 1] = -3.0 * (1.0 - 0.4 * np.tile(np.concatenate([t, t[::-1]]), 2))
+    brows_raise[:, 1] = _BROW_RAISE
     return brows, brows_raise, height
 
 
@@ -794,7 +807,7 @@ def _add_front_hair(
     style, volume, hairline_y, eye_y = hair.style, hair.volume, hair.hairline_y, head.eye_y
     m.s_fringe = m.s_back = None
     if style in ("fringe", "curly"):
-        fx = np.linspace(-1.0, 1.0, 11)
+        fx = _FRINGE_X
         length = _lerp(12.0, 22.0, part) if style == "fringe" else _lerp(6.0, 12.0, part)
         jag = np.where(np.arange(11) % 2 == 0, 0.0, 2.5 if style == "fringe" else 4.0)
         edge = np.minimum(
@@ -806,7 +819,7 @@ def _add_front_hair(
         )
     elif style == "side_part":
         sign = 1.0 if part > 0.5 else -1.0
-        k = np.linspace(0.0, 1.0, 8)
+        k = _PART_K
         phi_top = sign * (0.35 - 1.7 * k)
         top = head.around(phi_top, np.full(8, hairline_y - 3.0), volume)
         drop = (
@@ -844,7 +857,7 @@ def _add_strands(
         return
     side_part = hair.style == "side_part"
     flow = rng.normal(0.0, 0.08) + (0.12 if genes["hair_part"] > 0.5 else -0.12) * side_part
-    phi0 = (np.linspace(-1.1, 1.1, 6) + rng.normal(0.0, 0.08, 6))[:, None]
+    phi0 = (_STRAND_PHI + rng.normal(0.0, 0.08, 6))[:, None]
     ys = hair.hairline_y - 3.0 - np.array([0.0, 5.0, 10.0]) - 3.0 * rng.random((6, 1))
     strands = head.around(phi0 * 1.05 + flow * np.arange(3), ys, hair.volume * 1.005)
     m.s_strands = [points.add(strand) for strand in strands]
@@ -929,9 +942,8 @@ def _add_neck_and_blobs(
     the blob centres."""
     half_width, half_height, depth = head.half_width, head.half_height, head.depth
     m.s_chin = points.add(head.around(0.0, half_height))
-    neck_phi = np.linspace(0.0, 2.0 * np.pi, 6, endpoint=False)
-    neck_x = 0.55 * half_width * head.jaw * np.sin(neck_phi)
-    neck_z = -0.15 * depth + 0.4 * depth * np.cos(neck_phi)
+    neck_x = 0.55 * half_width * head.jaw * _NECK_SIN
+    neck_z = -0.15 * depth + 0.4 * depth * _NECK_COS
     m.s_neck = points.add(
         np.concatenate(
             [
@@ -957,7 +969,7 @@ def _add_neck_and_blobs(
 def _set_mask(m: _Model, head: _HeadShape) -> None:
     """The face mask occluder: its top edge rises by ``mask_d`` as occlusion_params[1] goes
     0 -> 1."""
-    xs = np.linspace(-0.96, 0.96, 9) * head.half_width * 0.93
+    xs = _MASK_X * head.half_width * 0.93
     jaw = head.around(
         np.array([1.5, 1.1, 0.6, 0.0, -0.6, -1.1, -1.5]),
         head.half_height * np.array([0.45, 0.75, 0.95, 1.03, 0.95, 0.75, 0.45]),
@@ -1006,7 +1018,7 @@ def _set_alignment(m: _Model, landmarks: np.ndarray) -> None:
 
 def _build_model(params: np.ndarray) -> _Model:
     """The 3D model of the identity with genes ``params`` (see ``identity.PARAM_NAMES``)."""
-    genes = {name: float(params[i]) for name, i in PARAM_INDEX.items()}
+    genes = dict(zip(PARAM_INDEX, params.tolist(), strict=True))  # PARAM_INDEX: in gene order
     m = _Model()
     head = _HeadShape(genes)
     m.a, m.b = head.half_width, head.half_height

@@ -100,6 +100,7 @@ _N_SIDES, _N_NOSE, _N_FACE, _N_BLOBS, _N_MOLES = 2, 4, 8, 9, 15
 _BLOB_GAIN = np.array([-0.16, -0.16, -0.14, -0.1, 0.07, 0.07])
 _BLOB_SIGMA = np.array([6.5, 6.5, 4.0, 4.5, 8.0, 8.0])
 _RAMP = np.arange(256) / 255.0
+_LEVELS_U8 = np.arange(256, dtype=np.uint8)
 _CURL_THETA = np.linspace(-np.pi, np.pi, 72, endpoint=False)
 # Identity-independent parts of the model, computed once (the model building used to recompute
 # them for each identity, with the same operations).
@@ -142,6 +143,11 @@ def _homogeneous(p: np.ndarray) -> np.ndarray:
     out[..., :3] = p
     out[..., 3] = 1.0
     return out
+
+
+def _broadcast_shape(a: np.ndarray, b: np.ndarray) -> tuple[int, ...]:
+    """The shape of ``a`` and ``b`` broadcast together (usually their common shape)."""
+    return a.shape if a.shape == b.shape else np.broadcast_shapes(a.shape, b.shape)
 
 
 def _tup(c: np.ndarray) -> tuple[float, float, float]:
@@ -427,7 +433,7 @@ class _HeadShape:
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         half_width, centre, half_depth = self.ring(y)  # elementwise: broadcast below
         across = np.minimum(np.abs(x) / np.maximum(half_width, 1e-3), 1.0)
-        points = np.empty((*np.broadcast_shapes(x.shape, y.shape), 3))
+        points = np.empty((*_broadcast_shape(x, y), 3))
         points[..., 0], points[..., 1] = x, y
         points[..., 2] = centre + half_depth * np.sqrt(1.0 - across * across) + out
         return points
@@ -436,7 +442,7 @@ class _HeadShape:
         """Points of the rings at heights ``y`` and angles ``phi`` (0 = front), scaled."""
         phi, y = np.asarray(phi, np.float64), np.asarray(y, np.float64)
         half_width, centre, half_depth = self.ring(y)  # elementwise: broadcast below
-        points = np.empty((*np.broadcast_shapes(phi.shape, y.shape), 3))
+        points = np.empty((*_broadcast_shape(phi, y), 3))
         points[..., 0], points[..., 1], points[..., 2] = (
             half_width * np.sin(phi) * scale,
             y,
@@ -1427,8 +1433,10 @@ def _light(img: np.ndarray, m: _Model, n: Nuisance, fr: _Frame) -> np.ndarray:
         x = np.minimum(np.maximum(_RAMP + offset, 0.0), 1.0)
         img = cv2.LUT(img, (x**n.gamma * 255.0 + 0.5).astype(np.uint8))
     elif offset:
+        # cv2.add / subtract of a scalar, elementwise: applied to the 256 grey levels it gives a
+        # lookup table that cv2.LUT applies 5x faster than the scalar operation on the image
         v = abs(offset) * 255.0
-        img = (cv2.add if offset > 0 else cv2.subtract)(img, (v, v, v, 0.0))
+        img = cv2.LUT(img, (cv2.add if offset > 0 else cv2.subtract)(_LEVELS_U8, (v, v, v, 0.0)))
     return img
 
 

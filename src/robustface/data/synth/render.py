@@ -1511,6 +1511,47 @@ _SATURATE_LUT = np.stack([_LEVELS, np.minimum(2 * _LEVELS, 255), _LEVELS], axis=
 """Cartoon colours: HSV saturation doubled (saturating at 255), hue and value kept."""
 
 
+def _fixed_blur(gray: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Separable blur of a uint8 image by an integer kernel summing to 256, rounded half up.
+
+    The sums stay below 2**24, so float32 holds them exactly: this is cv2.GaussianBlur's
+    fixed-point arithmetic for 8-bit images, with ``kernel`` its fixed-point coefficients.
+    """
+    total = cv2.sepFilter2D(gray, cv2.CV_32F, kernel, kernel)  # border: reflect 101, as cv2
+    return ((total + 32768.0) * (1.0 / 65536.0)).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _pencil_kernel(size: int) -> np.ndarray | None:
+    """cv2.GaussianBlur's fixed-point kernel for ``sigma = 2 size / 112`` on 8-bit images.
+
+    OpenCV rounds the Gaussian times 256 from the tails inwards, carrying each rounding error to
+    the next tap, and gives the centre what is left of 256. ``None`` where ``_fixed_blur`` with
+    this kernel does not reproduce cv2.GaussianBlur on a random image of this size.
+    """
+    sigma = 2.0 * size / 112.0
+    n = round(sigma * 6.0 + 1.0) | 1  # OpenCV's kernel size for 8-bit images
+    gauss = cv2.getGaussianKernel(n, sigma, cv2.CV_64F).ravel() * 256.0
+    kernel, err = np.empty(n, np.float32), 0.0
+    for i in range(n // 2):
+        v = round(gauss[i] + err)
+        err += gauss[i] - v
+        kernel[i] = kernel[n - 1 - i] = v
+    kernel[n // 2] = 256.0 - 2.0 * kernel[: n // 2].sum()
+    probe = np.random.default_rng(size).integers(0, 256, (size, size), dtype=np.uint8)
+    exact = np.array_equal(_fixed_blur(probe, kernel), cv2.GaussianBlur(probe, (0, 0), sigma))
+    return kernel if exact else None
+
+
+def _pencil_blur(gray: np.ndarray) -> np.ndarray:
+    """``cv2.GaussianBlur(gray, (0, 0), 2 size / 112)``, 3x faster (same bytes)."""
+    size = gray.shape[0]
+    kernel = _pencil_kernel(size)
+    if kernel is None:
+        return cv2.GaussianBlur(gray, (0, 0), 2.0 * size / 112.0)
+    return _fixed_blur(gray, kernel)
+
+
 @functools.lru_cache(maxsize=2)
 def _ink(size: int) -> np.ndarray:
     """The cartoon's edge colour, grey level 20, as a ``size x size x 3`` image to copy from."""
@@ -1531,7 +1572,7 @@ def render_sketch(identity: Identity, nuisance: Nuisance, size: int = 112) -> Re
     style = SKETCH_STYLES[nuisance.seed % 3]
     gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     if style == "pencil":
-        blur = cv2.GaussianBlur(255 - gray, (0, 0), 2.0 * size / 112.0)
+        blur = _pencil_blur(255 - gray)
         dodge = cv2.divide(gray, 255 - blur, scale=256.0)
         sketch = cv2.subtract(dodge, cv2.Canny(gray, 30, 90) // 3)
         img = cv2.LUT(cv2.cvtColor(sketch, cv2.COLOR_GRAY2RGB), _PENCIL_LUT)

@@ -359,3 +359,19 @@ def test_a_bad_device_is_a_one_line_error(tmp_path, capsys):
                  "--device", "bogus"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "--device 'bogus': not a torch device" in err and "Traceback" not in err
+
+
+def test_ctrl_c_is_one_line_with_how_to_resume(monkeypatch, capsys):
+    """Ctrl-C in a command prints one line (no traceback), exit status 130 as a shell gives;
+    train's line says how to continue the run."""
+
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_report", interrupted)
+    assert main(["report", "run"]) == 130
+    assert capsys.readouterr().err == "robustface report: interrupted\n"
+    monkeypatch.setattr(cli, "_cmd_train", interrupted)
+    assert main(["train", "cfg.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert err == "robustface train: interrupted; continue the run with --set train.resume=auto\n"

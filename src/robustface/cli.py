@@ -816,12 +816,17 @@ def _check_device(device: str | None) -> None:
         ) from None
 
 
+# what to do after Ctrl-C, where running the same command again does not resume by itself
+_RESUME_HINTS = {"train": "; continue the run with --set train.resume=auto"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustface`` console script.
 
     User errors (:class:`~robustface.errors.RobustfaceError`, which includes unknown registry
     names, a ``ValueError`` for a bad parameter, a missing or existing path) are printed as one
-    line, exit status 2; any other exception is a bug and keeps its traceback.
+    line, exit status 2; any other exception is a bug and keeps its traceback. Ctrl-C
+    (``KeyboardInterrupt``) is one line too, exit status 130, with how to resume where it helps.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -830,6 +835,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RobustfaceError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"robustface {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = _RESUME_HINTS.get(args.command, "")
+        print(f"robustface {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -325,6 +325,24 @@ def test_bad_config_errors(synth_train_dir, tmp_path):
     assert (synth_train_dir / "train.rec").is_file()
 
 
+def test_a_set_up_that_fails_leaves_no_new_run_directory(synth_train_dir, tmp_path):
+    """A data path or verification set that is not there fails the set-up after the run
+    directory was made: a directory this run created is removed (no config.yaml / meta.json
+    of a run that never started); one that was there before is not removed."""
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Trainer(_cfg(tmp_path / "x", tmp_path / "nowhere"))
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(FileNotFoundError, match=r"agedb_30\.bin"):
+        Trainer(_cfg(tmp_path / "y" / "run", synth_train_dir, "data.val_targets=[agedb_30]"))
+    assert not (tmp_path / "y" / "run").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Trainer(_cfg(mine, tmp_path / "nowhere"))
+    assert (mine / "notes.txt").read_text() == "kept"
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -228,7 +229,9 @@ class Trainer:
     The components come from their registries (:mod:`robustface.train.components`), the
     training set from ``DATA_SOURCES``; logging, evaluation, probes and checkpoints are
     callbacks (:mod:`robustface.train.callbacks`) called at fixed points of :meth:`fit`. Nothing
-    is written before the whole config is valid (``ConfigError``)."""
+    is written before the whole config is valid (``ConfigError``), and a set-up that fails
+    afterwards (a data path or verification set not there, Ctrl-C) removes the run directory it
+    created."""
 
     def __init__(self, cfg: Config, info: DistInfo | None = None) -> None:
         check_config(cfg)  # before anything is written, rendered or initialised
@@ -243,9 +246,20 @@ class Trainer:
         self.device = self.info.device
         self.out = Path(cfg.output_dir)
         self.run = RunDir(self.out)
+        fresh = not self.out.exists()
         if self.info.is_main:
             RunDir.create(self.out, cfg, cfg.seed)
         barrier()
+        try:
+            self._set_up()
+        except BaseException:  # a missing data path, a bad record, Ctrl-C: no half-made run left
+            if fresh and self.info.is_main:
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+
+    def _set_up(self) -> None:
+        """Everything after the run directory: data, model, optimiser, callbacks, resumption."""
+        cfg = self.cfg
         if cfg.train.threads:  # CPU results depend on the thread count: fix it for repeatable runs
             torch.set_num_threads(cfg.train.threads)
         _seed_everything(cfg.seed + self.info.rank)

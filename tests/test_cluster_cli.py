@@ -224,3 +224,15 @@ def test_method_names_in_the_help_are_the_registered_clusterers(capsys):
             main(["cluster", command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert _METHODS in text, command
+
+
+def test_npy_features_need_no_dim(tmp_path, capsys):
+    """A .npy (e.g. ``robustface embed``'s embeddings.npy) gives its own width: no --dim needed,
+    and a --dim that contradicts it is an error naming the file."""
+    (tmp_path / "features").mkdir()
+    feats = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
+    np.save(tmp_path / "features" / "mine.npy", feats)
+    assert main(["cluster", "knn", str(tmp_path), "mine", "--k", "3", "--quiet"]) == 0
+    assert "12 x k=3" in capsys.readouterr().out
+    assert main(["cluster", "knn", str(tmp_path), "mine", "--k", "3", "--dim", "4"]) == 2
+    assert "mine.npy: rows have 5 values, expected dim=4" in capsys.readouterr().err

@@ -229,7 +229,7 @@ def _not_found(what: str, candidates: list[Path]) -> FileNotFoundError:
 def load_cluster_set(
     root: str | Path,
     name: str,
-    dim: int = 256,
+    dim: int | None = 256,
     normalize: bool = True,
     mmap: bool = False,
     *,
@@ -237,6 +237,9 @@ def load_cluster_set(
 ) -> ClusterSet:
     """Load ``name`` from a learn-to-cluster data root (``features/<name>.bin|.npy`` and
     ``labels/<name>.meta|.npy``).
+
+    ``dim`` is the row width of a ``.bin`` and is checked against a ``.npy``; None takes a
+    ``.npy``'s own width and learn-to-cluster's 256 for a ``.bin``.
 
     Missing labels give ``labels=None`` (learn-to-cluster clusters unlabelled test sets too)
     unless ``require_labels``. A label count that differs from the feature rows is an error.
@@ -249,6 +252,8 @@ def load_cluster_set(
         raise _not_found("features", feats_candidates)
     if labels_file is None and require_labels:
         raise _not_found("labels", labels_candidates)
+    if dim is None and feats_file.suffix == ".bin":
+        dim = 256
     feats = load_features(feats_file, dim, normalize=normalize, mmap=mmap)
     labels = None
     if labels_file is not None:

@@ -758,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "inspect",
-        help="summarise and check a .rec training set, a .bin set or an IJB directory",
+        help="summarise and check a .rec training set, a .bin set, an IJB directory or an "
+        "image folder",
         description="Summarise the datasets at PATH and check every record: framing, labels in "
         "range, every image decodes (IJB: exists and decodes). Lists the problems found with "
         "their file and record; exits with status 1 if there are any.",
@@ -767,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
         "path",
         type=Path,
         help=".rec, .bin, or a directory (searched with its sub-directories for .rec, .bin and "
-        "IJB meta/)",
+        "IJB meta/; else an image folder: one sub-folder of images per identity)",
     )
     p.add_argument(
         "--quick", action="store_true", help="decode only the first image of each set (fast)"

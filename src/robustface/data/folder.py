@@ -17,7 +17,9 @@ from robustface.data.recordio import write_insightface_rec
 from robustface.errors import DataFormatError
 from robustface.utils.io import write_text_atomic
 
-__all__ = ["ImageFolderDataset", "folder_to_rec"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "folder_to_rec"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")  # what an image folder is read for
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -32,7 +34,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self,
         root: str | Path,
         transform: Callable[[np.ndarray], Any] | None = None,
-        extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp"),
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
     ) -> None:
         self.root = Path(root)
         self.transform = transform

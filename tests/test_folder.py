@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import cv2
 import numpy as np
@@ -124,6 +125,24 @@ def test_folder_to_rec(tmp_path):
     ds = RecordIODataset(out)
     assert ds.layout == "insightface" and ds.num_classes == 3
     np.testing.assert_array_equal(ds.labels, folder.labels)
+
+
+def test_folder_to_rec_replaces_a_training_set_only_with_overwrite(tmp_path):
+    """Converting into a directory that holds a train.rec refuses (naming it) unless asked; the
+    files already there are left as they were, and other files are kept with overwrite."""
+    root, out = tmp_path / "faces", tmp_path / "rec"
+    make_tree(root, size=20)
+    folder_to_rec(root, out, show_progress=False)
+    (out / "lfw.bin").write_bytes(b"pairs")
+    before = (out / "train.rec").read_bytes()
+    other = tmp_path / "other"
+    make_tree(other, size=20)
+    shutil.rmtree(other / "carol")
+    with pytest.raises(FileExistsError, match=re.escape(f"{out / 'train.rec'} exists")):
+        folder_to_rec(other, out, show_progress=False)
+    assert (out / "train.rec").read_bytes() == before
+    folder_to_rec(other, out, show_progress=False, overwrite=True)
+    assert RecordIODataset(out).num_classes == 2 and (out / "lfw.bin").read_bytes() == b"pairs"
 
 
 def test_folder_to_rec_takes_size_from_images(tmp_path):

@@ -508,7 +508,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     size = (args.image_size, args.image_size) if args.image_size else None
     out = folder_to_rec(
-        args.src, args.out, image_size=size, quality=args.quality, show_progress=not args.quiet
+        args.src,
+        args.out,
+        image_size=size,
+        quality=args.quality,
+        show_progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(f"wrote {out}")
     return 0
@@ -753,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="output directory for train.rec/.idx/property")
     p.add_argument("--image-size", type=int, default=None, help="require this square size")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for non-JPEG inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/train.rec")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 

@@ -100,6 +100,7 @@ def folder_to_rec(
     image_size: tuple[int, int] | None = None,
     quality: int = 95,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Convert an identity-per-folder tree into the insightface RecordIO layout in ``out_dir``.
 
@@ -107,8 +108,12 @@ def folder_to_rec(
     Every image is decoded once to check it; with ``image_size=(H, W)`` each one must already
     have that size (images are never resized here). Writes ``train.rec``, ``train.idx``,
     ``property`` and ``classes.txt`` (folder name of label ``i`` on line ``i``); returns the
-    ``.rec`` path.
+    ``.rec`` path. An existing ``train.rec`` in ``out_dir`` is replaced only with ``overwrite``
+    (other files there, such as verification ``.bin`` sets, are kept).
     """
+    existing = Path(out_dir) / "train.rec"
+    if existing.exists() and not overwrite:
+        raise FileExistsError(f"{existing} exists; pass overwrite=True (CLI: --overwrite)")
     dataset = ImageFolderDataset(root)
     if image_size is not None:
         expected = (int(image_size[0]), int(image_size[1]))

@@ -157,8 +157,10 @@ def test_image_folder_every_image_is_decoded(tmp_path, capsys):
         for i, data in enumerate(_images(n)):
             (root / person / f"{i}.jpg").write_bytes(data)
     (root / "bob" / "1.jpg").write_bytes(b"not a jpeg")
+    (root / "bob" / "notes.txt").write_text("-")  # not read by training: said in the summary
     assert main(["inspect", str(root), "--quiet"]) == 1
     out = capsys.readouterr().out
+    assert f"| files skipped (no image extension)    | 1, e.g. {root / 'bob' / 'notes.txt'} " in out
     assert f"image folder {root}" in out
     assert "| classes (sub-folders)                 | 2 " in out
     assert "| images per class (min / median / max) | 2 / 2.5 / 3 " in out

@@ -26,8 +26,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Images under ``root/<identity>/``; identities sorted by folder name get labels ``0..C-1``.
 
     Files are matched by extension (case-insensitive) and sorted by name within each identity.
-    Hidden entries (names starting with ``.``) are skipped. ``ds[i]`` is ``(image, label)``: an
-    ``HxWx3`` uint8 RGB array, or ``transform(image)``.
+    Hidden entries (names starting with ``.``) are skipped; other files without an image
+    extension are skipped with a warning and listed in ``skipped``. ``ds[i]`` is
+    ``(image, label)``: an ``HxWx3`` uint8 RGB array, or ``transform(image)``.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 )
             self.samples.extend(files)
             counts.append(len(files))
+        self.skipped = skipped
         if skipped:  # never silently: say what was left out
             warnings.warn(
                 f"{self.root}: skipped {len(skipped)} files without an image extension "

@@ -24,6 +24,7 @@ Every problem found is counted and the first ``max_problems`` are listed with th
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -227,7 +228,9 @@ def _check_ijb(path: Path, name: str, problems: _Problems, quick: bool, progress
 
 
 def _check_folder(path: Path, problems: _Problems, quick: bool, progress: bool) -> str:
-    ds = ImageFolderDataset(path)
+    with warnings.catch_warnings():  # the skipped files are a row of the summary
+        warnings.simplefilter("ignore", UserWarning)
+        ds = ImageFolderDataset(path)
     sizes: Counter[tuple[int, int]] = Counter()
     n = 1 if quick else len(ds)
     with _bar(n, path.name, progress) as bar:
@@ -247,6 +250,10 @@ def _check_folder(path: Path, problems: _Problems, quick: bool, progress: bool) 
             f"{counts.min()} / {np.median(counts):g} / {counts.max()}",
         ],
         [f"image size ({which})", _sizes(sizes)],
+        [
+            "files skipped (no image extension)",
+            f"{len(ds.skipped)}, e.g. {ds.skipped[0]}" if ds.skipped else 0,
+        ],
     ]
     checked = (
         f"quick check: {ds.samples[0]} only (run without --quick to check all {len(ds)})"

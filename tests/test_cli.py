@@ -375,3 +375,12 @@ def test_ctrl_c_is_one_line_with_how_to_resume(monkeypatch, capsys):
     assert main(["train", "cfg.yaml"]) == 130
     err = capsys.readouterr().err
     assert err == "robustface train: interrupted; continue the run with --set train.resume=auto\n"
+
+
+def test_train_help_says_what_the_data_needs(capsys):
+    """``train --help`` names the data sources with the keys each one needs, and resumption."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needed in ("data.source=rec", "data.source=folder", "data.val_dir", "train.resume=auto"):
+        assert needed in text

@@ -592,8 +592,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_noise)
 
-    p = sub.add_parser("train", help="train a backbone + classifier + margin head")
-    _add_config_args(p, positional=True)
+    p = sub.add_parser(
+        "train",
+        help="train a backbone + classifier + margin head",
+        description="Train from CONFIG into its output_dir (docs/training.md). The data: "
+        "data.source=rec with data.path a .rec directory (insightface layout; the val_targets "
+        ".bin sets beside it), data.source=folder with data.path one sub-folder of images per "
+        "identity and data.val_dir the directory of the .bin sets, or data.source=synthface "
+        "(rendered from the synth section). An interrupted run continues with --set "
+        "train.resume=auto.",
+    )
+    _add_config_args(p, positional=True, example="data.path=/data/faces_emore")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model")

@@ -345,17 +345,22 @@ def test_a_set_up_that_fails_leaves_no_new_run_directory(synth_train_dir, tmp_pa
 
 
 def test_resuming_with_another_architecture_is_refused_and_keeps_the_run(synth_train_dir, tmp_path):
-    """Resuming a run with another model.width (or backbone, embedding or input size, or
-    classifier) is a one-line error naming each key, not load_state_dict's traceback, and the
-    run's config.yaml and meta.json stay those of its weights."""
+    """Resuming a run with another model.width (or backbone, embedding or input size,
+    classifier or head) is a one-line error naming each key, not load_state_dict's traceback,
+    and the run's config.yaml and meta.json stay those of its weights."""
     extra = ["data.val_targets=[]", "train.max_steps=2", "train.checkpoint_every=2"]
     Trainer(_cfg(tmp_path / "run", synth_train_dir, *extra)).fit()
     run = tmp_path / "run"
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "meta.json")}
     wider = _cfg(run, synth_train_dir, *extra, "train.resume=auto", "model.width=0.25")
-    message = r"architecture differs .*\(model\.width: checkpoint 0\.125, config 0\.25\)"
+    message = r"model differs .*\(model\.width: checkpoint 0\.125, config 0\.25\)"
     with pytest.raises(ValueError, match=message):
         Trainer(wider)
+    other_head = _cfg(run, synth_train_dir, *extra, "train.resume=auto", "head.name=curricularface")
+    with pytest.raises(
+        ValueError, match=r"head\.name: checkpoint 'arcface', config 'curricularface'"
+    ):
+        Trainer(other_head)
     assert {name: (run / name).read_bytes() for name in before} == before
     # the same settings resume (the run is complete: nothing to train)
     Trainer(_cfg(run, synth_train_dir, *extra, "train.resume=auto"))

@@ -236,13 +236,14 @@ def _restore(out: Path, fresh: bool, before: dict[Path, bytes | None]) -> None:
             write_bytes_atomic(file, data)
 
 
-# what determines the shapes of the saved weights: a resumed run must keep them
+# what the saved weights and head state are made for: a resumed run must keep them
 _ARCHITECTURE_KEYS = (
     ("model", "backbone"),
     ("model", "embedding_size"),
     ("model", "input_size"),
     ("model", "width"),
     ("fc", "name"),
+    ("head", "name"),
 )
 
 
@@ -262,8 +263,8 @@ class Trainer:
     training set from ``DATA_SOURCES``; logging, evaluation, probes and checkpoints are
     callbacks (:mod:`robustface.train.callbacks`) called at fixed points of :meth:`fit`. Nothing
     is written before the whole config is valid (``ConfigError``), and a set-up that fails
-    afterwards (a data path or verification set not there, a checkpoint of another architecture
-    to resume, Ctrl-C) removes the run directory it created, or puts back the ``config.yaml`` and
+    afterwards (a data path or verification set not there, a checkpoint of another model to
+    resume, Ctrl-C) removes the run directory it created, or puts back the ``config.yaml`` and
     ``meta.json`` it replaced."""
 
     def __init__(self, cfg: Config, info: DistInfo | None = None) -> None:
@@ -515,7 +516,7 @@ class Trainer:
         changed = _architecture_changes(main.get("config", {}), to_dict(self.cfg))
         if changed:
             raise ValueError(
-                f"{path}: the checkpoint's architecture differs from the config's ("
+                f"{path}: the checkpoint's model differs from the config's ("
                 + "; ".join(changed)
                 + "): resume with the run's settings, or choose another output_dir"
             )

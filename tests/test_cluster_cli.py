@@ -236,3 +236,11 @@ def test_npy_features_need_no_dim(tmp_path, capsys):
     assert "12 x k=3" in capsys.readouterr().out
     assert main(["cluster", "knn", str(tmp_path), "mine", "--k", "3", "--dim", "4"]) == 2
     assert "mine.npy: rows have 5 values, expected dim=4" in capsys.readouterr().err
+
+
+def test_a_learned_method_without_its_model_says_how_to_give_it(bench, tmp_path, capsys):
+    args = ["cluster", "run", "gcn_v", str(bench), "part1_test", "--k", "10", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a trained gcn_v model" in err
+    assert "--model gcn_v=FILE, written by 'robustface cluster train'" in err

@@ -361,6 +361,26 @@ def test_a_bad_device_is_a_one_line_error(tmp_path, capsys):
     assert "--device 'bogus': not a torch device" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("devices", "device", "message"),
+    [
+        (0, "cuda", "--device 'cuda': CUDA is not available (use --device cpu)"),
+        (1, "cuda:3", "--device 'cuda:3': only 1 CUDA device(s), cuda:0 to cuda:0"),
+    ],
+)
+def test_a_cuda_device_that_is_not_there_is_a_one_line_error(
+    tmp_path, capsys, monkeypatch, devices, device, message
+):
+    """Not torch's AssertionError ("Torch not compiled with CUDA enabled") from deep inside."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    args = ["eval", "verification", str(tmp_path / "run"), "--targets", "lfw", "--device", device]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"robustface eval: error: {message}\n"
+
+
 def test_ctrl_c_is_one_line_with_how_to_resume(monkeypatch, capsys):
     """Ctrl-C in a command prints one line (no traceback), exit status 130 as a shell gives;
     train's line says how to continue the run."""

@@ -819,17 +819,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_device(device: str | None) -> None:
-    """``ValueError`` naming ``--device`` when ``device`` is not a torch device string."""
+    """``ValueError`` naming ``--device`` when ``device`` is not a torch device string, or a
+    CUDA device where CUDA is not available (or that index is not there)."""
     if device is None:
         return
     import torch
 
     try:
-        torch.device(device)
+        where = torch.device(device)
     except RuntimeError:
         raise ValueError(
             f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)"
         ) from None
+    if where.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"--device {device!r}: CUDA is not available (use --device cpu)")
+        if where.index is not None and where.index >= count:
+            raise ValueError(
+                f"--device {device!r}: only {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
 
 
 # what to do after Ctrl-C, where running the same command again does not resume by itself

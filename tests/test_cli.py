@@ -404,3 +404,14 @@ def test_train_help_says_what_the_data_needs(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for needed in ("data.source=rec", "data.source=folder", "data.val_dir", "train.resume=auto"):
         assert needed in text
+
+
+def test_a_file_where_a_directory_goes_is_one_line(tmp_path, capsys):
+    """``clean dirty FILE`` (its OUT/synthface cannot be made under a file): the OS error is the
+    user's, one line naming the path, no traceback."""
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    assert main(["clean", "dirty", str(out), "--identities", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustface clean: error: ") and "Not a directory" in err
+    assert str(out) in err and err.count("\n") == 1 and out.read_text() == "mine"

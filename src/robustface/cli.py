@@ -849,15 +849,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustface`` console script.
 
     User errors (:class:`~robustface.errors.RobustfaceError`, which includes unknown registry
-    names, a ``ValueError`` for a bad parameter, a missing or existing path) are printed as one
-    line, exit status 2; any other exception is a bug and keeps its traceback. Ctrl-C
+    names, a ``ValueError`` for a bad parameter, a missing or existing path, a file where a
+    directory goes or the reverse) are printed as one line, exit status 2; any other exception
+    is a bug and keeps its traceback. Ctrl-C
     (``KeyboardInterrupt``) is one line too, exit status 130, with how to resume where it helps.
     """
     args = build_parser().parse_args(argv)
     try:
         _check_device(getattr(args, "device", None))
         return args.func(args)
-    except (RobustfaceError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (
+        RobustfaceError,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        NotADirectoryError,  # a file given where a directory goes (or the reverse)
+        IsADirectoryError,
+    ) as exc:
         print(f"robustface {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

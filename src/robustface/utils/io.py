@@ -66,6 +66,8 @@ def check_output_dir(
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite)")
+        if not out.is_dir():
+            raise FileExistsError(f"{out} is a file, not an output directory: not replacing it")
         if any(out.iterdir()) and not (out / marker).is_file():
             raise FileExistsError(f"{out} exists and holds no {marker}: not replacing it")
 

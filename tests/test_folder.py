@@ -24,6 +24,18 @@ def test_skipped_files_are_reported(tmp_path):
         ImageFolderDataset(tmp_path)
 
 
+def test_images_in_a_folder_inside_an_identity_are_not_dropped_silently(tmp_path):
+    """``alice/2019/x.jpg`` is not read (one level per identity): said, as for other files."""
+    make_tree(tmp_path)
+    nested = tmp_path / "alice" / "2019"
+    nested.mkdir()
+    (nested / "x.jpg").write_bytes(encode_image(smooth_image(9)))
+    with pytest.warns(UserWarning, match=r"skipped 2 files .*or sub-folders") as caught:
+        ds = ImageFolderDataset(tmp_path)
+    assert nested in ds.skipped and str(nested) not in str(ds.samples)
+    assert len(caught) == 1
+
+
 def smooth_image(seed: int, size: int = 16) -> np.ndarray:
     rng = np.random.default_rng(seed)
     noise = cv2.GaussianBlur(rng.uniform(0, 200, (size, size, 3)).astype(np.float32), (0, 0), 2)

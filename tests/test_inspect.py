@@ -160,7 +160,7 @@ def test_image_folder_every_image_is_decoded(tmp_path, capsys):
     (root / "bob" / "notes.txt").write_text("-")  # not read by training: said in the summary
     assert main(["inspect", str(root), "--quiet"]) == 1
     out = capsys.readouterr().out
-    assert f"| files skipped (no image extension)    | 1, e.g. {root / 'bob' / 'notes.txt'} " in out
+    assert f"| skipped (not images, sub-folders)     | 1, e.g. {root / 'bob' / 'notes.txt'} " in out
     assert f"image folder {root}" in out
     assert "| classes (sub-folders)                 | 2 " in out
     assert "| images per class (min / median / max) | 2 / 2.5 / 3 " in out

@@ -27,7 +27,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     Files are matched by extension (case-insensitive) and sorted by name within each identity.
     Hidden entries (names starting with ``.``) are skipped; other files without an image
-    extension are skipped with a warning and listed in ``skipped``. ``ds[i]`` is
+    extension and folders inside an identity folder are skipped with a warning and listed in
+    ``skipped``. ``ds[i]`` is
     ``(image, label)``: an ``HxWx3`` uint8 RGB array, or ``transform(image)``.
     """
 
@@ -52,9 +53,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         counts = []
         skipped: list[Path] = []
         for folder in folders:
-            entries = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-            files = sorted(p for p in entries if p.suffix.lower() in exts)
-            skipped.extend(p for p in entries if p.suffix.lower() not in exts)
+            entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+            files = sorted(p for p in entries if p.is_file() and p.suffix.lower() in exts)
+            skipped.extend(sorted(p for p in entries if p.is_dir() or p.suffix.lower() not in exts))
             if not files:
                 raise DataFormatError(
                     folder, f"identity folder has no images with extensions {sorted(exts)}"
@@ -65,7 +66,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if skipped:  # never silently: say what was left out
             warnings.warn(
                 f"{self.root}: skipped {len(skipped)} files without an image extension "
-                f"{sorted(exts)}, e.g. {skipped[0]}",
+                f"{sorted(exts)} or sub-folders (images are read from each identity folder "
+                f"itself, not below it), e.g. {skipped[0]}",
                 stacklevel=2,
             )
         self._labels = np.repeat(np.arange(len(folders), dtype=np.int64), counts)

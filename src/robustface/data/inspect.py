@@ -251,7 +251,7 @@ def _check_folder(path: Path, problems: _Problems, quick: bool, progress: bool) 
         ],
         [f"image size ({which})", _sizes(sizes)],
         [
-            "files skipped (no image extension)",
+            "skipped (not images, sub-folders)",
             f"{len(ds.skipped)}, e.g. {ds.skipped[0]}" if ds.skipped else 0,
         ],
     ]

@@ -359,3 +359,59 @@ def test_a_bad_device_is_a_one_line_error(tmp_path, capsys):
                  "--device", "bogus"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "--device 'bogus': not a torch device" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("devices", "device", "message"),
+    [
+        (0, "cuda", "--device 'cuda': CUDA is not available (use --device cpu)"),
+        (1, "cuda:3", "--device 'cuda:3': only 1 CUDA device(s), cuda:0 to cuda:0"),
+    ],
+)
+def test_a_cuda_device_that_is_not_there_is_a_one_line_error(
+    tmp_path, capsys, monkeypatch, devices, device, message
+):
+    """Not torch's AssertionError ("Torch not compiled with CUDA enabled") from deep inside."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    args = ["eval", "verification", str(tmp_path / "run"), "--targets", "lfw", "--device", device]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"robustface eval: error: {message}\n"
+
+
+def test_ctrl_c_is_one_line_with_how_to_resume(monkeypatch, capsys):
+    """Ctrl-C in a command prints one line (no traceback), exit status 130 as a shell gives;
+    train's line says how to continue the run."""
+
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_report", interrupted)
+    assert main(["report", "run"]) == 130
+    assert capsys.readouterr().err == "robustface report: interrupted\n"
+    monkeypatch.setattr(cli, "_cmd_train", interrupted)
+    assert main(["train", "cfg.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert err == "robustface train: interrupted; continue the run with --set train.resume=auto\n"
+
+
+def test_train_help_says_what_the_data_needs(capsys):
+    """``train --help`` names the data sources with the keys each one needs, and resumption."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needed in ("data.source=rec", "data.source=folder", "data.val_dir", "train.resume=auto"):
+        assert needed in text
+
+
+def test_a_file_where_a_directory_goes_is_one_line(tmp_path, capsys):
+    """``clean dirty FILE`` (its OUT/synthface cannot be made under a file): the OS error is the
+    user's, one line naming the path, no traceback."""
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    assert main(["clean", "dirty", str(out), "--identities", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustface clean: error: ") and "Not a directory" in err
+    assert str(out) in err and err.count("\n") == 1 and out.read_text() == "mine"

@@ -130,7 +130,12 @@ def test_knn_ids_out_of_range() -> None:
         ("chinese_whispers", {"min_sim": 0.0}, ValueError, "min_sim must be > 0"),
         ("chinese_whispers", {"iterations": 0}, ValueError, "iterations must be >= 1"),
         ("chinese_whispers", {"num_blocks": 0}, ValueError, "num_blocks must be >= 1"),
-        ("infomap", {"k": 50}, ValueError, "k=50 exceeds the kNN graph's k=20"),
+        (
+            "infomap",
+            {"k": 50},
+            ValueError,
+            r"infomap's k=50 exceeds the kNN graph's k=20: lower it \(CLI: --set infomap\.k=20\)",
+        ),
         ("infomap", {"k": None, "seed": 0}, ValueError, "seed must be >= 1"),
         ("infomap", {"k": None, "num_trials": 0}, ValueError, "num_trials must be >= 1"),
     ],

@@ -224,3 +224,23 @@ def test_method_names_in_the_help_are_the_registered_clusterers(capsys):
             main(["cluster", command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert _METHODS in text, command
+
+
+def test_npy_features_need_no_dim(tmp_path, capsys):
+    """A .npy (e.g. ``robustface embed``'s embeddings.npy) gives its own width: no --dim needed,
+    and a --dim that contradicts it is an error naming the file."""
+    (tmp_path / "features").mkdir()
+    feats = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
+    np.save(tmp_path / "features" / "mine.npy", feats)
+    assert main(["cluster", "knn", str(tmp_path), "mine", "--k", "3", "--quiet"]) == 0
+    assert "12 x k=3" in capsys.readouterr().out
+    assert main(["cluster", "knn", str(tmp_path), "mine", "--k", "3", "--dim", "4"]) == 2
+    assert "mine.npy: rows have 5 values, expected dim=4" in capsys.readouterr().err
+
+
+def test_a_learned_method_without_its_model_says_how_to_give_it(bench, tmp_path, capsys):
+    args = ["cluster", "run", "gcn_v", str(bench), "part1_test", "--k", "10", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a trained gcn_v model" in err
+    assert "--model gcn_v=FILE, written by 'robustface cluster train'" in err

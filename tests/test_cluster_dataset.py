@@ -103,16 +103,30 @@ def test_memory_mapped_features(tmp_path):
 
 def test_label_count_mismatch_names_both_files(tmp_path):
     _write_ltc(tmp_path, "s", np.ones((3, 2)), [0, 1])
-    with pytest.raises(
-        DataFormatError, match=r"s\.meta: 2 labels, but .*s\.bin has 3 feature rows"
-    ):
+    message = r"s\.meta: 2 labels, but .*s\.bin \(24 bytes\) is not 2 rows of dim=2 float32"
+    with pytest.raises(DataFormatError, match=message):
         load_cluster_set(tmp_path, "s", dim=2)
+
+
+def test_a_bin_of_another_width_is_caught_by_its_labels(tmp_path):
+    """64 rows of 32 values fill as many bytes as 8 rows of the default 256: the labels tell,
+    and the error gives the width that fits them."""
+    feats = np.random.default_rng(0).normal(size=(64, 32))
+    _write_ltc(tmp_path, "s", feats, np.arange(64) // 8)
+    message = (
+        r"64 labels, .* not 64 rows of dim=256 .*rows have 32 values \(pass dim=32, CLI --dim\)"
+    )
+    with pytest.raises(DataFormatError, match=message):
+        load_cluster_set(tmp_path, "s")
+    assert load_cluster_set(tmp_path, "s", dim=32).features.shape == (64, 32)
 
 
 def test_file_size_not_a_multiple_of_dim(tmp_path):
     _write_ltc(tmp_path, "s", np.ones((3, 2)), [0, 1, 2])
     with pytest.raises(DataFormatError, match=r"size 24 bytes is not a multiple of .*16 \(dim=4\)"):
-        load_cluster_set(tmp_path, "s", dim=4)
+        load_features(tmp_path / "features" / "s.bin", dim=4)
+    with pytest.raises(DataFormatError, match=r"rows have 2 values \(pass dim=2"):
+        load_cluster_set(tmp_path, "s", dim=4)  # the labels tell the width
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -267,3 +267,13 @@ def test_embed_dir_ijb_layout_matches_eval_ijb_and_rec_input(
     expected = rec.embed([ds[i][0] for i in range(len(ds))])
     np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-6)
     assert [int(s["label"]) for s in sources] == ds.labels.tolist()
+
+
+def test_a_directory_holding_a_rec_is_the_training_set(synth_train_dir):
+    """A training set's directory (train.rec beside lfw.bin, manifest.json...) gives its
+    records, as data.path and inspect read it, not every file below it as an image."""
+    from robustface.data.recordio import RecordIODataset
+
+    inputs = open_inputs(synth_train_dir)
+    ds = RecordIODataset(synth_train_dir)
+    assert (inputs.kind, inputs.path, len(inputs)) == ("rec", ds.rec_path, len(ds))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import cv2
 import numpy as np
@@ -21,6 +22,18 @@ def test_skipped_files_are_reported(tmp_path):
     make_tree(tmp_path)
     with pytest.warns(UserWarning, match=r"skipped 1 files .*notes\.txt"):
         ImageFolderDataset(tmp_path)
+
+
+def test_images_in_a_folder_inside_an_identity_are_not_dropped_silently(tmp_path):
+    """``alice/2019/x.jpg`` is not read (one level per identity): said, as for other files."""
+    make_tree(tmp_path)
+    nested = tmp_path / "alice" / "2019"
+    nested.mkdir()
+    (nested / "x.jpg").write_bytes(encode_image(smooth_image(9)))
+    with pytest.warns(UserWarning, match=r"skipped 2 files .*or sub-folders") as caught:
+        ds = ImageFolderDataset(tmp_path)
+    assert nested in ds.skipped and str(nested) not in str(ds.samples)
+    assert len(caught) == 1
 
 
 def smooth_image(seed: int, size: int = 16) -> np.ndarray:
@@ -124,6 +137,24 @@ def test_folder_to_rec(tmp_path):
     ds = RecordIODataset(out)
     assert ds.layout == "insightface" and ds.num_classes == 3
     np.testing.assert_array_equal(ds.labels, folder.labels)
+
+
+def test_folder_to_rec_replaces_a_training_set_only_with_overwrite(tmp_path):
+    """Converting into a directory that holds a train.rec refuses (naming it) unless asked; the
+    files already there are left as they were, and other files are kept with overwrite."""
+    root, out = tmp_path / "faces", tmp_path / "rec"
+    make_tree(root, size=20)
+    folder_to_rec(root, out, show_progress=False)
+    (out / "lfw.bin").write_bytes(b"pairs")
+    before = (out / "train.rec").read_bytes()
+    other = tmp_path / "other"
+    make_tree(other, size=20)
+    shutil.rmtree(other / "carol")
+    with pytest.raises(FileExistsError, match=re.escape(f"{out / 'train.rec'} exists")):
+        folder_to_rec(other, out, show_progress=False)
+    assert (out / "train.rec").read_bytes() == before
+    folder_to_rec(other, out, show_progress=False, overwrite=True)
+    assert RecordIODataset(out).num_classes == 2 and (out / "lfw.bin").read_bytes() == b"pairs"
 
 
 def test_folder_to_rec_takes_size_from_images(tmp_path):

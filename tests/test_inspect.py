@@ -146,3 +146,24 @@ def test_directory_checks_sub_directories_and_keeps_going_after_an_unreadable_se
     assert "IJB set IJBC at" in report.text and "RecordIO training set" in report.text
     assert report.num_problems == 2  # the unknown template 7 and the unreadable lfw.bin
     assert any(p.startswith(f"{tmp_path / 'lfw.bin'}: ") for p in report.problems)
+
+
+def test_image_folder_every_image_is_decoded(tmp_path, capsys):
+    """An image folder (data.source: folder) is summarised per identity and every image is
+    decoded: a corrupt one is named, the good ones are counted."""
+    root = tmp_path / "faces"
+    for person, n in (("alice", 2), ("bob", 3)):
+        (root / person).mkdir(parents=True)
+        for i, data in enumerate(_images(n)):
+            (root / person / f"{i}.jpg").write_bytes(data)
+    (root / "bob" / "1.jpg").write_bytes(b"not a jpeg")
+    (root / "bob" / "notes.txt").write_text("-")  # not read by training: said in the summary
+    assert main(["inspect", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"| skipped (not images, sub-folders)     | 1, e.g. {root / 'bob' / 'notes.txt'} " in out
+    assert f"image folder {root}" in out
+    assert "| classes (sub-folders)                 | 2 " in out
+    assert "| images per class (min / median / max) | 2 / 2.5 / 3 " in out
+    assert "16x16 (4)" in out
+    assert f"- {root / 'bob' / '1.jpg'}: cannot decode image (10 bytes)" in out
+    assert inspect_dataset(root, quick=True, progress=False).ok  # the first image only

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustface.config import load_config
+from robustface.config import load_config, to_dict
 from robustface.errors import DataFormatError
 from robustface.models import build_backbone
 from robustface.models.loading import infer_architecture, load_backbone, weights_file
@@ -128,3 +128,22 @@ def test_weights_file_is_the_file_load_backbone_reads(tmp_path):
     assert weights_file(run.backbone_file) == run.backbone_file
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         weights_file(tmp_path / "missing.pth")
+
+
+def test_training_checkpoints_and_ddp_prefixed_files_load(tmp_path):
+    """A step's main.pt (its config names the architecture, so no flag is needed) and a state
+    dict saved from a DistributedDataParallel wrapper (``module.`` keys) give the backbone's
+    outputs; a run stopped before backbone.pth names its last checkpoint."""
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in KW.items()] + ["model.backbone=r18"])
+    run = RunDir.create(tmp_path / "run", cfg, seed=0)
+    model = build_backbone("r18", **KW).eval()
+    step = tmp_path / "run" / "checkpoints" / "step_00000007"
+    step.mkdir(parents=True)
+    main_state = {"backbone": model.state_dict(), "config": to_dict(cfg), "progress": {}}
+    torch.save(main_state, step / "main.pt")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(load_backbone(step / "main.pt")[0](x), model(x))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"last checkpoint is {step}/main.pt")):
+        load_backbone(run.path)
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "ddp.pth")
+    torch.testing.assert_close(load_backbone(tmp_path / "ddp.pth", **KW)[0](x), model(x))

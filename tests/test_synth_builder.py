@@ -181,6 +181,11 @@ def test_refuses_to_overwrite_and_leaves_nothing_on_failure(tmp_path, monkeypatc
     with pytest.raises(FileExistsError, match="not a SynthFace directory"):
         build_synthface(out, TINY, workers=1, progress=False, overwrite=True)
     assert (out / "precious.txt").read_text() == "keep me"
+    # a file where the directory goes: named, kept (was pathlib's NotADirectoryError traceback)
+    message = r"precious\.txt is a file, not a SynthFace directory"
+    with pytest.raises(FileExistsError, match=message):
+        build_synthface(out / "precious.txt", TINY, workers=1, progress=False, overwrite=True)
+    assert (out / "precious.txt").read_text() == "keep me"
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

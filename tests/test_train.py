@@ -343,6 +343,47 @@ def test_bad_config_errors(synth_train_dir, tmp_path):
     assert (synth_train_dir / "train.rec").is_file()
 
 
+def test_a_set_up_that_fails_leaves_no_new_run_directory(synth_train_dir, tmp_path):
+    """A data path or verification set that is not there fails the set-up after the run
+    directory was made: a directory this run created is removed (no config.yaml / meta.json
+    of a run that never started); one that was there before gets its files back as they were."""
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Trainer(_cfg(tmp_path / "x", tmp_path / "nowhere"))
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(FileNotFoundError, match=r"agedb_30\.bin"):
+        Trainer(_cfg(tmp_path / "y" / "run", synth_train_dir, "data.val_targets=[agedb_30]"))
+    assert not (tmp_path / "y" / "run").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Trainer(_cfg(mine, tmp_path / "nowhere"))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # no config.yaml / meta.json
+    assert (mine / "notes.txt").read_text() == "kept"
+
+
+def test_resuming_with_another_architecture_is_refused_and_keeps_the_run(synth_train_dir, tmp_path):
+    """Resuming a run with another model.width (or backbone, embedding or input size,
+    classifier or head) is a one-line error naming each key, not load_state_dict's traceback,
+    and the run's config.yaml and meta.json stay those of its weights."""
+    extra = ["data.val_targets=[]", "train.max_steps=2", "train.checkpoint_every=2"]
+    Trainer(_cfg(tmp_path / "run", synth_train_dir, *extra)).fit()
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "meta.json")}
+    wider = _cfg(run, synth_train_dir, *extra, "train.resume=auto", "model.width=0.25")
+    message = r"model differs .*\(model\.width: checkpoint 0\.125, config 0\.25\)"
+    with pytest.raises(ValueError, match=message):
+        Trainer(wider)
+    other_head = _cfg(run, synth_train_dir, *extra, "train.resume=auto", "head.name=curricularface")
+    with pytest.raises(
+        ValueError, match=r"head\.name: checkpoint 'arcface', config 'curricularface'"
+    ):
+        Trainer(other_head)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    # the same settings resume (the run is complete: nothing to train)
+    Trainer(_cfg(run, synth_train_dir, *extra, "train.resume=auto"))
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [

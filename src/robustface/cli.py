@@ -508,7 +508,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     size = (args.image_size, args.image_size) if args.image_size else None
     out = folder_to_rec(
-        args.src, args.out, image_size=size, quality=args.quality, show_progress=not args.quiet
+        args.src,
+        args.out,
+        image_size=size,
+        quality=args.quality,
+        show_progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(f"wrote {out}")
     return 0
@@ -587,8 +592,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_noise)
 
-    p = sub.add_parser("train", help="train a backbone + classifier + margin head")
-    _add_config_args(p, positional=True)
+    p = sub.add_parser(
+        "train",
+        help="train a backbone + classifier + margin head",
+        description="Train from CONFIG into its output_dir (docs/training.md). The data: "
+        "data.source=rec with data.path a .rec directory (insightface layout; the val_targets "
+        ".bin sets beside it), data.source=folder with data.path one sub-folder of images per "
+        "identity and data.val_dir the directory of the .bin sets, or data.source=synthface "
+        "(rendered from the synth section). An interrupted run continues with --set "
+        "train.resume=auto.",
+    )
+    _add_config_args(p, positional=True, example="data.path=/data/faces_emore")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model")
@@ -753,12 +767,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="output directory for train.rec/.idx/property")
     p.add_argument("--image-size", type=int, default=None, help="require this square size")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for non-JPEG inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/train.rec")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser(
         "inspect",
-        help="summarise and check a .rec training set, a .bin set or an IJB directory",
+        help="summarise and check a .rec training set, a .bin set, an IJB directory or an "
+        "image folder",
         description="Summarise the datasets at PATH and check every record: framing, labels in "
         "range, every image decodes (IJB: exists and decodes). Lists the problems found with "
         "their file and record; exits with status 1 if there are any.",
@@ -767,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
         "path",
         type=Path,
         help=".rec, .bin, or a directory (searched with its sub-directories for .rec, .bin and "
-        "IJB meta/)",
+        "IJB meta/; else an image folder: one sub-folder of images per identity)",
     )
     p.add_argument(
         "--quick", action="store_true", help="decode only the first image of each set (fast)"
@@ -803,33 +819,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_device(device: str | None) -> None:
-    """``ValueError`` naming ``--device`` when ``device`` is not a torch device string."""
+    """``ValueError`` naming ``--device`` when ``device`` is not a torch device string, or a
+    CUDA device where CUDA is not available (or that index is not there)."""
     if device is None:
         return
     import torch
 
     try:
-        torch.device(device)
+        where = torch.device(device)
     except RuntimeError:
         raise ValueError(
             f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)"
         ) from None
+    if where.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"--device {device!r}: CUDA is not available (use --device cpu)")
+        if where.index is not None and where.index >= count:
+            raise ValueError(
+                f"--device {device!r}: only {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+
+
+# what to do after Ctrl-C, where running the same command again does not resume by itself
+_RESUME_HINTS = {"train": "; continue the run with --set train.resume=auto"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustface`` console script.
 
     User errors (:class:`~robustface.errors.RobustfaceError`, which includes unknown registry
-    names, a ``ValueError`` for a bad parameter, a missing or existing path) are printed as one
-    line, exit status 2; any other exception is a bug and keeps its traceback.
+    names, a ``ValueError`` for a bad parameter, a missing or existing path, a file where a
+    directory goes or the reverse) are printed as one line, exit status 2; any other exception
+    is a bug and keeps its traceback. Ctrl-C
+    (``KeyboardInterrupt``) is one line too, exit status 130, with how to resume where it helps.
     """
     args = build_parser().parse_args(argv)
     try:
         _check_device(getattr(args, "device", None))
         return args.func(args)
-    except (RobustfaceError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (
+        RobustfaceError,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        NotADirectoryError,  # a file given where a directory goes (or the reverse)
+        IsADirectoryError,
+    ) as exc:
         print(f"robustface {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = _RESUME_HINTS.get(args.command, "")
+        print(f"robustface {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

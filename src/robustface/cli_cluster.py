@@ -315,7 +315,12 @@ def _data_args(p: argparse.ArgumentParser, name: bool = True) -> None:
     p.add_argument("root", type=Path, help="data root: features/, labels/, knns/")
     if name:
         p.add_argument("name", help="set name, e.g. part1_test")
-    p.add_argument("--dim", type=int, default=256, help="feature width of .bin files")
+    p.add_argument(
+        "--dim",
+        type=int,
+        help="feature width of a .bin file (default: 256); a .npy's is read from the file (and "
+        "checked against --dim when given)",
+    )
     p.add_argument("--k", type=int, default=80, help="neighbours per sample (self included)")
     p.add_argument(
         "--knn-method", choices=["flat", "ivf", "hnsw"], default="flat", help="faiss index"

@@ -705,7 +705,8 @@ class Infomap(Clusterer):
             k = check_int("k", self.k, 1)
             if k > graph.k:
                 raise ValueError(
-                    f"k={k} exceeds the kNN graph's k={graph.k}; build it with k >= {k}"
+                    f"infomap's k={k} exceeds the kNN graph's k={graph.k}: lower it (CLI: --set "
+                    f"infomap.k={graph.k}) or build the graph with k >= {k} (CLI: --k {k})"
                 )
             graph = graph.truncate(k)
         min_sim = check_real("min_sim", self.min_sim, 0.0, 1.0)

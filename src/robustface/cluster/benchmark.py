@@ -165,7 +165,10 @@ def method_params(
         params[cls.true_count] = int(np.unique(labels[labels >= 0]).size)
     for param, kind in cls.models.items():
         if not models or kind not in models:
-            raise ValueError(f"method {method!r} needs a trained {kind} model (models[{kind!r}])")
+            raise ValueError(
+                f"method {method!r} needs a trained {kind} model (models[{kind!r}]; CLI: --model "
+                f"{kind}=FILE, written by 'robustface cluster train')"
+            )
         params[param] = str(models[kind])
     params.update(overrides or {})
     return params

@@ -229,7 +229,7 @@ def _not_found(what: str, candidates: list[Path]) -> FileNotFoundError:
 def load_cluster_set(
     root: str | Path,
     name: str,
-    dim: int = 256,
+    dim: int | None = 256,
     normalize: bool = True,
     mmap: bool = False,
     *,
@@ -237,6 +237,9 @@ def load_cluster_set(
 ) -> ClusterSet:
     """Load ``name`` from a learn-to-cluster data root (``features/<name>.bin|.npy`` and
     ``labels/<name>.meta|.npy``).
+
+    ``dim`` is the row width of a ``.bin`` and is checked against a ``.npy``; None takes a
+    ``.npy``'s own width and learn-to-cluster's 256 for a ``.bin``.
 
     Missing labels give ``labels=None`` (learn-to-cluster clusters unlabelled test sets too)
     unless ``require_labels``. A label count that differs from the feature rows is an error.
@@ -249,15 +252,24 @@ def load_cluster_set(
         raise _not_found("features", feats_candidates)
     if labels_file is None and require_labels:
         raise _not_found("labels", labels_candidates)
-    feats = load_features(feats_file, dim, normalize=normalize, mmap=mmap)
-    labels = None
-    if labels_file is not None:
-        labels = load_labels(labels_file)
-        if len(labels) != len(feats):
+    labels = None if labels_file is None else load_labels(labels_file)
+    if feats_file.suffix == ".bin":  # a raw .bin does not say its width: check it by the labels
+        dim = 256 if dim is None else dim
+        size = feats_file.stat().st_size
+        if labels is not None and len(labels) and size != 4 * dim * len(labels):
+            width = size / (4 * len(labels))
+            hint = f"; with one row a label, its rows have {width:g} values (pass dim={width:g}"
+            hint += ", CLI --dim)"
             raise DataFormatError(
                 labels_file,
-                f"{len(labels)} labels, but {feats_file} has {len(feats)} feature rows",
+                f"{len(labels)} labels, but {feats_file} ({size} bytes) is not {len(labels)} "
+                f"rows of dim={dim} float32 values" + (hint if width.is_integer() else ""),
             )
+    feats = load_features(feats_file, dim, normalize=normalize, mmap=mmap)
+    if labels is not None and len(labels) != len(feats):
+        raise DataFormatError(
+            labels_file, f"{len(labels)} labels, but {feats_file} has {len(feats)} feature rows"
+        )
     return ClusterSet(name, feats, labels)
 
 

@@ -17,22 +17,26 @@ from robustface.data.recordio import write_insightface_rec
 from robustface.errors import DataFormatError
 from robustface.utils.io import write_text_atomic
 
-__all__ = ["ImageFolderDataset", "folder_to_rec"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "folder_to_rec"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")  # what an image folder is read for
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images under ``root/<identity>/``; identities sorted by folder name get labels ``0..C-1``.
 
     Files are matched by extension (case-insensitive) and sorted by name within each identity.
-    Hidden entries (names starting with ``.``) are skipped. ``ds[i]`` is ``(image, label)``: an
-    ``HxWx3`` uint8 RGB array, or ``transform(image)``.
+    Hidden entries (names starting with ``.``) are skipped; other files without an image
+    extension and folders inside an identity folder are skipped with a warning and listed in
+    ``skipped``. ``ds[i]`` is
+    ``(image, label)``: an ``HxWx3`` uint8 RGB array, or ``transform(image)``.
     """
 
     def __init__(
         self,
         root: str | Path,
         transform: Callable[[np.ndarray], Any] | None = None,
-        extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp"),
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
@@ -49,19 +53,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         counts = []
         skipped: list[Path] = []
         for folder in folders:
-            entries = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-            files = sorted(p for p in entries if p.suffix.lower() in exts)
-            skipped.extend(p for p in entries if p.suffix.lower() not in exts)
+            entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+            files = sorted(p for p in entries if p.is_file() and p.suffix.lower() in exts)
+            skipped.extend(sorted(p for p in entries if p.is_dir() or p.suffix.lower() not in exts))
             if not files:
                 raise DataFormatError(
                     folder, f"identity folder has no images with extensions {sorted(exts)}"
                 )
             self.samples.extend(files)
             counts.append(len(files))
+        self.skipped = skipped
         if skipped:  # never silently: say what was left out
             warnings.warn(
                 f"{self.root}: skipped {len(skipped)} files without an image extension "
-                f"{sorted(exts)}, e.g. {skipped[0]}",
+                f"{sorted(exts)} or sub-folders (images are read from each identity folder "
+                f"itself, not below it), e.g. {skipped[0]}",
                 stacklevel=2,
             )
         self._labels = np.repeat(np.arange(len(folders), dtype=np.int64), counts)
@@ -98,6 +104,7 @@ def folder_to_rec(
     image_size: tuple[int, int] | None = None,
     quality: int = 95,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Convert an identity-per-folder tree into the insightface RecordIO layout in ``out_dir``.
 
@@ -105,8 +112,12 @@ def folder_to_rec(
     Every image is decoded once to check it; with ``image_size=(H, W)`` each one must already
     have that size (images are never resized here). Writes ``train.rec``, ``train.idx``,
     ``property`` and ``classes.txt`` (folder name of label ``i`` on line ``i``); returns the
-    ``.rec`` path.
+    ``.rec`` path. An existing ``train.rec`` in ``out_dir`` is replaced only with ``overwrite``
+    (other files there, such as verification ``.bin`` sets, are kept).
     """
+    existing = Path(out_dir) / "train.rec"
+    if existing.exists() and not overwrite:
+        raise FileExistsError(f"{existing} exists; pass overwrite=True (CLI: --overwrite)")
     dataset = ImageFolderDataset(root)
     if image_size is not None:
         expected = (int(image_size[0]), int(image_size[1]))

@@ -1,9 +1,10 @@
 """``robustface inspect PATH``: summarise a dataset the way it will be read, and check all of it.
 
-Understands a RecordIO training set (directory or ``.rec``), a verification ``.bin`` and an
-insightface-style IJB directory (``meta/*_face_tid_mid.txt``). A directory is searched for all
-three, and so are its immediate sub-directories (a SynthFace directory's ``open_set/`` and
-``IJBS/``).
+Understands a RecordIO training set (directory or ``.rec``), a verification ``.bin``, an
+insightface-style IJB directory (``meta/*_face_tid_mid.txt``) and an image folder (one
+sub-folder of images per identity, ``data.source: folder``). A directory is searched for the
+first three, and so are its immediate sub-directories (a SynthFace directory's ``open_set/`` and
+``IJBS/``); one that holds none of them but sub-folders of images is an image folder.
 
 The full check (the default) reads everything training and evaluation will read, in one streaming
 pass with a progress bar:
@@ -13,7 +14,8 @@ pass with a progress bar:
   identity record's class in the insightface layout) and the decoding of its image;
 - ``.bin``: the image count against the pair count, and the decoding of every image;
 - IJB: every image listed in ``meta/*_face_tid_mid.txt`` exists under ``loose_crop/`` and decodes,
-  every template of a pair has images, and every pair label is 0 or 1.
+  every template of a pair has images, and every pair label is 0 or 1;
+- image folder: every identity folder has images and every image decodes.
 
 Every problem found is counted and the first ``max_problems`` are listed with their file and record
 (or line). ``quick=True`` decodes only the first image of each set, as a fast sanity check.
@@ -22,12 +24,14 @@ Every problem found is counted and the first ``max_problems`` are listed with th
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from robustface.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from robustface.data.ijb import ijb_meta_paths, read_ijb_meta
 from robustface.data.image import decode_image
 from robustface.data.recordio import RecordIODataset
@@ -223,6 +227,51 @@ def _check_ijb(path: Path, name: str, problems: _Problems, quick: bool, progress
     return f"IJB set {name} at {path}\n{markdown_table(['', 'value'], rows)}\n{checked}"
 
 
+def _check_folder(path: Path, problems: _Problems, quick: bool, progress: bool) -> str:
+    with warnings.catch_warnings():  # the skipped files are a row of the summary
+        warnings.simplefilter("ignore", UserWarning)
+        ds = ImageFolderDataset(path)
+    sizes: Counter[tuple[int, int]] = Counter()
+    n = 1 if quick else len(ds)
+    with _bar(n, path.name, progress) as bar:
+        for file in ds.samples[:n]:
+            try:
+                sizes[decode_image(file.read_bytes(), file).shape[:2]] += 1
+            except DataFormatError as exc:
+                problems.add(exc)
+            bar.update()
+    counts = np.bincount(ds.labels, minlength=ds.num_classes)
+    which = "first image" if quick else "all images"
+    rows = [
+        ["samples", len(ds)],
+        ["classes (sub-folders)", ds.num_classes],
+        [
+            "images per class (min / median / max)",
+            f"{counts.min()} / {np.median(counts):g} / {counts.max()}",
+        ],
+        [f"image size ({which})", _sizes(sizes)],
+        [
+            "skipped (not images, sub-folders)",
+            f"{len(ds.skipped)}, e.g. {ds.skipped[0]}" if ds.skipped else 0,
+        ],
+    ]
+    checked = (
+        f"quick check: {ds.samples[0]} only (run without --quick to check all {len(ds)})"
+        if quick
+        else f"full check: all {len(ds)} images (decode)"
+    )
+    return f"image folder {path}\n{markdown_table(['', 'value'], rows)}\n{checked}"
+
+
+def _is_image_folder(path: Path) -> bool:
+    """A directory with a sub-folder holding a file with an image extension."""
+    exts = set(IMAGE_EXTENSIONS)
+    return path.is_dir() and any(
+        sub.is_dir() and any(f.suffix.lower() in exts for f in sub.iterdir())
+        for sub in path.iterdir()
+    )
+
+
 def _find_sets(path: Path) -> list[tuple[str, Path, str]]:
     """``(kind, path, IJB name)`` of every set at ``path``: itself, or in it and its sub-dirs."""
     if path.suffix == ".bin":
@@ -238,6 +287,8 @@ def _find_sets(path: Path) -> list[tuple[str, Path, str]]:
                 found.append(("rec", folder, ""))
             if folder == path:
                 found.extend(("bin", b, "") for b in sorted(path.glob("*.bin")))
+    if not found and _is_image_folder(path):
+        found.append(("folder", path, ""))
     return found
 
 
@@ -255,7 +306,8 @@ def inspect_dataset(
     sets = _find_sets(path)
     if not sets:
         raise FileNotFoundError(
-            f"{path}: found no .rec, .bin or IJB meta (meta/*_face_tid_mid.txt) to describe"
+            f"{path}: found no .rec, .bin, IJB meta (meta/*_face_tid_mid.txt) or image folder "
+            "(sub-folders of images, one per identity) to describe"
         )
     problems = _Problems(max_problems)
     parts = []
@@ -266,6 +318,8 @@ def inspect_dataset(
                 text = _check_rec(where, problems, quick, progress)
             elif kind == "bin":
                 text = _check_bin(where, problems, quick, progress)
+            elif kind == "folder":
+                text = _check_folder(where, problems, quick, progress)
             else:
                 text = _check_ijb(where, name, problems, quick, progress)
         except (DataFormatError, FileNotFoundError) as exc:

@@ -4,7 +4,8 @@ Inputs (:func:`open_inputs`):
 
 * an IJB-style directory (``meta/{name}_face_tid_mid.txt`` and ``_name_5pts_score.txt``,
   images in ``loose_crop/``): every image, aligned with its 5 landmarks;
-* a ``.rec`` file (insightface or flat layout): every image record, as an aligned crop;
+* a ``.rec`` file (insightface or flat layout), or a directory holding one (``train.rec``, as
+  ``data.path`` names a training set): every image record, as an aligned crop;
 * any other directory: every non-hidden file below it (sorted by relative path), as aligned crops;
 * any other file: a list of image paths, one per line (blank lines and ``#`` comments skipped;
   relative paths are relative to the list file's directory).
@@ -134,6 +135,8 @@ def open_inputs(path: str | Path) -> InputSet:
         metas = sorted((path / "meta").glob("*_face_tid_mid.txt"))
         if metas:
             return _ijb_inputs(path, [m.name[: -len("_face_tid_mid.txt")].upper() for m in metas])
+        if any(path.glob("*.rec")):  # a training set's directory, not a tree of its files
+            return _rec_inputs(path)
         return _folder_inputs(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such input file or directory")

@@ -101,15 +101,34 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
 
 
+def _training_checkpoint_model(obj: Any) -> Mapping[str, Any] | None:
+    """The ``model`` config section of a robustface training checkpoint (a step's ``main.pt``:
+    ``backbone`` weights beside the run's ``config``), else None."""
+    if not isinstance(obj, Mapping):
+        return None
+    config = obj.get("config")
+    if isinstance(obj.get("backbone"), Mapping) and isinstance(config, Mapping):
+        model = config.get("model")
+        return model if isinstance(model, Mapping) else None
+    return None
+
+
 def backbone_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
     """The backbone's state dict in what a weights file held: a bare state dict, a
-    ``{"state_dict": ...}`` wrapper, or an AdaFace Lightning checkpoint (``model.`` prefix)."""
+    ``{"state_dict": ...}`` wrapper, an AdaFace Lightning checkpoint (``model.`` prefix), a
+    robustface training checkpoint (``main.pt``), or any of these saved from a
+    ``DistributedDataParallel`` wrapper (every key prefixed ``module.``, dropped)."""
     if not isinstance(obj, Mapping):
         raise DataFormatError(path, f"expected a state dict, got {type(obj).__name__}")
+    if _training_checkpoint_model(obj) is not None:
+        obj = obj["backbone"]
     try:
         state, _ = adaface_backbone_state(obj)
     except TypeError as exc:
         raise DataFormatError(path, str(exc)) from None
+    prefix = "module."
+    if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     bad = [k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
         raise DataFormatError(path, f"not a state dict: {bad[0]!r} is not a named tensor")
@@ -341,7 +360,8 @@ def load_backbone(
     ``source`` is a run directory (its config names the architecture, read through
     :meth:`robustface.utils.run.RunDir.config`; the best backbone is used if present, else the
     last: :func:`weights_file`) or a checkpoint file: a bare state_dict
-    (arcface_torch's ``backbone.pth``) or an AdaFace checkpoint (``model.``-prefixed keys). The
+    (arcface_torch's ``backbone.pth``), an AdaFace checkpoint (``model.``-prefixed keys) or a
+    training checkpoint's ``main.pt`` (its config names the architecture, as a run's does). The
     architecture of a file is read from its weights where they determine it, and explicit
     arguments (and a run's config) must agree with them: see
     :func:`robustface.models.loading.build_from_state_dict`. Files are read weights-only;
@@ -377,9 +397,15 @@ def load_backbone(
                 arch[key] = getattr(model_cfg, key)
         color_order = color_order or "RGB"
     weights = weights_file(source)
-    state = backbone_state_dict(
-        load_weights(weights, unsafe_legacy_load=unsafe_legacy_load), weights
-    )
+    obj = load_weights(weights, unsafe_legacy_load=unsafe_legacy_load)
+    saved = _training_checkpoint_model(obj)
+    if saved is not None:  # a step's main.pt names its architecture, as a run's config does
+        backbone = backbone or saved.get("backbone")
+        for key, value in arch.items():
+            if value is None:
+                arch[key] = saved.get(key)
+        color_order = color_order or "RGB"
+    state = backbone_state_dict(obj, weights)
     model = build_from_state_dict(state, weights, backbone=backbone, **arch)
     color_order = color_order or model.meta.color_order
     if color_order not in ("RGB", "BGR"):

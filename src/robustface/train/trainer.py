@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -52,7 +53,7 @@ from robustface.train.components import classifier_kwargs, head_params
 from robustface.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from robustface.train.sampler import ResumableSampler
 from robustface.train.schedule import warmup_poly
-from robustface.utils.io import atomic_path, write_text_atomic
+from robustface.utils.io import atomic_path, write_bytes_atomic, write_text_atomic
 from robustface.utils.run import RunDir
 from robustface.utils.seeding import keyed_first_uniforms, keyed_generators
 
@@ -222,13 +223,49 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _restore(out: Path, fresh: bool, before: dict[Path, bytes | None]) -> None:
+    """Undo what a failed set-up wrote: the run directory it created, or the ``config.yaml`` and
+    ``meta.json`` it replaced in an existing one (``before``: their bytes, None if absent)."""
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for file, data in before.items():
+        if data is None:
+            file.unlink(missing_ok=True)
+        else:
+            write_bytes_atomic(file, data)
+
+
+# what the saved weights and head state are made for: a resumed run must keep them
+_ARCHITECTURE_KEYS = (
+    ("model", "backbone"),
+    ("model", "embedding_size"),
+    ("model", "input_size"),
+    ("model", "width"),
+    ("fc", "name"),
+    ("head", "name"),
+)
+
+
+def _architecture_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``section.key: checkpoint X, config Y`` for each architecture key that differs (none
+    when the checkpoint holds no config)."""
+    if not saved:
+        return []
+    pairs = [(saved[s].get(k), new[s].get(k), f"{s}.{k}") for s, k in _ARCHITECTURE_KEYS]
+    return [f"{name}: checkpoint {a!r}, config {b!r}" for a, b, name in pairs if a != b]
+
+
 class Trainer:
     """Trains a backbone + classifier + margin head from a :class:`~robustface.config.Config`.
 
     The components come from their registries (:mod:`robustface.train.components`), the
     training set from ``DATA_SOURCES``; logging, evaluation, probes and checkpoints are
     callbacks (:mod:`robustface.train.callbacks`) called at fixed points of :meth:`fit`. Nothing
-    is written before the whole config is valid (``ConfigError``)."""
+    is written before the whole config is valid (``ConfigError``), and a set-up that fails
+    afterwards (a data path or verification set not there, a checkpoint of another model to
+    resume, Ctrl-C) removes the run directory it created, or puts back the ``config.yaml`` and
+    ``meta.json`` it replaced."""
 
     def __init__(self, cfg: Config, info: DistInfo | None = None) -> None:
         check_config(cfg)  # before anything is written, rendered or initialised
@@ -243,9 +280,22 @@ class Trainer:
         self.device = self.info.device
         self.out = Path(cfg.output_dir)
         self.run = RunDir(self.out)
+        fresh = not self.out.exists()
+        files = (self.run.config_file, self.run.meta_file)
+        before = {f: f.read_bytes() if f.is_file() else None for f in files}
         if self.info.is_main:
             RunDir.create(self.out, cfg, cfg.seed)
         barrier()
+        try:
+            self._set_up()
+        except BaseException:  # a missing data path, a bad record, Ctrl-C: no half-made run left
+            if self.info.is_main:
+                _restore(self.out, fresh, before)
+            raise
+
+    def _set_up(self) -> None:
+        """Everything after the run directory: data, model, optimiser, callbacks, resumption."""
+        cfg = self.cfg
         if cfg.train.threads:  # CPU results depend on the thread count: fix it for repeatable runs
             torch.set_num_threads(cfg.train.threads)
         _seed_everything(cfg.seed + self.info.rank)
@@ -463,6 +513,13 @@ class Trainer:
         else:
             path = Path(where)
         main = ckpt.load_main(path)
+        changed = _architecture_changes(main.get("config", {}), to_dict(self.cfg))
+        if changed:
+            raise ValueError(
+                f"{path}: the checkpoint's model differs from the config's ("
+                + "; ".join(changed)
+                + "): resume with the run's settings, or choose another output_dir"
+            )
         if main["num_classes"] != self.num_classes:
             raise ValueError(
                 f"{path}: checkpoint has {main['num_classes']} classes, "

@@ -22,9 +22,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary file lives in the same directory (so the rename is atomic on POSIX) and is removed
-    if the block raises.
+    if the block raises. A directory at ``path`` (``--out DIR`` where a file is meant) is a
+    ``FileExistsError`` naming it, before anything is written.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{path} is a directory; name the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -63,6 +66,8 @@ def check_output_dir(
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite)")
+        if not out.is_dir():
+            raise FileExistsError(f"{out} is a file, not an output directory: not replacing it")
         if any(out.iterdir()) and not (out / marker).is_file():
             raise FileExistsError(f"{out} exists and holds no {marker}: not replacing it")
 

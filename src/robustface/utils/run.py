@@ -250,7 +250,13 @@ class RunDir:
         """The backbone to evaluate: ``best_backbone.pth`` if present, else ``backbone.pth``."""
         weights = self._present_weights()
         if weights is None:
-            raise FileNotFoundError(f"{self.path}: no best_backbone.pth or backbone.pth")
+            saved = self.checkpoints()
+            hint = (
+                f" (an unfinished run: its last checkpoint is {saved[-1].main_file})"
+                if saved
+                else ""
+            )
+            raise FileNotFoundError(f"{self.path}: no best_backbone.pth or backbone.pth{hint}")
         return weights
 
     def _present_weights(self) -> Path | None:

@@ -515,6 +515,8 @@ def build_synthface(
             raise FileExistsError(
                 f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it"
             )
+        if not out.is_dir():
+            raise FileExistsError(f"{out} is a file, not a SynthFace directory; not replacing it")
         if any(out.iterdir()) and not (out / "synthface.json").is_file():
             raise FileExistsError(
                 f"{out} is not empty and not a SynthFace directory; not replacing it"

@@ -25,6 +25,7 @@ from robustface.train import NonFiniteLossError, Trainer
 from robustface.train import checkpoint as ckpt
 from robustface.train.sampler import ResumableSampler
 from robustface.train.schedule import warmup_poly
+from robustface.train.trainer import _architecture_changes
 from synth_configs import tiny_train_config
 
 
@@ -382,6 +383,18 @@ def test_resuming_with_another_architecture_is_refused_and_keeps_the_run(synth_t
     assert {name: (run / name).read_bytes() for name in before} == before
     # the same settings resume (the run is complete: nothing to train)
     Trainer(_cfg(run, synth_train_dir, *extra, "train.resume=auto"))
+
+
+def test_architecture_keys_an_older_checkpoint_does_not_hold_are_not_compared():
+    # a checkpoint from before a key existed (here model.width) still resumes; keys it holds
+    # are compared with the config's
+    model = {"backbone": "r18_tiny", "width": 0.25, "embedding_size": 32, "input_size": 32}
+    new = {"model": model, "fc": {"name": "full"}, "head": {"name": "arcface"}}
+    old = {"model": {"backbone": "r18_tiny", "embedding_size": 32, "input_size": 32}, "fc": {}}
+    assert _architecture_changes(old, new) == []
+    old["model"]["embedding_size"] = 64
+    assert _architecture_changes(old, new) == ["model.embedding_size: checkpoint 64, config 32"]
+    assert _architecture_changes({}, new) == []
 
 
 @pytest.mark.parametrize(

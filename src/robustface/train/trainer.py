@@ -249,11 +249,16 @@ _ARCHITECTURE_KEYS = (
 
 def _architecture_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``section.key: checkpoint X, config Y`` for each architecture key that differs (none
-    when the checkpoint holds no config)."""
-    if not saved:
-        return []
-    pairs = [(saved[s].get(k), new[s].get(k), f"{s}.{k}") for s, k in _ARCHITECTURE_KEYS]
-    return [f"{name}: checkpoint {a!r}, config {b!r}" for a, b, name in pairs if a != b]
+    when the checkpoint holds no config; a key its config does not hold, from an older version,
+    is not compared)."""
+    changes = []
+    for section, key in _ARCHITECTURE_KEYS:
+        held = saved.get(section, {})
+        if key in held and held[key] != new[section].get(key):
+            changes.append(
+                f"{section}.{key}: checkpoint {held[key]!r}, config {new[section].get(key)!r}"
+            )
+    return changes
 
 
 class Trainer:

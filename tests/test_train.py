@@ -397,6 +397,26 @@ def test_architecture_keys_an_older_checkpoint_does_not_hold_are_not_compared():
     assert _architecture_changes({}, new) == []
 
 
+def test_an_unset_architecture_key_is_the_backbones_own_value_when_resuming():
+    """``model.input_size`` / ``width`` unset (None: the backbone's own) and the same value given
+    explicitly are the same model: resuming is not refused. r18 takes 112 px at width 1 and the
+    r18_tiny preset 56 px at width 0.25 (their docstrings); another value is still a change."""
+
+    def config(backbone: str, input_size: int | None, width: float | None) -> dict:
+        model = {"backbone": backbone, "embedding_size": 32, "input_size": input_size}
+        model["width"] = width
+        return {"model": model, "fc": {"name": "full"}, "head": {"name": "arcface"}}
+
+    assert _architecture_changes(config("r18", None, None), config("r18", 112, 1)) == []
+    assert _architecture_changes(config("r18", 112, 1.0), config("r18", None, None)) == []
+    assert _architecture_changes(config("r18_tiny", None, None), config("r18_tiny", 56, 0.25)) == []
+    assert _architecture_changes(config("r18_tiny", 56, None), config("r18_tiny", None, 0.25)) == []
+    assert _architecture_changes(config("r18", None, None), config("r18", 96, 0.5)) == [
+        "model.input_size: checkpoint 112, config 96",
+        "model.width: checkpoint 1.0, config 0.5",
+    ]
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [

@@ -46,7 +46,7 @@ from robustface.errors import RobustfaceError
 from robustface.evaluate.verification import embed_pairs, evaluate
 from robustface.fc import build_classifier, distributed_cross_entropy
 from robustface.heads import build_head
-from robustface.models import build_backbone
+from robustface.models import BACKBONES, build_backbone
 from robustface.train import checkpoint as ckpt
 from robustface.train.callbacks import CALLBACK_ORDER, CALLBACKS, Callback
 from robustface.train.components import classifier_kwargs, head_params
@@ -247,13 +247,31 @@ _ARCHITECTURE_KEYS = (
 )
 
 
+def _own_values(model: dict[str, Any]) -> dict[str, Any]:
+    """A ``model`` config section whose unset (None) ``input_size`` / ``width`` are replaced by
+    the backbone's own (built on the meta device: allocates nothing), so that leaving a key
+    unset and giving its default describe the same model."""
+    unset = [k for k in ("input_size", "width") if k in model and model[k] is None]
+    if not unset or model.get("backbone") not in BACKBONES:
+        return model
+    given = {
+        k: model[k] for k in ("embedding_size", "input_size", "width") if model.get(k) is not None
+    }
+    with torch.device("meta"):
+        built = build_backbone(model["backbone"], **given)
+    own = {"input_size": int(built.meta.input_size), "width": getattr(built, "width", None)}
+    return {**model, **{k: own[k] for k in unset}}
+
+
 def _architecture_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``section.key: checkpoint X, config Y`` for each architecture key that differs (none
     when the checkpoint holds no config; a key its config does not hold, from an older version,
-    is not compared)."""
+    is not compared; an unset ``model.input_size`` / ``width`` is the backbone's own)."""
+    saved = {**saved, "model": _own_values(saved.get("model") or {})}
+    new = {**new, "model": _own_values(new.get("model") or {})}
     changes = []
     for section, key in _ARCHITECTURE_KEYS:
-        held = saved.get(section, {})
+        held = saved.get(section) or {}
         if key in held and held[key] != new[section].get(key):
             changes.append(
                 f"{section}.{key}: checkpoint {held[key]!r}, config {new[section].get(key)!r}"

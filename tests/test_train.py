@@ -385,6 +385,21 @@ def test_resuming_with_another_architecture_is_refused_and_keeps_the_run(synth_t
     Trainer(_cfg(run, synth_train_dir, *extra, "train.resume=auto"))
 
 
+def test_resuming_with_a_classifier_of_another_size_is_refused(synth_train_dir, tmp_path):
+    """fc.params.k (sub-centers per class) sizes the classifier's weight (C*k rows): another k
+    is a one-line error naming fc.params and both shapes, not load_state_dict's traceback."""
+    extra = ["data.val_targets=[]", "train.max_steps=2", "train.checkpoint_every=2"]
+    extra += ["fc.name=subcenter", "model.embedding_size=32"]
+    trainer = Trainer(_cfg(tmp_path / "run", synth_train_dir, *extra, "fc.params.k=2"))
+    trainer.fit()
+    classes = trainer.num_classes
+    more = _cfg(tmp_path / "run", synth_train_dir, *extra, "fc.params.k=3", "train.resume=auto")
+    shapes = rf"weight: checkpoint \({2 * classes}, 32\), config \({3 * classes}, 32\)"
+    with pytest.raises(ValueError, match=r"classifier .*fc\.params.*" + shapes):
+        Trainer(more)
+    Trainer(_cfg(tmp_path / "run", synth_train_dir, *extra, "fc.params.k=2", "train.resume=auto"))
+
+
 def test_architecture_keys_an_older_checkpoint_does_not_hold_are_not_compared():
     # a checkpoint from before a key existed (here model.width) still resumes; keys it holds
     # are compared with the config's

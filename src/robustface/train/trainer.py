@@ -279,6 +279,16 @@ def _architecture_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[st
     return changes
 
 
+def _shape_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``name: checkpoint (a, b), config (c, d)`` for each tensor both state dicts hold with
+    another shape (what ``load_state_dict`` would fail on with a traceback)."""
+    return [
+        f"{name}: checkpoint {tuple(saved[name].shape)}, config {tuple(value.shape)}"
+        for name, value in new.items()
+        if torch.is_tensor(saved.get(name)) and saved[name].shape != value.shape
+    ]
+
+
 class Trainer:
     """Trains a backbone + classifier + margin head from a :class:`~robustface.config.Config`.
 
@@ -547,6 +557,14 @@ class Trainer:
             raise ValueError(
                 f"{path}: checkpoint has {main['num_classes']} classes, "
                 f"the data has {self.num_classes}"
+            )
+        resized = [] if self.sharded else _shape_changes(main["fc"]["module"], self.fc.state_dict())
+        if resized:  # e.g. another fc.params.k: the classifier's rows are C * k
+            raise ValueError(
+                f"{path}: the checkpoint's classifier does not fit the config's (fc.name "
+                f"{self.cfg.fc.name!r} with its fc.params: "
+                + "; ".join(resized)
+                + "): resume with the run's settings, or choose another output_dir"
             )
         old_world = int(main["world_size"])
         ranks = ckpt.load_rank_states(path, old_world)

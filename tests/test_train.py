@@ -363,6 +363,29 @@ def test_a_set_up_that_fails_leaves_no_new_run_directory(synth_train_dir, tmp_pa
     assert (mine / "notes.txt").read_text() == "kept"
 
 
+def test_a_failed_set_up_keeps_a_finished_synthface_render(tmp_path, monkeypatch):
+    """data.source=synthface renders into the new run directory; a set-up that fails after the
+    render (here: the render holds no training set) keeps the render alone, for the next try,
+    and removes the rest (config.yaml, meta.json); an unfinished render goes with the run."""
+    from robustface.data.synth import builder
+
+    def fake_render(path: Path, *args, **kwargs) -> None:
+        path.mkdir(parents=True)
+        (path / "synthface.json").write_text("{}")
+
+    monkeypatch.setattr(builder, "ensure_synthface", fake_render)
+    run = tmp_path / "run"
+    with pytest.raises((FileNotFoundError, ConfigError, ValueError)):
+        Trainer(_cfg(run, tmp_path, "data.source=synthface", "data.path=null"))
+    assert [p.name for p in run.iterdir()] == ["synthface"]
+    assert (run / "synthface" / "synthface.json").read_text() == "{}"
+    monkeypatch.setattr(builder, "ensure_synthface", lambda path, *a, **k: path.mkdir())
+    other = tmp_path / "other"
+    with pytest.raises((FileNotFoundError, ConfigError, ValueError)):
+        Trainer(_cfg(other, tmp_path, "data.source=synthface", "data.path=null"))
+    assert not other.exists()
+
+
 def test_resuming_with_another_architecture_is_refused_and_keeps_the_run(synth_train_dir, tmp_path):
     """Resuming a run with another model.width (or backbone, embedding or input size,
     classifier or head) is a one-line error naming each key, not load_state_dict's traceback,

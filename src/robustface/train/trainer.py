@@ -225,9 +225,22 @@ def _seed_everything(seed: int) -> None:
 
 def _restore(out: Path, fresh: bool, before: dict[Path, bytes | None]) -> None:
     """Undo what a failed set-up wrote: the run directory it created, or the ``config.yaml`` and
-    ``meta.json`` it replaced in an existing one (``before``: their bytes, None if absent)."""
+    ``meta.json`` it replaced in an existing one (``before``: their bytes, None if absent).
+
+    A finished SynthFace render in a new run directory (``data.source: synthface`` without a
+    ``data.path``: minutes of work) is kept, alone, for the next try to reuse."""
     if fresh:
-        shutil.rmtree(out, ignore_errors=True)
+        render = out / "synthface"
+        if not (render / "synthface.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            return
+        for entry in out.iterdir():
+            if entry == render:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         return
     for file, data in before.items():
         if data is None:

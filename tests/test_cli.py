@@ -319,6 +319,11 @@ def test_train_then_eval_verification(synth_train_dir, tmp_path, capsys):
     assert lfw["val_impostor_pairs"] < 1000 and lfw["min_measurable_far"] > 1e-3
     assert lfw["val"] is None and lfw["val_insightface"] == train_acc["val_insightface"]
     assert "n/m: not measurable (the VAL threshold is chosen on" in text
+    # neither --bins nor --targets: a run directory's own data.val_targets, said on stderr
+    assert main(["eval", "verification", str(run), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "sets: the run's data.val_targets lfw\n"
+    assert "| lfw" in captured.out and "cfp_fp" not in captured.out
     # a missing set names every directory searched
     assert main(["eval", "verification", str(run), "--targets", "agedb_30"]) == 2
     err = capsys.readouterr().err

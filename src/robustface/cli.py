@@ -286,12 +286,23 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
     model, input_size = load_backbone(args.checkpoint, **model_args(args), device=args.device)
     weights = weights_file(args.checkpoint)
     files = [Path(b) for b in args.bins]
-    if args.targets:
+    targets = args.targets
+    run = RunDir(args.checkpoint)
+    if not files and not targets and run.is_run:
+        targets = run.config().data.val_targets
+        if targets:
+            print(f"sets: the run's data.val_targets {' '.join(targets)}", file=sys.stderr)
+    if targets:
         dirs = _verification_dirs(args.checkpoint, args.data_dir)
-        files += [_find_verification_set(name, dirs) for name in args.targets]
+        files += [
+            Path(t) if t.endswith(".bin") else _find_verification_set(t, dirs) for t in targets
+        ]
     if not files:
         raise FileNotFoundError(
-            "no verification set given: use --bins FILE... or --targets NAME..."
+            f"{args.checkpoint}: no verification set given: use --bins FILE... or --targets "
+            "NAME... (a run directory's default, its data.val_targets, is empty)"
+            if run.is_run
+            else "no verification set given: use --bins FILE... or --targets NAME..."
         )
     results = {}
     for file in files:
@@ -619,7 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of the --targets .bin files (default: the run's verification directory, "
         "then the current one)",
     )
-    q.add_argument("--targets", nargs="*", default=[], help="set names, e.g. lfw cfp_fp agedb_30")
+    q.add_argument(
+        "--targets",
+        nargs="*",
+        default=[],
+        help="set names, e.g. lfw cfp_fp agedb_30 (default, without --bins: a run directory's "
+        "data.val_targets)",
+    )
     q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--out", type=Path, help="write the results as JSON")

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from robustface.utils.table import counted
+
 __all__ = ["add_deploy_parser"]
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -97,7 +99,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     rec = _recognizer(args)
     inputs = open_inputs(args.inputs)
-    print(f"{len(inputs)} {inputs.kind} inputs from {inputs.path}", file=sys.stderr)
+    print(f"{counted(len(inputs), inputs.kind + ' input')} from {inputs.path}", file=sys.stderr)
     embed_to_dir(
         rec,
         inputs,

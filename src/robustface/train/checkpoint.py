@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from robustface.config import to_dict
+from robustface.config import changes_text, config_changes
 from robustface.models.loading import load_weights
 from robustface.train.distributed import DistInfo, barrier
 from robustface.utils.io import atomic_path
@@ -73,31 +73,14 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [c.path for c in _list_checkpoints(root)]
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": leaf}`` for a nested dict ``{"a": {"b": leaf}}``."""
-    if not isinstance(tree, dict) or not tree:
-        return {prefix: tree}
-    return {
-        k: v
-        for key, sub in tree.items()
-        for k, v in _flat(sub, f"{prefix}.{key}" if prefix else str(key)).items()
-    }
-
-
 def _config_changes(saved_file: Path, cfg: Any) -> list[str] | None:
-    """``key: saved X, now Y`` for each config key that differs from the run's ``config.yaml``
-    (``train.resume`` aside); ``None`` where that file is missing or unreadable."""
+    """The keys of ``cfg`` that differ from the run's ``config.yaml`` (``train.resume`` aside);
+    ``None`` where that file is missing or unreadable."""
     try:
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    if not isinstance(saved, dict):
-        return None
-    old, new = _flat(saved), _flat(to_dict(cfg))
-    keys = sorted((old.keys() | new.keys()) - {"train.resume"})
-    return [
-        f"{k}: run {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
-    ]
+    return config_changes(saved, cfg, ignore=("train.resume",)) if isinstance(saved, dict) else None
 
 
 def refuse_fresh_start(output_dir: str | Path, cfg: Any) -> None:
@@ -115,10 +98,7 @@ def refuse_fresh_start(output_dir: str | Path, cfg: Any) -> None:
     elif not changes:
         whose = "of this run (the same config)"
     else:
-        shown = "; ".join(changes[:5]) + (
-            f" (and {len(changes) - 5} more)" if len(changes) > 5 else ""
-        )
-        whose = f"of a run with another config ({shown})"
+        whose = f"of a run with another config ({changes_text(changes)})"
     raise FileExistsError(
         f"{where} {whose}; set train.resume=auto to continue it, or choose another output_dir"
     )

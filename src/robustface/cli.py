@@ -862,6 +862,15 @@ def _check_device(device: str | None) -> None:
 _RESUME_HINTS = {"train": "; continue the run with --set train.resume=auto"}
 
 
+def _one_line(exc: BaseException) -> str:
+    """A user error as the CLI prints it: an ``OSError`` from ``open`` reads ``PATH: reason``, not
+    ``[Errno 2] No such file or directory: 'PATH'``."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        return f"{where}: {exc.strerror}"
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustface`` console script.
 
@@ -883,7 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         NotADirectoryError,  # a file given where a directory goes (or the reverse)
         IsADirectoryError,
     ) as exc:
-        print(f"robustface {args.command}: error: {exc}", file=sys.stderr)
+        print(f"robustface {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = _RESUME_HINTS.get(args.command, "")

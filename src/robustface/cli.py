@@ -407,6 +407,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         opset=args.opset,
         check=not args.no_check,
         atol=args.atol,
+        overwrite=args.overwrite,
         **model_args(args),
     )
     s = report.input_size
@@ -819,6 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     q.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     q.add_argument("--atol", type=float, default=1e-4, help="tolerance on normalised embeddings")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_model_args(q)
     q.set_defaults(func=_cmd_export_onnx)
 

@@ -138,7 +138,7 @@ def test_embed_verify_gallery_end_to_end(synth: Path, tmp_path: Path, capsys):
         == 0
     )
     captured = capsys.readouterr()
-    assert "1 of 1 queries rejected as unknown" in captured.err and captured.out.endswith("\t0\n")
+    assert "1 of 1 query rejected as unknown" in captured.err and captured.out.endswith("\t0\n")
     (tmp_path / "more.tsv").write_text(f"{ids[5]}\t{files[ids[5]][0]}\n", encoding="utf-8")
     assert main(["gallery", "add", str(model), gallery, str(tmp_path / "more.tsv")]) == 0
     assert capsys.readouterr().out == "added 1 image, 1 new identity; 5 in all\n"

@@ -286,8 +286,8 @@ def _cmd_gallery_search(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     if threshold is not None:
         print(
-            f"{int((~result.accepted).sum())} of {len(faces)} queries rejected as unknown at "
-            f"threshold {threshold:.4f} ({how})",
+            f"{int((~result.accepted).sum())} of {counted(len(faces), 'query', 'queries')} "
+            f"rejected as unknown at threshold {threshold:.4f} ({how})",
             file=sys.stderr,
         )
     return 0

@@ -117,6 +117,18 @@ def test_loop_end_to_end_and_resume(dirty, tmp_path, monkeypatch):
         clean_loop(_config(out, dirty, "rounds=3"), progress=False)
 
 
+def test_another_config_in_the_output_dir_is_refused_naming_what_differs(tmp_path):
+    out = tmp_path / "run"
+    loop._check_same_config(out, _config(out, "data", "rounds=2"))
+    loop._check_same_config(out, _config(out, "data", "rounds=2"))  # the same config: resumes
+    with pytest.raises(ValueError) as info:
+        loop._check_same_config(out, _config(out, "data", "rounds=3", "knn=7"))
+    assert str(info.value) == (
+        f"{out} holds a cleaning run with another config ({out / 'clean_config.yaml'}: knn: run "
+        "5, now 7; rounds: run 2, now 3); resume it with that config or choose another output_dir"
+    )
+
+
 def test_emptied_class_is_removed_and_reported(dirty, tmp_path):
     dataset = RecordIODataset(dirty)
     labels = dataset.labels

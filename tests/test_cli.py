@@ -319,6 +319,11 @@ def test_train_then_eval_verification(synth_train_dir, tmp_path, capsys):
     assert lfw["val_impostor_pairs"] < 1000 and lfw["min_measurable_far"] > 1e-3
     assert lfw["val"] is None and lfw["val_insightface"] == train_acc["val_insightface"]
     assert "n/m: not measurable (the VAL threshold is chosen on" in text
+    # neither --bins nor --targets: a run directory's own data.val_targets, said on stderr
+    assert main(["eval", "verification", str(run), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "sets: the run's data.val_targets lfw\n"
+    assert "| lfw" in captured.out and "cfp_fp" not in captured.out
     # a missing set names every directory searched
     assert main(["eval", "verification", str(run), "--targets", "agedb_30"]) == 2
     err = capsys.readouterr().err
@@ -415,3 +420,20 @@ def test_a_file_where_a_directory_goes_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("robustface clean: error: ") and "Not a directory" in err
     assert str(out) in err and err.count("\n") == 1 and out.read_text() == "mine"
+
+
+def test_a_missing_file_opened_by_a_command_is_named_as_path_colon_reason(tmp_path, capsys):
+    """An ``OSError`` raised by ``open`` (``eval megaface --probe-list`` missing) reads
+    ``PATH: reason``, not Python's ``[Errno 2] No such file or directory: 'PATH'``."""
+    import torch
+
+    from robustface.models import build_backbone
+
+    model = tmp_path / "backbone.pth"
+    torch.save(build_backbone("r18_tiny", embedding_size=8).state_dict(), model)
+    missing = tmp_path / "facescrub_features_list.json"
+    args = ["eval", "megaface", str(model), "--probe-list", str(missing)]
+    assert main([*args, "--probe-images", str(tmp_path), "--distractor-features", "x"]) == 2
+    assert capsys.readouterr().err == (
+        f"robustface eval: error: {missing}: No such file or directory\n"
+    )

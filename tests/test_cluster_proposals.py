@@ -294,8 +294,12 @@ def test_presets_and_setting_errors() -> None:
         ProposalSetting(keep=False)
     feats, _ = planted(3, 5, 8, 0.5, seed=7)
     graph = build_knn(feats, 5, show_progress=False)
-    with pytest.raises(ValueError, match="k=80"):
+    with pytest.raises(ValueError) as info:  # which settings, and how to get the neighbours
         generate_proposals(graph, "test_2", show_progress=False)
+    assert str(info.value) == (
+        "the proposal settings 'test_2' need k=80 neighbours, but the kNN graph holds only k=5: "
+        "build it with k >= 80 (CLI: --k 80)"
+    )
     with pytest.raises(ValueError, match="need features"):
         generate_proposals(
             graph, [ProposalSetting(k=5, iterative=(IterSetting(2, 4),))], show_progress=False

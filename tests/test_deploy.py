@@ -166,6 +166,34 @@ def test_embed_dir_bad_inputs_are_named_counted_and_skipped_only_on_request(
     assert "6 of 8 inputs (2 bad)" in logs[-1]
 
 
+def test_embed_dir_bad_input_is_named_once_in_words_that_agree(rec: Recognizer, tmp_path):
+    # the reason no longer repeats the path the row names ("missing.jpg: missing.jpg: ..."), and
+    # one input / one row / "it" are singular
+    (tmp_path / "list.txt").write_text("missing.jpg\n")
+    logs: list[str] = []
+    with pytest.raises(DataFormatError) as info:
+        embed_to_dir(
+            rec,
+            open_inputs(tmp_path / "list.txt"),
+            tmp_path / "o",
+            show_progress=False,
+            log=logs.append,
+        )
+    message = str(info.value)
+    assert message.count("missing.jpg") == 1
+    assert message.startswith(
+        f"{tmp_path / 'list.txt'}: 1 of 1 input cannot be used: missing.jpg: cannot read: "
+    )
+    assert "Fix or remove it, or pass --skip-bad (skip_bad=True) to leave it out" in message
+    assert message.endswith(f"; 0 rows embedded so far kept in {tmp_path / 'o.partial'}")
+    result = embed_to_dir(
+        rec, open_inputs(tmp_path / "list.txt"), tmp_path / "o", skip_bad=True,
+        show_progress=False, log=logs.append,
+    )  # fmt: skip
+    assert result.bad == [(0, "missing.jpg", "cannot read: No such file or directory")]
+    assert logs[-1].startswith("embedded 0 of 1 input (1 bad)")
+
+
 def test_embed_dir_resume_gives_identical_files(rec: Recognizer, faces, tmp_path):
     _write_faces(tmp_path / "in", faces)
     (tmp_path / "in" / "id2" / "zz_bad.png").write_bytes(b"garbage")

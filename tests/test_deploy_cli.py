@@ -138,9 +138,20 @@ def test_embed_verify_gallery_end_to_end(synth: Path, tmp_path: Path, capsys):
         == 0
     )
     captured = capsys.readouterr()
-    assert "1 of 1 queries rejected as unknown" in captured.err and captured.out.endswith("\t0\n")
+    assert "1 of 1 query rejected as unknown" in captured.err and captured.out.endswith("\t0\n")
     (tmp_path / "more.tsv").write_text(f"{ids[5]}\t{files[ids[5]][0]}\n", encoding="utf-8")
     assert main(["gallery", "add", str(model), gallery, str(tmp_path / "more.tsv")]) == 0
+    assert capsys.readouterr().out == "added 1 image, 1 new identity; 5 in all\n"
+    # the same image again is refused, naming it; --skip-enrolled leaves it out and says so
+    assert main(["gallery", "add", str(model), gallery, str(tmp_path / "more.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert f"1 of 1 images are already enrolled under the same identity: {files[ids[5]][0]} " in err
+    assert "--skip-enrolled" in err
+    args = ["gallery", "add", str(model), gallery, str(tmp_path / "enrol.tsv"), "--skip-enrolled"]
+    assert main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().out == (
+        "added 0 images (8 already enrolled, skipped), 0 new identities; 5 in all\n"
+    )
     assert main(["gallery", "remove", gallery, ids[0]]) == 0
     manifest = json.loads((tmp_path / "gallery" / "manifest.json").read_text())
     assert manifest["identities"] == 4 and manifest["images"] == 7

@@ -77,6 +77,34 @@ def test_add_remove_and_approximate_indexes(tmp_path):
         assert [r[0] for r in got] == [r[0] for r in flat.names]
 
 
+def test_adding_an_enrolled_image_again_is_refused_or_skipped_never_duplicated(tmp_path):
+    names, feats = _data(n_ids=3)
+    g = Gallery.create(tmp_path / "g", MODEL, names, feats)
+    before = (g.vectors.copy(), g.manifest["images"])
+    # p1's second image re-embedded (float16 rounding, another norm) and a new image of p1
+    again = (feats[4] * 1.001).astype(np.float16).astype(np.float32)
+    fresh = feats[4] + 0.05 * np.linalg.norm(feats[4])  # cosine with feats[4] about 0.998
+    fresh_cos = _unit(fresh) @ _unit(feats[4])
+    assert fresh_cos < gallery_mod.DUPLICATE_COSINE <= _unit(again) @ _unit(feats[4])
+    batch = np.stack([fresh, again, feats[0]])
+    with pytest.raises(ValueError) as info:
+        g.add(["p1", "p1", "p9"], batch, sources=["new.jpg", "b.jpg", "c.jpg"])
+    assert str(info.value) == (
+        f"{tmp_path / 'g'}: 1 of 3 images are already enrolled under the same identity: b.jpg "
+        "(p1); pass --skip-enrolled (skip_enrolled=True) to add only the others"
+    )
+    np.testing.assert_array_equal(Gallery.open(tmp_path / "g").vectors, before[0])  # unchanged
+    # skipped: the others enrolled (p0's image under the new identity p9 is not a repeat)
+    assert g.add(["p1", "p1", "p9"], batch, skip_enrolled=True) == 1
+    assert g.names == ["p0", "p1", "p2", "p9"] and g.manifest["images"] == before[1] + 2
+    expected_p1 = _unit(_unit(np.concatenate([feats[3:6], fresh[None]])).sum(0))
+    np.testing.assert_allclose(g.vectors[1], expected_p1, rtol=1e-5, atol=1e-6)
+    # everything already there: nothing written, the count returned
+    version = g.manifest["version"]
+    assert g.add(["p0", "p0"], feats[:2], skip_enrolled=True) == 2
+    assert Gallery.open(tmp_path / "g").manifest["version"] == version
+
+
 def test_foreign_model_and_embedding_size_are_refused_naming_both(tmp_path):
     names, feats = _data()
     Gallery.create(tmp_path / "g", MODEL, names, feats)

@@ -131,15 +131,19 @@ def test_a_stale_directory_is_refused_naming_what_differs(
     extracted, tiny_model, synth_train_dir, tmp_path
 ):
     kwargs = dict(batch_size=16, seed=5, progress=False, model_options=OPTIONS)
-    with pytest.raises(ValueError, match=r"another views \(views: stored 3, now 4\)"):
+    with pytest.raises(ValueError, match=r"other settings \(views: stored 3, now 4\)"):
         extract_fusion_features(tiny_model, synth_train_dir, extracted, views=4, **kwargs)
     other = tmp_path / "other.pth"
     state = torch.load(tiny_model, weights_only=True)
     state["fc.weight"] = state["fc.weight"] + 1
     torch.save(state, other)
-    with pytest.raises(ValueError, match=r"holds features of another model \(model: stored"):
+    with pytest.raises(
+        ValueError, match=r"holds features made with other settings \(model: stored"
+    ):
         extract_fusion_features(other, synth_train_dir, extracted, views=3, **kwargs)
-    with pytest.raises(ValueError, match=r"another blocks, seed"):
+    with pytest.raises(
+        ValueError, match=r"other settings \(blocks: stored .*; seed: stored 5, now 6\)"
+    ):
         extract_fusion_features(
             tiny_model, synth_train_dir, extracted, views=3, **{**kwargs, "seed": 6},
             blocks=("layer3",),
@@ -147,7 +151,10 @@ def test_a_stale_directory_is_refused_naming_what_differs(
     # an unfinished directory of other features is refused too
     partial = tmp_path / "f.partial"
     shutil.copytree(extracted, partial)
-    with pytest.raises(ValueError, match=r"f\.partial holds features of another views"):
+    with pytest.raises(
+        ValueError,
+        match=r"f\.partial holds features made with other settings \(views: stored 3, now 2\)",
+    ):
         extract_fusion_features(tiny_model, synth_train_dir, tmp_path / "f", views=2, **kwargs)
     # a directory that is not ours is not written into
     (tmp_path / "mine").mkdir()

@@ -212,7 +212,7 @@ def test_bad_input_is_named(features, tmp_path):
         load_fuse_config({})
     # a run directory with checkpoints is not overwritten, and is resumed only on its features
     train_caface(tiny_config(features, tmp_path / "r4", max_steps=1))
-    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    with pytest.raises(FileExistsError, match=r"\(train\.max_steps: run 1, now 2\); set train"):
         train_caface(tiny_config(features, tmp_path / "r4", max_steps=2))
     other = tmp_path / "other"
     shutil.copytree(features, other)
@@ -283,7 +283,7 @@ def test_each_step_is_logged_once_and_a_finished_run_is_complete(features, tmp_p
     assert train_caface(tiny_config(features, out, epochs=1, log_every=10, progress=True)) == final
     assert f"{out} is already complete" in capsys.readouterr().out
     assert final.stat().st_mtime_ns == stamp
-    with pytest.raises(FileExistsError, match="checkpoints of another run"):
+    with pytest.raises(FileExistsError, match=r"another config \(train\.epochs: run 1, now 2\)"):
         train_caface(tiny_config(features, out, epochs=2, log_every=10))
 
 

@@ -17,6 +17,7 @@ from robustface.evaluate.megaface import (
     load_feature_set,
     noise_mask,
     read_devkit_feature,
+    read_devkit_list,
     read_noise_list,
     run_megaface,
     save_feature_cache,
@@ -181,6 +182,10 @@ def test_devkit_files_noise_lists_and_caches(tmp_path):
     assert loaded.paths == ["x/1.png", "x/2.png"] and loaded.labels.tolist() == ["x", "x"]
     with pytest.raises(ValueError, match="paths must have 2 entries"):
         save_feature_cache(tmp_path / "d.npz", feats, paths=["x"])
+    # an empty devkit list is named, not reported later as "IMAGES: no images to embed"
+    (tmp_path / "empty.json").write_text('{"path": [], "id": []}')
+    with pytest.raises(DataFormatError, match=r"empty\.json: its \"path\" list is empty"):
+        read_devkit_list(tmp_path / "empty.json")
 
 
 def test_cli_devkit_directories_and_cache(tmp_path, capsys):

@@ -22,6 +22,7 @@ from robustface.data.noise import (
     inject_noise,
     load_noise_list,
     noise_list_for,
+    noise_summary_table,
     parse_noise_setting,
     plan_label_noise,
 )
@@ -457,3 +458,18 @@ def test_inject_noise_refuses_unused_open_source_and_corrupt_manifest(
     with pytest.raises(DataFormatError, match=r"manifest\.json.*not valid JSON"):
         inject_noise(broken, tmp_path / "b", "C20", progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_summary_says_when_open_set_images_are_reused():
+    """A pool smaller than the open samples is drawn with replacement (documented): the summary
+    the CLI prints says so, with the count of distinct images (brute force: the set of sources)."""
+    labels = np.repeat(np.arange(4), 10)
+    small = plan_label_noise(labels, 0.0, 0.5, open_pool=5, seed=0)
+    drawn = small.source_index[small.kind == OPEN]
+    assert drawn.size == 20 and len(set(drawn.tolist())) <= 5
+    assert noise_summary_table(small).splitlines()[-1] == (
+        f"open: 20 samples from {len(set(drawn.tolist()))} distinct open-set images (a pool "
+        "smaller than the open samples: images reused, drawn with replacement)"
+    )
+    large = plan_label_noise(labels, 0.0, 0.5, open_pool=100, seed=0)
+    assert noise_summary_table(large).splitlines()[-1].startswith("| total")

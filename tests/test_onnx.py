@@ -137,6 +137,25 @@ def test_errors(tmp_path, exported):
     assert main(["export", "onnx", str(tmp_path / "nope"), "--out", str(tmp_path / "o.onnx")]) == 2
 
 
+def test_an_existing_out_is_replaced_only_with_overwrite_and_never_the_weights(tmp_path, exported):
+    run, out = exported[0], tmp_path / "m.onnx"
+    out.write_bytes(b"an earlier export")
+    with pytest.raises(
+        FileExistsError, match=r"m\.onnx exists; pass overwrite=True \(CLI: --overw"
+    ):
+        export_onnx(run, out, check=False)
+    assert out.read_bytes() == b"an earlier export"
+    assert main(["export", "onnx", str(run), "--out", str(out), "--no-check", "--overwrite"]) == 0
+    assert onnx.load(str(out)).graph.output[0].name == OUTPUT_NAME
+    weights = run / "backbone.pth"
+    before = weights.read_bytes()
+    with pytest.raises(ValueError, match=r"backbone\.pth: the weights being exported"):
+        export_onnx(run, weights, check=False, overwrite=True)
+    assert weights.read_bytes() == before
+    with pytest.raises(IsADirectoryError, match=r"a directory; the output is the \.onnx file"):
+        export_onnx(run, tmp_path, check=False)
+
+
 def test_megaface_embeds_images_with_an_onnx_model(tmp_path, exported):
     import cv2
 

@@ -310,8 +310,20 @@ def test_same_config_and_seed_repeat_exactly_whatever_the_default_thread_count(
 def test_refuses_to_mix_runs_in_one_output_dir(synth_train_dir, tmp_path):
     cfg = _cfg(tmp_path / "m", synth_train_dir, "train.max_steps=2", "data.val_targets=[]")
     Trainer(cfg).fit()
-    with pytest.raises(FileExistsError, match=r"train\.resume=auto"):
+    # the same command again is this run, not "another run"; another config says what differs
+    last = f"{tmp_path / 'm' / 'checkpoints'} already holds checkpoints (last step_00000002)"
+    with pytest.raises(FileExistsError) as info:
         Trainer(cfg)
+    assert str(info.value) == (
+        f"{last} of this run (the same config); set train.resume=auto to continue it, or choose "
+        "another output_dir"
+    )
+    other = _cfg(tmp_path / "m", synth_train_dir, "train.max_steps=3", "data.val_targets=[]")
+    with pytest.raises(FileExistsError) as info:
+        Trainer(other)
+    assert str(info.value).startswith(
+        f"{last} of a run with another config (train.max_steps: run 2, now 3); "
+    )
 
 
 @pytest.mark.slow

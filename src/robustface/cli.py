@@ -286,12 +286,23 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
     model, input_size = load_backbone(args.checkpoint, **model_args(args), device=args.device)
     weights = weights_file(args.checkpoint)
     files = [Path(b) for b in args.bins]
-    if args.targets:
+    targets = args.targets
+    run = RunDir(args.checkpoint)
+    if not files and not targets and run.is_run:
+        targets = run.config().data.val_targets
+        if targets:
+            print(f"sets: the run's data.val_targets {' '.join(targets)}", file=sys.stderr)
+    if targets:
         dirs = _verification_dirs(args.checkpoint, args.data_dir)
-        files += [_find_verification_set(name, dirs) for name in args.targets]
+        files += [
+            Path(t) if t.endswith(".bin") else _find_verification_set(t, dirs) for t in targets
+        ]
     if not files:
         raise FileNotFoundError(
-            "no verification set given: use --bins FILE... or --targets NAME..."
+            f"{args.checkpoint}: no verification set given: use --bins FILE... or --targets "
+            "NAME... (a run directory's default, its data.val_targets, is empty)"
+            if run.is_run
+            else "no verification set given: use --bins FILE... or --targets NAME..."
         )
     results = {}
     for file in files:
@@ -396,6 +407,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         opset=args.opset,
         check=not args.no_check,
         atol=args.atol,
+        overwrite=args.overwrite,
         **model_args(args),
     )
     s = report.input_size
@@ -619,7 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of the --targets .bin files (default: the run's verification directory, "
         "then the current one)",
     )
-    q.add_argument("--targets", nargs="*", default=[], help="set names, e.g. lfw cfp_fp agedb_30")
+    q.add_argument(
+        "--targets",
+        nargs="*",
+        default=[],
+        help="set names, e.g. lfw cfp_fp agedb_30 (default, without --bins: a run directory's "
+        "data.val_targets)",
+    )
     q.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     q.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     q.add_argument("--out", type=Path, help="write the results as JSON")
@@ -802,6 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     q.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     q.add_argument("--atol", type=float, default=1e-4, help="tolerance on normalised embeddings")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_model_args(q)
     q.set_defaults(func=_cmd_export_onnx)
 
@@ -845,6 +864,15 @@ def _check_device(device: str | None) -> None:
 _RESUME_HINTS = {"train": "; continue the run with --set train.resume=auto"}
 
 
+def _one_line(exc: BaseException) -> str:
+    """A user error as the CLI prints it: an ``OSError`` from ``open`` reads ``PATH: reason``, not
+    ``[Errno 2] No such file or directory: 'PATH'``."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        return f"{where}: {exc.strerror}"
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustface`` console script.
 
@@ -866,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         NotADirectoryError,  # a file given where a directory goes (or the reverse)
         IsADirectoryError,
     ) as exc:
-        print(f"robustface {args.command}: error: {exc}", file=sys.stderr)
+        print(f"robustface {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = _RESUME_HINTS.get(args.command, "")

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from robustface.utils.table import counted
+
 __all__ = ["add_deploy_parser"]
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -97,7 +99,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     rec = _recognizer(args)
     inputs = open_inputs(args.inputs)
-    print(f"{len(inputs)} {inputs.kind} inputs from {inputs.path}", file=sys.stderr)
+    print(f"{counted(len(inputs), inputs.kind + ' input')} from {inputs.path}", file=sys.stderr)
     embed_to_dir(
         rec,
         inputs,
@@ -125,10 +127,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _enrolment(path: Path, rec: Any, show_progress: bool = True) -> tuple[list[str], Any]:
-    """``(identity of each row, raw embeddings)`` from a folder tree (one sub-folder per
-    identity), a list of ``identity<TAB>path`` lines, or an ``embed`` output directory of a
-    folder tree (identity: the first part of each path)."""
+def _enrolment(
+    path: Path, rec: Any, show_progress: bool = True
+) -> tuple[list[str], Any, list[str]]:
+    """``(identity of each row, raw embeddings, image of each row)`` from a folder tree (one
+    sub-folder per identity), a list of ``identity<TAB>path`` lines, or an ``embed`` output
+    directory of a folder tree (identity: the first part of each path)."""
     import json
 
     import numpy as np
@@ -140,7 +144,8 @@ def _enrolment(path: Path, rec: Any, show_progress: bool = True) -> tuple[list[s
         raise FileNotFoundError(f"{path}: no such folder, list file or embed output (ENROL)")
     if (path / MANIFEST).is_file():
         emb, norms, sources = read_embeddings(path)
-        built = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["model"]
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        built = manifest["model"]
         if built["sha256"] != rec.info.sha256:
             raise ValueError(
                 f"{path}: embedded by {built['path']} (sha256 {built['sha256'][:12]}), not by "
@@ -149,7 +154,8 @@ def _enrolment(path: Path, rec: Any, show_progress: bool = True) -> tuple[list[s
         if not sources or "path" not in sources[0] or any("/" not in s["path"] for s in sources):
             raise DataFormatError(path, "rows must come from a folder tree IDENTITY/IMAGE")
         names = [s["path"].split("/", 1)[0] for s in sources]
-        return names, np.asarray(emb, np.float32) * norms[:, None]
+        images = [str(Path(manifest["input"]["path"]) / s["path"]) for s in sources]
+        return names, np.asarray(emb, np.float32) * norms[:, None], images
     if path.is_dir():
         rows = [r[0] for r in open_inputs(path).rows]
         loose = [r for r in rows if "/" not in r]
@@ -167,7 +173,7 @@ def _enrolment(path: Path, rec: Any, show_progress: bool = True) -> tuple[list[s
         if not pairs:
             raise DataFormatError(path, "lists no IDENTITY<TAB>PATH lines")
         names, faces = [p[0] for p in pairs], [p[1] for p in pairs]
-    return names, rec.embed(faces, normalize=False, show_progress=show_progress)
+    return names, rec.embed(faces, normalize=False, show_progress=show_progress), faces
 
 
 def _index_spec(args: argparse.Namespace) -> Any:
@@ -187,7 +193,7 @@ def _cmd_gallery_build(args: argparse.Namespace) -> int:
     from robustface.deploy.gallery import Gallery
 
     rec = _recognizer(args)
-    names, feats = _enrolment(args.enrol, rec, not args.quiet)
+    names, feats, _ = _enrolment(args.enrol, rec, not args.quiet)
     g = Gallery.create(
         args.gallery,
         rec.info.to_dict(),
@@ -213,10 +219,15 @@ def _cmd_gallery_add(args: argparse.Namespace) -> int:
 
     rec = _recognizer(args)
     g = Gallery.open(args.gallery, rec.info.to_dict())
-    names, feats = _enrolment(args.enrol, rec, not args.quiet)
+    names, feats, images = _enrolment(args.enrol, rec, not args.quiet)
     before = len(g)
-    g.add(names, feats)
-    print(f"added {len(names)} images, {len(g) - before} new identities; {len(g)} in all")
+    skipped = g.add(names, feats, skip_enrolled=args.skip_enrolled, sources=images)
+    added = counted(len(names) - skipped, "image")
+    also = f" ({skipped} already enrolled, skipped)" if skipped else ""
+    print(
+        f"added {added}{also}, {counted(len(g) - before, 'new identity', 'new identities')}; "
+        f"{len(g)} in all"
+    )
     return 0
 
 
@@ -275,8 +286,8 @@ def _cmd_gallery_search(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     if threshold is not None:
         print(
-            f"{int((~result.accepted).sum())} of {len(faces)} queries rejected as unknown at "
-            f"threshold {threshold:.4f} ({how})",
+            f"{int((~result.accepted).sum())} of {counted(len(faces), 'query', 'queries')} "
+            f"rejected as unknown at threshold {threshold:.4f} ({how})",
             file=sys.stderr,
         )
     return 0
@@ -352,6 +363,12 @@ def add_deploy_parser(sub: Any) -> None:
     _add_model(q)
     q.add_argument("gallery", type=Path, help="gallery directory")
     q.add_argument("enrol", type=Path, help=enrol_help)
+    q.add_argument(
+        "--skip-enrolled",
+        action="store_true",
+        help="leave out images already enrolled under the same identity, and count them (default: "
+        "refuse the add, naming them)",
+    )
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_gallery_add)
 

@@ -472,6 +472,33 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": leaf}`` for a nested dict ``{"a": {"b": leaf}}``."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    return {
+        k: v
+        for key, sub in tree.items()
+        for k, v in _flat(sub, f"{prefix}.{key}" if prefix else str(key)).items()
+    }
+
+
+def config_changes(saved: Mapping[str, Any], cfg: Any, ignore: Sequence[str] = ()) -> list[str]:
+    """``key: run X, now Y`` for each dotted key whose value in ``saved`` (a run's config read
+    back from its YAML) differs from ``cfg``'s, sorted; a key one side lacks reads ``None``."""
+    old, new = _flat(dict(saved)), _flat(to_dict(cfg))
+    keys = sorted((old.keys() | new.keys()) - set(ignore))
+    return [
+        f"{k}: run {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
+    ]
+
+
+def changes_text(changes: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` of :func:`config_changes` lines joined by ``; ``, and how many more."""
+    more = f" (and {len(changes) - shown} more)" if len(changes) > shown else ""
+    return "; ".join(changes[:shown]) + more
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),

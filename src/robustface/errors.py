@@ -32,6 +32,7 @@ class DataFormatError(RobustfaceError, ValueError):
     def __init__(self, path: str | Path, message: str, key: int | str | None = None) -> None:
         self.path = str(path)
         self.key = key
+        self.reason = message  # the message without the file and record it names
         where = f"{self.path}" if key is None else f"{self.path} [record {key}]"
         super().__init__(f"{where}: {message}")
 

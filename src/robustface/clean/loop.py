@@ -47,7 +47,7 @@ from robustface.clean.score import (
     score_to_dir,
     threshold_problems,
 )
-from robustface.config import Config, to_dict
+from robustface.config import Config, changes_text, config_changes, to_dict
 from robustface.data.noise import NOISE_LIST, noise_list_for, save_noise_list
 from robustface.data.recordio import RecordIODataset
 from robustface.data.subset import link_verification_sets, write_rec_subset
@@ -252,10 +252,17 @@ def _check_same_config(out: Path, cfg: CleanConfig) -> None:
     file = out / CONFIG_FILE
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if file.is_file():
-        if file.read_text(encoding="utf-8") != text:
+        held = file.read_text(encoding="utf-8")
+        if held != text:
+            try:
+                saved = yaml.safe_load(held)
+            except yaml.YAMLError:
+                saved = None
+            changes = config_changes(saved, cfg) if isinstance(saved, dict) else []
+            what = f": {changes_text(changes)}" if changes else ""
             raise ValueError(
-                f"{out} holds a cleaning run with another config ({file}); resume it with that "
-                "config or choose another output_dir"
+                f"{out} holds a cleaning run with another config ({file}{what}); resume it with "
+                "that config or choose another output_dir"
             )
     else:
         out.mkdir(parents=True, exist_ok=True)

@@ -424,7 +424,11 @@ def generate_proposals(
     resolved = resolve_settings(settings)
     needed = max(s.k for s in resolved)
     if needed > knn.k:
-        raise ValueError(f"settings need k={needed} neighbours but knn holds only k={knn.k}")
+        which = repr(settings) if isinstance(settings, str) else "given"
+        raise ValueError(
+            f"the proposal settings {which} need k={needed} neighbours, but the kNN graph holds "
+            f"only k={knn.k}: build it with k >= {needed} (CLI: --k {needed})"
+        )
     if any(s.iterative for s in resolved):
         if features is None:
             raise ValueError("iterative proposal settings need features (super-vertex means)")

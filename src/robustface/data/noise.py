@@ -502,11 +502,21 @@ def noise_list_for(rec_path: str | Path) -> NoisePlan | None:
 
 
 def noise_summary_table(plan: NoisePlan) -> str:
-    """A Markdown table: per kind, the samples, their share and the training labels they carry."""
+    """A Markdown table: per kind, the samples, their share and the training labels they carry;
+    then, when the open-set pool was smaller than the open samples, a line saying how many
+    distinct open-set images they reuse."""
     total = max(len(plan), 1)
     rows = []
     for code, name in enumerate(KIND_NAMES):
         labels = plan.label[plan.kind == code]
         rows.append([name, labels.size, 100.0 * labels.size / total, np.unique(labels).size])
     rows.append(["total", len(plan), 100.0 * len(plan) / total, np.unique(plan.label).size])
-    return markdown_table(["kind", "samples", "%", "labels"], rows)
+    table = markdown_table(["kind", "samples", "%", "labels"], rows)
+    drawn = plan.source_index[plan.kind == OPEN]
+    distinct = np.unique(drawn).size
+    if distinct < drawn.size:
+        table += (
+            f"\nopen: {drawn.size} samples from {distinct} distinct open-set images (a pool "
+            "smaller than the open samples: images reused, drawn with replacement)"
+        )
+    return table

@@ -48,6 +48,7 @@ from robustface.deploy.recognizer import Recognizer, l2_normalize
 from robustface.errors import DataFormatError
 from robustface.utils.guards import check_choice
 from robustface.utils.io import check_output_dir, replace_directory, write_text_atomic
+from robustface.utils.table import counted
 
 __all__ = ["EmbedResult", "InputSet", "embed_to_dir", "open_inputs", "read_embeddings"]
 
@@ -172,7 +173,9 @@ def _read_crop(recognizer: Recognizer, inputs: InputSet, i: int) -> np.ndarray |
     try:
         face, landmarks = inputs.read(i)
         return recognizer.crop(face, landmarks, name=inputs.rows[i][0])
-    except (DataFormatError, ValueError, OSError) as exc:
+    except DataFormatError as exc:  # it names the input's file, as its row does: not twice
+        return " ".join((exc.reason if exc.key is None else str(exc)).split())
+    except (ValueError, OSError) as exc:
         return " ".join(str(exc).split())
 
 
@@ -247,7 +250,7 @@ def embed_to_dir(
     progress = _start(partial, key, n, d, dtype)
     resumed = progress["inputs_done"]
     if resumed:
-        log(f"resuming {partial}: {resumed} of {n} inputs done")
+        log(f"resuming {partial}: {resumed} of {counted(n, 'input')} done")
     emb = np.load(partial / "embeddings.npy", mmap_mode="r+")
     norms = np.load(partial / "norms.npy", mmap_mode="r+")
     starts = range(resumed, n, bs)
@@ -285,22 +288,23 @@ def embed_to_dir(
     bad = [tuple(b) for b in progress["bad"]]
     result = EmbedResult(out, progress["rows"], bad, seconds, resumed)  # type: ignore[arg-type]
     if progress["inputs_done"] < n:
-        log(f"stopped after {progress['inputs_done']} of {n} inputs; run again to go on")
+        log(f"stopped after {progress['inputs_done']} of {counted(n, 'input')}; run again to go on")
         return result
     if bad and not skip_bad:
         listed = "; ".join(f"{src}: {why}" for _, src, why in bad[:_SHOWN])
         more = f" (and {len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else ""
+        them = "it" if len(bad) == 1 else "them"
         raise DataFormatError(
             inputs.path,
-            f"{len(bad)} of {n} inputs cannot be used: {listed}{more}. Fix or remove them, or "
-            f"pass --skip-bad (skip_bad=True) to leave them out, listed in bad.tsv; the "
-            f"{progress['rows']} rows embedded are kept in {partial}",
+            f"{len(bad)} of {counted(n, 'input')} cannot be used: {listed}{more}. Fix or remove "
+            f"{them}, or pass --skip-bad (skip_bad=True) to leave {them} out, listed in bad.tsv; "
+            f"{counted(progress['rows'], 'row')} embedded so far kept in {partial}",
         )
     _finish(partial, out, inputs, progress, key)
     rate = n / seconds if seconds else float("inf")  # over every session of a resumed run
     log(
-        f"embedded {progress['rows']} of {n} inputs ({len(bad)} bad) in {seconds:.1f} s, "
-        f"{rate:.1f} images/s -> {out}"
+        f"embedded {progress['rows']} of {counted(n, 'input')} ({len(bad)} bad) in "
+        f"{seconds:.1f} s, {rate:.1f} images/s -> {out}"
     )
     return result
 

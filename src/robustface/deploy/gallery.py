@@ -4,7 +4,11 @@
 norm, see :mod:`robustface.fuse.base`), fused into one unit vector by an aggregator of
 :data:`robustface.fuse.AGGREGATORS` (``mean`` by default, ``norm_weighted``; ``caface`` only when
 the gallery is given per-image styles). Adding images to an enrolled identity fuses them with
-the ones it has: the gallery keeps every enrolment embedding.
+the ones it has: the gallery keeps every enrolment embedding. An added image whose identity
+already holds the same embedding (cosine >= :data:`DUPLICATE_COSINE`: the same image again, or its
+mirror when embedded with flip) is *already enrolled*: :meth:`Gallery.add` refuses it, naming it,
+unless ``skip_enrolled`` leaves such images out (and returns their count). Repeats within one
+enrolment set are enrolled as given.
 
 **Search.** Queries are compared by cosine similarity with the identities' fused vectors; the
 top ``k`` identities come with their scores, and a query whose best score is below ``threshold``
@@ -45,13 +49,22 @@ import numpy as np
 import torch
 
 from robustface.cluster.knn import ivf_nlist
+from robustface.deploy.recognizer import l2_normalize
 from robustface.errors import DataFormatError, RobustfaceError
 from robustface.fuse import AGGREGATORS
 from robustface.fuse.baselines import LinearAggregator
 from robustface.utils.guards import check_choice, check_int
 from robustface.utils.io import write_text_atomic
 
-__all__ = ["EXACT_MAX", "Gallery", "GalleryBusyError", "IndexSpec", "SearchResult", "build_index"]
+__all__ = [
+    "DUPLICATE_COSINE",
+    "EXACT_MAX",
+    "Gallery",
+    "GalleryBusyError",
+    "IndexSpec",
+    "SearchResult",
+    "build_index",
+]
 
 FORMAT = "robustface-gallery/1"
 MANIFEST = "manifest.json"
@@ -61,6 +74,10 @@ EXACT_MAX = 100_000
 """``index="auto"`` searches exactly up to this many identities and uses IVF above."""
 IVF_TRAIN_PER_LIST = 64
 """IVF k-means training points per list (a random sample; faiss warns below 39)."""
+DUPLICATE_COSINE = 1 - 1e-5
+"""Cosine at or above which an added embedding repeats one of its identity's enrolment embeddings:
+the same image re-embedded by the same model differs only by float rounding (cosine 1 - 1e-7 or
+closer, float16 storage included), two photographs are far below."""
 _VERSION = re.compile(r"^v(\d+)$")
 
 
@@ -307,15 +324,63 @@ class Gallery:
         return gallery
 
     def add(
-        self, names: Sequence[str], features: np.ndarray, styles: np.ndarray | None = None
-    ) -> None:
+        self,
+        names: Sequence[str],
+        features: np.ndarray,
+        styles: np.ndarray | None = None,
+        *,
+        skip_enrolled: bool = False,
+        sources: Sequence[str] | None = None,
+    ) -> int:
         """Enrol more embeddings: new identities are appended, enrolled ones re-fused with all
-        their embeddings."""
+        their embeddings. Images already enrolled under their identity (see the module
+        docstring) raise ``ValueError`` naming them (``sources[i]``, else the row ``i``), or with
+        ``skip_enrolled`` are left out; returns how many were left out."""
+        names = _check_names(names, "names")
         with self._locked():
             self._reload_if_changed()
+            again = self._enrolled_again(names, np.asarray(features, dtype=np.float32))
+            if again.any() and not skip_enrolled:
+                rows = np.flatnonzero(again)
+                shown = ", ".join(
+                    f"{sources[i] if sources is not None else f'row {i}'} ({names[i]})"
+                    for i in rows[:5]
+                )
+                more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+                raise ValueError(
+                    f"{self.root}: {len(rows)} of {len(names)} images are already enrolled under "
+                    f"the same identity: {shown}{more}; pass --skip-enrolled (skip_enrolled=True) "
+                    "to add only the others"
+                )
+            if again.all():
+                return len(names)
+            keep = np.flatnonzero(~again)
+            names = [names[i] for i in keep]
+            features = np.asarray(features)[keep]
+            styles = None if styles is None else np.asarray(styles)[keep]
             state = self._with_added(names, features, styles)
             changed = set(names) & set(self._state.names)
             self._write(state, rebuild=bool(changed), appended=len(self._state.names))
+        return int(again.sum())
+
+    def _enrolled_again(self, names: list[str], features: np.ndarray) -> np.ndarray:
+        """Which rows of ``features`` repeat an enrolment embedding of the same identity."""
+        s = self._state
+        row = {n: i for i, n in enumerate(s.names)}
+        owners = np.array([row.get(n, -1) for n in names], dtype=np.int64)
+        again = np.zeros(len(names), dtype=bool)
+        shape = (len(names), s.vectors.shape[1])
+        if features.shape != shape or not (owners >= 0).any():
+            return again  # nothing enrolled to repeat (a shape error is _with_added's to name)
+        held = np.flatnonzero(np.isin(s.owners, owners[owners >= 0]))
+        old, held_owners = l2_normalize(np.asarray(s.features[held])), s.owners[held]
+        new = l2_normalize(features)
+        for owner in np.unique(owners[owners >= 0]):
+            mine = np.flatnonzero(owners == owner)
+            theirs = old[held_owners == owner]
+            if len(theirs):
+                again[mine] = (new[mine] @ theirs.T).max(axis=1) >= DUPLICATE_COSINE
+        return again
 
     def remove(self, names: Sequence[str]) -> None:
         """Remove identities (every one must be enrolled)."""

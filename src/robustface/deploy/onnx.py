@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustface.models.loading import load_backbone
+from robustface.models.loading import load_backbone, weights_file
 from robustface.models.onnx import INPUT_METADATA_KEY, OnnxBackbone, onnx_session
 from robustface.utils.guards import check_int
 from robustface.utils.io import atomic_path
@@ -73,6 +73,7 @@ def export_onnx(
     input_size: int | None = None,
     check: bool = True,
     atol: float = 1e-4,
+    overwrite: bool = False,
     **load_kwargs: Any,
 ) -> ExportReport:
     """Export the backbone of ``checkpoint`` to ``out_path`` in the insightface convention.
@@ -86,7 +87,8 @@ def export_onnx(
     ``ValueError`` if the largest absolute difference between the L2-normalised embeddings of
     onnxruntime and PyTorch exceeds ``atol``: raw embeddings of an untrained model can have norms
     in the thousands, where float32 rounding alone exceeds any fixed absolute tolerance, and
-    evaluation only uses directions. The file appears only when everything passed.
+    evaluation only uses directions. The file appears only when everything passed. An existing
+    ``out_path`` is replaced only with ``overwrite``, and never when it is the weights exported.
     """
     import onnx
 
@@ -94,6 +96,12 @@ def export_onnx(
     out_path = Path(out_path)
     if Path(checkpoint).suffix.lower() == ".onnx":
         raise ValueError(f"{checkpoint}: already an ONNX model; export takes a PyTorch checkpoint")
+    if out_path.resolve() == weights_file(checkpoint).resolve():
+        raise ValueError(f"{out_path}: the weights being exported; write the .onnx elsewhere")
+    if out_path.is_dir():
+        raise IsADirectoryError(f"{out_path}: a directory; the output is the .onnx file to write")
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path} exists; pass overwrite=True (CLI: --overwrite)")
     model, size = load_backbone(checkpoint, input_size=input_size, **load_kwargs)
     generator = torch.Generator().manual_seed(0)
     dummy = torch.rand(1, 3, size, size, generator=generator) * 2 - 1

@@ -166,6 +166,8 @@ def read_devkit_list(path: str | Path) -> tuple[list[str], np.ndarray | None]:
         raise DataFormatError(path, f"not JSON: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("path"), list):
         raise DataFormatError(path, 'expected a JSON object with a "path" list')
+    if not doc["path"]:
+        raise DataFormatError(path, 'its "path" list is empty')
     paths = [str(p) for p in doc["path"]]
     ids = doc.get("id")
     if ids is not None and len(ids) != len(paths):

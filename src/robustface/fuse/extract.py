@@ -124,7 +124,7 @@ def _refuse_stale(directory: Path, stored: Mapping[str, Any], key: Mapping[str, 
     if differ:
         detail = "; ".join(f"{k}: stored {stored.get(k)!r}, now {key.get(k)!r}" for k in differ)
         raise ValueError(
-            f"{directory} holds features of another {', '.join(differ)} ({detail}); "
+            f"{directory} holds features made with other settings ({detail}); "
             "delete it or choose another --out"
         )
 

@@ -359,12 +359,7 @@ class _FuseTrainer:
     def __init__(self, cfg: FuseTrainConfig) -> None:
         self.cfg = cfg
         self.run = RunDir(cfg.output_dir)
-        root = self.run.checkpoints_dir
-        if not cfg.train.resume and ckpt.list_checkpoints(root):
-            raise FileExistsError(
-                f"{root} already holds checkpoints of another run; set train.resume=auto to "
-                "continue it, or choose another output_dir"
-            )
+        ckpt.refuse_fresh_start(cfg.output_dir, cfg)
         self.data = FusionFeatures.open(cfg.features)
         if self.data.views < 1 or self.data.num_images < 1:
             raise DataFormatError(self.data.path, "no images or no views")

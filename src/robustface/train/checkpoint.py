@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from robustface.config import changes_text, config_changes
 from robustface.models.loading import load_weights
 from robustface.train.distributed import DistInfo, barrier
 from robustface.utils.io import atomic_path
-from robustface.utils.run import Checkpoint
+from robustface.utils.run import Checkpoint, RunDir
 from robustface.utils.run import list_checkpoints as _list_checkpoints
 
 
@@ -69,6 +71,37 @@ def save_checkpoint(
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     return [c.path for c in _list_checkpoints(root)]
+
+
+def _config_changes(saved_file: Path, cfg: Any) -> list[str] | None:
+    """The keys of ``cfg`` that differ from the run's ``config.yaml`` (``train.resume`` aside);
+    ``None`` where that file is missing or unreadable."""
+    try:
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return config_changes(saved, cfg, ignore=("train.resume",)) if isinstance(saved, dict) else None
+
+
+def refuse_fresh_start(output_dir: str | Path, cfg: Any) -> None:
+    """Raise ``FileExistsError`` if ``output_dir`` holds checkpoints and ``cfg.train.resume`` is
+    unset (a fresh start would overwrite them). The message says whether they are this config's
+    run (the same command again) or another config's, and then which keys differ."""
+    run = RunDir(output_dir)
+    found = _list_checkpoints(run.checkpoints_dir)
+    if cfg.train.resume or not found:
+        return
+    where = f"{run.checkpoints_dir} already holds checkpoints (last {found[-1].path.name})"
+    changes = _config_changes(run.config_file, cfg)
+    if changes is None:
+        whose = "of a run whose config.yaml cannot be read"
+    elif not changes:
+        whose = "of this run (the same config)"
+    else:
+        whose = f"of a run with another config ({changes_text(changes)})"
+    raise FileExistsError(
+        f"{where} {whose}; set train.resume=auto to continue it, or choose another output_dir"
+    )
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:

@@ -316,12 +316,7 @@ class Trainer:
     def __init__(self, cfg: Config, info: DistInfo | None = None) -> None:
         check_config(cfg)  # before anything is written, rendered or initialised
         self.cfg = cfg
-        root = RunDir(cfg.output_dir).checkpoints_dir
-        if not cfg.train.resume and ckpt.list_checkpoints(root):
-            raise FileExistsError(
-                f"{root} already holds checkpoints of another run; set train.resume=auto to "
-                "continue it, or choose another output_dir"
-            )
+        ckpt.refuse_fresh_start(cfg.output_dir, cfg)
         self.info = info or init_distributed(cfg.train.device)
         self.device = self.info.device
         self.out = Path(cfg.output_dir)

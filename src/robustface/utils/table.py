@@ -26,3 +26,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
         "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
     ]
     return "\n".join([line, rule, *body])
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun`` agreeing in number: ``1 input``, ``0 inputs``, ``2 inputs`` (``plural``
+    where adding ``s`` is wrong)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

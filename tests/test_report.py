@@ -243,3 +243,16 @@ def test_fingerprint_hashes_once_and_follows_changes(tmp_path, monkeypatch):
     path.write_bytes(b"weights two")
     os.utime(path, ns=(1, 1))  # another modification time: hashed again
     assert report.model_fingerprint(path)["sha256"] == hashlib.sha256(b"weights two").hexdigest()
+
+
+def test_cli_refusal_lists_accepted_inputs(tmp_path, capsys):
+    """A file or directory `report` cannot read names the inputs it takes, not a Python module."""
+    junk = _write(tmp_path / "junk.json", {"hello": 1})
+    (tmp_path / "empty").mkdir()
+    for arg in (junk, tmp_path / "empty"):
+        assert main(["report", str(arg)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1
+        assert "robustface.evaluate" not in err
+        for name in ("eval verification --out", "train_results.json", "megaface.json", "eval ijb"):
+            assert name in err

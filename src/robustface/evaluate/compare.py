@@ -175,6 +175,12 @@ def _read(path: Path) -> Any:
 
 Found = tuple[Path, dict[str, Metric], list[str]]
 
+ACCEPTED = (
+    "accepted: the JSON of `eval verification --out`, a training run's train_results.json, "
+    "megaface.json (`eval megaface`), an `eval ijb` report (e.g. ijbc.json), or a directory "
+    "holding them"
+)
+
 
 def _documents(path: Path) -> tuple[str, list[Found]]:
     """The row label of one argument and ``(file, metrics, set names)`` of its results."""
@@ -183,7 +189,7 @@ def _documents(path: Path) -> tuple[str, list[Found]]:
         found = [(f, metrics_of(_read(f))) for f in files]
         results = [(f, *m) for f, m in found if m is not None]
         if not results:
-            raise ValueError(f"{path}: no evaluation JSON inside (see robustface.evaluate.compare)")
+            raise ValueError(f"{path}: no evaluation JSON inside ({ACCEPTED})")
         resolved = path.resolve()
         # `eval ijb` writes into RUN/eval/: name such a directory after its run
         return (resolved.parent.name if resolved.name == "eval" else resolved.name), results
@@ -191,7 +197,7 @@ def _documents(path: Path) -> tuple[str, list[Found]]:
         raise FileNotFoundError(f"{path}: no such file or directory")
     metrics = metrics_of(_read(path))
     if metrics is None:
-        raise ValueError(f"{path}: not an evaluation result (see robustface.evaluate.compare)")
+        raise ValueError(f"{path}: not an evaluation result ({ACCEPTED})")
     parent = path.resolve().parent.name
     return (f"{parent}/{path.stem}" if parent else path.stem), [(path, *metrics)]
 

@@ -209,6 +209,7 @@ def test_end_to_end_beats_connected_components(pipeline: dict) -> None:
     assert f_gcn > 0.55
 
 
+@pytest.mark.filterwarnings("ignore:GCN-V was trained on a k=10")  # the k=20 graph
 def test_inputs_on_input_features_reuse_the_input_knn(pipeline: dict) -> None:
     x, gcn_v = pipeline["xte"], pipeline["gcn_v"]
     graph = knn_brute_force(x, 20)

@@ -409,7 +409,7 @@ def test_save_load_round_trip(trained: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="contradicts"):
         save_gcn(model, tmp_path / "x.pth", {"hidden": 64})
     with pytest.raises(TypeError, match="JSON"):
-        save_gcn(model, tmp_path / "x.pth", {"k": object()})
+        save_gcn(model, tmp_path / "x.pth", {"trained_on": object()})
     assert not (tmp_path / "x.pth").exists()
 
 
@@ -604,3 +604,24 @@ def test_a_knn_file_with_shuffled_rows_clusters_as_the_sorted_one(tmp_path: Path
     for name, kwargs in params.items():
         got_labels, want_labels = (cluster(name, x, g, **kwargs) for g in (got, want))
         np.testing.assert_array_equal(got_labels, want_labels, err_msg=name)
+
+
+def test_running_at_another_k_than_trained_warns_naming_both(tmp_path: Path, recwarn) -> None:
+    """The checkpoint records the training k; another k at inference is warned about, once
+    with both values; the same k, or a checkpoint without k (older, published), is silent."""
+    x = np.random.default_rng(0).standard_normal((30, 8)).astype(np.float32)
+    labels = np.repeat(np.arange(6), 5)
+    model = train_gcn_v(x, labels, knn_brute_force(x, 4), iters=1, hidden=4, show_progress=False)
+    path, old = tmp_path / "gcn_v.pth", tmp_path / "old.pth"
+    save_gcn(model, path)
+    assert torch.load(path, weights_only=True)["meta"]["k"] == 4
+    payload = torch.load(path, weights_only=True)
+    del payload["meta"]["k"]
+    torch.save(payload, old)
+    with pytest.warns(UserWarning, match=r"trained on a k=4 kNN graph but runs on k=6") as got:
+        cluster("gcn_v", x, knn_brute_force(x, 6), model=path, show_progress=False)
+    assert len(got) == 1
+    recwarn.clear()
+    cluster("gcn_v", x, knn_brute_force(x, 4), model=path, show_progress=False)
+    cluster("gcn_v", x, knn_brute_force(x, 6), model=old, show_progress=False)
+    assert not [w for w in recwarn if "kNN graph" in str(w.message)]

@@ -15,6 +15,9 @@ also read learn-to-cluster ``.pth`` files (a bare state dict or mmcv's ``{"state
 ``module.`` prefixes dropped). Parameter names equal the published ones: ``conv1.weight``
 (``2 * feature_dim x hidden``), ``conv1.bias``, ``classifier.0.weight``/``.bias`` (Linear),
 ``classifier.1.weight`` (PReLU, one slope per channel), ``classifier.2.weight``/``.bias``.
+A GCN-V checkpoint's ``k`` (of its training kNN graph; :attr:`GCNV.trained_k`) is compared with
+the graph it runs on: another k is warned about, not refused (learn-to-cluster tests with the k of
+its config; a deliberate change is legitimate). Files without ``k`` are not checked.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import contextlib
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -151,6 +155,8 @@ class GCNV(nn.Module):
             nn.Linear(hidden, hidden), nn.PReLU(hidden), nn.Linear(hidden, 1)
         )
         self.loss_history: list[float] = []
+        # k of the kNN graph it was trained on (None: unknown), saved as the checkpoint's "k"
+        self.trained_k: int | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -652,6 +658,7 @@ def train_gcn_v(
             if (it + 1) % log_every == 0 or it == 0:
                 bar.set_postfix(loss=f"{model.loss_history[-1]:.4f}")
                 logger.info("GCN-V iter %d/%d loss %.5f", it + 1, iters, model.loss_history[-1])
+    model.trained_k = knn.k
     return model.eval()
 
 
@@ -677,11 +684,18 @@ def predict_gcn_v(
     (8 bytes an edge), the output, one block of dense buffers and two of graph rows (the next is
     built ahead). Without ``return_hidden`` the hidden features
     (2 KB a sample at hidden 512: 10.6 GB at 5.2M) are not kept and None is returned in their
-    place. The model is moved to ``device`` and used in eval mode.
+    place. The model is moved to ``device`` and used in eval mode. A ``knn`` of another k than
+    the model's ``trained_k`` is warned about (learn-to-cluster trains and tests with one k).
     """
     feats = normalize_rows(features, copy=False)
     num, dim = feats.shape
     _check_knn(knn, num)
+    if model.trained_k is not None and model.trained_k != knn.k:
+        warnings.warn(
+            f"GCN-V was trained on a k={model.trained_k} kNN graph but runs on k={knn.k}: "
+            f"use k={model.trained_k} unless the change is intended",
+            stacklevel=2,
+        )
     if dim != model.feature_dim:
         raise ValueError(f"features are {dim}-d but the model takes {model.feature_dim}-d")
     batch_size = check_int("batch_size", batch_size, 1)
@@ -724,13 +738,15 @@ def save_gcn(model: nn.Module, path: str | Path, meta: Mapping[str, Any] | None 
     atomically: the one checkpoint format of the learned clusterers.
 
     The saved meta is ``model.config`` (``feature_dim``, ``hidden``, ...) and ``model.kind`` plus
-    ``meta`` (provenance, e.g. ``{"trained_on": "part0_train", "k": 80}``); ``meta`` may not
-    contradict the model's own values.
+    ``meta`` (provenance, e.g. ``{"trained_on": "part0_train", "k": 80}``), with a GCN-V's
+    ``trained_k`` as ``k``; ``meta`` may not contradict the model's own values.
     """
     config, kind = getattr(model, "config", None), getattr(model, "kind", None)
     if not isinstance(config, dict) or not isinstance(kind, str):
         raise TypeError(f"model must be a GCNV, GCNE or DSGCN, got {type(model).__name__}")
     config = {**config, "kind": kind}
+    if getattr(model, "trained_k", None) is not None:
+        config["k"] = model.trained_k
     extra = dict(meta or {})
     clash = {k: v for k, v in extra.items() if k in config and config[k] != v}
     if clash:
@@ -802,6 +818,7 @@ def load_gcn_v(path: str | Path, device: str | torch.device = "cpu") -> GCNV:
     state, meta = read_gcn_checkpoint(path, "gcn_v")
     model = GCNV(meta["feature_dim"], meta["hidden"], meta["dropout"])
     _load_state(Path(path), model, state)
+    model.trained_k = meta.get("k")  # absent from learn-to-cluster files and older ones
     return model.to(device).eval()
 
 

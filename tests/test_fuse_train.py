@@ -298,3 +298,23 @@ def test_the_set_example_of_fuse_train_help_is_a_key_of_its_config():
     example = re.search(r"--set (\S+)", text).group(1)
     path = Path(__file__).resolve().parents[1] / "configs" / "fuse" / "caface_synthface.yaml"
     load_fuse_config(path, ["features=feats", example])  # no unknown key
+
+
+def test_fuse_train_refusals_name_its_out_option(features, tmp_path, capsys):
+    """`fuse train` has --out, not output_dir: its refusals and notes name --out (the Python
+    API keeps output_dir)."""
+    import yaml
+
+    config = tmp_path / "fuse.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(features, tmp_path / "unused", max_steps=1)))
+    argv = ["fuse", "train", str(config), "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0  # the same run again: complete
+    out = capsys.readouterr().out
+    assert "Use another --out," in out and "output_dir" not in out
+    assert main([*argv, "--set", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "choose another --out" in err and "output_dir" not in err
+    with pytest.raises(FileExistsError, match="choose another output_dir"):
+        train_caface(tiny_config(features, tmp_path / "run", max_steps=2))

@@ -47,7 +47,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_fuse_config(args.config, args.overrides)
     if args.quiet:
         cfg.train.progress = False
-    path = train_caface(cfg, out_dir=args.out)
+    path = train_caface(cfg, out_dir=args.out, out_name="--out")
     print(f"trained CAFace: {path} (load with CAFaceAggregator(model=PATH) or --fusion-model)")
     return 0
 

@@ -356,10 +356,10 @@ def _features_key(data: FusionFeatures) -> dict[str, Any]:
 
 
 class _FuseTrainer:
-    def __init__(self, cfg: FuseTrainConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: FuseTrainConfig, out_name: str = "output_dir") -> None:
+        self.cfg, self.out_name = cfg, out_name
         self.run = RunDir(cfg.output_dir)
-        ckpt.refuse_fresh_start(cfg.output_dir, cfg)
+        ckpt.refuse_fresh_start(cfg.output_dir, cfg, out_name)
         self.data = FusionFeatures.open(cfg.features)
         if self.data.views < 1 or self.data.num_images < 1:
             raise DataFormatError(self.data.path, "no images or no views")
@@ -420,7 +420,7 @@ class _FuseTrainer:
         if stored != now:
             raise ValueError(
                 f"{path}: checkpoint of a run on other features than {self.data.path}; "
-                "train on the same features or choose another output_dir"
+                f"train on the same features or choose another {self.out_name}"
             )
         self.model.load_state_dict(main["model"])
         self.optimizer.load_state_dict(main["optimizer"])
@@ -574,10 +574,14 @@ def _plot_loss(metrics: Path, out: Path) -> None:
 
 
 def train_caface(
-    config: FuseTrainConfig | Mapping[str, Any] | str | Path, out_dir: str | Path | None = None
+    config: FuseTrainConfig | Mapping[str, Any] | str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    out_name: str = "output_dir",
 ) -> Path:
     """Train CAFace from ``config`` (a :class:`FuseTrainConfig`, a dict or a YAML file) into
-    ``out_dir`` (default: ``config.output_dir``); return the path of ``caface.ckpt``."""
+    ``out_dir`` (default: ``config.output_dir``); return the path of ``caface.ckpt``. Refusals
+    and notes name that directory ``out_name`` (``fuse train`` passes its option, ``--out``)."""
     cfg = load_fuse_config(config)
     if out_dir is not None:
         cfg = dataclasses.replace(cfg, output_dir=str(out_dir))
@@ -585,12 +589,12 @@ def train_caface(
     if final is not None:
         print(
             f"{cfg.output_dir} is already complete (caface.ckpt of this config): nothing to "
-            "train. Use another output_dir, or raise train.epochs with train.resume=auto, to "
+            f"train. Use another {out_name}, or raise train.epochs with train.resume=auto, to "
             "train more.",
             flush=True,
         )
         return final
-    return _FuseTrainer(cfg).fit()
+    return _FuseTrainer(cfg, out_name).fit()
 
 
 def _completed_run(cfg: FuseTrainConfig) -> Path | None:

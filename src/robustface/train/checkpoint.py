@@ -83,10 +83,11 @@ def _config_changes(saved_file: Path, cfg: Any) -> list[str] | None:
     return config_changes(saved, cfg, ignore=("train.resume",)) if isinstance(saved, dict) else None
 
 
-def refuse_fresh_start(output_dir: str | Path, cfg: Any) -> None:
+def refuse_fresh_start(output_dir: str | Path, cfg: Any, out_name: str = "output_dir") -> None:
     """Raise ``FileExistsError`` if ``output_dir`` holds checkpoints and ``cfg.train.resume`` is
     unset (a fresh start would overwrite them). The message says whether they are this config's
-    run (the same command again) or another config's, and then which keys differ."""
+    run (the same command again) or another config's, and then which keys differ; it names the
+    directory ``out_name`` (a command's option, e.g. ``--out``)."""
     run = RunDir(output_dir)
     found = _list_checkpoints(run.checkpoints_dir)
     if cfg.train.resume or not found:
@@ -100,7 +101,7 @@ def refuse_fresh_start(output_dir: str | Path, cfg: Any) -> None:
     else:
         whose = f"of a run with another config ({changes_text(changes)})"
     raise FileExistsError(
-        f"{where} {whose}; set train.resume=auto to continue it, or choose another output_dir"
+        f"{where} {whose}; set train.resume=auto to continue it, or choose another {out_name}"
     )
 
 

@@ -7,11 +7,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from robustface.cli import main
 from robustface.errors import DataFormatError, ParameterTypeError
 from robustface.evaluate.megaface import (
     FeatureSource,
+    ImageEmbedder,
     evaluate_megaface,
     format_megaface,
     load_feature_set,
@@ -311,5 +313,17 @@ def test_run_megaface_from_python_equals_the_evaluation_on_arrays(tmp_path):
         ValueError, match="exactly one of --distractor-features and --distractor-images"
     ):
         run_megaface(probe, FeatureSource())
-    with pytest.raises(ValueError, match="--probe-images needs a MODEL"):
-        run_megaface(FeatureSource(images=tmp_path), FeatureSource(features=tmp_path / "d.npy"))
+    # only what is missing is named
+    images, listed = (
+        FeatureSource(images=tmp_path),
+        FeatureSource(images=tmp_path, list_file=tmp_path / "list.json"),
+    )
+    embedder = ImageEmbedder(model=torch.nn.Identity(), input_size=112)
+    distractors = FeatureSource(features=tmp_path / "d.npy")
+    for source, model, message in (
+        (images, None, "needs a MODEL and --probe-list$"),
+        (listed, None, "needs a MODEL$"),
+        (images, embedder, "needs --probe-list$"),
+    ):
+        with pytest.raises(ValueError, match=f"^--probe-images {message}"):
+            run_megaface(source, distractors, embedder=model)

@@ -756,8 +756,10 @@ def source_feature_set(
             fusion=fusion,
             progress=progress,
         )
-    if embedder is None or source.list_file is None:
-        raise ValueError(f"--{role}-images needs a MODEL and --{role}-list")
+    needs = {"a MODEL": embedder is None, f"--{role}-list": source.list_file is None}
+    if any(needs.values()):
+        missing = " and ".join(what for what, absent in needs.items() if absent)
+        raise ValueError(f"--{role}-images needs {missing}")
     paths, ids = read_devkit_list(source.list_file)
     feats = embed_image_files(
         embedder.model,

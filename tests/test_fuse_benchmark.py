@@ -231,3 +231,18 @@ def test_plot_names_a_fusion_model_of_another_dimension(model, tracks, tmp_path,
     assert len(err.splitlines()) == 1
     assert f"fusion_model {narrow}: the caface aggregator fuses 16-d features" in err
     assert "the backbone's embeddings are 512-d" in err
+
+
+def test_plot_errors_name_the_options(model, tracks, tmp_path, capsys):
+    """A bad --track or --length is named as the option."""
+    weights = tmp_path / "backbone.pth"
+    torch.save(model.state_dict(), weights)
+    argv = ["fuse", "plot", str(weights), str(tracks), "--out", str(tmp_path / "p.png")]
+    argv += ["--input-size", str(SIZE), "--fusion", "mean"]
+    count = len(json.loads((tracks / "tracks.json").read_text())["tracks"])
+    for extra, message in (
+        (["--track", "99"], f"--track must be >= 0 and <= {count - 1}, got 99"),
+        (["--length", "0"], "--length must be >= 1, got 0"),
+    ):
+        assert main([*argv, *extra]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"error: {message}")

@@ -67,10 +67,12 @@ def _track_dir(data: Path) -> Path:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from robustface.cli import model_args
+    from robustface.data.synth.tracks import read_tracks
     from robustface.fuse import AGGREGATORS, CAFaceAggregator
     from robustface.fuse.build import check_fusion_model
     from robustface.fuse.plot import plot_track_fusion, track_plot_data
     from robustface.models.loading import load_backbone
+    from robustface.utils.guards import check_int
 
     aggregators = {}
     for name in args.fusion:
@@ -84,6 +86,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         else:
             aggregators[name] = CAFaceAggregator(args.fusion_model, chunk_size=args.chunk_size)
     root = _track_dir(args.data)
+    # named as the options, before loading the model (track_plot_data names its parameters)
+    check_int("--track", args.track, 0, len(read_tracks(root)["tracks"]) - 1)
+    if args.length is not None:
+        check_int("--length", args.length, 1)
     model, size = load_backbone(args.model, **model_args(args))
     if "caface" in aggregators:  # before embedding the track, naming the files
         check_fusion_model(

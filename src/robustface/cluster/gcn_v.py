@@ -694,7 +694,7 @@ def predict_gcn_v(
         warnings.warn(
             f"GCN-V was trained on a k={model.trained_k} kNN graph but runs on k={knn.k}: "
             f"use k={model.trained_k} unless the change is intended",
-            stacklevel=2,
+            stacklevel=3,  # the caller, past torch.no_grad's wrapper
         )
     if dim != model.feature_dim:
         raise ValueError(f"features are {dim}-d but the model takes {model.feature_dim}-d")

@@ -136,8 +136,8 @@ def test_enrolled_check_matches_brute_force_over_many_identities(tmp_path):
 
 
 def test_enrolled_check_time_grows_linearly_with_the_gallery(tmp_path):
-    # each added row meets only its own identity's rows: 8 x the identities takes about 8 x the
-    # time (a pass over every enrolment row per identity took 30 x and more)
+    # each added row meets only its own identity's rows: 16 x the identities takes about 20 x the
+    # time (a pass over every enrolment row per identity took 90 x)
     import time
 
     def seconds(n: int) -> float:
@@ -146,13 +146,13 @@ def test_enrolled_check_time_grows_linearly_with_the_gallery(tmp_path):
         g = Gallery.create(tmp_path / str(n), MODEL, names, rng.normal(size=(2 * n, 8)))
         add = rng.normal(size=(n, 8)).astype(np.float32)
         times = []
-        for _ in range(3):
+        for _ in range(5):
             start = time.perf_counter()
             g._enrolled_again([f"p{i}" for i in range(n)], add)
             times.append(time.perf_counter() - start)
         return min(times)
 
-    assert seconds(32000) / seconds(4000) < 16
+    assert seconds(32000) / seconds(2000) < 40
 
 
 def test_adding_nothing_is_refused(tmp_path):

@@ -2,9 +2,11 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from robustface.clean import loop
 from robustface.clean.dirty import TRUTH_KINDS, load_truth, make_dirty_synthface
@@ -12,7 +14,7 @@ from robustface.clean.evaluate import EXPECTED
 from robustface.clean.loop import CleanConfig, clean_loop, remap_labels, write_cleaned
 from robustface.clean.score import FLAGS
 from robustface.cli import main
-from robustface.config import ConfigError, load_config
+from robustface.config import ConfigError, load_config, to_dict
 from robustface.data.recordio import RecordIODataset
 from synth_configs import TINY_DIRTY
 
@@ -127,6 +129,22 @@ def test_another_config_in_the_output_dir_is_refused_naming_what_differs(tmp_pat
         f"{out} holds a cleaning run with another config ({out / 'clean_config.yaml'}: knn: run "
         "5, now 7; rounds: run 2, now 3); resume it with that config or choose another output_dir"
     )
+
+
+def test_a_run_written_before_a_key_existed_or_with_another_dir_spelling_resumes(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    loop._check_same_config(Path("run"), _config("run", "data", "rounds=2"))
+    file = tmp_path / "run" / loop.CONFIG_FILE
+    saved = yaml.safe_load(file.read_text())
+    default = to_dict(CleanConfig())
+    dropped = next(k for k, v in saved.items() if k != "output_dir" and v == default[k])
+    del saved[dropped]  # an older version's file: the key takes its default
+    file.write_text(yaml.safe_dump(saved, sort_keys=False))
+    loop._check_same_config(tmp_path / "run", _config(tmp_path / "run", "data", "rounds=2"))
+    with pytest.raises(ValueError, match=r"clean_config\.yaml: rounds: run 2, now 3\)"):
+        loop._check_same_config(Path("run"), _config("run", "data", "rounds=3"))
 
 
 def test_emptied_class_is_removed_and_reported(dirty, tmp_path):

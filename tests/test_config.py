@@ -225,3 +225,35 @@ def test_verification_dir_comes_from_the_data_source(tmp_path):
     assert where("data.source=rec", "data.path=/d") == Path("/d")
     assert where("data.source=folder", "data.path=/f", "data.val_targets=[]") is None
     assert where("data.source=folder", "data.path=/f", "data.val_dir=/v") == Path("/v")
+
+
+def test_config_changes_reads_keys_added_since_the_run_as_their_defaults():
+    from robustface.config import config_changes, to_dict
+
+    cfg = load_config(overrides=["train.max_steps=3"])
+    saved = to_dict(cfg)
+    del saved["data"]["batch_noise_closed"]  # a run from before the key existed: its default
+    assert config_changes(saved, cfg) == []
+    saved["train"]["max_steps"] = 2
+    assert config_changes(saved, cfg) == ["train.max_steps: run 2, now 3"]
+    saved["data"]["removed_since"] = 1  # does not read as a Config: compared as it is
+    assert config_changes(saved, cfg) == [
+        "data.batch_noise_closed: run None, now 0.0",
+        "data.removed_since: run 1, now None",
+        "train.max_steps: run 2, now 3",
+    ]
+
+
+def test_a_fresh_start_over_the_same_runs_checkpoints_is_this_run_however_the_dir_is_spelt(
+    tmp_path, monkeypatch
+):
+    from robustface.train.checkpoint import refuse_fresh_start
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides=["output_dir=runs/a"])
+    save_config(cfg, Path("runs/a/config.yaml"))
+    (tmp_path / "runs/a/checkpoints/step_00000002").mkdir(parents=True)
+    (tmp_path / "runs/a/checkpoints/step_00000002/main.pt").write_bytes(b"")
+    again = load_config(overrides=[f"output_dir={tmp_path / 'runs/a'}"])
+    with pytest.raises(FileExistsError, match=r"of this run \(the same config\); set train"):
+        refuse_fresh_start(again.output_dir, again)

@@ -105,6 +105,63 @@ def test_adding_an_enrolled_image_again_is_refused_or_skipped_never_duplicated(t
     assert Gallery.open(tmp_path / "g").manifest["version"] == version
 
 
+def test_enrolled_check_matches_brute_force_over_many_identities(tmp_path):
+    # raw (unnormalised, float16-stored) enrolment rows of 40 identities with 1 to 4 images; the
+    # added rows: exact repeats (rescaled), near misses, unknown names, identities of varied sizes
+    rng = np.random.default_rng(3)
+    counts = rng.integers(1, 5, size=40)
+    names = [f"p{i}" for i, c in enumerate(counts) for _ in range(c)]
+    feats = (rng.normal(size=(len(names), 8)) * rng.uniform(1, 30, (len(names), 1))).astype(
+        np.float16
+    )
+    g = Gallery.create(tmp_path / "g", MODEL, names, feats.astype(np.float32))
+    pick = rng.choice(len(names), 60)
+    added = feats[pick].astype(np.float32) * rng.uniform(0.5, 2, (60, 1)).astype(np.float32)
+    added[::3] += 0.01 * rng.normal(size=(20, 8)).astype(np.float32)  # near, not the same
+    add_names = [names[i] for i in pick]
+    add_names[1::7] = [f"new{j}" for j in range(len(add_names[1::7]))]  # not in the gallery
+    brute = np.array(
+        [
+            any(
+                _unit(feats[j].astype(np.float64)) @ _unit(added[i].astype(np.float64))
+                >= gallery_mod.DUPLICATE_COSINE
+                for j in range(len(names))
+                if names[j] == add_names[i]
+            )
+            for i in range(60)
+        ]
+    )
+    assert 10 < brute.sum() < 50  # both kinds present
+    np.testing.assert_array_equal(g._enrolled_again(add_names, added), brute)
+
+
+def test_enrolled_check_time_grows_linearly_with_the_gallery(tmp_path):
+    # each added row meets only its own identity's rows: 16 x the identities takes about 20 x the
+    # time (a pass over every enrolment row per identity took 90 x)
+    import time
+
+    def seconds(n: int) -> float:
+        rng = np.random.default_rng(0)
+        names = [f"p{i}" for i in range(n) for _ in range(2)]
+        g = Gallery.create(tmp_path / str(n), MODEL, names, rng.normal(size=(2 * n, 8)))
+        add = rng.normal(size=(n, 8)).astype(np.float32)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            g._enrolled_again([f"p{i}" for i in range(n)], add)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    assert seconds(32000) / seconds(2000) < 40
+
+
+def test_adding_nothing_is_refused(tmp_path):
+    names, feats = _data()
+    g = Gallery.create(tmp_path / "g", MODEL, names, feats)
+    with pytest.raises(ValueError, match="need >= 1"):
+        g.add([], np.zeros((0, 8), np.float32))
+
+
 def test_foreign_model_and_embedding_size_are_refused_naming_both(tmp_path):
     names, feats = _data()
     Gallery.create(tmp_path / "g", MODEL, names, feats)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -154,6 +156,24 @@ def test_an_existing_out_is_replaced_only_with_overwrite_and_never_the_weights(t
     assert weights.read_bytes() == before
     with pytest.raises(IsADirectoryError, match=r"a directory; the output is the \.onnx file"):
         export_onnx(run, tmp_path, check=False)
+
+
+def test_the_runs_weights_are_never_overwritten_by_any_name(tmp_path, exported, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(exported[0], run)
+    shutil.copy(run / "backbone.pth", run / "best_backbone.pth")  # exported: best_backbone.pth
+    link = tmp_path / "link.onnx"
+    link.symlink_to(run / "best_backbone.pth")
+    hard = tmp_path / "hard.onnx"
+    os.link(run / "best_backbone.pth", hard)
+    monkeypatch.chdir(tmp_path)
+    saved = {p: p.read_bytes() for p in (run / "backbone.pth", run / "best_backbone.pth")}
+    for out in (run / "backbone.pth", Path("run/best_backbone.pth"), link, hard):
+        with pytest.raises(ValueError, match="the weights being exported"):
+            export_onnx(run, out, check=False, overwrite=True)
+    assert {p: p.read_bytes() for p in saved} == saved
 
 
 def test_megaface_embeds_images_with_an_onnx_model(tmp_path, exported):

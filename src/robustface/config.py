@@ -485,8 +485,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: Mapping[str, Any], cfg: Any, ignore: Sequence[str] = ()) -> list[str]:
     """``key: run X, now Y`` for each dotted key whose value in ``saved`` (a run's config read
-    back from its YAML) differs from ``cfg``'s, sorted; a key one side lacks reads ``None``."""
-    old, new = _flat(dict(saved)), _flat(to_dict(cfg))
+    back from its YAML) differs from ``cfg``'s, sorted. ``saved`` is read as a config of
+    ``cfg``'s type, as a resume reads it: a key it lacks (one added since the run) takes its
+    default. Where it does not read (a key removed since), it is compared as it is, and a key one
+    side lacks reads ``None``."""
+    errors: list[str] = []
+    built = _build(type(cfg), dict(saved), "", errors, "<run>")
+    old, new = _flat(dict(saved) if errors else to_dict(built)), _flat(to_dict(cfg))
     keys = sorted((old.keys() | new.keys()) - set(ignore))
     return [
         f"{k}: run {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)

@@ -249,24 +249,32 @@ def _plot_rounds(path: Path, rounds: list[dict[str, Any]]) -> None:
 
 
 def _check_same_config(out: Path, cfg: CleanConfig) -> None:
+    """Write ``cfg`` to a new ``out``, or refuse a run there whose config differs from it (keys
+    added to :class:`CleanConfig` since the run read as their defaults; ``output_dir``, the
+    directory it was found in, however spelt, is not compared)."""
     file = out / CONFIG_FILE
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if file.is_file():
         held = file.read_text(encoding="utf-8")
-        if held != text:
-            try:
-                saved = yaml.safe_load(held)
-            except yaml.YAMLError:
-                saved = None
-            changes = config_changes(saved, cfg) if isinstance(saved, dict) else []
-            what = f": {changes_text(changes)}" if changes else ""
-            raise ValueError(
-                f"{out} holds a cleaning run with another config ({file}{what}); resume it with "
-                "that config or choose another output_dir"
-            )
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(file, text)
+        if held == text:
+            return
+        try:
+            saved = yaml.safe_load(held)
+        except yaml.YAMLError:
+            saved = None
+        changes = (
+            config_changes(saved, cfg, ignore=("output_dir",)) if isinstance(saved, dict) else None
+        )
+        if changes == []:  # the same settings, as another version or spelling wrote them
+            write_text_atomic(file, text)
+            return
+        what = f": {changes_text(changes)}" if changes else ""
+        raise ValueError(
+            f"{out} holds a cleaning run with another config ({file}{what}); resume it with "
+            "that config or choose another output_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(file, text)
 
 
 def clean_round(

@@ -78,6 +78,8 @@ DUPLICATE_COSINE = 1 - 1e-5
 """Cosine at or above which an added embedding repeats one of its identity's enrolment embeddings:
 the same image re-embedded by the same model differs only by float rounding (cosine 1 - 1e-7 or
 closer, float16 storage included), two photographs are far below."""
+_PAIR_CHUNK = 16384
+"""(added, enrolled) embedding pairs compared at once by the already-enrolled check."""
 _VERSION = re.compile(r"^v(\d+)$")
 
 
@@ -352,7 +354,7 @@ class Gallery:
                     f"the same identity: {shown}{more}; pass --skip-enrolled (skip_enrolled=True) "
                     "to add only the others"
                 )
-            if again.all():
+            if names and again.all():
                 return len(names)
             keep = np.flatnonzero(~again)
             names = [names[i] for i in keep]
@@ -364,7 +366,10 @@ class Gallery:
         return int(again.sum())
 
     def _enrolled_again(self, names: list[str], features: np.ndarray) -> np.ndarray:
-        """Which rows of ``features`` repeat an enrolment embedding of the same identity."""
+        """Which rows of ``features`` repeat an enrolment embedding of the same identity.
+
+        Compares each added row with its own identity's enrolment rows only, pair by pair in
+        chunks: time and memory grow with those pairs, not with added rows x gallery rows."""
         s = self._state
         row = {n: i for i, n in enumerate(s.names)}
         owners = np.array([row.get(n, -1) for n in names], dtype=np.int64)
@@ -372,15 +377,20 @@ class Gallery:
         shape = (len(names), s.vectors.shape[1])
         if features.shape != shape or not (owners >= 0).any():
             return again  # nothing enrolled to repeat (a shape error is _with_added's to name)
-        held = np.flatnonzero(np.isin(s.owners, owners[owners >= 0]))
-        old, held_owners = l2_normalize(np.asarray(s.features[held])), s.owners[held]
+        order = np.argsort(s.owners, kind="stable")
+        sorted_owners = s.owners[order]
+        start = np.searchsorted(sorted_owners, owners, "left")
+        count = np.where(owners >= 0, np.searchsorted(sorted_owners, owners, "right") - start, 0)
+        pair_new = np.repeat(np.arange(len(names)), count)
+        offset = np.repeat(start - (np.cumsum(count) - count), count)
+        pair_held = order[np.arange(len(pair_new)) + offset]
         new = l2_normalize(features)
-        for owner in np.unique(owners[owners >= 0]):
-            mine = np.flatnonzero(owners == owner)
-            theirs = old[held_owners == owner]
-            if len(theirs):
-                again[mine] = (new[mine] @ theirs.T).max(axis=1) >= DUPLICATE_COSINE
-        return again
+        best = np.full(len(names), -np.inf, dtype=np.float32)
+        for lo in range(0, len(pair_new), _PAIR_CHUNK):
+            a, b = pair_new[lo : lo + _PAIR_CHUNK], pair_held[lo : lo + _PAIR_CHUNK]
+            cos = np.einsum("ij,ij->i", new[a], l2_normalize(np.asarray(s.features[b])))
+            np.maximum.at(best, a, cos)
+        return best >= DUPLICATE_COSINE
 
     def remove(self, names: Sequence[str]) -> None:
         """Remove identities (every one must be enrolled)."""

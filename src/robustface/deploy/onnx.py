@@ -16,6 +16,7 @@ torch-module interface.
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from robustface.models.loading import load_backbone, weights_file
 from robustface.models.onnx import INPUT_METADATA_KEY, OnnxBackbone, onnx_session
 from robustface.utils.guards import check_int
 from robustface.utils.io import atomic_path
+from robustface.utils.run import RunDir
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ExportReport", "OnnxBackbone", "export_onnx"]
 
@@ -65,6 +67,13 @@ def _legacy_export_kwargs() -> dict[str, Any]:
     return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (through links, relative or absolute)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
 def export_onnx(
     checkpoint: str | Path,
     out_path: str | Path,
@@ -88,7 +97,8 @@ def export_onnx(
     onnxruntime and PyTorch exceeds ``atol``: raw embeddings of an untrained model can have norms
     in the thousands, where float32 rounding alone exceeds any fixed absolute tolerance, and
     evaluation only uses directions. The file appears only when everything passed. An existing
-    ``out_path`` is replaced only with ``overwrite``, and never when it is the weights exported.
+    ``out_path`` is replaced only with ``overwrite``, and never when it is the weights exported
+    (by any name) or a run's other backbone.
     """
     import onnx
 
@@ -96,7 +106,10 @@ def export_onnx(
     out_path = Path(out_path)
     if Path(checkpoint).suffix.lower() == ".onnx":
         raise ValueError(f"{checkpoint}: already an ONNX model; export takes a PyTorch checkpoint")
-    if out_path.resolve() == weights_file(checkpoint).resolve():
+    weights = [weights_file(checkpoint)]
+    if Path(checkpoint).is_dir():  # a run: its other backbone too (best_backbone.pth exported)
+        weights += [RunDir(checkpoint).backbone_file, RunDir(checkpoint).best_backbone_file]
+    if any(_same_file(out_path, w) for w in weights):
         raise ValueError(f"{out_path}: the weights being exported; write the .onnx elsewhere")
     if out_path.is_dir():
         raise IsADirectoryError(f"{out_path}: a directory; the output is the .onnx file to write")

@@ -74,13 +74,16 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def _config_changes(saved_file: Path, cfg: Any) -> list[str] | None:
-    """The keys of ``cfg`` that differ from the run's ``config.yaml`` (``train.resume`` aside);
-    ``None`` where that file is missing or unreadable."""
+    """The keys of ``cfg`` that differ from the run's ``config.yaml`` (``train.resume`` aside, and
+    ``output_dir``: the directory it was found in, however spelt); ``None`` where that file is
+    missing or unreadable."""
     try:
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    return config_changes(saved, cfg, ignore=("train.resume",)) if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):
+        return None
+    return config_changes(saved, cfg, ignore=("train.resume", "output_dir"))
 
 
 def refuse_fresh_start(output_dir: str | Path, cfg: Any, out_name: str = "output_dir") -> None:

@@ -498,6 +498,18 @@ def config_changes(saved: Mapping[str, Any], cfg: Any, ignore: Sequence[str] = (
     ]
 
 
+def saved_config_changes(
+    file: str | Path, cfg: Any, ignore: Sequence[str] = ()
+) -> list[str] | None:
+    """:func:`config_changes` between the config a run saved as YAML in ``file`` and ``cfg``;
+    ``None`` where the file is missing, unreadable or not a mapping."""
+    try:
+        saved = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return config_changes(saved, cfg, ignore) if isinstance(saved, dict) else None
+
+
 def changes_text(changes: Sequence[str], shown: int = 5) -> str:
     """The first ``shown`` of :func:`config_changes` lines joined by ``; ``, and how many more."""
     more = f" (and {len(changes) - shown} more)" if len(changes) > shown else ""

@@ -47,7 +47,7 @@ from robustface.clean.score import (
     score_to_dir,
     threshold_problems,
 )
-from robustface.config import Config, changes_text, config_changes, to_dict
+from robustface.config import Config, changes_text, saved_config_changes, to_dict
 from robustface.data.noise import NOISE_LIST, noise_list_for, save_noise_list
 from robustface.data.recordio import RecordIODataset
 from robustface.data.subset import link_verification_sets, write_rec_subset
@@ -255,16 +255,9 @@ def _check_same_config(out: Path, cfg: CleanConfig) -> None:
     file = out / CONFIG_FILE
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if file.is_file():
-        held = file.read_text(encoding="utf-8")
-        if held == text:
+        if file.read_text(encoding="utf-8") == text:
             return
-        try:
-            saved = yaml.safe_load(held)
-        except yaml.YAMLError:
-            saved = None
-        changes = (
-            config_changes(saved, cfg, ignore=("output_dir",)) if isinstance(saved, dict) else None
-        )
+        changes = saved_config_changes(file, cfg, ignore=("output_dir",))
         if changes == []:  # the same settings, as another version or spelling wrote them
             write_text_atomic(file, text)
             return

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from robustface.config import changes_text, config_changes
+from robustface.config import changes_text, saved_config_changes
 from robustface.models.loading import load_weights
 from robustface.train.distributed import DistInfo, barrier
 from robustface.utils.io import atomic_path
@@ -73,19 +72,6 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [c.path for c in _list_checkpoints(root)]
 
 
-def _config_changes(saved_file: Path, cfg: Any) -> list[str] | None:
-    """The keys of ``cfg`` that differ from the run's ``config.yaml`` (``train.resume`` aside, and
-    ``output_dir``: the directory it was found in, however spelt); ``None`` where that file is
-    missing or unreadable."""
-    try:
-        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    if not isinstance(saved, dict):
-        return None
-    return config_changes(saved, cfg, ignore=("train.resume", "output_dir"))
-
-
 def refuse_fresh_start(output_dir: str | Path, cfg: Any, out_name: str = "output_dir") -> None:
     """Raise ``FileExistsError`` if ``output_dir`` holds checkpoints and ``cfg.train.resume`` is
     unset (a fresh start would overwrite them). The message says whether they are this config's
@@ -96,7 +82,8 @@ def refuse_fresh_start(output_dir: str | Path, cfg: Any, out_name: str = "output
     if cfg.train.resume or not found:
         return
     where = f"{run.checkpoints_dir} already holds checkpoints (last {found[-1].path.name})"
-    changes = _config_changes(run.config_file, cfg)
+    # train.resume aside, and output_dir: the directory it was found in, however spelt
+    changes = saved_config_changes(run.config_file, cfg, ignore=("train.resume", "output_dir"))
     if changes is None:
         whose = "of a run whose config.yaml cannot be read"
     elif not changes:

@@ -61,7 +61,7 @@ from robustface.data.recordio import (
     RecordIODataset,
     write_insightface_rec,
 )
-from robustface.data.transforms import TrainTransform, normalize_images
+from robustface.data.transforms import TrainTransform, image_planes, normalize_images
 from robustface.train.trainer import TrainSet
 from robustface.utils.seeding import keyed_generators
 
@@ -119,7 +119,7 @@ class _PlanarTrainSet(TrainSet):
             image = self.transform.augment(image, **draws)
             if images is None:
                 images = self.batches.start(len(indices), (3, *image.shape[:2]))
-            cv2.split(np.ascontiguousarray(image), [images[pos, 0], images[pos, 1], images[pos, 2]])
+            image_planes(image, images[pos])
             labels[pos] = label
         return self.batches.finish(labels)
 
